@@ -1,0 +1,532 @@
+"""Configuration: a YAML file or a HugeCTR HPS ps.json, parsed once into typed, validated objects.
+
+Every option and its default is stated here, next to its meaning; nothing downstream reads raw
+dicts. Invalid input raises ConfigError naming the field and the reason. No I/O beyond reading the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+OverflowPolicy = Literal["evict_oldest", "evict_random"]
+VolatileType = Literal["hash_map", "redis_cluster", "disabled"]
+PersistentType = Literal["rocksdb", "disabled"]
+CacheDtype = Literal["float32", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # host:port the gRPC server listens on.
+    address: str = "0.0.0.0:8500"
+    # Largest request or reply message, in MiB (gRPC's default of 4 MiB is too small for embeddings).
+    max_message_mb: int = 256
+    # Threads serving RPCs; each in-flight RPC holds one.
+    workers: int = 16
+    # On SIGTERM/SIGINT, in-flight calls get this long to finish before the server stops.
+    shutdown_grace_seconds: float = 10.0
+    # host:port of the Prometheus /metrics endpoint; empty disables it.
+    metrics_address: str = ""
+
+
+@dataclass(frozen=True)
+class VolatileDbConfig:
+    """L2: RAM shared by the models of a server (hash_map) or by replicas (redis_cluster)."""
+
+    # hash_map (in-process), redis_cluster, or disabled.
+    type: VolatileType = "hash_map"
+    # Most rows kept per table (hash_map) or per partition (redis_cluster); beyond it the
+    # overflow policy evicts down to overflow_resolution_target * overflow_margin rows.
+    overflow_margin: int = 2**63 - 1
+    # Which rows go first on overflow: the least recently accessed or random ones.
+    overflow_policy: OverflowPolicy = "evict_random"
+    # Fraction of overflow_margin kept after an overflow is resolved, in (0, 1].
+    overflow_resolution_target: float = 0.8
+    # Fraction of each table copied from the persistent level into this one at start (HPS default).
+    initial_cache_rate: float = 1.0
+    # Write rows found in the persistent level back into this one.
+    cache_missed_embeddings: bool = True
+    # redis_cluster: comma-separated host:port seed nodes.
+    address: str = "127.0.0.1:7000"
+    # redis_cluster: ACL user name and password (empty: no AUTH).
+    user_name: str = "default"
+    password: str = ""
+    # redis_cluster: connect with TLS.
+    tls: bool = False
+    # redis_cluster: hashes each table is split into (one cluster slot each).
+    num_partitions: int = 8
+    # Keys per backend round trip; larger batches are chunked.
+    max_batch_size: int = 65536
+    # redis_cluster: per-call timeout in milliseconds before a lookup falls through.
+    timeout_ms: int = 100
+    # redis_cluster: expire rows this many seconds after they are written (0: never).
+    ttl_seconds: int = 0
+    # This replica reads the level but never writes to it.
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class PersistentDbConfig:
+    """L3: every row of every table, on local disk."""
+
+    # rocksdb or disabled.
+    type: PersistentType = "rocksdb"
+    # RocksDB folder; relative paths are resolved against the config file's folder.
+    path: Path = Path("hps-data/rocksdb")
+    # Open read-only (serving replicas that share a prepared database).
+    read_only: bool = False
+    # RocksDB background threads.
+    num_threads: int = 16
+    # Keys per multi_get; larger batches are chunked.
+    max_batch_size: int = 65536
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    name: str
+    # Elements per embedding vector.
+    dim: int
+    # Keys no level holds get a vector filled with this value.
+    default_value: float = 0.0
+    # Table files ingested into the persistent level on first start: an HPS folder with `key`
+    # and `emb_vector`, or a folder with keys.npy and vectors.npy. None: the table is imported
+    # separately (`hps import`).
+    source: Path | None = None
+    # Most keys one sample may carry for this table; with the model's max_batch_size it bounds
+    # the keys of one request (HPS: maxnum_catfeature_query_per_table_per_sample).
+    max_keys_per_sample: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    tables: tuple[TableConfig, ...]
+    # Most samples per request.
+    max_batch_size: int = 1024
+    # L1 embedding cache on the GPU (the NumPy reference cache where no GPU is present).
+    gpucache: bool = True
+    # Fraction of each table's rows the L1 cache holds.
+    gpucacheper: float = 0.5
+    # Above this L1 hit rate, rows fetched from lower levels are inserted into L1 in the background.
+    hit_rate_threshold: float = 0.9
+    # GPUs that each hold a cache of this model; requests are spread over them.
+    deployed_device_list: tuple[int, ...] = (0,)
+    # Hold whole tables on the GPU (hash probe + gather) instead of a cache.
+    use_static_table: bool = False
+    # Above hit_rate_threshold, answer L1 misses with the default vector while the true rows are
+    # fetched in the background (HugeCTR's behaviour). Off: replies always carry stored vectors.
+    answer_misses_with_default: bool = False
+    # Element type the L1 cache stores (float16 halves its memory).
+    gpucache_dtype: CacheDtype = "float32"
+    # HPS keys accepted for compatibility and kept as given; hps does not act on them.
+    hps_extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def table(self, name: str) -> TableConfig:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+    def max_keys(self, table: TableConfig) -> int:
+        return self.max_batch_size * table.max_keys_per_sample
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    volatile_db: VolatileDbConfig = VolatileDbConfig()
+    persistent_db: PersistentDbConfig = PersistentDbConfig()
+    models: tuple[ModelConfig, ...] = ()
+
+    def model(self, name: str) -> ModelConfig:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------- value readers
+
+
+class _Section:
+    """Reads typed values out of one mapping, naming `path.key` in every error."""
+
+    def __init__(self, raw: Any, path: str, known: set[str] | None = None, strict: bool = True) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path or 'config'}: must be a mapping, got {type(raw).__name__}")
+        self.raw = raw
+        self.path = path
+        if known is not None:
+            unknown = sorted(set(raw) - known)
+            if unknown and strict:
+                raise ConfigError(f"{self._name(unknown[0])}: unknown option (known: {', '.join(sorted(known))})")
+            for key in unknown:
+                log.warning("%s: unknown option ignored", self._name(key))
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, default: T, convert: Callable[[Any, str], T]) -> T:
+        if key not in self.raw or self.raw[key] is None:
+            return default
+        return convert(self.raw[key], self._name(key))
+
+    def require(self, key: str, convert: Callable[[Any, str], T]) -> T:
+        if key not in self.raw or self.raw[key] is None:
+            raise ConfigError(f"{self._name(key)}: required")
+        return convert(self.raw[key], self._name(key))
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name}: must be true or false, got {value!r}")
+
+
+def _int(minimum: int | None = None) -> Callable[[Any, str], int]:
+    def convert(value: Any, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _float(low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable[[Any, str], float]:
+    def convert(value: Any, name: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise ConfigError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value}")
+        if high is not None and value > high:
+            raise ConfigError(f"{name}: must be <= {high}, got {value}")
+        return float(value)
+
+    return convert
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: must be a string, got {value!r}")
+    return value
+
+
+def _name_str(value: Any, name: str) -> str:
+    text = _str(value, name)
+    if not text or any(c in text for c in "/\\\n\t ") or text.startswith("."):
+        raise ConfigError(f"{name}: must be a non-empty name without spaces, slashes or a leading dot, got {text!r}")
+    return text
+
+
+def _choice(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable[[Any, str], Any]:
+    aliases = aliases or {}
+
+    def convert(value: Any, name: str) -> str:
+        text = aliases.get(value, value) if isinstance(value, str) else value
+        if text not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+        return str(text)
+
+    return convert
+
+
+def _path(base: Path) -> Callable[[Any, str], Path]:
+    def convert(value: Any, name: str) -> Path:
+        path = Path(_str(value, name)).expanduser()
+        return path if path.is_absolute() else base / path
+
+    return convert
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{name}: must be a list, got {value!r}")
+    return list(value)
+
+
+def _devices(value: Any, name: str) -> tuple[int, ...]:
+    devices = tuple(_int(0)(v, f"{name}[{i}]") for i, v in enumerate(_list(value, name)))
+    if not devices:
+        raise ConfigError(f"{name}: must name at least one device")
+    return devices
+
+
+# ---------------------------------------------------------------- sections
+
+_SERVER_KEYS = {"address", "max_message_mb", "workers", "shutdown_grace_seconds", "metrics_address"}
+_VOLATILE_KEYS = {
+    "type",
+    "overflow_margin",
+    "overflow_policy",
+    "overflow_resolution_target",
+    "initial_cache_rate",
+    "cache_missed_embeddings",
+    "address",
+    "user_name",
+    "password",
+    "tls",
+    "num_partitions",
+    "max_batch_size",
+    "timeout_ms",
+    "ttl_seconds",
+    "read_only",
+}
+# HPS volatile_db keys hps accepts and does not act on.
+_HPS_VOLATILE_EXTRAS = {
+    "algorithm",
+    "num_node_partitions",
+    "allocation_rate",
+    "shared_memory_size",
+    "shared_memory_name",
+    "refresh_time_after_fetch",
+    "update_filters",
+    "max_get_batch_size",
+    "max_set_batch_size",
+    "num_partitions_per_node",
+    "max_batch_size_per_node",
+    "max_set_size",
+}
+_PERSISTENT_KEYS = {"type", "path", "read_only", "num_threads", "max_batch_size"}
+_HPS_PERSISTENT_EXTRAS = {"update_filters", "max_get_batch_size", "max_set_batch_size", "num_partitions"}
+_VOLATILE_ALIASES = {"parallel_hash_map": "hash_map", "multi_process_hash_map": "hash_map"}
+_PERSISTENT_ALIASES = {"rocks_db": "rocksdb"}
+
+
+def _server(raw: Any) -> ServerConfig:
+    s = _Section(raw, "server", _SERVER_KEYS)
+    d = ServerConfig()
+    return ServerConfig(
+        address=s.get("address", d.address, _str),
+        max_message_mb=s.get("max_message_mb", d.max_message_mb, _int(1)),
+        workers=s.get("workers", d.workers, _int(1)),
+        shutdown_grace_seconds=s.get("shutdown_grace_seconds", d.shutdown_grace_seconds, _float(0)),
+        metrics_address=s.get("metrics_address", d.metrics_address, _str),
+    )
+
+
+def _volatile(raw: Any, hps: bool) -> VolatileDbConfig:
+    s = _Section(raw, "volatile_db", _VOLATILE_KEYS | (_HPS_VOLATILE_EXTRAS if hps else set()), strict=not hps)
+    d = VolatileDbConfig()
+    batch = s.get("max_batch_size", d.max_batch_size, _int(1))
+    if hps:  # HPS splits the batch limit in two; the smaller is the safe bound for both directions.
+        batch = min(s.get("max_get_batch_size", batch, _int(1)), s.get("max_set_batch_size", batch, _int(1)))
+    return VolatileDbConfig(
+        type=s.get("type", d.type, _choice("hash_map", "redis_cluster", "disabled", aliases=_VOLATILE_ALIASES)),
+        overflow_margin=s.get("overflow_margin", d.overflow_margin, _int(1)),
+        overflow_policy=s.get("overflow_policy", d.overflow_policy, _choice("evict_oldest", "evict_random")),
+        overflow_resolution_target=s.get(
+            "overflow_resolution_target", d.overflow_resolution_target, _float(0, 1, low_open=True)
+        ),
+        initial_cache_rate=s.get("initial_cache_rate", d.initial_cache_rate, _float(0, 1)),
+        cache_missed_embeddings=s.get("cache_missed_embeddings", d.cache_missed_embeddings, _bool),
+        address=s.get("address", d.address, _str),
+        user_name=s.get("user_name", d.user_name, _str),
+        password=s.get("password", d.password, _str),
+        tls=s.get("tls", d.tls, _bool),
+        num_partitions=s.get("num_partitions", d.num_partitions, _int(1)),
+        max_batch_size=batch,
+        timeout_ms=s.get("timeout_ms", d.timeout_ms, _int(1)),
+        ttl_seconds=s.get("ttl_seconds", d.ttl_seconds, _int(0)),
+        read_only=s.get("read_only", d.read_only, _bool),
+    )
+
+
+def _persistent(raw: Any, base: Path, hps: bool) -> PersistentDbConfig:
+    s = _Section(raw, "persistent_db", _PERSISTENT_KEYS | (_HPS_PERSISTENT_EXTRAS if hps else set()), strict=not hps)
+    d = PersistentDbConfig()
+    batch = s.get("max_batch_size", d.max_batch_size, _int(1))
+    if hps:
+        batch = min(s.get("max_get_batch_size", batch, _int(1)), s.get("max_set_batch_size", batch, _int(1)))
+    return PersistentDbConfig(
+        type=s.get("type", d.type, _choice("rocksdb", "disabled", aliases=_PERSISTENT_ALIASES)),
+        path=s.get("path", base / d.path, _path(base)),
+        read_only=s.get("read_only", d.read_only, _bool),
+        num_threads=s.get("num_threads", d.num_threads, _int(1)),
+        max_batch_size=batch,
+    )
+
+
+_MODEL_KEYS = {
+    "name",
+    "tables",
+    "max_batch_size",
+    "gpucache",
+    "gpucacheper",
+    "hit_rate_threshold",
+    "deployed_device_list",
+    "use_static_table",
+    "answer_misses_with_default",
+    "gpucache_dtype",
+}
+_TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample"}
+
+
+def _model_options(s: _Section, name: str, tables: tuple[TableConfig, ...], extras: Mapping[str, Any]) -> ModelConfig:
+    d = ModelConfig(name=name, tables=())
+    seen: set[str] = set()
+    for i, table in enumerate(tables):
+        if table.name in seen:
+            raise ConfigError(f"{s.path}.tables[{i}].name: duplicate table {table.name!r}")
+        seen.add(table.name)
+    if not tables:
+        raise ConfigError(f"{s.path}.tables: a model needs at least one table")
+    return ModelConfig(
+        name=name,
+        tables=tables,
+        max_batch_size=s.get("max_batch_size", d.max_batch_size, _int(1)),
+        gpucache=s.get("gpucache", d.gpucache, _bool),
+        gpucacheper=s.get("gpucacheper", d.gpucacheper, _float(0, 1)),
+        hit_rate_threshold=s.get("hit_rate_threshold", d.hit_rate_threshold, _float(0, 1)),
+        deployed_device_list=s.get("deployed_device_list", d.deployed_device_list, _devices),
+        use_static_table=s.get("use_static_table", d.use_static_table, _bool),
+        answer_misses_with_default=s.get("answer_misses_with_default", d.answer_misses_with_default, _bool),
+        gpucache_dtype=s.get("gpucache_dtype", d.gpucache_dtype, _choice("float32", "float16")),
+        hps_extras=dict(extras),
+    )
+
+
+def _model(raw: Any, path: str, base: Path) -> ModelConfig:
+    s = _Section(raw, path, _MODEL_KEYS)
+    tables = []
+    for i, table_raw in enumerate(s.require("tables", _list)):
+        t = _Section(table_raw, f"{path}.tables[{i}]", _TABLE_KEYS)
+        tables.append(
+            TableConfig(
+                name=t.require("name", _name_str),
+                dim=t.require("dim", _int(1)),
+                default_value=t.get("default_value", 0.0, _float()),
+                source=t.get("source", None, _path(base)),
+                max_keys_per_sample=t.get("max_keys_per_sample", 1, _int(1)),
+            )
+        )
+    return _model_options(s, s.require("name", _name_str), tuple(tables), {})
+
+
+# HPS model keys hps maps onto its own options (the rest of _HPS_MODEL_EXTRAS is kept, unused).
+_HPS_MODEL_KEYS = {
+    "model",
+    "sparse_files",
+    "embedding_table_names",
+    "embedding_vecsize_per_table",
+    "default_value_for_each_table",
+    "maxnum_catfeature_query_per_table_per_sample",
+    "max_batch_size",
+    "gpucache",
+    "gpucacheper",
+    "hit_rate_threshold",
+    "deployed_device_list",
+    "use_static_table",
+}
+_HPS_MODEL_EXTRAS = {
+    "dense_file",
+    "network_file",
+    "num_of_worker_buffer_in_pool",
+    "num_of_refresher_buffer_in_pool",
+    "cache_refresh_percentage_per_iteration",
+    "label_dim",
+    "slot_num",
+    "maxnum_des_feature_per_sample",
+    "embeddingkey_long_type",
+    "use_mixed_precision",
+    "scaler",
+    "use_algorithm_search",
+    "use_cuda_graph",
+    "fuse_embedding_table",
+    "use_context_stream",
+    "use_hctr_cache_implementation",
+    "init_ec",
+    "enable_pagelock",
+    "refresh_delay",
+    "refresh_interval",
+    "sparse_model_files",
+    "use_gpu_embedding_cache",
+}
+
+
+def _hps_model(raw: Any, path: str, base: Path) -> ModelConfig:
+    s = _Section(raw, path, _HPS_MODEL_KEYS | _HPS_MODEL_EXTRAS, strict=False)
+    name = s.require("model", _name_str)
+    files = s.require("sparse_files", _list)
+    names = s.get("embedding_table_names", [f"sparse_embedding{i}" for i in range(len(files))], _list)
+    dims = s.require("embedding_vecsize_per_table", _list)
+    defaults = s.get("default_value_for_each_table", [0.0] * len(files), _list)
+    per_sample = s.get("maxnum_catfeature_query_per_table_per_sample", [1] * len(files), _list)
+    for key, values in (
+        ("embedding_table_names", names),
+        ("embedding_vecsize_per_table", dims),
+        ("default_value_for_each_table", defaults),
+        ("maxnum_catfeature_query_per_table_per_sample", per_sample),
+    ):
+        if len(values) != len(files):
+            raise ConfigError(
+                f"{path}.{key}: has {len(values)} entries but sparse_files has {len(files)}; give one per table"
+            )
+    tables = tuple(
+        TableConfig(
+            name=_name_str(names[i], f"{path}.embedding_table_names[{i}]"),
+            dim=_int(1)(dims[i], f"{path}.embedding_vecsize_per_table[{i}]"),
+            default_value=_float()(defaults[i], f"{path}.default_value_for_each_table[{i}]"),
+            source=_path(base)(files[i], f"{path}.sparse_files[{i}]"),
+            max_keys_per_sample=_int(1)(per_sample[i], f"{path}.maxnum_catfeature_query_per_table_per_sample[{i}]"),
+        )
+        for i in range(len(files))
+    )
+    extras = {k: v for k, v in s.raw.items() if k in _HPS_MODEL_EXTRAS}
+    return _model_options(s, name, tables, extras)
+
+
+_TOP_KEYS = {"server", "volatile_db", "persistent_db", "models"}
+_HPS_TOP_EXTRAS = {"supportlonglong", "update_source", "fuse_embedding_table"}
+
+
+def parse(raw: Any, base: Path, hps: bool = False) -> Config:
+    """Builds a Config from a parsed document; relative paths resolve against `base`."""
+    top = _Section(raw, "", _TOP_KEYS | (_HPS_TOP_EXTRAS if hps else set()), strict=not hps)
+    if hps and top.get("supportlonglong", True, _bool) is False:
+        raise ConfigError("supportlonglong: hps keys are always int64; false (int32 keys) is not supported")
+    model_reader = _hps_model if hps else _model
+    models = tuple(model_reader(m, f"models[{i}]", base) for i, m in enumerate(top.require("models", _list)))
+    names = [m.name for m in models]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"models[{i}]: duplicate model name {name!r}")
+    return Config(
+        server=_server(top.raw.get("server")),
+        volatile_db=_volatile(top.raw.get("volatile_db"), hps),
+        persistent_db=_persistent(top.raw.get("persistent_db"), base, hps),
+        models=models,
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Reads a YAML config, or an HPS ps.json (any file ending in .json)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
+    hps = path.suffix == ".json"
+    try:
+        raw = json.loads(text) if hps else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if hps else 'YAML'}: {e}") from e
+    return parse(raw, path.resolve().parent, hps=hps)

@@ -1,0 +1,105 @@
+"""The storage contract every level below the L1 cache implements: batched, array in, array out.
+
+Keys are 1-D int64 arrays, vectors 2-D float32 arrays (rows x dim). Backends know nothing of models,
+sessions, gRPC or each other, and never loop over keys in Python.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+import numpy as np
+
+KeyChunk = tuple[np.ndarray, np.ndarray]
+"""(keys int64[n], vectors float32[n, dim]): the unit of bulk transfer."""
+
+DEFAULT_CHUNK_ROWS = 65536
+
+
+class StorageError(RuntimeError):
+    """A backend could not complete a call; the message says which table and why."""
+
+
+class LevelUnavailableError(StorageError):
+    """The backend cannot be reached right now; a lookup may fall through to the next level."""
+
+
+class UnknownTableError(StorageError, KeyError):
+    """The table was never created in this backend."""
+
+
+class StorageLevel(ABC):
+    """One level of the hierarchy. Every method takes a table name and a whole batch.
+
+    Implementations are safe to call from several threads at once.
+    """
+
+    kind: ClassVar[str]
+    """Registry name of the backend, e.g. "hash_map"; also its level name in stats."""
+
+    read_only: bool = False
+
+    @abstractmethod
+    def create_table(self, table: str, dim: int) -> None:
+        """Makes `table` ready for rows of `dim` float32; a no-op when it exists with that dim."""
+
+    @abstractmethod
+    def dim(self, table: str) -> int:
+        """Elements per vector of `table`; raises UnknownTableError."""
+
+    @abstractmethod
+    def tables(self) -> list[str]:
+        """Names of the tables this backend holds."""
+
+    @abstractmethod
+    def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (vectors float32[len(keys), dim], found bool[len(keys)]); rows not found are zero."""
+
+    @abstractmethod
+    def insert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Upserts rows; for a key repeated in the batch the last row wins."""
+
+    @abstractmethod
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        """Removes the keys; returns how many were present."""
+
+    @abstractmethod
+    def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """bool[len(keys)]: which keys are present."""
+
+    @abstractmethod
+    def size(self, table: str) -> int:
+        """Rows held in `table`."""
+
+    @abstractmethod
+    def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
+        """Yields every row of `table` in chunks of at most chunk_rows rows."""
+
+    def load(self, table: str, chunks: Iterable[KeyChunk]) -> int:
+        """Bulk-inserts chunks (faster paths may override); returns rows written."""
+        rows = 0
+        for keys, vectors in chunks:
+            self.insert(table, keys, vectors)
+            rows += len(keys)
+        return rows
+
+    def close(self) -> None:  # noqa: B027 - levels without resources need not override
+        """Releases connections and files; the level is unusable afterwards."""
+
+
+def as_keys(keys: np.ndarray) -> np.ndarray:
+    """Keys as a contiguous 1-D little-endian int64 array (no copy when already so)."""
+    keys = np.ascontiguousarray(keys, dtype="<i8")
+    if keys.ndim != 1:
+        raise ValueError(f"keys: must be 1-D, got shape {keys.shape}")
+    return keys
+
+
+def as_vectors(vectors: np.ndarray, rows: int, dim: int) -> np.ndarray:
+    """Vectors as a contiguous float32 [rows, dim] array, or ValueError naming the mismatch."""
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    if vectors.shape != (rows, dim):
+        raise ValueError(f"vectors: expected shape ({rows}, {dim}), got {vectors.shape}")
+    return vectors
