@@ -1,0 +1,1 @@
+"""Reproducible benchmarks that report results as ratios against baselines measured in the same run."""
