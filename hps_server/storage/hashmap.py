@@ -28,15 +28,27 @@ logger = logging.getLogger(__name__)
 EMPTY = -1
 TOMBSTONE = -2
 
-# Dense row arrays grow by this factor: small enough that the unused tail stays within the
-# memory budget (at most ~1.3x the raw key + vector bytes for dim >= 16), large enough that the
-# amortized copy stays a few passes over the data.
-GROWTH = 1.125
 MIN_ROWS = 1024
 # The slot index is rebuilt at REBUILD_LOAD (live rows + tombstones per slot) to REBUILT_LOAD, which
 # keeps linear-probing chains short while costing 4 / load bytes per row.
 REBUILD_LOAD = 0.75
 REBUILT_LOAD = 0.6
+# Most bytes held per stored row, as a multiple of the raw key + vector bytes, for dim >= 16 (smaller
+# dims pay more: the index and stamps are a fixed 8-11 bytes a row). Dense arrays grow by the largest
+# factor that stays within it, so wide tables are copied less often.
+MEMORY_BUDGET = 1.28
+MIN_GROWTH = 1.125
+MAX_GROWTH = 1.5
+
+
+def growth_factor(dim: int) -> float:
+    """How much the dense arrays of a `dim` table grow when full (see MEMORY_BUDGET)."""
+    raw = 8 + 4 * dim
+    # Worst case just after growing and rebuilding: growth * (raw + stamp) + 4 / REBUILT_LOAD bytes a row.
+    fitting = (MEMORY_BUDGET * raw - 4 / REBUILT_LOAD) / (raw + 4)
+    return min(MAX_GROWTH, max(MIN_GROWTH, fitting))
+
+
 _STAMP_LIMIT = np.iinfo(np.uint32).max
 
 
@@ -57,6 +69,7 @@ class _Table:
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
+        self.growth = growth_factor(dim)
         self.lock = threading.RLock()
         self.rows = 0
         self.tombstones = 0
@@ -127,7 +140,7 @@ class _Table:
         capacity = len(self.keys)
         if rows <= capacity:
             return
-        capacity = max(rows, int(capacity * GROWTH))
+        capacity = max(rows, int(capacity * self.growth))
         if capacity > np.iinfo(np.int32).max:
             raise StorageError(f"hash_map: a table holds at most {np.iinfo(np.int32).max} rows")
         keys = np.empty(capacity, dtype=np.int64)
@@ -147,14 +160,15 @@ class _Table:
         present = row >= 0
         self.vectors[row[present]] = vectors[source[present]]
         self.stamps[row[present]] = stamp
-        new = ~present
-        added = int(np.count_nonzero(new))
+        # Batch order for new rows: gathering them in ascending positions is far cheaper than in key order.
+        new = np.sort(source[~present])
+        added = len(new)
         if not added:
             return
         start, end = self.rows, self.rows + added
         self.reserve(end)
-        self.keys[start:end] = unique[new]
-        self.vectors[start:end] = vectors[source[new]]
+        self.keys[start:end] = keys[new]
+        self.vectors[start:end] = vectors[new]
         self.stamps[start:end] = stamp
         self.rows = end
         if end + self.tombstones > REBUILD_LOAD * len(self.slots):
@@ -238,14 +252,16 @@ class HashMapLevel(StorageLevel):
     def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self._table(table)
         keys = as_keys(keys)
-        out = np.zeros((len(keys), t.dim), dtype=np.float32)
         with t.lock:
             row, _ = t.find(keys)
             found = row >= 0
+            # One gather for every key (misses read row 0, which always exists), then misses are zeroed:
+            # cheaper than masked copies when most keys hit.
+            out = t.vectors[np.where(found, row, 0)]
             hits = row[found]
-            out[found] = t.vectors[hits]
             if hits.size:
                 t.stamps[hits] = t.tick()
+        out[~found] = 0
         return out, found
 
     def insert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
