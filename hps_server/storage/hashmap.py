@@ -247,7 +247,8 @@ class HashMapLevel(StorageLevel):
         return self._table(table).dim
 
     def tables(self) -> list[str]:
-        return sorted(self._tables)
+        with self._tables_lock:
+            return sorted(self._tables)
 
     def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self._table(table)

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from hps_server.storage import hashmap
+from hps_server.config import VolatileDbConfig
+from hps_server.storage import hashmap, open_volatile
 from hps_server.storage.hashmap import HashMapLevel
 
 
@@ -149,3 +150,31 @@ def test_concurrent_inserts_and_fetches_are_exact() -> None:
     everything = np.concatenate([np.arange(w * 100_000, w * 100_000 + 20_000) for w in range(4)] + [shared])
     assert level.size("m.t") == len(everything)
     check_all(level, "m.t", everything.astype(np.int64), dim)
+
+
+def test_opened_from_config_through_the_registry() -> None:
+    level = open_volatile(
+        VolatileDbConfig(overflow_margin=10, overflow_policy="evict_oldest", overflow_resolution_target=0.5)
+    )
+    assert isinstance(level, HashMapLevel)
+    assert level.kind == "hash_map"
+    assert (level.overflow_margin, level.overflow_policy, level.overflow_target) == (10, "evict_oldest", 5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"overflow_margin": 0}, "overflow_margin"),
+        ({"overflow_policy": "evict_newest"}, "overflow_policy"),
+        ({"overflow_resolution_target": 0.0}, "overflow_resolution_target"),
+        ({"overflow_resolution_target": 1.5}, "overflow_resolution_target"),
+    ],
+)
+def test_bad_overflow_settings_name_the_field(settings: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        HashMapLevel(**settings)
+
+
+def test_create_table_rejects_a_dim_below_one() -> None:
+    with pytest.raises(ValueError, match="dim"):
+        HashMapLevel().create_table("m.t", 0)
