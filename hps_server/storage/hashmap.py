@@ -143,6 +143,10 @@ class _Table:
         capacity = max(rows, int(capacity * self.growth))
         if capacity > np.iinfo(np.int32).max:
             raise StorageError(f"hash_map: a table holds at most {np.iinfo(np.int32).max} rows")
+        self.reallocate(capacity)
+
+    def reallocate(self, capacity: int) -> None:
+        """Moves the dense arrays to new ones of `capacity` rows (at least `rows`)."""
         keys = np.empty(capacity, dtype=np.int64)
         vectors = np.empty((capacity, self.dim), dtype=np.float32)
         stamps = np.zeros(capacity, dtype=np.uint32)
@@ -156,17 +160,17 @@ class _Table:
         unique, last = np.unique(keys[::-1], return_index=True)
         source = len(keys) - 1 - last
         row, _ = self.find(unique)
-        stamp = self.tick()
         present = row >= 0
-        self.vectors[row[present]] = vectors[source[present]]
-        self.stamps[row[present]] = stamp
         # Batch order for new rows: gathering them in ascending positions is far cheaper than in key order.
         new = np.sort(source[~present])
-        added = len(new)
-        if not added:
-            return
-        start, end = self.rows, self.rows + added
+        start, end = self.rows, self.rows + len(new)
+        # Room first, so a table that cannot grow is left exactly as it was.
         self.reserve(end)
+        stamp = self.tick()
+        self.vectors[row[present]] = vectors[source[present]]
+        self.stamps[row[present]] = stamp
+        if not len(new):
+            return
         self.keys[start:end] = keys[new]
         self.vectors[start:end] = vectors[new]
         self.stamps[start:end] = stamp
@@ -191,6 +195,10 @@ class _Table:
         self.stamps[holes] = self.stamps[movers]
         self.slots[mover_slots] = holes
         self.rows = kept
+        # Give memory back after large evictions so bytes per row stay within budget.
+        if kept < len(self.keys) // 2 and len(self.keys) > MIN_ROWS:
+            self.reallocate(max(MIN_ROWS, int(kept * self.growth)))
+            self.rebuild(kept)
 
 
 class HashMapLevel(StorageLevel):

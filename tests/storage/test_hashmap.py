@@ -178,3 +178,31 @@ def test_bad_overflow_settings_name_the_field(settings: dict, field: str) -> Non
 def test_create_table_rejects_a_dim_below_one() -> None:
     with pytest.raises(ValueError, match="dim"):
         HashMapLevel().create_table("m.t", 0)
+
+
+def test_memory_is_given_back_after_large_evictions() -> None:
+    level = HashMapLevel()
+    dim = 16
+    level.create_table("m.t", dim)
+    keys = np.arange(100_000, dtype=np.int64) * 7
+    level.insert("m.t", keys, rows(keys, dim))
+    before = level.memory_bytes("m.t")
+    assert level.evict("m.t", keys[10_000:]) == 90_000
+    assert level.memory_bytes("m.t") < before / 4
+    assert level.memory_bytes("m.t") <= 1.3 * 10_000 * (8 + 4 * dim)
+    check_all(level, "m.t", keys[:10_000], dim)
+    assert not level.contains("m.t", keys[10_000:]).any()
+    level.insert("m.t", keys[10_000:20_000], rows(keys[10_000:20_000], dim))
+    check_all(level, "m.t", keys[:20_000], dim)
+
+
+def test_overflow_eviction_on_a_single_oversized_batch() -> None:
+    level = HashMapLevel(overflow_margin=100, overflow_policy="evict_oldest", overflow_resolution_target=0.9)
+    level.create_table("m.t", 2)
+    keys = np.arange(10_000, dtype=np.int64)
+    level.insert("m.t", keys, rows(keys, 2))
+    assert level.size("m.t") == 90
+    vectors, found = level.fetch("m.t", keys)
+    assert found.sum() == 90
+    np.testing.assert_array_equal(vectors[found], rows(keys[found], 2))
+    assert level.memory_bytes("m.t") < 10_000 * (8 + 8) / 4, "the oversized batch's room was given back"
