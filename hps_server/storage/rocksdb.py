@@ -69,6 +69,12 @@ def _last_of_each(keys: np.ndarray) -> np.ndarray:
     return len(keys) - 1 - first_in_reversed
 
 
+def _distinct(sorted_runs: list[np.ndarray]) -> int:
+    """Distinct keys over chunks each already in bytewise order (a stable sort merges such runs fast)."""
+    ordered = np.sort(np.concatenate([_bytewise_order(run) for run in sorted_runs]), kind="stable")
+    return int(np.count_nonzero(ordered[1:] != ordered[:-1])) + 1
+
+
 def _int_bytes(value: int) -> bytes:
     return int(value).to_bytes(8, "little", signed=True)
 
@@ -139,6 +145,8 @@ class RocksDBLevel(StorageLevel):
     def create_table(self, table: str, dim: int) -> None:
         if dim < 1:
             raise ValueError(f"dim: must be at least 1, got {dim}")
+        if table == _META_CF:
+            raise ValueError(f"table: {_META_CF!r} is reserved for the level's metadata")
         known = self._dims.get(table)
         if known is not None:
             if known != dim:
@@ -307,7 +315,7 @@ class RocksDBLevel(StorageLevel):
                     written += len(chunk_keys)
             finally:
                 if loaded:
-                    self._store_rows(table, len(np.unique(np.concatenate(loaded))))
+                    self._store_rows(table, _distinct(loaded))
                 shutil.rmtree(staging, ignore_errors=True)
         return written
 

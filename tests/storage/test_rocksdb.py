@@ -5,6 +5,7 @@ The behaviour every level shares is in the contract suite; this file covers what
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,8 @@ def test_create_table_with_another_dim_is_refused(db_path: Path) -> None:
     level.create_table(TABLE, 4)
     with pytest.raises(StorageError, match="dim 4"):
         level.create_table(TABLE, 8)
+    with pytest.raises(ValueError, match="table: 'default' is reserved"):
+        level.create_table("default", 4)
     level.close()
 
 
@@ -88,6 +91,31 @@ def test_read_only_replica_sees_data_and_rejects_writes(db_path: Path) -> None:
     got_again, _ = replica.fetch(TABLE, keys)
     np.testing.assert_array_equal(got_again, vectors)
     replica.close()
+
+
+def test_read_only_replica_beside_an_open_writer_sees_rows_as_of_opening(db_path: Path) -> None:
+    writer = RocksDBLevel(db_path)
+    writer.create_table(TABLE, 2)
+    writer.insert(TABLE, *rows([1, 2], dim=2))
+    replica = RocksDBLevel(db_path, read_only=True)
+    writer.insert(TABLE, *rows([3], dim=2))
+    assert replica.contains(TABLE, np.array([1, 2, 3])).tolist() == [True, True, False]
+    replica.close()
+    writer.close()
+
+
+def test_concurrent_fetches_agree(db_path: Path) -> None:
+    level = RocksDBLevel(db_path, max_batch_size=100)
+    level.create_table(TABLE, 8)
+    keys, vectors = rows(np.arange(2000), dim=8)
+    level.insert(TABLE, keys, vectors)
+    queries = [np.random.default_rng(seed).integers(0, 2500, 3000) for seed in range(16)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda query: level.fetch(TABLE, query), queries))
+    for query, (got, found) in zip(queries, results, strict=True):
+        np.testing.assert_array_equal(found, query < 2000)
+        np.testing.assert_array_equal(got[found], vectors[query[found]])
+    level.close()
 
 
 def test_read_only_without_a_database_says_so(db_path: Path) -> None:
