@@ -197,9 +197,12 @@ class RocksDBLevel(StorageLevel):
         keys = as_keys(keys)
         values = self._values(table, keys)
         found = np.fromiter(map(len, values), dtype=np.int64, count=len(values)) > 0
+        # Missing keys came back as b"", so the join holds exactly the found rows, in key order.
+        joined = bytearray().join(values)
+        if found.all():  # the common case: a bytearray is writable, so the rows need no second copy
+            return np.frombuffer(joined, dtype="<f4").reshape(-1, dim), found
         vectors = np.zeros((len(keys), dim), dtype=np.float32)
-        if found.any():
-            vectors[found] = np.frombuffer(b"".join(values), dtype="<f4").reshape(-1, dim)
+        vectors[found] = np.frombuffer(joined, dtype="<f4").reshape(-1, dim)
         return vectors, found
 
     def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
