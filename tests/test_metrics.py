@@ -1,0 +1,165 @@
+"""ServerMetrics on a real gRPC server and a real /metrics endpoint: counts move by exactly what was reported."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hps_server.cache import CacheStats
+from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, ServerMetrics, serve_metrics
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def metrics() -> Iterator[tuple[ServerMetrics, int]]:
+    m = ServerMetrics(models=["ads"])
+    endpoint = serve_metrics("127.0.0.1:0", m)
+    assert endpoint is not None
+    yield m, endpoint.port
+    endpoint.close()
+
+
+def test_empty_address_disables_the_endpoint() -> None:
+    assert serve_metrics("", ServerMetrics()) is None
+
+
+def test_bad_address_names_the_field() -> None:
+    with pytest.raises(ValueError, match="metrics_address"):
+        serve_metrics("localhost", ServerMetrics())
+
+
+def test_two_servers_in_one_process_keep_separate_counts() -> None:
+    a, b = ServerMetrics(models=["m"]), ServerMetrics(models=["m"])
+    a.record_lookup("m", "t", 5)
+    assert a.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) == 5
+    assert b.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) is None
+
+
+def test_lookup_and_level_counts(metrics: tuple[ServerMetrics, int]) -> None:
+    m, port = metrics
+    m.record_lookup("ads", "user", 100)
+    m.record_lookup("ads", "user", 3)
+    m.record_level("ads", "cache", keys=103, hits=60, seconds=0.0002)
+    m.record_level("ads", "volatile", keys=43, hits=40, seconds=0.003)
+    m.record_level("ads", "default", keys=3, hits=3)
+    m.record_level_failure("volatile", "fetch")
+    s = scrape(port)
+    assert value(s, "hps_lookup_keys_total", model="ads", table="user") == 103
+    assert value(s, "hps_lookup_batch_keys_count", model="ads") == 2
+    assert value(s, "hps_lookup_batch_keys_sum", model="ads") == 103
+    assert value(s, "hps_lookup_batch_keys_bucket", model="ads", le="4.0") == 1  # the 3-key query
+    assert value(s, "hps_lookup_batch_keys_bucket", model="ads", le="256.0") == 2
+    assert value(s, "hps_level_hits_total", model="ads", level="cache") == 60
+    assert value(s, "hps_level_queried_keys_total", model="ads", level="volatile") == 43
+    assert value(s, "hps_level_duration_seconds_count", model="ads", level="volatile") == 1
+    assert value(s, "hps_level_duration_seconds_bucket", model="ads", level="volatile", le="0.0025") == 0
+    assert value(s, "hps_level_duration_seconds_bucket", model="ads", level="volatile", le="0.005") == 1
+    assert value(s, "hps_level_duration_seconds_count", model="ads", level="default") == 0
+    assert value(s, "hps_level_failures_total", level="volatile", operation="fetch") == 1
+
+
+def test_cache_occupancy_is_read_at_scrape_time(metrics: tuple[ServerMetrics, int]) -> None:
+    m, port = metrics
+    state = {"rows": 10}
+    m.watch_caches(
+        lambda: [CacheOccupancy("ads", "user", "0", CacheStats(hits=3, misses=1, rows=state["rows"], capacity=64))]
+    )
+    assert value(scrape(port), "hps_cache_rows", model="ads", table="user", device="0") == 10
+    state["rows"] = 40
+    s = scrape(port)
+    assert value(s, "hps_cache_rows", model="ads", table="user", device="0") == 40
+    assert value(s, "hps_cache_capacity_rows", model="ads", table="user", device="0") == 64
+    assert value(s, "hps_cache_hit_rate", model="ads", table="user", device="0") == 0.75
+
+
+def test_model_events_and_readiness(metrics: tuple[ServerMetrics, int]) -> None:
+    m, port = metrics
+    m.record_model_event("ads", "loaded")
+    m.record_model_event("ads", "reloaded")
+    m.set_ready(True)
+    s = scrape(port)
+    assert value(s, "hps_model_events_total", model="ads", event="loaded") == 1
+    assert value(s, "hps_model_events_total", model="ads", event="reloaded") == 1
+    assert value(s, "hps_models_loaded") == 1
+    assert value(s, "hps_ready") == 1
+    m.record_model_event("ads", "unloaded")
+    m.set_ready(False)
+    s = scrape(port)
+    assert value(s, "hps_models_loaded") == 0
+    assert value(s, "hps_ready") == 0
+
+
+# A generic service under /hps.v1.Echo: the interceptor must count it like the real ones.
+def _echo_server(metrics: ServerMetrics) -> tuple[grpc.Server, int]:
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request == b"bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
+        if request == b"boom":
+            raise RuntimeError("boom")
+        return request
+
+    def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from requests
+
+    handlers = grpc.method_handlers_generic_handler(
+        "hps.v1.Echo",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),
+        },
+    )
+    other = grpc.method_handlers_generic_handler("other.Probe", {"Unary": grpc.unary_unary_rpc_method_handler(unary)})
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[metrics.interceptor()])
+    server.add_generic_rpc_handlers((handlers, other))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_interceptor_counts_rpcs_by_method_and_code() -> None:
+    m = ServerMetrics(models=["ads"])
+    server, port = _echo_server(m)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            unary = channel.unary_unary("/hps.v1.Echo/Unary")
+            for _ in range(3):
+                assert unary(b"ok") == b"ok"
+            for payload in (b"bad", b"boom"):
+                with pytest.raises(grpc.RpcError):
+                    unary(payload)
+            assert list(channel.stream_stream("/hps.v1.Echo/Stream")(iter([b"a", b"b"]))) == [b"a", b"b"]
+            assert channel.unary_unary("/other.Probe/Unary")(b"ok") == b"ok"
+    finally:
+        server.stop(None)
+    get = m.registry.get_sample_value
+    # Raw bytes carry no model field: they count under the bounded "unknown" label.
+    labels = {"model": UNKNOWN_MODEL, "method": "Unary"}
+    assert get("hps_requests_total", {**labels, "code": "OK"}) == 3
+    assert get("hps_requests_total", {**labels, "code": "INVALID_ARGUMENT"}) == 1
+    assert get("hps_requests_total", {**labels, "code": "UNKNOWN"}) == 1
+    assert get("hps_request_duration_seconds_count", labels) == 5
+    assert get("hps_requests_total", {"model": UNKNOWN_MODEL, "method": "Stream", "code": "OK"}) == 1
+    assert get("hps_requests_in_flight", {"method": "Unary"}) == 0
+    assert get("hps_requests_in_flight", {"method": "Stream"}) == 0
+    # Services outside hps (health, reflection, ...) are not counted.
+    assert get("hps_requests_total", {**labels, "code": "OK"}) == 3
+    assert m.model_label("ads") == "ads"
+    assert m.model_label("nope") == UNKNOWN_MODEL
