@@ -62,7 +62,7 @@ def _make_model(directory: Path, port: int) -> tuple[Path, dict[str, np.ndarray]
     key_sets = {}
     for name, (rows, dim, _) in specs.items():
         keys = key_sets[name] = rng.permutation(rows * 4)[:rows].astype(np.int64)
-        tables.write_table(directory / name, [(keys, rng.standard_normal((rows, dim), dtype=np.float32))], "hps")
+        tables.write_table(directory / name, [(keys, rng.standard_normal((rows, dim), dtype=np.float32))], dim)
     config = {
         "server": {"address": f"127.0.0.1:{port}"},
         "volatile_db": {"type": "hash_map", "initial_cache_rate": 1.0},

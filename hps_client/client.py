@@ -54,7 +54,7 @@ def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
 
 def _shaped(result: LookupResult, keys: object) -> np.ndarray:
     """Vectors shaped like the keys plus a trailing dim axis."""
-    return result.vectors.reshape(*np.shape(keys), result.vectors.shape[1])
+    return result.vectors.reshape(*np.asarray(keys).shape, result.vectors.shape[1])
 
 
 def _upsert_request(model: str, table: str, keys: object, vectors: object) -> hps_pb2.UpsertRequest:

@@ -16,9 +16,9 @@ from hps_client._proto import hps_pb2
 Dtype = Literal["float32", "float16"]
 Combiner = Literal["sum", "mean", "sqrtn"]
 
-_DTYPES: dict[str, int] = {"float32": hps_pb2.VECTOR_DTYPE_FLOAT32, "float16": hps_pb2.VECTOR_DTYPE_FLOAT16}
-_WIRE_NUMPY = {hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"), hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2")}
-_COMBINERS: dict[str, int] = {
+_DTYPES: dict[str, hps_pb2.VectorDtype] = {"float32": hps_pb2.VECTOR_DTYPE_FLOAT32, "float16": hps_pb2.VECTOR_DTYPE_FLOAT16}
+_WIRE_NUMPY: dict[int, np.dtype] = {hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"), hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2")}
+_COMBINERS: dict[str, hps_pb2.Combiner] = {
     "sum": hps_pb2.COMBINER_SUM,
     "mean": hps_pb2.COMBINER_MEAN,
     "sqrtn": hps_pb2.COMBINER_SQRTN,

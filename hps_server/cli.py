@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from hps_server import storage, tables
+    from hps_server import storage, transfer
 
     config = config_module.load(args.config)
     if args.to == "volatile":
@@ -53,8 +53,7 @@ def _import(args: argparse.Namespace) -> int:
                     print(f"{model.name}.{table.name}: no source configured, skipped (pass --source)")
                     continue
                 name = f"{model.name}.{table.name}"
-                level.create_table(name, table.dim)
-                rows = tables.import_table(level, name, source, table.dim, progress=True)
+                rows = transfer.import_table(level, name, source, table.dim)
                 print(f"{name}: imported {rows} rows from {source} into {level.kind}")
     finally:
         level.close()
@@ -62,7 +61,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hps_server import storage, tables
+    from hps_server import storage, transfer
 
     config = config_module.load(args.config)
     model = config.model(args.model)
@@ -71,7 +70,7 @@ def _export(args: argparse.Namespace) -> int:
     if level is None:
         raise config_module.ConfigError("persistent_db: disabled; nothing to export from")
     try:
-        rows = tables.export_table(level, f"{model.name}.{table.name}", Path(args.out), args.format, progress=True)
+        rows = transfer.export_table(level, f"{model.name}.{table.name}", Path(args.out), format=args.format)
     finally:
         level.close()
     print(f"{model.name}.{table.name}: exported {rows} rows to {args.out} ({args.format} format)")

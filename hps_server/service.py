@@ -22,7 +22,7 @@ from hps_server.storage.base import LevelUnavailableError, StorageError
 
 log = logging.getLogger(__name__)
 
-_WIRE_DTYPES = {
+_WIRE_DTYPES: dict[int, np.dtype] = {
     hps_pb2.VECTOR_DTYPE_UNSPECIFIED: np.dtype("<f4"),
     hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"),
     hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2"),
