@@ -21,19 +21,24 @@ from hps_server.cache import CacheStats
 
 log = logging.getLogger(__name__)
 
-# Level roles a key can be answered from, top first; "default" means no level held the key.
-CACHE: Final = "cache"
-VOLATILE: Final = "volatile"
-PERSISTENT: Final = "persistent"
-DEFAULT: Final = "default"
-LEVELS: Final = (CACHE, VOLATILE, PERSISTENT, DEFAULT)
-
 # Label value standing for model names the server does not host, so clients cannot grow the series count.
 UNKNOWN_MODEL: Final = "_unknown"
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Keys per table query: powers of four from 1 to about a million.
 _BATCH_BUCKETS = tuple(float(4**i) for i in range(11))
+
+
+@dataclass(frozen=True)
+class LevelFetch:
+    """One batched fetch of a lookup from one level (named as the session names it: l1_cache, hash_map,
+    redis_cluster, rocksdb, or default for keys no level held)."""
+
+    level: str
+    keys: int
+    hits: int
+    # None: not timed (the default "level" does no work).
+    seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -139,17 +144,15 @@ class ServerMetrics:
 
     # ------------------------------------------------------------ reported by the session
 
-    def record_lookup(self, model: str, table: str, keys: int) -> None:
-        """One table query of a lookup: its key count."""
+    def record_lookup(self, model: str, table: str, keys: int, fetches: Iterable[LevelFetch] = ()) -> None:
+        """One table query of a lookup: its key count and what each level it walked answered."""
         self.keys.labels(model, table).inc(keys)
         self.batch_keys.labels(model).observe(keys)
-
-    def record_level(self, model: str, level: str, keys: int, hits: int, seconds: float | None = None) -> None:
-        """One batched fetch from a level: keys asked, keys found, and its duration (None: not timed)."""
-        self.level_keys.labels(model, level).inc(keys)
-        self.level_hits.labels(model, level).inc(hits)
-        if seconds is not None:
-            self.level_seconds.labels(model, level).observe(seconds)
+        for fetch in fetches:
+            self.level_keys.labels(model, fetch.level).inc(fetch.keys)
+            self.level_hits.labels(model, fetch.level).inc(fetch.hits)
+            if fetch.seconds is not None:
+                self.level_seconds.labels(model, fetch.level).observe(fetch.seconds)
 
     def record_level_failure(self, level: str, operation: str) -> None:
         self.level_failures.labels(level, operation).inc()

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_server.config import Config
+from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
 from hps_server.service import LookupServicer, ModelServicer
 
@@ -33,10 +34,13 @@ class HpsServer:
         self.health = health.HealthServicer()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.models = HostedModels.open(config, cache_factory, progress=progress)
+        self.metrics = ServerMetrics(models=[model.name for model in config.models])
+        self.models = HostedModels.open(config, cache_factory, progress=progress, metrics=self.metrics)
+        self.metrics.watch_caches(self.models.cache_occupancy)
         message_bytes = config.server.max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
+            interceptors=[self.metrics.interceptor()],
             options=[
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
@@ -47,6 +51,9 @@ class HpsServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = 0
+        # Port of /metrics once started; None when server.metrics_address is empty.
+        self.metrics_port: int | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._stopped = threading.Event()
 
     def start(self) -> int:
@@ -55,8 +62,12 @@ class HpsServer:
         if not self.port:
             raise OSError(f"server.address: cannot bind {self.config.server.address}")
         self._grpc.start()
+        self._metrics_endpoint = serve_metrics(self.config.server.metrics_address, self.metrics)
+        self.metrics_port = self._metrics_endpoint.port if self._metrics_endpoint else None
+        # Every model was loaded and its volatile level warmed in __init__: only now is the server ready.
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.set_ready(True)
         log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
         return self.port
 
@@ -67,8 +78,11 @@ class HpsServer:
         self._stopped.set()
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
+        self.metrics.set_ready(False)
         self._grpc.stop(grace).wait()
         self.models.close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
         log.info("stopped")
 
     def wait(self) -> None:

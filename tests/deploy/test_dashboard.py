@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hps_server.cache import CacheStats
-from hps_server.metrics import LEVELS, CacheOccupancy, ServerMetrics
+from hps_server.metrics import CacheOccupancy, LevelFetch, ServerMetrics
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,8 @@ def panels(document: dict[str, Any]) -> list[dict[str, Any]]:
 def exported_series_names() -> set[str]:
     """Every series name one server exports once each collector has a sample."""
     m = ServerMetrics(models=["m"])
-    m.record_lookup("m", "t", 1)
-    for level in LEVELS:
-        m.record_level("m", level, 1, 1, 0.001)
-    m.record_level_failure("volatile", "fetch")
+    m.record_lookup("m", "t", 1, [LevelFetch("rocksdb", 1, 1, 0.001)])
+    m.record_level_failure("redis_cluster", "fetch")
     m.record_model_event("m", "loaded")
     m.requests.labels("m", "Lookup", "OK").inc()
     m.request_seconds.labels("m", "Lookup").observe(0.001)
