@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,19 +13,24 @@ import pytest
 import yaml
 
 from hps_server import config as hps_config
+from hps_server import demo
 
 
-@pytest.fixture(scope="module")
-def stack(docker_compose: str, repo_root: Path) -> dict[str, Any]:
-    """The stack as Compose itself resolves it (anchors, paths, defaults)."""
+def resolve(docker_compose: str, repo_root: Path, *options: str) -> dict[str, Any]:
+    """The stack as Compose itself resolves it (anchors, paths, defaults, profiles)."""
     result = subprocess.run(
-        [docker_compose, "-f", str(repo_root / "deploy" / "compose.yaml"), "config", "--format", "json"],
+        [docker_compose, "-f", str(repo_root / "deploy" / "compose.yaml"), *options, "config", "--format", "json"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
+
+
+@pytest.fixture(scope="module")
+def stack(docker_compose: str, repo_root: Path) -> dict[str, Any]:
+    return resolve(docker_compose, repo_root)
 
 
 def test_compose_rejects_a_broken_file(docker_compose: str, tmp_path: Path) -> None:
@@ -36,6 +43,7 @@ def test_compose_rejects_a_broken_file(docker_compose: str, tmp_path: Path) -> N
 def test_stack_has_every_service(stack: dict[str, Any]) -> None:
     assert set(stack["services"]) == {
         "hps",
+        "sample-tables",
         "redis-1",
         "redis-2",
         "redis-3",
@@ -85,3 +93,35 @@ def test_grafana_is_provisioned_with_the_dashboard(stack: dict[str, Any], repo_r
     assert dashboards
     for target in dashboards:
         assert json.loads(mounts[target].read_text())["uid"] == "hps-overview"
+
+
+def test_served_model_is_the_one_sample_tables_writes(stack: dict[str, Any], repo_root: Path) -> None:
+    cfg = hps_config.load(repo_root / "deploy" / "hps.yaml")
+    (model,) = cfg.models
+    assert model.name == demo.MODEL
+    assert [(t.name, t.dim) for t in model.tables] == [(t.name, t.dim) for t in demo.SAMPLE_TABLES]
+    writer = stack["services"]["sample-tables"]
+    code = writer["command"][0]
+    directory = re.search(r"make_sample_model\(Path\('([^']+)'\)\)", code)
+    assert directory is not None, code
+    for table in model.tables:
+        assert table.source == Path(directory[1]) / "tables" / table.name
+    # The writer and the server share the volume the tables live on.
+    volume_of = {
+        name: {v["target"]: v["source"] for v in stack["services"][name]["volumes"]}
+        for name in ("hps", "sample-tables")
+    }
+    assert volume_of["hps"]["/data"] == volume_of["sample-tables"]["/data"]
+    assert stack["services"]["hps"]["depends_on"]["sample-tables"]["condition"] == "service_completed_successfully"
+
+
+def test_python_one_shots_name_real_functions(docker_compose: str, repo_root: Path) -> None:
+    stack = resolve(docker_compose, repo_root, "--profile", "load")
+    snippets = [s["command"][0] for s in stack["services"].values() if s.get("entrypoint") == ["python", "-c"]]
+    assert len(snippets) == 2  # sample-tables and the optional workload
+    for code in snippets:
+        compile(code, "<compose>", "exec")
+        for module, names in re.findall(r"from (hps_server[.\w]*) import ([\w, ]+)", code):
+            imported = importlib.import_module(module)
+            for name in names.split(","):
+                assert callable(getattr(imported, name.strip())), f"{module}.{name}"

@@ -226,3 +226,9 @@ def test_service_exposes_grpc_and_metrics(helm: ModuleType, chart: Path) -> None
     }
     pod_labels = workload(manifests)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_by_default_the_server_ingests_tables_itself(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    manifests = render(helm, chart, {})
+    assert "initContainers" not in workload(manifests)["spec"]["template"]["spec"]
+    assert all(t.source is not None for m in served_config(manifests, tmp_path).models for t in m.tables)
