@@ -130,7 +130,7 @@ class ServerMetrics:
         )
         self.model_events = Counter(
             "hps_model_events",
-            "Model lifecycle events: loaded, reloaded, unloaded, failed.",
+            "Model lifecycle events: loaded, failed.",
             ["model", "event"],
             registry=r,
         )
@@ -158,12 +158,10 @@ class ServerMetrics:
         self.level_failures.labels(level, operation).inc()
 
     def record_model_event(self, model: str, event: str) -> None:
-        """event: loaded, reloaded, unloaded or failed; keeps hps_models_loaded in step."""
+        """event: loaded or failed; keeps hps_models_loaded in step."""
         self.model_events.labels(model, event).inc()
         if event == "loaded":
             self.models_loaded.inc()
-        elif event == "unloaded":
-            self.models_loaded.dec()
 
     def watch_caches(self, source: Callable[[], Iterable[CacheOccupancy]]) -> None:
         """Registers a callable listing L1 caches; it is called on every scrape."""

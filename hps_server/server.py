@@ -35,7 +35,15 @@ class HpsServer:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
-        self.models = HostedModels.open(config, cache_factory, progress=progress, metrics=self.metrics)
+        # /metrics is up while the models load, so a slow or failing start shows (hps_ready 0, model events).
+        self._metrics_endpoint: MetricsEndpoint | None = serve_metrics(config.server.metrics_address, self.metrics)
+        self.metrics_port: int | None = self._metrics_endpoint.port if self._metrics_endpoint else None
+        try:
+            self.models = HostedModels.open(config, cache_factory, progress=progress, metrics=self.metrics)
+        except BaseException:
+            if self._metrics_endpoint is not None:
+                self._metrics_endpoint.close()
+            raise
         self.metrics.watch_caches(self.models.cache_occupancy)
         message_bytes = config.server.max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
@@ -51,9 +59,6 @@ class HpsServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = 0
-        # Port of /metrics once started; None when server.metrics_address is empty.
-        self.metrics_port: int | None = None
-        self._metrics_endpoint: MetricsEndpoint | None = None
         self._stopped = threading.Event()
 
     def start(self) -> int:
@@ -62,8 +67,6 @@ class HpsServer:
         if not self.port:
             raise OSError(f"server.address: cannot bind {self.config.server.address}")
         self._grpc.start()
-        self._metrics_endpoint = serve_metrics(self.config.server.metrics_address, self.metrics)
-        self.metrics_port = self._metrics_endpoint.port if self._metrics_endpoint else None
         # Every model was loaded and its volatile level warmed in __init__: only now is the server ready.
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
