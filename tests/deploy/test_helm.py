@@ -145,9 +145,15 @@ def test_probes_are_native_grpc(helm: ModuleType, chart: Path) -> None:
         assert container[probe]["grpc"] == {"port": grpc_port}
     pod = workload(manifests)["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    # The pod outlives the server's own drain time, so SIGTERM's drain is never cut short by SIGKILL.
+    # Terminating pods serve on while Services drop them, then drain; SIGKILL never cuts the drain short.
     defaults = yaml.safe_load((chart / "values.yaml").read_text())
-    assert pod["terminationGracePeriodSeconds"] > defaults["server"]["shutdown_grace_seconds"]
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] == defaults["preStopSleepSeconds"] > 0
+    assert (
+        pod["terminationGracePeriodSeconds"]
+        > defaults["server"]["shutdown_grace_seconds"] + defaults["preStopSleepSeconds"]
+    )
+    no_sleep = hps_container(render(helm, chart, {"preStopSleepSeconds": 0}))
+    assert "lifecycle" not in no_sleep
 
 
 def test_external_redis_password_lives_in_a_secret(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
