@@ -19,7 +19,7 @@ from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
-from hps_server.service import LookupServicer, ModelServicer
+from hps_server.service import LookupServicer, ModelServicer, lookup_service_handler
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class HpsServer:
                 ("grpc.max_send_message_length", message_bytes),
             ],
         )
-        hps_pb2_grpc.add_LookupServiceServicer_to_server(LookupServicer(self.models), self._grpc)
+        self._grpc.add_generic_rpc_handlers((lookup_service_handler(LookupServicer(self.models)),))
         hps_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.models), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
