@@ -51,6 +51,21 @@ class CacheOccupancy:
     stats: CacheStats
 
 
+class _Children:
+    """A metric's children by label values, looked up once: prometheus_client's labels() takes a lock and
+    checks its arguments on every call, which costs more than the update itself on the lookup path."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:  # a race only makes labels() run twice; it returns the same child
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class _CacheCollector(Collector):
     """Reads cache occupancy when Prometheus scrapes, so the lookup path never updates it."""
 
@@ -138,6 +153,14 @@ class ServerMetrics:
         self.ready = Gauge("hps_ready", "1 while the health service reports SERVING.", registry=r)
         self._caches = _CacheCollector()
         r.register(self._caches)
+        self._requests = _Children(self.requests)
+        self._request_seconds = _Children(self.request_seconds)
+        self._in_flight = _Children(self.in_flight)
+        self._keys = _Children(self.keys)
+        self._batch_keys = _Children(self.batch_keys)
+        self._level_keys = _Children(self.level_keys)
+        self._level_hits = _Children(self.level_hits)
+        self._level_seconds = _Children(self.level_seconds)
 
     def model_label(self, model: str) -> str:
         return model if model in self._models else UNKNOWN_MODEL
@@ -146,13 +169,13 @@ class ServerMetrics:
 
     def record_lookup(self, model: str, table: str, keys: int, fetches: Iterable[LevelFetch] = ()) -> None:
         """One table query of a lookup: its key count and what each level it walked answered."""
-        self.keys.labels(model, table).inc(keys)
-        self.batch_keys.labels(model).observe(keys)
+        self._keys(model, table).inc(keys)
+        self._batch_keys(model).observe(keys)
         for fetch in fetches:
-            self.level_keys.labels(model, fetch.level).inc(fetch.keys)
-            self.level_hits.labels(model, fetch.level).inc(fetch.hits)
+            self._level_keys(model, fetch.level).inc(fetch.keys)
+            self._level_hits(model, fetch.level).inc(fetch.hits)
             if fetch.seconds is not None:
-                self.level_seconds.labels(model, fetch.level).observe(fetch.seconds)
+                self._level_seconds(model, fetch.level).observe(fetch.seconds)
 
     def record_level_failure(self, level: str, operation: str) -> None:
         self.level_failures.labels(level, operation).inc()
@@ -175,49 +198,63 @@ class ServerMetrics:
     def interceptor(self) -> grpc.ServerInterceptor:
         return _RpcInterceptor(self)
 
+    def rpc_started(self, method: str) -> None:
+        self._in_flight(method).inc()
+
+    def rpc_finished(self, model: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        label = self.model_label(model)
+        self._requests(label, method, code.name).inc()
+        self._request_seconds(label, method).observe(seconds)
+        self._in_flight(method).dec()
+
 
 class _RpcInterceptor(grpc.ServerInterceptor):
     """Counts and times every RPC of the hps services by model, method and status code."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
+        # Wrapped handlers by method path, built on a method's first call instead of on every call.
+        self._wrapped: dict[str, Any] = {}
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
+        path = handler_call_details.method  # type: ignore[attr-defined]
+        wrapped = self._wrapped.get(path)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(handler_call_details)
-        service, _, method = handler_call_details.method.rpartition("/")  # type: ignore[attr-defined]
+        service, _, method = path.rpartition("/")
         # Health checks and reflection would only add noise; probes call them every few seconds.
         if handler is None or not service.startswith("/hps."):
             return handler
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
+            wrapped = grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
+        elif handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
                 self._stream(handler.stream_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        else:
+            return handler
+        # Only the server's own hps methods are kept, so callers naming random methods grow nothing.
+        self._wrapped[path] = wrapped
+        return wrapped
 
     def _finish(self, model: str, method: str, context: grpc.ServicerContext, started: float, failed: bool) -> None:
-        m = self._metrics
         code = context.code()  # set by abort()/set_code(); None means the handler returned normally
         if code is None and failed:
             code = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
-        code = code or grpc.StatusCode.OK
-        label = m.model_label(model)
-        m.requests.labels(label, method, code.name).inc()
-        m.request_seconds.labels(label, method).observe(time.perf_counter() - started)
-        m.in_flight.labels(method).dec()
+        self._metrics.rpc_finished(model, method, code or grpc.StatusCode.OK, time.perf_counter() - started)
 
     def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            self._metrics.in_flight.labels(method).inc()
+            self._metrics.rpc_started(method)
             started = time.perf_counter()
             failed = True
             try:
@@ -231,7 +268,7 @@ class _RpcInterceptor(grpc.ServerInterceptor):
 
     def _stream(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            self._metrics.in_flight.labels(method).inc()
+            self._metrics.rpc_started(method)
             started = time.perf_counter()
             first_model = ""
 
