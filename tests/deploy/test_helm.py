@@ -12,7 +12,8 @@ import yaml
 
 from hps_server import config as hps_config
 
-KUBERNETES_VERSION = "1.33.0"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
+KUBERNETES_VERSIONS = ("1.30.0", "1.33.0")
 VALUES = Path(__file__).parent / "values"
 SCENARIOS = ["default", "cpu", "gpu", "external-redis", "autoscaling"]
 
@@ -69,16 +70,27 @@ def test_lint_is_clean(helm: ModuleType, chart: Path, scenario: str) -> None:
     assert report["errors"] == [] and problems == [], report
 
 
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_manifest_passes_kubernetes_schemas(
-    helm: ModuleType, kubernetes_validate: ModuleType, chart: Path, scenario: str
+    helm: ModuleType, kubernetes_validate: ModuleType, chart: Path, scenario: str, version: str
 ) -> None:
     manifests = render(helm, chart, values_of(scenario))
     assert manifests
     for manifest in manifests:
         if manifest["apiVersion"] == "monitoring.coreos.com/v1":
             continue  # a CRD kind, checked by test_service_monitor_selects_the_metrics_port
-        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_kubernetes_schemas_catch_a_bad_manifest(
+    helm: ModuleType, kubernetes_validate: ModuleType, chart: Path
+) -> None:
+    manifest = workload(render(helm, chart, {}))
+    manifest["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSIONS[-1], strict=True)
+    assert yaml.safe_load((chart / "Chart.yaml").read_text())["kubeVersion"] == f">={KUBERNETES_VERSIONS[0]}-0"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
