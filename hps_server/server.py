@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hps_client._proto import hps_pb2, hps_pb2_grpc
+from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
@@ -95,6 +96,7 @@ class HpsServer:
 
 def serve(config: Config, cache_factory: CacheFactory | None = None) -> None:
     """Runs a server in the foreground until SIGTERM or SIGINT, then drains and exits."""
+    keep_large_blocks_in_heap()
     server = HpsServer(config, cache_factory, progress=True)
     server.start()
 
