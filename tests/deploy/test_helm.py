@@ -250,3 +250,12 @@ def test_by_default_the_server_ingests_tables_itself(helm: ModuleType, chart: Pa
     manifests = render(helm, chart, {})
     assert "initContainers" not in workload(manifests)["spec"]["template"]["spec"]
     assert all(t.source is not None for m in served_config(manifests, tmp_path).models for t in m.tables)
+
+
+def test_devices_beyond_the_pods_gpus_are_refused(helm: ModuleType, chart: Path) -> None:
+    values = values_of("gpu")  # two GPUs per pod
+    values["models"][0]["deployed_device_list"] = [0, 2]
+    with pytest.raises(helm.HelmRenderError, match=r"models\[ctr\].deployed_device_list: device 2.*gpu.count=2"):
+        render(helm, chart, values)
+    values["gpu"]["count"] = 0  # CPU pods: the reference cache ignores device numbers
+    assert by_kind(render(helm, chart, values), "ConfigMap")
