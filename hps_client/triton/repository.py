@@ -1,0 +1,93 @@
+"""Writes the hps lookup model into a Triton model repository: config.pbtxt, 1/model.py and 1/hps_client/.
+
+Inputs and outputs are named and typed as HugeCTR's HPS backend's (KEYS int64, NUMKEYS int32, OUTPUT0 fp32),
+so an existing ensemble keeps its wiring. It only writes files; nothing here talks to a server.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+_CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "KEYS" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "NUMKEYS" data_type: TYPE_INT32 dims: [ -1 ] }}
+]
+output [
+  {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
+instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
+parameters [
+  {{ key: "hps_address" value: {{ string_value: "{hps_address}" }} }},
+  {{ key: "hps_model" value: {{ string_value: "{hps_model}" }} }},
+  {{ key: "hps_tables" value: {{ string_value: "{hps_tables}" }} }},
+  {{ key: "hps_reply_dtype" value: {{ string_value: "{reply_dtype}" }} }},
+  {{ key: "hps_timeout_seconds" value: {{ string_value: "{timeout_seconds}" }} }}
+]
+"""
+# The model file itself imports Triton's stub module, so it is located, never imported, here.
+MODEL_FILE = Path(__file__).with_name("model.py")
+CLIENT_PACKAGE = MODEL_FILE.parents[1]
+_SAFE = re.compile(r"[A-Za-z0-9_.:\-\[\]]*")
+
+
+def _checked(field: str, value: str) -> str:
+    if not _SAFE.fullmatch(value):
+        raise ValueError(f"{field}: only letters, digits and _.:-[] are allowed, got {value!r}")
+    return value
+
+
+def write_lookup_model(
+    repository: str | Path,
+    *,
+    name: str,
+    hps_address: str,
+    hps_model: str,
+    tables: Sequence[str] = (),
+    max_batch_size: int = 1024,
+    queue_delay_us: int = 100,
+    instances: int = 1,
+    reply_dtype: str = "float32",
+    timeout_seconds: float = 30.0,
+) -> Path:
+    """Writes repository/name/{config.pbtxt, 1/model.py, 1/hps_client}; returns the model's folder.
+
+    The client package is copied beside model.py (Triton puts the version folder on the model's sys.path), so
+    the repository carries the client it was written with and needs only numpy, grpcio and protobuf in Triton.
+
+    `tables` orders NUMKEYS (empty: all of the hps model's tables, in its order). `max_batch_size` must not
+    exceed the hps model's max_batch_size, or large dynamic batches are refused by the server.
+    """
+    if reply_dtype not in ("float32", "float16"):
+        raise ValueError(f"reply_dtype: must be float32 or float16, got {reply_dtype!r}")
+    for field, number in (("max_batch_size", max_batch_size), ("instances", instances)):
+        if number < 1:
+            raise ValueError(f"{field}: must be >= 1, got {number}")
+    if queue_delay_us < 0:
+        raise ValueError(f"queue_delay_us: must be >= 0, got {queue_delay_us}")
+    folder = Path(repository) / _checked("name", name)
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(
+        _CONFIG.format(
+            name=name,
+            max_batch_size=max_batch_size,
+            queue_delay_us=queue_delay_us,
+            instances=instances,
+            hps_address=_checked("hps_address", hps_address),
+            hps_model=_checked("hps_model", hps_model),
+            hps_tables=",".join(_checked("tables", t) for t in tables),
+            reply_dtype=reply_dtype,
+            timeout_seconds=timeout_seconds,
+        )
+    )
+    shutil.copyfile(MODEL_FILE, folder / "1" / "model.py")
+    shutil.rmtree(folder / "1" / "hps_client", ignore_errors=True)
+    shutil.copytree(CLIENT_PACKAGE, folder / "1" / "hps_client", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder

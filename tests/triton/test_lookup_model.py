@@ -1,0 +1,117 @@
+"""The hps lookup model in a real tritonserver: one RPC per dynamic batch, HPS backend's tensors, Triton errors."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from hps_client.triton import TritonEndpoint, TritonEnvironment, running, write_lookup_model
+from tests.conftest import ServedModel
+
+MODEL = "hps_embedding"
+
+
+@pytest.fixture(scope="module")
+def triton(
+    served: ServedModel, triton_environment: TritonEnvironment, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonEndpoint]:
+    repository = tmp_path_factory.mktemp("repository")
+    write_lookup_model(
+        repository,
+        name=MODEL,
+        hps_address=served.target,
+        hps_model="ctr",
+        tables=["user", "item"],
+        max_batch_size=64,
+        queue_delay_us=20_000,
+    )
+    write_lookup_model(repository, name="user_only", hps_address=served.target, hps_model="ctr", tables=["user"])
+    with running(triton_environment, repository) as endpoint:
+        yield endpoint
+
+
+def _inputs(keys: np.ndarray, numkeys: np.ndarray, key_type: str = "INT64") -> list[triton_grpc.InferInput]:
+    key_input = triton_grpc.InferInput("KEYS", list(keys.shape), key_type)
+    key_input.set_data_from_numpy(keys)
+    count_input = triton_grpc.InferInput("NUMKEYS", list(numkeys.shape), "INT32")
+    count_input.set_data_from_numpy(numkeys)
+    return [key_input, count_input]
+
+
+def _sample(served: ServedModel, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KEYS with 2 user keys and 1 item key per sample (some unknown), NUMKEYS, and the expected OUTPUT0."""
+    rng = np.random.default_rng(seed)
+    users = rng.choice(np.append(served.truth["user"][0], [10**9, -(10**9)]), size=(samples, 2))
+    items = rng.choice(served.truth["item"][0], size=(samples, 1))
+    expected = np.concatenate(
+        [
+            served.expected("user", users.ravel()).reshape(samples, -1),
+            served.expected("item", items.ravel()).reshape(samples, -1),
+        ],
+        axis=1,
+    )
+    return np.concatenate([users, items], axis=1), np.tile(np.array([[2, 1]], np.int32), (samples, 1)), expected
+
+
+def test_vectors_come_back_in_key_order(served: ServedModel, triton: TritonEndpoint) -> None:
+    keys, numkeys, expected = _sample(served, 16, seed=1)
+    with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
+        output = client.infer(MODEL, _inputs(keys, numkeys)).as_numpy("OUTPUT0")
+    assert output.dtype == np.float32
+    np.testing.assert_array_equal(output, expected)
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(
+    served: ServedModel, triton: TritonEndpoint
+) -> None:
+    cases = [_sample(served, samples, seed) for seed, samples in enumerate([1, 3, 5, 2, 7, 4, 6, 8])]
+    with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
+
+        def infer(case: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+            return client.infer(MODEL, _inputs(case[0], case[1])).as_numpy("OUTPUT0")
+
+        with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+            outputs = list(pool.map(infer, cases))
+        statistics = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    for output, (_, _, expected) in zip(outputs, cases, strict=True):
+        np.testing.assert_array_equal(output, expected)
+    # Fewer executions than requests: Triton's dynamic batcher handed several requests to one execute (one RPC).
+    assert int(statistics["execution_count"]) < int(statistics["inference_count"])
+
+
+@pytest.mark.parametrize(
+    ("make_inputs", "message"),
+    [
+        (
+            lambda k, n: _inputs(k.astype(np.float32), n, "FP32"),
+            "data-type is 'FP32', but model 'hps_embedding' expects 'INT64'",
+        ),
+        (lambda k, n: _inputs(k, n[:, :1].copy()), "NUMKEYS: shape must be [4, 2]"),
+        (lambda k, n: _inputs(k[:, :2].copy(), n), "add up to 3, but KEYS has 2 keys per sample"),
+    ],
+)
+def test_bad_requests_get_a_triton_error_naming_the_problem(
+    served: ServedModel, triton: TritonEndpoint, make_inputs, message: str
+) -> None:
+    keys, numkeys, expected = _sample(served, 4, seed=2)
+    with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
+        with pytest.raises(InferenceServerException, match=message.replace("[", r"\[").replace("]", r"\]")):
+            client.infer(MODEL, make_inputs(keys, numkeys))
+        np.testing.assert_array_equal(client.infer(MODEL, _inputs(keys, numkeys)).as_numpy("OUTPUT0"), expected)
+
+
+def test_server_errors_surface_with_the_servers_message(served: ServedModel, triton: TritonEndpoint) -> None:
+    # The server allows max_batch_size 64 x max_keys_per_sample 4 = 256 user keys per request.
+    keys = np.arange(300, dtype=np.int64).reshape(1, 300)
+    with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("user_only", _inputs(keys, np.array([[300]], np.int32)))
+        assert "hps lookup failed: RESOURCE_EXHAUSTED" in str(error.value)
+        assert "300 keys for table user exceed the limit of 256" in str(error.value)
+        output = client.infer("user_only", _inputs(keys[:, :2].copy(), np.array([[2]], np.int32))).as_numpy("OUTPUT0")
+    assert output.shape == (1, 32)
