@@ -1,0 +1,4 @@
+"""Runnable examples of hps workflows; each sub-package is one tutorial.
+
+Examples import hps like a user would; nothing in hps imports them.
+"""
