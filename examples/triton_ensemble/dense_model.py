@@ -1,4 +1,4 @@
-"""The tutorial's dense part for Triton's Python backend: DLRM's MLPs and dot interaction in NumPy, from dense.npz.
+"""The tutorial's dense part for Triton's Python backend: dense_forward.py run over each dynamic batch.
 
 Copied into the model repository as dense/1/model.py and run only inside Triton; it looks nothing up (the hps
 lookup model before it in the ensemble does). Inputs: DENSE fp32 [13], EMBEDDINGS fp32 [tables * dim], the
@@ -12,34 +12,13 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-
-def _layers(weights: Any, prefix: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    count = len([name for name in weights.files if name.startswith(f"{prefix}_w")])
-    return [(weights[f"{prefix}_w{i}"].T.copy(), weights[f"{prefix}_b{i}"]) for i in range(count)]
+from dense_forward import DenseForward  # copied beside this file; Triton puts the folder on sys.path
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        with np.load(Path(args["model_repository"]) / args["model_version"] / "dense.npz") as weights:
-            self.bottom = _layers(weights, "bottom")
-            self.top = _layers(weights, "top")
-            self.rows, self.cols = weights["pair_rows"], weights["pair_cols"]
-        self.dim = self.bottom[-1][0].shape[1]
-        self.tables = int(self.cols.max())  # features: the bottom output, then one vector per table
-
-    def _forward(self, dense: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        x = dense
-        for weight, bias in self.bottom:
-            x = np.maximum(x @ weight + bias, 0)
-        features = np.concatenate([x[:, None, :], vectors], axis=1)
-        dots = np.matmul(features, features.transpose(0, 2, 1))[:, self.rows, self.cols]
-        h = np.concatenate([x, dots], axis=1)
-        for i, (weight, bias) in enumerate(self.top):
-            h = h @ weight + bias
-            if i < len(self.top) - 1:
-                h = np.maximum(h, 0)
-        return (1 / (1 + np.exp(-h))).astype(np.float32)
+        self.forward = DenseForward(Path(args["model_repository"]) / args["model_version"] / "dense.npz")
+        self.tables, self.dim = self.forward.tables, self.forward.dim
 
     def _checked(self, request: Any) -> tuple[np.ndarray, np.ndarray]:
         dense = pb_utils.get_input_tensor_by_name(request, "DENSE").as_numpy()
@@ -67,6 +46,6 @@ class TritonPythonModel:
             sizes = np.cumsum([len(dense) for dense, _ in inputs])[:-1]
             dense = np.concatenate([d for d, _ in inputs])
             vectors = np.concatenate([v for _, v in inputs])
-            for i, prediction in zip(valid, np.split(self._forward(dense, vectors), sizes), strict=True):
+            for i, prediction in zip(valid, np.split(self.forward(dense, vectors), sizes), strict=True):
                 responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("PREDICTION", prediction)])
         return responses

@@ -5,6 +5,7 @@ part) and dlrm, the ensemble that wires them as HugeCTR's HPS tutorial did. It o
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from examples.triton_ensemble.dissect import HPS_MODEL
@@ -68,14 +69,18 @@ def write_repository(
     queue_delay_us: int = 100,
     instances: int = 1,
     reply_dtype: str = "float32",
+    hps_model: str = HPS_MODEL,
+    tables: Sequence[str] = tuple(TABLES),
+    dense_features: int = DENSE_FEATURES,
 ) -> Path:
-    """The three models under `repository`; max_batch_size must not exceed the hps model's."""
+    """The three models under `repository` (by default for the tutorial's DLRM; the benchmark passes its own
+    tables and features); max_batch_size must not exceed the hps model's."""
     write_lookup_model(
         repository,
         name=LOOKUP,
         hps_address=hps_address,
-        hps_model=HPS_MODEL,
-        tables=list(TABLES),
+        hps_model=hps_model,
+        tables=list(tables),
         max_batch_size=max_batch_size,
         queue_delay_us=queue_delay_us,
         instances=instances,
@@ -83,7 +88,7 @@ def write_repository(
     )
     settings = {
         "max_batch_size": max_batch_size,
-        "dense_features": DENSE_FEATURES,
+        "dense_features": dense_features,
         "queue_delay_us": queue_delay_us,
         "instances": instances,
     }
@@ -91,12 +96,13 @@ def write_repository(
     (dense / "1").mkdir(parents=True, exist_ok=True)
     (dense / "config.pbtxt").write_text(_DENSE_CONFIG.format(name=DENSE, **settings))
     shutil.copyfile(Path(__file__).with_name("dense_model.py"), dense / "1" / "model.py")
+    shutil.copyfile(Path(__file__).with_name("dense_forward.py"), dense / "1" / "dense_forward.py")
     shutil.copyfile(dense_weights, dense / "1" / "dense.npz")
     ensemble = repository / ENSEMBLE
     (ensemble / "1").mkdir(parents=True, exist_ok=True)
     (ensemble / "config.pbtxt").write_text(
         _ENSEMBLE_CONFIG.format(
-            name=ENSEMBLE, max_batch_size=max_batch_size, dense_features=DENSE_FEATURES, lookup=LOOKUP, dense=DENSE
+            name=ENSEMBLE, max_batch_size=max_batch_size, dense_features=dense_features, lookup=LOOKUP, dense=DENSE
         )
     )
     return repository
