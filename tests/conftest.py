@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hps_client.triton import TritonEnvironment, TritonSetupError
+from hps_client.triton import setup as triton_setup
 from hps_server import config as config_module
 from hps_server import tables
 from hps_server.server import HpsServer
@@ -85,3 +87,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     port = server.start()
     yield ServedModel(server, f"127.0.0.1:{port}", config, truth)
     server.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+def triton_environment() -> TritonEnvironment:
+    """tritonserver and its Python-backend venv (`python -m hps_client.triton setup`), prepared once and reused."""
+    try:
+        return triton_setup()
+    except TritonSetupError as e:
+        if IN_CI:
+            raise
+        pytest.skip(f"needs a Triton environment (python -m hps_client.triton setup): {e}")

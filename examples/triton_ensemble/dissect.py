@@ -5,6 +5,7 @@ as NumPy arrays (dense.npz) for the dense model in Triton; then writes the hps s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -27,13 +28,14 @@ def _linear_layers(sequence: nn.Sequential, prefix: str) -> dict[str, np.ndarray
 def dissect(model: DLRM, folder: Path) -> Path:
     """Writes folder/tables/<table>/{key,emb_vector} and folder/dense.npz; returns the dense.npz path."""
     for name, embedding in model.embeddings.items():
+        assert isinstance(embedding, nn.Embedding)
         vectors = embedding.weight.detach().numpy().astype(np.float32)
         keys = np.arange(len(vectors), dtype=np.int64)  # the ids the model was trained with
         tables.write_table(folder / "tables" / name, [(keys, vectors)], vectors.shape[1])
     rows, cols = interaction_pairs(len(TABLES) + 1)
     dense = folder / "dense.npz"
-    layers = _linear_layers(model.bottom, "bottom") | _linear_layers(model.top, "top")
-    np.savez(dense, **layers, pair_rows=rows, pair_cols=cols)
+    arrays: dict[str, Any] = {**_linear_layers(model.bottom, "bottom"), **_linear_layers(model.top, "top")}
+    np.savez(dense, **arrays, pair_rows=rows, pair_cols=cols)
     return dense
 
 

@@ -51,11 +51,9 @@ class DLRM(nn.Module):
         self.bottom = nn.Sequential(
             nn.Linear(BOTTOM[0], BOTTOM[1]), nn.ReLU(), nn.Linear(BOTTOM[1], BOTTOM[2]), nn.ReLU()
         )
-        pairs = len(interaction_pairs(len(TABLES) + 1)[0])
-        self.top = nn.Sequential(nn.Linear(DIM + pairs, TOP_HIDDEN), nn.ReLU(), nn.Linear(TOP_HIDDEN, 1))
         rows, cols = interaction_pairs(len(TABLES) + 1)
-        self.register_buffer("rows", torch.from_numpy(rows), persistent=False)
-        self.register_buffer("cols", torch.from_numpy(cols), persistent=False)
+        self.top = nn.Sequential(nn.Linear(DIM + len(rows), TOP_HIDDEN), nn.ReLU(), nn.Linear(TOP_HIDDEN, 1))
+        self.pair_rows, self.pair_cols = torch.from_numpy(rows), torch.from_numpy(cols)
 
     def forward(self, dense: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Click probability (n,) from dense (n, 13) and keys (n, tables)."""
@@ -66,7 +64,7 @@ class DLRM(nn.Module):
         """Everything after the lookups: what the dense model in Triton computes from (n, tables, DIM) vectors."""
         bottom = self.bottom(dense)
         features = torch.cat([bottom[:, None, :], vectors], dim=1)
-        dots = torch.bmm(features, features.transpose(1, 2))[:, self.rows, self.cols]
+        dots = torch.bmm(features, features.transpose(1, 2))[:, self.pair_rows, self.pair_cols]
         return torch.sigmoid(self.top(torch.cat([bottom, dots], dim=1))).squeeze(1)
 
 
