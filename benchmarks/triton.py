@@ -7,6 +7,12 @@ both see the same machine load. Figures are ratios of Triton to the client path 
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread here and in the servers started below: on a small shared machine OpenBLAS's thread pool fights
+# the servers' threads and the dense part's timings swing tenfold. Set before NumPy is imported to take effect.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import contextlib
 import itertools
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "instances": args.instances,
             "reply_dtype": args.reply_dtype,
             "queue_delay_us": args.queue_delay_us,
+            "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
         },
     )
     return 0

@@ -115,3 +115,15 @@ def test_server_errors_surface_with_the_servers_message(served: ServedModel, tri
         assert "300 keys for table user exceed the limit of 256" in str(error.value)
         output = client.infer("user_only", _inputs(keys[:, :2].copy(), np.array([[2]], np.int32))).as_numpy("OUTPUT0")
     assert output.shape == (1, 32)
+
+
+def test_a_hundred_concurrent_requests_all_get_their_own_vectors(served: ServedModel, triton: TritonEndpoint) -> None:
+    # HugeCTR's HPS backend crashed under 100 concurrent requests; here they queue into dynamic batches.
+    cases = [_sample(served, 1 + seed % 4, seed) for seed in range(100)]
+    with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            futures = [pool.submit(client.infer, MODEL, _inputs(keys, numkeys)) for keys, numkeys, _ in cases]
+            outputs = [future.result().as_numpy("OUTPUT0") for future in futures]
+        assert client.is_server_live() and client.is_model_ready(MODEL)
+    for output, (_, _, expected) in zip(outputs, cases, strict=True):
+        np.testing.assert_array_equal(output, expected)
