@@ -1,4 +1,1 @@
-"""Reproducible benchmarks, each printing ratios against a baseline measured in the same run.
-
-No server code lives here; the server never imports this package.
-"""
+"""Reproducible benchmarks run through `hps bench`; each reports ratios against a baseline measured in the same run."""

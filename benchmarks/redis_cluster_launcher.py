@@ -158,6 +158,12 @@ class RedisClusterProcesses:
                 self.start_node(port)
         self.wait_ok(timeout)
 
+    def flush(self) -> None:
+        """Deletes every key on every master (replicas follow)."""
+        for port in self.masters_ports():
+            with self.client(port) as c:
+                c.flushall()
+
     def masters_ports(self) -> list[int]:
         """Ports of the nodes that are masters right now."""
         found = []

@@ -1,24 +1,101 @@
-"""Fixtures that start real services (Redis Cluster) for the tests, and clean up after them.
+"""Fixtures that start real services for the tests: an hps server on loopback over a real RocksDB, Redis Cluster.
 
-No fakes: every fixture here runs the real server process on free loopback ports (never 6379).
+Each fixture cleans up after itself; under CI=true a missing service fails the test instead of skipping.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
+from hps_server import config as config_module
+from hps_server import tables
+from hps_server.server import HpsServer
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def _start_cluster(root: Path, **options: object) -> RedisClusterProcesses:
+@dataclass
+class ServedModel:
+    """A running server and the ground truth it was loaded with."""
+
+    server: HpsServer
+    target: str
+    config: config_module.Config
+    truth: dict[str, tuple[np.ndarray, np.ndarray]]  # table -> (keys, vectors)
+
+    def expected(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """The stored vector of each key, or the table's default vector."""
+        stored_keys, vectors = self.truth[table]
+        spec = self.config.model("ctr").table(table)
+        order = np.argsort(stored_keys)
+        pos = np.clip(np.searchsorted(stored_keys, keys, sorter=order), 0, len(stored_keys) - 1)
+        rows = order[pos]
+        hit = stored_keys[rows] == keys
+        out = np.full((len(keys), spec.dim), spec.default_value, dtype=np.float32)
+        out[hit] = vectors[rows[hit]]
+        return out
+
+
+TABLE_SPECS = {"user": (5_000, 16, 0.0), "item": (3_000, 8, -1.5)}  # rows, dim, default value
+
+
+def write_sample_tables(directory: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    truth = {}
+    for name, (rows, dim, _) in TABLE_SPECS.items():
+        keys = rng.choice(np.arange(-(10**6), 10**6), size=rows, replace=False).astype(np.int64)
+        vectors = rng.standard_normal((rows, dim), dtype=np.float32)
+        tables.write_table(directory / name, [(keys, vectors)], dim)
+        truth[name] = (keys, vectors)
+    return truth
+
+
+def sample_config(directory: Path, **volatile: object) -> config_module.Config:
+    raw = {
+        "server": {"address": "127.0.0.1:0", "shutdown_grace_seconds": 2},
+        "volatile_db": {"type": "hash_map", "initial_cache_rate": 0.0, **volatile},
+        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
+        "models": [
+            {
+                "name": "ctr",
+                "max_batch_size": 64,
+                "gpucache": False,
+                "tables": [
+                    {"name": name, "dim": dim, "default_value": default, "source": name, "max_keys_per_sample": 4}
+                    for name, (_, dim, default) in TABLE_SPECS.items()
+                ],
+            }
+        ],
+    }
+    return config_module.parse(raw, directory)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    directory = tmp_path_factory.mktemp("served")
+    truth = write_sample_tables(directory)
+    config = sample_config(directory)
+    server = HpsServer(config)
+    port = server.start()
+    yield ServedModel(server, f"127.0.0.1:{port}", config, truth)
+    server.stop(grace=1)
+
+
+# ---------------------------------------------------------------- Redis Cluster (never on port 6379)
+
+
+def _start_redis_cluster(root: Path, password: str = "") -> RedisClusterProcesses:
     try:
-        return RedisClusterProcesses(root, **options).start()  # type: ignore[arg-type]
+        return RedisClusterProcesses(root, password=password).start()
     except RedisNotInstalledError as e:
-        if os.environ.get("CI", "").lower() == "true":
+        if IN_CI:
             pytest.fail(f"CI=true and Redis is missing: {e}")
         pytest.skip(f"needs Redis: {e}")
 
@@ -26,7 +103,7 @@ def _start_cluster(root: Path, **options: object) -> RedisClusterProcesses:
 @pytest.fixture(scope="session")
 def redis_cluster_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
     """A 3 masters + 3 replicas cluster shared by the session; tests must not stop its nodes."""
-    with _start_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+    with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
         yield cluster
 
 
@@ -38,13 +115,13 @@ def redis_cluster(redis_cluster_processes: RedisClusterProcesses) -> str:
 
 @pytest.fixture(scope="session")
 def redis_cluster_acl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
-    """A cluster requiring a password, for the ACL user `.user` as well as the default user."""
-    with _start_cluster(tmp_path_factory.mktemp("redis-cluster-acl"), password="hps-test-secret") as cluster:
+    """A cluster requiring a password, for the ACL user `.user` as well as for the default user."""
+    with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster-acl"), password="hps-test-secret") as cluster:
         yield cluster
 
 
 @pytest.fixture
 def disposable_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
     """A cluster of the test's own, which it may kill, pause and restart at will."""
-    with _start_cluster(tmp_path / "redis-cluster") as cluster:
+    with _start_redis_cluster(tmp_path / "redis-cluster") as cluster:
         yield cluster

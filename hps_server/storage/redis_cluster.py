@@ -10,12 +10,16 @@ partitions, and partition i is two Redis hashes that share one hash tag, so both
     hps_et{hps_et.<model>.<table>/p<i>}v   field: 8-byte little-endian int64 key
                                            value: dim little-endian float32 (the vector's raw bytes)
     hps_et{hps_et.<model>.<table>/p<i>}t   field: the same key
-                                           value: 8-byte little-endian int64 Unix time (seconds) of the
-                                           last write or read; kept only under evict_oldest
+                                           value: 8-byte little-endian int64 Unix time of the last write
+                                           or read; kept only under evict_oldest
 
 A key goes to partition rrxmrrxmsx_0(uint64(key)) % num_partitions, with Pelle Evensen's 64-bit
 mixer (the one HPS uses): x ^= ror(x,25) ^ ror(x,50); x *= 0xA24BAED4963EE407;
 x ^= ror(x,24) ^ ror(x,49); x *= 0x9FB21C651E98DF25; x ^= x >> 28.
+
+HPS writes access times in seconds; hps writes microseconds, so rows touched within one second are
+still told apart, and reads values below 10^11 as seconds, so a cluster HPS filled is evicted in the
+right order too (HPS reading hps's times would see hps's rows as the newest).
 
 A batch becomes one HMGET (fetch) or HSET (insert) per partition and max_batch_size keys, pipelined
 per cluster node; the nodes are served in parallel threads. redis-py parses replies with hiredis when
@@ -55,6 +59,8 @@ from hps_server.storage.base import (
 log = logging.getLogger(__name__)
 
 TAG_PREFIX = "hps_et"
+# Access times below this are HPS's seconds, not hps's microseconds (10^11 s is year 5138).
+_SECONDS_BELOW = 10**11
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 # Replies that mean "the cluster is moving or down", not "the command was wrong".
@@ -70,6 +76,11 @@ _CONNECTION_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisCluster
 
 Command = tuple[int, tuple[Any, ...]]
 """(cluster slot, command arguments): one round trip's worth of work for one partition."""
+
+
+def _now() -> bytes:
+    """An access time as stored: microseconds since the epoch, 8 bytes little-endian."""
+    return (time.time_ns() // 1000).to_bytes(8, "little", signed=True)
 
 
 def _rotr(x: np.ndarray, n: int) -> np.ndarray:
@@ -189,8 +200,6 @@ class RedisClusterLevel(StorageLevel):
         self._healthy = False
         # Node pipelines run here; the calling thread serves one node itself.
         self._nodes_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hps-redis")
-        # Access-time refreshes (evict_oldest) are written off the lookup path, one at a time.
-        self._touch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hps-redis-touch")
         self._client: RedisCluster | None = None
         try:
             self._client = self._connect()
@@ -390,21 +399,22 @@ class RedisClusterLevel(StorageLevel):
         vectors[rows] = np.frombuffer(data, dtype="<f4").reshape(-1, parts.dim)
         found[rows] = True
         if self.overflow_policy == "evict_oldest" and not self.read_only and len(rows):
-            self._touch_pool.submit(self._touch, parts, keys[rows])
+            self._touch(table, parts, keys[rows])
         return vectors, found
 
-    def _touch(self, parts: _Partitions, keys: np.ndarray) -> None:
-        """Records a read as the keys' access time, so evict_oldest spares rows still in use."""
-        try:
-            self._execute(self._time_commands(parts, keys))
-        except StorageError as e:
-            log.debug("access-time refresh skipped: %s", e)
+    def _touch(self, table: str, parts: _Partitions, keys: np.ndarray) -> None:
+        """Records a read as the keys' access time, so evict_oldest spares rows still in use.
 
-    def _time_commands(self, parts: _Partitions, keys: np.ndarray) -> list[Command]:
+        The rows were read already: a failure here is counted and logged, and the rows still served."""
         order, runs = self._split(keys)
         fields = _key_bytes(keys[order])
-        now = [int(time.time()).to_bytes(8, "little", signed=True)] * len(fields)
-        return [(parts.slots[p], ("HSET", parts.times[p], *_interleave(fields[a:b], now[a:b]))) for p, a, b in runs]
+        now = [_now()] * len(fields)
+        try:
+            self._execute(
+                [(parts.slots[p], ("HSET", parts.times[p], *_interleave(fields[a:b], now[a:b]))) for p, a, b in runs]
+            )
+        except StorageError as e:
+            log.warning("table %r: access times not refreshed: %s", table, e)
 
     def _writable(self, table: str) -> _Partitions:
         if self.read_only:
@@ -420,7 +430,7 @@ class RedisClusterLevel(StorageLevel):
         order, runs = self._split(keys)
         fields = _key_bytes(keys[order])
         rows = vectors[order].view(f"V{parts.dim * 4}").reshape(-1).tolist()
-        now = [int(time.time()).to_bytes(8, "little", signed=True)] * len(fields)
+        now = [_now()] * len(fields)
         commands: list[Command] = []
         touched = sorted({p for p, _, _ in runs})
         for p, a, b in runs:
@@ -446,6 +456,7 @@ class RedisClusterLevel(StorageLevel):
             (times,) = self._execute([(parts.slots[p], ("HGETALL", parts.times[p]))])
             if times:
                 seen = np.frombuffer(b"".join(times.values()), dtype="<i8")
+                seen = np.where(seen < _SECONDS_BELOW, seen * 1_000_000, seen)
                 oldest = np.argsort(seen, kind="stable")[:excess]
                 victims = np.asarray(list(times.keys()), dtype=object)[oldest].tolist()
         if len(victims) < excess:  # evict_random, or rows without an access time (written by others)
@@ -514,7 +525,6 @@ class RedisClusterLevel(StorageLevel):
 
     def close(self) -> None:
         self._closed.set()
-        self._touch_pool.shutdown(wait=True)
         self._nodes_pool.shutdown(wait=True)
         with self._lock:
             client, self._client = self._client, None

@@ -203,8 +203,9 @@ def test_rows_sit_in_the_hps_hashes(redis_cluster: str, table: str) -> None:
     try:
         lvl.create_table(table, DIM)
         keys = np.arange(200, dtype=np.int64) * 977 - 5000
-        before = int(time.time())
+        before = time.time_ns() // 1000
         lvl.insert(table, keys, rows(keys))
+        after = time.time_ns() // 1000
         parts = partition_of(keys, 5)
         for p in range(5):
             mine = keys[parts == p]
@@ -213,7 +214,7 @@ def test_rows_sit_in_the_hps_hashes(redis_cluster: str, table: str) -> None:
             assert b"".join(values) == rows(mine).astype("<f4").tobytes()
             assert client.hlen(hash_name(table, p, "v")) == len(mine)
             times = np.frombuffer(b"".join(client.hmget(hash_name(table, p, "t"), fields)), "<i8")
-            assert len(times) == len(mine) and (times >= before).all() and (times <= time.time()).all()
+            assert len(times) == len(mine) and (times >= before).all() and (times <= after).all()  # microseconds
     finally:
         client.close()
         lvl.close()
@@ -287,21 +288,39 @@ def test_overflow_evict_oldest_spares_recently_read_rows(redis_cluster: str, tab
         lvl.create_table(table, DIM)
         old = np.arange(8, dtype=np.int64)
         lvl.insert(table, old, rows(old))
-        time.sleep(1.1)  # HPS keeps access times in whole seconds
-        lvl.fetch(table, old[[2, 5]])  # reading refreshes their access time (in the background)
-        fields = old[[2, 5]].astype("<i8").view("V8").tolist()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            stamps = np.frombuffer(b"".join(client.hmget(hash_name(table, 0, "t"), fields)), "<i8")
-            if (stamps >= int(time.time())).all():
-                break
-            time.sleep(0.02)
+        lvl.fetch(table, old[[2, 5]])  # reading refreshes their access time
         new = np.arange(100, 103, dtype=np.int64)
         lvl.insert(table, new, rows(new))  # 11 rows > 10: evict the 6 oldest, keep 5
         assert lvl.size(table) == 5
         kept = np.concatenate([old, new])[lvl.contains(table, np.concatenate([old, new]))]
         assert sorted(kept.tolist()) == [2, 5, 100, 101, 102]
         assert client.hlen(hash_name(table, 0, "t")) == 5
+    finally:
+        client.close()
+        lvl.close()
+
+
+def test_evict_oldest_reads_hps_seconds_as_older_than_hps_microseconds(redis_cluster: str, table: str) -> None:
+    """Access times HugeCTR HPS wrote (seconds) and ours (microseconds) are ordered together."""
+    lvl = RedisClusterLevel(
+        redis_cluster,
+        num_partitions=1,
+        timeout_ms=2000,
+        overflow_margin=4,
+        overflow_resolution_target=0.5,
+        overflow_policy="evict_oldest",
+    )
+    client = cluster_client(redis_cluster)
+    try:
+        lvl.create_table(table, DIM)
+        for key in (1, 2, 3):  # one by one: each gets its own access time
+            lvl.insert(table, np.array([key]), rows(np.array([key])))
+        theirs = 9  # written by HPS one second ago, in its own format
+        field = theirs.to_bytes(8, "little", signed=True)
+        client.hset(hash_name(table, 0, "v"), field, rows(np.array([theirs])).tobytes())
+        client.hset(hash_name(table, 0, "t"), field, (int(time.time()) - 1).to_bytes(8, "little", signed=True))
+        lvl.insert(table, np.array([4]), rows(np.array([4])))  # 5 rows > 4: keep the 2 newest
+        assert lvl.contains(table, np.array([1, 2, 3, 4, theirs])).tolist() == [False, False, True, True, False]
     finally:
         client.close()
         lvl.close()

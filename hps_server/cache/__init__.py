@@ -1,0 +1,50 @@
+"""L1: the embedding cache in front of the storage levels, one per model table and device.
+
+This module states the interface the LookupSession relies on; gpu.py (CuPy kernels) and reference.py
+(NumPy, same algorithm) implement it. Nothing here knows of storage levels or gRPC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    rows: int
+    capacity: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class EmbeddingCache(Protocol):
+    """A bounded key -> vector cache of one table on one device; safe to call from several threads."""
+
+    dim: int
+    capacity: int
+
+    def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32[n, dim] host array with zero rows for misses, hit mask bool[n]); bumps hit rows' recency."""
+        ...
+
+    def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Inserts rows, evicting the least recently used where a set is full."""
+        ...
+
+    def update(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Overwrites rows that are present; absent keys are ignored."""
+        ...
+
+    def invalidate(self, keys: np.ndarray) -> None:
+        """Drops the keys if present."""
+        ...
+
+    def stats(self) -> CacheStats: ...

@@ -1,0 +1,64 @@
+"""Backend factories the storage contract tests run against, one entry per backend.
+
+Fixtures that start real services (Redis, ...) live in tests/conftest.py; factories here only open levels on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+
+from hps_server.config import VolatileDbConfig
+from hps_server.storage.base import StorageLevel
+from hps_server.storage.hashmap import HashMapLevel
+from hps_server.storage.redis_cluster import RedisClusterLevel
+from hps_server.storage.rocksdb import RocksDBLevel
+
+
+def _redis_cluster(request: pytest.FixtureRequest, config: VolatileDbConfig | None = None) -> StorageLevel:
+    """A level on the session's cluster, emptied first: contract tests reuse table names."""
+    cluster = request.getfixturevalue("redis_cluster_processes")
+    cluster.flush()
+    # One partition: overflow_margin counts per partition in Redis and per table in the contract.
+    config = replace(config or VolatileDbConfig(), address=cluster.seed, num_partitions=1, timeout_ms=2000)
+    return RedisClusterLevel.from_config(config)
+
+
+LevelFactory = Callable[[pytest.FixtureRequest], StorageLevel]
+BoundedLevelFactory = Callable[[pytest.FixtureRequest, VolatileDbConfig], StorageLevel]
+
+# Every backend: the contract suite runs once per entry.
+LEVELS: dict[str, LevelFactory] = {
+    "hash_map": lambda request: HashMapLevel(),
+    "rocksdb": lambda request: RocksDBLevel(request.getfixturevalue("tmp_path") / "rocksdb"),
+    "redis_cluster": _redis_cluster,
+}
+
+# Backends that enforce overflow_margin / overflow_policy themselves.
+BOUNDED_LEVELS: dict[str, BoundedLevelFactory] = {
+    "hash_map": lambda request, config: HashMapLevel.from_config(config),
+    "redis_cluster": _redis_cluster,
+}
+
+
+@pytest.fixture(params=sorted(LEVELS))
+def level(request: pytest.FixtureRequest) -> Iterator[StorageLevel]:
+    opened = LEVELS[request.param](request)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(params=sorted(BOUNDED_LEVELS))
+def bounded_level(request: pytest.FixtureRequest) -> Iterator[Callable[[VolatileDbConfig], StorageLevel]]:
+    """Opens a level of this backend with the overflow settings of the config it is given."""
+    opened: list[StorageLevel] = []
+
+    def open_level(config: VolatileDbConfig) -> StorageLevel:
+        opened.append(BOUNDED_LEVELS[request.param](request, config))
+        return opened[-1]
+
+    yield open_level
+    for level in opened:
+        level.close()
