@@ -287,6 +287,9 @@ class RedisClusterLevel(StorageLevel):
                 delay = min(delay * 2, _MAX_BACKOFF_S)
                 continue
             with self._lock:
+                if self._closed.is_set():
+                    client.close()
+                    return
                 old, self._client = self._client, client
                 self._generation += 1
                 self._healthy = True
