@@ -140,3 +140,49 @@ def test_two_servers_share_rows_through_the_cluster(
     finally:
         first.server.stop(grace=1)
         second.server.stop(grace=1)
+
+
+def test_server_starts_while_redis_is_down(tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses) -> None:
+    """Redis down at start (with warm-up asked for) is no reason not to serve: RocksDB answers until it is back."""
+    cluster = disposable_redis_cluster
+    cluster.stop_all()
+    directory = tmp_path / "server"
+    directory.mkdir()
+    truth = write_sample_tables(directory)
+    config = sample_config(directory, type=REDIS, address=cluster.addresses, timeout_ms=300, initial_cache_rate=1.0)
+    server = HpsServer(config)
+    served = ServedModel(server, f"127.0.0.1:{server.start()}", config, truth)
+    try:
+        keys = truth["user"][0][:MAX_KEYS]
+        with Client(served.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
+            cluster.start_all()
+            _wait_for_redis_hits(served, client, keys)
+    finally:
+        server.stop(grace=1)
+
+
+def test_read_only_replica_reads_what_another_server_wrote(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses
+) -> None:
+    redis_cluster_processes.flush()
+    writer = _serve(tmp_path / "writer", redis_cluster_processes)
+    directory = tmp_path / "reader"
+    directory.mkdir()
+    truth = write_sample_tables(directory)
+    config = sample_config(directory, type=REDIS, address=redis_cluster_processes.seed, timeout_ms=300, read_only=True)
+    server = HpsServer(config)
+    reader = ServedModel(server, f"127.0.0.1:{server.start()}", config, truth)
+    try:
+        keys = truth["user"][0][:MAX_KEYS]
+        with Client(reader.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), reader.expected("user", keys))
+        assert _redis_hits(reader) == 0  # found in RocksDB; a read-only replica writes nothing back
+        with Client(writer.target, timeout=10) as client:
+            client.lookup("ctr", "user", keys)  # the writer fills Redis
+        with Client(reader.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), reader.expected("user", keys))
+        assert _redis_hits(reader) == len(keys)
+    finally:
+        writer.server.stop(grace=1)
+        server.stop(grace=1)
