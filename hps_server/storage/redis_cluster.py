@@ -74,13 +74,42 @@ _UNAVAILABLE_REPLIES = (
 # RedisClusterException (topology trouble) is no RedisError.
 _CONNECTION_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 
-Command = tuple[int, tuple[Any, ...]]
-"""(cluster slot, command arguments): one round trip's worth of work for one partition."""
+Packed = list[bytes | memoryview]
+"""A command in the Redis protocol (RESP), in pieces sent back to back."""
+Command = tuple[int, Packed]
+"""(cluster slot, packed command): one partition's share of a round trip."""
+_CRLF = np.frombuffer(b"\r\n", dtype=np.uint8)
 
 
-def _now() -> bytes:
-    """An access time as stored: microseconds since the epoch, 8 bytes little-endian."""
-    return (time.time_ns() // 1000).to_bytes(8, "little", signed=True)
+def _now() -> int:
+    """An access time as stored: microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+def _bulk(arg: bytes | str | int) -> bytes:
+    data = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _command(*args: bytes | str | int, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> Packed:
+    """One command in the Redis protocol: `args`, then each key's 8 bytes, each followed by its row of
+    `values` (uint8 [n, width]) when given. NumPy lays out every key's bytes in one pass; redis-py would
+    build and inspect one Python object per key."""
+    n = 0 if keys is None else len(keys)
+    head = b"*%d\r\n" % (len(args) + n * (1 if values is None else 2)) + b"".join(map(_bulk, args))
+    if keys is None or not n:
+        return [head]
+    fields = [(b"$8\r\n", keys.astype("<i8").view(np.uint8).reshape(n, 8))]
+    if values is not None:
+        fields.append((b"$%d\r\n" % values.shape[1], values))
+    body = np.empty((n, sum(len(prefix) + v.shape[1] + 2 for prefix, v in fields)), dtype=np.uint8)
+    column = 0
+    for prefix, field in fields:
+        for part in (np.frombuffer(prefix, np.uint8), field, _CRLF):
+            width = part.shape[-1]
+            body[:, column : column + width] = part
+            column += width
+    return [head, body.data]
 
 
 def _rotr(x: np.ndarray, n: int) -> np.ndarray:
@@ -101,18 +130,6 @@ def partition_of(keys: np.ndarray, num_partitions: int) -> np.ndarray:
 def hash_name(table: str, partition: int, suffix: str) -> str:
     """Name of a partition's value ("v") or access-time ("t") hash, as HPS spells it."""
     return f"{TAG_PREFIX}{{{TAG_PREFIX}.{table}/p{partition}}}{suffix}"
-
-
-def _interleave(first: list[Any], second: list[Any]) -> list[Any]:
-    pairs: list[Any] = [None] * (2 * len(first))
-    pairs[0::2] = first
-    pairs[1::2] = second
-    return pairs
-
-
-def _key_bytes(keys: np.ndarray) -> list[bytes]:
-    # V8, never S8: NumPy's S type drops trailing zero bytes.
-    return keys.astype("<i8").view("V8").tolist()  # type: ignore[no-any-return]
 
 
 def _parse_address(address: str) -> set[tuple[str, int]]:
@@ -191,6 +208,8 @@ class RedisClusterLevel(StorageLevel):
             "ssl": tls,
             "socket_timeout": self.timeout_s,
             "socket_connect_timeout": self.timeout_s,
+            # RESP2, as HPS speaks it: replies are plain arrays whatever the redis-py default.
+            "protocol": 2,
         }
         self._tables: dict[str, _Partitions] = {}
         self._lock = threading.Lock()
@@ -304,7 +323,8 @@ class RedisClusterLevel(StorageLevel):
         return self._healthy
 
     def _execute(self, commands: Sequence[Command]) -> list[Any]:
-        """Runs commands, one pipeline per node, nodes in parallel; replies in command order."""
+        """Runs commands, pipelined per node (one write, then every reply), nodes in parallel; returns the
+        raw replies in command order."""
         client, generation = self._current()
         try:
             by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
@@ -314,11 +334,17 @@ class RedisClusterLevel(StorageLevel):
             replies: list[Any] = [None] * len(commands)
 
             def run(node: ClusterNode, indices: list[int]) -> None:
-                pipe = client.get_redis_connection(node).pipeline(transaction=False)
-                for i in indices:
-                    pipe.execute_command(*commands[i][1])
-                for i, reply in zip(indices, pipe.execute(), strict=True):
-                    replies[i] = reply
+                pool = client.get_redis_connection(node).connection_pool
+                connection = pool.get_connection()
+                try:
+                    connection.send_packed_command(list(chain.from_iterable(commands[i][1] for i in indices)))
+                    for i in indices:
+                        replies[i] = connection.read_response()
+                except BaseException:
+                    connection.disconnect()  # replies may be left unread on it
+                    raise
+                finally:
+                    pool.release(connection)
 
             groups = list(by_node.values())
             futures = [self._nodes_pool.submit(run, node, indices) for node, indices in groups[1:]]
@@ -380,8 +406,10 @@ class RedisClusterLevel(StorageLevel):
     def _hmget(self, parts: _Partitions, keys: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         """(order, flat replies of HMGET on the value hashes, in `order`)."""
         order, runs = self._split(keys)
-        fields = _key_bytes(keys[order])
-        replies = self._execute([(parts.slots[p], ("HMGET", parts.values[p], *fields[a:b])) for p, a, b in runs])
+        ordered = keys[order]
+        replies = self._execute(
+            [(parts.slots[p], _command("HMGET", parts.values[p], keys=ordered[a:b])) for p, a, b in runs]
+        )
         return order, list(chain.from_iterable(replies))
 
     def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -410,11 +438,14 @@ class RedisClusterLevel(StorageLevel):
 
         The rows were read already: a failure here is counted and logged, and the rows still served."""
         order, runs = self._split(keys)
-        fields = _key_bytes(keys[order])
-        now = [_now()] * len(fields)
+        ordered = keys[order]
+        now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
         try:
             self._execute(
-                [(parts.slots[p], ("HSET", parts.times[p], *_interleave(fields[a:b], now[a:b]))) for p, a, b in runs]
+                [
+                    (parts.slots[p], _command("HSET", parts.times[p], keys=ordered[a:b], values=now[a:b]))
+                    for p, a, b in runs
+                ]
             )
         except StorageError as e:
             log.warning("table %r: access times not refreshed: %s", table, e)
@@ -431,21 +462,21 @@ class RedisClusterLevel(StorageLevel):
         if not len(keys):
             return
         order, runs = self._split(keys)
-        fields = _key_bytes(keys[order])
-        rows = vectors[order].view(f"V{parts.dim * 4}").reshape(-1).tolist()
-        now = [_now()] * len(fields)
+        ordered = keys[order]
+        rows = vectors[order].view(np.uint8)
+        now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
         commands: list[Command] = []
         touched = sorted({p for p, _, _ in runs})
         for p, a, b in runs:
             slot = parts.slots[p]
-            commands.append((slot, ("HSET", parts.values[p], *_interleave(fields[a:b], rows[a:b]))))
+            commands.append((slot, _command("HSET", parts.values[p], keys=ordered[a:b], values=rows[a:b])))
             if self.overflow_policy == "evict_oldest":
-                commands.append((slot, ("HSET", parts.times[p], *_interleave(fields[a:b], now[a:b]))))
+                commands.append((slot, _command("HSET", parts.times[p], keys=ordered[a:b], values=now[a:b])))
         if self.ttl_seconds:
             for p in touched:
-                commands.append((parts.slots[p], ("EXPIRE", parts.values[p], self.ttl_seconds, "NX")))
-                commands.append((parts.slots[p], ("EXPIRE", parts.times[p], self.ttl_seconds, "NX")))
-        commands += [(parts.slots[p], ("HLEN", parts.values[p])) for p in touched]
+                commands.append((parts.slots[p], _command("EXPIRE", parts.values[p], self.ttl_seconds, "NX")))
+                commands.append((parts.slots[p], _command("EXPIRE", parts.times[p], self.ttl_seconds, "NX")))
+        commands += [(parts.slots[p], _command("HLEN", parts.values[p])) for p in touched]
         sizes = self._execute(commands)[-len(touched) :]
         for p, size in zip(touched, sizes, strict=True):
             if int(size) > self.overflow_margin:
@@ -454,23 +485,22 @@ class RedisClusterLevel(StorageLevel):
     def _resolve_overflow(self, parts: _Partitions, p: int, size: int) -> None:
         """Evicts down to overflow_resolution_target * overflow_margin rows in partition p."""
         excess = size - self.overflow_target
-        victims: list[bytes] = []
+        victims = np.empty(0, dtype="<i8")
         if self.overflow_policy == "evict_oldest":
-            (times,) = self._execute([(parts.slots[p], ("HGETALL", parts.times[p]))])
-            if times:
-                seen = np.frombuffer(b"".join(times.values()), dtype="<i8")
+            (pairs,) = self._execute([(parts.slots[p], _command("HGETALL", parts.times[p]))])
+            if pairs:
+                seen = np.frombuffer(b"".join(pairs[1::2]), dtype="<i8")
                 seen = np.where(seen < _SECONDS_BELOW, seen * 1_000_000, seen)
-                oldest = np.argsort(seen, kind="stable")[:excess]
-                victims = np.asarray(list(times.keys()), dtype=object)[oldest].tolist()
+                victims = np.frombuffer(b"".join(pairs[0::2]), dtype="<i8")[np.argsort(seen, kind="stable")[:excess]]
         if len(victims) < excess:  # evict_random, or rows without an access time (written by others)
-            (extra,) = self._execute([(parts.slots[p], ("HRANDFIELD", parts.values[p], excess - len(victims)))])
-            victims += extra
-        if victims:
+            (extra,) = self._execute([(parts.slots[p], _command("HRANDFIELD", parts.values[p], excess - len(victims)))])
+            victims = np.concatenate([victims, np.frombuffer(b"".join(extra), dtype="<i8")])
+        if len(victims):
             log.debug("partition %s: %d rows over %d, evicting %d", parts.values[p], size, self.overflow_margin, excess)
             self._execute(
                 [
-                    (parts.slots[p], ("HDEL", parts.values[p], *victims)),
-                    (parts.slots[p], ("HDEL", parts.times[p], *victims)),
+                    (parts.slots[p], _command("HDEL", parts.values[p], keys=victims)),
+                    (parts.slots[p], _command("HDEL", parts.times[p], keys=victims)),
                 ]
             )
 
@@ -480,11 +510,11 @@ class RedisClusterLevel(StorageLevel):
         if not len(keys):
             return 0
         order, runs = self._split(keys)
-        fields = _key_bytes(keys[order])
+        ordered = keys[order]
         commands: list[Command] = []
         for p, a, b in runs:
-            commands.append((parts.slots[p], ("HDEL", parts.values[p], *fields[a:b])))
-            commands.append((parts.slots[p], ("HDEL", parts.times[p], *fields[a:b])))
+            commands.append((parts.slots[p], _command("HDEL", parts.values[p], keys=ordered[a:b])))
+            commands.append((parts.slots[p], _command("HDEL", parts.times[p], keys=ordered[a:b])))
         return sum(int(n) for n in self._execute(commands)[0::2])
 
     def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
@@ -498,31 +528,36 @@ class RedisClusterLevel(StorageLevel):
 
     def size(self, table: str) -> int:
         parts = self._table(table)
-        replies = self._execute([(parts.slots[p], ("HLEN", parts.values[p])) for p in range(self.num_partitions)])
+        replies = self._execute(
+            [(parts.slots[p], _command("HLEN", parts.values[p])) for p in range(self.num_partitions)]
+        )
         return sum(int(n) for n in replies)
 
     def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
         """Rows of every partition via HSCAN; rows written while dumping may be missed or repeated."""
         parts = self._table(table)
         for p in range(self.num_partitions):
-            cursor: int | bytes = 0
+            cursor = b"0"
             while True:
-                ((cursor, rows),) = self._execute(
-                    [(parts.slots[p], ("HSCAN", parts.values[p], cursor, "COUNT", chunk_rows))]
+                ((cursor, pairs),) = self._execute(
+                    [(parts.slots[p], _command("HSCAN", parts.values[p], cursor, "COUNT", chunk_rows))]
                 )
-                for start in range(0, len(rows), chunk_rows):
-                    yield self._decode(table, parts, rows, start, start + chunk_rows)
-                if int(cursor) == 0:
+                for start in range(0, len(pairs), 2 * chunk_rows):
+                    yield self._decode(table, parts, pairs[start : start + 2 * chunk_rows])
+                if cursor == b"0":
                     break
 
     @staticmethod
-    def _decode(table: str, parts: _Partitions, rows: dict[bytes, bytes], start: int, stop: int) -> KeyChunk:
-        keys = list(rows)[start:stop]
-        data = b"".join(map(rows.__getitem__, keys))
-        if len(data) != len(keys) * parts.dim * 4:
-            raise StorageError(f"table {table!r}: redis holds vectors that are not {parts.dim} float32")
+    def _decode(table: str, parts: _Partitions, pairs: list[bytes]) -> KeyChunk:
+        """(keys, vectors) from a flat [key, value, key, value, ...] reply."""
+        keys = b"".join(pairs[0::2])
+        data = b"".join(pairs[1::2])
+        if len(keys) != 4 * len(pairs) or len(data) != len(pairs) // 2 * parts.dim * 4:
+            raise StorageError(
+                f"table {table!r}: redis holds keys or vectors of another size than int64, {parts.dim} float32"
+            )
         return (
-            np.frombuffer(b"".join(keys), dtype="<i8").copy(),
+            np.frombuffer(keys, dtype="<i8").copy(),
             np.frombuffer(data, dtype="<f4").reshape(-1, parts.dim).copy(),
         )
 
