@@ -34,12 +34,17 @@ class LookupResult:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL_VARINTS = tuple(bytes((value,)) for value in range(0x80))
 
 
 def _tag(field: int, wire_type: int) -> bytes:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hps_server import __version__
 from hps_server import config as config_module
 
 log = logging.getLogger("hps")
@@ -35,12 +36,19 @@ def _import(args: argparse.Namespace) -> int:
     from hps_server import storage, transfer
 
     config = config_module.load(args.config)
-    if args.to == "volatile":
+    if args.to == "redis":
+        if config.volatile_db.type != "redis_cluster":
+            raise config_module.ConfigError(
+                f"volatile_db.type: is {config.volatile_db.type}; --to redis needs redis_cluster"
+            )
         level = storage.open_volatile(config.volatile_db)
     else:
+        if config.persistent_db.type != "rocksdb":
+            raise config_module.ConfigError(
+                f"persistent_db.type: is {config.persistent_db.type}; --to rocksdb needs rocksdb"
+            )
         level = storage.open_persistent(config.persistent_db)
-    if level is None:
-        raise config_module.ConfigError(f"{args.to}_db: disabled; nothing to import into")
+    assert level is not None
     try:
         for model in config.models:
             if args.model not in (None, model.name):
@@ -91,6 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hps", description="Hierarchical Parameter Server for embedding lookups.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"hps {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the models of a config file")
@@ -104,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--source", help="table folder (HPS key/emb_vector or .npy pair); default: the config's")
     imp.add_argument(
         "--to",
-        choices=["persistent", "volatile"],
-        default="persistent",
-        help="level to load (volatile: the configured volatile_db, e.g. Redis Cluster)",
+        choices=["rocksdb", "redis"],
+        default="rocksdb",
+        help="level to load: the configured persistent_db (rocksdb) or volatile_db (redis_cluster)",
     )
     imp.set_defaults(run=_import)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from hps_server import storage, transfer
 from hps_server.cache import EmbeddingCache
 from hps_server.config import Config, ModelConfig
+from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
 from hps_server.storage.base import LevelUnavailableError, StorageLevel
 
@@ -30,7 +31,13 @@ class HostedModels:
     sessions: dict[str, LookupSession]
 
     @classmethod
-    def open(cls, config: Config, cache_factory: CacheFactory | None = None, progress: bool = False) -> HostedModels:
+    def open(
+        cls,
+        config: Config,
+        cache_factory: CacheFactory | None = None,
+        progress: bool = False,
+        metrics: ServerMetrics | None = None,
+    ) -> HostedModels:
         """Opens the levels and prepares every model; a failure closes what was opened."""
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
@@ -39,11 +46,18 @@ class HostedModels:
             levels = [level for level in (volatile, persistent) if level is not None]
             sessions = {}
             for model in config.models:
-                _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
-                caches = cache_factory(model) if cache_factory else None
+                try:
+                    _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
+                    caches = cache_factory(model) if cache_factory else None
+                except Exception:
+                    if metrics is not None:
+                        metrics.record_model_event(model.name, "failed")
+                    raise
                 sessions[model.name] = LookupSession(
-                    model, levels, caches, write_back=config.volatile_db.cache_missed_embeddings
+                    model, levels, caches, write_back=config.volatile_db.cache_missed_embeddings, metrics=metrics
                 )
+                if metrics is not None:
+                    metrics.record_model_event(model.name, "loaded")
                 log.info(
                     "model %s ready: %d tables, levels %s",
                     model.name,
@@ -63,6 +77,15 @@ class HostedModels:
             return self.sessions[model]
         except KeyError:
             raise KeyError(f"no model {model!r} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
+
+    def cache_occupancy(self) -> list[CacheOccupancy]:
+        """Every L1 cache of every model, with the device it lives on."""
+        return [
+            CacheOccupancy(name, table, str(device), cache.stats())
+            for name, session in self.sessions.items()
+            for table, caches in session.caches.items()
+            for device, cache in zip(session.model.deployed_device_list, caches, strict=False)
+        ]
 
     def close(self) -> None:
         for level in (self.volatile, self.persistent):
