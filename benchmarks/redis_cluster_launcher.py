@@ -5,6 +5,7 @@ Test and benchmark infrastructure only: the server never imports it. It never to
 
 from __future__ import annotations
 
+import atexit
 import random
 import shutil
 import signal
@@ -78,6 +79,7 @@ class RedisClusterProcesses:
             if shutil.which(tool) is None:
                 raise RedisNotInstalledError(f"{tool} not found on PATH; install redis (e.g. apt-get install redis)")
         self.ports = free_port_pairs(self.masters * (1 + self.replicas))
+        atexit.register(self.close)  # no orphaned redis-server if the caller dies before closing
         for port in self.ports:
             self.start_node(port)
         for port in self.ports:
@@ -163,6 +165,22 @@ class RedisClusterProcesses:
         for port in self.masters_ports():
             with self.client(port) as c:
                 c.flushall()
+
+    def wait_replicated(self, timeout: float = 10.0) -> None:
+        """Until every replica has acknowledged everything its master has written so far."""
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = False
+            for port in self.masters_ports():
+                with self.client(port) as c:
+                    info = c.info("replication")
+                offsets = [v["offset"] for v in info.values() if isinstance(v, dict) and "offset" in v]
+                behind |= any(offset < info["master_repl_offset"] for offset in offsets)
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis replicas still behind after {timeout} s")
+            time.sleep(0.02)
 
     def masters_ports(self) -> list[int]:
         """Ports of the nodes that are masters right now."""

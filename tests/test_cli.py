@@ -81,7 +81,7 @@ def test_demo_once_serves_the_sample_model_and_prints_its_summary(tmp_path: Path
 
 
 def test_import_to_redis(tmp_path: Path, capsys, redis_cluster_processes) -> None:
-    """`hps import --to volatile` bulk-loads the tables into the configured Redis Cluster."""
+    """`hps import --to redis` bulk-loads the tables into the configured Redis Cluster."""
     from hps_server.config import VolatileDbConfig
     from hps_server.storage.redis_cluster import RedisClusterLevel
 
@@ -91,7 +91,7 @@ def test_import_to_redis(tmp_path: Path, capsys, redis_cluster_processes) -> Non
     document = yaml.safe_load(config.read_text())
     document["volatile_db"] = {"type": "redis_cluster", "address": redis_cluster_processes.seed, "timeout_ms": 2000}
     config.write_text(yaml.safe_dump(document))
-    assert main(["import", "--config", str(config), "--to", "volatile"]) == 0
+    assert main(["import", "--config", str(config), "--to", "redis"]) == 0
     assert "ctr.user: imported 5000 rows from" in capsys.readouterr().out
     level = RedisClusterLevel.from_config(VolatileDbConfig(address=redis_cluster_processes.seed, timeout_ms=2000))
     try:

@@ -24,8 +24,10 @@ right order too (HPS reading hps's times would see hps's rows as the newest).
 A batch becomes one HMGET (fetch) or HSET (insert) per partition and max_batch_size keys. NumPy
 writes those commands in the Redis protocol (RESP2) in one pass; they go pipelined over one redis-py
 connection per cluster node, the nodes served in parallel threads, and redis-py parses the replies
-(with hiredis when it is installed). With ttl_seconds, a partition's hashes expire ttl_seconds after the first write into
-them (EXPIRE ... NX), so no row is served older than that; Redis 7.0 has no per-field expiry.
+(with hiredis when it is installed).
+
+With ttl_seconds, a partition's hashes expire ttl_seconds after the first write into them
+(EXPIRE ... NX), so no row is served older than that; Redis 7.0 has no per-field expiry.
 """
 
 from __future__ import annotations

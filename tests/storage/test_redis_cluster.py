@@ -401,6 +401,7 @@ def test_master_killed_under_load_never_serves_wrong_rows(disposable_redis_clust
     lvl.create_table(table, DIM)
     keys = np.arange(5000, dtype=np.int64) * 13
     lvl.insert(table, keys, rows(keys))
+    cluster.wait_replicated()  # Redis replicates asynchronously: rows a replica never got are lost on failover
     stop = threading.Event()
     outcomes = {"served": 0, "unavailable": 0}
     errors: list[BaseException] = []
@@ -446,8 +447,8 @@ def test_master_killed_under_load_never_serves_wrong_rows(disposable_redis_clust
     assert lvl.failures > 0 and outcomes["unavailable"] > 0
     assert served_before > 0 and outcomes["served"] > served_before + 20, outcomes
     vectors, found = lvl.fetch(table, keys)  # after failover the promoted replica serves its rows
-    assert found.mean() > 0.9
-    np.testing.assert_array_equal(vectors[found], rows(keys[found]))
+    assert found.all()
+    np.testing.assert_array_equal(vectors, rows(keys))
     lvl.close()
 
 
