@@ -6,7 +6,6 @@ Starts its own throwaway cluster on free loopback ports; prints a table (or one 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from benchmarks import report
 from benchmarks.redis_cluster_launcher import RedisClusterProcesses
 from hps_server.storage.redis_cluster import RedisClusterLevel
 
@@ -46,87 +46,100 @@ def _check_same_rows(
         raise RuntimeError("plain MGET returned wrong rows")
 
 
-def run(json_out: bool = False, rows: int = 100_000, batches: int = 8, repeats: int = 3) -> dict[str, float]:
-    """Measures both readers on the same cluster and keys; prints and returns every figure."""
+def _measure(seed: str, rows: int, batch: int, batches: int, repeats: int) -> tuple[float, float]:
+    """(seconds RedisClusterLevel took, seconds plain MGET took) for the same batches on the cluster at `seed`."""
     rng = np.random.default_rng(0)
     keys = rng.choice(2**62, size=rows, replace=False).astype(np.int64)
     vectors = rng.standard_normal((rows, DIM), dtype=np.float32)
-    queries = [rng.choice(keys, BATCH) for _ in range(batches)]
-    with (
-        tempfile.TemporaryDirectory(prefix="hps-bench-redis-") as root,
-        RedisClusterProcesses(Path(root)).start() as cluster,
-    ):
-        level = RedisClusterLevel(cluster.seed, timeout_ms=5000)
-        host, port = cluster.seed.split(":")
-        plain = redis.RedisCluster(host=host, port=int(port), socket_timeout=5.0)
-        try:
-            level.create_table(TABLE, DIM)
-            for start in range(0, rows, BATCH):
-                level.insert(TABLE, keys[start : start + BATCH], vectors[start : start + BATCH])
-                plain.mset_nonatomic(
-                    dict(
-                        zip(
-                            [f"{TABLE}:{k}" for k in keys[start : start + BATCH].tolist()],
-                            vectors[start : start + BATCH].view(f"V{DIM * 4}").reshape(-1).tolist(),
-                            strict=True,
-                        )
-                    )
-                )
+    queries = [rng.choice(keys, batch) for _ in range(batches)]
+    level = RedisClusterLevel(seed, timeout_ms=5000)
+    host, port = seed.split(":")
+    plain = redis.RedisCluster(host=host, port=int(port), socket_timeout=5.0)
+    try:
+        level.create_table(TABLE, DIM)
+        for start in range(0, rows, batch):
+            chunk = slice(start, start + batch)
+            level.insert(TABLE, keys[chunk], vectors[chunk])
+            names = [f"{TABLE}:{k}" for k in keys[chunk].tolist()]
+            plain.mset_nonatomic(dict(zip(names, vectors[chunk].view(f"V{DIM * 4}").reshape(-1).tolist(), strict=True)))
 
-            def hps_level() -> None:
-                for query in queries:
-                    level.fetch(TABLE, query)
+        def hps_level() -> None:
+            for query in queries:
+                level.fetch(TABLE, query)
 
-            def plain_mget() -> None:
-                # What a user writes without this level: one Redis key per row, MGET across the cluster.
-                for query in queries:
-                    values: list[Any] = plain.mget_nonatomic([f"{TABLE}:{k}" for k in query.tolist()])
-                    np.frombuffer(b"".join(values), dtype="<f4").reshape(-1, DIM)
+        def plain_mget() -> None:
+            # What a user writes without this level: one Redis key per row, MGET across the cluster.
+            for query in queries:
+                values: list[Any] = plain.mget_nonatomic([f"{TABLE}:{k}" for k in query.tolist()])
+                np.frombuffer(b"".join(values), dtype="<f4").reshape(-1, DIM)
 
-            _check_same_rows(level, plain, keys, vectors, queries[0])
-            level_s = plain_s = 0.0
-            for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
-                level_s += _seconds(hps_level)
-                plain_s += _seconds(plain_mget)
-        finally:
-            level.close()
-            plain.close()
-    fetched = batches * BATCH * repeats
-    result = {
-        "batch_keys": BATCH,
+        _check_same_rows(level, plain, keys, vectors, queries[0])
+        level_s = plain_s = 0.0
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+            level_s += _seconds(hps_level)
+            plain_s += _seconds(plain_mget)
+        return level_s, plain_s
+    finally:
+        level.close()
+        plain.close()
+
+
+def run(
+    json_out: bool = False,
+    rows: int = 100_000,
+    batch: int = BATCH,
+    batches: int = 8,
+    repeats: int = 3,
+    seed: str | None = None,
+) -> dict[str, Any]:
+    """Measures both readers on the same cluster and keys, prints a table (or one JSON object) and returns
+    the figures. seed: host:port of a cluster to use (its keys are overwritten); None starts a throwaway one."""
+    if seed is None:
+        with (
+            tempfile.TemporaryDirectory(prefix="hps-bench-redis-") as root,
+            RedisClusterProcesses(Path(root)).start() as cluster,
+        ):
+            level_s, plain_s = _measure(cluster.seed, rows, batch, batches, repeats)
+    else:
+        level_s, plain_s = _measure(seed, rows, batch, batches, repeats)
+    timed = batches * repeats
+    ratio = plain_s / level_s
+    title = f"Redis Cluster fetch, batches of {batch:,} keys, dim {DIM}: hps level vs plain redis-py, same keys"
+    table = [
+        {
+            "reader": "RedisClusterLevel (HPS layout)",
+            "rows_per_s": timed * batch / level_s,
+            "ms_per_batch": 1000 * level_s / timed,
+            "vs_plain": ratio,
+        },
+        {
+            "reader": "redis-py mget_nonatomic, key per row",
+            "rows_per_s": timed * batch / plain_s,
+            "ms_per_batch": 1000 * plain_s / timed,
+            "vs_plain": 1.0,
+        },
+    ]
+    extra = {
+        "batch_keys": batch,
         "dim": DIM,
         "rows_in_cluster": rows,
-        "batches_timed": batches * repeats,
-        "hps_level_rows_per_s": fetched / level_s,
-        "plain_mget_rows_per_s": fetched / plain_s,
-        "hps_level_ms_per_batch": 1000 * level_s / (batches * repeats),
-        "plain_mget_ms_per_batch": 1000 * plain_s / (batches * repeats),
-        "ratio": plain_s / level_s,
+        "batches_timed": timed,
+        "ratio": round(ratio, 3),
         "target_ratio": TARGET_RATIO,
+        "target_met": ratio >= TARGET_RATIO,
     }
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print(f"Redis Cluster fetch, 3 masters + 3 replicas, batches of {BATCH:,} keys, dim {DIM}")
-        print(f"{'reader':<34}{'rows/s':>14}{'ms/batch':>12}")
-        print(
-            f"{'RedisClusterLevel (HPS layout)':<34}"
-            f"{result['hps_level_rows_per_s']:>14,.0f}{result['hps_level_ms_per_batch']:>12.1f}"
-        )
-        print(
-            f"{'redis-py mget_nonatomic, key/row':<34}"
-            f"{result['plain_mget_rows_per_s']:>14,.0f}{result['plain_mget_ms_per_batch']:>12.1f}"
-        )
-        print(f"ratio: {result['ratio']:.2f}x (target >= {TARGET_RATIO:.0f}x)")
-    return result
+    report.emit(title, table, json_out, extra)
+    return {"benchmark": title, "rows": table, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.redis", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hps bench redis", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--rows", type=int, default=100_000, help="rows loaded into the cluster")
+    parser.add_argument("--batch", type=int, default=BATCH, help="keys per fetch")
+    parser.add_argument("--seed", help="host:port of an existing cluster to use (default: start a throwaway one)")
     args = parser.parse_args(argv)
-    run(json_out=args.json, rows=args.rows)
+    run(json_out=args.json, rows=args.rows, batch=args.batch, seed=args.seed)
     return 0
 
 

@@ -227,10 +227,8 @@ class RedisClusterLevel(StorageLevel):
             self._client = self._connect()
             self._healthy = True
         except LevelUnavailableError as e:
-            log.warning(
-                "redis cluster at %s unreachable at start (%s); serving without it until it answers", address, e
-            )
-            self._fail(self._generation)
+            log.warning("redis cluster at %s unreachable at start; serving without it until it answers", address)
+            self._fail(self._generation, str(e))
 
     @classmethod
     def from_config(cls, config: VolatileDbConfig) -> RedisClusterLevel:
@@ -288,12 +286,14 @@ class RedisClusterLevel(StorageLevel):
                 return self._client, self._generation
         raise LevelUnavailableError("redis cluster: unavailable, reconnecting in the background")
 
-    def _fail(self, generation: int) -> None:
+    def _fail(self, generation: int, reason: str) -> None:
         """Marks the level down (unless a newer client replaced the failing one) and starts recovery."""
         with self._lock:
             self.failures += 1
             if generation != self._generation or self._closed.is_set():
                 return
+            if self._healthy:
+                log.warning("redis cluster unavailable, lookups fall through until it is back: %s", reason)
             self._healthy = False
             if self._recovery is None or not self._recovery.is_alive():
                 self._recovery = threading.Thread(target=self._recover, name="hps-redis-recovery", daemon=True)
@@ -362,11 +362,11 @@ class RedisClusterLevel(StorageLevel):
             return replies
         except redis.exceptions.ResponseError as e:
             if isinstance(e, _UNAVAILABLE_REPLIES):
-                self._fail(generation)
+                self._fail(generation, str(e))
                 raise LevelUnavailableError(f"redis cluster: {e}") from e
             raise StorageError(f"redis cluster: {e}") from e
         except _CONNECTION_ERRORS as e:
-            self._fail(generation)
+            self._fail(generation, f"{type(e).__name__}: {e}")
             raise LevelUnavailableError(f"redis cluster: {type(e).__name__}: {e}") from e
 
     # ------------------------------------------------------------ the contract
