@@ -124,6 +124,8 @@ class RedisClusterProcesses:
             # A replica takes over however long its master was gone: tests kill masters at will.
             "--cluster-replica-validity-factor", "0",
             "--save", "",
+            # Replicas sync at once instead of waiting 5 s for more replicas to share the transfer.
+            "--repl-diskless-sync-delay", "0",
             "--appendonly", "no",
             "--protected-mode", "no",
         ]  # fmt: skip
