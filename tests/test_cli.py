@@ -104,3 +104,21 @@ def test_import_to_redis(tmp_path: Path, capsys, redis_cluster_processes) -> Non
             np.testing.assert_array_equal(got, vectors)
     finally:
         level.close()
+
+
+def test_serve_with_a_wrong_redis_password_is_one_clear_error(tmp_path: Path, capsys, redis_cluster_acl) -> None:
+    write_sample_tables(tmp_path)
+    config = _config_file(tmp_path, with_sources=True)
+    document = yaml.safe_load(config.read_text())
+    document["server"] = {"address": "127.0.0.1:0"}
+    document["volatile_db"] = {
+        "type": "redis_cluster",
+        "address": redis_cluster_acl.seed,
+        "user_name": redis_cluster_acl.user,
+        "password": "not-the-password",
+        "timeout_ms": 2000,
+    }
+    config.write_text(yaml.safe_dump(document))
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "volatile_db.user_name/password" in err and redis_cluster_acl.user in err
