@@ -53,7 +53,8 @@ class RedisClusterProcesses:
     """A cluster of `masters` masters with `replicas` replicas each, living under `root`.
 
     With `password`, every node requires it for the default user and also knows `user` with the same
-    password (ACL); replicas authenticate to their masters with it.
+    password (ACL); replicas authenticate to their masters with it. With `tls`, nodes speak only TLS
+    (clients, replication and cluster bus), with a certificate for 127.0.0.1 signed by `ca_file`.
     """
 
     root: Path
@@ -62,6 +63,7 @@ class RedisClusterProcesses:
     password: str = ""
     user: str = "hps"
     node_timeout_ms: int = 1000
+    tls: bool = False
     ports: list[int] = field(default_factory=list)
     _procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -78,6 +80,8 @@ class RedisClusterProcesses:
         for tool in ("redis-server", "redis-cli"):
             if shutil.which(tool) is None:
                 raise RedisNotInstalledError(f"{tool} not found on PATH; install redis (e.g. apt-get install redis)")
+        if self.tls:
+            self._make_certificates()
         self.ports = free_port_pairs(self.masters * (1 + self.replicas))
         atexit.register(self.close)  # no orphaned redis-server if the caller dies before closing
         for port in self.ports:
@@ -95,8 +99,25 @@ class RedisClusterProcesses:
         self.wait_ok(timeout)
         return self
 
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the nodes' certificate (tls only)."""
+        return self.root / "tls" / "ca.crt"
+
+    def _make_certificates(self) -> None:
+        folder = self.root / "tls"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        for command in (
+            "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=hps-test-ca",
+            "req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=127.0.0.1",
+            "x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 2 -extfile san.ext",
+        ):
+            subprocess.run(["openssl", *command.split()], cwd=folder, check=True, capture_output=True, timeout=60)
+
     def _auth_args(self) -> list[str]:
-        return ["--user", self.user, "--pass", self.password, "--no-auth-warning"] if self.password else []
+        auth = ["--user", self.user, "--pass", self.password, "--no-auth-warning"] if self.password else []
+        return auth + (["--tls", "--cacert", str(self.ca_file)] if self.tls else [])
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(
@@ -104,6 +125,8 @@ class RedisClusterProcesses:
             port,
             username=self.user if self.password else None,
             password=self.password or None,
+            ssl=self.tls,
+            ssl_ca_certs=str(self.ca_file) if self.tls else None,
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
         )
@@ -114,7 +137,7 @@ class RedisClusterProcesses:
         folder.mkdir(parents=True, exist_ok=True)
         args = [
             "redis-server",
-            "--port", str(port),
+            "--port", "0" if self.tls else str(port),
             "--bind", "127.0.0.1",
             "--dir", str(folder),
             "--logfile", "redis.log",
@@ -129,6 +152,17 @@ class RedisClusterProcesses:
             "--appendonly", "no",
             "--protected-mode", "no",
         ]  # fmt: skip
+        if self.tls:
+            tls = self.root / "tls"
+            args += [
+                "--tls-port", str(port),
+                "--tls-cluster", "yes",
+                "--tls-replication", "yes",
+                "--tls-cert-file", str(tls / "node.crt"),
+                "--tls-key-file", str(tls / "node.key"),
+                "--tls-ca-cert-file", str(tls / "ca.crt"),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         if self.password:
             args += [
                 "--requirepass", self.password,

@@ -91,9 +91,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
 # ---------------------------------------------------------------- Redis Cluster (never on port 6379)
 
 
-def _start_redis_cluster(root: Path, password: str = "") -> RedisClusterProcesses:
+def _start_redis_cluster(root: Path, password: str = "", tls: bool = False) -> RedisClusterProcesses:
     try:
-        return RedisClusterProcesses(root, password=password).start()
+        return RedisClusterProcesses(root, password=password, tls=tls).start()
     except RedisNotInstalledError as e:
         if IN_CI:
             pytest.fail(f"CI=true and Redis is missing: {e}")
@@ -117,6 +117,13 @@ def redis_cluster(redis_cluster_processes: RedisClusterProcesses) -> str:
 def redis_cluster_acl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
     """A cluster requiring a password, for the ACL user `.user` as well as for the default user."""
     with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster-acl"), password="hps-test-secret") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A cluster that speaks only TLS; its certificate is signed by `.ca_file`."""
+    with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster-tls"), tls=True) as cluster:
         yield cluster
 
 

@@ -376,6 +376,33 @@ def test_bad_address_is_a_configuration_error() -> None:
         RedisClusterLevel("localhost")
 
 
+def test_tls_with_a_trusted_certificate(
+    redis_cluster_tls: RedisClusterProcesses, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(redis_cluster_tls.ca_file))  # how a deployment trusts a private CA
+    lvl = RedisClusterLevel(redis_cluster_tls.seed, tls=True, timeout_ms=2000)
+    try:
+        lvl.create_table(table, DIM)
+        keys = np.arange(40, dtype=np.int64)
+        lvl.insert(table, keys, rows(keys))
+        vectors, found = lvl.fetch(table, keys)
+        assert found.all()
+        np.testing.assert_array_equal(vectors, rows(keys))
+    finally:
+        lvl.close()
+
+
+def test_tls_refuses_an_untrusted_certificate(redis_cluster_tls: RedisClusterProcesses, table: str) -> None:
+    lvl = RedisClusterLevel(redis_cluster_tls.seed, tls=True, timeout_ms=2000)
+    try:
+        assert not lvl.available and lvl.failures == 1
+        lvl.create_table(table, DIM)
+        with pytest.raises(LevelUnavailableError):
+            lvl.fetch(table, np.array([1]))
+    finally:
+        lvl.close()
+
+
 # ---------------------------------------------------------------- failures
 
 
