@@ -23,6 +23,7 @@ from hps_server.storage.base import LevelUnavailableError, StorageLevel, as_keys
 log = logging.getLogger(__name__)
 
 L1_LEVEL = "l1_cache"
+WARN_INTERVAL_SECONDS = 30
 DEFAULT_LEVEL = "default"
 
 
@@ -67,6 +68,7 @@ class LookupSession:
         self._device_turn = itertools.count()
         self._counts = {table.name: LevelCounts() for table in model.tables}
         self._counts_lock = threading.Lock()
+        self._last_warning: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -120,7 +122,7 @@ class LookupSession:
             except LevelUnavailableError as e:
                 unavailable += 1
                 authoritative_down = index == len(self.levels) - 1
-                log.warning("%s level unavailable for %s, falling through: %s", level.kind, table.name, e)
+                self._warn_unavailable(level.kind, f"lookups of {table.name} fall through", e)
                 if self.metrics is not None:
                     self.metrics.record_level_failure(level.kind, "fetch")
                 continue
@@ -191,9 +193,25 @@ class LookupSession:
                     level.insert(self.qualified(table), keys[positions], vectors[positions])
                 except LevelUnavailableError as e:
                     # The lower level stays the source of truth; the row is simply fetched again later.
-                    log.warning("write-back to %s failed for %s: %s", level.kind, table.name, e)
+                    self._warn_unavailable(level.kind, f"write-back of {table.name} skipped", e)
                     if self.metrics is not None:
                         self.metrics.record_level_failure(level.kind, "insert")
+
+    def _warn_unavailable(self, level: str, consequence: str, error: Exception) -> None:
+        """Logs a level outage at most once per WARN_INTERVAL_SECONDS per level: an outage must not flood the log."""
+        now = time.monotonic()
+        with self._counts_lock:
+            due = now - self._last_warning.get(level, -WARN_INTERVAL_SECONDS) >= WARN_INTERVAL_SECONDS
+            if due:
+                self._last_warning[level] = now
+        if due:
+            log.warning(
+                "%s level unavailable, %s (repeats silenced for %d s): %s",
+                level,
+                consequence,
+                WARN_INTERVAL_SECONDS,
+                error,
+            )
 
     def _count(self, table: str, answered: Mapping[str, int], unavailable: int) -> None:
         with self._counts_lock:
