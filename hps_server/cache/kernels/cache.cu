@@ -1,0 +1,446 @@
+// L1 embedding cache kernels: a set-associative LRU cache (one warp compares a set's ways) and a static
+// table (open addressing). gpu.py drives them; reference.py states the algorithm they must reproduce.
+//
+// Layout of the cache: per slot a 32-bit fingerprint (0: empty), the int64 key, an int64 stamp (the
+// logical clock of its last use; 0: empty) and a row of `dim` elements of T (float, or float16 bits). Slot
+// index = set * ways + way. A query compares fingerprints (4 bytes a way, so a 32-way set is one
+// 128-byte line) and checks the full key only where a fingerprint matched.
+
+typedef long long i64;
+typedef unsigned long long u64;
+// float16 storage as raw bits, converted with PTX's cvt (no header needed under NVRTC).
+typedef unsigned short f16;
+
+#define FULL 0xffffffffu
+#define I64_MAX 0x7fffffffffffffffll
+#define I64_MIN (-I64_MAX - 1)
+
+__device__ __forceinline__ f16 to_f16(float v) {
+    f16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+__device__ __forceinline__ float from_f16(f16 h) {
+    float v;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+    return v;
+}
+
+// splitmix64's finalizer; layout.mix() in Python is the same function.
+__device__ __forceinline__ u64 mix(u64 x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+__device__ __forceinline__ unsigned set_of(u64 h, unsigned num_sets) {
+    return (unsigned)(((h >> 32) * (u64)num_sets) >> 32);
+}
+
+__device__ __forceinline__ unsigned fingerprint(u64 h) {
+    unsigned f = (unsigned)h;
+    return f ? f : 1u;
+}
+
+// ---------------------------------------------------------------- row copies
+
+__device__ __forceinline__ float4 load4(const float* row, int c) {
+    return reinterpret_cast<const float4*>(row)[c];
+}
+__device__ __forceinline__ float4 load4(const f16* row, int c) {
+    const uint2 u = reinterpret_cast<const uint2*>(row)[c];
+    return make_float4(from_f16((f16)(u.x & 0xffff)), from_f16((f16)(u.x >> 16)), from_f16((f16)(u.y & 0xffff)),
+                       from_f16((f16)(u.y >> 16)));
+}
+__device__ __forceinline__ void store4(float* row, int c, float4 v) {
+    reinterpret_cast<float4*>(row)[c] = v;
+}
+__device__ __forceinline__ void store4(f16* row, int c, float4 v) {
+    uint2 u;
+    u.x = (unsigned)to_f16(v.x) | ((unsigned)to_f16(v.y) << 16);
+    u.y = (unsigned)to_f16(v.z) | ((unsigned)to_f16(v.w) << 16);
+    reinterpret_cast<uint2*>(row)[c] = u;
+}
+__device__ __forceinline__ float load1(const float* row, int c) { return row[c]; }
+__device__ __forceinline__ float load1(const f16* row, int c) { return from_f16(row[c]); }
+__device__ __forceinline__ void store1(float* row, int c, float v) { row[c] = v; }
+__device__ __forceinline__ void store1(f16* row, int c, float v) { row[c] = to_f16(v); }
+
+// The warp copies the rows of its `count` keys into `out`: key j of the group (held by lane j) reads
+// row `src` (-1: write zeros). All lanes share every row, so small dims still keep the warp busy.
+template <typename T>
+__device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src, int count, int dim,
+                                            float* __restrict__ out, int lane) {
+    if ((dim & 3) == 0) {
+        const int d4 = dim >> 2;
+        const int total = count * d4;
+#pragma unroll 4
+        for (int base = 0; base < total; base += 32) {
+            const int idx = base + lane;
+            const int j = idx / d4;
+            const i64 r = __shfl_sync(FULL, src, j < 32 ? j : 31);
+            if (idx < total) {
+                const int c = idx - j * d4;
+                float4 v = r >= 0 ? load4(rows + r * dim, c) : make_float4(0.f, 0.f, 0.f, 0.f);
+                store4(out + (i64)j * dim, c, v);
+            }
+        }
+    } else {
+        const int total = count * dim;
+        for (int base = 0; base < total; base += 32) {
+            const int idx = base + lane;
+            const int j = idx / dim;
+            const i64 r = __shfl_sync(FULL, src, j < 32 ? j : 31);
+            if (idx < total) {
+                const int c = idx - j * dim;
+                out[(i64)j * dim + c] = r >= 0 ? load1(rows + r * dim, c) : 0.f;
+            }
+        }
+    }
+}
+
+// The warp writes float32 rows `src` (row index into `in`) into slots `dst` of the table (-1: skip).
+template <typename T>
+__device__ __forceinline__ void scatter_rows(T* __restrict__ rows, i64 dst, const float* __restrict__ in, i64 src,
+                                             int count, int dim, int lane) {
+    if ((dim & 3) == 0) {
+        const int d4 = dim >> 2;
+        const int total = count * d4;
+        for (int base = 0; base < total; base += 32) {
+            const int idx = base + lane;
+            const int j = idx / d4;
+            const i64 d = __shfl_sync(FULL, dst, j < 32 ? j : 31);
+            const i64 s = __shfl_sync(FULL, src, j < 32 ? j : 31);
+            if (idx < total && d >= 0) {
+                const int c = idx - j * d4;
+                store4(rows + d * dim, c, load4(in + s * dim, c));
+            }
+        }
+    } else {
+        const int total = count * dim;
+        for (int base = 0; base < total; base += 32) {
+            const int idx = base + lane;
+            const int j = idx / dim;
+            const i64 d = __shfl_sync(FULL, dst, j < 32 ? j : 31);
+            const i64 s = __shfl_sync(FULL, src, j < 32 ? j : 31);
+            if (idx < total && d >= 0) {
+                const int c = idx - j * dim;
+                store1(rows + d * dim, c, in[s * dim + c]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- set lookup
+
+// Each lane holds one key of the warp's group of 32; returns, in each lane, the slot of its key (-1:
+// absent). The warp walks the group key by key, comparing all ways of that key's set at once.
+__device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const unsigned* __restrict__ fps,
+                                            const i64* __restrict__ keys, unsigned num_sets, int ways, int lane) {
+    const u64 h = mix((u64)key);
+    const unsigned s = set_of(h, num_sets);
+    const unsigned f = fingerprint(h);
+    i64 mine = -1;
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) {
+        const unsigned sj = __shfl_sync(FULL, s, j);
+        const unsigned fj = __shfl_sync(FULL, f, j);
+        const i64 kj = __shfl_sync(FULL, key, j);
+        const bool vj = __shfl_sync(FULL, valid, j);
+        const i64 slot = (i64)sj * ways + lane;
+        const bool cand = vj && lane < ways && __ldg(fps + slot) == fj;
+        const unsigned m = __ballot_sync(FULL, cand && keys[slot] == kj);
+        if (lane == j && m) mine = (i64)sj * ways + (__ffs(m) - 1);
+    }
+    return mine;
+}
+
+// ---------------------------------------------------------------- cache kernels
+
+// Warp per 32 keys: rows of hits into out (zeros for misses), hit flags, hit slots stamped `clock`,
+// hit count added to *hit_count.
+template <typename T>
+__device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const unsigned* __restrict__ fps,
+                           const i64* __restrict__ keys, i64* __restrict__ stamps, const T* __restrict__ rows,
+                           unsigned num_sets, int ways, int dim, i64 clock, float* __restrict__ out,
+                           bool* __restrict__ hit, u64* __restrict__ hit_count) {
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    const bool valid = i < n;
+    const i64 key = valid ? qkeys[i] : 0;
+    const i64 slot = find_in_sets(key, valid, fps, keys, num_sets, ways, lane);
+    if (valid) {
+        hit[i] = slot >= 0;
+        if (slot >= 0) stamps[slot] = clock;
+    }
+    const unsigned hits = __ballot_sync(FULL, slot >= 0);
+    if (lane == 0 && hits) atomicAdd(hit_count, (u64)__popc(hits));
+    const int count = (int)min((i64)32, n - base);
+    gather_rows(rows, slot, count, dim, out + base * dim, lane);
+}
+
+// Replace/update, pass 1. `last[pos[i]] == i` marks the last occurrence of each key in the batch; only
+// those act. Present: row overwritten, stamped `clock` when clock > 0. Absent ones get absent[i] = 1.
+template <typename T>
+__device__ void write_present_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
+                                   const int* __restrict__ last, const int* __restrict__ pos,
+                                   const unsigned* __restrict__ fps, const i64* __restrict__ keys,
+                                   i64* __restrict__ stamps, T* __restrict__ rows, unsigned num_sets, int ways,
+                                   int dim, i64 clock, bool* __restrict__ absent) {
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    const bool valid = i < n && last[pos[i]] == (int)i;
+    const i64 key = valid ? qkeys[i] : 0;
+    const i64 slot = find_in_sets(key, valid, fps, keys, num_sets, ways, lane);
+    if (i < n) absent[i] = valid && slot < 0;
+    if (slot >= 0 && clock > 0) stamps[slot] = clock;
+    const int count = (int)min((i64)32, n - base);
+    scatter_rows(rows, slot, in + base * dim, slot >= 0 ? (i64)lane : 0, count, dim, lane);
+}
+
+// Replace, pass 2: warp per absent key, under its set's lock. The victim is the least recently used
+// slot not touched by this batch (stamp < touched), ordered by (stamp, key, way); once a set has no
+// such slot left, the key displaces the largest key this batch inserted if it is smaller, so a set
+// keeps the smallest of the keys that compete for it whatever order the warps arrive in.
+template <typename T>
+__device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
+                                   const bool* __restrict__ absent, unsigned* fps, i64* keys, i64* stamps,
+                                   T* __restrict__ rows, int* locks, unsigned num_sets, int ways, int dim,
+                                   i64 touched, i64 inserted) {
+    const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (i >= n || !absent[i]) return;
+    const i64 key = qkeys[i];
+    const u64 h = mix((u64)key);
+    const unsigned s = set_of(h, num_sets);
+    if (lane == 0) {
+        while (atomicCAS(locks + s, 0, 1) != 0) {
+        }
+        __threadfence();
+    }
+    __syncwarp();
+    const i64 slot = (i64)s * ways + lane;
+    const bool real = lane < ways;
+    const i64 st = real ? __ldcg(stamps + slot) : 0;
+    const i64 k = real ? __ldcg(keys + slot) : 0;
+    // Best free slot: least (stamp, key, lane) among stamp < touched.
+    const bool spare = real && st < touched;
+    i64 bs = spare ? st : I64_MAX, bk = spare ? k : I64_MAX;
+    int bl = spare ? lane : 32;
+    // Largest key inserted by this batch: candidate to displace when no slot is free.
+    const bool mine = real && st == inserted;
+    i64 mk = mine ? k : I64_MIN;
+    int ml = mine ? lane : 32;
+#pragma unroll
+    for (int off = 16; off; off >>= 1) {
+        const i64 os = __shfl_xor_sync(FULL, bs, off), ok = __shfl_xor_sync(FULL, bk, off);
+        const int ol = __shfl_xor_sync(FULL, bl, off);
+        if (os < bs || (os == bs && (ok < bk || (ok == bk && ol < bl)))) {
+            bs = os;
+            bk = ok;
+            bl = ol;
+        }
+        const i64 omk = __shfl_xor_sync(FULL, mk, off);
+        const int oml = __shfl_xor_sync(FULL, ml, off);
+        if (omk > mk || (omk == mk && oml < ml)) {
+            mk = omk;
+            ml = oml;
+        }
+    }
+    int way = -1;
+    if (bl < 32)
+        way = bl;
+    else if (ml < 32 && key < mk)
+        way = ml;
+    if (way >= 0) {
+        const i64 dst = (i64)s * ways + way;
+        if (lane == 0) {
+            keys[dst] = key;
+            stamps[dst] = inserted;
+            fps[dst] = fingerprint(h);
+        }
+        scatter_rows(rows, lane == 0 ? dst : -1, in + i * dim, 0, 1, dim, lane);
+    }
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) atomicExch(locks + s, 0);
+}
+
+// Warp per 32 keys: present keys are emptied.
+__device__ void invalidate_impl(const i64* __restrict__ qkeys, i64 n, unsigned* fps, const i64* __restrict__ keys,
+                                i64* __restrict__ stamps, unsigned num_sets, int ways) {
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    const bool valid = i < n;
+    const i64 key = valid ? qkeys[i] : 0;
+    const i64 slot = find_in_sets(key, valid, fps, keys, num_sets, ways, lane);
+    __syncwarp();
+    if (slot >= 0) {
+        fps[slot] = 0;
+        stamps[slot] = 0;
+    }
+}
+
+// ---------------------------------------------------------------- batch de-duplication
+
+// Thread per key: claims a slot of an open-addressing table (claim/last start at -1) and records the
+// last index of each distinct key there; pos[i] is key i's slot.
+extern "C" __global__ void dedupe(const i64* __restrict__ qkeys, i64 n, int* claim, int* last, int* pos,
+                                  unsigned mask) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const i64 key = qkeys[i];
+    unsigned p = (unsigned)mix((u64)key) & mask;
+    while (true) {
+        const int c = atomicCAS(claim + p, -1, (int)i);
+        if (c == -1 || qkeys[c] == key) break;
+        p = (p + 1) & mask;
+    }
+    atomicMax(last + p, (int)i);
+    pos[i] = (int)p;
+}
+
+// ---------------------------------------------------------------- static table
+
+// Open addressing with linear probing: slot_rows[p] = row of slot_keys[p], -1 empty. Rows are dead
+// (live 0) after invalidate until replaced.
+__device__ __forceinline__ i64 probe(i64 key, const i64* __restrict__ slot_keys, const int* __restrict__ slot_rows,
+                                     unsigned mask) {
+    unsigned p = (unsigned)mix((u64)key) & mask;
+    while (true) {
+        const int r = slot_rows[p];
+        if (r < 0) return -1;
+        if (slot_keys[p] == key) return r;
+        p = (p + 1) & mask;
+    }
+}
+
+extern "C" __global__ void static_build(const i64* __restrict__ qkeys, i64 n, i64* slot_keys, int* slot_rows,
+                                        unsigned mask) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const i64 key = qkeys[i];
+    unsigned p = (unsigned)mix((u64)key) & mask;
+    while (atomicCAS(slot_rows + p, -1, -2) != -1) p = (p + 1) & mask;
+    slot_keys[p] = key;
+    __threadfence();
+    atomicExch(slot_rows + p, (int)i);
+}
+
+template <typename T>
+__device__ void static_query_impl(const i64* __restrict__ qkeys, i64 n, const i64* __restrict__ slot_keys,
+                                  const int* __restrict__ slot_rows, const bool* __restrict__ live, unsigned mask,
+                                  const T* __restrict__ rows, int dim, float* __restrict__ out,
+                                  bool* __restrict__ hit, u64* __restrict__ hit_count) {
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    i64 row = -1;
+    if (i < n) {
+        row = probe(qkeys[i], slot_keys, slot_rows, mask);
+        if (row >= 0 && !live[row]) row = -1;
+        hit[i] = row >= 0;
+    }
+    const unsigned hits = __ballot_sync(FULL, row >= 0);
+    if (lane == 0 && hits) atomicAdd(hit_count, (u64)__popc(hits));
+    const int count = (int)min((i64)32, n - base);
+    gather_rows(rows, row, count, dim, out + base * dim, lane);
+}
+
+// revive = 1: replace (rows of known keys written, made live); 0: update (live rows only).
+template <typename T>
+__device__ void static_write_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
+                                  const int* __restrict__ last, const int* __restrict__ pos,
+                                  const i64* __restrict__ slot_keys, const int* __restrict__ slot_rows,
+                                  bool* __restrict__ live, unsigned mask, T* __restrict__ rows, int dim, int revive) {
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    i64 row = -1;
+    if (i < n && last[pos[i]] == (int)i) {
+        row = probe(qkeys[i], slot_keys, slot_rows, mask);
+        if (row >= 0 && !revive && !live[row]) row = -1;
+    }
+    __syncwarp();
+    const int count = (int)min((i64)32, n - base);
+    scatter_rows(rows, row, in + base * dim, row >= 0 ? (i64)lane : 0, count, dim, lane);
+    if (row >= 0) live[row] = true;
+}
+
+extern "C" __global__ void static_invalidate(const i64* __restrict__ qkeys, i64 n, const i64* __restrict__ slot_keys,
+                                             const int* __restrict__ slot_rows, bool* live, unsigned mask) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const i64 row = probe(qkeys[i], slot_keys, slot_rows, mask);
+    if (row >= 0) live[row] = false;
+}
+
+// ---------------------------------------------------------------- the raw gather (benchmark ceiling)
+
+extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64* __restrict__ index, i64 n, int dim,
+                                      float* __restrict__ out) {
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    const i64 row = i < n ? index[i] : -1;
+    gather_rows(table, row, (int)min((i64)32, n - base), dim, out + base * dim, lane);
+}
+
+// ---------------------------------------------------------------- entry points per storage type
+
+#define CACHE_KERNELS(T, SUFFIX)                                                                                  \
+    extern "C" __global__ void query_##SUFFIX(const i64* qkeys, i64 n, const unsigned* fps, const i64* keys,      \
+                                              i64* stamps, const T* rows, unsigned num_sets, int ways, int dim,   \
+                                              i64 clock, float* out, bool* hit, u64* hit_count) {                 \
+        query_impl<T>(qkeys, n, fps, keys, stamps, rows, num_sets, ways, dim, clock, out, hit, hit_count);        \
+    }                                                                                                             \
+    extern "C" __global__ void write_present_##SUFFIX(const i64* qkeys, const float* in, i64 n, const int* last,  \
+                                                      const int* pos, const unsigned* fps, const i64* keys,       \
+                                                      i64* stamps, T* rows, unsigned num_sets, int ways, int dim, \
+                                                      i64 clock, bool* absent) {                                  \
+        write_present_impl<T>(qkeys, in, n, last, pos, fps, keys, stamps, rows, num_sets, ways, dim, clock,       \
+                              absent);                                                                            \
+    }                                                                                                             \
+    extern "C" __global__ void insert_absent_##SUFFIX(const i64* qkeys, const float* in, i64 n,                  \
+                                                      const bool* absent, unsigned* fps, i64* keys, i64* stamps,  \
+                                                      T* rows, int* locks, unsigned num_sets, int ways, int dim,  \
+                                                      i64 touched, i64 inserted) {                                \
+        insert_absent_impl<T>(qkeys, in, n, absent, fps, keys, stamps, rows, locks, num_sets, ways, dim,          \
+                              touched, inserted);                                                                 \
+    }                                                                                                             \
+    extern "C" __global__ void static_query_##SUFFIX(const i64* qkeys, i64 n, const i64* slot_keys,               \
+                                                     const int* slot_rows, const bool* live, unsigned mask,       \
+                                                     const T* rows, int dim, float* out, bool* hit,               \
+                                                     u64* hit_count) {                                            \
+        static_query_impl<T>(qkeys, n, slot_keys, slot_rows, live, mask, rows, dim, out, hit, hit_count);         \
+    }                                                                                                             \
+    extern "C" __global__ void static_write_##SUFFIX(const i64* qkeys, const float* in, i64 n, const int* last,   \
+                                                     const int* pos, const i64* slot_keys, const int* slot_rows,  \
+                                                     bool* live, unsigned mask, T* rows, int dim, int revive) {   \
+        static_write_impl<T>(qkeys, in, n, last, pos, slot_keys, slot_rows, live, mask, rows, dim, revive);       \
+    }
+
+CACHE_KERNELS(float, f32)
+CACHE_KERNELS(f16, f16)
+
+extern "C" __global__ void invalidate(const i64* qkeys, i64 n, unsigned* fps, const i64* keys, i64* stamps,
+                                      unsigned num_sets, int ways) {
+    invalidate_impl(qkeys, n, fps, keys, stamps, num_sets, ways);
+}
