@@ -91,6 +91,9 @@ class StorageLevel(ABC):
 
 def as_keys(keys: np.ndarray) -> np.ndarray:
     """Keys as a contiguous 1-D little-endian int64 array (no copy when already so)."""
+    keys = np.asarray(keys)
+    if keys.size and keys.dtype.kind not in "iu":
+        raise ValueError(f"keys: must be integers, got dtype {keys.dtype}")
     keys = np.ascontiguousarray(keys, dtype="<i8")
     if keys.ndim != 1:
         raise ValueError(f"keys: must be 1-D, got shape {keys.shape}")
@@ -99,6 +102,9 @@ def as_keys(keys: np.ndarray) -> np.ndarray:
 
 def as_vectors(vectors: np.ndarray, rows: int, dim: int) -> np.ndarray:
     """Vectors as a contiguous float32 [rows, dim] array, or ValueError naming the mismatch."""
+    vectors = np.asarray(vectors)
+    if vectors.size and vectors.dtype.kind != "f":
+        raise ValueError(f"vectors: must be floating point, got dtype {vectors.dtype}")
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
     if vectors.shape != (rows, dim):
         raise ValueError(f"vectors: expected shape ({rows}, {dim}), got {vectors.shape}")

@@ -1,0 +1,53 @@
+"""A raw-bytes gRPC echo server: the baseline every lookup benchmark is divided by.
+
+It replies to each call with as many bytes as the request's first 8 bytes ask for, with no decoding, so a
+same-size exchange shows what Python gRPC alone costs on this machine. Run: python -m benchmarks.echo_server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent import futures
+from functools import lru_cache
+
+import grpc
+
+METHOD = "/hps.bench.Echo/Call"
+MAX_MESSAGE = 256 * 1024 * 1024
+OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+
+
+@lru_cache(maxsize=16)
+def _reply(size: int) -> bytes:
+    return bytes(size)
+
+
+def _call(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return _reply(int.from_bytes(request[:8], "little"))
+
+
+def request(reply_bytes: int, request_bytes: int) -> bytes:
+    """A request of `request_bytes` bytes asking for a reply of `reply_bytes` bytes."""
+    return reply_bytes.to_bytes(8, "little") + bytes(max(0, request_bytes - 8))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=16)
+    args = parser.parse_args(argv)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=OPTIONS)
+    handler = grpc.method_handlers_generic_handler(
+        "hps.bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(_call)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Printing benchmark results: a readable table for people, or one JSON object with every figure (--json).
+
+Benchmarks build rows of plain numbers; this module only formats them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def emit(title: str, rows: Sequence[Mapping[str, Any]], as_json: bool, extra: Mapping[str, Any] | None = None) -> None:
+    """Prints `rows` (dicts with the same keys) as a table, or everything as one JSON object."""
+    if as_json:
+        json.dump({"benchmark": title, "rows": list(rows), **(extra or {})}, sys.stdout, indent=2)
+        print()
+        return
+    print(f"\n{title}")
+    if extra:
+        for key, value in extra.items():
+            print(f"  {key}: {value}")
+    if not rows:
+        return
+    columns = list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)

@@ -1,0 +1,29 @@
+"""hps client: look up embedding vectors from an hps server with NumPy arrays in and out.
+
+`Client` blocks, `AsyncClient` awaits; both raise HpsError subclasses carrying the server's message.
+"""
+
+from hps_client.client import AsyncClient, Client, ModelInfo, TableInfo
+from hps_client.errors import (
+    DeadlineExceededError,
+    HpsError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from hps_client.wire import LookupResult
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DeadlineExceededError",
+    "HpsError",
+    "InvalidArgumentError",
+    "LookupResult",
+    "ModelInfo",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "TableInfo",
+    "UnavailableError",
+]

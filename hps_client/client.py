@@ -1,0 +1,212 @@
+"""Sync and asyncio clients for an hps server: NumPy arrays in, NumPy arrays out.
+
+Thin by design: requests are built and replies decoded by wire.py; gRPC errors become HpsError subclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from hps_client import wire
+from hps_client._proto import hps_pb2, hps_pb2_grpc
+from hps_client.errors import from_rpc_error
+from hps_client.wire import Combiner, Dtype, LookupResult
+
+DEFAULT_TIMEOUT = 30.0
+MAX_MESSAGE_MB = 256
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    dim: int
+    rows: int
+    default_value: float
+    max_keys_per_request: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    tables: tuple[TableInfo, ...]
+    levels: tuple[str, ...]
+
+
+def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
+    size = max_message_mb * 1024 * 1024
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
+    return ModelInfo(
+        name=response.model,
+        tables=tuple(
+            TableInfo(t.name, t.dim, t.rows, t.default_value, t.max_keys_per_request) for t in response.tables
+        ),
+        levels=tuple(response.levels),
+    )
+
+
+def _shaped(result: LookupResult, keys: object) -> np.ndarray:
+    """Vectors shaped like the keys plus a trailing dim axis."""
+    return result.vectors.reshape(*np.shape(keys), result.vectors.shape[1])
+
+
+def _upsert_request(model: str, table: str, keys: object, vectors: object) -> hps_pb2.UpsertRequest:
+    data = np.ascontiguousarray(vectors, dtype="<f4")
+    return hps_pb2.UpsertRequest(model=model, table=table, keys=wire.pack_keys(keys), vectors=data.tobytes())
+
+
+class Client:
+    """A blocking client. `timeout` (seconds) applies to every call unless a call passes its own."""
+
+    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT, max_message_mb: int = MAX_MESSAGE_MB):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_mb))
+        self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
+        self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def lookup(
+        self, model: str, table: str, keys: object, *, dtype: Dtype = "float32", timeout: float | None = None
+    ) -> np.ndarray:
+        """Vectors for `keys` (any shape of integers), shaped keys.shape + (dim,)."""
+        request = wire.lookup_request(model, [wire.table_query(table, keys)], dtype)
+        return _shaped(wire.results(self._call(self._lookups.Lookup, request, timeout))[0], keys)
+
+    def lookup_tables(
+        self,
+        model: str,
+        keys_by_table: Mapping[str, object],
+        *,
+        dtype: Dtype = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, LookupResult]:
+        """One RPC for several tables; results carry the per-key found mask."""
+        response = self._call(self._lookups.Lookup, wire.tables_request(model, keys_by_table, dtype), timeout)
+        return {result.table: result for result in wire.results(response)}
+
+    def lookup_combined(
+        self,
+        model: str,
+        table: str,
+        keys: object,
+        row_splits: object,
+        *,
+        combiner: Combiner = "mean",
+        weights: object | None = None,
+        dtype: Dtype = "float32",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """One vector per sample: keys[row_splits[i]:row_splits[i+1]] reduced on the server."""
+        request = wire.lookup_request(model, [wire.table_query(table, keys, row_splits, weights, combiner)], dtype)
+        return wire.results(self._call(self._lookups.Lookup, request, timeout))[0].vectors
+
+    def upsert(self, model: str, table: str, keys: object, vectors: object, *, timeout: float | None = None) -> int:
+        response = self._call(self._lookups.Upsert, _upsert_request(model, table, keys, vectors), timeout)
+        return int(response.rows)
+
+    def delete(self, model: str, table: str, keys: object, *, timeout: float | None = None) -> int:
+        request = hps_pb2.DeleteRequest(model=model, table=table, keys=wire.pack_keys(keys))
+        return int(self._call(self._lookups.Delete, request, timeout).rows)
+
+    def list_models(self, *, timeout: float | None = None) -> list[str]:
+        return list(self._call(self._models.ListModels, hps_pb2.ListModelsRequest(), timeout).models)
+
+    def describe(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        return _model_info(self._call(self._models.DescribeModel, hps_pb2.DescribeModelRequest(model=model), timeout))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of Client (grpc.aio); create and use it inside a running event loop."""
+
+    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT, max_message_mb: int = MAX_MESSAGE_MB):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_mb))
+        self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
+        self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def lookup(
+        self, model: str, table: str, keys: object, *, dtype: Dtype = "float32", timeout: float | None = None
+    ) -> np.ndarray:
+        request = wire.lookup_request(model, [wire.table_query(table, keys)], dtype)
+        return _shaped(wire.results(await self._call(self._lookups.Lookup, request, timeout))[0], keys)
+
+    async def lookup_tables(
+        self,
+        model: str,
+        keys_by_table: Mapping[str, object],
+        *,
+        dtype: Dtype = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, LookupResult]:
+        response = await self._call(self._lookups.Lookup, wire.tables_request(model, keys_by_table, dtype), timeout)
+        return {result.table: result for result in wire.results(response)}
+
+    async def lookup_combined(
+        self,
+        model: str,
+        table: str,
+        keys: object,
+        row_splits: object,
+        *,
+        combiner: Combiner = "mean",
+        weights: object | None = None,
+        dtype: Dtype = "float32",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        request = wire.lookup_request(model, [wire.table_query(table, keys, row_splits, weights, combiner)], dtype)
+        return wire.results(await self._call(self._lookups.Lookup, request, timeout))[0].vectors
+
+    async def upsert(
+        self, model: str, table: str, keys: object, vectors: object, *, timeout: float | None = None
+    ) -> int:
+        response = await self._call(self._lookups.Upsert, _upsert_request(model, table, keys, vectors), timeout)
+        return int(response.rows)
+
+    async def delete(self, model: str, table: str, keys: object, *, timeout: float | None = None) -> int:
+        request = hps_pb2.DeleteRequest(model=model, table=table, keys=wire.pack_keys(keys))
+        return int((await self._call(self._lookups.Delete, request, timeout)).rows)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[str]:
+        return list((await self._call(self._models.ListModels, hps_pb2.ListModelsRequest(), timeout)).models)
+
+    async def describe(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        request = hps_pb2.DescribeModelRequest(model=model)
+        return _model_info(await self._call(self._models.DescribeModel, request, timeout))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,85 @@
+"""Builds hps.v1 requests from NumPy arrays and turns replies back into arrays, without per-key work.
+
+Shared by the sync and asyncio clients; it performs no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from hps_client._proto import hps_pb2
+
+Dtype = Literal["float32", "float16"]
+Combiner = Literal["sum", "mean", "sqrtn"]
+
+_DTYPES: dict[str, int] = {"float32": hps_pb2.VECTOR_DTYPE_FLOAT32, "float16": hps_pb2.VECTOR_DTYPE_FLOAT16}
+_WIRE_NUMPY = {hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"), hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2")}
+_COMBINERS: dict[str, int] = {
+    "sum": hps_pb2.COMBINER_SUM,
+    "mean": hps_pb2.COMBINER_MEAN,
+    "sqrtn": hps_pb2.COMBINER_SQRTN,
+}
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """Vectors (rows x dim, float32 or float16) and, per key, whether some level held it."""
+
+    table: str
+    vectors: np.ndarray
+    found: np.ndarray
+
+
+def pack_keys(keys: object, field: str = "keys") -> bytes:
+    array = np.asarray(keys)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{field}: must be integers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array.reshape(-1), dtype="<i8").tobytes()
+
+
+def table_query(
+    table: str,
+    keys: object,
+    row_splits: object | None = None,
+    weights: object | None = None,
+    combiner: Combiner | None = None,
+) -> hps_pb2.TableQuery:
+    query = hps_pb2.TableQuery(table=table, keys=pack_keys(keys))
+    if combiner is not None or row_splits is not None:
+        if combiner not in _COMBINERS or row_splits is None:
+            raise ValueError(f"combiner: a ragged query needs row_splits and one of {sorted(_COMBINERS)}")
+        query.combiner = _COMBINERS[combiner]
+        query.row_splits = pack_keys(row_splits, "row_splits")
+        if weights is not None:
+            query.weights = np.ascontiguousarray(np.asarray(weights).reshape(-1), dtype="<f4").tobytes()
+    return query
+
+
+def lookup_request(
+    model: str, queries: Iterable[hps_pb2.TableQuery], dtype: Dtype = "float32", request_id: str = ""
+) -> hps_pb2.LookupRequest:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return hps_pb2.LookupRequest(model=model, queries=list(queries), dtype=_DTYPES[dtype], request_id=request_id)
+
+
+def tables_request(model: str, keys_by_table: Mapping[str, object], dtype: Dtype = "float32") -> hps_pb2.LookupRequest:
+    return lookup_request(model, (table_query(t, k) for t, k in keys_by_table.items()), dtype)
+
+
+def results(response: hps_pb2.LookupResponse) -> list[LookupResult]:
+    """Arrays viewing the reply's bytes (read-only, no copy)."""
+    return [
+        LookupResult(
+            table=r.table,
+            vectors=np.frombuffer(r.vectors, dtype=_WIRE_NUMPY[r.dtype or hps_pb2.VECTOR_DTYPE_FLOAT32]).reshape(
+                r.rows, r.dim
+            ),
+            found=np.frombuffer(r.found, dtype=np.bool_),
+        )
+        for r in response.results
+    ]

@@ -1,0 +1,148 @@
+"""The `hps` command: serve, import, export, demo and bench.
+
+It parses arguments and prints for people; the work itself lives in the modules it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hps_server import config as config_module
+
+log = logging.getLogger("hps")
+
+BENCHMARKS = {
+    "lookup": "benchmarks.lookup",
+    "memory": "benchmarks.memory",
+    "cache": "benchmarks.cache",
+    "redis": "benchmarks.redis",
+}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hps_server.server import serve
+
+    serve(config_module.load(args.config))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from hps_server import storage, tables
+
+    config = config_module.load(args.config)
+    if args.to == "volatile":
+        level = storage.open_volatile(config.volatile_db)
+    else:
+        level = storage.open_persistent(config.persistent_db)
+    if level is None:
+        raise config_module.ConfigError(f"{args.to}_db: disabled; nothing to import into")
+    try:
+        for model in config.models:
+            if args.model not in (None, model.name):
+                continue
+            for table in model.tables:
+                if args.table not in (None, table.name):
+                    continue
+                source = Path(args.source) if args.source else table.source
+                if source is None:
+                    print(f"{model.name}.{table.name}: no source configured, skipped (pass --source)")
+                    continue
+                name = f"{model.name}.{table.name}"
+                level.create_table(name, table.dim)
+                rows = tables.import_table(level, name, source, table.dim, progress=True)
+                print(f"{name}: imported {rows} rows from {source} into {level.kind}")
+    finally:
+        level.close()
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hps_server import storage, tables
+
+    config = config_module.load(args.config)
+    model = config.model(args.model)
+    table = model.table(args.table)
+    level = storage.open_persistent(config.persistent_db)
+    if level is None:
+        raise config_module.ConfigError("persistent_db: disabled; nothing to export from")
+    try:
+        rows = tables.export_table(level, f"{model.name}.{table.name}", Path(args.out), args.format, progress=True)
+    finally:
+        level.close()
+    print(f"{model.name}.{table.name}: exported {rows} rows to {args.out} ({args.format} format)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hps_server.demo import run_demo
+
+    return run_demo(Path(args.dir), port=args.port, seconds=args.seconds, once=args.once)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHMARKS[args.what])
+    return int(module.main(args.bench_args + (["--json"] if args.json else [])) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hps", description="Hierarchical Parameter Server for embedding lookups.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the models of a config file")
+    serve.add_argument("--config", required=True, help="YAML config, or an HPS ps.json")
+    serve.set_defaults(run=_serve)
+
+    imp = commands.add_parser("import", help="bulk-load table files into a level")
+    imp.add_argument("--config", required=True)
+    imp.add_argument("--model", help="only this model (default: all)")
+    imp.add_argument("--table", help="only this table (default: all)")
+    imp.add_argument("--source", help="table folder (HPS key/emb_vector or .npy pair); default: the config's")
+    imp.add_argument(
+        "--to",
+        choices=["persistent", "volatile"],
+        default="persistent",
+        help="level to load (volatile: the configured volatile_db, e.g. Redis Cluster)",
+    )
+    imp.set_defaults(run=_import)
+
+    exp = commands.add_parser("export", help="write a table from the persistent level to files")
+    exp.add_argument("--config", required=True)
+    exp.add_argument("--model", required=True)
+    exp.add_argument("--table", required=True)
+    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--format", choices=["hps", "npy"], default="hps")
+    exp.set_defaults(run=_export)
+
+    demo = commands.add_parser("demo", help="make a sample model, serve it, run a skewed workload, keep serving")
+    demo.add_argument("--dir", default="hps-demo", help="where the sample tables and database live")
+    demo.add_argument("--port", type=int, default=8500, help="port to serve on (0: any free port)")
+    demo.add_argument("--seconds", type=float, default=5.0, help="length of the client workload")
+    demo.add_argument("--once", action="store_true", help="exit after the workload instead of serving on")
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="run a benchmark (results as ratios to a same-run baseline)")
+    bench.add_argument("what", choices=sorted(BENCHMARKS))
+    bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except (config_module.ConfigError, KeyError, FileNotFoundError, ValueError) as e:
+        print(f"hps {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

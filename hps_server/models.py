@@ -1,0 +1,108 @@
+"""The models one server hosts: opens the configured levels, ingests table files, warms the volatile level.
+
+It builds one LookupSession per model and owns the levels' lifecycle (open, serve, close); it does not
+answer requests itself and knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from hps_server import storage, tables
+from hps_server.cache import EmbeddingCache
+from hps_server.config import Config, ModelConfig
+from hps_server.session import LookupSession
+from hps_server.storage.base import StorageLevel
+
+log = logging.getLogger(__name__)
+
+CacheFactory = Callable[[ModelConfig], Mapping[str, Sequence[EmbeddingCache]]]
+"""Builds the L1 caches of a model: per table, one per device."""
+
+
+@dataclass
+class HostedModels:
+    config: Config
+    volatile: StorageLevel | None
+    persistent: StorageLevel | None
+    sessions: dict[str, LookupSession]
+
+    @classmethod
+    def open(cls, config: Config, cache_factory: CacheFactory | None = None, progress: bool = False) -> HostedModels:
+        """Opens the levels and prepares every model; a failure closes what was opened."""
+        persistent = storage.open_persistent(config.persistent_db)
+        volatile = None
+        try:
+            volatile = storage.open_volatile(config.volatile_db)
+            levels = [level for level in (volatile, persistent) if level is not None]
+            sessions = {}
+            for model in config.models:
+                _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
+                caches = cache_factory(model) if cache_factory else None
+                sessions[model.name] = LookupSession(
+                    model, levels, caches, write_back=config.volatile_db.cache_missed_embeddings
+                )
+                log.info(
+                    "model %s ready: %d tables, levels %s",
+                    model.name,
+                    len(model.tables),
+                    sessions[model.name].level_names(),
+                )
+        except BaseException:
+            for level in (volatile, persistent):
+                if level is not None:
+                    level.close()
+            raise
+        return cls(config, volatile, persistent, sessions)
+
+    def session(self, model: str) -> LookupSession:
+        """The model's session; KeyError naming the model when it is not hosted."""
+        try:
+            return self.sessions[model]
+        except KeyError:
+            raise KeyError(f"no model {model!r} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
+
+    def close(self) -> None:
+        for level in (self.volatile, self.persistent):
+            if level is not None:
+                level.close()
+
+
+def _prepare_tables(
+    model: ModelConfig,
+    volatile: StorageLevel | None,
+    persistent: StorageLevel | None,
+    initial_cache_rate: float,
+    progress: bool,
+) -> None:
+    """Creates each table in the levels, ingests its source files on first start, then warms the volatile level."""
+    for table in model.tables:
+        name = f"{model.name}.{table.name}"
+        authoritative = persistent or volatile
+        if authoritative is None:
+            raise ValueError(f"model {model.name}: both volatile_db and persistent_db are disabled")
+        if not authoritative.read_only:
+            authoritative.create_table(name, table.dim)
+        if table.source is not None and authoritative.size(name) == 0:
+            log.info("ingesting %s from %s", name, table.source)
+            rows = tables.import_table(authoritative, name, table.source, table.dim, progress=progress)
+            log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)
+        if volatile is not None and volatile is not authoritative and not volatile.read_only:
+            volatile.create_table(name, table.dim)
+            if initial_cache_rate > 0 and persistent is not None:
+                _warm(volatile, persistent, name, initial_cache_rate)
+
+
+def _warm(volatile: StorageLevel, persistent: StorageLevel, table: str, rate: float) -> None:
+    """Copies the first `rate` fraction of the persistent rows into the volatile level."""
+    budget = int(persistent.size(table) * rate)
+    copied = 0
+    for keys, vectors in persistent.dump(table):
+        if copied >= budget:
+            break
+        take = min(len(keys), budget - copied)
+        volatile.insert(table, keys[:take], vectors[:take])
+        copied += take
+    log.info("warmed %s: %d rows in %s", table, copied, volatile.kind)

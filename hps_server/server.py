@@ -1,0 +1,90 @@
+"""The gRPC server process: hosts the models, serves hps.v1, health checking and reflection, drains on stop.
+
+It wires the pieces together and owns their lifecycle; request handling lives in service.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hps_client._proto import hps_pb2, hps_pb2_grpc
+from hps_server.config import Config
+from hps_server.models import CacheFactory, HostedModels
+from hps_server.service import LookupServicer, ModelServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("LookupService", "ModelService"))
+
+
+class HpsServer:
+    """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels."""
+
+    def __init__(self, config: Config, cache_factory: CacheFactory | None = None, progress: bool = False) -> None:
+        self.config = config
+        self.health = health.HealthServicer()
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.models = HostedModels.open(config, cache_factory, progress=progress)
+        message_bytes = config.server.max_message_mb * 1024 * 1024
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
+            options=[
+                ("grpc.max_receive_message_length", message_bytes),
+                ("grpc.max_send_message_length", message_bytes),
+            ],
+        )
+        hps_pb2_grpc.add_LookupServiceServicer_to_server(LookupServicer(self.models), self._grpc)
+        hps_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.models), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self.port = 0
+        self._stopped = threading.Event()
+
+    def start(self) -> int:
+        """Binds the configured address and starts serving; returns the bound port."""
+        self.port = self._grpc.add_insecure_port(self.config.server.address)
+        if not self.port:
+            raise OSError(f"server.address: cannot bind {self.config.server.address}")
+        self._grpc.start()
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish within `grace` seconds, then closes the levels."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self._grpc.stop(grace).wait()
+        self.models.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        """Blocks until stop() has finished."""
+        self._grpc.wait_for_termination()
+
+
+def serve(config: Config, cache_factory: CacheFactory | None = None) -> None:
+    """Runs a server in the foreground until SIGTERM or SIGINT, then drains and exits."""
+    server = HpsServer(config, cache_factory, progress=True)
+    server.start()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, draining", signal.Signals(signum).name)
+        threading.Thread(target=server.stop, name="hps-drain").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait()

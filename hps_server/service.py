@@ -1,0 +1,244 @@
+"""gRPC servicers for hps.v1: decode request bytes into arrays, call the model's session, encode the reply.
+
+Every bad input becomes a status code with a message naming the field; nothing here touches a level
+directly, and the hot path is a few NumPy calls per table, never per key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import NoReturn
+
+import grpc
+import numpy as np
+
+from hps_client._proto import hps_pb2, hps_pb2_grpc
+from hps_server.combiners import CombinerName, check_row_splits, combine
+from hps_server.config import TableConfig
+from hps_server.models import HostedModels
+from hps_server.session import LookupSession
+from hps_server.storage.base import LevelUnavailableError, StorageError
+
+log = logging.getLogger(__name__)
+
+_WIRE_DTYPES = {
+    hps_pb2.VECTOR_DTYPE_UNSPECIFIED: np.dtype("<f4"),
+    hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"),
+    hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2"),
+}
+_COMBINERS: dict[int, CombinerName] = {
+    hps_pb2.COMBINER_SUM: "sum",
+    hps_pb2.COMBINER_MEAN: "mean",
+    hps_pb2.COMBINER_SQRTN: "sqrtn",
+}
+
+
+class RequestError(Exception):
+    """A request the server refuses: carries the gRPC status code and the message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _packed(data: bytes, dtype: str, field: str) -> np.ndarray:
+    width = np.dtype(dtype).itemsize
+    if len(data) % width:
+        raise _invalid(f"{field}: byte length {len(data)} is not a multiple of {width}")
+    return np.frombuffer(data, dtype=dtype)
+
+
+def decode_keys(keys: bytes, key_list: object, field: str) -> np.ndarray:
+    if keys and len(key_list):  # type: ignore[arg-type]
+        raise _invalid(f"{field}: set keys (packed bytes) or key_list, not both")
+    if keys:
+        return _packed(keys, "<i8", f"{field}.keys")
+    return np.array(key_list, dtype=np.int64)
+
+
+class Lookups:
+    """Request decoding, limits and reply encoding shared by the unary and streaming Lookup."""
+
+    def __init__(self, models: HostedModels) -> None:
+        self.models = models
+
+    def session(self, model: str) -> LookupSession:
+        try:
+            return self.models.session(model)
+        except KeyError as e:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+
+    def table(self, session: LookupSession, name: str) -> TableConfig:
+        try:
+            return session.table(name)
+        except KeyError as e:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+
+    def answer(self, request: hps_pb2.LookupRequest) -> hps_pb2.LookupResponse:
+        session = self.session(request.model)
+        wire_dtype = _WIRE_DTYPES.get(request.dtype)
+        if wire_dtype is None:
+            raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
+        # Decode and check every query before any lookup, so a bad request costs no level work.
+        decoded = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
+        results = []
+        for (table, keys, row_splits, weights, combiner), query in zip(decoded, request.queries, strict=True):
+            try:
+                looked_up = session.lookup(table.name, keys)
+            except LevelUnavailableError as e:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"table {table.name}: {e}") from None
+            vectors = looked_up.vectors
+            if combiner is not None:
+                vectors = combine(vectors, row_splits, combiner, weights)
+            results.append(
+                hps_pb2.TableResult(
+                    table=query.table,
+                    vectors=vectors.astype(wire_dtype, copy=False).tobytes(),
+                    rows=len(vectors),
+                    dim=table.dim,
+                    dtype=request.dtype or hps_pb2.VECTOR_DTYPE_FLOAT32,
+                    found=looked_up.found.view(np.uint8).tobytes(),
+                )
+            )
+        return hps_pb2.LookupResponse(model=request.model, results=results, request_id=request.request_id)
+
+    def _decode(
+        self, session: LookupSession, query: hps_pb2.TableQuery, field: str
+    ) -> tuple[TableConfig, np.ndarray, np.ndarray, np.ndarray | None, CombinerName | None]:
+        table = self.table(session, query.table)
+        keys = decode_keys(query.keys, query.key_list, field)
+        limit = session.model.max_keys(table)
+        if len(keys) > limit:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{field}: {len(keys)} keys for table {table.name} exceed the limit of {limit} "
+                f"(max_batch_size {session.model.max_batch_size} x max_keys_per_sample {table.max_keys_per_sample})",
+            )
+        if not query.row_splits:
+            if query.combiner != hps_pb2.COMBINER_UNSPECIFIED:
+                raise _invalid(f"{field}.combiner: needs row_splits (one offset per sample plus one)")
+            if query.weights:
+                raise _invalid(f"{field}.weights: only used with row_splits and a combiner")
+            return table, keys, np.empty(0, np.int64), None, None
+        combiner = _COMBINERS.get(query.combiner)
+        if combiner is None:
+            raise _invalid(f"{field}.combiner: row_splits needs a combiner (SUM, MEAN or SQRTN), got {query.combiner}")
+        row_splits = _packed(query.row_splits, "<i8", f"{field}.row_splits")
+        samples = len(row_splits) - 1
+        if samples > session.model.max_batch_size:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{field}.row_splits: {samples} samples exceed max_batch_size {session.model.max_batch_size}",
+            )
+        weights = _packed(query.weights, "<f4", f"{field}.weights") if query.weights else None
+        if weights is not None and len(weights) != len(keys):
+            raise _invalid(f"{field}.weights: {len(weights)} weights for {len(keys)} keys; give one per key")
+        try:
+            check_row_splits(row_splits, len(keys))
+        except ValueError as e:
+            raise _invalid(f"{field}.{e}") from None
+        return table, keys, row_splits, weights, combiner
+
+
+def _abort(context: grpc.ServicerContext, error: RequestError) -> NoReturn:
+    context.abort(error.code, error.message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def _guarded(context: grpc.ServicerContext, call: str, work):  # type: ignore[no-untyped-def]
+    """Runs `work`, turning refusals and failures into a status with a message."""
+    try:
+        return work()
+    except RequestError as e:
+        _abort(context, e)
+    except ValueError as e:
+        _abort(context, _invalid(str(e)))
+    except StorageError as e:
+        log.exception("%s failed in a storage level", call)
+        _abort(context, RequestError(grpc.StatusCode.INTERNAL, f"storage error: {e}"))
+
+
+class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
+    def __init__(self, models: HostedModels) -> None:
+        self.lookups = Lookups(models)
+
+    def Lookup(self, request: hps_pb2.LookupRequest, context: grpc.ServicerContext) -> hps_pb2.LookupResponse:
+        return _guarded(context, "Lookup", lambda: self.lookups.answer(request))
+
+    def StreamLookup(
+        self, request_iterator: Iterator[hps_pb2.LookupRequest], context: grpc.ServicerContext
+    ) -> Iterator[hps_pb2.LookupResponse]:
+        # A refused request ends the stream with its status; replies already sent stand.
+        for request in request_iterator:
+            yield _guarded(context, "StreamLookup", lambda request=request: self.lookups.answer(request))
+
+    def Upsert(self, request: hps_pb2.UpsertRequest, context: grpc.ServicerContext) -> hps_pb2.UpsertResponse:
+        def work() -> hps_pb2.UpsertResponse:
+            session = self.lookups.session(request.model)
+            table = self.lookups.table(session, request.table)
+            keys = _packed(request.keys, "<i8", "keys")
+            vectors = _packed(request.vectors, "<f4", "vectors")
+            if len(vectors) != len(keys) * table.dim:
+                raise _invalid(
+                    f"vectors: {len(vectors)} floats for {len(keys)} keys of dim {table.dim}; "
+                    f"expected {len(keys) * table.dim}"
+                )
+            if not np.all(np.isfinite(vectors)):
+                raise _invalid("vectors: contains NaN or infinity")
+            try:
+                rows = session.upsert(table.name, keys, vectors.reshape(len(keys), table.dim))
+            except PermissionError as e:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            return hps_pb2.UpsertResponse(rows=rows)
+
+        return _guarded(context, "Upsert", work)
+
+    def Delete(self, request: hps_pb2.DeleteRequest, context: grpc.ServicerContext) -> hps_pb2.DeleteResponse:
+        def work() -> hps_pb2.DeleteResponse:
+            session = self.lookups.session(request.model)
+            table = self.lookups.table(session, request.table)
+            keys = _packed(request.keys, "<i8", "keys")
+            try:
+                return hps_pb2.DeleteResponse(rows=session.delete(table.name, keys))
+            except PermissionError as e:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+
+        return _guarded(context, "Delete", work)
+
+
+class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
+    def __init__(self, models: HostedModels) -> None:
+        self.lookups = Lookups(models)
+
+    def ListModels(
+        self, request: hps_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> hps_pb2.ListModelsResponse:
+        return hps_pb2.ListModelsResponse(models=sorted(self.lookups.models.sessions))
+
+    def DescribeModel(
+        self, request: hps_pb2.DescribeModelRequest, context: grpc.ServicerContext
+    ) -> hps_pb2.DescribeModelResponse:
+        def work() -> hps_pb2.DescribeModelResponse:
+            session = self.lookups.session(request.model)
+            return hps_pb2.DescribeModelResponse(
+                model=session.name,
+                tables=[
+                    hps_pb2.TableInfo(
+                        name=table.name,
+                        dim=table.dim,
+                        rows=session.rows(table.name),
+                        default_value=table.default_value,
+                        max_keys_per_request=session.model.max_keys(table),
+                    )
+                    for table in session.model.tables
+                ],
+                levels=session.level_names(),
+            )
+
+        return _guarded(context, "DescribeModel", work)

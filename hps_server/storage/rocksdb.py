@@ -1,0 +1,335 @@
+"""L3 persistent level: local RocksDB through rocksdict, one column family per "<model>.<table>".
+
+Keys are 8-byte little-endian int64, values raw float32 vector bytes. Must not know of models,
+sessions or other levels; must not loop over keys in Python beyond the one call per key rocksdict needs.
+
+Layout: the default column family holds metadata only, `dim/<table>` and `rows/<table>` (8-byte
+little-endian int64 each). `size` is exact: every write counts the keys it adds or removes (a presence
+multi_get before the write) and stores the new count in the same WriteBatch, so a reopened database
+knows both the dims and the row counts without scanning.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rocksdict
+
+from hps_server.config import PersistentDbConfig
+from hps_server.storage.base import (
+    DEFAULT_CHUNK_ROWS,
+    KeyChunk,
+    StorageError,
+    StorageLevel,
+    UnknownTableError,
+    as_keys,
+    as_vectors,
+)
+
+log = logging.getLogger(__name__)
+
+_META_CF = "default"
+
+
+def _options(num_threads: int) -> rocksdict.Options:
+    options = rocksdict.Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.increase_parallelism(num_threads)
+    return options
+
+
+def _key_bytes(keys: np.ndarray) -> list[bytes]:
+    """One 8-byte little-endian `bytes` per key, built in one NumPy call (V8 keeps trailing zeros)."""
+    return keys.astype("<i8").view("V8").tolist()  # type: ignore[no-any-return]
+
+
+def _row_bytes(vectors: np.ndarray) -> list[bytes]:
+    """One `bytes` per row of raw float32 values."""
+    return vectors.view(f"V{vectors.shape[1] * 4}").ravel().tolist()  # type: ignore[no-any-return]
+
+
+def _bytewise_order(keys: np.ndarray) -> np.ndarray:
+    """Keys' little-endian bytes read as big-endian uint64: sorting these sorts the byte strings."""
+    return keys.astype("<i8").view(">u8")
+
+
+def _last_of_each(keys: np.ndarray) -> np.ndarray:
+    """Indices of the last occurrence of every distinct key, ordered bytewise by key."""
+    reversed_order = _bytewise_order(keys)[::-1]
+    _, first_in_reversed = np.unique(reversed_order, return_index=True)
+    return len(keys) - 1 - first_in_reversed
+
+
+def _distinct(sorted_runs: list[np.ndarray]) -> int:
+    """Distinct keys over chunks each already in bytewise order (a stable sort merges such runs fast)."""
+    ordered = np.sort(np.concatenate([_bytewise_order(run) for run in sorted_runs]), kind="stable")
+    return int(np.count_nonzero(ordered[1:] != ordered[:-1])) + 1
+
+
+def _int_bytes(value: int) -> bytes:
+    return int(value).to_bytes(8, "little", signed=True)
+
+
+class RocksDBLevel(StorageLevel):
+    """Persistent level on a local RocksDB folder; read-only mode serves replicas of a prepared DB.
+
+    Fetches run concurrently; writes are serialized by a lock so the stored row counts stay exact.
+    A read-only instance sees the database as it was when opened.
+    """
+
+    kind = "rocksdb"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        num_threads: int = 16,
+        max_batch_size: int = 65536,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be at least 1, got {max_batch_size}")
+        self.path = Path(path)
+        self.read_only = read_only
+        self.max_batch_size = max_batch_size
+        self._write_lock = threading.Lock()
+        options = _options(num_threads)
+        exists = (self.path / "CURRENT").exists()
+        if read_only and not exists:
+            raise StorageError(f"rocksdb: no database at {self.path} to open read-only")
+        names = rocksdict.Rdict.list_cf(str(self.path), options) if exists else [_META_CF]
+        families = {name: rocksdict.Options(raw_mode=True) for name in names if name != _META_CF}
+        access = rocksdict.AccessType.read_only() if read_only else rocksdict.AccessType.read_write()
+        try:
+            self._db = rocksdict.Rdict(str(self.path), options, column_families=families, access_type=access)
+        except Exception as exc:
+            raise StorageError(f"rocksdb: cannot open {self.path}: {exc}") from exc
+        self._meta = self._db.get_column_family_handle(_META_CF)
+        self._dims: dict[str, int] = {}
+        self._rows: dict[str, int] = {}
+        self._families: dict[str, Any] = {}
+        # Column families created by a writer that stopped before recording the dim: not tables yet.
+        self._orphans: set[str] = set()
+        for name in families:
+            dim = self._db.get(f"dim/{name}".encode())
+            if dim is None:
+                self._orphans.add(name)
+                continue
+            rows = self._db.get(f"rows/{name}".encode()) or _int_bytes(0)
+            self._dims[name] = int.from_bytes(dim, "little", signed=True)
+            self._rows[name] = int.from_bytes(rows, "little", signed=True)
+            self._families[name] = self._db.get_column_family(name)
+        mode = "read-only" if read_only else "read-write"
+        log.info("rocksdb: opened %s (%s), tables %s", self.path, mode, self.tables())
+
+    @classmethod
+    def from_config(cls, config: PersistentDbConfig) -> RocksDBLevel:
+        return cls(
+            config.path,
+            read_only=config.read_only,
+            num_threads=config.num_threads,
+            max_batch_size=config.max_batch_size,
+        )
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def create_table(self, table: str, dim: int) -> None:
+        if dim < 1:
+            raise ValueError(f"dim: must be at least 1, got {dim}")
+        if table == _META_CF:
+            raise ValueError(f"table: {_META_CF!r} is reserved for the level's metadata")
+        known = self._dims.get(table)
+        if known is not None:
+            if known != dim:
+                raise StorageError(f"rocksdb: table {table!r} exists with dim {known}, asked for dim {dim}")
+            return
+        self._check_writable(table)
+        with self._write_lock:
+            if table in self._dims:
+                return
+            family = (
+                self._db.get_column_family(table)
+                if table in self._orphans
+                else self._db.create_column_family(table, rocksdict.Options(raw_mode=True))
+            )
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(f"dim/{table}".encode(), _int_bytes(dim), self._meta)
+            batch.put(f"rows/{table}".encode(), _int_bytes(0), self._meta)
+            self._db.write(batch)
+            self._families[table] = family
+            self._rows[table] = 0
+            self._dims[table] = dim
+
+    def dim(self, table: str) -> int:
+        try:
+            return self._dims[table]
+        except KeyError:
+            raise UnknownTableError(f"rocksdb: unknown table {table!r}") from None
+
+    def tables(self) -> list[str]:
+        return sorted(self._dims)
+
+    def size(self, table: str) -> int:
+        self.dim(table)
+        return self._rows[table]
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _values(self, table: str, keys: np.ndarray) -> list[bytes]:
+        """Stored values of `keys` (b'' where absent), one multi_get per max_batch_size keys."""
+        family = self._families[table]
+        values: list[bytes] = []
+        for start in range(0, len(keys), self.max_batch_size):
+            values += family.get(_key_bytes(keys[start : start + self.max_batch_size]), b"")
+        return values
+
+    def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dim = self.dim(table)
+        keys = as_keys(keys)
+        values = self._values(table, keys)
+        found = np.fromiter(map(len, values), dtype=np.int64, count=len(values)) > 0
+        # Missing keys came back as b"", so the join holds exactly the found rows, in key order.
+        joined = bytearray().join(values)
+        if found.all():  # the common case: a bytearray is writable, so the rows need no second copy
+            return np.frombuffer(joined, dtype="<f4").reshape(-1, dim), found
+        vectors = np.zeros((len(keys), dim), dtype=np.float32)
+        vectors[found] = np.frombuffer(joined, dtype="<f4").reshape(-1, dim)
+        return vectors, found
+
+    def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
+        self.dim(table)
+        return self._present(table, as_keys(keys))
+
+    def _present(self, table: str, keys: np.ndarray) -> np.ndarray:
+        values = self._values(table, keys)
+        return np.fromiter(map(len, values), dtype=np.int64, count=len(values)) > 0
+
+    def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
+        dim = self.dim(table)
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows: must be at least 1, got {chunk_rows}")
+        iterator = self._families[table].iter()
+        iterator.seek_to_first()
+        while iterator.valid():
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            while iterator.valid() and len(keys) < chunk_rows:
+                keys.append(iterator.key())
+                values.append(iterator.value())
+                iterator.next()
+            yield (
+                np.frombuffer(b"".join(keys), dtype="<i8").copy(),
+                np.frombuffer(b"".join(values), dtype="<f4").reshape(-1, dim).copy(),
+            )
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _check_writable(self, table: str) -> None:
+        if self.read_only:
+            raise StorageError(f"rocksdb: {self.path} is open read-only; cannot write table {table!r}")
+
+    def insert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        dim = self.dim(table)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, len(keys), dim)
+        self._check_writable(table)
+        if len(keys) == 0:
+            return
+        handle = self._db.get_column_family_handle(table)
+        distinct = keys[_last_of_each(keys)]
+        with self._write_lock:
+            added = int((~self._present(table, distinct)).sum())
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            # WriteBatch applies puts in order, so a key repeated in the batch keeps its last row.
+            deque(map(batch.put, _key_bytes(keys), _row_bytes(vectors), repeat(handle)), maxlen=0)
+            batch.put(f"rows/{table}".encode(), _int_bytes(self._rows[table] + added), self._meta)
+            self._db.write(batch)
+            self._rows[table] += added
+
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        self.dim(table)
+        keys = as_keys(keys)
+        self._check_writable(table)
+        distinct = np.unique(keys)
+        handle = self._db.get_column_family_handle(table)
+        with self._write_lock:
+            present = distinct[self._present(table, distinct)]
+            if len(present) == 0:
+                return 0
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            deque(map(batch.delete, _key_bytes(present), repeat(handle)), maxlen=0)
+            batch.put(f"rows/{table}".encode(), _int_bytes(self._rows[table] - len(present)), self._meta)
+            self._db.write(batch)
+            self._rows[table] -= len(present)
+            return len(present)
+
+    def load(self, table: str, chunks: Iterable[KeyChunk]) -> int:
+        """Bulk import: each chunk becomes one SST file ingested into the table's column family.
+
+        A key repeated within a chunk or across chunks keeps its last row, as with `insert`. SST files
+        are written in a temporary folder next to the database and removed afterwards. Other writes
+        wait for the load to finish, so the row count stays exact; a chunk with bad shapes raises
+        ValueError after the chunks before it were ingested.
+        """
+        dim = self.dim(table)
+        self._check_writable(table)
+        family = self._families[table]
+        ingest = rocksdict.IngestExternalFileOptions()
+        ingest.set_move_files(True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}-ingest-", dir=self.path.parent))
+        written = 0
+        with self._write_lock:
+            # Into an empty table the distinct keys of the load are its rows: count them once at the
+            # end (8 bytes per row in memory) rather than by a presence multi_get per chunk, which
+            # costs several times the ingest itself. Into a table with rows, multi_get counts.
+            into_empty = self._rows[table] == 0
+            loaded: list[np.ndarray] = []
+            try:
+                for number, (chunk_keys, chunk_vectors) in enumerate(chunks):
+                    keys = as_keys(chunk_keys)
+                    vectors = as_vectors(chunk_vectors, len(keys), dim)
+                    if len(keys) == 0:
+                        continue
+                    # SST files need strictly increasing keys in bytewise order of the little-endian bytes.
+                    last = _last_of_each(keys)
+                    keys, vectors = keys[last], vectors[last]
+                    sst = staging / f"{number:08d}.sst"
+                    writer = rocksdict.SstFileWriter(rocksdict.Options(raw_mode=True))
+                    writer.open(str(sst))
+                    deque(map(writer.__setitem__, _key_bytes(keys), _row_bytes(vectors)), maxlen=0)
+                    writer.finish()
+                    if into_empty:
+                        loaded.append(keys)
+                        rows = self._rows[table] + len(keys)  # an upper bound until the count below
+                    else:
+                        rows = self._rows[table] + int((~self._present(table, keys)).sum())
+                    family.ingest_external_file([str(sst)], ingest)
+                    self._store_rows(table, rows)
+                    written += len(chunk_keys)
+            finally:
+                if loaded:
+                    self._store_rows(table, _distinct(loaded))
+                shutil.rmtree(staging, ignore_errors=True)
+        return written
+
+    def _store_rows(self, table: str, rows: int) -> None:
+        self._db.put(f"rows/{table}".encode(), _int_bytes(rows))
+        self._rows[table] = rows
+
+    def close(self) -> None:
+        # RocksDB shuts down only when no column family object or handle refers to it any more.
+        self._families.clear()
+        del self._meta
+        if not self.read_only:
+            self._db.flush()
+        self._db.close()

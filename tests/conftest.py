@@ -1,0 +1,87 @@
+"""Fixtures that start real services for the tests: an hps server on loopback over a real RocksDB.
+
+Each fixture cleans up after itself; under CI=true a missing service fails the test instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hps_server import config as config_module
+from hps_server import tables
+from hps_server.server import HpsServer
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@dataclass
+class ServedModel:
+    """A running server and the ground truth it was loaded with."""
+
+    server: HpsServer
+    target: str
+    config: config_module.Config
+    truth: dict[str, tuple[np.ndarray, np.ndarray]]  # table -> (keys, vectors)
+
+    def expected(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """The stored vector of each key, or the table's default vector."""
+        stored_keys, vectors = self.truth[table]
+        spec = self.config.model("ctr").table(table)
+        order = np.argsort(stored_keys)
+        pos = np.clip(np.searchsorted(stored_keys, keys, sorter=order), 0, len(stored_keys) - 1)
+        rows = order[pos]
+        hit = stored_keys[rows] == keys
+        out = np.full((len(keys), spec.dim), spec.default_value, dtype=np.float32)
+        out[hit] = vectors[rows[hit]]
+        return out
+
+
+TABLE_SPECS = {"user": (5_000, 16, 0.0), "item": (3_000, 8, -1.5)}  # rows, dim, default value
+
+
+def write_sample_tables(directory: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    truth = {}
+    for name, (rows, dim, _) in TABLE_SPECS.items():
+        keys = rng.choice(np.arange(-(10**6), 10**6), size=rows, replace=False).astype(np.int64)
+        vectors = rng.standard_normal((rows, dim), dtype=np.float32)
+        tables.write_table(directory / name, [(keys, vectors)], "hps")
+        truth[name] = (keys, vectors)
+    return truth
+
+
+def sample_config(directory: Path, **volatile: object) -> config_module.Config:
+    raw = {
+        "server": {"address": "127.0.0.1:0", "shutdown_grace_seconds": 2},
+        "volatile_db": {"type": "hash_map", "initial_cache_rate": 0.0, **volatile},
+        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
+        "models": [
+            {
+                "name": "ctr",
+                "max_batch_size": 64,
+                "gpucache": False,
+                "tables": [
+                    {"name": name, "dim": dim, "default_value": default, "source": name, "max_keys_per_sample": 4}
+                    for name, (_, dim, default) in TABLE_SPECS.items()
+                ],
+            }
+        ],
+    }
+    return config_module.parse(raw, directory)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    directory = tmp_path_factory.mktemp("served")
+    truth = write_sample_tables(directory)
+    config = sample_config(directory)
+    server = HpsServer(config)
+    port = server.start()
+    yield ServedModel(server, f"127.0.0.1:{port}", config, truth)
+    server.stop(grace=1)

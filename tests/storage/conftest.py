@@ -1,0 +1,48 @@
+"""Backend factories the storage contract tests run against, one entry per backend.
+
+Fixtures that start real services (Redis, ...) live in tests/conftest.py; factories here only open levels on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from hps_server.config import VolatileDbConfig
+from hps_server.storage.base import StorageLevel
+from hps_server.storage.hashmap import HashMapLevel
+
+LevelFactory = Callable[[pytest.FixtureRequest], StorageLevel]
+BoundedLevelFactory = Callable[[pytest.FixtureRequest, VolatileDbConfig], StorageLevel]
+
+# Every backend: the contract suite runs once per entry.
+LEVELS: dict[str, LevelFactory] = {
+    "hash_map": lambda request: HashMapLevel(),
+}
+
+# Backends that enforce overflow_margin / overflow_policy themselves.
+BOUNDED_LEVELS: dict[str, BoundedLevelFactory] = {
+    "hash_map": lambda request, config: HashMapLevel.from_config(config),
+}
+
+
+@pytest.fixture(params=sorted(LEVELS))
+def level(request: pytest.FixtureRequest) -> Iterator[StorageLevel]:
+    opened = LEVELS[request.param](request)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(params=sorted(BOUNDED_LEVELS))
+def bounded_level(request: pytest.FixtureRequest) -> Iterator[Callable[[VolatileDbConfig], StorageLevel]]:
+    """Opens a level of this backend with the overflow settings of the config it is given."""
+    opened: list[StorageLevel] = []
+
+    def open_level(config: VolatileDbConfig) -> StorageLevel:
+        opened.append(BOUNDED_LEVELS[request.param](request, config))
+        return opened[-1]
+
+    yield open_level
+    for level in opened:
+        level.close()

@@ -1,0 +1,57 @@
+"""The client libraries against a real server: asyncio twin, timeouts, dtype and argument errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from hps_client import AsyncClient, Client, DeadlineExceededError, NotFoundError, UnavailableError
+from tests.conftest import ServedModel
+
+
+def test_async_client_matches_sync_results(served: ServedModel) -> None:
+    keys = served.truth["user"][0][:50]
+
+    async def main() -> tuple[np.ndarray, dict, list[str], np.ndarray]:
+        async with AsyncClient(served.target) as client:
+            single, tables, models = await asyncio.gather(
+                client.lookup("ctr", "user", keys),
+                client.lookup_tables("ctr", {"user": keys, "item": served.truth["item"][0][:5]}),
+                client.list_models(),
+            )
+            combined = await client.lookup_combined("ctr", "user", keys, [0, 25, 50], combiner="sum")
+            with pytest.raises(NotFoundError, match="no model 'm'"):
+                await client.lookup("m", "user", keys)
+            return single, tables, models, combined
+
+    single, tables, models, combined = asyncio.run(main())
+    expected = served.expected("user", keys)
+    np.testing.assert_array_equal(single, expected)
+    np.testing.assert_array_equal(tables["user"].vectors, expected)
+    assert models == ["ctr"]
+    np.testing.assert_allclose(combined, [expected[:25].sum(0), expected[25:].sum(0)], rtol=1e-5)
+
+
+def test_float16_replies(served: ServedModel) -> None:
+    keys = served.truth["item"][0][:20]
+    with Client(served.target) as client:
+        got = client.lookup("ctr", "item", keys, dtype="float16")
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, served.expected("item", keys).astype(np.float16))
+
+
+def test_timeout_and_unreachable_server_raise_typed_errors(served: ServedModel) -> None:
+    with Client(served.target) as client, pytest.raises(DeadlineExceededError):
+        client.lookup("ctr", "user", np.arange(200), timeout=1e-6)
+    with Client("127.0.0.1:1", timeout=2) as client, pytest.raises(UnavailableError):
+        client.list_models()
+
+
+def test_bad_arguments_are_rejected_before_sending(served: ServedModel) -> None:
+    with Client(served.target) as client:
+        with pytest.raises(TypeError, match="keys: must be integers"):
+            client.lookup("ctr", "user", np.ones(3))
+        with pytest.raises(ValueError, match="dtype"):
+            client.lookup("ctr", "user", [1], dtype="int8")  # type: ignore[arg-type]

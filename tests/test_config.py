@@ -1,0 +1,170 @@
+"""Config parsing: our YAML, HugeCTR's ps.json, and one clear error per invalid field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hps_server import config as config_module
+from hps_server.config import ConfigError
+
+# The shape of the ps.json in HugeCTR's HPS documentation (two tables of a wide-and-deep model).
+HPS_PS_JSON = {
+    "supportlonglong": True,
+    "volatile_db": {
+        "type": "redis_cluster",
+        "address": "127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002",
+        "user_name": "default",
+        "password": "",
+        "num_partitions": 8,
+        "max_get_batch_size": 100000,
+        "max_set_batch_size": 50000,
+        "overflow_margin": 10000000,
+        "overflow_policy": "evict_oldest",
+        "overflow_resolution_target": 0.8,
+        "initial_cache_rate": 1.0,
+        "cache_missed_embeddings": True,
+        "update_filters": [".+"],
+    },
+    "persistent_db": {
+        "type": "rocks_db",
+        "path": "/var/lib/hps/rocksdb",
+        "num_threads": 16,
+        "read_only": False,
+        "max_get_batch_size": 10000,
+        "max_set_batch_size": 10000,
+    },
+    "models": [
+        {
+            "model": "wdl",
+            "sparse_files": ["wdl0_sparse_2000.model", "wdl1_sparse_2000.model"],
+            "dense_file": "wdl_dense_2000.model",
+            "network_file": "wdl.json",
+            "num_of_worker_buffer_in_pool": 4,
+            "num_of_refresher_buffer_in_pool": 1,
+            "deployed_device_list": [0, 1],
+            "max_batch_size": 64,
+            "default_value_for_each_table": [0.0, 0.5],
+            "maxnum_catfeature_query_per_table_per_sample": [2, 26],
+            "embedding_vecsize_per_table": [1, 15],
+            "embedding_table_names": ["table1", "table2"],
+            "hit_rate_threshold": 0.9,
+            "gpucacheper": 0.1,
+            "gpucache": True,
+            "cache_refresh_percentage_per_iteration": 0.2,
+            "use_static_table": False,
+        }
+    ],
+}
+
+
+def test_hps_ps_json_maps_onto_our_options(tmp_path: Path) -> None:
+    path = tmp_path / "ps.json"
+    path.write_text(json.dumps(HPS_PS_JSON))
+    config = config_module.load(path)
+    volatile = config.volatile_db
+    assert (volatile.type, volatile.num_partitions, volatile.max_batch_size) == ("redis_cluster", 8, 50000)
+    assert (volatile.overflow_policy, volatile.overflow_margin) == ("evict_oldest", 10_000_000)
+    assert config.persistent_db.type == "rocksdb"
+    assert config.persistent_db.path == Path("/var/lib/hps/rocksdb")
+    (model,) = config.models
+    assert model.name == "wdl"
+    assert [(t.name, t.dim, t.default_value, t.max_keys_per_sample) for t in model.tables] == [
+        ("table1", 1, 0.0, 2),
+        ("table2", 15, 0.5, 26),
+    ]
+    assert model.tables[0].source == tmp_path / "wdl0_sparse_2000.model"
+    assert (model.gpucacheper, model.deployed_device_list, model.max_batch_size) == (0.1, (0, 1), 64)
+    assert model.hps_extras["dense_file"] == "wdl_dense_2000.model"
+    assert model.max_keys(model.tables[1]) == 64 * 26
+
+
+def test_yaml_config_with_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "hps.yaml"
+    path.write_text(
+        "server: {address: '127.0.0.1:9000'}\n"
+        "models:\n  - name: m\n    tables:\n      - {name: t, dim: 8, source: data/t}\n"
+    )
+    config = config_module.load(path)
+    assert config.server.address == "127.0.0.1:9000"
+    assert config.volatile_db.type == "hash_map"
+    assert config.persistent_db.path == tmp_path / "hps-data" / "rocksdb"
+    assert config.models[0].tables[0].source == tmp_path / "data" / "t"
+    assert config.models[0].gpucache is True
+
+
+def _model(**fields: object) -> dict:
+    return {"name": "m", "tables": [{"name": "t", "dim": 4}], **fields}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({}, "models: required"),
+        ({"models": [{"name": "m", "tables": []}]}, "models[0].tables: a model needs at least one table"),
+        ({"models": [_model(tables=[{"name": "t", "dim": 0}])]}, "models[0].tables[0].dim: must be >= 1, got 0"),
+        ({"models": [_model(tables=[{"name": "t", "dim": "8"}])]}, "models[0].tables[0].dim: must be an integer"),
+        ({"models": [_model(tables=[{"dim": 4}])]}, "models[0].tables[0].name: required"),
+        ({"models": [_model(tables=[{"name": "a/b", "dim": 4}])]}, "models[0].tables[0].name: must be a non-empty"),
+        (
+            {"models": [_model(tables=[{"name": "t", "dim": 4}, {"name": "t", "dim": 2}])]},
+            "models[0].tables[1].name: duplicate table 't'",
+        ),
+        ({"models": [_model(), _model()]}, "models[1]: duplicate model name 'm'"),
+        ({"models": [_model(gpucacheper=1.5)]}, "models[0].gpucacheper: must be <= 1"),
+        ({"models": [_model(gpucache="yes")]}, "models[0].gpucache: must be true or false"),
+        ({"models": [_model(deployed_device_list=[])]}, "models[0].deployed_device_list: must name at least one"),
+        ({"models": [_model(colour=1)]}, "models[0].colour: unknown option"),
+        (
+            {"models": [_model()], "volatile_db": {"overflow_policy": "lru"}},
+            "volatile_db.overflow_policy: must be one of evict_oldest, evict_random, got 'lru'",
+        ),
+        ({"models": [_model()], "volatile_db": {"type": "memcached"}}, "volatile_db.type: must be one of"),
+        (
+            {"models": [_model()], "volatile_db": {"overflow_resolution_target": 0}},
+            "volatile_db.overflow_resolution_target: must be > 0",
+        ),
+        ({"models": [_model()], "server": {"workers": 0}}, "server.workers: must be >= 1"),
+        ({"models": [_model()], "server": []}, "server: must be a mapping"),
+        ({"models": [_model()], "persistent_db": {"path": 3}}, "persistent_db.path: must be a string"),
+        ({"models": [_model()], "extra": 1}, "extra: unknown option"),
+    ],
+)
+def test_invalid_yaml_config_names_the_field(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_module.parse(raw, Path("."))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"embedding_vecsize_per_table": [1]}, "embedding_vecsize_per_table: has 1 entries but sparse_files has 2"),
+        ({"default_value_for_each_table": [0.0]}, "default_value_for_each_table: has 1 entries"),
+        ({"embedding_vecsize_per_table": [1, -2]}, "models[0].embedding_vecsize_per_table[1]: must be >= 1"),
+        ({"model": None}, "models[0].model: required"),
+        ({"gpucacheper": "a lot"}, "models[0].gpucacheper: must be a finite number"),
+    ],
+)
+def test_invalid_ps_json_names_the_field(tmp_path: Path, change: dict, message: str) -> None:
+    document = json.loads(json.dumps(HPS_PS_JSON))
+    document["models"][0].update(change)
+    path = tmp_path / "ps.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError) as raised:
+        config_module.load(path)
+    assert message in str(raised.value)
+
+
+def test_unsupported_int32_keys_and_unreadable_files(tmp_path: Path) -> None:
+    path = tmp_path / "ps.json"
+    path.write_text(json.dumps({**HPS_PS_JSON, "supportlonglong": False}))
+    with pytest.raises(ConfigError, match="supportlonglong"):
+        config_module.load(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        config_module.load(path)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config_module.load(tmp_path / "missing.yaml")
