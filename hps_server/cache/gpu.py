@@ -91,6 +91,11 @@ class _OnDevice:
         self._lock = threading.Lock()
         self._queried = 0
 
+    @property
+    def stream(self) -> cp.cuda.Stream:
+        """The stream every operation of this structure runs on; work issued on it needs no extra ordering."""
+        return self._stream
+
     def _enter(self, caller: cp.cuda.Stream) -> None:
         """Our stream waits for the caller's work on the arrays it hands us."""
         if caller.ptr != self._stream.ptr:
