@@ -76,7 +76,7 @@ __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src,
     if ((dim & 3) == 0) {
         const int d4 = dim >> 2;
         const int total = count * d4;
-#pragma unroll 4
+#pragma unroll 8
         for (int base = 0; base < total; base += 32) {
             const int idx = base + lane;
             const int j = idx / d4;
@@ -136,23 +136,39 @@ __device__ __forceinline__ void scatter_rows(T* __restrict__ rows, i64 dst, cons
 // ---------------------------------------------------------------- set lookup
 
 // Each lane holds one key of the warp's group of 32; returns, in each lane, the slot of its key (-1:
-// absent). The warp walks the group key by key, comparing all ways of that key's set at once.
+// absent). For every key of the group the warp reads that key's set, lane = way, and votes. The three
+// passes are unrolled so that all 32 sets' fingerprint lines, then all key checks, are in flight at
+// once: the walk is bound by memory bandwidth, not by one set's latency after another.
 __device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const unsigned* __restrict__ fps,
                                             const i64* __restrict__ keys, unsigned num_sets, int ways, int lane) {
     const u64 h = mix((u64)key);
     const unsigned s = set_of(h, num_sets);
-    const unsigned f = fingerprint(h);
-    i64 mine = -1;
-#pragma unroll 8
+    const unsigned f = valid ? fingerprint(h) : 0u;  // 0 never matches a held slot's fingerprint
+    const bool real = lane < ways;
+    unsigned line[32];
+#pragma unroll
     for (int j = 0; j < 32; ++j) {
         const unsigned sj = __shfl_sync(FULL, s, j);
+        line[j] = real ? __ldg(fps + (i64)sj * ways + lane) : 0u;
+    }
+    unsigned candidate = 0;  // bit j: this lane's way holds key j's fingerprint
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
         const unsigned fj = __shfl_sync(FULL, f, j);
+        if (fj && line[j] == fj) candidate |= 1u << j;
+    }
+    unsigned confirmed = 0;  // bit j: ... and key j itself
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
         const i64 kj = __shfl_sync(FULL, key, j);
-        const bool vj = __shfl_sync(FULL, valid, j);
-        const i64 slot = (i64)sj * ways + lane;
-        const bool cand = vj && lane < ways && __ldg(fps + slot) == fj;
-        const unsigned m = __ballot_sync(FULL, cand && keys[slot] == kj);
-        if (lane == j && m) mine = (i64)sj * ways + (__ffs(m) - 1);
+        const unsigned sj = __shfl_sync(FULL, s, j);
+        if ((candidate >> j & 1u) && keys[(i64)sj * ways + lane] == kj) confirmed |= 1u << j;
+    }
+    i64 mine = -1;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        const unsigned m = __ballot_sync(FULL, confirmed >> j & 1u);
+        if (lane == j && m) mine = (i64)s * ways + (__ffs(m) - 1);
     }
     return mine;
 }
@@ -222,9 +238,10 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* _
     const u64 h = mix((u64)key);
     const unsigned s = set_of(h, num_sets);
     if (lane == 0) {
-        while (atomicCAS(locks + s, 0, 1) != 0) {
-        }
-        __threadfence();
+        int held;
+        do {
+            asm volatile("atom.acquire.gpu.global.cas.b32 %0, [%1], 0, 1;" : "=r"(held) : "l"(locks + s) : "memory");
+        } while (held != 0);
     }
     __syncwarp();
     const i64 slot = (i64)s * ways + lane;
@@ -269,9 +286,9 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* _
         }
         scatter_rows(rows, lane == 0 ? dst : -1, in + i * dim, 0, 1, dim, lane);
     }
-    __threadfence();
+    // __syncwarp orders the lanes' writes before lane 0's release, which publishes them all (cumulativity).
     __syncwarp();
-    if (lane == 0) atomicExch(locks + s, 0);
+    if (lane == 0) asm volatile("st.release.gpu.global.b32 [%0], 0;" ::"l"(locks + s) : "memory");
 }
 
 // Warp per 32 keys: present keys are emptied.
