@@ -6,20 +6,22 @@ answer requests itself and knows nothing of gRPC.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hps_server import storage, tables
 from hps_server.cache import EmbeddingCache
+from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
 from hps_server.session import LookupSession
 from hps_server.storage.base import StorageLevel
 
 log = logging.getLogger(__name__)
 
-CacheFactory = Callable[[ModelConfig], Mapping[str, Sequence[EmbeddingCache]]]
-"""Builds the L1 caches of a model: per table, one per device."""
+CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, Sequence[EmbeddingCache]]]
+"""Builds the L1 caches of a model (per table, one per device) from its config and its levels, top first."""
 
 
 @dataclass
@@ -31,7 +33,11 @@ class HostedModels:
 
     @classmethod
     def open(cls, config: Config, cache_factory: CacheFactory | None = None, progress: bool = False) -> HostedModels:
-        """Opens the levels and prepares every model; a failure closes what was opened."""
+        """Opens the levels and prepares every model; a failure closes what was opened.
+
+        cache_factory defaults to placement.build_caches, warming L1 with initial_cache_rate of each table."""
+        if cache_factory is None:
+            cache_factory = functools.partial(build_caches, warm_rate=config.volatile_db.initial_cache_rate)
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
         try:
@@ -40,7 +46,7 @@ class HostedModels:
             sessions = {}
             for model in config.models:
                 _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
-                caches = cache_factory(model) if cache_factory else None
+                caches = cache_factory(model, levels)
                 sessions[model.name] = LookupSession(
                     model, levels, caches, write_back=config.volatile_db.cache_missed_embeddings
                 )
@@ -65,6 +71,8 @@ class HostedModels:
             raise KeyError(f"no model {model!r} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
 
     def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
         for level in (self.volatile, self.persistent):
             if level is not None:
                 level.close()
