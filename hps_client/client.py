@@ -15,10 +15,16 @@ import numpy as np
 from hps_client import wire
 from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_client.errors import from_rpc_error
-from hps_client.wire import Combiner, Dtype, LookupResult
+from hps_client.response_codec import LookupResult, decode_lookup_response
+from hps_client.wire import Combiner, Dtype
 
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE_MB = 256
+LOOKUP_METHOD = "/hps.v1.LookupService/Lookup"
+
+
+def _lookup_results(reply: bytes) -> list[LookupResult]:
+    return decode_lookup_response(reply)[1]
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
 
 def _shaped(result: LookupResult, keys: object) -> np.ndarray:
     """Vectors shaped like the keys plus a trailing dim axis."""
-    return result.vectors.reshape(*np.shape(keys), result.vectors.shape[1])
+    return result.vectors.reshape(*np.asarray(keys).shape, result.vectors.shape[1])
 
 
 def _upsert_request(model: str, table: str, keys: object, vectors: object) -> hps_pb2.UpsertRequest:
@@ -71,6 +77,10 @@ class Client:
         self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_mb))
         self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
         self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
+        # Replies are decoded by response_codec into array views, not by the generated message class.
+        self._lookup = self._channel.unary_unary(
+            LOOKUP_METHOD, request_serializer=hps_pb2.LookupRequest.SerializeToString, response_deserializer=None
+        )
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
@@ -83,7 +93,7 @@ class Client:
     ) -> np.ndarray:
         """Vectors for `keys` (any shape of integers), shaped keys.shape + (dim,)."""
         request = wire.lookup_request(model, [wire.table_query(table, keys)], dtype)
-        return _shaped(wire.results(self._call(self._lookups.Lookup, request, timeout))[0], keys)
+        return _shaped(_lookup_results(self._call(self._lookup, request, timeout))[0], keys)
 
     def lookup_tables(
         self,
@@ -94,8 +104,8 @@ class Client:
         timeout: float | None = None,
     ) -> dict[str, LookupResult]:
         """One RPC for several tables; results carry the per-key found mask."""
-        response = self._call(self._lookups.Lookup, wire.tables_request(model, keys_by_table, dtype), timeout)
-        return {result.table: result for result in wire.results(response)}
+        response = self._call(self._lookup, wire.tables_request(model, keys_by_table, dtype), timeout)
+        return {result.table: result for result in _lookup_results(response)}
 
     def lookup_combined(
         self,
@@ -111,7 +121,7 @@ class Client:
     ) -> np.ndarray:
         """One vector per sample: keys[row_splits[i]:row_splits[i+1]] reduced on the server."""
         request = wire.lookup_request(model, [wire.table_query(table, keys, row_splits, weights, combiner)], dtype)
-        return wire.results(self._call(self._lookups.Lookup, request, timeout))[0].vectors
+        return _lookup_results(self._call(self._lookup, request, timeout))[0].vectors
 
     def upsert(self, model: str, table: str, keys: object, vectors: object, *, timeout: float | None = None) -> int:
         response = self._call(self._lookups.Upsert, _upsert_request(model, table, keys, vectors), timeout)
@@ -146,6 +156,9 @@ class AsyncClient:
         self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_mb))
         self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
         self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
+        self._lookup = self._channel.unary_unary(
+            LOOKUP_METHOD, request_serializer=hps_pb2.LookupRequest.SerializeToString, response_deserializer=None
+        )
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
@@ -157,7 +170,7 @@ class AsyncClient:
         self, model: str, table: str, keys: object, *, dtype: Dtype = "float32", timeout: float | None = None
     ) -> np.ndarray:
         request = wire.lookup_request(model, [wire.table_query(table, keys)], dtype)
-        return _shaped(wire.results(await self._call(self._lookups.Lookup, request, timeout))[0], keys)
+        return _shaped(_lookup_results(await self._call(self._lookup, request, timeout))[0], keys)
 
     async def lookup_tables(
         self,
@@ -167,8 +180,8 @@ class AsyncClient:
         dtype: Dtype = "float32",
         timeout: float | None = None,
     ) -> dict[str, LookupResult]:
-        response = await self._call(self._lookups.Lookup, wire.tables_request(model, keys_by_table, dtype), timeout)
-        return {result.table: result for result in wire.results(response)}
+        response = await self._call(self._lookup, wire.tables_request(model, keys_by_table, dtype), timeout)
+        return {result.table: result for result in _lookup_results(response)}
 
     async def lookup_combined(
         self,
@@ -183,7 +196,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> np.ndarray:
         request = wire.lookup_request(model, [wire.table_query(table, keys, row_splits, weights, combiner)], dtype)
-        return wire.results(await self._call(self._lookups.Lookup, request, timeout))[0].vectors
+        return _lookup_results(await self._call(self._lookup, request, timeout))[0].vectors
 
     async def upsert(
         self, model: str, table: str, keys: object, vectors: object, *, timeout: float | None = None

@@ -6,7 +6,6 @@ Shared by the sync and asyncio clients; it performs no I/O.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -16,22 +15,15 @@ from hps_client._proto import hps_pb2
 Dtype = Literal["float32", "float16"]
 Combiner = Literal["sum", "mean", "sqrtn"]
 
-_DTYPES: dict[str, int] = {"float32": hps_pb2.VECTOR_DTYPE_FLOAT32, "float16": hps_pb2.VECTOR_DTYPE_FLOAT16}
-_WIRE_NUMPY = {hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"), hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2")}
-_COMBINERS: dict[str, int] = {
+_DTYPES: dict[str, hps_pb2.VectorDtype] = {
+    "float32": hps_pb2.VECTOR_DTYPE_FLOAT32,
+    "float16": hps_pb2.VECTOR_DTYPE_FLOAT16,
+}
+_COMBINERS: dict[str, hps_pb2.Combiner] = {
     "sum": hps_pb2.COMBINER_SUM,
     "mean": hps_pb2.COMBINER_MEAN,
     "sqrtn": hps_pb2.COMBINER_SQRTN,
 }
-
-
-@dataclass(frozen=True)
-class LookupResult:
-    """Vectors (rows x dim, float32 or float16) and, per key, whether some level held it."""
-
-    table: str
-    vectors: np.ndarray
-    found: np.ndarray
 
 
 def pack_keys(keys: object, field: str = "keys") -> bytes:
@@ -69,17 +61,3 @@ def lookup_request(
 
 def tables_request(model: str, keys_by_table: Mapping[str, object], dtype: Dtype = "float32") -> hps_pb2.LookupRequest:
     return lookup_request(model, (table_query(t, k) for t, k in keys_by_table.items()), dtype)
-
-
-def results(response: hps_pb2.LookupResponse) -> list[LookupResult]:
-    """Arrays viewing the reply's bytes (read-only, no copy)."""
-    return [
-        LookupResult(
-            table=r.table,
-            vectors=np.frombuffer(r.vectors, dtype=_WIRE_NUMPY[r.dtype or hps_pb2.VECTOR_DTYPE_FLOAT32]).reshape(
-                r.rows, r.dim
-            ),
-            found=np.frombuffer(r.found, dtype=np.bool_),
-        )
-        for r in response.results
-    ]

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hps_server import __version__
 from hps_server import config as config_module
 
 log = logging.getLogger("hps")
@@ -32,15 +33,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from hps_server import storage, tables
+    from hps_server import storage, transfer
 
     config = config_module.load(args.config)
-    if args.to == "volatile":
+    if args.to == "redis":
+        if config.volatile_db.type != "redis_cluster":
+            raise config_module.ConfigError(
+                f"volatile_db.type: is {config.volatile_db.type}; --to redis needs redis_cluster"
+            )
         level = storage.open_volatile(config.volatile_db)
     else:
+        if config.persistent_db.type != "rocksdb":
+            raise config_module.ConfigError(
+                f"persistent_db.type: is {config.persistent_db.type}; --to rocksdb needs rocksdb"
+            )
         level = storage.open_persistent(config.persistent_db)
-    if level is None:
-        raise config_module.ConfigError(f"{args.to}_db: disabled; nothing to import into")
+    assert level is not None
     try:
         for model in config.models:
             if args.model not in (None, model.name):
@@ -53,8 +61,7 @@ def _import(args: argparse.Namespace) -> int:
                     print(f"{model.name}.{table.name}: no source configured, skipped (pass --source)")
                     continue
                 name = f"{model.name}.{table.name}"
-                level.create_table(name, table.dim)
-                rows = tables.import_table(level, name, source, table.dim, progress=True)
+                rows = transfer.import_table(level, name, source, table.dim)
                 print(f"{name}: imported {rows} rows from {source} into {level.kind}")
     finally:
         level.close()
@@ -62,7 +69,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hps_server import storage, tables
+    from hps_server import storage, transfer
 
     config = config_module.load(args.config)
     model = config.model(args.model)
@@ -71,7 +78,7 @@ def _export(args: argparse.Namespace) -> int:
     if level is None:
         raise config_module.ConfigError("persistent_db: disabled; nothing to export from")
     try:
-        rows = tables.export_table(level, f"{model.name}.{table.name}", Path(args.out), args.format, progress=True)
+        rows = transfer.export_table(level, f"{model.name}.{table.name}", Path(args.out), format=args.format)
     finally:
         level.close()
     print(f"{model.name}.{table.name}: exported {rows} rows to {args.out} ({args.format} format)")
@@ -92,6 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hps", description="Hierarchical Parameter Server for embedding lookups.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"hps {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the models of a config file")
@@ -105,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--source", help="table folder (HPS key/emb_vector or .npy pair); default: the config's")
     imp.add_argument(
         "--to",
-        choices=["persistent", "volatile"],
-        default="persistent",
-        help="level to load (volatile: the configured volatile_db, e.g. Redis Cluster)",
+        choices=["rocksdb", "redis"],
+        default="rocksdb",
+        help="level to load: the configured persistent_db (rocksdb) or volatile_db (redis_cluster)",
     )
     imp.set_defaults(run=_import)
 

@@ -6,6 +6,7 @@ client workload, prints per-level hit rates and latency percentiles, then keeps 
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 import time
@@ -60,10 +61,12 @@ def make_sample_model(directory: Path) -> Path:
     config_path = directory / "hps.yaml"
     if config_path.exists():
         return config_path
+    # A run interrupted while writing leaves partial tables without a config: start them afresh.
+    shutil.rmtree(directory / "tables", ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
     for table in tqdm(SAMPLE_TABLES, desc="making sample tables", unit="table"):
         keys = sample_keys(table)
-        tables.write_table(directory / "tables" / table.name, [(keys, sample_vectors(table, keys))], "hps")
+        tables.write_table(directory / "tables" / table.name, [(keys, sample_vectors(table, keys))], table.dim)
     document = {
         "server": {"address": "127.0.0.1:8500"},
         # Keep a fraction of each table in RAM so the workload shows all three levels at work.

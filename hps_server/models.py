@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hps_server import storage, tables
+from hps_server import storage, transfer
 from hps_server.cache import EmbeddingCache
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
@@ -95,7 +95,7 @@ def _prepare_tables(
             authoritative.create_table(name, table.dim)
         if table.source is not None and authoritative.size(name) == 0:
             log.info("ingesting %s from %s", name, table.source)
-            rows = tables.import_table(authoritative, name, table.source, table.dim, progress=progress)
+            rows = transfer.import_table(authoritative, name, table.source, table.dim, progress=progress)
             log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)
         if volatile is not None and volatile is not authoritative and not volatile.read_only:
             volatile.create_table(name, table.dim)

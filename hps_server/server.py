@@ -16,9 +16,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hps_client._proto import hps_pb2, hps_pb2_grpc
+from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.models import CacheFactory, HostedModels
-from hps_server.service import LookupServicer, ModelServicer
+from hps_server.service import LookupServicer, ModelServicer, lookup_service_handler
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class HpsServer:
                 ("grpc.max_send_message_length", message_bytes),
             ],
         )
-        hps_pb2_grpc.add_LookupServiceServicer_to_server(LookupServicer(self.models), self._grpc)
+        self._grpc.add_generic_rpc_handlers((lookup_service_handler(LookupServicer(self.models)),))
         hps_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.models), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
@@ -78,6 +79,7 @@ class HpsServer:
 
 def serve(config: Config, cache_factory: CacheFactory | None = None) -> None:
     """Runs a server in the foreground until SIGTERM or SIGINT, then drains and exits."""
+    keep_large_blocks_in_heap()
     server = HpsServer(config, cache_factory, progress=True)
     server.start()
 

@@ -7,13 +7,14 @@ directly, and the hot path is a few NumPy calls per table, never per key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
 import numpy as np
 
 from hps_client._proto import hps_pb2, hps_pb2_grpc
+from hps_client.response_codec import LookupResult, encode_lookup_response
 from hps_server.combiners import CombinerName, check_row_splits, combine
 from hps_server.config import TableConfig
 from hps_server.models import HostedModels
@@ -22,7 +23,7 @@ from hps_server.storage.base import LevelUnavailableError, StorageError
 
 log = logging.getLogger(__name__)
 
-_WIRE_DTYPES = {
+_WIRE_DTYPES: dict[int, np.dtype] = {
     hps_pb2.VECTOR_DTYPE_UNSPECIFIED: np.dtype("<f4"),
     hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"),
     hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2"),
@@ -80,7 +81,8 @@ class Lookups:
         except KeyError as e:
             raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
 
-    def answer(self, request: hps_pb2.LookupRequest) -> hps_pb2.LookupResponse:
+    def answer(self, request: hps_pb2.LookupRequest) -> bytes:
+        """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply)."""
         session = self.session(request.model)
         wire_dtype = _WIRE_DTYPES.get(request.dtype)
         if wire_dtype is None:
@@ -96,17 +98,8 @@ class Lookups:
             vectors = looked_up.vectors
             if combiner is not None:
                 vectors = combine(vectors, row_splits, combiner, weights)
-            results.append(
-                hps_pb2.TableResult(
-                    table=query.table,
-                    vectors=vectors.astype(wire_dtype, copy=False).tobytes(),
-                    rows=len(vectors),
-                    dim=table.dim,
-                    dtype=request.dtype or hps_pb2.VECTOR_DTYPE_FLOAT32,
-                    found=looked_up.found.view(np.uint8).tobytes(),
-                )
-            )
-        return hps_pb2.LookupResponse(model=request.model, results=results, request_id=request.request_id)
+            results.append(LookupResult(query.table, vectors.astype(wire_dtype, copy=False), looked_up.found))
+        return encode_lookup_response(request.model, results, request.request_id)
 
     def _decode(
         self, session: LookupSession, query: hps_pb2.TableQuery, field: str
@@ -168,12 +161,12 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
     def __init__(self, models: HostedModels) -> None:
         self.lookups = Lookups(models)
 
-    def Lookup(self, request: hps_pb2.LookupRequest, context: grpc.ServicerContext) -> hps_pb2.LookupResponse:
+    def Lookup(self, request: hps_pb2.LookupRequest, context: grpc.ServicerContext) -> bytes:
         return _guarded(context, "Lookup", lambda: self.lookups.answer(request))
 
     def StreamLookup(
         self, request_iterator: Iterator[hps_pb2.LookupRequest], context: grpc.ServicerContext
-    ) -> Iterator[hps_pb2.LookupResponse]:
+    ) -> Iterator[bytes]:
         # A refused request ends the stream with its status; replies already sent stand.
         for request in request_iterator:
             yield _guarded(context, "StreamLookup", lambda request=request: self.lookups.answer(request))
@@ -210,6 +203,38 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
 
         return _guarded(context, "Delete", work)
+
+
+def lookup_service_handler(servicer: LookupServicer) -> grpc.GenericRpcHandler:
+    """LookupService's handlers; Lookup and StreamLookup send the bytes response_codec already encoded."""
+
+    def method(
+        kind: Callable[..., grpc.RpcMethodHandler],
+        behaviour: Callable[..., object],
+        request: type,
+        response: type | None,
+    ) -> grpc.RpcMethodHandler:
+        return kind(
+            behaviour,
+            request_deserializer=request.FromString,  # type: ignore[attr-defined]
+            response_serializer=None if response is None else response.SerializeToString,  # type: ignore[attr-defined]
+        )
+
+    return grpc.method_handlers_generic_handler(
+        hps_pb2.DESCRIPTOR.services_by_name["LookupService"].full_name,
+        {
+            "Lookup": method(grpc.unary_unary_rpc_method_handler, servicer.Lookup, hps_pb2.LookupRequest, None),
+            "StreamLookup": method(
+                grpc.stream_stream_rpc_method_handler, servicer.StreamLookup, hps_pb2.LookupRequest, None
+            ),
+            "Upsert": method(
+                grpc.unary_unary_rpc_method_handler, servicer.Upsert, hps_pb2.UpsertRequest, hps_pb2.UpsertResponse
+            ),
+            "Delete": method(
+                grpc.unary_unary_rpc_method_handler, servicer.Delete, hps_pb2.DeleteRequest, hps_pb2.DeleteResponse
+            ),
+        },
+    )
 
 
 class ModelServicer(hps_pb2_grpc.ModelServiceServicer):

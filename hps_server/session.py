@@ -93,17 +93,18 @@ class LookupSession:
     def lookup(self, table_name: str, keys: np.ndarray) -> TableLookup:
         table = self.table(table_name)
         keys = as_keys(keys)
-        vectors = np.empty((len(keys), table.dim), dtype=np.float32)
         found = np.zeros(len(keys), dtype=bool)
         answered: dict[str, int] = {}
-        missing = np.arange(len(keys))
+        # The first level asked about every key lends its reply as the result buffer (no extra copy);
+        # `missing` (positions not answered yet) stays None until some level has answered.
+        vectors: np.ndarray | None = None
+        missing: np.ndarray | None = None
 
         cache = self._pick_cache(table.name)
         background = False
         if cache is not None and len(keys):
-            cached, hit = cache.query(keys)
-            vectors[hit] = cached[hit]
-            found[hit] = True
+            vectors, hit = cache.query(keys)
+            found |= hit
             answered[L1_LEVEL] = int(np.count_nonzero(hit))
             missing = np.flatnonzero(~hit)
             background = answered[L1_LEVEL] >= self.model.hit_rate_threshold * len(keys)
@@ -133,22 +134,31 @@ class LookupSession:
         authoritative_down = False
         fetched_from: list[tuple[int, np.ndarray]] = []  # (level index, positions it answered)
         for index, level in enumerate(self.levels):
-            if not len(missing):
+            if missing is not None and not len(missing):
                 break
             try:
-                rows, hit = level.fetch(self.qualified(table), keys[missing])
+                rows, hit = level.fetch(self.qualified(table), keys if missing is None else keys[missing])
             except LevelUnavailableError as e:
                 unavailable += 1
                 authoritative_down = index == len(self.levels) - 1
                 log.warning("%s level unavailable for %s, falling through: %s", level.kind, table.name, e)
                 continue
-            positions = missing[hit]
-            vectors[positions] = rows[hit]
+            if missing is None:
+                vectors = rows if rows.flags.writeable else rows.copy()
+                positions = np.flatnonzero(hit)
+                missing = np.flatnonzero(~hit)
+            else:
+                assert vectors is not None
+                positions = missing[hit]
+                vectors[positions] = rows[hit]
+                missing = missing[~hit]
             found[positions] = True
             answered[level.kind] = answered.get(level.kind, 0) + len(positions)
             fetched_from.append((index, positions))
-            missing = missing[~hit]
 
+        if vectors is None or missing is None:  # no level could be asked
+            vectors = np.empty((len(keys), table.dim), dtype=np.float32)
+            missing = np.arange(len(keys))
         if len(missing) and authoritative_down:
             # Only the lowest level can say a key is absent; without it a default could be wrong.
             if count:

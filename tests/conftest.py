@@ -51,7 +51,7 @@ def write_sample_tables(directory: Path, seed: int = 0) -> dict[str, tuple[np.nd
     for name, (rows, dim, _) in TABLE_SPECS.items():
         keys = rng.choice(np.arange(-(10**6), 10**6), size=rows, replace=False).astype(np.int64)
         vectors = rng.standard_normal((rows, dim), dtype=np.float32)
-        tables.write_table(directory / name, [(keys, vectors)], "hps")
+        tables.write_table(directory / name, [(keys, vectors)], dim)
         truth[name] = (keys, vectors)
     return truth
 

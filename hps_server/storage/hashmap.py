@@ -50,6 +50,14 @@ def growth_factor(dim: int) -> float:
 
 
 _STAMP_LIMIT = np.iinfo(np.uint32).max
+# Slots read per key in a lookup's first probing round, and in later rounds (only long chains get there).
+FIRST_WINDOW = 8
+LATER_WINDOW = 64
+_WINDOW_OFFSETS = np.arange(LATER_WINDOW, dtype=np.int64)
+
+
+def _rows(n: int) -> np.ndarray:
+    return np.arange(n)
 
 
 def home_slots(keys: np.ndarray, num_slots: int) -> np.ndarray:
@@ -98,20 +106,29 @@ class _Table:
         row = np.full(n, -1, dtype=np.int64)
         slot = np.full(n, -1, dtype=np.int64)
         num_slots = len(self.slots)
-        pos = home_slots(keys, num_slots)
+        # Each round reads a window of slots per key: one round settles most chains, so a small batch
+        # costs a few NumPy calls rather than one round per slot of its longest chain.
+        start = home_slots(keys, num_slots)
         active = np.arange(n)
+        width = FIRST_WINDOW
         while active.size:
-            entry = self.slots[pos].astype(np.int64)
-            occupied = entry >= 0
-            hit = occupied.copy()
-            hit[occupied] = self.keys[entry[occupied]] == keys[active[occupied]]
-            row[active[hit]] = entry[hit]
-            slot[active[hit]] = pos[hit]
-            # An empty slot ends the chain; tombstones and other keys continue it.
-            going = ~hit & (entry != EMPTY)
+            window = start[:, None] + _WINDOW_OFFSETS[:width]
+            window[window >= num_slots] -= num_slots
+            entries = self.slots[window]
+            match = self.keys[np.maximum(entries, 0)] == keys[active][:, None]
+            match &= entries >= 0
+            # A chain ends at its key or at an empty slot; tombstones and other keys continue it.
+            stop = match | (entries == EMPTY)
+            first = stop.argmax(axis=1)
+            settled = stop[_rows(len(active)), first]
+            hit = settled & match[_rows(len(active)), first]
+            row[active[hit]] = entries[hit, first[hit]]
+            slot[active[hit]] = window[hit, first[hit]]
+            going = ~settled
             active = active[going]
-            pos = pos[going] + 1
-            pos[pos == num_slots] = 0
+            start = start[going] + width
+            start[start >= num_slots] -= num_slots
+            width = LATER_WINDOW
         return row, slot
 
     def place(self, first_row: int, last_row: int) -> None:

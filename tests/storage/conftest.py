@@ -12,6 +12,7 @@ import pytest
 from hps_server.config import VolatileDbConfig
 from hps_server.storage.base import StorageLevel
 from hps_server.storage.hashmap import HashMapLevel
+from hps_server.storage.rocksdb import RocksDBLevel
 
 LevelFactory = Callable[[pytest.FixtureRequest], StorageLevel]
 BoundedLevelFactory = Callable[[pytest.FixtureRequest, VolatileDbConfig], StorageLevel]
@@ -19,6 +20,7 @@ BoundedLevelFactory = Callable[[pytest.FixtureRequest, VolatileDbConfig], Storag
 # Every backend: the contract suite runs once per entry.
 LEVELS: dict[str, LevelFactory] = {
     "hash_map": lambda request: HashMapLevel(),
+    "rocksdb": lambda request: RocksDBLevel(request.getfixturevalue("tmp_path") / "rocksdb"),
 }
 
 # Backends that enforce overflow_margin / overflow_policy themselves.

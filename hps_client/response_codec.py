@@ -1,0 +1,169 @@
+"""LookupResponse in protobuf wire format, written from and read into NumPy arrays without copying vectors.
+
+The generated protobuf code copies every `bytes` field on build, serialize, parse and access: three to
+four copies of up to hundreds of MB per reply. This codec writes the reply in one join of array buffers
+and reads it as array views over the received bytes. Output is byte-identical to SerializeToString and
+tests/test_response_codec.py holds it to that; any message the generated code reads, this reads too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hps_client._proto import hps_pb2
+
+_WIRE_NUMPY: dict[int, np.dtype] = {
+    hps_pb2.VECTOR_DTYPE_UNSPECIFIED: np.dtype("<f4"),
+    hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"),
+    hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2"),
+}
+_WIRE_DTYPE = {np.dtype("<f4"): hps_pb2.VECTOR_DTYPE_FLOAT32, np.dtype("<f2"): hps_pb2.VECTOR_DTYPE_FLOAT16}
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """One TableResult as arrays: vectors (rows x dim, float32 or float16) and one found flag per key."""
+
+    table: str
+    vectors: np.ndarray
+    found: np.ndarray
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _length_delimited(field: int, size: int) -> bytes:
+    return _tag(field, _LENGTH_DELIMITED) + _varint(size)
+
+
+def _string_field(field: int, text: str) -> list[bytes]:
+    data = text.encode()
+    return [_length_delimited(field, len(data)), data] if data else []
+
+
+def _varint_field(field: int, value: int) -> list[bytes]:
+    return [_tag(field, _VARINT) + _varint(value)] if value else []
+
+
+def _buffer_field(field: int, array: np.ndarray) -> list[bytes | memoryview]:
+    if not array.nbytes:
+        return []
+    return [_length_delimited(field, array.nbytes), np.ascontiguousarray(array).data.cast("B")]
+
+
+def encode_lookup_response(model: str, results: Sequence[LookupResult], request_id: str = "") -> bytes:
+    """The serialized LookupResponse (vectors float32 or float16); vector bytes are copied once, into it."""
+    pieces: list[bytes | memoryview] = [*_string_field(1, model)]
+    for result in results:
+        rows, dim = result.vectors.shape
+        body: list[bytes | memoryview] = [
+            *_string_field(1, result.table),
+            *_buffer_field(2, result.vectors),
+            *_varint_field(3, rows),
+            *_varint_field(4, dim),
+            *_varint_field(5, _WIRE_DTYPE[result.vectors.dtype]),
+            *_buffer_field(6, result.found.view(np.uint8)),
+        ]
+        pieces.append(_length_delimited(2, sum(len(piece) for piece in body)))
+        pieces.extend(body)
+    pieces.extend(_string_field(3, request_id))
+    return b"".join(pieces)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("LookupResponse: truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: bytes, start: int, end: int):  # type: ignore[no-untyped-def]
+    """Yields (field, wire_type, value or (offset, length)) for each field in data[start:end]."""
+    pos = start
+    while pos < end:
+        key, pos = _read_varint(data, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            value, pos = _read_varint(data, pos)
+            yield field, wire_type, value
+        elif wire_type == _LENGTH_DELIMITED:
+            length, pos = _read_varint(data, pos)
+            if pos + length > end:
+                raise ValueError("LookupResponse: field runs past the end of its message")
+            yield field, wire_type, (pos, length)
+            pos += length
+        elif wire_type in (_FIXED64, _FIXED32):
+            pos += 8 if wire_type == _FIXED64 else 4
+        else:
+            raise ValueError(f"LookupResponse: unsupported wire type {wire_type}")
+    if pos != end:
+        raise ValueError("LookupResponse: truncated field")
+
+
+def _table_result(data: bytes, start: int, end: int) -> LookupResult:
+    table, rows, dim, dtype = "", 0, 0, 0
+    vectors_at = found_at = (start, 0)
+    for field, wire_type, value in _fields(data, start, end):
+        if wire_type == _LENGTH_DELIMITED:
+            if field == 1:
+                table = data[value[0] : value[0] + value[1]].decode()
+            elif field == 2:
+                vectors_at = value
+            elif field == 6:
+                found_at = value
+        elif wire_type == _VARINT:
+            if field == 3:
+                rows = value
+            elif field == 4:
+                dim = value
+            elif field == 5:
+                dtype = value
+    wire_dtype = _WIRE_NUMPY.get(dtype)
+    if wire_dtype is None:
+        raise ValueError(f"LookupResponse: unknown vector dtype {dtype}")
+    if vectors_at[1] != rows * dim * wire_dtype.itemsize:
+        raise ValueError(f"LookupResponse: table {table!r} has {vectors_at[1]} vector bytes for {rows} x {dim}")
+    vectors = np.frombuffer(data, wire_dtype, rows * dim, vectors_at[0]).reshape(rows, dim)
+    found = np.frombuffer(data, np.bool_, found_at[1], found_at[0])
+    return LookupResult(table, vectors, found)
+
+
+def decode_lookup_response(data: bytes) -> tuple[str, list[LookupResult], str]:
+    """(model, results, request_id) with arrays viewing `data` (read-only, no copy)."""
+    model, request_id, results = "", "", []
+    for field, wire_type, value in _fields(data, 0, len(data)):
+        if wire_type != _LENGTH_DELIMITED:
+            continue
+        offset, length = value
+        if field == 1:
+            model = data[offset : offset + length].decode()
+        elif field == 2:
+            results.append(_table_result(data, offset, offset + length))
+        elif field == 3:
+            request_id = data[offset : offset + length].decode()
+    return model, results, request_id

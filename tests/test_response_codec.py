@@ -1,0 +1,80 @@
+"""response_codec against the generated protobuf code: byte-identical encoding, equal decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hps_client._proto import hps_pb2
+from hps_client.response_codec import LookupResult, decode_lookup_response, encode_lookup_response
+
+
+def _results(rng: np.random.Generator) -> list[LookupResult]:
+    return [
+        LookupResult("user", rng.standard_normal((300, 16), dtype=np.float32), rng.random(300) < 0.5),
+        LookupResult("item", rng.standard_normal((2, 3)).astype("<f2"), np.array([True, False])),
+        LookupResult("empty", np.zeros((0, 8), np.float32), np.zeros(0, bool)),
+        LookupResult("ünïcode", np.ones((1, 200), np.float32), np.ones(1, bool)),
+    ]
+
+
+def _message(model: str, results: list[LookupResult], request_id: str) -> hps_pb2.LookupResponse:
+    return hps_pb2.LookupResponse(
+        model=model,
+        request_id=request_id,
+        results=[
+            hps_pb2.TableResult(
+                table=r.table,
+                vectors=r.vectors.tobytes(),
+                rows=r.vectors.shape[0],
+                dim=r.vectors.shape[1],
+                dtype=hps_pb2.VECTOR_DTYPE_FLOAT16 if r.vectors.dtype == np.float16 else hps_pb2.VECTOR_DTYPE_FLOAT32,
+                found=r.found.astype(np.uint8).tobytes(),
+            )
+            for r in results
+        ],
+    )
+
+
+@pytest.mark.parametrize(("model", "request_id"), [("ctr", "req-7"), ("", ""), ("m" * 300, "x")])
+def test_encoding_is_byte_identical_to_protobuf(model: str, request_id: str) -> None:
+    results = _results(np.random.default_rng(1))
+    encoded = encode_lookup_response(model, results, request_id)
+    assert encoded == _message(model, results, request_id).SerializeToString(deterministic=True)
+
+
+def test_decoding_gives_the_arrays_protobuf_holds() -> None:
+    results = _results(np.random.default_rng(2))
+    message = _message("ctr", results, "r1")
+    model, decoded, request_id = decode_lookup_response(message.SerializeToString())
+    assert (model, request_id) == ("ctr", "r1")
+    assert [d.table for d in decoded] == [r.table for r in results]
+    for got, want in zip(decoded, results, strict=True):
+        assert got.vectors.dtype == want.vectors.dtype
+        np.testing.assert_array_equal(got.vectors, want.vectors)
+        np.testing.assert_array_equal(got.found, want.found)
+
+
+def test_decoding_skips_unknown_fields_and_reads_defaults() -> None:
+    message = hps_pb2.LookupResponse(results=[hps_pb2.TableResult(table="t")])
+    data = message.SerializeToString() + bytes([0x78, 0x05]) + bytes([0x81, 0x01]) + bytes(8)  # fields 15 and 16
+    model, decoded, _ = decode_lookup_response(data)
+    assert model == ""
+    assert decoded[0].vectors.shape == (0, 0) and decoded[0].found.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (bytes([0x12, 0x05, 0x0A]), "runs past the end"),
+        (bytes([0x12]), "truncated varint"),
+        (
+            hps_pb2.LookupResponse(results=[hps_pb2.TableResult(rows=2, dim=2, vectors=b"\0" * 4)]).SerializeToString(),
+            "4 vector bytes for 2 x 2",
+        ),
+        (hps_pb2.LookupResponse(results=[hps_pb2.TableResult(dtype=7)]).SerializeToString(), "unknown vector dtype"),
+    ],
+)
+def test_malformed_replies_raise(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode_lookup_response(data)
