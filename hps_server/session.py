@@ -120,9 +120,9 @@ class LookupSession:
         self,
         table: TableConfig,
         keys: np.ndarray,
-        vectors: np.ndarray,
+        vectors: np.ndarray | None,
         found: np.ndarray,
-        missing: np.ndarray,
+        missing: np.ndarray | None,
         answered: dict[str, int],
         cache: EmbeddingCache | None,
         background: bool,
@@ -176,11 +176,9 @@ class LookupSession:
 
     def _fetch_later(self, table: TableConfig, keys: np.ndarray, cache: EmbeddingCache) -> None:
         """answer_misses_with_default: the true rows of L1 misses are fetched and cached in the background."""
-        n = len(keys)
 
         def fetch() -> None:
-            vectors = np.empty((n, table.dim), dtype=np.float32)
-            self._walk(table, keys, vectors, np.zeros(n, bool), np.arange(n), {}, cache, False, count=False)
+            self._walk(table, keys, None, np.zeros(len(keys), bool), None, {}, cache, False, count=False)
 
         assert self._fill is not None  # a session with caches has a fill worker
         self._fill.submit(fetch)

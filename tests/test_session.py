@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hps_server.storage.hashmap import HashMapLevel
-from hps_server.storage.rocksdb import RocksDBLevel
 
 from hps_server.cache import CacheStats
 from hps_server.cache.reference import ReferenceEmbeddingCache
 from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig, VolatileDbConfig
 from hps_server.session import LookupSession
+from hps_server.storage.hashmap import HashMapLevel
+from hps_server.storage.rocksdb import RocksDBLevel
 
 DIM = 4
 MODEL = ModelConfig(name="m", tables=(TableConfig(name="t", dim=DIM, default_value=0.25),), gpucache=False)
