@@ -5,8 +5,10 @@ Runs where CuPy sees an NVIDIA GPU; elsewhere every test skips, saying it needs 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,3 +238,41 @@ def test_bad_arguments_are_rejected_before_any_kernel_runs() -> None:
     with pytest.raises(ValueError, match="device"):
         GpuEmbeddingCache(64, 4, device=cp.cuda.runtime.getDeviceCount())
     assert gpu.stats().rows == 0
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["lru", "static"])
+def test_a_server_with_the_gpu_level_returns_exactly_the_stored_vectors(tmp_path: Path, static: bool) -> None:
+    from hps_client import Client
+    from hps_server.server import HpsServer
+    from tests.conftest import TABLE_SPECS, sample_config, write_sample_tables
+
+    truth = write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    model = dataclasses.replace(config.models[0], gpucache=True, gpucacheper=0.05, use_static_table=static)
+    config = dataclasses.replace(config, models=(model,))
+    server = HpsServer(config)
+    port = server.start()
+    rng = np.random.default_rng(7)
+    try:
+        session = server.models.session("ctr")
+        assert all(isinstance(c, GpuStaticTable if static else GpuEmbeddingCache) for c in session.caches["user"])
+        with Client(f"127.0.0.1:{port}") as client:
+            for step in range(300):
+                table = "user" if step % 2 else "item"
+                keys, vectors = truth[table]
+                if step % 3 == 0:  # uniform over the stored keys, plus keys no level holds
+                    asked = np.concatenate([rng.choice(keys, 200), rng.integers(2 * 10**6, 3 * 10**6, 56)])
+                else:  # Zipf-skewed: a few hot keys carry most lookups
+                    ranks = np.minimum(rng.zipf(1.2, 256) - 1, keys.size - 1)
+                    asked = keys[ranks]
+                got = client.lookup("ctr", table, asked)
+                expected = np.full((asked.size, TABLE_SPECS[table][1]), TABLE_SPECS[table][2], np.float32)
+                order = np.argsort(keys)
+                at = np.clip(np.searchsorted(keys, asked, sorter=order), 0, keys.size - 1)
+                held = keys[order[at]] == asked
+                expected[held] = vectors[order[at[held]]]
+                np.testing.assert_array_equal(got, expected)
+        stats = session.cache_stats()["user"]
+        assert stats.hits > 0 and stats.rows > 0
+    finally:
+        server.stop(grace=1)
