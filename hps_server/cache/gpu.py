@@ -259,9 +259,8 @@ class GpuEmbeddingCache(_OnDevice):
         self.clock = 0
         self._suffix = "f32" if self.dtype == np.float32 else "f16"
         with self._device, self._stream:
-            self._fps = cp.zeros(self.capacity, cp.uint32)
-            self._keys = cp.zeros(self.capacity, cp.int64)
-            self._stamps = cp.zeros(self.capacity, cp.int64)
+            self._fps = cp.zeros(self.capacity, cp.uint16)
+            self._slots = cp.zeros((self.capacity, 2), cp.int64)  # (key, stamp) per slot, as Slot in cache.cu
             self._rows = cp.zeros((self.capacity, self.dim), self.dtype)
             self._locks = cp.zeros(self.geometry.num_sets, cp.int32)
         self._stream.synchronize()
@@ -278,7 +277,7 @@ class GpuEmbeddingCache(_OnDevice):
         _kernel(self.device, f"query_{self._suffix}")(
             _grid_per_group(n),
             (_THREADS,),
-            (keys, np.int64(n), self._fps, self._keys, self._stamps, self._rows, *self._shape_args,
+            (keys, np.int64(n), self._fps, self._slots, self._rows, *self._shape_args,
              np.int64(self.clock), vectors, hit, self._hit_count),
         )  # fmt: skip
 
@@ -289,7 +288,7 @@ class GpuEmbeddingCache(_OnDevice):
         _kernel(self.device, f"write_present_{self._suffix}")(
             _grid_per_group(n),
             (_THREADS,),
-            (keys, vectors, np.int64(n), last, pos, self._fps, self._keys, self._stamps, self._rows,
+            (keys, vectors, np.int64(n), last, pos, self._fps, self._slots, self._rows,
              *self._shape_args, np.int64(clock), absent),
         )  # fmt: skip
         return absent
@@ -301,7 +300,7 @@ class GpuEmbeddingCache(_OnDevice):
         _kernel(self.device, f"insert_absent_{self._suffix}")(
             _grid_per_key(keys.size),
             (_THREADS,),
-            (keys, vectors, np.int64(keys.size), absent, self._fps, self._keys, self._stamps, self._rows,
+            (keys, vectors, np.int64(keys.size), absent, self._fps, self._slots, self._rows,
              self._locks, *self._shape_args, np.int64(touched), np.int64(inserted)),
         )  # fmt: skip
 
@@ -313,17 +312,17 @@ class GpuEmbeddingCache(_OnDevice):
         _kernel(self.device, "invalidate")(
             _grid_per_group(keys.size),
             (_THREADS,),
-            (keys, np.int64(keys.size), self._fps, self._keys, self._stamps, num_sets, ways),
+            (keys, np.int64(keys.size), self._fps, self._slots, num_sets, ways),
         )
 
     def dump(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys ascending, vectors float32, stamps) of every row held, as reference.py's dump()."""
         with self._device, self._lock, self._stream:
             held = cp.flatnonzero(self._fps)
-            keys = self._keys[held]
+            keys = self._slots[held, 0]
             order = cp.argsort(keys)
             held = held[order]
-            result = (keys[order].get(), self._rows[held].astype(cp.float32).get(), self._stamps[held].get())
+            result = (keys[order].get(), self._rows[held].astype(cp.float32).get(), self._slots[held, 1].get())
         return result
 
     def stats(self) -> CacheStats:

@@ -1,10 +1,11 @@
 // L1 embedding cache kernels: a set-associative LRU cache (one warp compares a set's ways) and a static
 // table (open addressing). gpu.py drives them; reference.py states the algorithm they must reproduce.
 //
-// Layout of the cache: per slot a 32-bit fingerprint (0: empty), the int64 key, an int64 stamp (the
-// logical clock of its last use; 0: empty) and a row of `dim` elements of T (float, or float16 bits). Slot
-// index = set * ways + way. A query compares fingerprints (4 bytes a way, so a 32-way set is one
-// 128-byte line) and checks the full key only where a fingerprint matched.
+// Layout of the cache: per slot a 16-bit fingerprint (0: empty), a Slot {int64 key, int64 stamp (the
+// logical clock of its last use; 0: empty)} and a row of `dim` elements of T (float, or float16 bits).
+// Slot index = set * ways + way. A query reads its set's fingerprints (2 bytes a way: a 32-way set is
+// one 64-byte line), checks the full key only where a fingerprint matched, and stamps the slot it
+// found: the stamp shares the key's 16 bytes, so the write lands in a sector the check just read.
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -39,10 +40,17 @@ __device__ __forceinline__ unsigned set_of(u64 h, unsigned num_sets) {
     return (unsigned)(((h >> 32) * (u64)num_sets) >> 32);
 }
 
-__device__ __forceinline__ unsigned fingerprint(u64 h) {
-    unsigned f = (unsigned)h;
-    return f ? f : 1u;
+typedef unsigned short fp16;
+
+__device__ __forceinline__ fp16 fingerprint(u64 h) {
+    const fp16 f = (fp16)h;  // the low bits: set_of() uses the high ones
+    return f ? f : (fp16)1;
 }
+
+struct __align__(16) Slot {
+    i64 key;
+    i64 stamp;
+};
 
 // ---------------------------------------------------------------- row copies
 
@@ -139,8 +147,8 @@ __device__ __forceinline__ void scatter_rows(T* __restrict__ rows, i64 dst, cons
 // absent). For every key of the group the warp reads that key's set, lane = way, and votes. The three
 // passes are unrolled so that all 32 sets' fingerprint lines, then all key checks, are in flight at
 // once: the walk is bound by memory bandwidth, not by one set's latency after another.
-__device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const unsigned* __restrict__ fps,
-                                            const i64* __restrict__ keys, unsigned num_sets, int ways, int lane) {
+__device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const fp16* __restrict__ fps,
+                                            const Slot* __restrict__ slots, unsigned num_sets, int ways, int lane) {
     const u64 h = mix((u64)key);
     const unsigned s = set_of(h, num_sets);
     const unsigned f = valid ? fingerprint(h) : 0u;  // 0 never matches a held slot's fingerprint
@@ -149,7 +157,7 @@ __device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const unsigned*
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
         const unsigned sj = __shfl_sync(FULL, s, j);
-        line[j] = real ? __ldg(fps + (i64)sj * ways + lane) : 0u;
+        line[j] = real ? (unsigned)__ldg(fps + (i64)sj * ways + lane) : 0u;
     }
     unsigned candidate = 0;  // bit j: this lane's way holds key j's fingerprint
 #pragma unroll
@@ -162,7 +170,7 @@ __device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const unsigned*
     for (int j = 0; j < 32; ++j) {
         const i64 kj = __shfl_sync(FULL, key, j);
         const unsigned sj = __shfl_sync(FULL, s, j);
-        if ((candidate >> j & 1u) && keys[(i64)sj * ways + lane] == kj) confirmed |= 1u << j;
+        if ((candidate >> j & 1u) && slots[(i64)sj * ways + lane].key == kj) confirmed |= 1u << j;
     }
     i64 mine = -1;
 #pragma unroll
@@ -178,8 +186,8 @@ __device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const unsigned*
 // Warp per 32 keys: rows of hits into out (zeros for misses), hit flags, hit slots stamped `clock`,
 // hit count added to *hit_count.
 template <typename T>
-__device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const unsigned* __restrict__ fps,
-                           const i64* __restrict__ keys, i64* __restrict__ stamps, const T* __restrict__ rows,
+__device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const fp16* __restrict__ fps,
+                           Slot* __restrict__ slots, const T* __restrict__ rows,
                            unsigned num_sets, int ways, int dim, i64 clock, float* __restrict__ out,
                            bool* __restrict__ hit, u64* __restrict__ hit_count) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -189,10 +197,10 @@ __device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const unsigned*
     const i64 i = base + lane;
     const bool valid = i < n;
     const i64 key = valid ? qkeys[i] : 0;
-    const i64 slot = find_in_sets(key, valid, fps, keys, num_sets, ways, lane);
+    const i64 slot = find_in_sets(key, valid, fps, slots, num_sets, ways, lane);
     if (valid) {
         hit[i] = slot >= 0;
-        if (slot >= 0) stamps[slot] = clock;
+        if (slot >= 0) slots[slot].stamp = clock;
     }
     const unsigned hits = __ballot_sync(FULL, slot >= 0);
     if (lane == 0 && hits) atomicAdd(hit_count, (u64)__popc(hits));
@@ -205,8 +213,8 @@ __device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const unsigned*
 template <typename T>
 __device__ void write_present_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
                                    const int* __restrict__ last, const int* __restrict__ pos,
-                                   const unsigned* __restrict__ fps, const i64* __restrict__ keys,
-                                   i64* __restrict__ stamps, T* __restrict__ rows, unsigned num_sets, int ways,
+                                   const fp16* __restrict__ fps, Slot* __restrict__ slots,
+                                   T* __restrict__ rows, unsigned num_sets, int ways,
                                    int dim, i64 clock, bool* __restrict__ absent) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -215,9 +223,9 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const float* _
     const i64 i = base + lane;
     const bool valid = i < n && last[pos[i]] == (int)i;
     const i64 key = valid ? qkeys[i] : 0;
-    const i64 slot = find_in_sets(key, valid, fps, keys, num_sets, ways, lane);
+    const i64 slot = find_in_sets(key, valid, fps, slots, num_sets, ways, lane);
     if (i < n) absent[i] = valid && slot < 0;
-    if (slot >= 0 && clock > 0) stamps[slot] = clock;
+    if (slot >= 0 && clock > 0) slots[slot].stamp = clock;
     const int count = (int)min((i64)32, n - base);
     scatter_rows(rows, slot, in + base * dim, slot >= 0 ? (i64)lane : 0, count, dim, lane);
 }
@@ -228,7 +236,7 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const float* _
 // keeps the smallest of the keys that compete for it whatever order the warps arrive in.
 template <typename T>
 __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
-                                   const bool* __restrict__ absent, unsigned* fps, i64* keys, i64* stamps,
+                                   const bool* __restrict__ absent, fp16* fps, Slot* slots,
                                    T* __restrict__ rows, int* locks, unsigned num_sets, int ways, int dim,
                                    i64 touched, i64 inserted) {
     const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -246,8 +254,8 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* _
     __syncwarp();
     const i64 slot = (i64)s * ways + lane;
     const bool real = lane < ways;
-    const i64 st = real ? __ldcg(stamps + slot) : 0;
-    const i64 k = real ? __ldcg(keys + slot) : 0;
+    const longlong2 held = real ? __ldcg(reinterpret_cast<const longlong2*>(slots) + slot) : make_longlong2(0, 0);
+    const i64 k = held.x, st = held.y;
     // Best free slot: least (stamp, key, lane) among stamp < touched.
     const bool spare = real && st < touched;
     i64 bs = spare ? st : I64_MAX, bk = spare ? k : I64_MAX;
@@ -280,8 +288,8 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* _
     if (way >= 0) {
         const i64 dst = (i64)s * ways + way;
         if (lane == 0) {
-            keys[dst] = key;
-            stamps[dst] = inserted;
+            slots[dst].key = key;
+            slots[dst].stamp = inserted;
             fps[dst] = fingerprint(h);
         }
         scatter_rows(rows, lane == 0 ? dst : -1, in + i * dim, 0, 1, dim, lane);
@@ -292,8 +300,8 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* _
 }
 
 // Warp per 32 keys: present keys are emptied.
-__device__ void invalidate_impl(const i64* __restrict__ qkeys, i64 n, unsigned* fps, const i64* __restrict__ keys,
-                                i64* __restrict__ stamps, unsigned num_sets, int ways) {
+__device__ void invalidate_impl(const i64* __restrict__ qkeys, i64 n, fp16* fps, Slot* __restrict__ slots,
+                                unsigned num_sets, int ways) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
@@ -301,11 +309,11 @@ __device__ void invalidate_impl(const i64* __restrict__ qkeys, i64 n, unsigned* 
     const i64 i = base + lane;
     const bool valid = i < n;
     const i64 key = valid ? qkeys[i] : 0;
-    const i64 slot = find_in_sets(key, valid, fps, keys, num_sets, ways, lane);
+    const i64 slot = find_in_sets(key, valid, fps, slots, num_sets, ways, lane);
     __syncwarp();
     if (slot >= 0) {
         fps[slot] = 0;
-        stamps[slot] = 0;
+        slots[slot].stamp = 0;
     }
 }
 
@@ -423,23 +431,23 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
 // ---------------------------------------------------------------- entry points per storage type
 
 #define CACHE_KERNELS(T, SUFFIX)                                                                                  \
-    extern "C" __global__ void query_##SUFFIX(const i64* qkeys, i64 n, const unsigned* fps, const i64* keys,      \
-                                              i64* stamps, const T* rows, unsigned num_sets, int ways, int dim,   \
+    extern "C" __global__ void query_##SUFFIX(const i64* qkeys, i64 n, const fp16* fps, Slot* slots,              \
+                                              const T* rows, unsigned num_sets, int ways, int dim,                \
                                               i64 clock, float* out, bool* hit, u64* hit_count) {                 \
-        query_impl<T>(qkeys, n, fps, keys, stamps, rows, num_sets, ways, dim, clock, out, hit, hit_count);        \
+        query_impl<T>(qkeys, n, fps, slots, rows, num_sets, ways, dim, clock, out, hit, hit_count);               \
     }                                                                                                             \
     extern "C" __global__ void write_present_##SUFFIX(const i64* qkeys, const float* in, i64 n, const int* last,  \
-                                                      const int* pos, const unsigned* fps, const i64* keys,       \
-                                                      i64* stamps, T* rows, unsigned num_sets, int ways, int dim, \
+                                                      const int* pos, const fp16* fps, Slot* slots, T* rows,      \
+                                                      unsigned num_sets, int ways, int dim,                       \
                                                       i64 clock, bool* absent) {                                  \
-        write_present_impl<T>(qkeys, in, n, last, pos, fps, keys, stamps, rows, num_sets, ways, dim, clock,       \
+        write_present_impl<T>(qkeys, in, n, last, pos, fps, slots, rows, num_sets, ways, dim, clock,              \
                               absent);                                                                            \
     }                                                                                                             \
     extern "C" __global__ void insert_absent_##SUFFIX(const i64* qkeys, const float* in, i64 n,                  \
-                                                      const bool* absent, unsigned* fps, i64* keys, i64* stamps,  \
+                                                      const bool* absent, fp16* fps, Slot* slots,                 \
                                                       T* rows, int* locks, unsigned num_sets, int ways, int dim,  \
                                                       i64 touched, i64 inserted) {                                \
-        insert_absent_impl<T>(qkeys, in, n, absent, fps, keys, stamps, rows, locks, num_sets, ways, dim,          \
+        insert_absent_impl<T>(qkeys, in, n, absent, fps, slots, rows, locks, num_sets, ways, dim,                 \
                               touched, inserted);                                                                 \
     }                                                                                                             \
     extern "C" __global__ void static_query_##SUFFIX(const i64* qkeys, i64 n, const i64* slot_keys,               \
@@ -457,7 +465,7 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
 CACHE_KERNELS(float, f32)
 CACHE_KERNELS(f16, f16)
 
-extern "C" __global__ void invalidate(const i64* qkeys, i64 n, unsigned* fps, const i64* keys, i64* stamps,
+extern "C" __global__ void invalidate(const i64* qkeys, i64 n, fp16* fps, Slot* slots,
                                       unsigned num_sets, int ways) {
-    invalidate_impl(qkeys, n, fps, keys, stamps, num_sets, ways);
+    invalidate_impl(qkeys, n, fps, slots, num_sets, ways);
 }
