@@ -262,7 +262,6 @@ class GpuEmbeddingCache(_OnDevice):
             self._fps = cp.zeros(self.capacity, cp.uint16)
             self._slots = cp.zeros((self.capacity, 2), cp.int64)  # (key, stamp) per slot, as Slot in cache.cu
             self._rows = cp.zeros((self.capacity, self.dim), self.dtype)
-            self._locks = cp.zeros(self.geometry.num_sets, cp.int32)
         self._stream.synchronize()
         _module(device)
 
@@ -282,9 +281,10 @@ class GpuEmbeddingCache(_OnDevice):
         )  # fmt: skip
 
     def _write_present(self, keys: cp.ndarray, vectors: cp.ndarray, clock: int) -> cp.ndarray:
+        """Pass 1 of replace and update; returns each key's set where it is to be inserted, else NO_SET."""
         n = keys.size
         last, pos = self._dedupe(keys)
-        absent = cp.empty(n, cp.bool_)
+        absent = cp.empty(n, cp.uint32)
         _kernel(self.device, f"write_present_{self._suffix}")(
             _grid_per_group(n),
             (_THREADS,),
@@ -297,11 +297,12 @@ class GpuEmbeddingCache(_OnDevice):
         touched, inserted = self.clock + 1, self.clock + 2
         self.clock += 2
         absent = self._write_present(keys, vectors, touched)
+        order = cp.argsort(absent)  # a set's keys to insert become one run, for one warp
         _kernel(self.device, f"insert_absent_{self._suffix}")(
             _grid_per_key(keys.size),
             (_THREADS,),
-            (keys, vectors, np.int64(keys.size), absent, self._fps, self._slots, self._rows,
-             self._locks, *self._shape_args, np.int64(touched), np.int64(inserted)),
+            (keys, vectors, np.int64(keys.size), absent[order], order, self._fps, self._slots, self._rows,
+             np.int32(self.geometry.ways), np.int32(self.dim), np.int64(touched), np.int64(inserted)),
         )  # fmt: skip
 
     def _update(self, keys: cp.ndarray, vectors: cp.ndarray) -> None:

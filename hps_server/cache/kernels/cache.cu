@@ -116,6 +116,7 @@ __device__ __forceinline__ void scatter_rows(T* __restrict__ rows, i64 dst, cons
     if ((dim & 3) == 0) {
         const int d4 = dim >> 2;
         const int total = count * d4;
+#pragma unroll 8
         for (int base = 0; base < total; base += 32) {
             const int idx = base + lane;
             const int j = idx / d4;
@@ -209,13 +210,15 @@ __device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const fp16* __r
 }
 
 // Replace/update, pass 1. `last[pos[i]] == i` marks the last occurrence of each key in the batch; only
-// those act. Present: row overwritten, stamped `clock` when clock > 0. Absent ones get absent[i] = 1.
+// those act. Present: row overwritten, stamped `clock` when clock > 0. absent_set[i]: the set of a key
+// to insert, NO_SET for the others.
+#define NO_SET 0xffffffffu
+
 template <typename T>
 __device__ void write_present_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
                                    const int* __restrict__ last, const int* __restrict__ pos,
-                                   const fp16* __restrict__ fps, Slot* __restrict__ slots,
-                                   T* __restrict__ rows, unsigned num_sets, int ways,
-                                   int dim, i64 clock, bool* __restrict__ absent) {
+                                   const fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows,
+                                   unsigned num_sets, int ways, int dim, i64 clock, unsigned* __restrict__ absent_set) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
@@ -224,79 +227,82 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const float* _
     const bool valid = i < n && last[pos[i]] == (int)i;
     const i64 key = valid ? qkeys[i] : 0;
     const i64 slot = find_in_sets(key, valid, fps, slots, num_sets, ways, lane);
-    if (i < n) absent[i] = valid && slot < 0;
+    if (i < n) absent_set[i] = valid && slot < 0 ? set_of(mix((u64)key), num_sets) : NO_SET;
     if (slot >= 0 && clock > 0) slots[slot].stamp = clock;
     const int count = (int)min((i64)32, n - base);
     scatter_rows(rows, slot, in + base * dim, slot >= 0 ? (i64)lane : 0, count, dim, lane);
 }
 
-// Replace, pass 2: warp per absent key, under its set's lock. The victim is the least recently used
-// slot not touched by this batch (stamp < touched), ordered by (stamp, key, way); once a set has no
-// such slot left, the key displaces the largest key this batch inserted if it is smaller, so a set
-// keeps the smallest of the keys that compete for it whatever order the warps arrive in.
+// Replace, pass 2. `sets` is absent_set sorted, `order` the batch positions in that order, so a set's
+// keys to insert are contiguous: the warp at the start of each run inserts the whole run, holding the
+// set's slots in registers (no locks, no atomics). Each key takes the least recently used slot not
+// touched by this batch (stamp < touched), ordered by (stamp, key, way); once none is left it displaces
+// the largest key this batch inserted, if smaller. So a set keeps the smallest of the keys competing
+// for it, in whatever order they come: the rule reference.py states without any order. Slots are
+// chosen first, from registers; then the rows of the keys that stayed are copied all at once.
 template <typename T>
 __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
-                                   const bool* __restrict__ absent, fp16* fps, Slot* slots,
-                                   T* __restrict__ rows, int* locks, unsigned num_sets, int ways, int dim,
-                                   i64 touched, i64 inserted) {
-    const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+                                   const unsigned* __restrict__ sets, const i64* __restrict__ order,
+                                   fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int ways,
+                                   int dim, i64 touched, i64 inserted) {
+    const i64 p = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    if (i >= n || !absent[i]) return;
-    const i64 key = qkeys[i];
-    const u64 h = mix((u64)key);
-    const unsigned s = set_of(h, num_sets);
-    if (lane == 0) {
-        int held;
-        do {
-            asm volatile("atom.acquire.gpu.global.cas.b32 %0, [%1], 0, 1;" : "=r"(held) : "l"(locks + s) : "memory");
-        } while (held != 0);
-    }
-    __syncwarp();
-    const i64 slot = (i64)s * ways + lane;
+    if (p >= n) return;
+    const unsigned s = sets[p];
+    if (s == NO_SET || (p > 0 && sets[p - 1] == s)) return;
     const bool real = lane < ways;
-    const longlong2 held = real ? __ldcg(reinterpret_cast<const longlong2*>(slots) + slot) : make_longlong2(0, 0);
-    const i64 k = held.x, st = held.y;
-    // Best free slot: least (stamp, key, lane) among stamp < touched.
-    const bool spare = real && st < touched;
-    i64 bs = spare ? st : I64_MAX, bk = spare ? k : I64_MAX;
-    int bl = spare ? lane : 32;
-    // Largest key inserted by this batch: candidate to displace when no slot is free.
-    const bool mine = real && st == inserted;
-    i64 mk = mine ? k : I64_MIN;
-    int ml = mine ? lane : 32;
+    const i64 slot = (i64)s * ways + lane;
+    const longlong2 held = real ? reinterpret_cast<const longlong2*>(slots)[slot] : make_longlong2(0, 0);
+    i64 k = held.x, st = held.y;
+    i64 src = -1;  // batch position of the key this lane's slot ends up holding, -1: unchanged
+    for (i64 chunk = p; chunk < n; chunk += 32) {
+        const i64 q = chunk + lane;
+        const bool in_run = q < n && sets[q] == s;
+        const i64 my_i = in_run ? order[q] : 0;
+        const i64 my_key = in_run ? qkeys[my_i] : 0;
+        const int count = __popc(__ballot_sync(FULL, in_run));  // the run is contiguous: lanes 0..count-1
+        for (int j = 0; j < count; ++j) {
+            const i64 key = __shfl_sync(FULL, my_key, j);
+            const i64 i = __shfl_sync(FULL, my_i, j);
+            // Best free slot: least (stamp, key, lane) among stamp < touched.
+            const bool spare = real && st < touched;
+            i64 bs = spare ? st : I64_MAX, bk = spare ? k : I64_MAX;
+            int bl = spare ? lane : 32;
+            // Largest key inserted by this batch: the one to displace when no slot is free.
+            const bool mine = real && st == inserted;
+            i64 mk = mine ? k : I64_MIN;
+            int ml = mine ? lane : 32;
 #pragma unroll
-    for (int off = 16; off; off >>= 1) {
-        const i64 os = __shfl_xor_sync(FULL, bs, off), ok = __shfl_xor_sync(FULL, bk, off);
-        const int ol = __shfl_xor_sync(FULL, bl, off);
-        if (os < bs || (os == bs && (ok < bk || (ok == bk && ol < bl)))) {
-            bs = os;
-            bk = ok;
-            bl = ol;
+            for (int off = 16; off; off >>= 1) {
+                const i64 os = __shfl_xor_sync(FULL, bs, off), ok = __shfl_xor_sync(FULL, bk, off);
+                const int ol = __shfl_xor_sync(FULL, bl, off);
+                if (os < bs || (os == bs && (ok < bk || (ok == bk && ol < bl)))) {
+                    bs = os;
+                    bk = ok;
+                    bl = ol;
+                }
+                const i64 omk = __shfl_xor_sync(FULL, mk, off);
+                const int oml = __shfl_xor_sync(FULL, ml, off);
+                if (omk > mk || (omk == mk && oml < ml)) {
+                    mk = omk;
+                    ml = oml;
+                }
+            }
+            const int way = bl < 32 ? bl : (ml < 32 && key < mk ? ml : -1);
+            if (lane == way) {
+                k = key;
+                st = inserted;
+                src = i;
+            }
         }
-        const i64 omk = __shfl_xor_sync(FULL, mk, off);
-        const int oml = __shfl_xor_sync(FULL, ml, off);
-        if (omk > mk || (omk == mk && oml < ml)) {
-            mk = omk;
-            ml = oml;
-        }
+        if (count < 32) break;
     }
-    int way = -1;
-    if (bl < 32)
-        way = bl;
-    else if (ml < 32 && key < mk)
-        way = ml;
-    if (way >= 0) {
-        const i64 dst = (i64)s * ways + way;
-        if (lane == 0) {
-            slots[dst].key = key;
-            slots[dst].stamp = inserted;
-            fps[dst] = fingerprint(h);
-        }
-        scatter_rows(rows, lane == 0 ? dst : -1, in + i * dim, 0, 1, dim, lane);
+    if (src >= 0) {
+        slots[slot].key = k;
+        slots[slot].stamp = st;
+        fps[slot] = fingerprint(mix((u64)k));
     }
-    // __syncwarp orders the lanes' writes before lane 0's release, which publishes them all (cumulativity).
-    __syncwarp();
-    if (lane == 0) asm volatile("st.release.gpu.global.b32 [%0], 0;" ::"l"(locks + s) : "memory");
+    scatter_rows(rows, src >= 0 ? slot : -1, in, src >= 0 ? src : 0, 32, dim, lane);
 }
 
 // Warp per 32 keys: present keys are emptied.
@@ -439,16 +445,15 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
     extern "C" __global__ void write_present_##SUFFIX(const i64* qkeys, const float* in, i64 n, const int* last,  \
                                                       const int* pos, const fp16* fps, Slot* slots, T* rows,      \
                                                       unsigned num_sets, int ways, int dim,                       \
-                                                      i64 clock, bool* absent) {                                  \
+                                                      i64 clock, unsigned* absent_set) {                          \
         write_present_impl<T>(qkeys, in, n, last, pos, fps, slots, rows, num_sets, ways, dim, clock,              \
-                              absent);                                                                            \
+                              absent_set);                                                                        \
     }                                                                                                             \
     extern "C" __global__ void insert_absent_##SUFFIX(const i64* qkeys, const float* in, i64 n,                  \
-                                                      const bool* absent, fp16* fps, Slot* slots,                 \
-                                                      T* rows, int* locks, unsigned num_sets, int ways, int dim,  \
-                                                      i64 touched, i64 inserted) {                                \
-        insert_absent_impl<T>(qkeys, in, n, absent, fps, slots, rows, locks, num_sets, ways, dim,                 \
-                              touched, inserted);                                                                 \
+                                                      const unsigned* sets, const i64* order, fp16* fps,          \
+                                                      Slot* slots, T* rows, int ways, int dim, i64 touched,       \
+                                                      i64 inserted) {                                             \
+        insert_absent_impl<T>(qkeys, in, n, sets, order, fps, slots, rows, ways, dim, touched, inserted);         \
     }                                                                                                             \
     extern "C" __global__ void static_query_##SUFFIX(const i64* qkeys, i64 n, const i64* slot_keys,               \
                                                      const int* slot_rows, const bool* live, unsigned mask,       \
