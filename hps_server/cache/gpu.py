@@ -30,6 +30,7 @@ from hps_server.cache.layout import (
 _SOURCE = Path(__file__).with_name("kernels") / "cache.cu"
 _THREADS = 256
 _WARPS = _THREADS // 32
+_HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 
 
 def available(device: int = 0) -> bool:
@@ -87,7 +88,7 @@ class _OnDevice:
         self._device = cp.cuda.Device(device)
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
-            self._hit_count = cp.zeros(1, cp.uint64)
+            self._hit_count = cp.zeros(_HIT_COUNTERS, cp.uint64)
         self._lock = threading.Lock()
         self._queried = 0
 
@@ -108,7 +109,7 @@ class _OnDevice:
 
     def _stats(self, rows: cp.ndarray, capacity: int) -> CacheStats:
         with self._device, self._lock, self._stream:
-            hits = int(self._hit_count.get(stream=self._stream)[0])
+            hits = int(self._hit_count.get(stream=self._stream).sum())
             held = int(rows.get(stream=self._stream))
             queried = self._queried
         return CacheStats(hits=hits, misses=queried - hits, rows=held, capacity=capacity)

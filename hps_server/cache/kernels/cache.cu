@@ -13,6 +13,9 @@ typedef unsigned long long u64;
 typedef unsigned short f16;
 
 #define FULL 0xffffffffu
+// Hits are counted into this many counters (gpu.py sums them), so that one batch's warps do not all
+// queue on a single address.
+#define HIT_COUNTERS 64
 #define I64_MAX 0x7fffffffffffffffll
 #define I64_MIN (-I64_MAX - 1)
 
@@ -185,7 +188,7 @@ __device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const fp16* __r
 // ---------------------------------------------------------------- cache kernels
 
 // Warp per 32 keys: rows of hits into out (zeros for misses), hit flags, hit slots stamped `clock`,
-// hit count added to *hit_count.
+// hit count added to hit_counts[blockIdx.x % HIT_COUNTERS].
 template <typename T>
 __device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const fp16* __restrict__ fps,
                            Slot* __restrict__ slots, const T* __restrict__ rows,
@@ -204,7 +207,7 @@ __device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const fp16* __r
         if (slot >= 0) slots[slot].stamp = clock;
     }
     const unsigned hits = __ballot_sync(FULL, slot >= 0);
-    if (lane == 0 && hits) atomicAdd(hit_count, (u64)__popc(hits));
+    if (lane == 0 && hits) atomicAdd(hit_count + blockIdx.x % HIT_COUNTERS, (u64)__popc(hits));
     const int count = (int)min((i64)32, n - base);
     gather_rows(rows, slot, count, dim, out + base * dim, lane);
 }
@@ -386,7 +389,7 @@ __device__ void static_query_impl(const i64* __restrict__ qkeys, i64 n, const i6
         hit[i] = row >= 0;
     }
     const unsigned hits = __ballot_sync(FULL, row >= 0);
-    if (lane == 0 && hits) atomicAdd(hit_count, (u64)__popc(hits));
+    if (lane == 0 && hits) atomicAdd(hit_count + blockIdx.x % HIT_COUNTERS, (u64)__popc(hits));
     const int count = (int)min((i64)32, n - base);
     gather_rows(rows, row, count, dim, out + base * dim, lane);
 }
