@@ -158,6 +158,56 @@ def zipf_rows(cp: Any, rows_total: int, batch: int, warm: int, measured: int) ->
     return out
 
 
+def rpc_rows(requests: int, rows_total: int = 200_000, dim: int = 128, batch: int = 1024) -> list[dict[str, Any]]:
+    """Lookup RPCs of Zipf keys through `hps serve` with the GPU L1 and with the NumPy L1, same data."""
+    import tempfile
+
+    import yaml
+
+    from benchmarks.servers import free_port, hps_server
+    from hps_client import Client
+    from hps_server import tables
+
+    rng = np.random.default_rng(5)
+    keys = rng.permutation(rows_total * 4)[:rows_total].astype(np.int64)
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        tables.write_table(directory / "t", [(keys, rng.standard_normal((rows_total, dim), dtype=np.float32))], dim)
+        # A device id no machine has makes the server fall back to the NumPy reference L1.
+        for level, devices in (("gpu", [0]), ("numpy", [99])):
+            port = free_port()
+            config = {
+                "server": {"address": f"127.0.0.1:{port}"},
+                "volatile_db": {"type": "hash_map", "initial_cache_rate": 0.0},
+                "persistent_db": {"type": "rocksdb", "path": f"rocksdb-{level}"},
+                "models": [
+                    {
+                        "name": "m",
+                        "max_batch_size": batch,
+                        "gpucacheper": 0.2,
+                        "deployed_device_list": devices,
+                        "tables": [{"name": "t", "dim": dim, "source": "t"}],
+                    }
+                ],
+            }
+            path = directory / f"{level}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            ranks = np.minimum(rng.zipf(1.2, size=(requests * 2, batch)) - 1, rows_total - 1)
+            with hps_server(path, port) as target, Client(target) as client:
+                for row in ranks[:requests]:  # warm-up: fills L1 and L2
+                    client.lookup("m", "t", keys[row])
+                start = time.perf_counter()
+                for row in ranks[requests:]:
+                    client.lookup("m", "t", keys[row])
+                seconds = time.perf_counter() - start
+            rates[level] = requests / seconds
+    return [
+        {"l1": level, "keys_per_rpc": batch, "dim": dim, "rpcs_s": rate, "vs_numpy": rate / rates["numpy"]}
+        for level, rate in rates.items()
+    ]
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -201,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         queries = query_rows(cp, capacity, repeats)
         replaces = replace_rows(cp, capacity, repeats)
         hit_rates = zipf_rows(cp, zipf_total, batch=ZIPF_BATCH, warm=30 if args.quick else 600, measured=100)
+    rpcs = rpc_rows(requests=200 if args.quick else 1000)
     plot(hit_rates, args.plot)
     best = max(r["query/gather"] for r in queries if r["batch"] == QUERY_BATCHES[-1] and r["dim"] == 128)
     summary = {
@@ -208,14 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         "cache_rows": capacity,
         "query_vs_gather_1M_dim128": best,
         "replace_1M_dim128_Mkeys_s": replaces[-1]["insert_Mkeys_s"],
+        "rpc_gpu_vs_numpy_l1": rpcs[0]["vs_numpy"],
         "plot": str(args.plot),
     }
     if args.json:
-        emit("cache", [], True, {**summary, "query": queries, "replace": replaces, "hit_rate": hit_rates})
+        emit("cache", [], True, {**summary, "query": queries, "replace": replaces, "hit_rate": hit_rates, "rpc": rpcs})
     else:
         emit("L1 query at 100% hits vs a raw random-row gather of the same rows", queries, False, summary)
         emit("L1 replace (insert: all keys new; overwrite: all present)", replaces, False)
         emit(f"L1 hit rate, Zipf keys over {zipf_total:,} rows, {ZIPF_BATCH:,}-key lookups", hit_rates, False)
+        emit("Lookup RPCs (one client thread, Zipf 1.2 keys) with the GPU L1 against the NumPy L1", rpcs, False)
     return 0 if math.isfinite(best) else 1
 
 
