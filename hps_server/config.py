@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ OverflowPolicy = Literal["evict_oldest", "evict_random"]
 VolatileType = Literal["hash_map", "redis_cluster", "disabled"]
 PersistentType = Literal["rocksdb", "disabled"]
 CacheDtype = Literal["float32", "float16"]
+
+
+# Environment variable that, when set, replaces volatile_db.password.
+PASSWORD_ENV = "HPS_REDIS_PASSWORD"
 
 
 class ConfigError(ValueError):
@@ -63,7 +68,8 @@ class VolatileDbConfig:
     cache_missed_embeddings: bool = True
     # redis_cluster: comma-separated host:port seed nodes.
     address: str = "127.0.0.1:7000"
-    # redis_cluster: ACL user name and password (empty: no AUTH).
+    # redis_cluster: ACL user name and password (empty: no AUTH). The environment variable
+    # HPS_REDIS_PASSWORD, when set, replaces the password (so it can come from a Kubernetes Secret).
     user_name: str = "default"
     password: str = ""
     # redis_cluster: connect with TLS.
@@ -340,7 +346,7 @@ def _volatile(raw: Any, hps: bool) -> VolatileDbConfig:
         cache_missed_embeddings=s.get("cache_missed_embeddings", d.cache_missed_embeddings, _bool),
         address=s.get("address", d.address, _str),
         user_name=s.get("user_name", d.user_name, _str),
-        password=s.get("password", d.password, _str),
+        password=os.environ.get(PASSWORD_ENV) or s.get("password", d.password, _str),
         tls=s.get("tls", d.tls, _bool),
         num_partitions=s.get("num_partitions", d.num_partitions, _int(1)),
         max_batch_size=batch,

@@ -15,6 +15,7 @@ from hps_server import storage, transfer
 from hps_server.cache import EmbeddingCache
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
+from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
 from hps_server.storage.base import StorageLevel
 
@@ -32,7 +33,13 @@ class HostedModels:
     sessions: dict[str, LookupSession]
 
     @classmethod
-    def open(cls, config: Config, cache_factory: CacheFactory | None = None, progress: bool = False) -> HostedModels:
+    def open(
+        cls,
+        config: Config,
+        cache_factory: CacheFactory | None = None,
+        progress: bool = False,
+        metrics: ServerMetrics | None = None,
+    ) -> HostedModels:
         """Opens the levels and prepares every model; a failure closes what was opened.
 
         cache_factory defaults to placement.build_caches, warming L1 with initial_cache_rate of each table."""
@@ -45,11 +52,18 @@ class HostedModels:
             levels = [level for level in (volatile, persistent) if level is not None]
             sessions = {}
             for model in config.models:
-                _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
-                caches = cache_factory(model, levels)
+                try:
+                    _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
+                    caches = cache_factory(model, levels)
+                except Exception:
+                    if metrics is not None:
+                        metrics.record_model_event(model.name, "failed")
+                    raise
                 sessions[model.name] = LookupSession(
-                    model, levels, caches, write_back=config.volatile_db.cache_missed_embeddings
+                    model, levels, caches, write_back=config.volatile_db.cache_missed_embeddings, metrics=metrics
                 )
+                if metrics is not None:
+                    metrics.record_model_event(model.name, "loaded")
                 log.info(
                     "model %s ready: %d tables, levels %s",
                     model.name,
@@ -69,6 +83,15 @@ class HostedModels:
             return self.sessions[model]
         except KeyError:
             raise KeyError(f"no model {model!r} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
+
+    def cache_occupancy(self) -> list[CacheOccupancy]:
+        """Every L1 cache of every model, with the device it lives on."""
+        return [
+            CacheOccupancy(name, table, str(device), cache.stats())
+            for name, session in self.sessions.items()
+            for table, caches in session.caches.items()
+            for device, cache in zip(session.model.deployed_device_list, caches, strict=False)
+        ]
 
     def close(self) -> None:
         for session in self.sessions.values():

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
+from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
 from hps_server.service import LookupServicer, ModelServicer, lookup_service_handler
 
@@ -34,10 +35,21 @@ class HpsServer:
         self.health = health.HealthServicer()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.models = HostedModels.open(config, cache_factory, progress=progress)
+        self.metrics = ServerMetrics(models=[model.name for model in config.models])
+        # /metrics is up while the models load, so a slow or failing start shows (hps_ready 0, model events).
+        self._metrics_endpoint: MetricsEndpoint | None = serve_metrics(config.server.metrics_address, self.metrics)
+        self.metrics_port: int | None = self._metrics_endpoint.port if self._metrics_endpoint else None
+        try:
+            self.models = HostedModels.open(config, cache_factory, progress=progress, metrics=self.metrics)
+        except BaseException:
+            if self._metrics_endpoint is not None:
+                self._metrics_endpoint.close()
+            raise
+        self.metrics.watch_caches(self.models.cache_occupancy)
         message_bytes = config.server.max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
+            interceptors=[self.metrics.interceptor()],
             options=[
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
@@ -56,8 +68,10 @@ class HpsServer:
         if not self.port:
             raise OSError(f"server.address: cannot bind {self.config.server.address}")
         self._grpc.start()
+        # Every model was loaded and its volatile level warmed in __init__: only now is the server ready.
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.set_ready(True)
         log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
         return self.port
 
@@ -68,8 +82,11 @@ class HpsServer:
         self._stopped.set()
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
+        self.metrics.set_ready(False)
         self._grpc.stop(grace).wait()
         self.models.close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
         log.info("stopped")
 
     def wait(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import numpy as np
 from hps_server.cache import CacheStats, EmbeddingCache
 from hps_server.cache.background import BackgroundFill
 from hps_server.config import ModelConfig, TableConfig
+from hps_server.metrics import LevelFetch, ServerMetrics
 from hps_server.storage.base import LevelUnavailableError, StorageLevel, as_keys, as_vectors
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,16 @@ class LookupSession:
         levels: Sequence[StorageLevel],
         caches: Mapping[str, Sequence[EmbeddingCache]] | None = None,
         write_back: bool = True,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         """levels: storage levels top first; caches: per table, one L1 cache per device;
-        write_back: insert rows found below into the writable levels above them."""
+        write_back: insert rows found below into the writable levels above them;
+        metrics: where each lookup reports its per-level counts and timings."""
         self.model = model
         self.levels = tuple(levels)
         self.caches = dict(caches or {})
         self.write_back = write_back
+        self.metrics = metrics
         self._device_turn = itertools.count()
         self._counts = {table.name: LevelCounts() for table in model.tables}
         self._counts_lock = threading.Lock()
@@ -95,6 +100,7 @@ class LookupSession:
         keys = as_keys(keys)
         found = np.zeros(len(keys), dtype=bool)
         answered: dict[str, int] = {}
+        fetches: list[LevelFetch] = []
         # The first level asked about every key lends its reply as the result buffer (no extra copy);
         # `missing` (positions not answered yet) stays None until some level has answered.
         vectors: np.ndarray | None = None
@@ -103,18 +109,22 @@ class LookupSession:
         cache = self._pick_cache(table.name)
         background = False
         if cache is not None and len(keys):
+            started = time.perf_counter()
             vectors, hit = cache.query(keys)
             found |= hit
             answered[L1_LEVEL] = int(np.count_nonzero(hit))
+            fetches.append(LevelFetch(L1_LEVEL, len(keys), answered[L1_LEVEL], time.perf_counter() - started))
             missing = np.flatnonzero(~hit)
             background = answered[L1_LEVEL] >= self.model.hit_rate_threshold * len(keys)
             if background and self.model.answer_misses_with_default and len(missing):
                 vectors[missing] = table.default_value
                 answered[DEFAULT_LEVEL] = len(missing)
+                fetches.append(LevelFetch(DEFAULT_LEVEL, len(missing), len(missing)))
                 self._count(table.name, answered, 0)
+                self._report(table.name, len(keys), fetches)
                 self._fetch_later(table, keys[missing], cache)
                 return TableLookup(vectors, found)
-        return self._walk(table, keys, vectors, found, missing, answered, cache, background)
+        return self._walk(table, keys, vectors, found, missing, answered, fetches, cache, background)
 
     def _walk(
         self,
@@ -124,11 +134,14 @@ class LookupSession:
         found: np.ndarray,
         missing: np.ndarray | None,
         answered: dict[str, int],
+        fetches: list[LevelFetch],
         cache: EmbeddingCache | None,
         background: bool,
-        count: bool = True,
+        report: bool = True,
     ) -> TableLookup:
-        """Fills the `missing` positions from the levels below L1, then defaults; inserts what it fetched above."""
+        """Fills the `missing` positions from the levels below L1, then defaults; inserts what it fetched above.
+
+        report: the walk answers a reply, so it is counted and reported to metrics."""
         epoch = self._epochs.get(table.name, 0)
         unavailable = 0
         authoritative_down = False
@@ -136,13 +149,17 @@ class LookupSession:
         for index, level in enumerate(self.levels):
             if missing is not None and not len(missing):
                 break
+            started = time.perf_counter()
             try:
                 rows, hit = level.fetch(self.qualified(table), keys if missing is None else keys[missing])
             except LevelUnavailableError as e:
                 unavailable += 1
                 authoritative_down = index == len(self.levels) - 1
                 log.warning("%s level unavailable for %s, falling through: %s", level.kind, table.name, e)
+                if self.metrics is not None:
+                    self.metrics.record_level_failure(level.kind, "fetch")
                 continue
+            seconds = time.perf_counter() - started
             if missing is None:
                 vectors = rows if rows.flags.writeable else rows.copy()
                 positions = np.flatnonzero(hit)
@@ -154,6 +171,7 @@ class LookupSession:
                 missing = missing[~hit]
             found[positions] = True
             answered[level.kind] = answered.get(level.kind, 0) + len(positions)
+            fetches.append(LevelFetch(level.kind, len(hit), len(positions), seconds))
             fetched_from.append((index, positions))
 
         if vectors is None or missing is None:  # no level could be asked
@@ -161,24 +179,31 @@ class LookupSession:
             missing = np.arange(len(keys))
         if len(missing) and authoritative_down:
             # Only the lowest level can say a key is absent; without it a default could be wrong.
-            if count:
+            if report:
                 self._count(table.name, answered, unavailable)
+                self._report(table.name, len(keys), fetches)
             raise LevelUnavailableError(
                 f"{len(missing)} keys missed every reachable level and the {self.levels[-1].kind} level is unavailable"
             )
         if len(missing):
             vectors[missing] = table.default_value
             answered[DEFAULT_LEVEL] = len(missing)
+            fetches.append(LevelFetch(DEFAULT_LEVEL, len(missing), len(missing)))
         self._insert_upwards(table, keys, vectors, fetched_from, cache, background, epoch)
-        if count:
+        if report:
             self._count(table.name, answered, unavailable)
+            self._report(table.name, len(keys), fetches)
         return TableLookup(vectors, found)
+
+    def _report(self, table: str, keys: int, fetches: list[LevelFetch]) -> None:
+        if self.metrics is not None:
+            self.metrics.record_lookup(self.model.name, table, keys, fetches)
 
     def _fetch_later(self, table: TableConfig, keys: np.ndarray, cache: EmbeddingCache) -> None:
         """answer_misses_with_default: the true rows of L1 misses are fetched and cached in the background."""
 
         def fetch() -> None:
-            self._walk(table, keys, None, np.zeros(len(keys), bool), None, {}, cache, False, count=False)
+            self._walk(table, keys, None, np.zeros(len(keys), bool), None, {}, [], cache, False, report=False)
 
         assert self._fill is not None  # a session with caches has a fill worker
         self._fill.submit(fetch)
@@ -215,6 +240,8 @@ class LookupSession:
                 except LevelUnavailableError as e:
                     # The lower level stays the source of truth; the row is simply fetched again later.
                     log.warning("write-back to %s failed for %s: %s", level.kind, table.name, e)
+                    if self.metrics is not None:
+                        self.metrics.record_level_failure(level.kind, "insert")
 
     def _fill_l1(
         self, table: str, cache: EmbeddingCache, keys: np.ndarray, vectors: np.ndarray, background: bool, epoch: int

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hps_client import Client, HpsError
+from hps_client._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import TABLE_SPECS, write_sample_tables
 
 
@@ -69,33 +70,32 @@ def test_ps_json_is_served_directly_and_sigterm_drains(tmp_path: Path) -> None:
         [sys.executable, "-m", "hps_server.cli", "serve", "--config", str(config)], stderr=subprocess.PIPE, text=True
     )
     target = f"127.0.0.1:{port}"
+    keys, vectors = truth["user"]
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys[:64].tobytes())])
     try:
         _wait_serving(target, process)
-        keys, vectors = truth["user"]
-        outcomes: list[str] = []
-        stop = threading.Event()
-
-        def keep_looking_up() -> None:
-            with Client(target, timeout=5) as client:
-                while not stop.is_set():
-                    try:
-                        got = client.lookup("ctr", "user", keys[:128])
-                        outcomes.append("ok" if np.array_equal(got, vectors[:128]) else "wrong")
-                    except HpsError as e:
-                        outcomes.append(e.code.name)
-
-        worker = threading.Thread(target=keep_looking_up)
-        worker.start()
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
+        with grpc.insecure_channel(target) as channel:
+            # A stream opened before SIGTERM is a call in flight: it must go on being answered while the
+            # server drains, and end normally when the client closes it.
+            outgoing: queue.Queue[hps_pb2.LookupRequest | None] = queue.Queue()
+            replies = hps_pb2_grpc.LookupServiceStub(channel).StreamLookup(iter(outgoing.get, None))
+            outgoing.put(request)
+            first = next(replies)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            outgoing.put(request)
+            during_drain = next(replies)
+            outgoing.put(None)
+            assert list(replies) == []
+            # New calls are refused once draining started.
+            with pytest.raises(grpc.RpcError) as refused:
+                hps_pb2_grpc.LookupServiceStub(channel).Lookup(request, timeout=5)
+            assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert process.wait(timeout=30) == 0
-        stop.set()
-        worker.join()
     finally:
         if process.poll() is None:
             process.kill()
-    assert outcomes.count("ok") > 0
-    assert "wrong" not in outcomes
-    # Calls in flight finish; only calls started after the stop are refused, as UNAVAILABLE.
-    assert set(outcomes) <= {"ok", "UNAVAILABLE"}
+    for reply in (first, during_drain):
+        got = np.frombuffer(reply.results[0].vectors, "<f4").reshape(64, -1)
+        np.testing.assert_array_equal(got, vectors[:64])
     assert "draining" in process.stderr.read()

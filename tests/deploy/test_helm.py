@@ -1,0 +1,261 @@
+"""The Helm chart: lint, schema, and rendering with several values files into manifests Kubernetes accepts."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from hps_server import config as hps_config
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
+KUBERNETES_VERSIONS = ("1.30.0", "1.33.0")
+VALUES = Path(__file__).parent / "values"
+SCENARIOS = ["default", "cpu", "gpu", "external-redis", "autoscaling"]
+
+
+def values_of(scenario: str) -> dict[str, Any]:
+    return {} if scenario == "default" else yaml.safe_load((VALUES / f"{scenario}.yaml").read_text())
+
+
+def render(helm: ModuleType, chart: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(str(chart)) as loaded:
+        files = loaded.render(values, name="rec", namespace="ml", is_install=True)
+    return [
+        doc for path, text in sorted(files.items()) if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc
+    ]
+
+
+def by_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def one(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(manifests, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def workload(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    found = by_kind(manifests, "Deployment") + by_kind(manifests, "StatefulSet")
+    assert len(found) == 1
+    return found[0]
+
+
+def hps_container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = workload(manifests)["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "hps")
+
+
+def served_config(manifests: list[dict[str, Any]], tmp_path: Path) -> hps_config.Config:
+    """The ConfigMap's hps.yaml, parsed and validated by the server's own config loader."""
+    path = tmp_path / "hps.yaml"
+    path.write_text(one(manifests, "ConfigMap")["data"]["hps.yaml"])
+    return hps_config.load(path)
+
+
+@pytest.fixture(scope="module")
+def chart(repo_root: Path) -> Path:
+    return repo_root / "helm" / "hps"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_lint_is_clean(helm: ModuleType, chart: Path, scenario: str) -> None:
+    report = helm.lint(str(chart), values_of(scenario), strict=True, namespace="ml")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_manifest_passes_kubernetes_schemas(
+    helm: ModuleType, kubernetes_validate: ModuleType, chart: Path, scenario: str, version: str
+) -> None:
+    manifests = render(helm, chart, values_of(scenario))
+    assert manifests
+    for manifest in manifests:
+        if manifest["apiVersion"] == "monitoring.coreos.com/v1":
+            continue  # a CRD kind, checked by test_service_monitor_selects_the_metrics_port
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_kubernetes_schemas_catch_a_bad_manifest(
+    helm: ModuleType, kubernetes_validate: ModuleType, chart: Path
+) -> None:
+    manifest = workload(render(helm, chart, {}))
+    manifest["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSIONS[-1], strict=True)
+    assert yaml.safe_load((chart / "Chart.yaml").read_text())["kubeVersion"] == f">={KUBERNETES_VERSIONS[0]}-0"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_config_is_a_valid_hps_config(helm: ModuleType, chart: Path, scenario: str, tmp_path: Path) -> None:
+    manifests = render(helm, chart, values_of(scenario))
+    cfg = served_config(manifests, tmp_path)
+    ports = {p["name"]: p["containerPort"] for p in hps_container(manifests)["ports"]}
+    assert cfg.server.address.endswith(f":{ports['grpc']}")
+    assert cfg.server.metrics_address.endswith(f":{ports['metrics']}")
+    assert [m.name for m in cfg.models] == [m["name"] for m in values_of(scenario).get("models", [{"name": "ctr"}])]
+    assert str(cfg.persistent_db.path) == "/data/rocksdb"
+
+
+def test_invalid_values_are_rejected_by_the_schema(helm: ModuleType, chart: Path) -> None:
+    for values, field in [
+        ({"replicaCount": "three"}, "/replicaCount"),
+        ({"models": [{"name": "ctr", "tables": [{"name": "item"}]}]}, "dim"),
+        ({"redis": {"enabled": True}}, "/redis/addresses"),
+        ({"gpus": 1}, "gpus"),
+    ]:
+        with pytest.raises(helm.HelmValuesError, match=field):
+            render(helm, chart, values)
+
+
+def test_cpu_only(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    manifests = render(helm, chart, values_of("cpu"))
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    container = hps_container(manifests)
+    assert container["image"] == "hps:0.1.0-cpu"
+    assert not any("gpu" in name for name in container["resources"].get("limits", {}))
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["data"]
+    assert by_kind(manifests, "PersistentVolumeClaim") == []
+    assert by_kind(manifests, "Secret") == []
+    assert served_config(manifests, tmp_path).volatile_db.type == "hash_map"
+
+
+def test_gpu_statefulset_with_sync_and_import(helm: ModuleType, chart: Path) -> None:
+    manifests = render(helm, chart, values_of("gpu"))
+    sts = one(manifests, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    assert hps_container(manifests)["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in by_kind(manifests, "Service")}
+    # Tables are synced first, then imported; both see the data volume the server reads.
+    init = pod["initContainers"]
+    assert [c["name"] for c in init] == ["sync-tables", "import-tables"]
+    assert init[1]["args"][0] == "import"
+    for container in [*init, hps_container(manifests)]:
+        assert any(m["name"] == "data" and m["mountPath"] == "/data" for m in container["volumeMounts"])
+
+
+def test_probes_are_native_grpc(helm: ModuleType, chart: Path) -> None:
+    manifests = render(helm, chart, {})
+    container = hps_container(manifests)
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": grpc_port}
+    pod = workload(manifests)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # Terminating pods serve on while Services drop them, then drain; SIGKILL never cuts the drain short.
+    defaults = yaml.safe_load((chart / "values.yaml").read_text())
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] == defaults["preStopSleepSeconds"] > 0
+    assert (
+        pod["terminationGracePeriodSeconds"]
+        > defaults["server"]["shutdown_grace_seconds"] + defaults["preStopSleepSeconds"]
+    )
+    no_sleep = hps_container(render(helm, chart, {"preStopSleepSeconds": 0}))
+    assert "lifecycle" not in no_sleep
+
+
+def test_external_redis_password_lives_in_a_secret(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    manifests = render(helm, chart, values_of("external-redis"))
+    secret = one(manifests, "Secret")
+    assert base64.b64decode(secret["data"]["password"]).decode() == "s3cret-pass"
+    assert "s3cret-pass" not in yaml.safe_dump(one(manifests, "ConfigMap"))
+    env = {e["name"]: e for e in hps_container(manifests)["env"]}
+    ref = env["HPS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "password"}
+    cfg = served_config(manifests, tmp_path)
+    assert cfg.volatile_db.type == "redis_cluster"
+    assert cfg.volatile_db.address == "redis-0.redis:6379,redis-1.redis:6379,redis-2.redis:6379"
+    assert cfg.volatile_db.num_partitions == 16
+    assert cfg.volatile_db.overflow_policy == "evict_oldest"
+    assert cfg.persistent_db.read_only is True
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    claim = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    assert claim["persistentVolumeClaim"] == {"claimName": "hps-tables", "readOnly": True}
+    # A read-only database is prepared elsewhere: no import step.
+    assert "initContainers" not in deployment["spec"]["template"]["spec"]
+
+
+def test_existing_secret_is_referenced_not_created(helm: ModuleType, chart: Path) -> None:
+    values = values_of("external-redis")
+    values["redis"] |= {"password": "", "existingSecret": "redis-auth", "existingSecretKey": "redis-password"}
+    manifests = render(helm, chart, values)
+    assert by_kind(manifests, "Secret") == []
+    env = {e["name"]: e for e in hps_container(manifests)["env"]}
+    assert env["HPS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "redis-password"}
+
+
+def test_autoscaling(helm: ModuleType, chart: Path) -> None:
+    manifests = render(helm, chart, values_of("autoscaling"))
+    deployment = one(manifests, "Deployment")
+    assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
+    hpa = one(manifests, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    kinds = [m["type"] for m in hpa["spec"]["metrics"]]
+    assert kinds == ["Resource", "Pods"]
+    pdb = one(manifests, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1 and "maxUnavailable" not in pdb["spec"]
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    claim = one(manifests, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_service_monitor_selects_the_metrics_port(helm: ModuleType, chart: Path) -> None:
+    manifests = render(helm, chart, values_of("gpu"))
+    monitor = one(manifests, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    services = [
+        s
+        for s in by_kind(manifests, "Service")
+        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
+    assert services, "the ServiceMonitor selects no Service"
+    ports = {p["name"] for s in services for p in s["spec"]["ports"]}
+    assert monitor["spec"]["endpoints"][0]["port"] in ports
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert by_kind(render(helm, chart, {}), "ServiceMonitor") == []
+
+
+def test_service_exposes_grpc_and_metrics(helm: ModuleType, chart: Path) -> None:
+    manifests = render(helm, chart, {})
+    service = next(s for s in by_kind(manifests, "Service") if s["spec"].get("clusterIP") != "None")
+    assert {(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        ("grpc", 8500, "grpc"),
+        ("metrics", 9100, "metrics"),
+    }
+    pod_labels = workload(manifests)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_by_default_the_server_ingests_tables_itself(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    manifests = render(helm, chart, {})
+    assert "initContainers" not in workload(manifests)["spec"]["template"]["spec"]
+    assert all(t.source is not None for m in served_config(manifests, tmp_path).models for t in m.tables)
+
+
+def test_devices_beyond_the_pods_gpus_are_refused(helm: ModuleType, chart: Path) -> None:
+    values = values_of("gpu")  # two GPUs per pod
+    values["models"][0]["deployed_device_list"] = [0, 2]
+    with pytest.raises(helm.HelmRenderError, match=r"models\[ctr\].deployed_device_list: device 2.*gpu.count=2"):
+        render(helm, chart, values)
+    values["gpu"]["count"] = 0  # CPU pods: the reference cache ignores device numbers
+    assert by_kind(render(helm, chart, values), "ConfigMap")

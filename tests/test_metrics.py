@@ -1,0 +1,274 @@
+"""ServerMetrics and readiness: a real gRPC server and /metrics endpoint; counts move by exactly the workload's."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from hps_client import Client, NotFoundError, ResourceExhaustedError
+from hps_server import healthcheck
+from hps_server.cache import CacheStats
+from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, LevelFetch, ServerMetrics, serve_metrics
+from hps_server.server import HpsServer
+from tests.conftest import sample_config, write_sample_tables
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def metrics() -> Iterator[tuple[ServerMetrics, int]]:
+    m = ServerMetrics(models=["ads"])
+    endpoint = serve_metrics("127.0.0.1:0", m)
+    assert endpoint is not None
+    yield m, endpoint.port
+    endpoint.close()
+
+
+def test_empty_address_disables_the_endpoint() -> None:
+    assert serve_metrics("", ServerMetrics()) is None
+
+
+def test_bad_address_names_the_field() -> None:
+    with pytest.raises(ValueError, match="metrics_address"):
+        serve_metrics("localhost", ServerMetrics())
+
+
+def test_two_servers_in_one_process_keep_separate_counts() -> None:
+    a, b = ServerMetrics(models=["m"]), ServerMetrics(models=["m"])
+    a.record_lookup("m", "t", 5)
+    assert a.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) == 5
+    assert b.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) is None
+
+
+def test_lookup_and_level_counts(metrics: tuple[ServerMetrics, int]) -> None:
+    m, port = metrics
+    m.record_lookup(
+        "ads",
+        "user",
+        100,
+        [
+            LevelFetch("l1_cache", keys=100, hits=60, seconds=0.0002),
+            LevelFetch("redis_cluster", keys=40, hits=37, seconds=0.003),
+            LevelFetch("default", keys=3, hits=3),
+        ],
+    )
+    m.record_lookup("ads", "user", 3)
+    m.record_level_failure("redis_cluster", "fetch")
+    s = scrape(port)
+    assert value(s, "hps_lookup_keys_total", model="ads", table="user") == 103
+    assert value(s, "hps_lookup_batch_keys_count", model="ads") == 2
+    assert value(s, "hps_lookup_batch_keys_sum", model="ads") == 103
+    assert value(s, "hps_lookup_batch_keys_bucket", model="ads", le="4.0") == 1  # the 3-key query
+    assert value(s, "hps_lookup_batch_keys_bucket", model="ads", le="256.0") == 2
+    assert value(s, "hps_level_hits_total", model="ads", level="l1_cache") == 60
+    assert value(s, "hps_level_queried_keys_total", model="ads", level="redis_cluster") == 40
+    assert value(s, "hps_level_hits_total", model="ads", level="default") == 3
+    assert value(s, "hps_level_duration_seconds_count", model="ads", level="redis_cluster") == 1
+    assert value(s, "hps_level_duration_seconds_bucket", model="ads", level="redis_cluster", le="0.0025") == 0
+    assert value(s, "hps_level_duration_seconds_bucket", model="ads", level="redis_cluster", le="0.005") == 1
+    assert value(s, "hps_level_duration_seconds_count", model="ads", level="default") == 0
+    assert value(s, "hps_level_failures_total", level="redis_cluster", operation="fetch") == 1
+
+
+def test_cache_occupancy_is_read_at_scrape_time(metrics: tuple[ServerMetrics, int]) -> None:
+    m, port = metrics
+    state = {"rows": 10}
+    m.watch_caches(
+        lambda: [CacheOccupancy("ads", "user", "0", CacheStats(hits=3, misses=1, rows=state["rows"], capacity=64))]
+    )
+    assert value(scrape(port), "hps_cache_rows", model="ads", table="user", device="0") == 10
+    state["rows"] = 40
+    s = scrape(port)
+    assert value(s, "hps_cache_rows", model="ads", table="user", device="0") == 40
+    assert value(s, "hps_cache_capacity_rows", model="ads", table="user", device="0") == 64
+    assert value(s, "hps_cache_hit_rate", model="ads", table="user", device="0") == 0.75
+
+
+def test_model_events_and_readiness(metrics: tuple[ServerMetrics, int]) -> None:
+    m, port = metrics
+    m.record_model_event("ads", "loaded")
+    m.record_model_event("other", "failed")
+    m.set_ready(True)
+    s = scrape(port)
+    assert value(s, "hps_model_events_total", model="ads", event="loaded") == 1
+    assert value(s, "hps_model_events_total", model="other", event="failed") == 1
+    assert value(s, "hps_models_loaded") == 1
+    assert value(s, "hps_ready") == 1
+    m.set_ready(False)
+    assert value(scrape(port), "hps_ready") == 0
+
+
+# A generic service under /hps.v1.Echo: the interceptor must count it like the real ones.
+def _echo_server(metrics: ServerMetrics) -> tuple[grpc.Server, int]:
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request == b"bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
+        if request == b"boom":
+            raise RuntimeError("boom")
+        return request
+
+    def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from requests
+
+    handlers = grpc.method_handlers_generic_handler(
+        "hps.v1.Echo",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),
+        },
+    )
+    other = grpc.method_handlers_generic_handler("other.Probe", {"Unary": grpc.unary_unary_rpc_method_handler(unary)})
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[metrics.interceptor()])
+    server.add_generic_rpc_handlers((handlers, other))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_interceptor_counts_rpcs_by_method_and_code() -> None:
+    m = ServerMetrics(models=["ads"])
+    server, port = _echo_server(m)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            unary = channel.unary_unary("/hps.v1.Echo/Unary")
+            for _ in range(3):
+                assert unary(b"ok") == b"ok"
+            for payload in (b"bad", b"boom"):
+                with pytest.raises(grpc.RpcError):
+                    unary(payload)
+            assert list(channel.stream_stream("/hps.v1.Echo/Stream")(iter([b"a", b"b"]))) == [b"a", b"b"]
+            assert channel.unary_unary("/other.Probe/Unary")(b"ok") == b"ok"
+    finally:
+        server.stop(None)
+    get = m.registry.get_sample_value
+    # Raw bytes carry no model field: they count under the bounded "unknown" label.
+    labels = {"model": UNKNOWN_MODEL, "method": "Unary"}
+    assert get("hps_requests_total", {**labels, "code": "OK"}) == 3
+    assert get("hps_requests_total", {**labels, "code": "INVALID_ARGUMENT"}) == 1
+    assert get("hps_requests_total", {**labels, "code": "UNKNOWN"}) == 1
+    assert get("hps_request_duration_seconds_count", labels) == 5
+    assert get("hps_requests_total", {"model": UNKNOWN_MODEL, "method": "Stream", "code": "OK"}) == 1
+    assert get("hps_requests_in_flight", {"method": "Unary"}) == 0
+    assert get("hps_requests_in_flight", {"method": "Stream"}) == 0
+    # Services outside hps (health, reflection, ...) are not counted.
+    assert get("hps_requests_total", {**labels, "code": "OK"}) == 3
+    assert m.model_label("ads") == "ads"
+    assert m.model_label("nope") == UNKNOWN_MODEL
+
+
+# ---------------------------------------------------------------- a running server
+
+
+@pytest.fixture
+def metered(tmp_path: Path) -> Iterator[tuple[HpsServer, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+    truth = write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, metrics_address="127.0.0.1:0"))
+    server = HpsServer(config)
+    server.start()
+    yield server, truth
+    server.stop(grace=1)
+
+
+def delta(after: dict, before: dict, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_scrape_after_a_known_workload(metered: tuple[HpsServer, dict]) -> None:
+    server, truth = metered
+    assert server.metrics_port is not None
+    user, item = truth["user"][0], truth["item"][0]
+    absent = np.setdiff1d(np.arange(-(10**6) - 20, -(10**6)), user)[:20]
+    before = scrape(server.metrics_port)
+    with Client(f"127.0.0.1:{server.port}") as client:
+        # 1: the volatile level is empty (initial_cache_rate 0): every present key comes from RocksDB.
+        client.lookup_tables("ctr", {"user": np.concatenate([user[:100], absent]), "item": item[:50]})
+        # 2: the same user keys were written back into the hash map, which now answers all of them.
+        client.lookup("ctr", "user", user[:100])
+        with pytest.raises(NotFoundError):
+            client.lookup("nope", "user", [1])
+        with pytest.raises(ResourceExhaustedError):
+            client.lookup("ctr", "user", np.arange(300))
+    after = scrape(server.metrics_port)
+
+    def d(name: str, **labels: str) -> float:
+        return delta(after, before, name, **labels)
+
+    assert d("hps_requests_total", model="ctr", method="Lookup", code="OK") == 2
+    assert d("hps_requests_total", model="ctr", method="Lookup", code="RESOURCE_EXHAUSTED") == 1
+    assert d("hps_requests_total", model=UNKNOWN_MODEL, method="Lookup", code="NOT_FOUND") == 1
+    assert d("hps_request_duration_seconds_count", model="ctr", method="Lookup") == 3
+    assert d("hps_request_duration_seconds_bucket", model="ctr", method="Lookup", le="+Inf") == 3
+    assert d("hps_requests_in_flight", method="Lookup") == 0
+
+    assert d("hps_lookup_keys_total", model="ctr", table="user") == 220
+    assert d("hps_lookup_keys_total", model="ctr", table="item") == 50
+    assert d("hps_lookup_batch_keys_count", model="ctr") == 3  # table queries that reached a lookup
+    assert d("hps_lookup_batch_keys_sum", model="ctr") == 270
+    assert d("hps_lookup_batch_keys_bucket", model="ctr", le="64.0") == 1  # the 50 item keys
+
+    assert d("hps_level_queried_keys_total", model="ctr", level="hash_map") == 120 + 50 + 100
+    assert d("hps_level_hits_total", model="ctr", level="hash_map") == 100
+    assert d("hps_level_queried_keys_total", model="ctr", level="rocksdb") == 120 + 50
+    assert d("hps_level_hits_total", model="ctr", level="rocksdb") == 100 + 50
+    assert d("hps_level_hits_total", model="ctr", level="default") == 20
+    assert d("hps_level_duration_seconds_count", model="ctr", level="hash_map") == 3
+    assert d("hps_level_duration_seconds_count", model="ctr", level="rocksdb") == 2
+    assert d("hps_level_duration_seconds_count", model="ctr", level="default") == 0
+
+    # The metrics agree with the session's own per-level counts.
+    counts = server.models.session("ctr").counts()
+    assert counts["user"].by_level == {"rocksdb": 100, "default": 20, "hash_map": 100}
+    assert value(after, "hps_model_events_total", model="ctr", event="loaded") == 1
+    assert value(after, "hps_models_loaded") == 1
+    assert value(after, "hps_ready") == 1
+
+
+def test_health_serving_only_when_started_and_not_serving_while_draining(tmp_path: Path) -> None:
+    write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, metrics_address="127.0.0.1:0"))
+    server = HpsServer(config)  # models loaded, nothing bound yet
+    assert server.metrics.registry.get_sample_value("hps_ready") == 0
+    assert server.metrics.registry.get_sample_value("hps_models_loaded") == 1
+    port = server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        assert healthcheck.check(target) == "SERVING"
+        assert healthcheck.main([target]) == 0
+        assert value(scrape(server.metrics_port or 0), "hps_ready") == 1
+        with grpc.insecure_channel(target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            stopping = threading.Thread(target=server.stop, kwargs={"grace": 2})
+            stopping.start()
+            # Watchers are told before the server stops taking calls.
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stopping.join(10)
+        assert server.metrics.registry.get_sample_value("hps_ready") == 0
+        assert healthcheck.check(target, timeout=1).startswith("UNAVAILABLE")
+        assert healthcheck.main([target, "--timeout", "1"]) == 1
+    finally:
+        server.stop(grace=0)
