@@ -47,10 +47,10 @@ class HostedModels:
             cache_factory = functools.partial(build_caches, warm_rate=config.volatile_db.initial_cache_rate)
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
+        sessions: dict[str, LookupSession] = {}
         try:
             volatile = storage.open_volatile(config.volatile_db)
             levels = [level for level in (volatile, persistent) if level is not None]
-            sessions = {}
             for model in config.models:
                 try:
                     _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
@@ -71,6 +71,8 @@ class HostedModels:
                     sessions[model.name].level_names(),
                 )
         except BaseException:
+            for session in sessions.values():
+                session.close()
             for level in (volatile, persistent):
                 if level is not None:
                     level.close()
