@@ -29,7 +29,6 @@ from hps_server.cache.layout import (
 
 _SOURCE = Path(__file__).with_name("kernels") / "cache.cu"
 _THREADS = 256
-_WARPS = _THREADS // 32
 _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 
 
@@ -57,11 +56,6 @@ def _kernel(device: int, name: str) -> Any:
 def _grid_per_group(n: int) -> tuple[int]:
     """Blocks for kernels where a warp serves 32 keys."""
     return ((n + _THREADS - 1) // _THREADS,)
-
-
-def _grid_per_key(n: int) -> tuple[int]:
-    """Blocks for kernels where a warp serves one key."""
-    return ((n + _WARPS - 1) // _WARPS,)
 
 
 def _aligned(array: cp.ndarray, dtype: Any) -> cp.ndarray:
@@ -300,7 +294,7 @@ class GpuEmbeddingCache(_OnDevice):
         absent = self._write_present(keys, vectors, touched)
         order = cp.argsort(absent)  # a set's keys to insert become one run, for one warp
         _kernel(self.device, f"insert_absent_{self._suffix}")(
-            _grid_per_key(keys.size),
+            _grid_per_group(keys.size),
             (_THREADS,),
             (keys, vectors, np.int64(keys.size), absent[order], order, self._fps, self._slots, self._rows,
              np.int32(self.geometry.ways), np.int32(self.dim), np.int64(touched), np.int64(inserted)),

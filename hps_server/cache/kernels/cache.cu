@@ -244,15 +244,10 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const float* _
 // for it, in whatever order they come: the rule reference.py states without any order. Slots are
 // chosen first, from registers; then the rows of the keys that stayed are copied all at once.
 template <typename T>
-__device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
-                                   const unsigned* __restrict__ sets, const i64* __restrict__ order,
-                                   fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int ways,
-                                   int dim, i64 touched, i64 inserted) {
-    const i64 p = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (p >= n) return;
-    const unsigned s = sets[p];
-    if (s == NO_SET || (p > 0 && sets[p - 1] == s)) return;
+__device__ void insert_run(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
+                           const unsigned* __restrict__ sets, const i64* __restrict__ order, fp16* __restrict__ fps,
+                           Slot* __restrict__ slots, T* __restrict__ rows, int ways, int dim, i64 touched,
+                           i64 inserted, i64 p, unsigned s, int lane) {
     const bool real = lane < ways;
     const i64 slot = (i64)s * ways + lane;
     const longlong2 held = real ? reinterpret_cast<const longlong2*>(slots)[slot] : make_longlong2(0, 0);
@@ -306,6 +301,26 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* _
         fps[slot] = fingerprint(mix((u64)k));
     }
     scatter_rows(rows, src >= 0 ? slot : -1, in, src >= 0 ? src : 0, 32, dim, lane);
+}
+
+// Warp per 32 sorted positions: inserts the runs that start among them, one after the other. (A warp
+// per position would leave most warps idle and their blocks holding the SM.)
+template <typename T>
+__device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
+                                   const unsigned* __restrict__ sets, const i64* __restrict__ order,
+                                   fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int ways,
+                                   int dim, i64 touched, i64 inserted) {
+    const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
+    const int lane = threadIdx.x & 31;
+    if (base >= n) return;
+    const i64 q = base + lane;
+    const unsigned s = q < n ? sets[q] : NO_SET;
+    const bool starts_run = s != NO_SET && (q == 0 || sets[q - 1] != s);
+    for (unsigned starts = __ballot_sync(FULL, starts_run); starts; starts &= starts - 1) {
+        const int j = __ffs(starts) - 1;
+        insert_run(qkeys, in, n, sets, order, fps, slots, rows, ways, dim, touched, inserted, base + j,
+                   __shfl_sync(FULL, s, j), lane);
+    }
 }
 
 // Warp per 32 keys: present keys are emptied.
