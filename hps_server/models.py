@@ -17,7 +17,7 @@ from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
-from hps_server.storage.base import StorageLevel
+from hps_server.storage.base import LevelUnavailableError, StorageLevel
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ def _prepare_tables(
             log.info("ingesting %s from %s", name, table.source)
             rows = transfer.import_table(authoritative, name, table.source, table.dim, progress=progress)
             log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)
-        if volatile is not None and volatile is not authoritative and not volatile.read_only:
+        if volatile is not None and volatile is not authoritative:
+            # Read-only volatile levels still need the table's dim to serve it (Redis: nothing is written).
             volatile.create_table(name, table.dim)
-            if initial_cache_rate > 0 and persistent is not None:
+            if initial_cache_rate > 0 and persistent is not None and not volatile.read_only:
                 _warm(volatile, persistent, name, initial_cache_rate)
 
 
@@ -136,6 +137,11 @@ def _warm(volatile: StorageLevel, persistent: StorageLevel, table: str, rate: fl
         if copied >= budget:
             break
         take = min(len(keys), budget - copied)
-        volatile.insert(table, keys[:take], vectors[:take])
+        try:
+            volatile.insert(table, keys[:take], vectors[:take])
+        except LevelUnavailableError as e:
+            # A cache that is down is no reason not to serve: lookups fall through until it is back.
+            log.warning("warming %s stopped after %d rows, %s unavailable: %s", table, copied, volatile.kind, e)
+            return
         copied += take
     log.info("warmed %s: %d rows in %s", table, copied, volatile.kind)
