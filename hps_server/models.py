@@ -6,12 +6,14 @@ answer requests itself and knows nothing of gRPC.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hps_server import storage, transfer
 from hps_server.cache import EmbeddingCache
+from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
@@ -19,8 +21,8 @@ from hps_server.storage.base import LevelUnavailableError, StorageLevel
 
 log = logging.getLogger(__name__)
 
-CacheFactory = Callable[[ModelConfig], Mapping[str, Sequence[EmbeddingCache]]]
-"""Builds the L1 caches of a model: per table, one per device."""
+CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, Sequence[EmbeddingCache]]]
+"""Builds the L1 caches of a model (per table, one per device) from its config and its levels, top first."""
 
 
 @dataclass
@@ -38,17 +40,21 @@ class HostedModels:
         progress: bool = False,
         metrics: ServerMetrics | None = None,
     ) -> HostedModels:
-        """Opens the levels and prepares every model; a failure closes what was opened."""
+        """Opens the levels and prepares every model; a failure closes what was opened.
+
+        cache_factory defaults to placement.build_caches, warming L1 with initial_cache_rate of each table."""
+        if cache_factory is None:
+            cache_factory = functools.partial(build_caches, warm_rate=config.volatile_db.initial_cache_rate)
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
+        sessions: dict[str, LookupSession] = {}
         try:
             volatile = storage.open_volatile(config.volatile_db)
             levels = [level for level in (volatile, persistent) if level is not None]
-            sessions = {}
             for model in config.models:
                 try:
                     _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
-                    caches = cache_factory(model) if cache_factory else None
+                    caches = cache_factory(model, levels)
                 except Exception:
                     if metrics is not None:
                         metrics.record_model_event(model.name, "failed")
@@ -65,6 +71,8 @@ class HostedModels:
                     sessions[model.name].level_names(),
                 )
         except BaseException:
+            for session in sessions.values():
+                session.close()
             for level in (volatile, persistent):
                 if level is not None:
                     level.close()
@@ -88,6 +96,8 @@ class HostedModels:
         ]
 
     def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
         for level in (self.volatile, self.persistent):
             if level is not None:
                 level.close()
