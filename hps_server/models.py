@@ -6,21 +6,23 @@ answer requests itself and knows nothing of gRPC.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hps_server import storage, transfer
 from hps_server.cache import EmbeddingCache
+from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
-from hps_server.storage.base import StorageLevel
+from hps_server.storage.base import LevelUnavailableError, StorageLevel
 
 log = logging.getLogger(__name__)
 
-CacheFactory = Callable[[ModelConfig], Mapping[str, Sequence[EmbeddingCache]]]
-"""Builds the L1 caches of a model: per table, one per device."""
+CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, Sequence[EmbeddingCache]]]
+"""Builds the L1 caches of a model (per table, one per device) from its config and its levels, top first."""
 
 
 @dataclass
@@ -38,17 +40,21 @@ class HostedModels:
         progress: bool = False,
         metrics: ServerMetrics | None = None,
     ) -> HostedModels:
-        """Opens the levels and prepares every model; a failure closes what was opened."""
+        """Opens the levels and prepares every model; a failure closes what was opened.
+
+        cache_factory defaults to placement.build_caches, warming L1 with initial_cache_rate of each table."""
+        if cache_factory is None:
+            cache_factory = functools.partial(build_caches, warm_rate=config.volatile_db.initial_cache_rate)
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
+        sessions: dict[str, LookupSession] = {}
         try:
             volatile = storage.open_volatile(config.volatile_db)
             levels = [level for level in (volatile, persistent) if level is not None]
-            sessions = {}
             for model in config.models:
                 try:
                     _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
-                    caches = cache_factory(model) if cache_factory else None
+                    caches = cache_factory(model, levels)
                 except Exception:
                     if metrics is not None:
                         metrics.record_model_event(model.name, "failed")
@@ -65,6 +71,8 @@ class HostedModels:
                     sessions[model.name].level_names(),
                 )
         except BaseException:
+            for session in sessions.values():
+                session.close()
             for level in (volatile, persistent):
                 if level is not None:
                     level.close()
@@ -88,6 +96,8 @@ class HostedModels:
         ]
 
     def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
         for level in (self.volatile, self.persistent):
             if level is not None:
                 level.close()
@@ -112,9 +122,10 @@ def _prepare_tables(
             log.info("ingesting %s from %s", name, table.source)
             rows = transfer.import_table(authoritative, name, table.source, table.dim, progress=progress)
             log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)
-        if volatile is not None and volatile is not authoritative and not volatile.read_only:
+        if volatile is not None and volatile is not authoritative:
+            # Read-only volatile levels still need the table's dim to serve it (Redis: nothing is written).
             volatile.create_table(name, table.dim)
-            if initial_cache_rate > 0 and persistent is not None:
+            if initial_cache_rate > 0 and persistent is not None and not volatile.read_only:
                 _warm(volatile, persistent, name, initial_cache_rate)
 
 
@@ -126,6 +137,11 @@ def _warm(volatile: StorageLevel, persistent: StorageLevel, table: str, rate: fl
         if copied >= budget:
             break
         take = min(len(keys), budget - copied)
-        volatile.insert(table, keys[:take], vectors[:take])
+        try:
+            volatile.insert(table, keys[:take], vectors[:take])
+        except LevelUnavailableError as e:
+            # A cache that is down is no reason not to serve: lookups fall through until it is back.
+            log.warning("warming %s stopped after %d rows, %s unavailable: %s", table, copied, volatile.kind, e)
+            return
         copied += take
     log.info("warmed %s: %d rows in %s", table, copied, volatile.kind)

@@ -7,7 +7,7 @@ directly, and the hot path is a few NumPy calls per table, never per key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import grpc
@@ -55,8 +55,8 @@ def _packed(data: bytes, dtype: str, field: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype)
 
 
-def decode_keys(keys: bytes, key_list: object, field: str) -> np.ndarray:
-    if keys and len(key_list):  # type: ignore[arg-type]
+def decode_keys(keys: bytes, key_list: Sequence[int], field: str) -> np.ndarray:
+    if keys and len(key_list):
         raise _invalid(f"{field}: set keys (packed bytes) or key_list, not both")
     if keys:
         return _packed(keys, "<i8", f"{field}.keys")

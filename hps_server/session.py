@@ -10,12 +10,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hps_server.cache import EmbeddingCache
+from hps_server.cache import CacheStats, EmbeddingCache
+from hps_server.cache.background import BackgroundFill
 from hps_server.config import ModelConfig, TableConfig
 from hps_server.metrics import LevelFetch, ServerMetrics
 from hps_server.storage.base import LevelUnavailableError, StorageLevel, as_keys, as_vectors
@@ -23,6 +24,7 @@ from hps_server.storage.base import LevelUnavailableError, StorageLevel, as_keys
 log = logging.getLogger(__name__)
 
 L1_LEVEL = "l1_cache"
+WARN_INTERVAL_SECONDS = 30
 DEFAULT_LEVEL = "default"
 
 
@@ -67,6 +69,13 @@ class LookupSession:
         self._device_turn = itertools.count()
         self._counts = {table.name: LevelCounts() for table in model.tables}
         self._counts_lock = threading.Lock()
+        self._last_warning: dict[str, float] = {}
+        # L1 inserts above hit_rate_threshold run here, off the reply's path.
+        self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.caches else None
+        # Bumped by every upsert/delete of a table: a fill whose rows were fetched before it is dropped,
+        # so L1 never takes a row older than one written since. _l1_writes makes check+insert atomic.
+        self._epochs = dict.fromkeys(self.caches, 0)
+        self._l1_writes = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -100,6 +109,7 @@ class LookupSession:
         missing: np.ndarray | None = None
 
         cache = self._pick_cache(table.name)
+        background = False
         if cache is not None and len(keys):
             started = time.perf_counter()
             vectors, hit = cache.query(keys)
@@ -107,7 +117,34 @@ class LookupSession:
             answered[L1_LEVEL] = int(np.count_nonzero(hit))
             fetches.append(LevelFetch(L1_LEVEL, len(keys), answered[L1_LEVEL], time.perf_counter() - started))
             missing = np.flatnonzero(~hit)
+            background = answered[L1_LEVEL] >= self.model.hit_rate_threshold * len(keys)
+            if background and self.model.answer_misses_with_default and len(missing):
+                vectors[missing] = table.default_value
+                answered[DEFAULT_LEVEL] = len(missing)
+                fetches.append(LevelFetch(DEFAULT_LEVEL, len(missing), len(missing)))
+                self._count(table.name, answered, 0)
+                self._report(table.name, len(keys), fetches)
+                self._fetch_later(table, keys[missing], cache)
+                return TableLookup(vectors, found)
+        return self._walk(table, keys, vectors, found, missing, answered, fetches, cache, background)
 
+    def _walk(
+        self,
+        table: TableConfig,
+        keys: np.ndarray,
+        vectors: np.ndarray | None,
+        found: np.ndarray,
+        missing: np.ndarray | None,
+        answered: dict[str, int],
+        fetches: list[LevelFetch],
+        cache: EmbeddingCache | None,
+        background: bool,
+        report: bool = True,
+    ) -> TableLookup:
+        """Fills the `missing` positions from the levels below L1, then defaults; inserts what it fetched above.
+
+        report: the walk answers a reply, so it is counted and reported to metrics."""
+        epoch = self._epochs.get(table.name, 0)
         unavailable = 0
         authoritative_down = False
         fetched_from: list[tuple[int, np.ndarray]] = []  # (level index, positions it answered)
@@ -120,7 +157,7 @@ class LookupSession:
             except LevelUnavailableError as e:
                 unavailable += 1
                 authoritative_down = index == len(self.levels) - 1
-                log.warning("%s level unavailable for %s, falling through: %s", level.kind, table.name, e)
+                self._warn_unavailable(level.kind, f"lookups of {table.name} fall through", e)
                 if self.metrics is not None:
                     self.metrics.record_level_failure(level.kind, "fetch")
                 continue
@@ -144,8 +181,9 @@ class LookupSession:
             missing = np.arange(len(keys))
         if len(missing) and authoritative_down:
             # Only the lowest level can say a key is absent; without it a default could be wrong.
-            self._count(table.name, answered, unavailable)
-            self._report(table.name, len(keys), fetches)
+            if report:
+                self._count(table.name, answered, unavailable)
+                self._report(table.name, len(keys), fetches)
             raise LevelUnavailableError(
                 f"{len(missing)} keys missed every reachable level and the {self.levels[-1].kind} level is unavailable"
             )
@@ -153,14 +191,24 @@ class LookupSession:
             vectors[missing] = table.default_value
             answered[DEFAULT_LEVEL] = len(missing)
             fetches.append(LevelFetch(DEFAULT_LEVEL, len(missing), len(missing)))
-        self._insert_upwards(table, keys, vectors, fetched_from, cache)
-        self._count(table.name, answered, unavailable)
-        self._report(table.name, len(keys), fetches)
+        self._insert_upwards(table, keys, vectors, fetched_from, cache, background, epoch)
+        if report:
+            self._count(table.name, answered, unavailable)
+            self._report(table.name, len(keys), fetches)
         return TableLookup(vectors, found)
 
     def _report(self, table: str, keys: int, fetches: list[LevelFetch]) -> None:
         if self.metrics is not None:
             self.metrics.record_lookup(self.model.name, table, keys, fetches)
+
+    def _fetch_later(self, table: TableConfig, keys: np.ndarray, cache: EmbeddingCache) -> None:
+        """answer_misses_with_default: the true rows of L1 misses are fetched and cached in the background."""
+
+        def fetch() -> None:
+            self._walk(table, keys, None, np.zeros(len(keys), bool), None, {}, [], cache, False, report=False)
+
+        assert self._fill is not None  # a session with caches has a fill worker
+        self._fill.submit(fetch)
 
     def _pick_cache(self, table: str) -> EmbeddingCache | None:
         devices = self.caches.get(table)
@@ -175,13 +223,15 @@ class LookupSession:
         vectors: np.ndarray,
         fetched_from: list[tuple[int, np.ndarray]],
         cache: EmbeddingCache | None,
+        background: bool,
+        epoch: int,
     ) -> None:
         """Copies rows found in a lower level into the levels above it."""
         for index, positions in fetched_from:
             if not len(positions):
                 continue
             if cache is not None:
-                cache.replace(keys[positions], vectors[positions])
+                self._fill_l1(table.name, cache, keys[positions], vectors[positions], background, epoch)
             if not self.write_back:
                 continue
             for level in self.levels[:index]:
@@ -191,9 +241,38 @@ class LookupSession:
                     level.insert(self.qualified(table), keys[positions], vectors[positions])
                 except LevelUnavailableError as e:
                     # The lower level stays the source of truth; the row is simply fetched again later.
-                    log.warning("write-back to %s failed for %s: %s", level.kind, table.name, e)
+                    self._warn_unavailable(level.kind, f"write-back of {table.name} skipped", e)
                     if self.metrics is not None:
                         self.metrics.record_level_failure(level.kind, "insert")
+
+    def _warn_unavailable(self, level: str, consequence: str, error: Exception) -> None:
+        """Logs a level outage at most once per WARN_INTERVAL_SECONDS per level: an outage must not flood the log."""
+        now = time.monotonic()
+        with self._counts_lock:
+            due = now - self._last_warning.get(level, -WARN_INTERVAL_SECONDS) >= WARN_INTERVAL_SECONDS
+            if due:
+                self._last_warning[level] = now
+        if due:
+            log.warning(
+                "%s level unavailable, %s (repeats silenced for %d s): %s",
+                level,
+                consequence,
+                WARN_INTERVAL_SECONDS,
+                error,
+            )
+
+    def _fill_l1(
+        self, table: str, cache: EmbeddingCache, keys: np.ndarray, vectors: np.ndarray, background: bool, epoch: int
+    ) -> None:
+        def fill() -> None:
+            with self._l1_writes:
+                if self._epochs[table] == epoch:
+                    cache.replace(keys, vectors)
+
+        if background and self._fill is not None:
+            self._fill.submit(fill)
+        else:
+            fill()
 
     def _count(self, table: str, answered: Mapping[str, int], unavailable: int) -> None:
         with self._counts_lock:
@@ -218,8 +297,7 @@ class LookupSession:
         for level in reversed(self.levels):
             if not level.read_only:
                 level.insert(self.qualified(table), keys, vectors)
-        for cache in self.caches.get(table.name, ()):
-            cache.update(keys, vectors)
+        self._refresh_l1(table.name, lambda cache: cache.update(keys, vectors))
         return len(keys)
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
@@ -232,13 +310,28 @@ class LookupSession:
             if not level.read_only:
                 present |= level.contains(self.qualified(table), keys)
                 level.evict(self.qualified(table), keys)
-        for cache in self.caches.get(table.name, ()):
-            cache.invalidate(keys)
+        self._refresh_l1(table.name, lambda cache: cache.invalidate(keys))
         return int(np.count_nonzero(present))
+
+    def _refresh_l1(self, table: str, change: Callable[[EmbeddingCache], None]) -> None:
+        with self._l1_writes:
+            if table in self._epochs:
+                self._epochs[table] += 1
+            for cache in self.caches.get(table, ()):
+                change(cache)
 
     def _require_writable(self) -> None:
         if not any(not level.read_only for level in self.levels):
             raise PermissionError(f"model {self.model.name} is served read-only: no level accepts writes")
+
+    def cache_stats(self) -> dict[str, CacheStats]:
+        """L1 hits, misses, rows held and capacity per table, summed over the table's devices."""
+        return {name: CacheStats.total(cache.stats() for cache in caches) for name, caches in self.caches.items()}
+
+    def close(self) -> None:
+        """Runs the L1 fills still queued; call before the levels close."""
+        if self._fill is not None:
+            self._fill.close()
 
     def rows(self, table_name: str) -> int:
         """Rows in the authoritative (lowest) level, 0 when there is none."""

@@ -1,4 +1,4 @@
-"""Fixtures that start real services for the tests: an hps server on loopback over a real RocksDB.
+"""Fixtures that start real services for the tests: an hps server over a real RocksDB, Redis Cluster, Triton.
 
 Each fixture cleans up after itself; under CI=true a missing service fails the test instead of skipping.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
 from hps_client.triton import TritonEnvironment, TritonSetupError
 from hps_client.triton import setup as triton_setup
 from hps_server import config as config_module
@@ -87,6 +88,55 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     port = server.start()
     yield ServedModel(server, f"127.0.0.1:{port}", config, truth)
     server.stop(grace=1)
+
+
+# ---------------------------------------------------------------- Redis Cluster (never on port 6379)
+
+
+def _start_redis_cluster(root: Path, password: str = "", tls: bool = False) -> RedisClusterProcesses:
+    try:
+        return RedisClusterProcesses(root, password=password, tls=tls).start()
+    except RedisNotInstalledError as e:
+        if IN_CI:
+            pytest.fail(f"CI=true and Redis is missing: {e}")
+        pytest.skip(f"needs Redis: {e}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A 3 masters + 3 replicas cluster shared by the session; tests must not stop its nodes."""
+    with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(redis_cluster_processes: RedisClusterProcesses) -> str:
+    """host:port of a seed node of the shared cluster; tests keep to their own table names."""
+    return redis_cluster_processes.seed
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_acl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A cluster requiring a password, for the ACL user `.user` as well as for the default user."""
+    with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster-acl"), password="hps-test-secret") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A cluster that speaks only TLS; its certificate is signed by `.ca_file`."""
+    with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster-tls"), tls=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def disposable_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
+    """A cluster of the test's own, which it may kill, pause and restart at will."""
+    with _start_redis_cluster(tmp_path / "redis-cluster") as cluster:
+        yield cluster
+
+
+# ---------------------------------------------------------------- Triton Inference Server
 
 
 @pytest.fixture(scope="session")

@@ -78,3 +78,47 @@ def test_demo_once_serves_the_sample_model_and_prints_its_summary(tmp_path: Path
     assert "wrong vectors: 0" in result.stdout
     for level in ("hash_map", "rocksdb", "user_id", "p99"):
         assert level in result.stdout
+
+
+def test_import_to_redis(tmp_path: Path, capsys, redis_cluster_processes) -> None:
+    """`hps import --to redis` bulk-loads the tables into the configured Redis Cluster."""
+    from hps_server.config import VolatileDbConfig
+    from hps_server.storage.redis_cluster import RedisClusterLevel
+
+    redis_cluster_processes.flush()
+    truth = write_sample_tables(tmp_path)
+    config = _config_file(tmp_path, with_sources=True)
+    document = yaml.safe_load(config.read_text())
+    document["volatile_db"] = {"type": "redis_cluster", "address": redis_cluster_processes.seed, "timeout_ms": 2000}
+    config.write_text(yaml.safe_dump(document))
+    assert main(["import", "--config", str(config), "--to", "redis"]) == 0
+    assert "ctr.user: imported 5000 rows from" in capsys.readouterr().out
+    level = RedisClusterLevel.from_config(VolatileDbConfig(address=redis_cluster_processes.seed, timeout_ms=2000))
+    try:
+        for name, (rows, dim, _) in TABLE_SPECS.items():
+            level.create_table(f"ctr.{name}", dim)
+            keys, vectors = truth[name]
+            assert level.size(f"ctr.{name}") == rows
+            got, found = level.fetch(f"ctr.{name}", keys)
+            assert found.all()
+            np.testing.assert_array_equal(got, vectors)
+    finally:
+        level.close()
+
+
+def test_serve_with_a_wrong_redis_password_is_one_clear_error(tmp_path: Path, capsys, redis_cluster_acl) -> None:
+    write_sample_tables(tmp_path)
+    config = _config_file(tmp_path, with_sources=True)
+    document = yaml.safe_load(config.read_text())
+    document["server"] = {"address": "127.0.0.1:0"}
+    document["volatile_db"] = {
+        "type": "redis_cluster",
+        "address": redis_cluster_acl.seed,
+        "user_name": redis_cluster_acl.user,
+        "password": "not-the-password",
+        "timeout_ms": 2000,
+    }
+    config.write_text(yaml.safe_dump(document))
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "volatile_db.user_name/password" in err and redis_cluster_acl.user in err

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hps_server.cache import CacheStats
+from hps_server.cache.reference import ReferenceEmbeddingCache
 from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig, VolatileDbConfig
 from hps_server.session import LookupSession
 from hps_server.storage.hashmap import HashMapLevel
@@ -85,3 +89,83 @@ def test_upsert_and_delete_go_through_every_level(levels) -> None:
     with pytest.raises(ValueError, match="vectors: expected shape"):
         session.upsert("t", keys, np.zeros((2, DIM + 1), np.float32))
     assert persistent.size("m.t") == 1
+
+
+# ---------------------------------------------------------------- with L1
+
+
+def _l1_session(levels, **options) -> tuple[LookupSession, ReferenceEmbeddingCache]:  # type: ignore[no-untyped-def]
+    model = dataclasses.replace(MODEL, gpucache=True, **options)
+    cache = ReferenceEmbeddingCache(64, DIM)
+    return LookupSession(model, list(levels), {"t": [cache]}), cache
+
+
+def test_l1_below_the_threshold_is_filled_before_the_reply(levels) -> None:
+    _, persistent = levels
+    stored = np.arange(1, 9, dtype=np.int64)
+    persistent.insert("m.t", stored, _rows(stored))
+    session, cache = _l1_session(levels, hit_rate_threshold=0.9)
+    keys = np.array([3, 99, 5, 3], np.int64)
+    first = session.lookup("t", keys)
+    assert cache.dump()[0].tolist() == [3, 5]  # inserted synchronously: hit rate 0 is below 0.9
+    second = session.lookup("t", keys)
+    np.testing.assert_array_equal(second.vectors, first.vectors)
+    np.testing.assert_array_equal(second.found, [True, False, True, True])
+    assert session.counts()["t"].by_level == {"l1_cache": 3, "hash_map": 0, "rocksdb": 3, "default": 2}
+    assert session.cache_stats()["t"] == CacheStats(hits=3, misses=5, rows=2, capacity=64)
+    session.close()
+
+
+def test_l1_above_the_threshold_is_filled_in_the_background(levels) -> None:
+    _, persistent = levels
+    stored = np.arange(1, 9, dtype=np.int64)
+    persistent.insert("m.t", stored, _rows(stored))
+    session, cache = _l1_session(levels, hit_rate_threshold=0.0)
+    release = threading.Event()
+    assert session._fill is not None
+    session._fill.submit(lambda: release.wait(10) and None)  # holds the worker: fills queue behind it
+    result = session.lookup("t", np.array([1, 2], np.int64))
+    np.testing.assert_array_equal(result.vectors, _rows(np.array([1, 2])))  # the reply carries stored rows
+    assert cache.stats().rows == 0  # and did not wait for L1
+    release.set()
+    assert session._fill.wait_idle(10)
+    assert cache.dump()[0].tolist() == [1, 2]
+    session.close()
+
+
+def test_answer_misses_with_default_replies_at_once_and_fetches_behind(levels) -> None:
+    _, persistent = levels
+    stored = np.arange(1, 9, dtype=np.int64)
+    persistent.insert("m.t", stored, _rows(stored))
+    session, _ = _l1_session(levels, hit_rate_threshold=0.0, answer_misses_with_default=True)
+    first = session.lookup("t", np.array([4, 6], np.int64))
+    np.testing.assert_array_equal(first.vectors, np.full((2, DIM), 0.25, np.float32))
+    assert not first.found.any()
+    assert session._fill is not None and session._fill.wait_idle(10)
+    second = session.lookup("t", np.array([4, 6], np.int64))
+    np.testing.assert_array_equal(second.vectors, _rows(np.array([4, 6])))
+    assert second.found.all()
+    assert session.counts()["t"].by_level == {"default": 2, "l1_cache": 2}
+    session.close()
+
+
+def test_upserts_and_deletes_reach_l1_and_a_fill_fetched_before_them_is_dropped(levels) -> None:
+    _, persistent = levels
+    keys = np.array([1, 2], np.int64)
+    persistent.insert("m.t", keys, _rows(keys))
+    session, cache = _l1_session(levels, hit_rate_threshold=0.0)
+    release = threading.Event()
+    assert session._fill is not None
+    session._fill.submit(lambda: release.wait(10) and None)
+    session.lookup("t", keys)  # its L1 fill waits behind the held worker with the old rows
+    session.upsert("t", keys, _rows(keys) + 100)
+    release.set()
+    assert session._fill.wait_idle(10)
+    assert cache.stats().rows == 0  # the old rows never reached L1
+    np.testing.assert_array_equal(session.lookup("t", keys).vectors, _rows(keys) + 100)
+    assert session._fill.wait_idle(10)
+    session.upsert("t", keys[:1], _rows(keys[:1]) + 200)  # present in L1: updated in place
+    np.testing.assert_array_equal(cache.query(keys[:1])[0], _rows(keys[:1]) + 200)
+    session.delete("t", keys[1:])
+    assert cache.dump()[0].tolist() == [1]
+    session.close()

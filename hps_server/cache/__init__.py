@@ -6,6 +6,7 @@ This module states the interface the LookupSession relies on; gpu.py (CuPy kerne
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,17 @@ class CacheStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+    @classmethod
+    def total(cls, stats: Iterable[CacheStats]) -> CacheStats:
+        """The sum over several caches (a table's caches on several devices)."""
+        items = list(stats)
+        return cls(
+            hits=sum(s.hits for s in items),
+            misses=sum(s.misses for s in items),
+            rows=sum(s.rows for s in items),
+            capacity=sum(s.capacity for s in items),
+        )
 
 
 class EmbeddingCache(Protocol):

@@ -17,6 +17,12 @@ def _hash_map(config: VolatileDbConfig) -> StorageLevel:
     return HashMapLevel.from_config(config)
 
 
+def _redis_cluster(config: VolatileDbConfig) -> StorageLevel:
+    from hps_server.storage.redis_cluster import RedisClusterLevel
+
+    return RedisClusterLevel.from_config(config)
+
+
 def _rocksdb(config: PersistentDbConfig) -> StorageLevel:
     from hps_server.storage.rocksdb import RocksDBLevel
 
@@ -25,6 +31,7 @@ def _rocksdb(config: PersistentDbConfig) -> StorageLevel:
 
 VOLATILE_LEVELS: dict[str, Callable[[VolatileDbConfig], StorageLevel]] = {
     "hash_map": _hash_map,
+    "redis_cluster": _redis_cluster,
 }
 PERSISTENT_LEVELS: dict[str, Callable[[PersistentDbConfig], StorageLevel]] = {
     "rocksdb": _rocksdb,

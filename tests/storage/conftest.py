@@ -6,13 +6,25 @@ Fixtures that start real services (Redis, ...) live in tests/conftest.py; factor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
 from hps_server.config import VolatileDbConfig
 from hps_server.storage.base import StorageLevel
 from hps_server.storage.hashmap import HashMapLevel
+from hps_server.storage.redis_cluster import RedisClusterLevel
 from hps_server.storage.rocksdb import RocksDBLevel
+
+
+def _redis_cluster(request: pytest.FixtureRequest, config: VolatileDbConfig | None = None) -> StorageLevel:
+    """A level on the session's cluster, emptied first: contract tests reuse table names."""
+    cluster = request.getfixturevalue("redis_cluster_processes")
+    cluster.flush()
+    # One partition: overflow_margin counts per partition in Redis and per table in the contract.
+    config = replace(config or VolatileDbConfig(), address=cluster.seed, num_partitions=1, timeout_ms=2000)
+    return RedisClusterLevel.from_config(config)
+
 
 LevelFactory = Callable[[pytest.FixtureRequest], StorageLevel]
 BoundedLevelFactory = Callable[[pytest.FixtureRequest, VolatileDbConfig], StorageLevel]
@@ -21,11 +33,13 @@ BoundedLevelFactory = Callable[[pytest.FixtureRequest, VolatileDbConfig], Storag
 LEVELS: dict[str, LevelFactory] = {
     "hash_map": lambda request: HashMapLevel(),
     "rocksdb": lambda request: RocksDBLevel(request.getfixturevalue("tmp_path") / "rocksdb"),
+    "redis_cluster": _redis_cluster,
 }
 
 # Backends that enforce overflow_margin / overflow_policy themselves.
 BOUNDED_LEVELS: dict[str, BoundedLevelFactory] = {
     "hash_map": lambda request, config: HashMapLevel.from_config(config),
+    "redis_cluster": _redis_cluster,
 }
 
 

@@ -1,0 +1,574 @@
+"""L2 volatile level on a Redis Cluster, in the layout HugeCTR HPS's Redis backend uses.
+
+Talks only to Redis through redis-py: it knows nothing of models, sessions or other levels, never loops
+over keys in Python, and never blocks a lookup on a sick cluster (it fails fast and recovers alone).
+
+Layout (compatible with HugeCTR HPS, so a cluster it filled is served as it is). A backend table
+"<model>.<table>" is HPS's tag name "hps_et.<model>.<table>"; it is split into `num_partitions`
+partitions, and partition i is two Redis hashes that share one hash tag, so both live in one slot:
+
+    hps_et{hps_et.<model>.<table>/p<i>}v   field: 8-byte little-endian int64 key
+                                           value: dim little-endian float32 (the vector's raw bytes)
+    hps_et{hps_et.<model>.<table>/p<i>}t   field: the same key
+                                           value: 8-byte little-endian int64 Unix time of the last write
+                                           or read; kept only under evict_oldest
+
+A key goes to partition rrxmrrxmsx_0(uint64(key)) % num_partitions, with Pelle Evensen's 64-bit
+mixer (the one HPS uses): x ^= ror(x,25) ^ ror(x,50); x *= 0xA24BAED4963EE407;
+x ^= ror(x,24) ^ ror(x,49); x *= 0x9FB21C651E98DF25; x ^= x >> 28.
+
+HPS writes access times in seconds; hps writes microseconds, so rows touched within one second are
+still told apart, and reads values below 10^11 as seconds, so a cluster HPS filled is evicted in the
+right order too (HPS reading hps's times would see hps's rows as the newest).
+
+A batch becomes one HMGET (fetch) or HSET (insert) per partition and max_batch_size keys. NumPy
+writes those commands in the Redis protocol (RESP2) in one pass; they go pipelined over one redis-py
+connection per cluster node, the nodes served in parallel threads, and redis-py parses the replies
+(with hiredis when it is installed).
+
+With ttl_seconds, a partition's hashes expire ttl_seconds after the first write into them
+(EXPIRE ... NX), so no row is served older than that; Redis 7.0 has no per-field expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from hps_server.config import ConfigError, OverflowPolicy, VolatileDbConfig
+from hps_server.storage.base import (
+    DEFAULT_CHUNK_ROWS,
+    KeyChunk,
+    LevelUnavailableError,
+    StorageError,
+    StorageLevel,
+    UnknownTableError,
+    as_keys,
+    as_vectors,
+)
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "hps_et"
+# Access times below this are HPS's seconds, not hps's microseconds (10^11 s is year 5138).
+_SECONDS_BELOW = 10**11
+_FIRST_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 1.0
+# Replies that mean "the cluster is moving or down", not "the command was wrong".
+_UNAVAILABLE_REPLIES = (
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MovedError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+)
+# RedisClusterException (topology trouble) is no RedisError.
+_CONNECTION_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+
+Packed = list[bytes | memoryview]
+"""A command in the Redis protocol (RESP), in pieces sent back to back."""
+Command = tuple[int, Packed]
+"""(cluster slot, packed command): one partition's share of a round trip."""
+_CRLF = np.frombuffer(b"\r\n", dtype=np.uint8)
+
+
+def _now() -> int:
+    """An access time as stored: microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+def _bulk(arg: bytes | str | int) -> bytes:
+    data = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _command(*args: bytes | str | int, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> Packed:
+    """One command in the Redis protocol: `args`, then each key's 8 bytes, each followed by its row of
+    `values` (uint8 [n, width]) when given. NumPy lays out every key's bytes in one pass; redis-py would
+    build and inspect one Python object per key."""
+    n = 0 if keys is None else len(keys)
+    head = b"*%d\r\n" % (len(args) + n * (1 if values is None else 2)) + b"".join(map(_bulk, args))
+    if keys is None or not n:
+        return [head]
+    fields = [(b"$8\r\n", keys.astype("<i8").view(np.uint8).reshape(n, 8))]
+    if values is not None:
+        fields.append((b"$%d\r\n" % values.shape[1], values))
+    body = np.empty((n, sum(len(prefix) + v.shape[1] + 2 for prefix, v in fields)), dtype=np.uint8)
+    column = 0
+    for prefix, field in fields:
+        for part in (np.frombuffer(prefix, np.uint8), field, _CRLF):
+            width = part.shape[-1]
+            body[:, column : column + width] = part
+            column += width
+    return [head, body.data]
+
+
+def _rotr(x: np.ndarray, n: int) -> np.ndarray:
+    return (x >> np.uint64(n)) | (x << np.uint64(64 - n))
+
+
+def partition_of(keys: np.ndarray, num_partitions: int) -> np.ndarray:
+    """HPS's key -> partition map (rrxmrrxmsx_0 mixer, then modulo), vectorized; int64 keys in."""
+    x = as_keys(keys).view(np.uint64).copy()
+    x ^= _rotr(x, 25) ^ _rotr(x, 50)
+    x *= np.uint64(0xA24BAED4963EE407)
+    x ^= _rotr(x, 24) ^ _rotr(x, 49)
+    x *= np.uint64(0x9FB21C651E98DF25)
+    x ^= x >> np.uint64(28)
+    return (x % np.uint64(num_partitions)).astype(np.intp)
+
+
+def hash_name(table: str, partition: int, suffix: str) -> str:
+    """Name of a partition's value ("v") or access-time ("t") hash, as HPS spells it."""
+    return f"{TAG_PREFIX}{{{TAG_PREFIX}.{table}/p{partition}}}{suffix}"
+
+
+def _parse_address(address: str) -> set[tuple[str, int]]:
+    nodes = set()
+    for item in address.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"volatile_db.address: expected host:port[,host:port...], got {address!r}")
+        nodes.add((host, int(port)))
+    return nodes
+
+
+def _refused_credentials(error: BaseException | None) -> bool:
+    """Whether an error, or one it was raised from, is Redis refusing the user or password."""
+    while error is not None:
+        if isinstance(error, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _Partitions:
+    """Where one table's rows live: hash names and cluster slots of each partition."""
+
+    def __init__(self, table: str, dim: int, num_partitions: int) -> None:
+        self.dim = dim
+        self.values = [hash_name(table, p, "v") for p in range(num_partitions)]
+        self.times = [hash_name(table, p, "t") for p in range(num_partitions)]
+        self.slots = [key_slot(name.encode()) for name in self.values]
+
+
+class RedisClusterLevel(StorageLevel):
+    """Embedding rows in a Redis Cluster, shared by every hps replica that points at it.
+
+    `failures` counts calls that found the cluster unreachable, slow or reconfiguring; each such call
+    raised LevelUnavailableError at once (the session falls through to the persistent level). Until a
+    background probe sees every master answer with cluster_state ok again, further calls raise the
+    same error without touching the network; then the level serves again by itself.
+    """
+
+    kind = "redis_cluster"
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        user_name: str = "default",
+        password: str = "",
+        tls: bool = False,
+        num_partitions: int = 8,
+        max_batch_size: int = 65536,
+        timeout_ms: int = 100,
+        ttl_seconds: int = 0,
+        read_only: bool = False,
+        overflow_margin: int = 2**63 - 1,
+        overflow_policy: OverflowPolicy = "evict_random",
+        overflow_resolution_target: float = 0.8,
+    ) -> None:
+        if num_partitions < 1:
+            raise ConfigError(f"volatile_db.num_partitions: must be >= 1, got {num_partitions}")
+        if max_batch_size < 1:
+            raise ConfigError(f"volatile_db.max_batch_size: must be >= 1, got {max_batch_size}")
+        self.read_only = read_only
+        self.num_partitions = num_partitions
+        self.max_batch_size = max_batch_size
+        self.timeout_s = timeout_ms / 1000
+        self.ttl_seconds = ttl_seconds
+        self.overflow_margin = overflow_margin
+        self.overflow_policy = overflow_policy
+        self.overflow_target = max(1, int(overflow_margin * overflow_resolution_target))
+        self.failures = 0
+        self._seeds = _parse_address(address)
+        self._client_options: dict[str, Any] = {
+            "username": user_name or None,
+            "password": password or None,
+            "ssl": tls,
+            "socket_timeout": self.timeout_s,
+            "socket_connect_timeout": self.timeout_s,
+            # RESP2, as HPS speaks it: replies are plain arrays whatever the redis-py default.
+            "protocol": 2,
+        }
+        self._tables: dict[str, _Partitions] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._recovery: threading.Thread | None = None
+        self._generation = 0
+        self._healthy = False
+        # Node pipelines run here; the calling thread serves one node itself.
+        self._nodes_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hps-redis")
+        self._client: RedisCluster | None = None
+        try:
+            self._client = self._connect()
+            self._healthy = True
+        except LevelUnavailableError as e:
+            log.warning("redis cluster at %s unreachable at start; serving without it until it answers", address)
+            self._fail(self._generation, str(e))
+
+    @classmethod
+    def from_config(cls, config: VolatileDbConfig) -> RedisClusterLevel:
+        return cls(
+            config.address,
+            user_name=config.user_name,
+            password=config.password,
+            tls=config.tls,
+            num_partitions=config.num_partitions,
+            max_batch_size=config.max_batch_size,
+            timeout_ms=config.timeout_ms,
+            ttl_seconds=config.ttl_seconds,
+            read_only=config.read_only,
+            overflow_margin=config.overflow_margin,
+            overflow_policy=config.overflow_policy,
+            overflow_resolution_target=config.overflow_resolution_target,
+        )
+
+    # ------------------------------------------------------------ connection and failure handling
+
+    def _connect(self) -> RedisCluster:
+        """A fresh client with fresh connections and topology; checks every master is ok."""
+        try:
+            client = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in self._seeds],
+                retry=Retry(NoBackoff(), 0),
+                require_full_coverage=True,
+                **self._client_options,
+            )
+        except _CONNECTION_ERRORS as e:
+            if _refused_credentials(e):
+                raise ConfigError(
+                    f"volatile_db.user_name/password: the redis cluster refused user "
+                    f"{self._client_options['username'] or 'default'!r}: {e}"
+                ) from e
+            raise LevelUnavailableError(f"redis cluster: cannot connect: {e}") from e
+        try:
+            for node in client.get_primaries():
+                state = client.get_redis_connection(node).execute_command("CLUSTER INFO").get("cluster_state")
+                if state != "ok":
+                    raise LevelUnavailableError(f"redis cluster: node {node.name} says cluster_state {state}")
+        except _CONNECTION_ERRORS as e:
+            client.close()
+            raise LevelUnavailableError(f"redis cluster: not ready: {e}") from e
+        except LevelUnavailableError:
+            client.close()
+            raise
+        # Remember every node seen, so a later reconnect works when the configured seeds are the dead ones.
+        self._seeds |= {(node.host, int(node.port)) for node in client.get_nodes()}
+        return client
+
+    def _current(self) -> tuple[RedisCluster, int]:
+        with self._lock:
+            if self._healthy and self._client is not None:
+                return self._client, self._generation
+        raise LevelUnavailableError("redis cluster: unavailable, reconnecting in the background")
+
+    def _fail(self, generation: int, reason: str) -> None:
+        """Marks the level down (unless a newer client replaced the failing one) and starts recovery."""
+        with self._lock:
+            self.failures += 1
+            if generation != self._generation or self._closed.is_set():
+                return
+            if self._healthy:
+                log.warning("redis cluster unavailable, lookups fall through until it is back: %s", reason)
+            self._healthy = False
+            if self._recovery is None or not self._recovery.is_alive():
+                self._recovery = threading.Thread(target=self._recover, name="hps-redis-recovery", daemon=True)
+                self._recovery.start()
+
+    def _recover(self) -> None:
+        delay = _FIRST_BACKOFF_S
+        while not self._closed.wait(delay):
+            try:
+                client = self._connect()
+            except (LevelUnavailableError, ConfigError) as e:
+                log.debug("redis cluster still unavailable: %s", e)
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+                continue
+            with self._lock:
+                if self._closed.is_set():
+                    client.close()
+                    return
+                old, self._client = self._client, client
+                self._generation += 1
+                self._healthy = True
+            if old is not None:
+                old.close()
+            log.info("redis cluster available again (%d failures so far)", self.failures)
+            return
+
+    @property
+    def available(self) -> bool:
+        """False while the level is failing fast and probing the cluster in the background."""
+        return self._healthy
+
+    def _execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Runs commands, pipelined per node (one write, then every reply), nodes in parallel; returns the
+        raw replies in command order."""
+        client, generation = self._current()
+        try:
+            by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i, (slot, _) in enumerate(commands):
+                node = client.nodes_manager.get_node_from_slot(slot)
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+            replies: list[Any] = [None] * len(commands)
+
+            def run(node: ClusterNode, indices: list[int]) -> None:
+                pool = client.get_redis_connection(node).connection_pool
+                connection = pool.get_connection()
+                try:
+                    connection.send_packed_command(list(chain.from_iterable(commands[i][1] for i in indices)))
+                    for i in indices:
+                        replies[i] = connection.read_response()
+                except BaseException:
+                    connection.disconnect()  # replies may be left unread on it
+                    raise
+                finally:
+                    pool.release(connection)
+
+            groups = list(by_node.values())
+            futures = [self._nodes_pool.submit(run, node, indices) for node, indices in groups[1:]]
+            try:
+                if groups:
+                    run(*groups[0])
+            finally:
+                for future in futures:
+                    future.exception()  # wait for every node before reporting
+            for future in futures:
+                future.result()
+            return replies
+        except redis.exceptions.ResponseError as e:
+            if isinstance(e, _UNAVAILABLE_REPLIES):
+                self._fail(generation, str(e))
+                raise LevelUnavailableError(f"redis cluster: {e}") from e
+            raise StorageError(f"redis cluster: {e}") from e
+        except _CONNECTION_ERRORS as e:
+            self._fail(generation, f"{type(e).__name__}: {e}")
+            raise LevelUnavailableError(f"redis cluster: {type(e).__name__}: {e}") from e
+
+    # ------------------------------------------------------------ the contract
+
+    def create_table(self, table: str, dim: int) -> None:
+        if dim < 1:
+            raise ValueError(f"dim: must be >= 1, got {dim}")
+        with self._lock:
+            known = self._tables.get(table)
+            if known is not None:
+                if known.dim != dim:
+                    raise StorageError(f"table {table!r}: exists with dim {known.dim}, asked for dim {dim}")
+                return
+            self._tables[table] = _Partitions(table, dim, self.num_partitions)
+
+    def _table(self, table: str) -> _Partitions:
+        try:
+            return self._tables[table]
+        except KeyError:
+            raise UnknownTableError(f"table {table!r}: not created in the redis cluster level") from None
+
+    def dim(self, table: str) -> int:
+        return self._table(table).dim
+
+    def tables(self) -> list[str]:
+        return sorted(self._tables)
+
+    def _split(self, keys: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Stable order grouping keys by partition, and (partition, start, stop) runs of at most
+        max_batch_size keys in that order."""
+        parts = partition_of(keys, self.num_partitions)
+        order = np.argsort(parts, kind="stable")
+        bounds = np.searchsorted(parts[order], np.arange(self.num_partitions + 1))
+        runs = []
+        for p in range(self.num_partitions):
+            for start in range(int(bounds[p]), int(bounds[p + 1]), self.max_batch_size):
+                runs.append((p, start, min(start + self.max_batch_size, int(bounds[p + 1]))))
+        return order, runs
+
+    def _hmget(self, parts: _Partitions, keys: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+        """(order, flat replies of HMGET on the value hashes, in `order`)."""
+        order, runs = self._split(keys)
+        ordered = keys[order]
+        replies = self._execute(
+            [(parts.slots[p], _command("HMGET", parts.values[p], keys=ordered[a:b])) for p, a, b in runs]
+        )
+        return order, list(chain.from_iterable(replies))
+
+    def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = self._table(table)
+        keys = as_keys(keys)
+        vectors = np.zeros((len(keys), parts.dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        if not len(keys):
+            return vectors, found
+        order, values = self._hmget(parts, keys)
+        hit = np.fromiter(map(bool, values), dtype=bool, count=len(values))
+        data = b"".join(filter(None, values))
+        if len(data) != int(hit.sum()) * parts.dim * 4:
+            raise StorageError(
+                f"table {table!r}: redis holds vectors that are not {parts.dim} float32 (wrong dim in the cluster?)"
+            )
+        rows = order[hit]
+        vectors[rows] = np.frombuffer(data, dtype="<f4").reshape(-1, parts.dim)
+        found[rows] = True
+        if self.overflow_policy == "evict_oldest" and not self.read_only and len(rows):
+            self._touch(table, parts, keys[rows])
+        return vectors, found
+
+    def _touch(self, table: str, parts: _Partitions, keys: np.ndarray) -> None:
+        """Records a read as the keys' access time, so evict_oldest spares rows still in use.
+
+        The rows were read already: a failure here is counted and logged, and the rows still served."""
+        order, runs = self._split(keys)
+        ordered = keys[order]
+        now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
+        try:
+            self._execute(
+                [
+                    (parts.slots[p], _command("HSET", parts.times[p], keys=ordered[a:b], values=now[a:b]))
+                    for p, a, b in runs
+                ]
+            )
+        except StorageError as e:
+            log.warning("table %r: access times not refreshed: %s", table, e)
+
+    def _writable(self, table: str) -> _Partitions:
+        if self.read_only:
+            raise StorageError(f"table {table!r}: the redis cluster level is read-only for this server")
+        return self._table(table)
+
+    def insert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        parts = self._writable(table)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, len(keys), parts.dim)
+        if not len(keys):
+            return
+        order, runs = self._split(keys)
+        ordered = keys[order]
+        rows = vectors[order].view(np.uint8)
+        now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
+        commands: list[Command] = []
+        touched = sorted({p for p, _, _ in runs})
+        for p, a, b in runs:
+            slot = parts.slots[p]
+            commands.append((slot, _command("HSET", parts.values[p], keys=ordered[a:b], values=rows[a:b])))
+            if self.overflow_policy == "evict_oldest":
+                commands.append((slot, _command("HSET", parts.times[p], keys=ordered[a:b], values=now[a:b])))
+        if self.ttl_seconds:
+            for p in touched:
+                commands.append((parts.slots[p], _command("EXPIRE", parts.values[p], self.ttl_seconds, "NX")))
+                commands.append((parts.slots[p], _command("EXPIRE", parts.times[p], self.ttl_seconds, "NX")))
+        commands += [(parts.slots[p], _command("HLEN", parts.values[p])) for p in touched]
+        sizes = self._execute(commands)[-len(touched) :]
+        for p, size in zip(touched, sizes, strict=True):
+            if int(size) > self.overflow_margin:
+                self._resolve_overflow(parts, p, int(size))
+
+    def _resolve_overflow(self, parts: _Partitions, p: int, size: int) -> None:
+        """Evicts down to overflow_resolution_target * overflow_margin rows in partition p."""
+        excess = size - self.overflow_target
+        victims = np.empty(0, dtype="<i8")
+        if self.overflow_policy == "evict_oldest":
+            (pairs,) = self._execute([(parts.slots[p], _command("HGETALL", parts.times[p]))])
+            if pairs:
+                seen = np.frombuffer(b"".join(pairs[1::2]), dtype="<i8")
+                seen = np.where(seen < _SECONDS_BELOW, seen * 1_000_000, seen)
+                victims = np.frombuffer(b"".join(pairs[0::2]), dtype="<i8")[np.argsort(seen, kind="stable")[:excess]]
+        if len(victims) < excess:  # evict_random, or rows without an access time (written by others)
+            (extra,) = self._execute([(parts.slots[p], _command("HRANDFIELD", parts.values[p], excess - len(victims)))])
+            victims = np.concatenate([victims, np.frombuffer(b"".join(extra), dtype="<i8")])
+        if len(victims):
+            log.debug("partition %s: %d rows over %d, evicting %d", parts.values[p], size, self.overflow_margin, excess)
+            self._execute(
+                [
+                    (parts.slots[p], _command("HDEL", parts.values[p], keys=victims)),
+                    (parts.slots[p], _command("HDEL", parts.times[p], keys=victims)),
+                ]
+            )
+
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        parts = self._writable(table)
+        keys = as_keys(keys)
+        if not len(keys):
+            return 0
+        order, runs = self._split(keys)
+        ordered = keys[order]
+        commands: list[Command] = []
+        for p, a, b in runs:
+            commands.append((parts.slots[p], _command("HDEL", parts.values[p], keys=ordered[a:b])))
+            commands.append((parts.slots[p], _command("HDEL", parts.times[p], keys=ordered[a:b])))
+        return sum(int(n) for n in self._execute(commands)[0::2])
+
+    def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
+        parts = self._table(table)
+        keys = as_keys(keys)
+        found = np.zeros(len(keys), dtype=bool)
+        if len(keys):
+            order, values = self._hmget(parts, keys)
+            found[order] = np.fromiter(map(bool, values), dtype=bool, count=len(values))
+        return found
+
+    def size(self, table: str) -> int:
+        parts = self._table(table)
+        replies = self._execute(
+            [(parts.slots[p], _command("HLEN", parts.values[p])) for p in range(self.num_partitions)]
+        )
+        return sum(int(n) for n in replies)
+
+    def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
+        """Rows of every partition via HSCAN; rows written while dumping may be missed or repeated."""
+        parts = self._table(table)
+        for p in range(self.num_partitions):
+            cursor = b"0"
+            while True:
+                ((cursor, pairs),) = self._execute(
+                    [(parts.slots[p], _command("HSCAN", parts.values[p], cursor, "COUNT", chunk_rows))]
+                )
+                for start in range(0, len(pairs), 2 * chunk_rows):
+                    yield self._decode(table, parts, pairs[start : start + 2 * chunk_rows])
+                if cursor == b"0":
+                    break
+
+    @staticmethod
+    def _decode(table: str, parts: _Partitions, pairs: list[bytes]) -> KeyChunk:
+        """(keys, vectors) from a flat [key, value, key, value, ...] reply."""
+        keys = b"".join(pairs[0::2])
+        data = b"".join(pairs[1::2])
+        if len(keys) != 4 * len(pairs) or len(data) != len(pairs) // 2 * parts.dim * 4:
+            raise StorageError(
+                f"table {table!r}: redis holds keys or vectors of another size than int64, {parts.dim} float32"
+            )
+        return (
+            np.frombuffer(keys, dtype="<i8").copy(),
+            np.frombuffer(data, dtype="<f4").reshape(-1, parts.dim).copy(),
+        )
+
+    def close(self) -> None:
+        self._closed.set()
+        self._nodes_pool.shutdown(wait=True)
+        with self._lock:
+            client, self._client = self._client, None
+            self._healthy = False
+        if client is not None:
+            client.close()

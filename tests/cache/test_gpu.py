@@ -1,0 +1,278 @@
+"""The CUDA cache against the NumPy reference: same operation sequences, identical results.
+
+Runs where CuPy sees an NVIDIA GPU; elsewhere every test skips, saying it needs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hps_server.cache.layout import mix, set_of
+from hps_server.cache.reference import ReferenceEmbeddingCache, ReferenceStaticTable
+
+try:
+    import cupy as cp
+
+    HAVE_GPU = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no CuPy, or no driver/device
+    HAVE_GPU = False
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs an NVIDIA GPU with CuPy")]
+
+if HAVE_GPU:
+    from hps_server.cache.gpu import GpuEmbeddingCache, GpuStaticTable
+
+
+def rows_for(keys: np.ndarray, dim: int) -> np.ndarray:
+    keys = np.asarray(keys, np.int64)
+    return (keys[:, None] % 100_003 + np.arange(dim)[None, :] / 8).astype(np.float32)
+
+
+def assert_same_state(gpu: Any, ref: Any) -> None:
+    for got, want in zip(gpu.dump(), ref.dump(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert gpu.stats() == ref.stats()
+    assert getattr(gpu, "clock", 0) == getattr(ref, "clock", 0)
+
+
+def random_ops(rng: np.random.Generator, dim: int, key_space: int, steps: int) -> list[tuple[str, Any]]:
+    ops: list[tuple[str, Any]] = []
+    for _ in range(steps):
+        kind = rng.choice(["query", "replace", "replace", "update", "invalidate"])
+        n = int(rng.integers(0, 3000))
+        keys = rng.integers(-key_space, key_space, size=n).astype(np.int64)
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        ops.append((str(kind), (keys,) if kind in ("query", "invalidate") else (keys, vectors)))
+    return ops
+
+
+def run_ops(cache: Any, ops: list[tuple[str, Any]]) -> list[Any]:
+    results = []
+    for kind, args in ops:
+        if kind == "query":
+            results.append(cache.query_misses(*args))
+        else:
+            getattr(cache, kind)(*args)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("capacity", "dim", "ways", "dtype"),
+    [
+        (4096, 128, 32, "float32"),
+        (4096, 16, 32, "float16"),
+        (1000, 3, 32, "float32"),
+        (77, 5, 4, "float16"),
+        (32, 8, 32, "float32"),
+        (1, 4, 32, "float32"),
+    ],
+)
+def test_random_operation_sequences_match_the_reference(capacity: int, dim: int, ways: int, dtype: str) -> None:
+    rng = np.random.default_rng(capacity * 131 + dim)
+    ops = random_ops(rng, dim, key_space=3 * capacity + 50, steps=60)
+    gpu = GpuEmbeddingCache(capacity, dim, ways=ways, dtype=dtype)
+    ref = ReferenceEmbeddingCache(capacity, dim, ways=ways, dtype=dtype)
+    for got, want in zip(run_ops(gpu, ops), run_ops(ref, ops), strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert_same_state(gpu, ref)
+
+
+def test_a_batch_far_larger_than_the_cache_keeps_the_same_rows() -> None:
+    keys = np.random.default_rng(2).integers(0, 2**62, size=200_000).astype(np.int64)
+    vectors = rows_for(keys, 4)
+    gpu, ref = GpuEmbeddingCache(640, 4), ReferenceEmbeddingCache(640, 4)
+    for cache in (gpu, ref):
+        cache.replace(keys, vectors)
+        cache.replace(keys[::-1], vectors[::-1])
+    assert_same_state(gpu, ref)
+
+
+def test_device_variants_match_the_host_ones() -> None:
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 5000, size=4000).astype(np.int64)
+    vectors = rng.standard_normal((4000, 12)).astype(np.float32)
+    host, device = GpuEmbeddingCache(2048, 12), GpuEmbeddingCache(2048, 12)
+    host.replace(keys, vectors)
+    device.replace_device(cp.asarray(keys), cp.asarray(vectors))
+    probe = rng.integers(0, 6000, size=3000).astype(np.int64)
+    want_vectors, want_hit = host.query(probe)
+    got_vectors, got_hit = device.query_device(cp.asarray(probe))
+    np.testing.assert_array_equal(cp.asnumpy(got_vectors), want_vectors)
+    np.testing.assert_array_equal(cp.asnumpy(got_hit), want_hit)
+    host.invalidate(probe[:100])
+    device.invalidate_device(cp.asarray(probe[:100]))
+    host.update(keys[:500], vectors[:500] + 1)
+    device.update_device(cp.asarray(keys[:500]), cp.asarray(vectors[:500] + 1))
+    for a, b in zip(host.dump(), device.dump(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def thread_keys(num_sets: int, threads: int, per_thread: int) -> list[np.ndarray]:
+    """Disjoint key pools whose sets are disjoint too: thread t owns the sets s with s % threads == t."""
+    candidates = np.arange(1, 40 * threads * per_thread, dtype=np.int64)
+    owner = set_of(mix(candidates), num_sets) % threads
+    return [candidates[owner == t][:per_thread] for t in range(threads)]
+
+
+def test_concurrent_queries_and_replaces_from_several_threads_match_the_reference() -> None:
+    """Threads own disjoint sets, so every thread's results are those of its own sequence, however they interleave."""
+    threads, dim = 6, 32
+    gpu = GpuEmbeddingCache(32 * 60, dim)
+    pools = thread_keys(gpu.geometry.num_sets, threads, 2000)
+    sequences = []
+    for t, pool in enumerate(pools):
+        rng = np.random.default_rng(100 + t)
+        ops = []
+        for _ in range(80):
+            keys = rng.choice(pool, size=int(rng.integers(1, 700)))
+            ops.append(("query", (keys,)) if rng.random() < 0.5 else ("replace", (keys, rows_for(keys, dim))))
+        sequences.append(ops)
+    results: list[list[Any]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            results[t] = run_ops(gpu, sequences[t])
+        except BaseException as e:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    ref = ReferenceEmbeddingCache(32 * 60, dim)
+    for t in range(threads):
+        for got, want in zip(results[t], run_ops(ref, sequences[t]), strict=True):
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b)
+    got_keys, got_vectors, _ = gpu.dump()
+    want_keys, want_vectors, _ = ref.dump()
+    np.testing.assert_array_equal(got_keys, want_keys)
+    np.testing.assert_array_equal(got_vectors, want_vectors)
+    assert gpu.stats() == ref.stats()
+
+
+def test_threads_sharing_sets_only_ever_see_true_rows() -> None:
+    dim = 64
+    gpu = GpuEmbeddingCache(4096, dim)
+    hits = [0] * 8
+
+    def work(t: int) -> None:
+        rng = np.random.default_rng(t)
+        for _ in range(40):
+            keys = rng.integers(0, 20_000, size=2000).astype(np.int64)
+            if t % 2:
+                gpu.replace(keys, rows_for(keys, dim))
+            else:
+                vectors, hit = gpu.query(keys)
+                np.testing.assert_array_equal(vectors[hit], rows_for(keys[hit], dim))
+                assert not vectors[~hit].any()
+                hits[t] += int(hit.sum())
+
+    run_threads(work, 8)
+    keys, vectors, _ = gpu.dump()
+    assert np.unique(keys).size == keys.size <= 4096
+    np.testing.assert_array_equal(vectors, rows_for(keys, dim))
+    assert gpu.stats().hits == sum(hits) > 0
+
+
+def run_threads(work: Callable[[int], None], count: int) -> None:
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            work(t)
+        except BaseException as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=guarded, args=(t,)) for t in range(count)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize(("dim", "dtype"), [(128, "float32"), (7, "float16")])
+def test_static_table_matches_the_reference(dim: int, dtype: str) -> None:
+    rng = np.random.default_rng(dim)
+    keys = rng.integers(-(2**62), 2**62, size=50_000).astype(np.int64)
+    keys[:100] = keys[100:200]  # repeated keys: the last row wins
+    vectors = rng.standard_normal((keys.size, dim)).astype(np.float32)
+    gpu, ref = GpuStaticTable(keys, vectors, dtype=dtype), ReferenceStaticTable(keys, vectors, dtype=dtype)
+    probe = np.concatenate([rng.choice(keys, 20_000), rng.integers(0, 2**40, 5000)])
+    ops = [
+        ("query", (probe,)),
+        ("invalidate", (probe[:3000],)),
+        ("update", (probe[1000:5000], rng.standard_normal((4000, dim)).astype(np.float32))),
+        ("replace", (probe[2000:2500], rng.standard_normal((500, dim)).astype(np.float32))),
+        ("query", (probe,)),
+    ]
+    for got, want in zip(run_ops(gpu, ops), run_ops(ref, ops), strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(gpu.dump(), ref.dump(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert gpu.stats() == ref.stats()
+
+
+def test_bad_arguments_are_rejected_before_any_kernel_runs() -> None:
+    gpu = GpuEmbeddingCache(64, 4)
+    with pytest.raises(ValueError, match="vectors"):
+        gpu.replace(np.array([1, 2]), np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="keys"):
+        gpu.query_device(cp.zeros((2, 2), cp.int64))
+    with pytest.raises(ValueError, match="device"):
+        GpuEmbeddingCache(64, 4, device=cp.cuda.runtime.getDeviceCount())
+    assert gpu.stats().rows == 0
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["lru", "static"])
+def test_a_server_with_the_gpu_level_returns_exactly_the_stored_vectors(tmp_path: Path, static: bool) -> None:
+    from hps_client import Client
+    from hps_server.server import HpsServer
+    from tests.conftest import TABLE_SPECS, sample_config, write_sample_tables
+
+    truth = write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    model = dataclasses.replace(config.models[0], gpucache=True, gpucacheper=0.05, use_static_table=static)
+    config = dataclasses.replace(config, models=(model,))
+    server = HpsServer(config)
+    port = server.start()
+    rng = np.random.default_rng(7)
+    try:
+        session = server.models.session("ctr")
+        assert all(isinstance(c, GpuStaticTable if static else GpuEmbeddingCache) for c in session.caches["user"])
+        with Client(f"127.0.0.1:{port}") as client:
+            for step in range(300):
+                table = "user" if step % 2 else "item"
+                keys, vectors = truth[table]
+                if step % 3 == 0:  # uniform over the stored keys, plus keys no level holds
+                    asked = np.concatenate([rng.choice(keys, 200), rng.integers(2 * 10**6, 3 * 10**6, 56)])
+                else:  # Zipf-skewed: a few hot keys carry most lookups
+                    ranks = np.minimum(rng.zipf(1.2, 256) - 1, keys.size - 1)
+                    asked = keys[ranks]
+                got = client.lookup("ctr", table, asked)
+                expected = np.full((asked.size, TABLE_SPECS[table][1]), TABLE_SPECS[table][2], np.float32)
+                order = np.argsort(keys)
+                at = np.clip(np.searchsorted(keys, asked, sorter=order), 0, keys.size - 1)
+                held = keys[order[at]] == asked
+                expected[held] = vectors[order[at[held]]]
+                np.testing.assert_array_equal(got, expected)
+        stats = session.cache_stats()["user"]
+        assert stats.hits > 0 and stats.rows > 0
+    finally:
+        server.stop(grace=1)

@@ -1,0 +1,76 @@
+"""Building a model's L1 from its config over real levels (in-process hash map over RocksDB)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hps_server.cache.placement import build_caches, gpus_available
+from hps_server.cache.reference import ReferenceEmbeddingCache, ReferenceStaticTable
+from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig, VolatileDbConfig
+from hps_server.storage.base import StorageLevel
+from hps_server.storage.hashmap import HashMapLevel
+from hps_server.storage.rocksdb import RocksDBLevel
+
+MODEL = ModelConfig(
+    name="m",
+    tables=(TableConfig(name="a", dim=4), TableConfig(name="b", dim=3)),
+    max_batch_size=8,
+    gpucacheper=0.25,
+    deployed_device_list=(0, 1),
+)
+ROWS = {"a": 1000, "b": 40}
+
+
+@pytest.fixture
+def levels(tmp_path: Path) -> Iterator[list[StorageLevel]]:
+    volatile = HashMapLevel.from_config(VolatileDbConfig())
+    persistent = RocksDBLevel.from_config(PersistentDbConfig(path=tmp_path / "db"))
+    for table in MODEL.tables:
+        keys = np.arange(ROWS[table.name], dtype=np.int64) * 7
+        vectors = np.repeat(keys[:, None], table.dim, axis=1).astype(np.float32)
+        for level in (volatile, persistent):
+            level.create_table(f"m.{table.name}", table.dim)
+        persistent.insert(f"m.{table.name}", keys, vectors)
+    yield [volatile, persistent]
+    volatile.close()
+    persistent.close()
+
+
+def test_gpucache_off_builds_nothing(levels) -> None:
+    assert build_caches(dataclasses.replace(MODEL, gpucache=False), levels) == {}
+
+
+@pytest.mark.skipif(gpus_available((0, 1)), reason="checks the GPU-less fallback")
+def test_without_gpus_each_table_gets_one_warmed_reference_cache(levels) -> None:
+    caches = build_caches(MODEL, levels, warm_rate=0.1)
+    assert set(caches) == {"a", "b"}
+    (a,) = caches["a"]
+    (b,) = caches["b"]
+    assert isinstance(a, ReferenceEmbeddingCache) and isinstance(b, ReferenceEmbeddingCache)
+    assert a.capacity == 224 and a.dim == 4  # a quarter of 1000 rows, in whole 32-way sets
+    assert b.capacity == 32  # a quarter of 40 rows is below one request (8 keys) and one set: one set
+    keys, vectors, _ = a.dump()
+    assert 0 < keys.size <= 100  # warmed with up to 10% of the table's rows, from RocksDB (the hash map is empty)
+    np.testing.assert_array_equal(vectors, np.repeat(keys[:, None], 4, axis=1))
+
+
+def test_static_mode_holds_every_row(levels) -> None:
+    caches = build_caches(dataclasses.replace(MODEL, use_static_table=True), levels)
+    table = caches["b"][0]
+    assert table.capacity == 40
+    vectors, hit = table.query(np.array([0, 7, 273, 3], np.int64))
+    assert hit.tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(vectors[2], [273, 273, 273])
+    if not gpus_available((0, 1)):
+        assert isinstance(table, ReferenceStaticTable)
+
+
+def test_float16_storage_is_passed_on(levels) -> None:
+    caches = build_caches(dataclasses.replace(MODEL, gpucache_dtype="float16"), levels)
+    cache = caches["a"][0]
+    assert getattr(cache, "dtype", None) == np.float16

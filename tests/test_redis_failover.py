@@ -1,0 +1,188 @@
+"""hps servers over a real Redis Cluster and RocksDB, end to end over gRPC, while Redis nodes fail.
+
+Redis failing must never fail an RPC or change an answer: lookups fall through to RocksDB and Redis is
+used again once it is back, without restarting hps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from hps_client import Client
+from hps_server.server import HpsServer
+from tests.conftest import ServedModel, sample_config, write_sample_tables
+
+REDIS = "redis_cluster"
+MAX_KEYS = 256  # per request: max_batch_size 64 x max_keys_per_sample 4 in sample_config
+
+
+def _serve(directory: Path, cluster: RedisClusterProcesses) -> ServedModel:
+    directory.mkdir(parents=True, exist_ok=True)
+    truth = write_sample_tables(directory)
+    config = sample_config(directory, type=REDIS, address=cluster.seed, timeout_ms=300, num_partitions=8)
+    server = HpsServer(config)
+    port = server.start()
+    return ServedModel(server, f"127.0.0.1:{port}", config, truth)
+
+
+@pytest.fixture
+def served_over_redis(tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses) -> Iterator[ServedModel]:
+    served = _serve(tmp_path / "server", disposable_redis_cluster)
+    yield served
+    served.server.stop(grace=1)
+
+
+def _redis_hits(served: ServedModel, table: str = "user") -> int:
+    return served.server.models.sessions["ctr"].counts()[table].by_level.get(REDIS, 0)
+
+
+def _wait_for_redis_hits(served: ServedModel, client: Client, keys: np.ndarray, timeout: float = 30) -> None:
+    """Looks up until the Redis level answers again (hit counter moves), checking every reply."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = _redis_hits(served)
+        np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
+        np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
+        if _redis_hits(served) > before:
+            return
+        assert time.monotonic() < deadline, "the Redis level was not used again"
+        time.sleep(0.1)
+
+
+def test_master_killed_while_clients_look_up(
+    served_over_redis: ServedModel, disposable_redis_cluster: RedisClusterProcesses
+) -> None:
+    served, cluster = served_over_redis, disposable_redis_cluster
+    keys = served.truth["user"][0]
+    with Client(served.target, timeout=10) as client:
+        _wait_for_redis_hits(served, client, keys[:MAX_KEYS])
+    errors: list[BaseException] = []
+    replies = [0]
+    stop = threading.Event()
+
+    def keep_looking_up(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with Client(served.target, timeout=10) as client:
+            while not stop.is_set():
+                query = rng.choice(keys[:1000], 200)
+                try:
+                    got = client.lookup("ctr", "user", query)
+                    np.testing.assert_array_equal(got, served.expected("user", query))
+                except BaseException as e:  # any failed RPC or wrong row fails the test
+                    errors.append(e)
+                    return
+                replies[0] += 1
+
+    threads = [threading.Thread(target=keep_looking_up, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        cluster.kill_node(cluster.masters_ports()[0])
+        deadline = time.monotonic() + 30
+        level = served.server.models.volatile
+        while time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+            if getattr(level, "failures", 0) and getattr(level, "available", False):
+                break
+        during = replies[0]
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[0]
+    assert getattr(served.server.models.volatile, "failures", 0) > 0
+    assert replies[0] > during > 0
+    with Client(served.target, timeout=10) as client:
+        _wait_for_redis_hits(served, client, keys[:MAX_KEYS])
+
+
+def test_whole_cluster_down_then_back(
+    served_over_redis: ServedModel, disposable_redis_cluster: RedisClusterProcesses
+) -> None:
+    served, cluster = served_over_redis, disposable_redis_cluster
+    keys = served.truth["user"][0][:MAX_KEYS]
+    with Client(served.target, timeout=10) as client:
+        _wait_for_redis_hits(served, client, keys)
+        cluster.stop_all()
+        started = time.monotonic()
+        for _ in range(5):  # answered from RocksDB, correctly, without waiting on Redis each time
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
+        assert time.monotonic() - started < 3
+        counts = served.server.models.sessions["ctr"].counts()["user"]
+        assert counts.unavailable > 0
+        cluster.start_all()
+        _wait_for_redis_hits(served, client, keys)  # same server process, never restarted
+
+
+def test_two_servers_share_rows_through_the_cluster(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses
+) -> None:
+    redis_cluster_processes.flush()
+    first = _serve(tmp_path / "first", redis_cluster_processes)
+    second = _serve(tmp_path / "second", redis_cluster_processes)
+    try:
+        keys = first.truth["user"][0][:MAX_KEYS]
+        with Client(first.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), first.expected("user", keys))
+        assert _redis_hits(first) == 0  # the first server found them in RocksDB and wrote them back
+        with Client(second.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), second.expected("user", keys))
+        assert _redis_hits(second) == len(keys)  # ... so they are hits for the second
+    finally:
+        first.server.stop(grace=1)
+        second.server.stop(grace=1)
+
+
+def test_server_starts_while_redis_is_down(tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses) -> None:
+    """Redis down at start (with warm-up asked for) is no reason not to serve: RocksDB answers until it is back."""
+    cluster = disposable_redis_cluster
+    cluster.stop_all()
+    directory = tmp_path / "server"
+    directory.mkdir()
+    truth = write_sample_tables(directory)
+    config = sample_config(directory, type=REDIS, address=cluster.addresses, timeout_ms=300, initial_cache_rate=1.0)
+    server = HpsServer(config)
+    served = ServedModel(server, f"127.0.0.1:{server.start()}", config, truth)
+    try:
+        keys = truth["user"][0][:MAX_KEYS]
+        with Client(served.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
+            cluster.start_all()
+            _wait_for_redis_hits(served, client, keys)
+    finally:
+        server.stop(grace=1)
+
+
+def test_read_only_replica_reads_what_another_server_wrote(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses
+) -> None:
+    redis_cluster_processes.flush()
+    writer = _serve(tmp_path / "writer", redis_cluster_processes)
+    directory = tmp_path / "reader"
+    directory.mkdir()
+    truth = write_sample_tables(directory)
+    config = sample_config(directory, type=REDIS, address=redis_cluster_processes.seed, timeout_ms=300, read_only=True)
+    server = HpsServer(config)
+    reader = ServedModel(server, f"127.0.0.1:{server.start()}", config, truth)
+    try:
+        keys = truth["user"][0][:MAX_KEYS]
+        with Client(reader.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), reader.expected("user", keys))
+        assert _redis_hits(reader) == 0  # found in RocksDB; a read-only replica writes nothing back
+        with Client(writer.target, timeout=10) as client:
+            client.lookup("ctr", "user", keys)  # the writer fills Redis
+        with Client(reader.target, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), reader.expected("user", keys))
+        assert _redis_hits(reader) == len(keys)
+    finally:
+        writer.server.stop(grace=1)
+        server.stop(grace=1)
