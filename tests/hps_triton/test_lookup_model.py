@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,9 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from hps_client.triton import TritonEndpoint, TritonEnvironment, running, write_lookup_model
-from tests.conftest import ServedModel
+from hps_client.triton.tritonserver import free_port
+from hps_server.server import HpsServer
+from tests.conftest import ServedModel, sample_config, write_sample_tables
 
 MODEL = "hps_embedding"
 
@@ -127,3 +132,45 @@ def test_a_hundred_concurrent_requests_all_get_their_own_vectors(served: ServedM
         assert client.is_server_live() and client.is_model_ready(MODEL)
     for output, (_, _, expected) in zip(outputs, cases, strict=True):
         np.testing.assert_array_equal(output, expected)
+
+
+def test_an_hps_outage_is_a_triton_error_and_lookups_resume_after_it(
+    triton_environment: TritonEnvironment, tmp_path: Path
+) -> None:
+    truth = write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, address=f"127.0.0.1:{free_port()}"))
+    write_lookup_model(
+        tmp_path / "models", name="item_only", hps_address=config.server.address, hps_model="ctr", tables=["item"]
+    )
+    keys = truth["item"][0][:2].reshape(1, 2)
+    inputs = _inputs(keys, np.array([[2]], np.int32))
+    server = HpsServer(config)
+    server.start()
+    try:
+        with (
+            running(triton_environment, tmp_path / "models") as endpoint,
+            triton_grpc.InferenceServerClient(endpoint.grpc_target) as client,
+        ):
+            np.testing.assert_array_equal(
+                client.infer("item_only", inputs).as_numpy("OUTPUT0"), truth["item"][1][:2].reshape(1, -1)
+            )
+            server.stop(grace=0)
+            with pytest.raises(InferenceServerException, match="hps lookup failed: UNAVAILABLE"):
+                client.infer("item_only", inputs)
+            assert client.is_server_live() and client.is_model_ready("item_only")
+            server = HpsServer(config)  # the same address and RocksDB, as a restarted pod would be
+            server.start()
+            # The lookup model's channel reconnects on gRPC's backoff (1 s at first): poll, bounded.
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    output = client.infer("item_only", inputs).as_numpy("OUTPUT0")
+                    break
+                except InferenceServerException:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            np.testing.assert_array_equal(output, truth["item"][1][:2].reshape(1, -1))
+    finally:
+        server.stop(grace=0)
