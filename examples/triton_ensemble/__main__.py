@@ -27,7 +27,14 @@ def run(workdir: Path) -> float:
     server = HpsServer(config_module.load(dissect.write_hps_config(workdir)))
     port = server.start()
     try:
-        repository.write_repository(workdir / "models", f"127.0.0.1:{port}", dense_weights)
+        repository.write_repository(
+            workdir / "models",
+            f"127.0.0.1:{port}",
+            dense_weights,
+            hps_model=dissect.HPS_MODEL,
+            tables=list(dlrm.TABLES),
+            dense_features=dlrm.DENSE_FEATURES,
+        )
         with running(setup(), workdir / "models") as triton:
             print(f"Triton: gRPC {triton.grpc_target}; hps: 127.0.0.1:{port}")
             with triton_grpc.InferenceServerClient(triton.grpc_target) as triton_client:

@@ -8,8 +8,6 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from examples.triton_ensemble.dissect import HPS_MODEL
-from examples.triton_ensemble.dlrm import DENSE_FEATURES, TABLES
 from hps_client.triton import write_lookup_model
 
 LOOKUP = "hps_embedding"
@@ -65,16 +63,16 @@ def write_repository(
     hps_address: str,
     dense_weights: Path,
     *,
+    hps_model: str,
+    tables: Sequence[str],
+    dense_features: int,
     max_batch_size: int = 8192,
     queue_delay_us: int = 100,
     instances: int = 1,
     reply_dtype: str = "float32",
-    hps_model: str = HPS_MODEL,
-    tables: Sequence[str] = tuple(TABLES),
-    dense_features: int = DENSE_FEATURES,
 ) -> Path:
-    """The three models under `repository` (by default for the tutorial's DLRM; the benchmark passes its own
-    tables and features); max_batch_size must not exceed the hps model's."""
+    """The three models under `repository`: `tables` in KEYS order, `dense_features` per sample, weights as
+    dissect.py writes them. max_batch_size must not exceed the hps model's. (No PyTorch needed here.)"""
     write_lookup_model(
         repository,
         name=LOOKUP,

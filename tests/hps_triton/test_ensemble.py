@@ -34,7 +34,14 @@ def deployed(triton_environment: TritonEnvironment, tmp_path_factory: pytest.Tem
     server = HpsServer(config_module.load(dissect.write_hps_config(workdir)))
     port = server.start()
     try:
-        repository.write_repository(workdir / "models", f"127.0.0.1:{port}", dense_weights)
+        repository.write_repository(
+            workdir / "models",
+            f"127.0.0.1:{port}",
+            dense_weights,
+            hps_model=dissect.HPS_MODEL,
+            tables=list(dlrm.TABLES),
+            dense_features=dlrm.DENSE_FEATURES,
+        )
         with (
             running(triton_environment, workdir / "models") as endpoint,
             triton_grpc.InferenceServerClient(endpoint.grpc_target) as triton,
