@@ -20,7 +20,7 @@ from hps_client.triton.environment import TritonEnvironment
 
 
 class TritonStartError(RuntimeError):
-    """tritonserver exited or was not ready in time; the message ends with its log."""
+    """tritonserver exited or was not ready in time; the message quotes its log's errors."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,11 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _log_tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+def _log_errors(path: Path, lines: int = 20) -> str:
+    """Triton's error lines (glog "E..."), which its start-up tables would push out of a plain tail."""
+    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    errors = [line for line in text if line[:1] == "E" and line[1:5].isdigit()]
+    return "\n".join([*errors[-lines:], *text[-1:]])
 
 
 @contextlib.contextmanager
@@ -92,9 +95,9 @@ def running(
             deadline = time.monotonic() + timeout
             while not _ready(endpoint.http_url):
                 if process.poll() is not None:
-                    raise TritonStartError(f"tritonserver exited with {process.returncode}:\n{_log_tail(log_file)}")
+                    raise TritonStartError(f"tritonserver exited with {process.returncode}:\n{_log_errors(log_file)}")
                 if time.monotonic() > deadline:
-                    raise TritonStartError(f"tritonserver not ready after {timeout} s:\n{_log_tail(log_file)}")
+                    raise TritonStartError(f"tritonserver not ready after {timeout} s:\n{_log_errors(log_file)}")
                 time.sleep(0.2)
             yield endpoint
         finally:

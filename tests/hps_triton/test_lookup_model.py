@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from hps_client.triton import TritonEndpoint, TritonEnvironment, running, write_lookup_model
+from hps_client.triton import TritonEndpoint, TritonEnvironment, TritonStartError, running, write_lookup_model
 from hps_client.triton.tritonserver import free_port
 from hps_server.server import HpsServer
 from tests.conftest import ServedModel, sample_config, write_sample_tables
@@ -174,3 +174,28 @@ def test_an_hps_outage_is_a_triton_error_and_lookups_resume_after_it(
             np.testing.assert_array_equal(output, truth["item"][1][:2].reshape(1, -1))
     finally:
         server.stop(grace=0)
+
+
+def test_a_bad_request_fails_alone_in_its_dynamic_batch(served: ServedModel, triton: TritonEndpoint) -> None:
+    good = [_sample(served, 2, seed) for seed in range(4)]
+    bad_keys, _, _ = _sample(served, 2, seed=9)
+    bad = _inputs(bad_keys, np.array([[2, 2], [2, 2]], np.int32))  # same shapes as the good ones: batched with them
+    with (
+        triton_grpc.InferenceServerClient(triton.grpc_target) as client,
+        concurrent.futures.ThreadPoolExecutor(5) as pool,
+    ):
+        bad_future = pool.submit(client.infer, MODEL, bad)
+        good_futures = [pool.submit(client.infer, MODEL, _inputs(k, n)) for k, n, _ in good]
+        outputs = [f.result().as_numpy("OUTPUT0") for f in good_futures]
+        with pytest.raises(InferenceServerException, match="add up to 4, but KEYS has 3"):
+            bad_future.result()
+    for output, (_, _, expected) in zip(outputs, good, strict=True):
+        np.testing.assert_array_equal(output, expected)
+
+
+def test_an_unknown_hps_model_fails_the_load_with_the_servers_message(
+    served: ServedModel, triton_environment: TritonEnvironment, tmp_path: Path
+) -> None:
+    write_lookup_model(tmp_path, name="lost", hps_address=served.target, hps_model="no_such_model")
+    with pytest.raises(TritonStartError, match="no_such_model"), running(triton_environment, tmp_path, timeout=60):
+        pass
