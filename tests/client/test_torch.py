@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hps_client import NotFoundError
-from hps_client.torch import LookupLayer
+from hps_client import InvalidArgumentError, NotFoundError
+from hps_client.torch import LookupLayer, SparseLookupLayer
 from tests.conftest import TABLE_SPECS, ServedModel
 
 
@@ -55,3 +55,49 @@ def test_errors_carry_the_server_message(served: ServedModel) -> None:
         LookupLayer(model_name="ctr", table_id=0, emb_vec_size=16, address=served.target)(torch.tensor([1.0]))
     with pytest.raises(ValueError, match="give ps_config_file or address"):
         LookupLayer(model_name="ctr", table_id=0, emb_vec_size=16)
+
+
+def _bags(vectors: np.ndarray, starts: list[int], combiner: str, weights: np.ndarray, max_norm=None) -> np.ndarray:
+    """torch.nn.EmbeddingBag's definition, one bag at a time."""
+    if max_norm is not None:
+        vectors = vectors * (max_norm / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), max_norm))
+    ends = [*starts[1:], len(vectors)]
+    out = np.zeros((len(starts), vectors.shape[1]))
+    for i, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        if end > start:
+            v, w = vectors[start:end], weights[start:end]
+            total = (v * w[:, None]).sum(0)
+            out[i] = {"sum": total, "mean": total / w.sum(), "sqrtn": total / np.sqrt((w * w).sum())}[combiner]
+    return out
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_sparse_lookup_with_offsets_matches_embedding_bag(served: ServedModel, combiner: str) -> None:
+    keys = np.concatenate([served.truth["item"][0][:9], [10**9]])  # the last key is unknown: default vector
+    offsets = [0, 3, 3, 7]  # the second bag is empty
+    weights = np.linspace(0.5, 2, len(keys)).astype(np.float32)
+    vectors = served.expected("item", keys)
+    layer = SparseLookupLayer(model_name="ctr", table_id=1, emb_vec_size=8, combiner=combiner, address=served.target)
+    with torch.no_grad():
+        plain = layer(torch.from_numpy(keys), torch.tensor(offsets))
+        weighted = layer(torch.from_numpy(keys), torch.tensor(offsets), torch.from_numpy(weights))
+    assert plain.shape == (4, 8) and plain.dtype == torch.float32
+    np.testing.assert_allclose(plain.numpy(), _bags(vectors, offsets, combiner, np.ones(10)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weighted.numpy(), _bags(vectors, offsets, combiner, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_lookup_2d_bags_max_norm_and_empty_batch(served: ServedModel) -> None:
+    keys = served.truth["user"][0][:12]
+    layer = SparseLookupLayer(
+        model_name="ctr", table_id=0, emb_vec_size=16, combiner="sum", max_norm=1.0, address=served.target
+    )
+    got = layer(torch.from_numpy(keys.reshape(4, 3)))
+    expected = _bags(served.expected("user", keys), [0, 3, 6, 9], "sum", np.ones(12), max_norm=1.0)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert layer(torch.zeros((0, 3), dtype=torch.int64)).shape == (0, 16)
+    with pytest.raises(ValueError, match="give 1-D keys with offsets or 2-D keys without"):
+        layer(torch.from_numpy(keys))
+    with pytest.raises(InvalidArgumentError, match="row_splits: must start at 0"):
+        layer(torch.from_numpy(keys), torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match="combiner: must be sum, mean or sqrtn"):
+        SparseLookupLayer(model_name="ctr", table_id=0, emb_vec_size=16, combiner="max", address=served.target)
