@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -144,7 +146,9 @@ def test_server_errors_surface_with_the_server_message_inside_a_graph(served: Se
     np.testing.assert_array_equal(hps.LookupLayer("ctr", ITEM, 8, tf.float32)(keys), served.expected("item", keys))
 
 
-def test_keras_model_with_the_layers_predicts_and_round_trips_its_config(served: ServedModel, address: str) -> None:
+def test_keras_model_with_the_layers_predicts_saves_and_loads(
+    served: ServedModel, address: str, tmp_path: Path
+) -> None:
     ids = tf.keras.Input(shape=(3,), dtype="int64")
     user = tf.keras.Input(shape=(), dtype="int64")
     pooled = tf.keras.layers.Flatten()(hps.LookupLayer("ctr", ITEM, 8, tf.float32)(ids))
@@ -157,6 +161,10 @@ def test_keras_model_with_the_layers_predicts_and_round_trips_its_config(served:
         "user", user_keys
     ).sum(1)
     np.testing.assert_allclose(got[:, 0], expected, rtol=1e-5, atol=1e-5)
+    # The inference graph saved as a .keras file rebuilds its layers, pointing at the same server.
+    model.save(tmp_path / "inference.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "inference.keras")
+    np.testing.assert_array_equal(loaded.predict([item_keys, user_keys], verbose=0), got)
     layer = hps.SparseLookupLayer("ctr", ITEM, 8, tf.float16, address=address)
     clone = hps.SparseLookupLayer.from_config(layer.get_config())
     assert (clone.address, clone.table_id, clone.emb_vec_size, clone.emb_vec_dtype) == (address, ITEM, 8, tf.float16)
