@@ -176,6 +176,10 @@ class SparseLookupLayer(_ServedTable):
         out.set_shape([ids.shape[0], self.emb_vec_size])
         return out
 
+    def compute_output_spec(self, sp_ids: Any, *args: Any, **kwargs: Any) -> keras.KerasTensor:
+        # Keras cannot trace call() with a symbolic ragged input; the output spec needs only the batch size.
+        return keras.KerasTensor((sp_ids.shape[0], self.emb_vec_size), dtype=self.emb_vec_dtype.name)
+
 
 def _writable(vectors: np.ndarray) -> np.ndarray:
     """Replies are read-only views of the received bytes; TensorFlow takes a writable array over faster than it

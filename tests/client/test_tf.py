@@ -48,7 +48,7 @@ def test_unknown_keys_get_the_table_default_vector(served: ServedModel, address:
 def test_float16_vectors_and_int32_ids(served: ServedModel, address: str) -> None:
     keys = served.truth["user"][0][:10]
     layer = hps.LookupLayer("ctr", USER, 16, tf.float16)
-    got = tf.function(layer)(tf.constant(keys.astype(np.int32) if np.all(np.abs(keys) < 2**31) else keys))
+    got = tf.function(layer)(tf.constant(keys.astype(np.int32)))  # sample keys fit in int32
     assert got.dtype == tf.float16
     np.testing.assert_array_equal(got.numpy(), served.expected("user", keys).astype(np.float16))
 
@@ -168,3 +168,15 @@ def test_keras_model_with_the_layers_predicts_saves_and_loads(
     layer = hps.SparseLookupLayer("ctr", ITEM, 8, tf.float16, address=address)
     clone = hps.SparseLookupLayer.from_config(layer.get_config())
     assert (clone.address, clone.table_id, clone.emb_vec_size, clone.emb_vec_dtype) == (address, ITEM, 8, tf.float16)
+
+
+@pytest.mark.parametrize("form", ["sparse", "ragged"])
+def test_sparse_lookup_layer_in_a_functional_model(served: ServedModel, address: str, form: str) -> None:
+    ids = _ragged_ids(served, [2, 1, 3], seed=9)
+    inputs = tf.keras.Input(shape=(None,), dtype="int64", **{form: True})
+    pooled = hps.SparseLookupLayer("ctr", ITEM, 8, tf.float32)(inputs, combiner="sum")
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(1, kernel_initializer="ones")(pooled))
+    assert model.output.shape == (None, 1)
+    expected = _pooled(served.expected("item", ids.values.numpy()), ids.row_splits.numpy(), "sum", np.ones(6)).sum(1)
+    got = model(ids.to_sparse() if form == "sparse" else ids)
+    np.testing.assert_allclose(got.numpy()[:, 0], expected, rtol=1e-5, atol=1e-5)
