@@ -63,9 +63,8 @@ class LookupLayer(torch.nn.Module):
         return _on_device_of(endpoint.shared_client(self.address).lookup(ref.model, ref.table, host_keys), keys)
 
     def extra_repr(self) -> str:
-        return f"address={self.address!r}, model_name={self.model_name!r}, table_id={self.table_id}, " + (
-            f"emb_vec_size={self.emb_vec_size}"
-        )
+        fields = {"address": self.address, "model_name": self.model_name, "table_id": self.table_id}
+        return ", ".join(f"{k}={v!r}" for k, v in fields.items()) + f", emb_vec_size={self.emb_vec_size}"
 
 
 class SparseLookupLayer(LookupLayer):
