@@ -1,4 +1,4 @@
-"""Runnable examples of hps workflows; each sub-package is one tutorial.
+"""Runnable examples of hps workflows: each module or sub-package is one tutorial.
 
 Examples import hps like a user would; nothing in hps imports them.
 """

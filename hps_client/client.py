@@ -116,11 +116,17 @@ class Client:
         *,
         combiner: Combiner = "mean",
         weights: object | None = None,
+        max_norm: float | None = None,
         dtype: Dtype = "float32",
         timeout: float | None = None,
     ) -> np.ndarray:
-        """One vector per sample: keys[row_splits[i]:row_splits[i+1]] reduced on the server."""
-        request = wire.lookup_request(model, [wire.table_query(table, keys, row_splits, weights, combiner)], dtype)
+        """One vector per sample: keys[row_splits[i]:row_splits[i+1]] reduced on the server.
+
+        `max_norm` clips each key's vector to that L2 norm before reducing (as tf.nn.embedding_lookup_sparse).
+        """
+        request = wire.lookup_request(
+            model, [wire.table_query(table, keys, row_splits, weights, combiner, max_norm)], dtype
+        )
         return _lookup_results(self._call(self._lookup, request, timeout))[0].vectors
 
     def upsert(self, model: str, table: str, keys: object, vectors: object, *, timeout: float | None = None) -> int:
@@ -192,10 +198,13 @@ class AsyncClient:
         *,
         combiner: Combiner = "mean",
         weights: object | None = None,
+        max_norm: float | None = None,
         dtype: Dtype = "float32",
         timeout: float | None = None,
     ) -> np.ndarray:
-        request = wire.lookup_request(model, [wire.table_query(table, keys, row_splits, weights, combiner)], dtype)
+        request = wire.lookup_request(
+            model, [wire.table_query(table, keys, row_splits, weights, combiner, max_norm)], dtype
+        )
         return _lookup_results(await self._call(self._lookup, request, timeout))[0].vectors
 
     async def upsert(

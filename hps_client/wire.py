@@ -39,8 +39,13 @@ def table_query(
     row_splits: object | None = None,
     weights: object | None = None,
     combiner: Combiner | None = None,
+    max_norm: float | None = None,
 ) -> hps_pb2.TableQuery:
     query = hps_pb2.TableQuery(table=table, keys=pack_keys(keys))
+    if max_norm is not None:
+        if not max_norm > 0:
+            raise ValueError(f"max_norm: must be > 0 (or None for no clipping), got {max_norm}")
+        query.max_norm = max_norm
     if combiner is not None or row_splits is not None:
         if combiner not in _COMBINERS or row_splits is None:
             raise ValueError(f"combiner: a ragged query needs row_splits and one of {sorted(_COMBINERS)}")

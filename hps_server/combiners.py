@@ -25,6 +25,16 @@ def check_row_splits(row_splits: np.ndarray, keys: int) -> None:
         raise ValueError("row_splits: offsets must not decrease")
 
 
+def clip_norms(vectors: np.ndarray, max_norm: float) -> np.ndarray:
+    """A copy of vectors with each row scaled down to at most `max_norm` L2 norm (tf.clip_by_norm per row)."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm: must be > 0, got {max_norm}")
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float32))
+    # Rows already within the bound keep their exact values (scale 1), as TensorFlow's clip does.
+    scale = max_norm / np.maximum(norms, np.float32(max_norm))
+    return (vectors * scale[:, None]).astype(np.float32, copy=False)
+
+
 def combine(
     vectors: np.ndarray, row_splits: np.ndarray, combiner: CombinerName, weights: np.ndarray | None = None
 ) -> np.ndarray:

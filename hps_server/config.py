@@ -371,9 +371,8 @@ def _persistent(raw: Any, base: Path, hps: bool) -> PersistentDbConfig:
     )
 
 
-_MODEL_KEYS = {
-    "name",
-    "tables",
+# Model options with the same name in our YAML and in a ps.json (_model_options reads them for both).
+_MODEL_OPTIONS = {
     "max_batch_size",
     "gpucache",
     "gpucacheper",
@@ -383,6 +382,7 @@ _MODEL_KEYS = {
     "answer_misses_with_default",
     "gpucache_dtype",
 }
+_MODEL_KEYS = {"name", "tables"} | _MODEL_OPTIONS
 _TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample"}
 
 
@@ -435,13 +435,7 @@ _HPS_MODEL_KEYS = {
     "embedding_vecsize_per_table",
     "default_value_for_each_table",
     "maxnum_catfeature_query_per_table_per_sample",
-    "max_batch_size",
-    "gpucache",
-    "gpucacheper",
-    "hit_rate_threshold",
-    "deployed_device_list",
-    "use_static_table",
-}
+} | _MODEL_OPTIONS
 _HPS_MODEL_EXTRAS = {
     "dense_file",
     "network_file",

@@ -6,18 +6,18 @@ answer requests itself and knows nothing of gRPC.
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hps_server import storage, transfer
+from hps_server import storage, transfer, warmup
 from hps_server.cache import EmbeddingCache
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
-from hps_server.storage.base import LevelUnavailableError, StorageLevel
+from hps_server.storage.base import StorageLevel
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,9 @@ class HostedModels:
         progress: bool = False,
         metrics: ServerMetrics | None = None,
     ) -> HostedModels:
-        """Opens the levels and prepares every model; a failure closes what was opened.
-
-        cache_factory defaults to placement.build_caches, warming L1 with initial_cache_rate of each table."""
-        if cache_factory is None:
-            cache_factory = functools.partial(build_caches, warm_rate=config.volatile_db.initial_cache_rate)
+        """Opens the levels and prepares every model (ingesting table files on first start); a failure
+        closes what was opened. cache_factory defaults to placement.build_caches. Warm-up is separate: warm()."""
+        cache_factory = cache_factory or build_caches
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
         sessions: dict[str, LookupSession] = {}
@@ -53,7 +51,7 @@ class HostedModels:
             levels = [level for level in (volatile, persistent) if level is not None]
             for model in config.models:
                 try:
-                    _prepare_tables(model, volatile, persistent, config.volatile_db.initial_cache_rate, progress)
+                    _prepare_tables(model, volatile, persistent, progress)
                     caches = cache_factory(model, levels)
                 except Exception:
                     if metrics is not None:
@@ -89,11 +87,21 @@ class HostedModels:
     def cache_occupancy(self) -> list[CacheOccupancy]:
         """Every L1 cache of every model, with the device it lives on."""
         return [
-            CacheOccupancy(name, table, str(device), cache.stats())
+            CacheOccupancy(name, table, str(getattr(cache, "device", "host")), cache.stats())
             for name, session in self.sessions.items()
             for table, caches in session.caches.items()
-            for device, cache in zip(session.model.deployed_device_list, caches, strict=False)
+            for cache in caches
         ]
+
+    def warm(self, stop: threading.Event) -> None:
+        """Copies initial_cache_rate of each table into the volatile level and L1 (see warmup.py)."""
+        warmup.warm(
+            list(self.sessions.values()),
+            self.volatile,
+            self.persistent,
+            self.config.volatile_db.initial_cache_rate,
+            stop,
+        )
 
     def close(self) -> None:
         for session in self.sessions.values():
@@ -104,13 +112,9 @@ class HostedModels:
 
 
 def _prepare_tables(
-    model: ModelConfig,
-    volatile: StorageLevel | None,
-    persistent: StorageLevel | None,
-    initial_cache_rate: float,
-    progress: bool,
+    model: ModelConfig, volatile: StorageLevel | None, persistent: StorageLevel | None, progress: bool
 ) -> None:
-    """Creates each table in the levels, ingests its source files on first start, then warms the volatile level."""
+    """Creates each table in the levels and ingests its source files on first start."""
     for table in model.tables:
         name = f"{model.name}.{table.name}"
         authoritative = persistent or volatile
@@ -125,23 +129,3 @@ def _prepare_tables(
         if volatile is not None and volatile is not authoritative:
             # Read-only volatile levels still need the table's dim to serve it (Redis: nothing is written).
             volatile.create_table(name, table.dim)
-            if initial_cache_rate > 0 and persistent is not None and not volatile.read_only:
-                _warm(volatile, persistent, name, initial_cache_rate)
-
-
-def _warm(volatile: StorageLevel, persistent: StorageLevel, table: str, rate: float) -> None:
-    """Copies the first `rate` fraction of the persistent rows into the volatile level."""
-    budget = int(persistent.size(table) * rate)
-    copied = 0
-    for keys, vectors in persistent.dump(table):
-        if copied >= budget:
-            break
-        take = min(len(keys), budget - copied)
-        try:
-            volatile.insert(table, keys[:take], vectors[:take])
-        except LevelUnavailableError as e:
-            # A cache that is down is no reason not to serve: lookups fall through until it is back.
-            log.warning("warming %s stopped after %d rows, %s unavailable: %s", table, copied, volatile.kind, e)
-            return
-        copied += take
-    log.info("warmed %s: %d rows in %s", table, copied, volatile.kind)

@@ -60,7 +60,9 @@ class HpsServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = 0
+        self.ready = threading.Event()
         self._stopped = threading.Event()
+        self._state = threading.Lock()  # orders the SERVING flip after warm-up against a stop
 
     def start(self) -> int:
         """Binds the configured address and starts serving; returns the bound port."""
@@ -68,21 +70,38 @@ class HpsServer:
         if not self.port:
             raise OSError(f"server.address: cannot bind {self.config.server.address}")
         self._grpc.start()
-        # Every model was loaded and its volatile level warmed in __init__: only now is the server ready.
-        for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics.set_ready(True)
-        log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
+        log.info("listening on port %d; warming up before reporting SERVING", self.port)
+        threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True).start()
         return self.port
+
+    def _warm_then_serve(self) -> None:
+        # Lookups are answered during warm-up (they fall through to the lower levels); readiness waits for it.
+        try:
+            self.models.warm(self._stopped)
+        except Exception:
+            log.exception("warm-up failed; serving with colder caches")
+        with self._state:
+            if self._stopped.is_set():
+                return
+            for name in ("", *SERVICE_NAMES):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.metrics.set_ready(True)
+            self.ready.set()
+        log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Blocks until warm-up is done and health reports SERVING; False on timeout."""
+        return self.ready.wait(timeout)
 
     def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within `grace` seconds, then closes the levels."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        with self._state:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+            self.health.enter_graceful_shutdown()
+            self.metrics.set_ready(False)
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
-        self.health.enter_graceful_shutdown()
-        self.metrics.set_ready(False)
         self._grpc.stop(grace).wait()
         self.models.close()
         if self._metrics_endpoint is not None:

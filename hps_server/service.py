@@ -15,7 +15,7 @@ import numpy as np
 
 from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_client.response_codec import LookupResult, encode_lookup_response
-from hps_server.combiners import CombinerName, check_row_splits, combine
+from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
 from hps_server.config import TableConfig
 from hps_server.models import HostedModels
 from hps_server.session import LookupSession
@@ -96,6 +96,8 @@ class Lookups:
             except LevelUnavailableError as e:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"table {table.name}: {e}") from None
             vectors = looked_up.vectors
+            if query.max_norm:
+                vectors = clip_norms(vectors, query.max_norm)
             if combiner is not None:
                 vectors = combine(vectors, row_splits, combiner, weights)
             results.append(LookupResult(query.table, vectors.astype(wire_dtype, copy=False), looked_up.found))
@@ -106,6 +108,8 @@ class Lookups:
     ) -> tuple[TableConfig, np.ndarray, np.ndarray, np.ndarray | None, CombinerName | None]:
         table = self.table(session, query.table)
         keys = decode_keys(query.keys, query.key_list, field)
+        if not query.max_norm >= 0:
+            raise _invalid(f"{field}.max_norm: must be >= 0 (0: no clipping), got {query.max_norm}")
         limit = session.model.max_keys(table)
         if len(keys) > limit:
             raise RequestError(

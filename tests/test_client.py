@@ -60,3 +60,22 @@ def test_bad_arguments_are_rejected_before_sending(served: ServedModel) -> None:
             client.lookup("ctr", "user", np.ones(3))
         with pytest.raises(ValueError, match="dtype"):
             client.lookup("ctr", "user", [1], dtype="int8")  # type: ignore[arg-type]
+
+
+def test_max_norm_clips_each_vector_before_the_combiner(served: ServedModel) -> None:
+    keys = served.truth["user"][0][:12]
+    weights = np.linspace(0.5, 2.0, 12, dtype=np.float32)
+    expected = served.expected("user", keys)
+    norms = np.linalg.norm(expected, axis=1, keepdims=True)
+    clipped = expected * (1.5 / np.maximum(norms, 1.5))
+    row_splits = [0, 5, 5, 12]
+    with Client(served.target) as client:
+        got = client.lookup_combined("ctr", "user", keys, row_splits, combiner="mean", weights=weights, max_norm=1.5)
+        with pytest.raises(ValueError, match="max_norm: must be > 0"):
+            client.lookup_combined("ctr", "user", keys, row_splits, max_norm=0.0)
+    want = [
+        (clipped[:5] * weights[:5, None]).sum(0) / weights[:5].sum(),
+        np.zeros(16),
+        (clipped[5:] * weights[5:, None]).sum(0) / weights[5:].sum(),
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

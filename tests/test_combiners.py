@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from hps_server.combiners import combine
+from hps_server.combiners import clip_norms, combine
 
 
 def _expected(vectors, row_splits, combiner, weights):
@@ -54,3 +54,18 @@ def test_all_empty_samples_give_zeros() -> None:
 def test_bad_row_splits(row_splits, message) -> None:
     with pytest.raises(ValueError, match=message):
         combine(np.zeros((2, 3), np.float32), np.array(row_splits, np.int64), "sum")
+
+
+def test_clip_norms_scales_long_rows_only() -> None:
+    vectors = np.array([[3, 4], [0.3, 0.4], [0, 0], [-6, 8]], np.float32)
+    got = clip_norms(vectors, 1.0)
+    np.testing.assert_allclose(got, [[0.6, 0.8], [0.3, 0.4], [0, 0], [-0.6, 0.8]], rtol=1e-6)
+    np.testing.assert_array_equal(got[1], vectors[1])  # within the bound: exact
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(vectors[0], [3, 4])  # the input is not modified
+
+
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("nan")])
+def test_clip_norms_refuses_a_bound_that_is_not_positive(max_norm) -> None:
+    with pytest.raises(ValueError, match="max_norm: must be > 0"):
+        clip_norms(np.ones((1, 2), np.float32), max_norm)

@@ -135,6 +135,12 @@ BAD_LOOKUPS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "3 weights for 2 keys",
     ),
+    "negative max_norm": (
+        _query(keys=b"\0" * 8, max_norm=-1.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "queries[0].max_norm: must be >= 0",
+    ),
+    "NaN max_norm": (_query(keys=b"\0" * 8, max_norm=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "max_norm"),
     "too many samples": (
         _query(keys=b"", row_splits=np.zeros(66, "<i8").tobytes(), combiner=hps_pb2.COMBINER_SUM),
         grpc.StatusCode.RESOURCE_EXHAUSTED,

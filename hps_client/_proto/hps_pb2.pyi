@@ -28,20 +28,22 @@ COMBINER_MEAN: Combiner
 COMBINER_SQRTN: Combiner
 
 class TableQuery(_message.Message):
-    __slots__ = ("table", "keys", "key_list", "row_splits", "weights", "combiner")
+    __slots__ = ("table", "keys", "key_list", "row_splits", "weights", "combiner", "max_norm")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     KEY_LIST_FIELD_NUMBER: _ClassVar[int]
     ROW_SPLITS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     COMBINER_FIELD_NUMBER: _ClassVar[int]
+    MAX_NORM_FIELD_NUMBER: _ClassVar[int]
     table: str
     keys: bytes
     key_list: _containers.RepeatedScalarFieldContainer[int]
     row_splits: bytes
     weights: bytes
     combiner: Combiner
-    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., key_list: _Optional[_Iterable[int]] = ..., row_splits: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., combiner: _Optional[_Union[Combiner, str]] = ...) -> None: ...
+    max_norm: float
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., key_list: _Optional[_Iterable[int]] = ..., row_splits: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., combiner: _Optional[_Union[Combiner, str]] = ..., max_norm: _Optional[float] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("model", "queries", "dtype", "request_id")

@@ -1,4 +1,4 @@
-"""Builds a model's L1 from its config: per table, one cache (or static table) per device, warmed at start.
+"""Builds a model's L1 from its config: per table, one cache (or static table) per device (warmup.py fills them).
 
 The CUDA implementation where CuPy sees every device in deployed_device_list, the NumPy reference
 otherwise. It reads the storage levels once, at start, and never serves lookups itself.
@@ -30,14 +30,11 @@ def gpus_available(devices: Sequence[int]) -> bool:
     return all(gpu.available(device) for device in devices)
 
 
-def build_caches(
-    model: ModelConfig, levels: Sequence[StorageLevel], warm_rate: float = 1.0
-) -> dict[str, list[EmbeddingCache]]:
+def build_caches(model: ModelConfig, levels: Sequence[StorageLevel]) -> dict[str, list[EmbeddingCache]]:
     """Per table, one L1 per device in deployed_device_list ({} when gpucache is off).
 
     Without GPUs there is one reference cache per table: splitting host memory between pretend
-    devices would only lower the hit rate. A cache is warmed with up to warm_rate of the table's
-    rows (never more than it holds) from the highest level that has any.
+    devices would only lower the hit rate. Static tables are loaded whole from the lowest level.
     """
     if not model.gpucache or not levels:
         return {}
@@ -55,15 +52,13 @@ def build_caches(
             continue
         capacity = _capacity(model, table, levels[-1].size(name))
         built = [_cache(capacity, table.dim, model.gpucache_dtype, device) for device in devices]
-        warmed = _warm(built, levels, name, int(levels[-1].size(name) * warm_rate))
         caches[table.name] = built
         log.info(
-            "model %s: L1 for %s holds %d rows on %s, warmed with %d",
+            "model %s: L1 for %s holds %d rows on %s",
             model.name,
             table.name,
             built[0].capacity,
             f"GPUs {list(model.deployed_device_list)}" if on_gpu else "the host",
-            warmed,
         )
     return caches
 
@@ -94,20 +89,3 @@ def _all_rows(level: StorageLevel, table: str, dim: int) -> tuple[np.ndarray, np
     if not chunks:
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     return np.concatenate([k for k, _ in chunks]), np.concatenate([v for _, v in chunks])
-
-
-def _warm(caches: list[EmbeddingCache], levels: Sequence[StorageLevel], table: str, budget: int) -> int:
-    """Copies up to `budget` rows (and no more than the caches hold) from the highest level that has rows."""
-    budget = min(budget, caches[0].capacity)
-    source = next((level for level in levels if level.size(table) > 0), None)
-    if source is None or budget <= 0:
-        return 0
-    copied = 0
-    for keys, vectors in source.dump(table):
-        take = min(len(keys), budget - copied)
-        for cache in caches:
-            cache.replace(keys[:take], vectors[:take])
-        copied += take
-        if copied >= budget:
-            break
-    return copied

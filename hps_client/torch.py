@@ -1,0 +1,119 @@
+"""PyTorch modules that look embeddings up in an hps server: HugeCTR HPS's Torch LookupLayer, and a pooled one.
+
+One Lookup RPC per forward; the result lands on the keys' device. Inference only: it holds no parameters and
+carries no gradient. Import it explicitly: `import hps_client` does not import torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hps_client import endpoint
+from hps_client.wire import Combiner
+
+
+def _check_keys(keys: torch.Tensor, field: str = "keys") -> np.ndarray:
+    if keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
+        raise TypeError(f"{field}: must be integers, got {keys.dtype}")
+    return keys.detach().to("cpu", torch.int64).numpy()
+
+
+def _on_device_of(vectors: np.ndarray, keys: torch.Tensor) -> torch.Tensor:
+    # The reply is a read-only view of the received bytes; torch wants memory it may write.
+    out = torch.from_numpy(np.array(vectors))
+    return out if keys.device.type == "cpu" else out.to(keys.device)
+
+
+class LookupLayer(torch.nn.Module):
+    """Dense lookup like `hps_torch.LookupLayer`: int64 keys of any shape -> keys.shape + (emb_vec_size,).
+
+    The server is `address` if given, else the one `ps_config_file` (HPS ps.json or hps YAML) implies.
+    `table_id` indexes the model's tables in the server's order. Keys no level holds get the table's
+    default vector. Output is float32.
+    """
+
+    def __init__(
+        self,
+        ps_config_file: str | Path | None = None,
+        model_name: str = "",
+        table_id: int = 0,
+        emb_vec_size: int = 0,
+        *,
+        address: str | None = None,
+    ) -> None:
+        super().__init__()
+        target = endpoint.resolve_address(ps_config_file, address)
+        if target is None:
+            raise ValueError("LookupLayer: give ps_config_file or address")
+        if not model_name:
+            raise ValueError("model_name: required")
+        if int(emb_vec_size) < 1:
+            raise ValueError(f"emb_vec_size: must be >= 1, got {emb_vec_size}")
+        self.address = target
+        self.model_name = model_name
+        self.table_id = int(table_id)
+        self.emb_vec_size = int(emb_vec_size)
+
+    def forward(self, keys: torch.Tensor) -> torch.Tensor:
+        host_keys = _check_keys(keys)
+        ref = endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size)
+        return _on_device_of(endpoint.shared_client(self.address).lookup(ref.model, ref.table, host_keys), keys)
+
+    def extra_repr(self) -> str:
+        fields = {"address": self.address, "model_name": self.model_name, "table_id": self.table_id}
+        return ", ".join(f"{k}={v!r}" for k, v in fields.items()) + f", emb_vec_size={self.emb_vec_size}"
+
+
+class SparseLookupLayer(LookupLayer):
+    """Pooled lookup like torch.nn.EmbeddingBag, reduced on the server: one vector per bag.
+
+    forward(keys, offsets=None, per_sample_weights=None): 1-D keys with `offsets` (where each bag starts, as
+    EmbeddingBag takes them), or 2-D keys with one bag per row. `combiner` is sum, mean or sqrtn; `max_norm`
+    clips each key's vector before pooling. Empty bags give zero vectors.
+    """
+
+    def __init__(
+        self,
+        ps_config_file: str | Path | None = None,
+        model_name: str = "",
+        table_id: int = 0,
+        emb_vec_size: int = 0,
+        *,
+        combiner: Combiner = "mean",
+        max_norm: float | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(ps_config_file, model_name, table_id, emb_vec_size, address=address)
+        if combiner not in ("sum", "mean", "sqrtn"):
+            raise ValueError(f"combiner: must be sum, mean or sqrtn, got {combiner!r}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm: must be > 0 (or None for no clipping), got {max_norm}")
+        self.combiner: Combiner = combiner
+        self.max_norm = max_norm
+
+    def forward(  # type: ignore[override]
+        self, keys: torch.Tensor, offsets: torch.Tensor | None = None, per_sample_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        host_keys = _check_keys(keys)
+        if host_keys.ndim == 2 and offsets is None:
+            bags, width = host_keys.shape
+            row_splits = np.arange(bags + 1, dtype=np.int64) * width
+        elif host_keys.ndim == 1 and offsets is not None:
+            row_splits = np.append(_check_keys(offsets, "offsets"), len(host_keys))
+        else:
+            raise ValueError(f"keys: give 1-D keys with offsets or 2-D keys without, got {host_keys.ndim}-D keys")
+        weights = None if per_sample_weights is None else per_sample_weights.detach().to("cpu", torch.float32).numpy()
+        ref = endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size)
+        vectors = endpoint.shared_client(self.address).lookup_combined(
+            ref.model,
+            ref.table,
+            host_keys,
+            row_splits,
+            combiner=self.combiner,
+            weights=weights,
+            max_norm=self.max_norm,
+        )
+        return _on_device_of(vectors, keys)

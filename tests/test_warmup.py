@@ -1,0 +1,79 @@
+"""Start-time warm-up over real levels: volatile and L1 filled to initial_cache_rate, readiness after it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hps_server import warmup
+from hps_server.cache.placement import build_caches
+from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig
+from hps_server.server import HpsServer
+from hps_server.session import LookupSession
+from hps_server.storage.hashmap import HashMapLevel
+from hps_server.storage.rocksdb import RocksDBLevel
+from tests.conftest import TABLE_SPECS, sample_config, write_sample_tables
+
+MODEL = ModelConfig(name="m", tables=(TableConfig(name="t", dim=4),), gpucacheper=0.1, max_batch_size=8)
+
+
+def _levels(tmp_path: Path, rows: int) -> tuple[HashMapLevel, RocksDBLevel]:
+    volatile = HashMapLevel()
+    persistent = RocksDBLevel.from_config(PersistentDbConfig(path=tmp_path / "db"))
+    for level in (volatile, persistent):
+        level.create_table("m.t", 4)
+    keys = np.arange(rows, dtype=np.int64)
+    persistent.insert("m.t", keys, np.repeat(keys[:, None], 4, axis=1).astype(np.float32))
+    return volatile, persistent
+
+
+def test_first_rows_stops_at_the_budget(tmp_path: Path) -> None:
+    _, persistent = _levels(tmp_path, 1000)
+    chunks = list(warmup.first_rows(persistent, "m.t", 150))
+    assert sum(len(k) for k, _ in chunks) == 150
+    assert list(warmup.first_rows(persistent, "m.t", 0)) == []
+    persistent.close()
+
+
+def test_warm_fills_the_volatile_level_and_l1_to_the_rate(tmp_path: Path) -> None:
+    volatile, persistent = _levels(tmp_path, 1000)
+    session = LookupSession(MODEL, [volatile, persistent], build_caches(MODEL, [volatile, persistent]))
+    warmup.warm([session], volatile, persistent, 0.5, threading.Event())
+    assert volatile.size("m.t") == 500
+    (cache,) = session.caches["t"]
+    keys, vectors, _ = cache.dump()
+    assert 0 < keys.size <= cache.capacity
+    assert volatile.contains("m.t", keys).all()  # L1 was filled from the volatile level, the highest with rows
+    np.testing.assert_array_equal(vectors, np.repeat(keys[:, None], 4, axis=1))
+    session.close()
+    persistent.close()
+
+
+def test_warm_stops_when_asked(tmp_path: Path) -> None:
+    volatile, persistent = _levels(tmp_path, 1000)
+    session = LookupSession(MODEL, [volatile, persistent])
+    stop = threading.Event()
+    stop.set()
+    warmup.warm([session], volatile, persistent, 1.0, stop)
+    assert volatile.size("m.t") == 0
+    persistent.close()
+
+
+def test_server_reports_serving_once_warm(tmp_path: Path) -> None:
+    write_sample_tables(tmp_path)
+    server = HpsServer(sample_config(tmp_path, initial_cache_rate=1.0))
+    port = server.start()
+    try:
+        assert server.wait_ready(timeout=60)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert server.models.volatile is not None
+        for table, (rows, _, _) in TABLE_SPECS.items():
+            assert server.models.volatile.size(f"ctr.{table}") == rows
+    finally:
+        server.stop(grace=1)
