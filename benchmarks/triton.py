@@ -180,7 +180,7 @@ def _measure(
         def call() -> np.ndarray:
             results = client.lookup_tables(MODEL, keys_by_table, dtype=reply_dtype)  # type: ignore[arg-type]
             vectors = np.stack([results[n].vectors for n in names], axis=1).astype(np.float32, copy=False)
-            return forward(dense, vectors)
+            return forward(dense, vectors, keys)
 
         return call
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
-from examples.triton_ensemble.dlrm import Clicks
+from examples.clicks import HISTORY_LENGTH, ONE_HOT, Clicks
 from examples.triton_ensemble.repository import ENSEMBLE
+
+# Per sample: one id for each one-hot table, then the history padded with -1 to HISTORY_LENGTH ids.
+NUMKEYS = [1] * len(ONE_HOT) + [HISTORY_LENGTH]
 
 
 def inputs(clicks: Clicks) -> list[triton_grpc.InferInput]:
-    keys = np.ascontiguousarray(clicks.keys, dtype=np.int64)
-    numkeys = np.ones(keys.shape, dtype=np.int32)  # one key per table per sample
+    keys = np.ascontiguousarray(np.concatenate([clicks.ids, clicks.history], axis=1), dtype=np.int64)
+    numkeys = np.tile(np.array([NUMKEYS], np.int32), (len(keys), 1))
     tensors = []
     for name, array, datatype in (
         ("KEYS", keys, "INT64"),
@@ -27,10 +30,9 @@ def inputs(clicks: Clicks) -> list[triton_grpc.InferInput]:
     return tensors
 
 
-def predict(client: triton_grpc.InferenceServerClient, clicks: Clicks, batch_size: int = 1024) -> np.ndarray:
+def predict(client: triton_grpc.InferenceServerClient, clicks: Clicks, batch_size: int = 512) -> np.ndarray:
     """Click probabilities (n,), asked batch_size samples per request."""
     parts = []
-    for start in range(0, len(clicks.labels), batch_size):
-        batch = Clicks(*(a[start : start + batch_size] for a in (clicks.dense, clicks.keys, clicks.labels)))
-        parts.append(client.infer(ENSEMBLE, inputs(batch)).as_numpy("PREDICTION")[:, 0])
-    return np.concatenate(parts)
+    for start in range(0, len(clicks), batch_size):
+        parts.append(client.infer(ENSEMBLE, inputs(clicks.batch(start, start + batch_size))).as_numpy("PREDICTION"))
+    return np.concatenate(parts)[:, 0]

@@ -20,7 +20,8 @@ backend: "python"
 max_batch_size: {max_batch_size}
 input [
   {{ name: "DENSE" data_type: TYPE_FP32 dims: [ {dense_features} ] }},
-  {{ name: "EMBEDDINGS" data_type: TYPE_FP32 dims: [ -1 ] }}
+  {{ name: "EMBEDDINGS" data_type: TYPE_FP32 dims: [ -1 ] }},
+  {{ name: "KEYS" data_type: TYPE_INT64 dims: [ -1 ] }}
 ]
 output [ {{ name: "PREDICTION" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
@@ -51,6 +52,7 @@ ensemble_scheduling {{
       model_version: -1
       input_map {{ key: "DENSE" value: "DENSE" }}
       input_map {{ key: "EMBEDDINGS" value: "embeddings" }}
+      input_map {{ key: "KEYS" value: "KEYS" }}
       output_map {{ key: "PREDICTION" value: "PREDICTION" }}
     }}
   ]
@@ -66,7 +68,7 @@ def write_repository(
     hps_model: str,
     tables: Sequence[str],
     dense_features: int,
-    max_batch_size: int = 8192,
+    max_batch_size: int = 1024,
     queue_delay_us: int = 100,
     instances: int = 1,
     reply_dtype: str = "float32",
