@@ -36,6 +36,14 @@ def triton(
         queue_delay_us=20_000,
     )
     write_lookup_model(repository, name="user_only", hps_address=served.target, hps_model="ctr", tables=["user"])
+    write_lookup_model(
+        repository,
+        name="fp16",
+        hps_address=served.target,
+        hps_model="ctr",
+        tables=["user", "item"],
+        reply_dtype="float16",
+    )
     with running(triton_environment, repository) as endpoint:
         yield endpoint
 
@@ -69,6 +77,16 @@ def test_vectors_come_back_in_key_order(served: ServedModel, triton: TritonEndpo
         output = client.infer(MODEL, _inputs(keys, numkeys)).as_numpy("OUTPUT0")
     assert output.dtype == np.float32
     np.testing.assert_array_equal(output, expected)
+
+
+def test_float16_replies_come_back_as_float32_of_the_rounded_vectors(
+    served: ServedModel, triton: TritonEndpoint
+) -> None:
+    keys, numkeys, expected = _sample(served, 8, seed=3)
+    with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
+        output = client.infer("fp16", _inputs(keys, numkeys)).as_numpy("OUTPUT0")
+    assert output.dtype == np.float32
+    np.testing.assert_array_equal(output, expected.astype(np.float16).astype(np.float32))
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(
