@@ -22,6 +22,7 @@ BENCHMARKS = {
     "memory": "benchmarks.memory",
     "cache": "benchmarks.cache",
     "redis": "benchmarks.redis",
+    "layers": "benchmarks.layers",
 }
 
 

@@ -283,7 +283,7 @@ class HashMapLevel(StorageLevel):
             found = row >= 0
             # One gather for every key (misses read row 0, which always exists), then misses are zeroed:
             # cheaper than masked copies when most keys hit.
-            out = t.vectors[np.where(found, row, 0)]
+            out = np.take(t.vectors, np.where(found, row, 0), axis=0)
             hits = row[found]
             if hits.size:
                 t.stamps[hits] = t.tick()
