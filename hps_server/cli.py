@@ -23,6 +23,7 @@ BENCHMARKS = {
     "cache": "benchmarks.cache",
     "redis": "benchmarks.redis",
     "layers": "benchmarks.layers",
+    "triton": "benchmarks.triton",
 }
 
 
