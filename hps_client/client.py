@@ -20,6 +20,7 @@ from hps_client.wire import Combiner, Dtype
 
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE_MB = 256
+MAX_RECONNECT_BACKOFF_MS = 5000
 LOOKUP_METHOD = "/hps.v1.LookupService/Lookup"
 
 
@@ -45,7 +46,13 @@ class ModelInfo:
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
     size = max_message_mb * 1024 * 1024
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        # gRPC's default backoff grows to 120 s: after a long outage a client would keep failing that
+        # long after the server is back. Serving clients should find it again within seconds.
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
 
 
 def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
