@@ -57,11 +57,11 @@ def _cases(scale: float) -> list[Case]:
     ]
 
 
-def _make_model(directory: Path, port: int) -> tuple[Path, dict[str, np.ndarray]]:
+def _make_model(directory: Path, port: int, rows: int) -> tuple[Path, dict[str, np.ndarray]]:
     """Writes the tables and a config serving them; returns the config path and each table's keys."""
     rng = np.random.default_rng(7)
-    specs = {"d128": (100_000, 128, 26), "d16": (100_000, 16, 26)}
-    specs |= {f"t{i:02d}": (4_000, 128, 1) for i in range(WIDE_TABLES)}
+    specs = {"d128": (rows, 128, 26), "d16": (rows, 16, 26)}
+    specs |= {f"t{i:02d}": (max(1, rows // 25), 128, 1) for i in range(WIDE_TABLES)}
     key_sets = {}
     for name, (rows, dim, _) in specs.items():
         keys = key_sets[name] = rng.permutation(rows * 4)[:rows].astype(np.int64)
@@ -164,10 +164,10 @@ def _measure(
     }
 
 
-def run(scale: float = 1.0) -> list[dict[str, float | str | int]]:
+def run(scale: float = 1.0, rows: int = 100_000) -> list[dict[str, float | str | int]]:
     with tempfile.TemporaryDirectory(prefix="hps-bench-") as tmp:
         port = servers.free_port()
-        config, key_sets = _make_model(Path(tmp), port)
+        config, key_sets = _make_model(Path(tmp), port, rows)
         rng = np.random.default_rng(11)
         with (
             servers.hps_server(config, port) as target,
@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hps bench lookup", description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of requests")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows of each large table")
     args = parser.parse_args(argv)
-    rows = run(args.scale)
+    rows = run(args.scale, args.rows)
     a, b = rows[0], rows[1]
     report.emit(
         f"Lookup RPC vs raw gRPC echo of the same sizes (throughput: {CLIENT_THREADS} client threads; "

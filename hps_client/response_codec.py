@@ -15,7 +15,8 @@ import numpy as np
 
 from hps_client._proto import hps_pb2
 
-_WIRE_NUMPY: dict[int, np.dtype] = {
+# NumPy element type of each VectorDtype (UNSPECIFIED means float32).
+WIRE_NUMPY: dict[int, np.dtype] = {
     hps_pb2.VECTOR_DTYPE_UNSPECIFIED: np.dtype("<f4"),
     hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"),
     hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2"),
@@ -143,7 +144,7 @@ def _table_result(data: bytes, start: int, end: int) -> LookupResult:
                 dim = value
             elif field == 5:
                 dtype = value
-    wire_dtype = _WIRE_NUMPY.get(dtype)
+    wire_dtype = WIRE_NUMPY.get(dtype)
     if wire_dtype is None:
         raise ValueError(f"LookupResponse: unknown vector dtype {dtype}")
     if vectors_at[1] != rows * dim * wire_dtype.itemsize:

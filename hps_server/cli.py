@@ -95,7 +95,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHMARKS[args.what])
-    return int(module.main(args.bench_args + (["--json"] if args.json else [])) or 0)
+    return int(module.main(args.bench_args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="run a benchmark (results as ratios to a same-run baseline)")
     bench.add_argument("what", choices=sorted(BENCHMARKS))
-    bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    bench.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="options for the benchmark (every one takes --json and --help)"
+    )
     bench.set_defaults(run=_bench)
     return parser
 

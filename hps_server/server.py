@@ -61,6 +61,7 @@ class HpsServer:
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = 0
         self.ready = threading.Event()
+        self._warming: threading.Thread | None = None
         self._stopped = threading.Event()
         self._state = threading.Lock()  # orders the SERVING flip after warm-up against a stop
 
@@ -71,7 +72,8 @@ class HpsServer:
             raise OSError(f"server.address: cannot bind {self.config.server.address}")
         self._grpc.start()
         log.info("listening on port %d; warming up before reporting SERVING", self.port)
-        threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True).start()
+        self._warming = threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True)
+        self._warming.start()
         return self.port
 
     def _warm_then_serve(self) -> None:
@@ -103,6 +105,8 @@ class HpsServer:
             self.metrics.set_ready(False)
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
+        if self._warming is not None:
+            self._warming.join()  # it sees the stop between chunks; the levels must outlive it
         self.models.close()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()

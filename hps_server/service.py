@@ -7,6 +7,7 @@ directly, and the hot path is a few NumPy calls per table, never per key.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
@@ -14,7 +15,7 @@ import grpc
 import numpy as np
 
 from hps_client._proto import hps_pb2, hps_pb2_grpc
-from hps_client.response_codec import LookupResult, encode_lookup_response
+from hps_client.response_codec import WIRE_NUMPY, LookupResult, encode_lookup_response
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
 from hps_server.config import TableConfig
 from hps_server.models import HostedModels
@@ -23,11 +24,6 @@ from hps_server.storage.base import LevelUnavailableError, StorageError
 
 log = logging.getLogger(__name__)
 
-_WIRE_DTYPES: dict[int, np.dtype] = {
-    hps_pb2.VECTOR_DTYPE_UNSPECIFIED: np.dtype("<f4"),
-    hps_pb2.VECTOR_DTYPE_FLOAT32: np.dtype("<f4"),
-    hps_pb2.VECTOR_DTYPE_FLOAT16: np.dtype("<f2"),
-}
 _COMBINERS: dict[int, CombinerName] = {
     hps_pb2.COMBINER_SUM: "sum",
     hps_pb2.COMBINER_MEAN: "mean",
@@ -84,17 +80,14 @@ class Lookups:
     def answer(self, request: hps_pb2.LookupRequest) -> bytes:
         """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply)."""
         session = self.session(request.model)
-        wire_dtype = _WIRE_DTYPES.get(request.dtype)
+        wire_dtype = WIRE_NUMPY.get(request.dtype)
         if wire_dtype is None:
             raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
         # Decode and check every query before any lookup, so a bad request costs no level work.
         decoded = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
         results = []
         for (table, keys, row_splits, weights, combiner), query in zip(decoded, request.queries, strict=True):
-            try:
-                looked_up = session.lookup(table.name, keys)
-            except LevelUnavailableError as e:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"table {table.name}: {e}") from None
+            looked_up = session.lookup(table.name, keys)
             vectors = looked_up.vectors
             if query.max_norm:
                 vectors = clip_norms(vectors, query.max_norm)
@@ -108,8 +101,8 @@ class Lookups:
     ) -> tuple[TableConfig, np.ndarray, np.ndarray, np.ndarray | None, CombinerName | None]:
         table = self.table(session, query.table)
         keys = decode_keys(query.keys, query.key_list, field)
-        if not query.max_norm >= 0:
-            raise _invalid(f"{field}.max_norm: must be >= 0 (0: no clipping), got {query.max_norm}")
+        if not 0 <= query.max_norm < math.inf:
+            raise _invalid(f"{field}.max_norm: must be finite and >= 0 (0: no clipping), got {query.max_norm}")
         limit = session.model.max_keys(table)
         if len(keys) > limit:
             raise RequestError(
@@ -156,6 +149,9 @@ def _guarded(context: grpc.ServicerContext, call: str, work):  # type: ignore[no
         _abort(context, e)
     except ValueError as e:
         _abort(context, _invalid(str(e)))
+    except LevelUnavailableError as e:
+        # The level a reply cannot do without is down: the call is safe to retry.
+        _abort(context, RequestError(grpc.StatusCode.UNAVAILABLE, str(e)))
     except StorageError as e:
         log.exception("%s failed in a storage level", call)
         _abort(context, RequestError(grpc.StatusCode.INTERNAL, f"storage error: {e}"))

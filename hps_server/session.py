@@ -6,11 +6,12 @@ over keys in Python: every level is asked once per table per request for all the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from hps_server.cache import CacheStats, EmbeddingCache
 from hps_server.cache.background import BackgroundFill
 from hps_server.config import ModelConfig, TableConfig
 from hps_server.metrics import LevelFetch, ServerMetrics
-from hps_server.storage.base import LevelUnavailableError, StorageLevel, as_keys, as_vectors
+from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,11 @@ class LookupSession:
         self._last_warning: dict[str, float] = {}
         # L1 inserts above hit_rate_threshold run here, off the reply's path.
         self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.caches else None
-        # Bumped by every upsert/delete of a table: a fill whose rows were fetched before it is dropped,
-        # so L1 never takes a row older than one written since. _l1_writes makes check+insert atomic.
-        self._epochs = dict.fromkeys(self.caches, 0)
-        self._l1_writes = threading.Lock()
+        # Bumped by every upsert/delete of a table: a write-back (into L2 or L1) of rows fetched before
+        # it is dropped, so no level above takes a row older than one written since. A table's lock
+        # makes check+insert atomic against the upsert/delete that bumps it.
+        self._epochs = {table.name: 0 for table in model.tables}
+        self._table_locks = {table.name: threading.Lock() for table in model.tables}
 
     @property
     def name(self) -> str:
@@ -185,7 +187,8 @@ class LookupSession:
                 self._count(table.name, answered, unavailable)
                 self._report(table.name, len(keys), fetches)
             raise LevelUnavailableError(
-                f"{len(missing)} keys missed every reachable level and the {self.levels[-1].kind} level is unavailable"
+                f"table {table.name}: {len(missing)} keys missed every reachable level and the "
+                f"{self.levels[-1].kind} level is unavailable"
             )
         if len(missing):
             vectors[missing] = table.default_value
@@ -238,9 +241,12 @@ class LookupSession:
                 if level.read_only:
                     continue
                 try:
-                    level.insert(self.qualified(table), keys[positions], vectors[positions])
-                except LevelUnavailableError as e:
-                    # The lower level stays the source of truth; the row is simply fetched again later.
+                    with self._table_locks[table.name]:
+                        if self._epochs[table.name] != epoch:
+                            return  # an upsert/delete came after these rows were read: they are stale
+                        level.insert(self.qualified(table), keys[positions], vectors[positions])
+                except StorageError as e:
+                    # Best effort: the lower level stays the source of truth, the row is fetched again later.
                     self._warn_unavailable(level.kind, f"write-back of {table.name} skipped", e)
                     if self.metrics is not None:
                         self.metrics.record_level_failure(level.kind, "insert")
@@ -265,7 +271,7 @@ class LookupSession:
         self, table: str, cache: EmbeddingCache, keys: np.ndarray, vectors: np.ndarray, background: bool, epoch: int
     ) -> None:
         def fill() -> None:
-            with self._l1_writes:
+            with self._table_locks[table]:
                 if self._epochs[table] == epoch:
                     cache.replace(keys, vectors)
 
@@ -294,10 +300,10 @@ class LookupSession:
         keys = as_keys(keys)
         vectors = as_vectors(vectors, len(keys), table.dim)
         self._require_writable()
-        for level in reversed(self.levels):
-            if not level.read_only:
-                level.insert(self.qualified(table), keys, vectors)
-        self._refresh_l1(table.name, lambda cache: cache.update(keys, vectors))
+        with self._writing(table.name, lambda cache: cache.update(keys, vectors)):
+            for level in reversed(self.levels):
+                if not level.read_only:
+                    level.insert(self.qualified(table), keys, vectors)
         return len(keys)
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
@@ -306,19 +312,24 @@ class LookupSession:
         keys = np.unique(as_keys(keys))
         self._require_writable()
         present = np.zeros(len(keys), dtype=bool)
-        for level in reversed(self.levels):
-            if not level.read_only:
-                present |= level.contains(self.qualified(table), keys)
-                level.evict(self.qualified(table), keys)
-        self._refresh_l1(table.name, lambda cache: cache.invalidate(keys))
+        with self._writing(table.name, lambda cache: cache.invalidate(keys)):
+            for level in reversed(self.levels):
+                if not level.read_only:
+                    present |= level.contains(self.qualified(table), keys)
+                    level.evict(self.qualified(table), keys)
         return int(np.count_nonzero(present))
 
-    def _refresh_l1(self, table: str, change: Callable[[EmbeddingCache], None]) -> None:
-        with self._l1_writes:
-            if table in self._epochs:
-                self._epochs[table] += 1
-            for cache in self.caches.get(table, ()):
-                change(cache)
+    @contextlib.contextmanager
+    def _writing(self, table: str, refresh_l1: Callable[[EmbeddingCache], None]) -> Iterator[None]:
+        """Holds the table against write-backs while the levels are written; L1 is refreshed even when
+        a level fails part-way, since the levels below it may already hold the new rows."""
+        with self._table_locks[table]:
+            self._epochs[table] += 1
+            try:
+                yield
+            finally:
+                for cache in self.caches.get(table, ()):
+                    refresh_l1(cache)
 
     def _require_writable(self) -> None:
         if not any(not level.read_only for level in self.levels):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,36 +15,23 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.servers import free_port, wait_serving
 from hps_client._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import TABLE_SPECS, write_sample_tables
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise TimeoutError(target)
+def _draining(channel: grpc.Channel) -> bool:
+    """Whether the server has started its drain: health says NOT_SERVING, or new calls are refused."""
+    try:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    except grpc.RpcError:
+        return True
+    return status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_ps_json_is_served_directly_and_sigterm_drains(tmp_path: Path) -> None:
     truth = write_sample_tables(tmp_path)
-    port = _free_port()
+    port = free_port()
     ps = {
         "supportlonglong": True,
         "server": {"address": f"127.0.0.1:{port}", "shutdown_grace_seconds": 5},
@@ -66,14 +52,15 @@ def test_ps_json_is_served_directly_and_sigterm_drains(tmp_path: Path) -> None:
     }
     config = tmp_path / "ps.json"
     config.write_text(json.dumps(ps))
+    log = tmp_path / "serve.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "hps_server.cli", "serve", "--config", str(config)], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "hps_server.cli", "serve", "--config", str(config)], stderr=log.open("w")
     )
     target = f"127.0.0.1:{port}"
     keys, vectors = truth["user"]
     request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys[:64].tobytes())])
     try:
-        _wait_serving(target, process)
+        wait_serving(target, process)
         with grpc.insecure_channel(target) as channel:
             # A stream opened before SIGTERM is a call in flight: it must go on being answered while the
             # server drains, and end normally when the client closes it.
@@ -82,7 +69,10 @@ def test_ps_json_is_served_directly_and_sigterm_drains(tmp_path: Path) -> None:
             outgoing.put(request)
             first = next(replies)
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while not _draining(channel):
+                assert time.monotonic() < deadline, "no drain after SIGTERM"
+                time.sleep(0.05)
             outgoing.put(request)
             during_drain = next(replies)
             outgoing.put(None)
@@ -98,4 +88,4 @@ def test_ps_json_is_served_directly_and_sigterm_drains(tmp_path: Path) -> None:
     for reply in (first, during_drain):
         got = np.frombuffer(reply.results[0].vectors, "<f4").reshape(64, -1)
         np.testing.assert_array_equal(got, vectors[:64])
-    assert "draining" in process.stderr.read()
+    assert "draining" in log.read_text()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -215,7 +215,7 @@ def test_upsert_then_delete_reach_every_level(served: ServedModel) -> None:
 def test_eight_concurrent_clients_get_exactly_the_stored_vectors(served: ServedModel) -> None:
     failures: list[str] = []
 
-    def worker(seed: int) -> None:
+    def worker(seed: int) -> int:
         with Client(served.target) as client:
             for i in range(40):
                 table = ("user", "item")[i % 2]
@@ -223,12 +223,11 @@ def test_eight_concurrent_clients_get_exactly_the_stored_vectors(served: ServedM
                 got = client.lookup("ctr", table, keys)
                 if not np.array_equal(got, served.expected(table, keys)):
                     failures.append(f"thread {seed} request {i}")
+        return 40
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answered = [future.result() for future in [pool.submit(worker, seed) for seed in range(8)]]
+    assert answered == [40] * 8  # .result() re-raises any error a thread hit
     assert failures == []
 
 

@@ -169,3 +169,42 @@ def test_upserts_and_deletes_reach_l1_and_a_fill_fetched_before_them_is_dropped(
     session.delete("t", keys[1:])
     assert cache.dump()[0].tolist() == [1]
     session.close()
+
+
+class _PausingRocksDB(RocksDBLevel):
+    """Real RocksDB whose fetch waits after reading, so a test can interleave an upsert with a lookup."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fetched = threading.Event()
+        self.resume = threading.Event()
+
+    def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = super().fetch(table, keys)
+        self.fetched.set()
+        self.resume.wait(timeout=10)
+        return result
+
+
+def test_a_lookup_never_writes_back_rows_older_than_an_upsert(tmp_path: Path) -> None:
+    volatile = HashMapLevel()
+    persistent = _PausingRocksDB(tmp_path / "db")
+    for level in (volatile, persistent):
+        level.create_table("m.t", DIM)
+    key = np.array([42], np.int64)
+    old, new = _rows(key), _rows(key) + 100
+    persistent.insert("m.t", key, old)
+    session = LookupSession(MODEL, [volatile, persistent])
+
+    looked_up: list[np.ndarray] = []
+    reader = threading.Thread(target=lambda: looked_up.append(session.lookup("t", key).vectors))
+    reader.start()
+    assert persistent.fetched.wait(timeout=10)  # the lookup has read the old row from RocksDB
+    session.upsert("t", key, new)
+    persistent.resume.set()  # now the lookup goes on to its write-back
+    reader.join()
+
+    np.testing.assert_array_equal(looked_up[0], old)  # the reply may carry what was read...
+    np.testing.assert_array_equal(volatile.fetch("m.t", key)[0], new)  # ...but the hash map keeps the upsert
+    np.testing.assert_array_equal(session.lookup("t", key).vectors, new)
+    persistent.close()

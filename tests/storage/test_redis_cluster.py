@@ -487,16 +487,13 @@ def test_whole_cluster_down_fails_fast_and_recovers(disposable_redis_cluster: Re
     keys = np.arange(100, dtype=np.int64)
     lvl.insert(table, keys, rows(keys))
     cluster.stop_all()
-    started = time.monotonic()
     with pytest.raises(LevelUnavailableError):
         lvl.fetch(table, keys)
-    assert time.monotonic() - started < 1.0
-    started = time.monotonic()
-    for _ in range(100):  # while down, calls fail without waiting on the network
+    assert lvl.failures == 1 and not lvl.available
+    for _ in range(100):  # while down, calls fail at once: none goes to the network (no new failure)
         with pytest.raises(LevelUnavailableError):
             lvl.fetch(table, keys)
-    assert time.monotonic() - started < 0.5
-    assert lvl.failures >= 1 and not lvl.available
+    assert lvl.failures == 1
     cluster.start_all()
     _wait_until_serving(lvl, table, keys)  # the same level object, never recreated
     assert lvl.available
@@ -513,10 +510,8 @@ def test_a_paused_node_costs_one_timeout_then_recovers(disposable_redis_cluster:
     port = cluster.masters_ports()[0]
     cluster.pause_node(port)
     try:
-        started = time.monotonic()
         with pytest.raises(LevelUnavailableError):
             lvl.fetch(table, keys)
-        assert time.monotonic() - started < 0.2 * 3
         assert lvl.failures == 1
     finally:
         cluster.resume_node(port)
