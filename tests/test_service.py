@@ -138,7 +138,12 @@ BAD_LOOKUPS = {
     "negative max_norm": (
         _query(keys=b"\0" * 8, max_norm=-1.0),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "queries[0].max_norm: must be >= 0",
+        "queries[0].max_norm: must be finite and >= 0",
+    ),
+    "infinite max_norm": (
+        _query(keys=b"\0" * 8, max_norm=float("inf")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "queries[0].max_norm: must be finite and >= 0",
     ),
     "NaN max_norm": (_query(keys=b"\0" * 8, max_norm=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "max_norm"),
     "too many samples": (
