@@ -22,10 +22,9 @@ from hps_server.cache.layout import (
     Geometry,
     check_dim,
     check_dtype,
-    check_keys,
-    check_vectors,
     last_occurrences,
 )
+from hps_server.storage.base import as_keys, as_vectors
 
 _SOURCE = Path(__file__).with_name("kernels") / "cache.cu"
 _THREADS = 256
@@ -109,7 +108,7 @@ class _OnDevice:
         return CacheStats(hits=hits, misses=queried - hits, rows=held, capacity=capacity)
 
     def _host_query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         n = keys.size
         if not n:
             return np.zeros((0, self.dim), np.float32), np.zeros(0, bool), np.zeros(0, np.int64)
@@ -129,8 +128,8 @@ class _OnDevice:
         return vectors, hit, np.flatnonzero(~hit)
 
     def _host_write(self, keys: np.ndarray, vectors: np.ndarray, op: str) -> None:
-        keys = check_keys(keys)
-        vectors = check_vectors(vectors, keys.size, self.dim)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, keys.size, self.dim)
         if not keys.size:
             return
         staged_keys, staged_vectors = _to_pinned(keys), _to_pinned(vectors)
@@ -144,7 +143,7 @@ class _OnDevice:
         done.synchronize()
 
     def _host_invalidate(self, keys: np.ndarray) -> None:
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         if not keys.size:
             return
         staged = _to_pinned(keys)
@@ -332,12 +331,12 @@ class GpuStaticTable(_OnDevice):
 
     def __init__(self, keys: np.ndarray, vectors: np.ndarray, *, dtype: str = "float32", device: int = 0) -> None:
         super().__init__(device)
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         array = np.asarray(vectors)
         if array.ndim != 2 or array.shape[1] < 1:
             raise ValueError(f"vectors: must be a 2-D array [rows, dim], got shape {array.shape}")
         self.dim = check_dim(array.shape[1])
-        vectors = check_vectors(array, keys.size, self.dim)
+        vectors = as_vectors(array, keys.size, self.dim)
         self.dtype = check_dtype(dtype)
         self._suffix = "f32" if self.dtype == np.float32 else "f16"
         distinct, last = last_occurrences(keys)

@@ -69,28 +69,6 @@ def check_dtype(dtype: str) -> np.dtype:
     return np.dtype(str(dtype))
 
 
-def check_keys(keys: object) -> np.ndarray:
-    """keys as a 1-D int64 array; a clear ValueError otherwise."""
-    array = np.asarray(keys)
-    if array.ndim != 1:
-        raise ValueError(f"keys: must be a 1-D array, got shape {array.shape}")
-    if array.size and array.dtype.kind not in "iu":
-        raise ValueError(f"keys: must be integers, got dtype {array.dtype}")
-    if array.dtype == np.uint64 and array.size and int(array.max()) >= 2**63:
-        raise ValueError("keys: uint64 values above 2**63 - 1 do not fit int64")
-    return array.astype(np.int64, copy=False)
-
-
-def check_vectors(vectors: object, rows: int, dim: int) -> np.ndarray:
-    """vectors as a float32 [rows, dim] array; a clear ValueError otherwise."""
-    array = np.asarray(vectors)
-    if array.shape != (rows, dim):
-        raise ValueError(f"vectors: must have shape ({rows}, {dim}) to match keys and dim, got {array.shape}")
-    if array.size and array.dtype.kind not in "fiu":
-        raise ValueError(f"vectors: must be numbers, got dtype {array.dtype}")
-    return array.astype(np.float32, copy=False)
-
-
 def last_occurrences(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct keys ascending, index of each one's last occurrence): a repeated key's last row wins."""
     distinct, first_from_end = np.unique(keys[::-1], return_index=True)

@@ -30,12 +30,11 @@ from hps_server.cache.layout import (
     Geometry,
     check_dim,
     check_dtype,
-    check_keys,
-    check_vectors,
     last_occurrences,
     mix,
     set_of,
 )
+from hps_server.storage.base import as_keys, as_vectors
 
 
 class ReferenceEmbeddingCache:
@@ -63,7 +62,7 @@ class ReferenceEmbeddingCache:
 
     def query_misses(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(vectors float32[n, dim] with zero rows for misses, hit bool[n], indices of the misses int64)."""
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         vectors = np.zeros((keys.size, self.dim), np.float32)
         if not keys.size:
             return vectors, np.zeros(0, bool), np.zeros(0, np.int64)
@@ -90,8 +89,8 @@ class ReferenceEmbeddingCache:
     # ------------------------------------------------------------ writes
 
     def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        keys = check_keys(keys)
-        vectors = check_vectors(vectors, keys.size, self.dim)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, keys.size, self.dim)
         if not keys.size:
             return
         distinct, last = last_occurrences(keys)
@@ -126,8 +125,8 @@ class ReferenceEmbeddingCache:
         self._rows[sets[keep] * ways + way] = rows[keep]
 
     def update(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        keys = check_keys(keys)
-        vectors = check_vectors(vectors, keys.size, self.dim)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, keys.size, self.dim)
         if not keys.size:
             return
         distinct, last = last_occurrences(keys)
@@ -137,7 +136,7 @@ class ReferenceEmbeddingCache:
             self._rows[slots[present]] = vectors[last[present]]
 
     def invalidate(self, keys: np.ndarray) -> None:
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         if not keys.size:
             return
         with self._lock:
@@ -168,12 +167,12 @@ class ReferenceStaticTable:
     """
 
     def __init__(self, keys: np.ndarray, vectors: np.ndarray, *, dtype: str = "float32") -> None:
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         array = np.asarray(vectors)
         if array.ndim != 2 or array.shape[1] < 1:
             raise ValueError(f"vectors: must be a 2-D array [rows, dim], got shape {array.shape}")
         self.dim = check_dim(array.shape[1])
-        vectors = check_vectors(array, keys.size, self.dim)
+        vectors = as_vectors(array, keys.size, self.dim)
         self.dtype = check_dtype(dtype)
         self._keys, last = last_occurrences(keys)
         self._rows = vectors[last].astype(self.dtype)
@@ -194,7 +193,7 @@ class ReferenceStaticTable:
         return vectors, hit
 
     def query_misses(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         vectors = np.zeros((keys.size, self.dim), np.float32)
         with self._lock:
             rows = self._find(keys)
@@ -207,8 +206,8 @@ class ReferenceStaticTable:
         return vectors, hit, np.flatnonzero(~hit)
 
     def _write(self, keys: np.ndarray, vectors: np.ndarray, revive: bool) -> None:
-        keys = check_keys(keys)
-        vectors = check_vectors(vectors, keys.size, self.dim)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, keys.size, self.dim)
         if not keys.size:
             return
         distinct, last = last_occurrences(keys)
@@ -227,7 +226,7 @@ class ReferenceStaticTable:
         self._write(keys, vectors, revive=False)
 
     def invalidate(self, keys: np.ndarray) -> None:
-        keys = check_keys(keys)
+        keys = as_keys(keys)
         with self._lock:
             rows = self._find(keys)
             self._live[rows[rows >= 0]] = False

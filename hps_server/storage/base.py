@@ -89,23 +89,23 @@ class StorageLevel(ABC):
         """Releases connections and files; the level is unusable afterwards."""
 
 
-def as_keys(keys: np.ndarray) -> np.ndarray:
-    """Keys as a contiguous 1-D little-endian int64 array (no copy when already so)."""
-    keys = np.asarray(keys)
-    if keys.size and keys.dtype.kind not in "iu":
-        raise ValueError(f"keys: must be integers, got dtype {keys.dtype}")
-    keys = np.ascontiguousarray(keys, dtype="<i8")
-    if keys.ndim != 1:
-        raise ValueError(f"keys: must be 1-D, got shape {keys.shape}")
-    return keys
+def as_keys(keys: object) -> np.ndarray:
+    """Keys as a contiguous 1-D little-endian int64 array (no copy when already so), or ValueError."""
+    array = np.asarray(keys)
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"keys: must be integers, got dtype {array.dtype}")
+    if array.dtype == np.uint64 and array.size and int(array.max()) >= 2**63:
+        raise ValueError("keys: uint64 values above 2**63 - 1 do not fit int64")
+    if array.ndim != 1:
+        raise ValueError(f"keys: must be 1-D, got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype="<i8")
 
 
-def as_vectors(vectors: np.ndarray, rows: int, dim: int) -> np.ndarray:
+def as_vectors(vectors: object, rows: int, dim: int) -> np.ndarray:
     """Vectors as a contiguous float32 [rows, dim] array, or ValueError naming the mismatch."""
-    vectors = np.asarray(vectors)
-    if vectors.size and vectors.dtype.kind != "f":
-        raise ValueError(f"vectors: must be floating point, got dtype {vectors.dtype}")
-    vectors = np.ascontiguousarray(vectors, dtype="<f4")
-    if vectors.shape != (rows, dim):
-        raise ValueError(f"vectors: expected shape ({rows}, {dim}), got {vectors.shape}")
-    return vectors
+    array = np.asarray(vectors)
+    if array.size and array.dtype.kind not in "fiu":
+        raise ValueError(f"vectors: must be numbers, got dtype {array.dtype}")
+    if array.shape != (rows, dim):
+        raise ValueError(f"vectors: expected shape ({rows}, {dim}), got {array.shape}")
+    return np.ascontiguousarray(array, dtype="<f4")
