@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,15 +71,6 @@ def _write_model(directory: Path, port: int) -> Path:
     return path
 
 
-def _timed(call: Callable[[], object], n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _paths(
     case: Case, client: Client, frameworks: list[str]
 ) -> tuple[Callable[[], object], dict[str, Callable[[], Any]]]:
@@ -141,12 +131,12 @@ def _measure(case: Case, client: Client, frameworks: list[str]) -> list[dict[str
     per_block = max(1, case.requests // BLOCKS)
     for name, path in paths.items():
         for call in (baseline, path):  # warm: channel, table resolution, graph tracing
-            _timed(call, 3)
+            report.timed(call, 3)
         layer: list[float] = []
         bare: list[float] = []
         for _ in range(BLOCKS):
-            layer += _timed(path, per_block)
-            bare += _timed(baseline, per_block)
+            layer += report.timed(path, per_block)
+            bare += report.timed(baseline, per_block)
         layer_p50, bare_p50 = float(np.percentile(layer, 50)), float(np.percentile(bare, 50))
         rows.append(
             {
@@ -167,8 +157,8 @@ def tf_function_dispatch_ms(calls: int = 300) -> float:
 
     ids = tf.zeros([1024, 4], tf.int64)
     noop = tf.function(lambda x: tf.reshape(x, [-1]))
-    _timed(lambda: noop(ids), 3)
-    return float(np.percentile(_timed(lambda: noop(ids), calls), 50)) * 1e3
+    report.timed(lambda: noop(ids), 3)
+    return float(np.percentile(report.timed(lambda: noop(ids), calls), 50)) * 1e3
 
 
 def run(scale: float = 1.0, frameworks: list[str] | None = None) -> list[dict[str, float | str]]:

@@ -104,15 +104,6 @@ def _throughput(call: Callable[[], object], threads: int, calls: int) -> float:
     return per_thread * threads / (time.perf_counter() - start)
 
 
-def _timed(call: Callable[[], object], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def _measure(
     case: Case,
     client: Client,
@@ -134,13 +125,13 @@ def _measure(
         return echo_stub(echo_request)
 
     for call in (lookup, echo):  # warm both paths
-        _timed(call, 3)
+        report.timed(call, 3)
     hps_times: list[float] = []
     echo_times: list[float] = []
     per_block = max(1, case.requests // blocks)
     for _ in range(blocks):
-        hps_times += _timed(lookup, per_block)
-        echo_times += _timed(echo, per_block)
+        hps_times += report.timed(lookup, per_block)
+        echo_times += report.timed(echo, per_block)
     hps = np.array(hps_times)
     base = np.array(echo_times)
     hps_calls = echo_calls = 0.0

@@ -1,14 +1,25 @@
-"""Printing benchmark results: a readable table for people, or one JSON object with every figure (--json).
+"""Timing calls and printing benchmark results: a readable table for people, or one JSON object (--json).
 
-Benchmarks build rows of plain numbers; this module only formats them.
+Benchmarks build rows of plain numbers; this module times and formats, it measures nothing itself.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+
+def timed(call: Callable[[], object], n: int) -> list[float]:
+    """Seconds taken by each of `n` sequential calls."""
+    seconds = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def emit(title: str, rows: Sequence[Mapping[str, Any]], as_json: bool, extra: Mapping[str, Any] | None = None) -> None:

@@ -100,15 +100,6 @@ def _tensor(name: str, array: np.ndarray, datatype: str) -> triton_grpc.InferInp
     return tensor
 
 
-def _timed(call: Callable[[], object], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def _concurrent(make_call: Callable[[], Callable[[], object]], threads: int, calls: int) -> float:
     """Calls per second with `threads` threads, each with its own client, sharing `calls` calls."""
     per_thread = max(1, calls // threads)
@@ -207,7 +198,7 @@ def _measure(
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(blocks):
             for name, call in paths.items():
-                times[name] += _timed(call, per_block)
+                times[name] += report.timed(call, per_block)
 
         def triton_maker() -> Callable[[], object]:
             return triton_call(

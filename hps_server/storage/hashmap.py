@@ -23,7 +23,7 @@ from hps_server.storage.base import (
     as_vectors,
 )
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 EMPTY = -1
 TOMBSTONE = -2
@@ -311,7 +311,7 @@ class HashMapLevel(StorageLevel):
         rows = rows.astype(np.int64)
         _, slots = t.find(t.keys[rows])
         t.remove(rows, slots)
-        logger.debug("hash_map: table %r overflowed, evicted %d rows (%s)", table, excess, self.overflow_policy)
+        log.debug("hash_map: table %r overflowed, evicted %d rows (%s)", table, excess, self.overflow_policy)
 
     def evict(self, table: str, keys: np.ndarray) -> int:
         t = self._table(table)
