@@ -307,17 +307,15 @@ class LookupSession:
         return len(keys)
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
-        """Removes keys from every writable level and L1; returns how many some level held."""
+        """Removes keys from every writable level and L1; returns how many distinct keys the lowest
+        writable level held (the persistent level holds every row, so that is the table's count)."""
         table = self.table(table_name)
         keys = np.unique(as_keys(keys))
         self._require_writable()
-        present = np.zeros(len(keys), dtype=bool)
+        writable = [level for level in reversed(self.levels) if not level.read_only]
         with self._writing(table.name, lambda cache: cache.invalidate(keys)):
-            for level in reversed(self.levels):
-                if not level.read_only:
-                    present |= level.contains(self.qualified(table), keys)
-                    level.evict(self.qualified(table), keys)
-        return int(np.count_nonzero(present))
+            removed = [level.evict(self.qualified(table), keys) for level in writable]
+        return removed[0]
 
     @contextlib.contextmanager
     def _writing(self, table: str, refresh_l1: Callable[[EmbeddingCache], None]) -> Iterator[None]:
