@@ -7,6 +7,7 @@ over keys in Python: every level is asked once per table per request for all the
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -146,7 +147,7 @@ class LookupSession:
         """Fills the `missing` positions from the levels below L1, then defaults; inserts what it fetched above.
 
         report: the walk answers a reply, so it is counted and reported to metrics."""
-        epoch = self._epochs.get(table.name, 0)
+        epoch = self.epoch(table.name)
         unavailable = 0
         authoritative_down = False
         fetched_from: list[tuple[int, np.ndarray]] = []  # (level index, positions it answered)
@@ -241,10 +242,9 @@ class LookupSession:
                 if level.read_only:
                     continue
                 try:
-                    with self._table_locks[table.name]:
-                        if self._epochs[table.name] != epoch:
-                            return  # an upsert/delete came after these rows were read: they are stale
-                        level.insert(self.qualified(table), keys[positions], vectors[positions])
+                    copy = functools.partial(level.insert, self.qualified(table), keys[positions], vectors[positions])
+                    if not self.insert_if_unchanged(table.name, epoch, copy):
+                        return  # an upsert/delete came after these rows were read: they are stale
                 except StorageError as e:
                     # Best effort: the lower level stays the source of truth, the row is fetched again later.
                     self._warn_unavailable(level.kind, f"write-back of {table.name} skipped", e)
@@ -271,9 +271,7 @@ class LookupSession:
         self, table: str, cache: EmbeddingCache, keys: np.ndarray, vectors: np.ndarray, background: bool, epoch: int
     ) -> None:
         def fill() -> None:
-            with self._table_locks[table]:
-                if self._epochs[table] == epoch:
-                    cache.replace(keys, vectors)
+            self.insert_if_unchanged(table, epoch, lambda: cache.replace(keys, vectors))
 
         if background and self._fill is not None:
             self._fill.submit(fill)
@@ -316,6 +314,19 @@ class LookupSession:
         with self._writing(table.name, lambda cache: cache.invalidate(keys)):
             removed = [level.evict(self.qualified(table), keys) for level in writable]
         return removed[0]
+
+    def epoch(self, table_name: str) -> int:
+        """Counts the table's upserts and deletes; read it before reading rows to copy upwards."""
+        return self._epochs[table_name]
+
+    def insert_if_unchanged(self, table_name: str, epoch: int, insert: Callable[[], None]) -> bool:
+        """Runs `insert` (a copy of rows into a level above) unless an upsert or delete of the table came
+        since `epoch` was read, in which case the rows may be stale and nothing is written."""
+        with self._table_locks[table_name]:
+            if self._epochs[table_name] != epoch:
+                return False
+            insert()
+            return True
 
     @contextlib.contextmanager
     def _writing(self, table: str, refresh_l1: Callable[[EmbeddingCache], None]) -> Iterator[None]:

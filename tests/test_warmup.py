@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -77,3 +78,36 @@ def test_server_reports_serving_once_warm(tmp_path: Path) -> None:
             assert server.models.volatile.size(f"ctr.{table}") == rows
     finally:
         server.stop(grace=1)
+
+
+class _PausingDump(RocksDBLevel):
+    """Real RocksDB whose dump waits after reading each chunk, so an upsert can land mid warm-up."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.read = threading.Event()
+        self.resume = threading.Event()
+
+    def dump(self, table: str, chunk_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for chunk in super().dump(table, chunk_rows):
+            self.read.set()
+            self.resume.wait(timeout=10)
+            yield chunk
+
+
+def test_warm_up_never_overwrites_a_newer_upsert(tmp_path: Path) -> None:
+    volatile = HashMapLevel()
+    persistent = _PausingDump(tmp_path / "db")
+    for level in (volatile, persistent):
+        level.create_table("m.t", 4)
+    keys = np.arange(100, dtype=np.int64)
+    persistent.insert("m.t", keys, np.zeros((100, 4), np.float32))
+    session = LookupSession(MODEL, [volatile, persistent])
+    warming = threading.Thread(target=warmup.warm, args=([session], volatile, persistent, 1.0, threading.Event()))
+    warming.start()
+    assert persistent.read.wait(timeout=10)  # warm-up holds the old rows in hand
+    session.upsert("t", np.array([5]), np.ones((1, 4), np.float32))
+    persistent.resume.set()
+    warming.join()
+    np.testing.assert_array_equal(volatile.fetch("m.t", np.array([5]))[0], np.ones((1, 4), np.float32))
+    persistent.close()
