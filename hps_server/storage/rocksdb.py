@@ -6,7 +6,9 @@ sessions or other levels; must not loop over keys in Python beyond the one call 
 Layout: the default column family holds metadata only, `dim/<table>` and `rows/<table>` (8-byte
 little-endian int64 each). `size` is exact: every write counts the keys it adds or removes (a presence
 multi_get before the write) and stores the new count in the same WriteBatch, so a reopened database
-knows both the dims and the row counts without scanning.
+knows both the dims and the row counts without scanning. A bulk load into an empty table also
+marks `loading/<table>` until its last chunk is in; a database opened with that mark still set
+(the loading process died) gets the table emptied, so its next import starts afresh.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def _distinct(sorted_runs: list[np.ndarray]) -> int:
     return int(np.count_nonzero(ordered[1:] != ordered[:-1])) + 1
 
 
+def _loading_key(table: str) -> bytes:
+    return f"loading/{table}".encode()
+
+
 def _int_bytes(value: int) -> bytes:
     return int(value).to_bytes(8, "little", signed=True)
 
@@ -128,6 +134,8 @@ class RocksDBLevel(StorageLevel):
             self._dims[name] = int.from_bytes(dim, "little", signed=True)
             self._rows[name] = int.from_bytes(rows, "little", signed=True)
             self._families[name] = self._db.get_column_family(name)
+            if self._db.get(_loading_key(name)) is not None:
+                self._discard_unfinished_load(name)
         mode = "read-only" if read_only else "read-write"
         log.info("rocksdb: opened %s (%s), tables %s", self.path, mode, self.tables())
 
@@ -294,6 +302,8 @@ class RocksDBLevel(StorageLevel):
             # costs several times the ingest itself. Into a table with rows, multi_get counts.
             into_empty = self._rows[table] == 0
             loaded: list[np.ndarray] = []
+            if into_empty:  # removed once every chunk is in; found at open, it means the load never finished
+                self._db.put(_loading_key(table), b"")
             try:
                 for number, (chunk_keys, chunk_vectors) in enumerate(chunks):
                     keys = as_keys(chunk_keys)
@@ -316,11 +326,26 @@ class RocksDBLevel(StorageLevel):
                     family.ingest_external_file([str(sst)], ingest)
                     self._store_rows(table, rows)
                     written += len(chunk_keys)
+                if into_empty:
+                    self._db.delete(_loading_key(table))
             finally:
                 if loaded:
                     self._store_rows(table, _distinct(loaded))
                 shutil.rmtree(staging, ignore_errors=True)
         return written
+
+    def _discard_unfinished_load(self, table: str) -> None:
+        """A bulk load into the empty table stopped part-way (the process died): empty the table again so
+        its next import starts afresh instead of serving a partial table as complete."""
+        if self.read_only:
+            log.warning("rocksdb: table %s holds an unfinished import; opened read-only, it is served as is", table)
+            return
+        log.warning("rocksdb: table %s holds an unfinished import; emptying it for a fresh import", table)
+        self._families.pop(table)
+        self._db.drop_column_family(table)
+        self._families[table] = self._db.create_column_family(table, rocksdict.Options(raw_mode=True))
+        self._store_rows(table, 0)
+        self._db.delete(_loading_key(table))
 
     def _store_rows(self, table: str, rows: int) -> None:
         self._db.put(f"rows/{table}".encode(), _int_bytes(rows))

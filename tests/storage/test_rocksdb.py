@@ -221,3 +221,26 @@ def test_unknown_table_and_bad_shapes(db_path: Path) -> None:
         level.insert(TABLE, np.array([1, 2]), np.zeros((2, 3), np.float32))
     assert level.size(TABLE) == 0
     level.close()
+
+
+def test_a_load_that_never_finished_is_undone_at_the_next_open(db_path: Path) -> None:
+    level = RocksDBLevel(db_path)
+    level.create_table("m.t", 4)
+
+    def dies_after_one_chunk():  # type: ignore[no-untyped-def]
+        yield rows(range(100), 4)
+        raise KeyboardInterrupt  # the loading process is stopped part-way
+
+    with pytest.raises(KeyboardInterrupt):
+        level.load("m.t", dies_after_one_chunk())
+    assert level.size("m.t") == 100  # the first chunk went in
+    level.close()
+
+    reopened = RocksDBLevel(db_path)
+    assert reopened.size("m.t") == 0 and reopened.dim("m.t") == 4
+    assert not reopened.contains("m.t", np.arange(100)).any()
+    assert reopened.load("m.t", [rows(range(300), 4)]) == 300  # a fresh import completes...
+    reopened.close()
+    again = RocksDBLevel(db_path)
+    assert again.size("m.t") == 300  # ...and is kept at the next open
+    again.close()
