@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from benchmarks import report, servers
 from hps_client import Client
-from hps_server import tables
 
 MODEL = "bench"
 ROWS = 20_000
@@ -49,26 +47,12 @@ def _cases(scale: float) -> list[Case]:
 
 def _write_model(directory: Path, port: int) -> Path:
     rng = np.random.default_rng(5)
-    specs = {"d16": 16, "d128": 128}
-    for name, dim in specs.items():
-        keys = np.arange(ROWS, dtype=np.int64)
-        tables.write_table(directory / name, [(keys, rng.standard_normal((ROWS, dim), dtype=np.float32))], dim)
-    config = {
-        "server": {"address": f"127.0.0.1:{port}"},
-        "volatile_db": {"type": "hash_map", "initial_cache_rate": 1.0},
-        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
-        "models": [
-            {
-                "name": MODEL,
-                "max_batch_size": 1024,
-                "gpucache": False,
-                "tables": [{"name": n, "dim": d, "source": n, "max_keys_per_sample": 8} for n, d in specs.items()],
-            }
-        ],
+    keys = np.arange(ROWS, dtype=np.int64)
+    served = {
+        name: (keys, rng.standard_normal((ROWS, dim), dtype=np.float32), 8)
+        for name, dim in (("d16", 16), ("d128", 128))
     }
-    path = directory / "hps.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return servers.write_served_model(directory, port, MODEL, served, max_batch_size=1024)
 
 
 def _paths(

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import yaml
 
 from benchmarks import echo_server, report, servers
 from hps_client import Client, wire
-from hps_server import tables
 
 MODEL = "bench"
 WIDE_TABLES = 26
@@ -62,29 +60,12 @@ def _make_model(directory: Path, port: int, rows: int) -> tuple[Path, dict[str, 
     rng = np.random.default_rng(7)
     specs = {"d128": (rows, 128, 26), "d16": (rows, 16, 26)}
     specs |= {f"t{i:02d}": (max(1, rows // 25), 128, 1) for i in range(WIDE_TABLES)}
-    key_sets = {}
-    for name, (rows, dim, _) in specs.items():
-        keys = key_sets[name] = rng.permutation(rows * 4)[:rows].astype(np.int64)
-        tables.write_table(directory / name, [(keys, rng.standard_normal((rows, dim), dtype=np.float32))], dim)
-    config = {
-        "server": {"address": f"127.0.0.1:{port}"},
-        "volatile_db": {"type": "hash_map", "initial_cache_rate": 1.0},
-        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
-        "models": [
-            {
-                "name": MODEL,
-                "max_batch_size": 1024,
-                "gpucache": False,
-                "tables": [
-                    {"name": name, "dim": dim, "source": name, "max_keys_per_sample": per_sample}
-                    for name, (_, dim, per_sample) in specs.items()
-                ],
-            }
-        ],
-    }
-    path = directory / "hps.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path, key_sets
+    served = {}
+    for name, (table_rows, dim, per_sample) in specs.items():
+        keys = rng.permutation(table_rows * 4)[:table_rows].astype(np.int64)
+        served[name] = (keys, rng.standard_normal((table_rows, dim), dtype=np.float32), per_sample)
+    path = servers.write_served_model(directory, port, MODEL, served, max_batch_size=1024)
+    return path, {name: keys for name, (keys, _, _) in served.items()}
 
 
 def _throughput(call: Callable[[], object], threads: int, calls: int) -> float:

@@ -1,6 +1,7 @@
 """Starts the servers a benchmark measures as child processes, so client and server don't share a GIL.
 
-Only process plumbing: free ports, readiness through gRPC health checks, clean shutdown.
+Process plumbing (free ports, readiness through gRPC health checks, clean shutdown) and the one model
+folder every server benchmark serves from.
 """
 
 from __future__ import annotations
@@ -10,11 +11,47 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
+import numpy as np
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hps_server import tables as table_files
+
+
+def write_served_model(
+    directory: Path,
+    port: int,
+    model: str,
+    tables: Mapping[str, tuple[np.ndarray, np.ndarray, int]],
+    max_batch_size: int,
+) -> Path:
+    """Writes each table (keys, vectors, max keys per sample) in HPS format and a config serving them on
+    127.0.0.1:port from a warm in-process hash map over RocksDB, without L1; returns the config path."""
+    for name, (keys, vectors, _) in tables.items():
+        table_files.write_table(directory / name, [(keys, vectors)], vectors.shape[1])
+    config = {
+        "server": {"address": f"127.0.0.1:{port}"},
+        "volatile_db": {"type": "hash_map", "initial_cache_rate": 1.0},
+        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
+        "models": [
+            {
+                "name": model,
+                "max_batch_size": max_batch_size,
+                "gpucache": False,
+                "tables": [
+                    {"name": name, "dim": vectors.shape[1], "source": name, "max_keys_per_sample": per_sample}
+                    for name, (_, vectors, per_sample) in tables.items()
+                ],
+            }
+        ],
+    }
+    path = directory / "hps.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def free_port() -> int:

@@ -26,14 +26,12 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
-import yaml
 
 from benchmarks import report, servers
 from examples.triton_ensemble import repository
 from examples.triton_ensemble.dense_forward import DenseForward
 from hps_client import Client
 from hps_client.triton import running, setup
-from hps_server import tables
 
 MODEL = "bench"
 DENSE_FEATURES = 13
@@ -56,28 +54,12 @@ class Workload:
 def _write_model(folder: Path, port: int, workload: Workload) -> tuple[Path, list[np.ndarray]]:
     """Tables and the hps config serving them; returns the config path and each table's keys."""
     rng = np.random.default_rng(5)
-    key_sets = []
+    served = {}
     for name in workload.names:
         keys = rng.permutation(workload.rows * 4)[: workload.rows].astype(np.int64)
-        vectors = rng.standard_normal((workload.rows, workload.dim), dtype=np.float32) * 0.1
-        tables.write_table(folder / name, [(keys, vectors)], workload.dim)
-        key_sets.append(keys)
-    config = {
-        "server": {"address": f"127.0.0.1:{port}"},
-        "volatile_db": {"type": "hash_map", "initial_cache_rate": 1.0},
-        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
-        "models": [
-            {
-                "name": MODEL,
-                "max_batch_size": workload.max_batch_size,
-                "gpucache": False,
-                "tables": [{"name": n, "dim": workload.dim, "source": n} for n in workload.names],
-            }
-        ],
-    }
-    path = folder / "hps.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path, key_sets
+        served[name] = (keys, rng.standard_normal((workload.rows, workload.dim), dtype=np.float32) * 0.1, 1)
+    path = servers.write_served_model(folder, port, MODEL, served, workload.max_batch_size)
+    return path, [keys for keys, _, _ in served.values()]
 
 
 def _write_dense_weights(path: Path, workload: Workload) -> Path:
