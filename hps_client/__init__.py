@@ -12,7 +12,7 @@ from hps_client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from hps_client.response_codec import LookupResult
+from hps_wire.response_codec import LookupResult
 
 __all__ = [
     "AsyncClient",

@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 
 from hps_client import wire
-from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_client.errors import from_rpc_error
-from hps_client.response_codec import LookupResult, decode_lookup_response
 from hps_client.wire import Combiner, Dtype
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
+from hps_wire.response_codec import LookupResult, decode_lookup_response
 
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE_MB = 256

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from hps_client._proto import hps_pb2
+from hps_wire._proto import hps_pb2
 
 Dtype = Literal["float32", "float16"]
 Combiner = Literal["sum", "mean", "sqrtn"]

@@ -15,12 +15,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
 from hps_server.service import LookupServicer, ModelServicer, lookup_service_handler
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
-from hps_client._proto import hps_pb2, hps_pb2_grpc
-from hps_client.response_codec import WIRE_NUMPY, LookupResult, encode_lookup_response
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
 from hps_server.config import TableConfig
 from hps_server.models import HostedModels
 from hps_server.session import LookupSession
 from hps_server.storage.base import LevelUnavailableError, StorageError
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
+from hps_wire.response_codec import WIRE_NUMPY, LookupResult, encode_lookup_response
 
 log = logging.getLogger(__name__)
 

@@ -26,5 +26,5 @@ def test_generated_stubs_are_up_to_date() -> None:
     generated = json.loads(result.stdout)
     assert set(generated) == {"hps_pb2.py", "hps_pb2.pyi", "hps_pb2_grpc.py"}
     for name, content in generated.items():
-        checked_in = (ROOT / "hps_client" / "_proto" / name).read_text()
-        assert checked_in == content, f"hps_client/_proto/{name} is stale: run python tools/generate_proto.py"
+        checked_in = (ROOT / "hps_wire" / "_proto" / name).read_text()
+        assert checked_in == content, f"hps_wire/_proto/{name} is stale: run python tools/generate_proto.py"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hps_client._proto import hps_pb2
-from hps_client.response_codec import LookupResult, decode_lookup_response, encode_lookup_response
+from hps_wire._proto import hps_pb2
+from hps_wire.response_codec import LookupResult, decode_lookup_response, encode_lookup_response
 
 
 def _results(rng: np.random.Generator) -> list[LookupResult]:

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.servers import free_port, wait_serving
-from hps_client._proto import hps_pb2, hps_pb2_grpc
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import TABLE_SPECS, write_sample_tables
 
 

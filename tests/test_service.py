@@ -11,9 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hps_client import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from hps_client._proto import hps_pb2, hps_pb2_grpc
 from hps_server import config as config_module
 from hps_server.server import HpsServer
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import TABLE_SPECS, ServedModel, sample_config, write_sample_tables
 
 

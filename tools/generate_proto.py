@@ -1,4 +1,4 @@
-"""Generates the checked-in Python stubs for proto/hps/v1 into hps_client/_proto.
+"""Generates the checked-in Python stubs for proto/hps/v1 into hps_wire/_proto.
 
 Run `python tools/generate_proto.py` after editing a .proto file; tests/test_proto.py
 fails while the checked-in stubs differ from what this produces.
@@ -14,11 +14,11 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-OUTPUT = ROOT / "hps_client" / "_proto"
+OUTPUT = ROOT / "hps_wire" / "_proto"
 # protoc writes absolute imports ("from hps.v1 import ..."); the stubs live inside
-# the client package, so those imports are rewritten to the package path.
+# the wire package, so those imports are rewritten to the package path.
 GENERATED_IMPORT = "from hps.v1 import "
-PACKAGE_IMPORT = "from hps_client._proto import "
+PACKAGE_IMPORT = "from hps_wire._proto import "
 
 
 def generate() -> dict[str, str]:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from hps_client._proto import hps_pb2 as hps_dot_v1_dot_hps__pb2
+from hps_wire._proto import hps_pb2 as hps_dot_v1_dot_hps__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hps_client._proto import hps_pb2
+from hps_wire._proto import hps_pb2
 
 # NumPy element type of each VectorDtype (UNSPECIFIED means float32).
 WIRE_NUMPY: dict[int, np.dtype] = {
