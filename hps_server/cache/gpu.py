@@ -339,7 +339,7 @@ class GpuStaticTable(_OnDevice):
         vectors = as_vectors(array, keys.size, self.dim)
         self.dtype = check_dtype(dtype)
         self._suffix = "f32" if self.dtype == np.float32 else "f16"
-        distinct, last = last_occurrences(keys)
+        distinct, _, last = last_occurrences(keys, np.zeros(keys.size, np.int32))
         self.capacity = int(distinct.size)
         slots = 1 << max(1, (2 * max(1, distinct.size) - 1).bit_length())
         self._mask = np.uint32(slots - 1)

@@ -7,7 +7,7 @@ sessions, gRPC or each other, and never loop over keys in Python.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -77,6 +77,57 @@ class StorageLevel(ABC):
     def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
         """Yields every row of `table` in chunks of at most chunk_rows rows."""
 
+    def fetch_many(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """keys[i] belongs to tables[table_index[i]]; all those tables have one dim.
+
+        Returns (vectors float32[len(keys), dim], found bool[len(keys)]); rows not found are zero. This
+        default asks `fetch` once per distinct table; backends that can do better in one pass override it.
+        """
+        keys, index, dim = self._table_batch(tables, keys, table_index)
+        vectors = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        for position, rows in _rows_by_table(index, len(tables)):
+            vectors[rows], found[rows] = self.fetch(tables[position], keys[rows])
+        return vectors, found
+
+    def insert_many(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        """Upserts rows of several tables of one dim; a (table, key) repeated in the batch: the last row wins.
+
+        This default asks `insert` once per distinct table (each table's rows keep their batch order).
+        """
+        keys, index, dim = self._table_batch(tables, keys, table_index)
+        vectors = as_vectors(vectors, len(keys), dim)
+        for position, rows in _rows_by_table(index, len(tables)):
+            self.insert(tables[position], keys[rows], vectors[rows])
+
+    def _table_batch(
+        self, tables: Sequence[str], keys: object, table_index: object
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(keys, table_index as intp, the tables' one dim) of a several-table batch, checked before any work:
+        ValueError naming the bad argument, UnknownTableError for a table this level lacks."""
+        keys = as_keys(keys)
+        index = np.asarray(table_index)
+        if index.size and index.dtype.kind not in "iu":
+            raise ValueError(f"table_index: must be integers, got dtype {index.dtype}")
+        if index.ndim != 1 or len(index) != len(keys):
+            raise ValueError(f"table_index: must be 1-D with one entry per key ({len(keys)}), got shape {index.shape}")
+        if not len(tables):
+            raise ValueError("tables: must name at least one table")
+        if len(set(tables)) != len(tables):
+            raise ValueError(f"tables: each table may be named once, got {list(tables)}")
+        if index.size and (int(index.min()) < 0 or int(index.max()) >= len(tables)):
+            raise ValueError(
+                f"table_index: values must be in [0, {len(tables)}), got {int(index.min())}..{int(index.max())}"
+            )
+        dims = {table: self.dim(table) for table in tables}
+        if len(set(dims.values())) != 1:
+            raise ValueError(f"tables: must share one dim, got dims {dims}")
+        return keys, index.astype(np.intp, copy=False), dims[tables[0]]
+
     def load(self, table: str, chunks: Iterable[KeyChunk]) -> int:
         """Bulk-inserts chunks (faster paths may override); returns rows written."""
         rows = 0
@@ -87,6 +138,15 @@ class StorageLevel(ABC):
 
     def close(self) -> None:  # noqa: B027 - levels without resources need not override
         """Releases connections and files; the level is unusable afterwards."""
+
+
+def _rows_by_table(table_index: np.ndarray, num_tables: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(position in `tables`, batch rows of that table in batch order) for each table present, from one
+    stable argsort."""
+    order = np.argsort(table_index, kind="stable")
+    bounds = np.searchsorted(table_index[order], np.arange(num_tables + 1))
+    for position in np.flatnonzero(np.diff(bounds)):
+        yield int(position), order[bounds[position] : bounds[position + 1]]
 
 
 def as_keys(keys: object) -> np.ndarray:

@@ -126,7 +126,7 @@ def test_concurrent_queries_and_replaces_from_several_threads_match_the_referenc
     """Threads own disjoint sets, so every thread's results are those of its own sequence, however they interleave."""
     threads, dim = 6, 32
     gpu = GpuEmbeddingCache(32 * 60, dim)
-    pools = thread_keys(gpu.geometry.num_sets, threads, 2000)
+    pools = thread_keys(gpu.geometries[0].num_sets, threads, 2000)
     sequences = []
     for t, pool in enumerate(pools):
         rng = np.random.default_rng(100 + t)

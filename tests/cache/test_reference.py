@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ def rows_for(keys: np.ndarray, dim: int) -> np.ndarray:
 def keys_in_set(cache: ReferenceEmbeddingCache, target: int, count: int, start: int = 0) -> np.ndarray:
     """`count` keys >= start that hash to set `target`."""
     candidates = np.arange(start, start + 200_000, dtype=np.int64)
-    sets = set_of(mix(candidates), cache.geometry.num_sets)
+    sets = set_of(mix(candidates), cache.geometries[0].num_sets)
     chosen = candidates[sets == target][:count]
     assert chosen.size == count
     return chosen
@@ -136,7 +138,7 @@ def test_cache_smaller_than_a_batch_keeps_the_smallest_keys_of_each_full_set() -
 
 def test_single_set_and_single_way() -> None:
     cache = ReferenceEmbeddingCache(1, 4)
-    assert cache.geometry == Geometry(num_sets=1, ways=1)
+    assert cache.geometries == (Geometry(num_sets=1, ways=1),)
     cache.replace(np.array([5]), rows_for([5], 4))
     cache.replace(np.array([6]), rows_for([6], 4))
     vectors, hit = cache.query(np.array([5, 6]))
@@ -216,3 +218,178 @@ def test_static_table_rejects_bad_vectors() -> None:
         ReferenceStaticTable(np.array([1, 2]), np.zeros((3, 4)))
     with pytest.raises(ValueError, match="vectors"):
         ReferenceStaticTable(np.array([1, 2]), np.zeros(2))
+
+
+# ---------------------------------------------------------------- several tables in one cache
+
+
+def random_table_ops(
+    rng: np.random.Generator, num_tables: int, dim: int, key_space: int, steps: int
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(operation, keys, tables, vectors): key values drawn from one space for all tables, so they recur
+    across tables; every table gets at least one key per operation, so a table's own cache ticks its
+    clock exactly when the shared one does."""
+    ops = []
+    for _ in range(steps):
+        kind = str(rng.choice(["query", "replace", "replace", "update", "invalidate"]))
+        n = int(rng.integers(num_tables, 600))
+        keys = rng.integers(-key_space, key_space, size=n).astype(np.int64)
+        tables = rng.integers(0, num_tables, size=n)
+        tables[:num_tables] = np.arange(num_tables)
+        rng.shuffle(tables)
+        ops.append((kind, keys, tables, rng.standard_normal((n, dim)).astype(np.float32)))
+    return ops
+
+
+def apply(cache: Any, kind: str, keys: np.ndarray, tables: np.ndarray | None, vectors: np.ndarray) -> Any:
+    if kind == "query":
+        return cache.query_misses(keys, tables)
+    if kind == "invalidate":
+        return cache.invalidate(keys, tables)
+    return getattr(cache, kind)(keys, vectors, tables)
+
+
+def assert_same_dump(got: tuple[np.ndarray, ...], want: tuple[np.ndarray, ...]) -> None:
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("capacities", "ways", "dtype"),
+    [([256, 64, 1000], 32, "float32"), ([77, 1, 40, 5], 4, "float16"), ([33], 32, "float32")],
+)
+def test_a_multi_table_cache_answers_as_separate_caches_would(capacities: list[int], ways: int, dtype: str) -> None:
+    rng = np.random.default_rng(len(capacities) * 7 + ways)
+    dim = 6
+    shared = ReferenceEmbeddingCache(capacities, dim, ways=ways, dtype=dtype)
+    alone = [ReferenceEmbeddingCache(c, dim, ways=ways, dtype=dtype) for c in capacities]
+    assert shared.num_tables == len(capacities)
+    assert shared.capacities == tuple(c.capacity for c in alone)
+    assert shared.capacity == sum(shared.capacities)
+    for kind, keys, tables, vectors in random_table_ops(rng, len(capacities), dim, 300, 80):
+        got = apply(shared, kind, keys, tables, vectors)
+        for t, cache in enumerate(alone):
+            mine = tables == t
+            want = apply(cache, kind, keys[mine], None, vectors[mine])
+            if kind == "query":
+                np.testing.assert_array_equal(got[0][mine], want[0])
+                np.testing.assert_array_equal(got[1][mine], want[1])
+        if kind == "query":
+            np.testing.assert_array_equal(got[2], np.flatnonzero(~got[1]))
+    assert shared.clock == alone[0].clock
+    for t, cache in enumerate(alone):
+        assert_same_dump(shared.dump(t), cache.dump())
+    assert shared.table_stats() == [cache.stats() for cache in alone]
+    assert shared.stats() == CacheStats.total(cache.stats() for cache in alone)
+
+
+def test_one_key_in_several_tables_is_several_rows_and_the_last_of_each_pair_wins() -> None:
+    cache = ReferenceEmbeddingCache([64, 64], 2)
+    keys = np.array([5, 5, 5, 6], np.int64)
+    tables = np.array([0, 1, 0, 1], np.uint8)
+    vectors = np.array([[1, 1], [2, 2], [3, 3], [4, 4]], np.float32)
+    cache.replace(keys, vectors, tables)
+    got, hit = cache.query(np.array([5, 5, 6, 6]), np.array([0, 1, 0, 1]))
+    assert hit.tolist() == [True, True, False, True]
+    np.testing.assert_array_equal(got, [[3, 3], [2, 2], [0, 0], [4, 4]])
+    cache.invalidate(np.array([5]), np.array([1]))
+    assert cache.dump(0)[0].tolist() == [5] and cache.dump(1)[0].tolist() == [6]
+    assert [s.rows for s in cache.table_stats()] == [1, 1]
+
+
+def test_the_clock_is_shared_by_the_tables() -> None:
+    cache = ReferenceEmbeddingCache([32, 32], 1)
+    cache.replace(np.array([1]), [[1.0]], np.array([0]))  # clock 2: inserted with stamp 2
+    cache.replace(np.array([1]), [[1.0]], np.array([1]))  # clock 4: inserted with stamp 4
+    cache.query(np.array([1, 1]), np.array([0, 1]))  # one tick for both tables
+    assert cache.clock == 5
+    assert cache.dump(0)[2].tolist() == [5] and cache.dump(1)[2].tolist() == [5]
+
+
+def test_bad_tables_are_refused_naming_them_and_leave_the_cache_intact() -> None:
+    cache = ReferenceEmbeddingCache([64, 64], 2)
+    cache.replace(np.array([1, 2]), rows_for([1, 2], 2), np.array([0, 1]))
+    before = [cache.dump(t) for t in range(2)], cache.table_stats(), cache.clock
+    keys = np.array([1, 2])
+    for bad in (np.array([0.0, 1.0]), np.array([[0, 1]]), np.array([0]), np.array([0, 2]), np.array([-1, 0])):
+        with pytest.raises(ValueError, match="tables"):
+            cache.query(keys, bad)
+        with pytest.raises(ValueError, match="tables"):
+            cache.replace(keys, rows_for([7, 8], 2), bad)
+        with pytest.raises(ValueError, match="tables"):
+            cache.update(keys, rows_for([7, 8], 2), bad)
+        with pytest.raises(ValueError, match="tables"):
+            cache.invalidate(keys, bad)
+    for table in (2, -1, 0.5):
+        with pytest.raises(ValueError, match="table"):
+            cache.dump(table)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype"):
+        cache.query(keys, dtype=np.int8)
+    with pytest.raises(ValueError, match="capacity"):
+        ReferenceEmbeddingCache([], 2)
+    with pytest.raises(ValueError, match="capacity"):
+        ReferenceEmbeddingCache([64, 0], 2)
+    after = [cache.dump(t) for t in range(2)], cache.table_stats(), cache.clock
+    for was, now in zip(before[0], after[0], strict=True):
+        assert_same_dump(now, was)
+    assert after[1:] == before[1:]
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_float16_replies_are_the_float32_replies_rounded(storage: str) -> None:
+    rng = np.random.default_rng(4)
+    cache = ReferenceEmbeddingCache([128, 128], 8, dtype=storage)
+    keys = rng.integers(0, 400, size=300).astype(np.int64)
+    tables = rng.integers(0, 2, size=300)
+    cache.replace(keys, (rng.standard_normal((300, 8)) * 1e3).astype(np.float32), tables)
+    wide, hit = cache.query(keys, tables)
+    narrow, narrow_hit = cache.query(keys, tables, dtype="float16")
+    assert narrow.dtype == np.float16 and hit.any() and not hit.all()
+    np.testing.assert_array_equal(narrow_hit, hit)
+    np.testing.assert_array_equal(narrow, wide.astype(np.float16))
+
+
+def test_static_multi_table_answers_as_separate_static_tables_would() -> None:
+    rng = np.random.default_rng(5)
+    dim, num_tables = 3, 4
+    keys = rng.integers(-50, 50, size=300).astype(np.int64)
+    tables = rng.integers(0, 3, size=300)  # table 3 is held empty
+    vectors = rng.standard_normal((300, dim)).astype(np.float32)
+    shared = ReferenceStaticTable(keys, vectors, tables=tables, num_tables=num_tables, dtype="float16")
+    alone = [ReferenceStaticTable(keys[tables == t], vectors[tables == t], dtype="float16") for t in range(num_tables)]
+    assert shared.num_tables == num_tables
+    assert shared.capacities == tuple(t.capacity for t in alone) and shared.capacities[3] == 0
+    for kind, op_keys, op_tables, op_vectors in random_table_ops(rng, num_tables, dim, 60, 40):
+        got = apply(shared, kind, op_keys, op_tables, op_vectors)
+        for t, table in enumerate(alone):
+            mine = op_tables == t
+            want = apply(table, kind, op_keys[mine], None, op_vectors[mine])
+            if kind == "query":
+                np.testing.assert_array_equal(got[0][mine], want[0])
+                np.testing.assert_array_equal(got[1][mine], want[1])
+    for t, table in enumerate(alone):
+        assert_same_dump(shared.dump(t), table.dump())
+    assert shared.table_stats() == [table.stats() for table in alone]
+    assert shared.stats() == CacheStats.total(table.stats() for table in alone)
+    narrow, _ = shared.query(keys, tables, dtype=np.float16)
+    np.testing.assert_array_equal(narrow, shared.query(keys, tables)[0].astype(np.float16))
+
+
+def test_static_table_counts_its_tables_and_refuses_bad_ones() -> None:
+    keys = np.array([1, 2, 3])
+    vectors = rows_for([1, 2, 3], 2)
+    assert ReferenceStaticTable(keys, vectors).num_tables == 1
+    assert ReferenceStaticTable(keys, vectors, tables=np.array([0, 4, 2])).num_tables == 5
+    for bad in (np.array([0, 1]), np.array([0, -1, 0]), np.array([0.0, 1.0, 0.0])):
+        with pytest.raises(ValueError, match="tables"):
+            ReferenceStaticTable(keys, vectors, tables=bad)
+    with pytest.raises(ValueError, match="tables"):
+        ReferenceStaticTable(keys, vectors, tables=np.array([0, 1, 2]), num_tables=2)
+    with pytest.raises(ValueError, match="num_tables"):
+        ReferenceStaticTable(keys, vectors, num_tables=0)
+    table = ReferenceStaticTable(keys, vectors, tables=np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="tables"):
+        table.query(keys, np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="table"):
+        table.dump(2)
+    assert table.stats() == CacheStats(hits=0, misses=0, rows=3, capacity=3)

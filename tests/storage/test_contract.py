@@ -269,3 +269,112 @@ def test_overflow_evict_random_keeps_size_at_target(
         level.insert(TABLE, more + 10_000, rows(more + 10_000))
         more += 1000
         assert level.size(TABLE) <= 1000
+
+
+MANY = ["m.a", "m.b", "m.c", "m.d"]
+
+
+def many_tables(level: StorageLevel) -> None:
+    """Tables of one dim where the same key values hold different rows (salt = the table's position)."""
+    for position, name in enumerate(MANY):
+        level.create_table(name, DIM)
+        keys = np.arange(position * 10, 100, dtype=np.int64)  # m.d has fewer keys than m.a
+        level.insert(name, keys, rows(keys, salt=100.0 * position))
+
+
+def test_fetch_many_equals_fetch_per_table(level: StorageLevel) -> None:
+    many_tables(level)
+    rng = np.random.default_rng(3)
+    keys = rng.integers(-5, 110, size=500).astype(np.int64)
+    # Index 2 is left out, so one named table has no keys in the batch.
+    index = rng.choice([0, 1, 3], size=500)
+    vectors, found = level.fetch_many(MANY, keys, index)
+    assert vectors.shape == (500, DIM) and vectors.dtype == np.float32 and found.dtype == bool
+    for position, name in enumerate(MANY):
+        mine = index == position
+        expected_vectors, expected_found = level.fetch(name, keys[mine])
+        np.testing.assert_array_equal(found[mine], expected_found)
+        np.testing.assert_array_equal(vectors[mine], expected_vectors)
+    assert 0 < found.sum() < 500
+    assert not vectors[~found].any()
+    hit = found & (index == 3)
+    np.testing.assert_array_equal(vectors[hit], rows(keys[hit], salt=300.0))
+
+
+def test_insert_many_writes_each_row_into_its_table(level: StorageLevel) -> None:
+    for name in MANY:
+        level.create_table(name, DIM)
+    keys = np.tile(np.arange(50, dtype=np.int64), 3)
+    index = np.repeat([2, 0, 1], 50)
+    salts = np.repeat([200.0, 0.0, 100.0], 50).astype(np.float32)
+    level.insert_many(MANY, keys, index, rows(keys) + salts[:, None])
+    for position, name in enumerate(MANY[:3]):
+        fetched, found = level.fetch(name, np.arange(50, dtype=np.int64))
+        assert found.all()
+        np.testing.assert_array_equal(fetched, rows(np.arange(50, dtype=np.int64), salt=100.0 * position))
+        assert level.size(name) == 50
+    assert level.size("m.d") == 0
+    vectors, found = level.fetch_many(MANY, keys, index)
+    assert found.all()
+    np.testing.assert_array_equal(vectors, rows(keys) + salts[:, None])
+
+
+def test_insert_many_last_row_wins_per_table_and_key(level: StorageLevel) -> None:
+    for name in MANY:
+        level.create_table(name, DIM)
+    keys = np.array([5, 5, 5, 6, 6, 5, 7], dtype=np.int64)
+    index = np.array([0, 1, 0, 1, 1, 3, 0])
+    vectors = np.arange(7, dtype=np.float32)[:, None].repeat(DIM, axis=1)
+    level.insert_many(MANY, keys, index, vectors)
+    fetched, found = level.fetch_many(MANY, np.array([5, 7, 5, 6, 5, 6]), np.array([0, 0, 1, 1, 3, 3]))
+    np.testing.assert_array_equal(found, [True, True, True, True, True, False])
+    np.testing.assert_array_equal(fetched[:, 0], [2, 6, 1, 4, 5, 0])
+    assert [level.size(name) for name in MANY] == [2, 2, 0, 1]
+
+
+def test_many_with_an_empty_batch(level: StorageLevel) -> None:
+    many_tables(level)
+    empty = np.array([], dtype=np.int64)
+    level.insert_many(MANY, empty, empty, np.zeros((0, DIM), dtype=np.float32))
+    vectors, found = level.fetch_many(MANY, empty, empty)
+    assert vectors.shape == (0, DIM) and found.shape == (0,)
+    assert level.size("m.a") == 100
+
+
+@pytest.mark.parametrize(
+    ("tables", "table_index", "error", "match"),
+    [
+        (MANY, np.array([[0, 1, 0]]), ValueError, "table_index"),
+        (MANY, np.array([0, 1]), ValueError, "table_index"),
+        (MANY, np.array([0.0, 1.0, 1.0]), ValueError, "table_index"),
+        (MANY, np.array([0, 4, 1]), ValueError, "table_index"),
+        (MANY, np.array([0, -1, 1]), ValueError, "table_index"),
+        (["m.a", "no.such"], np.array([0, 0, 0]), UnknownTableError, r"no\.such"),
+        (["m.a", "m.wide"], np.array([0, 0, 0]), ValueError, r"m\.wide.*\b16\b"),
+        (["m.a", "m.a"], np.array([0, 1, 0]), ValueError, "tables"),
+        ([], np.array([0, 0, 0]), ValueError, "tables"),
+    ],
+)
+def test_many_rejects_bad_batches_before_any_write(
+    level: StorageLevel, tables: list[str], table_index: np.ndarray, error: type[Exception], match: str
+) -> None:
+    many_tables(level)
+    level.create_table("m.wide", 16)
+    keys = np.array([1000, 1001, 1002], dtype=np.int64)
+    with pytest.raises(error, match=match):
+        level.fetch_many(tables, keys, table_index)
+    with pytest.raises(error, match=match):
+        level.insert_many(tables, keys, table_index, rows(keys))
+    assert [level.size(name) for name in MANY] == [100, 90, 80, 70]
+    assert level.size("m.wide") == 0
+    for name in MANY:
+        assert not level.contains(name, keys).any()
+
+
+def test_insert_many_rejects_vectors_of_another_shape(level: StorageLevel) -> None:
+    many_tables(level)
+    keys = np.array([1000, 1001], dtype=np.int64)
+    with pytest.raises(ValueError, match="vectors"):
+        level.insert_many(MANY, keys, np.array([0, 1]), np.zeros((2, DIM + 1), dtype=np.float32))
+    assert [level.size(name) for name in MANY] == [100, 90, 80, 70]
+    assert not level.contains("m.a", keys).any()
