@@ -62,7 +62,7 @@ def _import(args: argparse.Namespace) -> int:
                 if source is None:
                     print(f"{model.name}.{table.name}: no source configured, skipped (pass --source)")
                     continue
-                name = f"{model.name}.{table.name}"
+                name = model.storage_name(table)
                 rows = transfer.import_table(level, name, source, table.dim)
                 print(f"{name}: imported {rows} rows from {source} into {level.kind}")
     finally:
@@ -80,7 +80,7 @@ def _export(args: argparse.Namespace) -> int:
     if level is None:
         raise config_module.ConfigError("persistent_db: disabled; nothing to export from")
     try:
-        rows = transfer.export_table(level, f"{model.name}.{table.name}", Path(args.out), format=args.format)
+        rows = transfer.export_table(level, model.storage_name(table), Path(args.out), format=args.format)
     finally:
         level.close()
     print(f"{model.name}.{table.name}: exported {rows} rows to {args.out} ({args.format} format)")

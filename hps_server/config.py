@@ -47,6 +47,12 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     # host:port of the Prometheus /metrics endpoint; empty disables it.
     metrics_address: str = ""
+    # Lookups arriving while a pass runs are coalesced into the next pass anyway; this makes a pass
+    # also wait up to this many microseconds for more before starting (0: never wait; see
+    # docs/performance.md for the measurements behind the default).
+    batch_window_us: int = 0
+    # Lookups waiting for a pass, at most; one more is refused with RESOURCE_EXHAUSTED.
+    max_queued_requests: int = 256
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,10 @@ class ModelConfig:
 
     def max_keys(self, table: TableConfig) -> int:
         return self.max_batch_size * table.max_keys_per_sample
+
+    def storage_name(self, table: TableConfig) -> str:
+        """The table's name inside the storage levels, shared by every model of a server: `<model>.<table>`."""
+        return f"{self.name}.{table.name}"
 
 
 @dataclass(frozen=True)
@@ -278,7 +288,15 @@ def _devices(value: Any, name: str) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------- sections
 
-_SERVER_KEYS = {"address", "max_message_mb", "workers", "shutdown_grace_seconds", "metrics_address"}
+_SERVER_KEYS = {
+    "address",
+    "max_message_mb",
+    "workers",
+    "shutdown_grace_seconds",
+    "metrics_address",
+    "batch_window_us",
+    "max_queued_requests",
+}
 _VOLATILE_KEYS = {
     "type",
     "overflow_margin",
@@ -326,6 +344,8 @@ def _server(raw: Any) -> ServerConfig:
         workers=s.get("workers", d.workers, _int(1)),
         shutdown_grace_seconds=s.get("shutdown_grace_seconds", d.shutdown_grace_seconds, _float(0)),
         metrics_address=s.get("metrics_address", d.metrics_address, _str),
+        batch_window_us=s.get("batch_window_us", d.batch_window_us, _int(0)),
+        max_queued_requests=s.get("max_queued_requests", d.max_queued_requests, _int(1)),
     )
 
 

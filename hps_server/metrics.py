@@ -7,14 +7,16 @@ touches keys one by one, and label values are bounded (configured models and tab
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hps_server.cache import CacheStats
@@ -27,18 +29,84 @@ UNKNOWN_MODEL: Final = "_unknown"
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Keys per table query: powers of four from 1 to about a million.
 _BATCH_BUCKETS = tuple(float(4**i) for i in range(11))
+_BATCH_BOUNDS = np.array(_BATCH_BUCKETS)
 
 
-@dataclass(frozen=True)
-class LevelFetch:
-    """One batched fetch of a lookup from one level (named as the session names it: l1_cache, hash_map,
-    redis_cluster, rocksdb, or default for keys no level held)."""
+L1_LEVEL: Final = "l1_cache"
+# Level name under which keys no level held are counted (they get the table's default vector).
+DEFAULT_LEVEL: Final = "default"
 
-    level: str
-    keys: int
-    hits: int
-    # None: not timed (the default "level" does no work).
-    seconds: float | None = None
+
+@dataclass
+class LevelCounts:
+    """Keys answered per level of one table, since the session opened."""
+
+    by_level: dict[str, int] = field(default_factory=dict)
+    unavailable: int = 0
+
+
+class LookupTally:
+    """One model's lookup counts as arrays: keys per table, keys asked of and answered by each level per
+    table, the histogram of keys per table query. A pass adds to them in a few array operations however
+    many tables it covered; Prometheus reads them at scrape time."""
+
+    def __init__(self, model: str, tables: Sequence[str], levels: Sequence[str]) -> None:
+        self.model = model
+        self.tables = tuple(tables)
+        self.levels = tuple(levels)
+        self._lock = threading.Lock()
+        self._keys = np.zeros(len(tables), np.int64)
+        self._asked = np.zeros((len(levels), len(tables)), np.int64)
+        self._answered = np.zeros((len(levels), len(tables)), np.int64)
+        self._unavailable = np.zeros(len(tables), np.int64)
+        # Queries per bucket of _BATCH_BUCKETS (the last one: above every bound), and their key sum.
+        self._batches = np.zeros(len(_BATCH_BUCKETS) + 1, np.int64)
+        self._batch_keys = 0
+
+    def add(
+        self,
+        columns: np.ndarray,
+        table_of: np.ndarray,
+        query_sizes: np.ndarray,
+        per_level: Iterable[tuple[int, np.ndarray, np.ndarray]],
+        unavailable: np.ndarray,
+    ) -> None:
+        """One pass: columns[i] is the tally column of the pass's table i, table_of each key's table,
+        query_sizes the keys of each table query, per_level (level row, keys asked per table, keys
+        answered per table), unavailable the failed level calls per table."""
+        keys = np.bincount(table_of, minlength=len(columns))
+        buckets = np.bincount(np.searchsorted(_BATCH_BOUNDS, query_sizes), minlength=len(self._batches))
+        with self._lock:
+            self._keys[columns] += keys
+            for row, asked, answered in per_level:
+                self._asked[row, columns] += asked
+                self._answered[row, columns] += answered
+            self._unavailable[columns] += unavailable
+            self._batches += buckets
+            self._batch_keys += int(query_sizes.sum())
+
+    def counts(self) -> dict[str, LevelCounts]:
+        """Keys answered per level (levels that answered none left out), per table."""
+        with self._lock:
+            answered, asked, unavailable = self._answered.copy(), self._asked.copy(), self._unavailable.copy()
+        return {
+            table: LevelCounts(
+                {level: int(answered[row, col]) for row, level in enumerate(self.levels) if asked[row, col]},
+                int(unavailable[col]),
+            )
+            for col, table in enumerate(self.tables)
+        }
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """(keys per table, asked [level, table], answered [level, table], queries per bucket, key sum)."""
+        with self._lock:
+            return (
+                self._keys.copy(),
+                self._asked.copy(),
+                self._answered.copy(),
+                self._batches.copy(),
+                self._batch_keys,
+            )
 
 
 @dataclass(frozen=True)
@@ -93,6 +161,43 @@ class _CacheCollector(Collector):
         yield hit_rate
 
 
+class _TallyCollector(Collector):
+    """Turns the models' lookup tallies into counters and a histogram when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self._tallies: list[LookupTally] = []
+
+    def add(self, tally: LookupTally) -> None:
+        self._tallies.append(tally)
+
+    def collect(self) -> Iterator[Metric]:
+        keys = CounterMetricFamily("hps_lookup_keys", "Keys looked up, by model and table.", labels=["model", "table"])
+        asked = CounterMetricFamily(
+            "hps_level_queried_keys",
+            "Keys asked of a level (those the levels above missed).",
+            labels=["model", "level"],
+        )
+        hits = CounterMetricFamily(
+            "hps_level_hits",
+            "Keys answered by a level; level=default counts keys no level held.",
+            labels=["model", "level"],
+        )
+        batches = HistogramMetricFamily("hps_lookup_batch_keys", "Keys per table query of a lookup.", labels=["model"])
+        for tally in self._tallies:
+            per_table, asked_by, answered_by, buckets, key_sum = tally.snapshot()
+            for table, count in zip(tally.tables, per_table.tolist(), strict=True):
+                keys.add_metric([tally.model, table], count)
+            for level, level_asked, level_answered in zip(
+                tally.levels, asked_by.sum(axis=1).tolist(), answered_by.sum(axis=1).tolist(), strict=True
+            ):
+                asked.add_metric([tally.model, level], level_asked)
+                hits.add_metric([tally.model, level], level_answered)
+            cumulative = np.cumsum(buckets).tolist()
+            bounds = [*(str(bound) for bound in _BATCH_BUCKETS), "+Inf"]
+            batches.add_metric([tally.model], list(zip(bounds, cumulative, strict=True)), key_sum)
+        yield from (keys, asked, hits, batches)
+
+
 class ServerMetrics:
     """Every collector of one server, in a registry of its own (several servers may share a process)."""
 
@@ -114,22 +219,6 @@ class ServerMetrics:
             registry=r,
         )
         self.in_flight = Gauge("hps_requests_in_flight", "RPCs being served now.", ["method"], registry=r)
-        self.keys = Counter("hps_lookup_keys", "Keys looked up, by model and table.", ["model", "table"], registry=r)
-        self.batch_keys = Histogram(
-            "hps_lookup_batch_keys", "Keys per table query of a lookup.", ["model"], buckets=_BATCH_BUCKETS, registry=r
-        )
-        self.level_keys = Counter(
-            "hps_level_queried_keys",
-            "Keys asked of a level (those the levels above missed).",
-            ["model", "level"],
-            registry=r,
-        )
-        self.level_hits = Counter(
-            "hps_level_hits",
-            "Keys answered by a level; level=default counts keys no level held.",
-            ["model", "level"],
-            registry=r,
-        )
         self.level_seconds = Histogram(
             "hps_level_duration_seconds",
             "Time of one batched fetch from a level.",
@@ -153,13 +242,11 @@ class ServerMetrics:
         self.ready = Gauge("hps_ready", "1 while the health service reports SERVING.", registry=r)
         self._caches = _CacheCollector()
         r.register(self._caches)
+        self._tallies = _TallyCollector()
+        r.register(self._tallies)
         self._requests = _Children(self.requests)
         self._request_seconds = _Children(self.request_seconds)
         self._in_flight = _Children(self.in_flight)
-        self._keys = _Children(self.keys)
-        self._batch_keys = _Children(self.batch_keys)
-        self._level_keys = _Children(self.level_keys)
-        self._level_hits = _Children(self.level_hits)
         self._level_seconds = _Children(self.level_seconds)
 
     def model_label(self, model: str) -> str:
@@ -167,15 +254,15 @@ class ServerMetrics:
 
     # ------------------------------------------------------------ reported by the session
 
-    def record_lookup(self, model: str, table: str, keys: int, fetches: Iterable[LevelFetch] = ()) -> None:
-        """One table query of a lookup: its key count and what each level it walked answered."""
-        self._keys(model, table).inc(keys)
-        self._batch_keys(model).observe(keys)
-        for fetch in fetches:
-            self._level_keys(model, fetch.level).inc(fetch.keys)
-            self._level_hits(model, fetch.level).inc(fetch.hits)
-            if fetch.seconds is not None:
-                self._level_seconds(model, fetch.level).observe(fetch.seconds)
+    def tally(self, model: str, tables: Sequence[str], levels: Sequence[str]) -> LookupTally:
+        """A new tally of one model's lookups, exported by this server's registry."""
+        tally = LookupTally(model, tables, levels)
+        self._tallies.add(tally)
+        return tally
+
+    def record_level_seconds(self, model: str, level: str, seconds: float) -> None:
+        """One batched fetch from a level, whatever number of tables it served."""
+        self._level_seconds(model, level).observe(seconds)
 
     def record_level_failure(self, level: str, operation: str) -> None:
         self.level_failures.labels(level, operation).inc()

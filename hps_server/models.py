@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hps_server import storage, transfer, warmup
-from hps_server.cache import EmbeddingCache
+from hps_server.cache import TableL1
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig
 from hps_server.metrics import CacheOccupancy, ServerMetrics
@@ -21,8 +21,8 @@ from hps_server.storage.base import StorageLevel
 
 log = logging.getLogger(__name__)
 
-CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, Sequence[EmbeddingCache]]]
-"""Builds the L1 caches of a model (per table, one per device) from its config and its levels, top first."""
+CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, TableL1]]
+"""Places a model's tables in L1 (the caches per device holding each) from its config and its levels, top first."""
 
 
 @dataclass
@@ -87,10 +87,11 @@ class HostedModels:
     def cache_occupancy(self) -> list[CacheOccupancy]:
         """Every L1 cache of every model, with the device it lives on."""
         return [
-            CacheOccupancy(name, table, str(getattr(cache, "device", "host")), cache.stats())
+            CacheOccupancy(name, table.name, str(getattr(cache, "device", "host")), cache.table_stats()[table.l1.index])
             for name, session in self.sessions.items()
-            for table, caches in session.caches.items()
-            for cache in caches
+            for table in session.tables.values()
+            if table.l1 is not None
+            for cache in table.l1.caches
         ]
 
     def warm(self, stop: threading.Event) -> None:
@@ -116,7 +117,7 @@ def _prepare_tables(
 ) -> None:
     """Creates each table in the levels and ingests its source files on first start."""
     for table in model.tables:
-        name = f"{model.name}.{table.name}"
+        name = model.storage_name(table)
         authoritative = persistent or volatile
         if authoritative is None:
             raise ValueError(f"model {model.name}: both volatile_db and persistent_db are disabled")

@@ -19,7 +19,7 @@ from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
-from hps_server.service import LookupServicer, ModelServicer, lookup_service_handler
+from hps_server.service import Lookups, LookupServicer, ModelServicer, lookup_service_handler
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,9 @@ class HpsServer:
                 ("grpc.max_send_message_length", message_bytes),
             ],
         )
-        self._grpc.add_generic_rpc_handlers((lookup_service_handler(LookupServicer(self.models)),))
-        hps_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.models), self._grpc)
+        self.lookups = Lookups(self.models, config.server.batch_window_us, config.server.max_queued_requests)
+        self._grpc.add_generic_rpc_handlers((lookup_service_handler(LookupServicer(self.lookups)),))
+        hps_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.lookups), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = 0

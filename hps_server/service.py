@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
 import numpy as np
 
+from hps_server.batching import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
-from hps_server.config import TableConfig
 from hps_server.models import HostedModels
-from hps_server.session import LookupSession
+from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable
 from hps_server.storage.base import LevelUnavailableError, StorageError
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from hps_wire.response_codec import WIRE_NUMPY, LookupResult, encode_lookup_response
@@ -59,11 +60,42 @@ def decode_keys(keys: bytes, key_list: Sequence[int], field: str) -> np.ndarray:
     return np.array(key_list, dtype=np.int64)
 
 
-class Lookups:
-    """Request decoding, limits and reply encoding shared by the unary and streaming Lookup."""
+@dataclass(frozen=True)
+class _Query:
+    """One TableQuery, decoded and checked: its table resolved, its keys and reduction as arrays."""
 
-    def __init__(self, models: HostedModels) -> None:
+    asked_as: str
+    table: ServedTable
+    keys: np.ndarray
+    row_splits: np.ndarray
+    weights: np.ndarray | None
+    combiner: CombinerName | None
+    max_norm: float
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A LookupRequest ready for a pass: nothing left in it can be refused for its content."""
+
+    session: LookupSession
+    wire_dtype: np.dtype
+    queries: list[_Query]
+
+    def key_queries(self) -> list[KeyQuery]:
+        # Reductions need float32; plain queries get their reply dtype straight from the levels.
+        return [
+            KeyQuery(q.table, q.keys, FLOAT32 if q.combiner or q.max_norm else self.wire_dtype) for q in self.queries
+        ]
+
+
+class Lookups:
+    """Request decoding, limits, batching and reply encoding shared by the unary and streaming Lookup."""
+
+    def __init__(self, models: HostedModels, batch_window_us: int = 0, max_queued_requests: int = 256) -> None:
         self.models = models
+        self.coalescer: Coalescer[_Prepared, list[Outcome]] = Coalescer(
+            self._pass, batch_window_us / 1e6, max_queued_requests, "server.max_queued_requests"
+        )
 
     def session(self, model: str) -> LookupSession:
         try:
@@ -71,7 +103,7 @@ class Lookups:
         except KeyError as e:
             raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
 
-    def table(self, session: LookupSession, name: str) -> TableConfig:
+    def table(self, session: LookupSession, name: str) -> ServedTable:
         try:
             return session.table(name)
         except KeyError as e:
@@ -79,43 +111,64 @@ class Lookups:
 
     def answer(self, request: hps_pb2.LookupRequest) -> bytes:
         """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply)."""
+        prepared = self.prepare(request)
+        try:
+            outcomes = self.coalescer.submit(prepared)
+        except QueueFullError as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        results = []
+        for query, outcome in zip(prepared.queries, outcomes, strict=True):
+            if isinstance(outcome, StorageError):
+                raise outcome
+            vectors = outcome.vectors
+            if query.max_norm:
+                vectors = clip_norms(vectors, query.max_norm)
+            if query.combiner is not None:
+                vectors = combine(vectors, query.row_splits, query.combiner, query.weights)
+            results.append(LookupResult(query.asked_as, vectors.astype(prepared.wire_dtype, copy=False), outcome.found))
+        return encode_lookup_response(request.model, results, request.request_id)
+
+    def prepare(self, request: hps_pb2.LookupRequest) -> _Prepared:
+        """Decodes and checks every query, so a bad request costs no level work and fails alone."""
         session = self.session(request.model)
         wire_dtype = WIRE_NUMPY.get(request.dtype)
         if wire_dtype is None:
             raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
-        # Decode and check every query before any lookup, so a bad request costs no level work.
-        decoded = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
-        results = []
-        for (table, keys, row_splits, weights, combiner), query in zip(decoded, request.queries, strict=True):
-            looked_up = session.lookup(table.name, keys)
-            vectors = looked_up.vectors
-            if query.max_norm:
-                vectors = clip_norms(vectors, query.max_norm)
-            if combiner is not None:
-                vectors = combine(vectors, row_splits, combiner, weights)
-            results.append(LookupResult(query.table, vectors.astype(wire_dtype, copy=False), looked_up.found))
-        return encode_lookup_response(request.model, results, request.request_id)
+        queries = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
+        return _Prepared(session, wire_dtype, queries)
 
-    def _decode(
-        self, session: LookupSession, query: hps_pb2.TableQuery, field: str
-    ) -> tuple[TableConfig, np.ndarray, np.ndarray, np.ndarray | None, CombinerName | None]:
+    @staticmethod
+    def _pass(batch: Sequence[_Prepared]) -> list[list[Outcome]]:
+        """One pass for every request coalesced: each model's session answers all its queries at once."""
+        by_session: dict[LookupSession, list[int]] = {}
+        for i, prepared in enumerate(batch):
+            by_session.setdefault(prepared.session, []).append(i)
+        answers: list[list[Outcome]] = [[] for _ in batch]
+        for session, members in by_session.items():
+            outcomes = iter(session.lookup_many([kq for i in members for kq in batch[i].key_queries()]))
+            for i in members:
+                answers[i] = [next(outcomes) for _ in batch[i].queries]
+        return answers
+
+    def _decode(self, session: LookupSession, query: hps_pb2.TableQuery, field: str) -> _Query:
         table = self.table(session, query.table)
         keys = decode_keys(query.keys, query.key_list, field)
         if not 0 <= query.max_norm < math.inf:
             raise _invalid(f"{field}.max_norm: must be finite and >= 0 (0: no clipping), got {query.max_norm}")
-        limit = session.model.max_keys(table)
+        limit = session.model.max_keys(table.config)
         if len(keys) > limit:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{field}: {len(keys)} keys for table {table.name} exceed the limit of {limit} "
-                f"(max_batch_size {session.model.max_batch_size} x max_keys_per_sample {table.max_keys_per_sample})",
+                f"(max_batch_size {session.model.max_batch_size} x max_keys_per_sample "
+                f"{table.config.max_keys_per_sample})",
             )
         if not query.row_splits:
             if query.combiner != hps_pb2.COMBINER_UNSPECIFIED:
                 raise _invalid(f"{field}.combiner: needs row_splits (one offset per sample plus one)")
             if query.weights:
                 raise _invalid(f"{field}.weights: only used with row_splits and a combiner")
-            return table, keys, np.empty(0, np.int64), None, None
+            return _Query(query.table, table, keys, _NO_SPLITS, None, None, query.max_norm)
         combiner = _COMBINERS.get(query.combiner)
         if combiner is None:
             raise _invalid(f"{field}.combiner: row_splits needs a combiner (SUM, MEAN or SQRTN), got {query.combiner}")
@@ -129,11 +182,16 @@ class Lookups:
         weights = _packed(query.weights, "<f4", f"{field}.weights") if query.weights else None
         if weights is not None and len(weights) != len(keys):
             raise _invalid(f"{field}.weights: {len(weights)} weights for {len(keys)} keys; give one per key")
+        if weights is not None and not np.all(np.isfinite(weights)):
+            raise _invalid(f"{field}.weights: contains NaN or infinity")
         try:
             check_row_splits(row_splits, len(keys))
         except ValueError as e:
             raise _invalid(f"{field}.{e}") from None
-        return table, keys, row_splits, weights, combiner
+        return _Query(query.table, table, keys, row_splits, weights, combiner, query.max_norm)
+
+
+_NO_SPLITS = np.empty(0, np.int64)
 
 
 def _abort(context: grpc.ServicerContext, error: RequestError) -> NoReturn:
@@ -158,8 +216,8 @@ def _guarded(context: grpc.ServicerContext, call: str, work):  # type: ignore[no
 
 
 class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
-    def __init__(self, models: HostedModels) -> None:
-        self.lookups = Lookups(models)
+    def __init__(self, lookups: Lookups) -> None:
+        self.lookups = lookups
 
     def Lookup(self, request: hps_pb2.LookupRequest, context: grpc.ServicerContext) -> bytes:
         return _guarded(context, "Lookup", lambda: self.lookups.answer(request))
@@ -238,8 +296,8 @@ def lookup_service_handler(servicer: LookupServicer) -> grpc.GenericRpcHandler:
 
 
 class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
-    def __init__(self, models: HostedModels) -> None:
-        self.lookups = Lookups(models)
+    def __init__(self, lookups: Lookups) -> None:
+        self.lookups = lookups
 
     def ListModels(
         self, request: hps_pb2.ListModelsRequest, context: grpc.ServicerContext

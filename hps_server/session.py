@@ -1,52 +1,109 @@
 """LookupSession: the walk down the levels for one model (L1 cache -> volatile -> persistent -> default).
 
 This is the only place that knows the hierarchy. It sees arrays, never gRPC messages, and never loops
-over keys in Python: every level is asked once per table per request for all the keys that missed above.
+over keys in Python. A batch of table queries (one request's, or many requests' coalesced) is answered
+in one pass: the keys of all tables of one vector width go down together, so each level is asked once
+per width, however many tables the batch names.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from hps_server.cache import CacheStats, EmbeddingCache
+from hps_server.cache import CacheStats, EmbeddingCache, TableL1
 from hps_server.cache.background import BackgroundFill
 from hps_server.config import ModelConfig, TableConfig
-from hps_server.metrics import LevelFetch, ServerMetrics
+from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, ServerMetrics
 from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
 
 log = logging.getLogger(__name__)
 
-L1_LEVEL = "l1_cache"
 WARN_INTERVAL_SECONDS = 30
-DEFAULT_LEVEL = "default"
+FLOAT32 = np.dtype(np.float32)
+
+
+class ServedTable:
+    """One table of a served model, resolved once when the model loads: its config, its name in the
+    storage levels, its place in L1, and the epoch and lock that keep write-backs behind upserts."""
+
+    def __init__(self, model: ModelConfig, config: TableConfig, index: int, l1: TableL1 | None) -> None:
+        self.config = config
+        self.name = config.name
+        self.dim = config.dim
+        # Column of this table in the model's tally, and its id in the model's per-key table arrays.
+        self.index = index
+        self.storage_name = model.storage_name(config)
+        self.l1 = l1
+        # Bumped by every upsert/delete: a write-back (into L2 or L1) of rows read before is dropped,
+        # so no level above takes a row older than one written since. The lock makes check+insert
+        # atomic against the upsert/delete that bumps it.
+        self.epoch = 0
+        self.lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class KeyQuery:
+    """Keys of one table to look up; `dtype` is the element type the caller wants the vectors in."""
+
+    table: ServedTable
+    keys: np.ndarray
+    dtype: np.dtype = FLOAT32
 
 
 @dataclass(frozen=True)
 class TableLookup:
-    """One vector per key: float32 [n, dim], and which keys some level held."""
+    """One vector per key ([n, dim], float32 or the dtype asked for), and which keys some level held."""
 
     vectors: np.ndarray
     found: np.ndarray
 
 
-@dataclass
-class LevelCounts:
-    """Keys answered per level of one table, since the session opened."""
+Outcome = TableLookup | StorageError
+"""What a batch gives each query: its vectors, or the storage error that stopped it (the others stand)."""
 
-    by_level: dict[str, int] = field(default_factory=dict)
-    unavailable: int = 0
 
-    def add(self, level: str, keys: int) -> None:
-        self.by_level[level] = self.by_level.get(level, 0) + keys
+class _Batch:
+    """The keys of several queries of one width laid end to end, with each key's table (an index into
+    `tables`) and query; everything the walk needs, resolved once."""
+
+    def __init__(self, queries: Sequence[KeyQuery], tables: Sequence[ServedTable]) -> None:
+        self.queries = queries
+        self.tables = tables
+        local = {table: i for i, table in enumerate(tables)}
+        lengths = np.fromiter((len(q.keys) for q in queries), np.int64, len(queries))
+        self.starts = np.concatenate(([0], np.cumsum(lengths)))
+        self.keys = queries[0].keys if len(queries) == 1 else np.concatenate([q.keys for q in queries])
+        self.query_of = np.repeat(np.arange(len(queries)), lengths)
+        query_tables = np.fromiter((local[q.table] for q in queries), np.int64, len(queries))
+        self.table_of = query_tables[self.query_of]
+        self.names = [table.storage_name for table in tables]
+        self.columns = np.fromiter((table.index for table in tables), np.int64, len(tables))
+        self.defaults = np.fromiter((table.config.default_value for table in tables), np.float32, len(tables))
+        self.dim = tables[0].dim
+        self.l1 = tables[0].l1
+        self.l1_tables = (
+            None if self.l1 is None else np.fromiter((t.l1.index for t in tables if t.l1), np.int32, len(tables))
+        )
+        # float16 straight from L1 when every query wants it; a mixed batch is cast per query at the end.
+        wanted = {q.dtype for q in queries}
+        self.dtype = wanted.pop() if len(wanted) == 1 else FLOAT32
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, positions: np.ndarray) -> _Batch:
+        """The same tables, only the keys at `positions` (one query per table: for fetches behind a reply)."""
+        per_table = [positions[self.table_of[positions] == i] for i in range(len(self.tables))]
+        queries = [KeyQuery(table, self.keys[p]) for table, p in zip(self.tables, per_table, strict=True) if len(p)]
+        return _Batch(queries, [q.table for q in queries])
 
 
 class LookupSession:
@@ -56,239 +113,259 @@ class LookupSession:
         self,
         model: ModelConfig,
         levels: Sequence[StorageLevel],
-        caches: Mapping[str, Sequence[EmbeddingCache]] | None = None,
+        caches: Mapping[str, TableL1] | None = None,
         write_back: bool = True,
         metrics: ServerMetrics | None = None,
     ) -> None:
-        """levels: storage levels top first; caches: per table, one L1 cache per device;
+        """levels: storage levels top first; caches: each table's place in L1 (placement.build_caches);
         write_back: insert rows found below into the writable levels above them;
-        metrics: where each lookup reports its per-level counts and timings."""
+        metrics: where each pass reports its per-level counts and timings."""
         self.model = model
         self.levels = tuple(levels)
-        self.caches = dict(caches or {})
+        caches = dict(caches or {})
+        self.tables = {
+            config.name: ServedTable(model, config, index, caches.get(config.name))
+            for index, config in enumerate(model.tables)
+        }
+        self.has_l1 = bool(caches)
         self.write_back = write_back
         self.metrics = metrics
+        level_names = [*self.level_names(), DEFAULT_LEVEL]
+        tally = metrics.tally if metrics is not None else LookupTally
+        self.tally = tally(model.name, list(self.tables), level_names)
+        self._level_rows = {name: row for row, name in enumerate(level_names)}
         self._device_turn = itertools.count()
-        self._counts = {table.name: LevelCounts() for table in model.tables}
-        self._counts_lock = threading.Lock()
+        self._warn_lock = threading.Lock()
         self._last_warning: dict[str, float] = {}
         # L1 inserts above hit_rate_threshold run here, off the reply's path.
-        self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.caches else None
-        # Bumped by every upsert/delete of a table: a write-back (into L2 or L1) of rows fetched before
-        # it is dropped, so no level above takes a row older than one written since. A table's lock
-        # makes check+insert atomic against the upsert/delete that bumps it.
-        self._epochs = {table.name: 0 for table in model.tables}
-        self._table_locks = {table.name: threading.Lock() for table in model.tables}
+        self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.has_l1 else None
 
     @property
     def name(self) -> str:
         return self.model.name
 
     def level_names(self) -> list[str]:
-        return ([L1_LEVEL] if self.caches else []) + [level.kind for level in self.levels]
+        return ([L1_LEVEL] if self.has_l1 else []) + [level.kind for level in self.levels]
 
-    def qualified(self, table: TableConfig) -> str:
-        """The table's name inside the storage levels, shared by every model of a server."""
-        return f"{self.model.name}.{table.name}"
-
-    def table(self, name: str) -> TableConfig:
-        """The table's config; raises KeyError naming the model when it has no such table."""
+    def table(self, name: str) -> ServedTable:
+        """The served table; raises KeyError naming the model when it has no such table."""
         try:
-            return self.model.table(name)
+            return self.tables[name]
         except KeyError:
             raise KeyError(f"model {self.model.name!r} has no table {name!r}") from None
 
     # ---------------------------------------------------------------- lookups
 
     def lookup(self, table_name: str, keys: np.ndarray) -> TableLookup:
-        table = self.table(table_name)
-        keys = as_keys(keys)
-        found = np.zeros(len(keys), dtype=bool)
-        answered: dict[str, int] = {}
-        fetches: list[LevelFetch] = []
-        # The first level asked about every key lends its reply as the result buffer (no extra copy);
-        # `missing` (positions not answered yet) stays None until some level has answered.
+        """One table's lookup (a batch of one query); raises the storage error that stopped it."""
+        outcome = self.lookup_many([KeyQuery(self.table(table_name), as_keys(keys))])[0]
+        if isinstance(outcome, StorageError):
+            raise outcome
+        return outcome
+
+    def lookup_many(self, queries: Sequence[KeyQuery]) -> list[Outcome]:
+        """Answers every query in one pass per vector width (and L1 placement); outcomes in query order.
+
+        A level failing for one width fails only the queries that needed it; the others are answered."""
+        groups: dict[tuple[int, tuple[EmbeddingCache, ...]], list[int]] = {}
+        for i, query in enumerate(queries):
+            l1 = query.table.l1
+            groups.setdefault((query.table.dim, l1.caches if l1 else ()), []).append(i)
+        outcomes: list[Outcome | None] = [None] * len(queries)
+        for members in groups.values():
+            group = [queries[i] for i in members]
+            batch = _Batch(group, list(dict.fromkeys(q.table for q in group)))
+            try:
+                answered = self._walk(batch, report=True)
+            except StorageError as e:
+                answered = [e] * len(group)
+            for i, outcome in zip(members, answered, strict=True):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]  # every slot was filled above
+
+    def _walk(self, batch: _Batch, report: bool, through_l1: bool = True) -> list[Outcome]:
+        """Answers the batch from L1, then the levels below for what missed, then defaults; copies what
+        it fetched into the levels above. report: the walk answers replies, so it is counted."""
+        epochs = [table.epoch for table in batch.tables]  # read before any row is
+        n = len(batch)
+        counts = _PassCounts(self, batch)
+        found = np.zeros(n, bool)
         vectors: np.ndarray | None = None
-        missing: np.ndarray | None = None
-
-        cache = self._pick_cache(table.name)
+        missing: np.ndarray | None = None  # positions not answered yet; None until some level answered
+        cache = self._pick_cache(batch)
         background = False
-        if cache is not None and len(keys):
+        if cache is not None and through_l1 and n:
+            assert batch.l1_tables is not None
             started = time.perf_counter()
-            vectors, hit = cache.query(keys)
+            vectors, hit = cache.query(batch.keys, batch.l1_tables[batch.table_of], dtype=batch.dtype)
             found |= hit
-            answered[L1_LEVEL] = int(np.count_nonzero(hit))
-            fetches.append(LevelFetch(L1_LEVEL, len(keys), answered[L1_LEVEL], time.perf_counter() - started))
+            counts.level(L1_LEVEL, None, hit, time.perf_counter() - started)
             missing = np.flatnonzero(~hit)
-            background = answered[L1_LEVEL] >= self.model.hit_rate_threshold * len(keys)
+            background = n - len(missing) >= self.model.hit_rate_threshold * n
             if background and self.model.answer_misses_with_default and len(missing):
-                vectors[missing] = table.default_value
-                answered[DEFAULT_LEVEL] = len(missing)
-                fetches.append(LevelFetch(DEFAULT_LEVEL, len(missing), len(missing)))
-                self._count(table.name, answered, 0)
-                self._report(table.name, len(keys), fetches)
-                self._fetch_later(table, keys[missing], cache)
-                return TableLookup(vectors, found)
-        return self._walk(table, keys, vectors, found, missing, answered, fetches, cache, background)
+                vectors[missing] = batch.defaults[batch.table_of[missing], None]
+                counts.defaults(missing)
+                self._fetch_later(batch.subset(missing))
+                missing = missing[:0]
 
-    def _walk(
-        self,
-        table: TableConfig,
-        keys: np.ndarray,
-        vectors: np.ndarray | None,
-        found: np.ndarray,
-        missing: np.ndarray | None,
-        answered: dict[str, int],
-        fetches: list[LevelFetch],
-        cache: EmbeddingCache | None,
-        background: bool,
-        report: bool = True,
-    ) -> TableLookup:
-        """Fills the `missing` positions from the levels below L1, then defaults; inserts what it fetched above.
-
-        report: the walk answers a reply, so it is counted and reported to metrics."""
-        epoch = self.epoch(table.name)
-        unavailable = 0
+        fetched: list[tuple[int, np.ndarray, np.ndarray]] = []  # (level index, positions, float32 rows)
         authoritative_down = False
-        fetched_from: list[tuple[int, np.ndarray]] = []  # (level index, positions it answered)
         for index, level in enumerate(self.levels):
             if missing is not None and not len(missing):
                 break
+            asked = missing
             started = time.perf_counter()
             try:
-                rows, hit = level.fetch(self.qualified(table), keys if missing is None else keys[missing])
+                keys, table_of = (
+                    (batch.keys, batch.table_of) if asked is None else (batch.keys[asked], batch.table_of[asked])
+                )
+                rows, hit = level.fetch_many(batch.names, keys, table_of)
             except LevelUnavailableError as e:
-                unavailable += 1
                 authoritative_down = index == len(self.levels) - 1
-                self._warn_unavailable(level.kind, f"lookups of {table.name} fall through", e)
+                counts.unavailable(missing)
+                self._warn_unavailable(level.kind, "lookups fall through", e)
                 if self.metrics is not None:
                     self.metrics.record_level_failure(level.kind, "fetch")
                 continue
             seconds = time.perf_counter() - started
             if missing is None:
-                vectors = rows if rows.flags.writeable else rows.copy()
-                positions = np.flatnonzero(hit)
-                missing = np.flatnonzero(~hit)
+                positions, missing = np.flatnonzero(hit), np.flatnonzero(~hit)
+                vectors = rows if rows.flags.writeable and rows.dtype == batch.dtype else rows.astype(batch.dtype)
             else:
                 assert vectors is not None
                 positions = missing[hit]
                 vectors[positions] = rows[hit]
                 missing = missing[~hit]
             found[positions] = True
-            answered[level.kind] = answered.get(level.kind, 0) + len(positions)
-            fetches.append(LevelFetch(level.kind, len(hit), len(positions), seconds))
-            fetched_from.append((index, positions))
+            counts.level(level.kind, asked, hit, seconds)
+            fetched.append((index, positions, rows[hit]))
 
         if vectors is None or missing is None:  # no level could be asked
-            vectors = np.empty((len(keys), table.dim), dtype=np.float32)
-            missing = np.arange(len(keys))
+            vectors = np.empty((n, batch.dim), dtype=batch.dtype)
+            missing = np.arange(n)
+        failed = np.zeros(len(batch.queries), bool)
         if len(missing) and authoritative_down:
             # Only the lowest level can say a key is absent; without it a default could be wrong.
-            if report:
-                self._count(table.name, answered, unavailable)
-                self._report(table.name, len(keys), fetches)
-            raise LevelUnavailableError(
-                f"table {table.name}: {len(missing)} keys missed every reachable level and the "
-                f"{self.levels[-1].kind} level is unavailable"
-            )
+            failed[batch.query_of[missing]] = True
+            missing = missing[~failed[batch.query_of[missing]]]
         if len(missing):
-            vectors[missing] = table.default_value
-            answered[DEFAULT_LEVEL] = len(missing)
-            fetches.append(LevelFetch(DEFAULT_LEVEL, len(missing), len(missing)))
-        self._insert_upwards(table, keys, vectors, fetched_from, cache, background, epoch)
+            vectors[missing] = batch.defaults[batch.table_of[missing], None]
+            counts.defaults(missing)
+        self._insert_upwards(batch, epochs, fetched, cache, background)
         if report:
-            self._count(table.name, answered, unavailable)
-            self._report(table.name, len(keys), fetches)
-        return TableLookup(vectors, found)
+            counts.commit(self.metrics)
+        return self._split(batch, vectors, found, failed)
 
-    def _report(self, table: str, keys: int, fetches: list[LevelFetch]) -> None:
-        if self.metrics is not None:
-            self.metrics.record_lookup(self.model.name, table, keys, fetches)
+    def _split(self, batch: _Batch, vectors: np.ndarray, found: np.ndarray, failed: np.ndarray) -> list[Outcome]:
+        """Each query's slice of the batch (views, no copy unless the query wants another dtype)."""
+        outcomes: list[Outcome] = []
+        for i, query in enumerate(batch.queries):
+            if failed[i]:
+                outcomes.append(
+                    LevelUnavailableError(
+                        f"table {query.table.name}: keys missed every reachable level and the "
+                        f"{self.levels[-1].kind} level is unavailable"
+                    )
+                )
+                continue
+            start, stop = batch.starts[i], batch.starts[i + 1]
+            outcomes.append(TableLookup(vectors[start:stop].astype(query.dtype, copy=False), found[start:stop]))
+        return outcomes
 
-    def _fetch_later(self, table: TableConfig, keys: np.ndarray, cache: EmbeddingCache) -> None:
+    def _fetch_later(self, batch: _Batch) -> None:
         """answer_misses_with_default: the true rows of L1 misses are fetched and cached in the background."""
+        assert self._fill is not None  # a session with caches has a fill worker
 
         def fetch() -> None:
-            self._walk(table, keys, None, np.zeros(len(keys), bool), None, {}, [], cache, False, report=False)
+            self._walk(batch, report=False, through_l1=False)
 
-        assert self._fill is not None  # a session with caches has a fill worker
         self._fill.submit(fetch)
 
-    def _pick_cache(self, table: str) -> EmbeddingCache | None:
-        devices = self.caches.get(table)
-        if not devices:
+    def _pick_cache(self, batch: _Batch) -> EmbeddingCache | None:
+        if batch.l1 is None:
             return None
-        return devices[next(self._device_turn) % len(devices)]
+        caches = batch.l1.caches
+        return caches[next(self._device_turn) % len(caches)]
 
     def _insert_upwards(
         self,
-        table: TableConfig,
-        keys: np.ndarray,
-        vectors: np.ndarray,
-        fetched_from: list[tuple[int, np.ndarray]],
+        batch: _Batch,
+        epochs: list[int],
+        fetched: list[tuple[int, np.ndarray, np.ndarray]],
         cache: EmbeddingCache | None,
         background: bool,
-        epoch: int,
     ) -> None:
-        """Copies rows found in a lower level into the levels above it."""
-        for index, positions in fetched_from:
-            if not len(positions):
-                continue
-            if cache is not None:
-                self._fill_l1(table.name, cache, keys[positions], vectors[positions], background, epoch)
-            if not self.write_back:
-                continue
+        """Copies rows found in lower levels into L1 (one insert for all of them) and into the writable
+        levels above the one that held them."""
+        fetched = [(index, positions, rows) for index, positions, rows in fetched if len(positions)]
+        if cache is not None and batch.l1_tables is not None and fetched:
+            positions = np.concatenate([p for _, p, _ in fetched]) if len(fetched) > 1 else fetched[0][1]
+            rows = np.concatenate([r for _, _, r in fetched]) if len(fetched) > 1 else fetched[0][2]
+            tables = batch.table_of[positions]
+            keys, l1_tables = batch.keys[positions], batch.l1_tables[tables]
+
+            def fill() -> None:
+                self._insert_unless_stale(
+                    batch.tables, epochs, tables, lambda keep: cache.replace(keys[keep], rows[keep], l1_tables[keep])
+                )
+
+            if background and self._fill is not None:
+                self._fill.submit(fill)
+            else:
+                fill()
+        if not self.write_back:
+            return
+        for index, positions, rows in fetched:
+            keys, tables = batch.keys[positions], batch.table_of[positions]
             for level in self.levels[:index]:
                 if level.read_only:
                     continue
                 try:
-                    copy = functools.partial(level.insert, self.qualified(table), keys[positions], vectors[positions])
-                    if not self.insert_if_unchanged(table.name, epoch, copy):
-                        return  # an upsert/delete came after these rows were read: they are stale
+
+                    def copy(keep: np.ndarray, level=level, keys=keys, rows=rows, tables=tables) -> None:  # type: ignore[no-untyped-def]
+                        level.insert_many(batch.names, keys[keep], tables[keep], rows[keep])
+
+                    self._insert_unless_stale(batch.tables, epochs, tables, copy)
                 except StorageError as e:
                     # Best effort: the lower level stays the source of truth, the row is fetched again later.
-                    self._warn_unavailable(level.kind, f"write-back of {table.name} skipped", e)
+                    self._warn_unavailable(level.kind, "write-back skipped", e)
                     if self.metrics is not None:
                         self.metrics.record_level_failure(level.kind, "insert")
+
+    @staticmethod
+    def _insert_unless_stale(
+        tables: Sequence[ServedTable], epochs: Sequence[int], table_of: np.ndarray, insert: Callable[[np.ndarray], None]
+    ) -> None:
+        """Runs insert(keep) for the rows whose table saw no upsert or delete since `epochs` were read
+        (the others may be older than what was written); holds those tables' locks meanwhile."""
+        with contextlib.ExitStack() as held:
+            for table in sorted(tables, key=lambda t: t.index):  # one order everywhere: no deadlock
+                held.enter_context(table.lock)
+            stale = [i for i, (table, epoch) in enumerate(zip(tables, epochs, strict=True)) if table.epoch != epoch]
+            keep = np.ones(len(table_of), bool) if not stale else ~np.isin(table_of, stale)
+            if keep.any():
+                insert(keep)
 
     def _warn_unavailable(self, level: str, consequence: str, error: Exception) -> None:
         """Logs a level outage at most once per WARN_INTERVAL_SECONDS per level: an outage must not flood the log."""
         now = time.monotonic()
-        with self._counts_lock:
+        with self._warn_lock:
             due = now - self._last_warning.get(level, -WARN_INTERVAL_SECONDS) >= WARN_INTERVAL_SECONDS
             if due:
                 self._last_warning[level] = now
         if due:
             log.warning(
-                "%s level unavailable, %s (repeats silenced for %d s): %s",
+                "%s level unavailable for model %s, %s (repeats silenced for %d s): %s",
                 level,
+                self.model.name,
                 consequence,
                 WARN_INTERVAL_SECONDS,
                 error,
             )
 
-    def _fill_l1(
-        self, table: str, cache: EmbeddingCache, keys: np.ndarray, vectors: np.ndarray, background: bool, epoch: int
-    ) -> None:
-        def fill() -> None:
-            self.insert_if_unchanged(table, epoch, lambda: cache.replace(keys, vectors))
-
-        if background and self._fill is not None:
-            self._fill.submit(fill)
-        else:
-            fill()
-
-    def _count(self, table: str, answered: Mapping[str, int], unavailable: int) -> None:
-        with self._counts_lock:
-            counts = self._counts[table]
-            for level, n in answered.items():
-                counts.add(level, n)
-            counts.unavailable += unavailable
-
     def counts(self) -> dict[str, LevelCounts]:
         """A snapshot of keys answered per level, per table."""
-        with self._counts_lock:
-            return {name: LevelCounts(dict(c.by_level), c.unavailable) for name, c in self._counts.items()}
+        return self.tally.counts()
 
     # ---------------------------------------------------------------- online updates
 
@@ -298,10 +375,10 @@ class LookupSession:
         keys = as_keys(keys)
         vectors = as_vectors(vectors, len(keys), table.dim)
         self._require_writable()
-        with self._writing(table.name, lambda cache: cache.update(keys, vectors)):
+        with self._writing(table, lambda cache, index: cache.update(keys, vectors, _same(index, keys))):
             for level in reversed(self.levels):
                 if not level.read_only:
-                    level.insert(self.qualified(table), keys, vectors)
+                    level.insert(table.storage_name, keys, vectors)
         return len(keys)
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
@@ -311,34 +388,31 @@ class LookupSession:
         keys = np.unique(as_keys(keys))
         self._require_writable()
         writable = [level for level in reversed(self.levels) if not level.read_only]
-        with self._writing(table.name, lambda cache: cache.invalidate(keys)):
-            removed = [level.evict(self.qualified(table), keys) for level in writable]
+        with self._writing(table, lambda cache, index: cache.invalidate(keys, _same(index, keys))):
+            removed = [level.evict(table.storage_name, keys) for level in writable]
         return removed[0]
 
-    def epoch(self, table_name: str) -> int:
-        """Counts the table's upserts and deletes; read it before reading rows to copy upwards."""
-        return self._epochs[table_name]
-
-    def insert_if_unchanged(self, table_name: str, epoch: int, insert: Callable[[], None]) -> bool:
+    def insert_if_unchanged(self, table: ServedTable, epoch: int, insert: Callable[[], None]) -> bool:
         """Runs `insert` (a copy of rows into a level above) unless an upsert or delete of the table came
         since `epoch` was read, in which case the rows may be stale and nothing is written."""
-        with self._table_locks[table_name]:
-            if self._epochs[table_name] != epoch:
+        with table.lock:
+            if table.epoch != epoch:
                 return False
             insert()
             return True
 
     @contextlib.contextmanager
-    def _writing(self, table: str, refresh_l1: Callable[[EmbeddingCache], None]) -> Iterator[None]:
+    def _writing(self, table: ServedTable, refresh_l1: Callable[[EmbeddingCache, int], None]) -> Iterator[None]:
         """Holds the table against write-backs while the levels are written; L1 is refreshed even when
         a level fails part-way, since the levels below it may already hold the new rows."""
-        with self._table_locks[table]:
-            self._epochs[table] += 1
+        with table.lock:
+            table.epoch += 1
             try:
                 yield
             finally:
-                for cache in self.caches.get(table, ()):
-                    refresh_l1(cache)
+                if table.l1 is not None:
+                    for cache in table.l1.caches:
+                        refresh_l1(cache, table.l1.index)
 
     def _require_writable(self) -> None:
         if not any(not level.read_only for level in self.levels):
@@ -346,7 +420,7 @@ class LookupSession:
 
     def cache_stats(self) -> dict[str, CacheStats]:
         """L1 hits, misses, rows held and capacity per table, summed over the table's devices."""
-        return {name: CacheStats.total(cache.stats() for cache in caches) for name, caches in self.caches.items()}
+        return {name: table.l1.stats() for name, table in self.tables.items() if table.l1 is not None}
 
     def close(self) -> None:
         """Runs the L1 fills still queued; call before the levels close."""
@@ -356,4 +430,47 @@ class LookupSession:
     def rows(self, table_name: str) -> int:
         """Rows in the authoritative (lowest) level, 0 when there is none."""
         table = self.table(table_name)
-        return self.levels[-1].size(self.qualified(table)) if self.levels else 0
+        return self.levels[-1].size(table.storage_name) if self.levels else 0
+
+
+def _same(index: int, keys: np.ndarray) -> np.ndarray:
+    """The per-key table index of a batch that is all one table."""
+    return np.full(len(keys), index, np.int32)
+
+
+class _PassCounts:
+    """What one pass asked and got of each level, per table, added to the model's tally at the end in
+    a few array operations (never one metric update per table)."""
+
+    def __init__(self, session: LookupSession, batch: _Batch) -> None:
+        self._session = session
+        self._batch = batch
+        self._tables = len(batch.tables)
+        self._asked: list[tuple[int, np.ndarray, np.ndarray]] = []  # (level row, asked per table, hits per table)
+        self._timings: list[tuple[str, float]] = []
+        self._unavailable = np.zeros(self._tables, np.int64)
+
+    def _per_table(self, positions: np.ndarray | None, mask: np.ndarray | None = None) -> np.ndarray:
+        table_of = self._batch.table_of if positions is None else self._batch.table_of[positions]
+        if mask is not None:
+            table_of = table_of[mask]
+        return np.bincount(table_of, minlength=self._tables)
+
+    def level(self, name: str, positions: np.ndarray | None, hit: np.ndarray, seconds: float) -> None:
+        row = self._session._level_rows[name]
+        self._asked.append((row, self._per_table(positions), self._per_table(positions, hit)))
+        self._timings.append((name, seconds))
+
+    def defaults(self, positions: np.ndarray) -> None:
+        per_table = self._per_table(positions)
+        self._asked.append((self._session._level_rows[DEFAULT_LEVEL], per_table, per_table))
+
+    def unavailable(self, positions: np.ndarray | None) -> None:
+        self._unavailable += self._per_table(positions) > 0
+
+    def commit(self, metrics: ServerMetrics | None) -> None:
+        sizes = np.diff(self._batch.starts)
+        self._session.tally.add(self._batch.columns, self._batch.table_of, sizes, self._asked, self._unavailable)
+        if metrics is not None:
+            for name, seconds in self._timings:
+                metrics.record_level_seconds(self._session.model.name, name, seconds)

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from hps_server.cache import EmbeddingCache
-from hps_server.session import LookupSession
+from hps_server.cache import TableL1
+from hps_server.session import LookupSession, ServedTable
 from hps_server.storage.base import KeyChunk, LevelUnavailableError, StorageLevel
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,24 @@ def warm(
         return
     started = time.monotonic()
     for session in sessions:
-        for table in session.model.tables:
+        for table in session.tables.values():
             if stop.is_set():
                 return
             if volatile is not None and persistent is not None and not volatile.read_only:
-                _warm_volatile(session, table.name, volatile, persistent, rate, stop)
-            caches = session.caches.get(table.name)
-            if caches:
-                _warm_l1(session, table.name, caches, rate, stop)
+                _warm_volatile(session, table, volatile, persistent, rate, stop)
+            if table.l1 is not None:
+                _warm_l1(session, table, table.l1, rate, stop)
     log.info("warm-up done in %.1f s", time.monotonic() - started)
 
 
-def _copies(session: LookupSession, table: str, source: StorageLevel, budget: int) -> Iterator[tuple[int, KeyChunk]]:
+def _copies(
+    session: LookupSession, table: ServedTable, source: StorageLevel, budget: int
+) -> Iterator[tuple[int, KeyChunk]]:
     """(epoch, chunk) pairs: each chunk of the first `budget` rows with the table's epoch read before it,
     so a copy can be dropped when an upsert or delete raced it (session.insert_if_unchanged)."""
-    chunks = first_rows(source, session.qualified(session.table(table)), budget)
+    chunks = first_rows(source, table.storage_name, budget)
     while True:
-        epoch = session.epoch(table)
+        epoch = table.epoch
         chunk = next(chunks, None)
         if chunk is None:
             return
@@ -69,13 +70,13 @@ def _copies(session: LookupSession, table: str, source: StorageLevel, budget: in
 
 def _warm_volatile(
     session: LookupSession,
-    table: str,
+    table: ServedTable,
     volatile: StorageLevel,
     persistent: StorageLevel,
     rate: float,
     stop: threading.Event,
 ) -> None:
-    name = session.qualified(session.table(table))
+    name = table.storage_name
     budget = int(persistent.size(name) * rate)
     copied = 0
     try:
@@ -92,25 +93,25 @@ def _warm_volatile(
     log.info("warmed %s: %d rows in %s", name, copied, volatile.kind)
 
 
-def _warm_l1(
-    session: LookupSession, table: str, caches: Sequence[EmbeddingCache], rate: float, stop: threading.Event
-) -> None:
+def _warm_l1(session: LookupSession, table: ServedTable, l1: TableL1, rate: float, stop: threading.Event) -> None:
     """Fills each device's cache with up to `rate` of the table's rows (never more than it holds)."""
-    name = session.qualified(session.table(table))
+    name = table.storage_name
     levels = session.levels
     source = next((level for level in levels if level.size(name) > 0), None)
     if source is None:
         return
-    budget = min(int(levels[-1].size(name) * rate), caches[0].capacity - caches[0].stats().rows)
+    held = l1.caches[0].table_stats()[l1.index]
+    budget = min(int(levels[-1].size(name) * rate), held.capacity - held.rows)
     copied = 0
     for epoch, (keys, vectors) in _copies(session, table, source, budget):
         if stop.is_set():
             return
-        if session.insert_if_unchanged(table, epoch, functools.partial(_replace_all, caches, keys, vectors)):
+        if session.insert_if_unchanged(table, epoch, functools.partial(_replace_all, l1, keys, vectors)):
             copied += len(keys)
     log.info("warmed %s: %d rows in L1 (from %s)", name, copied, source.kind)
 
 
-def _replace_all(caches: Sequence[EmbeddingCache], keys: np.ndarray, vectors: np.ndarray) -> None:
-    for cache in caches:
-        cache.replace(keys, vectors)
+def _replace_all(l1: TableL1, keys: np.ndarray, vectors: np.ndarray) -> None:
+    tables = np.full(len(keys), l1.index, np.int32)
+    for cache in l1.caches:
+        cache.replace(keys, vectors, tables)

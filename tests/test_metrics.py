@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hps_client import Client, NotFoundError, ResourceExhaustedError
 from hps_server import healthcheck
 from hps_server.cache import CacheStats
-from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, LevelFetch, ServerMetrics, serve_metrics
+from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, ServerMetrics, serve_metrics
 from hps_server.server import HpsServer
 from tests.conftest import sample_config, write_sample_tables
 
@@ -57,32 +57,35 @@ def test_bad_address_names_the_field() -> None:
 
 def test_two_servers_in_one_process_keep_separate_counts() -> None:
     a, b = ServerMetrics(models=["m"]), ServerMetrics(models=["m"])
-    a.record_lookup("m", "t", 5)
+    tally = a.tally("m", ["t"], ["default"])
+    tally.add(np.zeros(1, np.int64), np.zeros(5, np.int64), np.array([5]), [], np.zeros(1, np.int64))
     assert a.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) == 5
     assert b.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) is None
 
 
 def test_lookup_and_level_counts(metrics: tuple[ServerMetrics, int]) -> None:
     m, port = metrics
-    m.record_lookup(
-        "ads",
-        "user",
-        100,
-        [
-            LevelFetch("l1_cache", keys=100, hits=60, seconds=0.0002),
-            LevelFetch("redis_cluster", keys=40, hits=37, seconds=0.003),
-            LevelFetch("default", keys=3, hits=3),
-        ],
-    )
-    m.record_lookup("ads", "user", 3)
+    tally = m.tally("ads", ["user", "item"], ["l1_cache", "redis_cluster", "default"])
+    # One pass over a 100-key query of user and a 3-key one of item (which L1 answered whole).
+    columns = np.array([0, 1])
+    table_of = np.repeat([0, 1], [100, 3])
+    per_level = [
+        (0, np.array([100, 3]), np.array([60, 3])),
+        (1, np.array([40, 0]), np.array([37, 0])),
+        (2, np.array([3, 0]), np.array([3, 0])),
+    ]
+    tally.add(columns, table_of, np.array([100, 3]), per_level, np.zeros(2, np.int64))
+    m.record_level_seconds("ads", "l1_cache", 0.0002)
+    m.record_level_seconds("ads", "redis_cluster", 0.003)
     m.record_level_failure("redis_cluster", "fetch")
     s = scrape(port)
-    assert value(s, "hps_lookup_keys_total", model="ads", table="user") == 103
+    assert value(s, "hps_lookup_keys_total", model="ads", table="user") == 100
+    assert value(s, "hps_lookup_keys_total", model="ads", table="item") == 3
     assert value(s, "hps_lookup_batch_keys_count", model="ads") == 2
     assert value(s, "hps_lookup_batch_keys_sum", model="ads") == 103
     assert value(s, "hps_lookup_batch_keys_bucket", model="ads", le="4.0") == 1  # the 3-key query
     assert value(s, "hps_lookup_batch_keys_bucket", model="ads", le="256.0") == 2
-    assert value(s, "hps_level_hits_total", model="ads", level="l1_cache") == 60
+    assert value(s, "hps_level_hits_total", model="ads", level="l1_cache") == 63
     assert value(s, "hps_level_queried_keys_total", model="ads", level="redis_cluster") == 40
     assert value(s, "hps_level_hits_total", model="ads", level="default") == 3
     assert value(s, "hps_level_duration_seconds_count", model="ads", level="redis_cluster") == 1

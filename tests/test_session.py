@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hps_server.cache import CacheStats
+from hps_server.cache import CacheStats, TableL1
 from hps_server.cache.reference import ReferenceEmbeddingCache
 from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig, VolatileDbConfig
-from hps_server.session import LookupSession
+from hps_server.metrics import ServerMetrics
+from hps_server.session import KeyQuery, LookupSession, TableLookup
+from hps_server.storage.base import LevelUnavailableError
 from hps_server.storage.hashmap import HashMapLevel
 from hps_server.storage.rocksdb import RocksDBLevel
 
@@ -97,7 +100,7 @@ def test_upsert_and_delete_go_through_every_level(levels) -> None:
 def _l1_session(levels, **options) -> tuple[LookupSession, ReferenceEmbeddingCache]:  # type: ignore[no-untyped-def]
     model = dataclasses.replace(MODEL, gpucache=True, **options)
     cache = ReferenceEmbeddingCache(64, DIM)
-    return LookupSession(model, list(levels), {"t": [cache]}), cache
+    return LookupSession(model, list(levels), {"t": TableL1((cache,))}), cache
 
 
 def test_l1_below_the_threshold_is_filled_before_the_reply(levels) -> None:
@@ -207,4 +210,166 @@ def test_a_lookup_never_writes_back_rows_older_than_an_upsert(tmp_path: Path) ->
     np.testing.assert_array_equal(looked_up[0], old)  # the reply may carry what was read...
     np.testing.assert_array_equal(volatile.fetch("m.t", key)[0], new)  # ...but the hash map keeps the upsert
     np.testing.assert_array_equal(session.lookup("t", key).vectors, new)
+    persistent.close()
+
+
+# ---------------------------------------------------------------- one pass per batch
+
+
+class _CountingHashMap(HashMapLevel):
+    """The real hash map, counting the batched calls a lookup makes of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def fetch_many(self, tables, keys, table_index):  # type: ignore[no-untyped-def]
+        self.calls["fetch_many"] += 1
+        return super().fetch_many(tables, keys, table_index)
+
+    def insert_many(self, tables, keys, table_index, vectors):  # type: ignore[no-untyped-def]
+        self.calls["insert_many"] += 1
+        return super().insert_many(tables, keys, table_index, vectors)
+
+
+class _CountingRocksDB(RocksDBLevel):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.calls: Counter[str] = Counter()
+
+    def fetch_many(self, tables, keys, table_index):  # type: ignore[no-untyped-def]
+        self.calls["fetch_many"] += 1
+        return super().fetch_many(tables, keys, table_index)
+
+
+class _CountingCache(ReferenceEmbeddingCache):
+    def __init__(self, capacities: list[int], dim: int) -> None:
+        super().__init__(capacities, dim)
+        self.calls: Counter[str] = Counter()
+
+    def query(self, keys, tables=None, dtype=np.float32):  # type: ignore[no-untyped-def]
+        self.calls["query"] += 1
+        return super().query(keys, tables, dtype=dtype)
+
+    def replace(self, keys, vectors, tables=None):  # type: ignore[no-untyped-def]
+        self.calls["replace"] += 1
+        return super().replace(keys, vectors, tables)
+
+
+class _CountingMetrics(ServerMetrics):
+    def __init__(self) -> None:
+        super().__init__()
+        self.level_timings = 0
+
+    def record_level_seconds(self, model: str, level: str, seconds: float) -> None:
+        self.level_timings += 1
+        super().record_level_seconds(model, level, seconds)
+
+
+def _one_pass(tmp_path: Path, tables: int) -> tuple[dict[str, int], list[TableLookup]]:
+    """Serves `tables` tables of one dim from a counting L1, hash map and RocksDB; looks every table up
+    once in one batch (keys held by each level, and absent ones) and returns the calls it made."""
+    names = [f"t{i}" for i in range(tables)]
+    model = ModelConfig(name="m", tables=tuple(TableConfig(name=n, dim=DIM, default_value=-1.0) for n in names))
+    volatile, persistent = _CountingHashMap(), _CountingRocksDB(tmp_path / f"db{tables}")
+    cache = _CountingCache([64] * tables, DIM)
+    for i, name in enumerate(names):
+        for level in (volatile, persistent):
+            level.create_table(f"m.{name}", DIM)
+        stored = np.arange(10) + 100 * i
+        persistent.insert(f"m.{name}", stored, _rows(stored))
+        volatile.insert(f"m.{name}", stored[:3], _rows(stored[:3]))
+        cache.replace(stored[:1], _rows(stored[:1]), np.full(1, i))
+    cache.calls.clear()
+    metrics = _CountingMetrics()
+    tally_adds = Counter[str]()
+    session = LookupSession(
+        model, [volatile, persistent], {n: TableL1((cache,), i) for i, n in enumerate(names)}, metrics=metrics
+    )
+    real_add = session.tally.add
+    session.tally.add = lambda *args: (tally_adds.update(["add"]), real_add(*args))[1]  # type: ignore[method-assign]
+    queries = [
+        KeyQuery(session.table(n), np.array([100 * i, 100 * i + 1, 100 * i + 5, 999_999], np.int64))
+        for i, n in enumerate(names)
+    ]
+    outcomes = session.lookup_many(queries)
+    session.close()
+    persistent.close()
+    calls = {f"hash_map.{k}": v for k, v in volatile.calls.items()}
+    calls |= {f"rocksdb.{k}": v for k, v in persistent.calls.items()}
+    calls |= {f"l1.{k}": v for k, v in cache.calls.items()} | tally_adds
+    calls["level timings"] = metrics.level_timings
+    return calls, [o for o in outcomes if isinstance(o, TableLookup)]
+
+
+def test_a_batch_asks_each_level_once_however_many_tables_it_names(tmp_path: Path) -> None:
+    one, _ = _one_pass(tmp_path, 1)
+    many, results = _one_pass(tmp_path, 26)
+    # L1 queried once and filled once, the hash map asked once and written back once, RocksDB asked
+    # once, one tally update and one timing per level: the same for 26 tables as for one.
+    assert many == one
+    assert one == {
+        "l1.query": 1,
+        "l1.replace": 1,
+        "hash_map.fetch_many": 1,
+        "hash_map.insert_many": 1,
+        "rocksdb.fetch_many": 1,
+        "add": 1,
+        "level timings": 3,
+    }
+    assert len(results) == 26
+    for i, result in enumerate(results):
+        keys = np.array([100 * i, 100 * i + 1, 100 * i + 5])
+        np.testing.assert_array_equal(result.vectors[:3], _rows(keys))
+        np.testing.assert_array_equal(result.vectors[3], np.full(DIM, -1.0, np.float32))
+        np.testing.assert_array_equal(result.found, [True, True, True, False])
+
+
+def test_a_batch_of_tables_of_several_widths_and_dtypes_is_answered_exactly(levels) -> None:
+    volatile, persistent = levels
+    model = ModelConfig(
+        name="m", tables=(TableConfig(name="t", dim=DIM), TableConfig(name="wide", dim=2 * DIM)), gpucache=False
+    )
+    for level in levels:
+        level.create_table("m.wide", 2 * DIM)
+    keys = np.arange(1, 6, dtype=np.int64)
+    persistent.insert("m.t", keys, _rows(keys))
+    persistent.insert("m.wide", keys, np.hstack([_rows(keys), -_rows(keys)]))
+    session = LookupSession(model, [volatile, persistent])
+    t, wide = session.table("t"), session.table("wide")
+    queries = [
+        KeyQuery(t, keys[:2]),
+        KeyQuery(wide, keys[::-1], np.dtype(np.float16)),
+        KeyQuery(t, keys[3:], np.dtype(np.float16)),
+    ]
+    first, second, third = session.lookup_many(queries)
+    assert isinstance(first, TableLookup) and isinstance(second, TableLookup) and isinstance(third, TableLookup)
+    np.testing.assert_array_equal(first.vectors, _rows(keys[:2]))
+    assert first.vectors.dtype == np.float32 and second.vectors.dtype == third.vectors.dtype == np.float16
+    np.testing.assert_array_equal(second.vectors, np.hstack([_rows(keys[::-1]), -_rows(keys[::-1])]).astype(np.float16))
+    np.testing.assert_array_equal(third.vectors, _rows(keys[3:]).astype(np.float16))
+    assert session.counts()["t"].by_level["rocksdb"] == 4 and session.counts()["wide"].by_level["rocksdb"] == 5
+
+
+class _UnreachableRocksDB(RocksDBLevel):
+    """Real RocksDB that answers as if the disk were gone: every fetch is a LevelUnavailableError."""
+
+    def fetch_many(self, tables, keys, table_index):  # type: ignore[no-untyped-def]
+        raise LevelUnavailableError("rocksdb: unreachable in this test")
+
+
+def test_without_the_authoritative_level_only_the_queries_it_was_needed_for_fail(tmp_path: Path) -> None:
+    volatile = HashMapLevel()
+    persistent = _UnreachableRocksDB(tmp_path / "db")
+    for level in (volatile, persistent):
+        level.create_table("m.t", DIM)
+    volatile.insert("m.t", np.array([1, 2]), _rows(np.array([1, 2])))
+    session = LookupSession(MODEL, [volatile, persistent])
+    table = session.table("t")
+    held, needs_rocksdb = session.lookup_many([KeyQuery(table, np.array([2, 1])), KeyQuery(table, np.array([1, 3]))])
+    assert isinstance(held, TableLookup)
+    np.testing.assert_array_equal(held.vectors, _rows(np.array([2, 1])))
+    assert isinstance(needs_rocksdb, LevelUnavailableError) and "rocksdb level is unavailable" in str(needs_rocksdb)
+    with pytest.raises(LevelUnavailableError):
+        session.lookup("t", np.array([3]))
     persistent.close()

@@ -45,7 +45,9 @@ def test_warm_fills_the_volatile_level_and_l1_to_the_rate(tmp_path: Path) -> Non
     session = LookupSession(MODEL, [volatile, persistent], build_caches(MODEL, [volatile, persistent]))
     warmup.warm([session], volatile, persistent, 0.5, threading.Event())
     assert volatile.size("m.t") == 500
-    (cache,) = session.caches["t"]
+    l1 = session.table("t").l1
+    assert l1 is not None
+    (cache,) = l1.caches
     keys, vectors, _ = cache.dump()
     assert 0 < keys.size <= cache.capacity
     assert volatile.contains("m.t", keys).all()  # L1 was filled from the volatile level, the highest with rows

@@ -37,6 +37,18 @@ class CacheStats:
         )
 
 
+@dataclass(frozen=True)
+class TableL1:
+    """Where a table lives in L1: the caches holding it (one per device) and its table index inside them."""
+
+    caches: tuple[EmbeddingCache, ...]
+    index: int = 0
+
+    def stats(self) -> CacheStats:
+        """This table's hits, misses, rows and capacity, summed over its devices."""
+        return CacheStats.total(cache.table_stats()[self.index] for cache in self.caches)
+
+
 class EmbeddingCache(Protocol):
     """A bounded key -> vector cache of one table on one device; safe to call from several threads."""
 

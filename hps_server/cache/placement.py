@@ -1,4 +1,5 @@
-"""Builds a model's L1 from its config: per table, one cache (or static table) per device (warmup.py fills them).
+"""Builds a model's L1 from its config: per vector width, one cache (or static table) per device holding all of
+the model's tables of that width (warmup.py fills them).
 
 The CUDA implementation where CuPy sees every device in deployed_device_list, the NumPy reference
 otherwise. It reads the storage levels once, at start, and never serves lookups itself.
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hps_server.cache import EmbeddingCache
+from hps_server.cache import EmbeddingCache, TableL1
 from hps_server.cache.layout import MAX_WAYS
 from hps_server.cache.reference import ReferenceEmbeddingCache, ReferenceStaticTable
 from hps_server.config import ModelConfig, TableConfig
@@ -30,11 +31,12 @@ def gpus_available(devices: Sequence[int]) -> bool:
     return all(gpu.available(device) for device in devices)
 
 
-def build_caches(model: ModelConfig, levels: Sequence[StorageLevel]) -> dict[str, list[EmbeddingCache]]:
-    """Per table, one L1 per device in deployed_device_list ({} when gpucache is off).
+def build_caches(model: ModelConfig, levels: Sequence[StorageLevel]) -> dict[str, TableL1]:
+    """Each table's place in L1 ({} when gpucache is off): the model's tables of one dim share one cache
+    per device in deployed_device_list, so a request's tables are answered in one call (one launch).
 
-    Without GPUs there is one reference cache per table: splitting host memory between pretend
-    devices would only lower the hit rate. Static tables are loaded whole from the lowest level.
+    Without GPUs there is one reference cache per dim: splitting host memory between pretend devices
+    would only lower the hit rate. Static tables are loaded whole from the lowest level.
     """
     if not model.gpucache or not levels:
         return {}
@@ -42,25 +44,32 @@ def build_caches(model: ModelConfig, levels: Sequence[StorageLevel]) -> dict[str
     if not on_gpu:
         log.info("model %s: no usable GPU among %s, L1 is the NumPy reference", model.name, model.deployed_device_list)
     devices: Sequence[int | None] = model.deployed_device_list if on_gpu else (None,)
-    caches: dict[str, list[EmbeddingCache]] = {}
+    by_dim: dict[int, list[TableConfig]] = {}
     for table in model.tables:
-        name = f"{model.name}.{table.name}"
+        by_dim.setdefault(table.dim, []).append(table)
+    placed: dict[str, TableL1] = {}
+    for dim, tables in by_dim.items():
+        names = [model.storage_name(table) for table in tables]
         if model.use_static_table:
-            keys, vectors = _all_rows(levels[-1], name, table.dim)
-            caches[table.name] = [_static(keys, vectors, model.gpucache_dtype, device) for device in devices]
-            log.info("model %s: %s held whole in L1 (%d rows)", model.name, table.name, keys.size)
-            continue
-        capacity = _capacity(model, table, levels[-1].size(name))
-        built = [_cache(capacity, table.dim, model.gpucache_dtype, device) for device in devices]
-        caches[table.name] = built
+            keys, vectors, table_of = _all_rows(levels[-1], names, dim)
+            caches = tuple(_static(keys, vectors, table_of, len(tables), model.gpucache_dtype, d) for d in devices)
+        else:
+            capacities = [
+                _capacity(model, table, levels[-1].size(name)) for table, name in zip(tables, names, strict=True)
+            ]
+            caches = tuple(_cache(capacities, dim, model.gpucache_dtype, device) for device in devices)
+        for index, table in enumerate(tables):
+            placed[table.name] = TableL1(caches, index)
         log.info(
-            "model %s: L1 for %s holds %d rows on %s",
+            "model %s: L1 for %d tables of dim %d holds %s rows on %s%s",
             model.name,
-            table.name,
-            built[0].capacity,
+            len(tables),
+            dim,
+            caches[0].capacities,
             f"GPUs {list(model.deployed_device_list)}" if on_gpu else "the host",
+            " (static: whole tables)" if model.use_static_table else "",
         )
-    return caches
+    return placed
 
 
 def _capacity(model: ModelConfig, table: TableConfig, rows: int) -> int:
@@ -68,24 +77,30 @@ def _capacity(model: ModelConfig, table: TableConfig, rows: int) -> int:
     return max(math.ceil(rows * model.gpucacheper), model.max_keys(table), MAX_WAYS)
 
 
-def _cache(capacity: int, dim: int, dtype: str, device: int | None) -> EmbeddingCache:
+def _cache(capacities: list[int], dim: int, dtype: str, device: int | None) -> EmbeddingCache:
     if device is None:
-        return ReferenceEmbeddingCache(capacity, dim, dtype=dtype)
+        return ReferenceEmbeddingCache(capacities, dim, dtype=dtype)
     from hps_server.cache.gpu import GpuEmbeddingCache
 
-    return GpuEmbeddingCache(capacity, dim, dtype=dtype, device=device)
+    return GpuEmbeddingCache(capacities, dim, dtype=dtype, device=device)
 
 
-def _static(keys: np.ndarray, vectors: np.ndarray, dtype: str, device: int | None) -> EmbeddingCache:
+def _static(
+    keys: np.ndarray, vectors: np.ndarray, table_of: np.ndarray, tables: int, dtype: str, device: int | None
+) -> EmbeddingCache:
     if device is None:
-        return ReferenceStaticTable(keys, vectors, dtype=dtype)
+        return ReferenceStaticTable(keys, vectors, tables=table_of, num_tables=tables, dtype=dtype)
     from hps_server.cache.gpu import GpuStaticTable
 
-    return GpuStaticTable(keys, vectors, dtype=dtype, device=device)
+    return GpuStaticTable(keys, vectors, tables=table_of, num_tables=tables, dtype=dtype, device=device)
 
 
-def _all_rows(level: StorageLevel, table: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    chunks = list(level.dump(table))
-    if not chunks:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    return np.concatenate([k for k, _ in chunks]), np.concatenate([v for _, v in chunks])
+def _all_rows(level: StorageLevel, tables: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row of `tables` (keys, vectors, each row's index into `tables`), read from the lowest level."""
+    keys, vectors, table_of = [np.zeros(0, np.int64)], [np.zeros((0, dim), np.float32)], [np.zeros(0, np.int32)]
+    for index, table in enumerate(tables):
+        for chunk_keys, chunk_vectors in level.dump(table):
+            keys.append(chunk_keys)
+            vectors.append(chunk_vectors)
+            table_of.append(np.full(len(chunk_keys), index, np.int32))
+    return np.concatenate(keys), np.concatenate(vectors), np.concatenate(table_of)

@@ -255,7 +255,9 @@ def test_a_server_with_the_gpu_level_returns_exactly_the_stored_vectors(tmp_path
     rng = np.random.default_rng(7)
     try:
         session = server.models.session("ctr")
-        assert all(isinstance(c, GpuStaticTable if static else GpuEmbeddingCache) for c in session.caches["user"])
+        l1 = session.table("user").l1
+        assert l1 is not None
+        assert all(isinstance(c, GpuStaticTable if static else GpuEmbeddingCache) for c in l1.caches)
         with Client(f"127.0.0.1:{port}") as client:
             for step in range(300):
                 table = "user" if step % 2 else "item"

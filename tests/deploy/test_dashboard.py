@@ -8,10 +8,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 
 from hps_server.cache import CacheStats
-from hps_server.metrics import CacheOccupancy, LevelFetch, ServerMetrics
+from hps_server.metrics import CacheOccupancy, ServerMetrics
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,10 @@ def panels(document: dict[str, Any]) -> list[dict[str, Any]]:
 def exported_series_names() -> set[str]:
     """Every series name one server exports once each collector has a sample."""
     m = ServerMetrics(models=["m"])
-    m.record_lookup("m", "t", 1, [LevelFetch("rocksdb", 1, 1, 0.001)])
+    tally = m.tally("m", ["t"], ["rocksdb", "default"])
+    one = np.ones(1, np.int64)
+    tally.add(np.zeros(1, np.int64), np.zeros(1, np.int64), one, [(0, one, one)], np.zeros(1, np.int64))
+    m.record_level_seconds("m", "rocksdb", 0.001)
     m.record_level_failure("redis_cluster", "fetch")
     m.record_model_event("m", "loaded")
     m.requests.labels("m", "Lookup", "OK").inc()
