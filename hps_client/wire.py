@@ -56,13 +56,28 @@ def table_query(
     return query
 
 
+def _wire_dtype(dtype: Dtype) -> hps_pb2.VectorDtype:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
 def lookup_request(
     model: str, queries: Iterable[hps_pb2.TableQuery], dtype: Dtype = "float32", request_id: str = ""
 ) -> hps_pb2.LookupRequest:
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return hps_pb2.LookupRequest(model=model, queries=list(queries), dtype=_DTYPES[dtype], request_id=request_id)
+    return hps_pb2.LookupRequest(model=model, queries=list(queries), dtype=_wire_dtype(dtype), request_id=request_id)
 
 
 def tables_request(model: str, keys_by_table: Mapping[str, object], dtype: Dtype = "float32") -> hps_pb2.LookupRequest:
-    return lookup_request(model, (table_query(t, k) for t, k in keys_by_table.items()), dtype)
+    """Plain keys of several tables in packed form: one keys buffer and one counts buffer, however many
+    tables (the server answers with one PackedResult)."""
+    arrays = [np.asarray(keys) for keys in keys_by_table.values()]
+    for table, array in zip(keys_by_table, arrays, strict=True):
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"keys of {table}: must be integers, got dtype {array.dtype}")
+    counts = np.fromiter((array.size for array in arrays), "<i8", len(arrays))
+    keys = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.zeros(0, "<i8")
+    packed = hps_pb2.PackedQuery(
+        tables=list(keys_by_table), keys=np.ascontiguousarray(keys, "<i8").tobytes(), counts=counts.tobytes()
+    )
+    return hps_pb2.LookupRequest(model=model, packed=packed, dtype=_wire_dtype(dtype))

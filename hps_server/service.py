@@ -75,11 +75,13 @@ class _Query:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A LookupRequest ready for a pass: nothing left in it can be refused for its content."""
+    """A LookupRequest ready for a pass: nothing left in it can be refused for its content.
+    `queries` are its TableQueries, then its PackedQuery's segments (the last `packed` of them)."""
 
     session: LookupSession
     wire_dtype: np.dtype
     queries: list[_Query]
+    packed: int | None
 
     def key_queries(self) -> list[KeyQuery]:
         # Reductions need float32; plain queries get their reply dtype straight from the levels.
@@ -126,7 +128,12 @@ class Lookups:
             if query.combiner is not None:
                 vectors = combine(vectors, query.row_splits, query.combiner, query.weights)
             results.append(LookupResult(query.asked_as, vectors.astype(prepared.wire_dtype, copy=False), outcome.found))
-        return encode_lookup_response(request.model, results, request.request_id)
+        if prepared.packed is None:
+            return encode_lookup_response(request.model, results, request.request_id)
+        split = len(results) - prepared.packed
+        return encode_lookup_response(
+            request.model, results[:split], request.request_id, results[split:], prepared.wire_dtype
+        )
 
     def prepare(self, request: hps_pb2.LookupRequest) -> _Prepared:
         """Decodes and checks every query, so a bad request costs no level work and fails alone."""
@@ -135,7 +142,36 @@ class Lookups:
         if wire_dtype is None:
             raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
         queries = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
-        return _Prepared(session, wire_dtype, queries)
+        if not request.HasField("packed"):
+            return _Prepared(session, wire_dtype, queries, None)
+        segments = self._decode_packed(session, request.packed)
+        return _Prepared(session, wire_dtype, queries + segments, len(segments))
+
+    def _decode_packed(self, session: LookupSession, packed: hps_pb2.PackedQuery) -> list[_Query]:
+        keys = _packed(packed.keys, "<i8", "packed.keys")
+        counts = _packed(packed.counts, "<i8", "packed.counts")
+        if len(counts) != len(packed.tables):
+            raise _invalid(f"packed.counts: {len(counts)} counts for {len(packed.tables)} tables; give one per table")
+        if len(counts) and int(counts.min()) < 0:
+            raise _invalid("packed.counts: must be >= 0")
+        if int(counts.sum()) != len(keys):
+            raise _invalid(f"packed.counts: they sum to {int(counts.sum())}, but packed.keys holds {len(keys)} keys")
+        tables = [self.table(session, name) for name in packed.tables]
+        limits = np.fromiter((session.model.max_keys(t.config) for t in tables), np.int64, len(tables))
+        over = np.flatnonzero(counts > limits)
+        if len(over):
+            i = int(over[0])
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"packed.counts[{i}]: {int(counts[i])} keys for table {tables[i].name} exceed the limit of "
+                f"{int(limits[i])} (max_batch_size {session.model.max_batch_size} x max_keys_per_sample "
+                f"{tables[i].config.max_keys_per_sample})",
+            )
+        bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+        return [
+            _Query(name, table, keys[bounds[i] : bounds[i + 1]], _NO_SPLITS, None, None, 0.0)
+            for i, (name, table) in enumerate(zip(packed.tables, tables, strict=True))
+        ]
 
     @staticmethod
     def _pass(batch: Sequence[_Prepared]) -> list[list[Outcome]]:

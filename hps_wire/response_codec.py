@@ -23,11 +23,13 @@ WIRE_NUMPY: dict[int, np.dtype] = {
 }
 _WIRE_DTYPE = {np.dtype("<f4"): hps_pb2.VECTOR_DTYPE_FLOAT32, np.dtype("<f2"): hps_pb2.VECTOR_DTYPE_FLOAT16}
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+FLOAT32 = np.dtype("<f4")
 
 
 @dataclass(frozen=True)
 class LookupResult:
-    """One TableResult as arrays: vectors (rows x dim, float32 or float16) and one found flag per key."""
+    """One TableResult (or one segment of a PackedResult) as arrays: vectors (rows x dim, float32 or
+    float16) and one found flag per key."""
 
     table: str
     vectors: np.ndarray
@@ -71,22 +73,55 @@ def _buffer_field(field: int, array: np.ndarray) -> list[bytes | memoryview]:
     return [_length_delimited(field, array.nbytes), np.ascontiguousarray(array).data.cast("B")]
 
 
-def encode_lookup_response(model: str, results: Sequence[LookupResult], request_id: str = "") -> bytes:
-    """The serialized LookupResponse (vectors float32 or float16); vector bytes are copied once, into it."""
+def _table_result(result: LookupResult) -> list[bytes | memoryview]:
+    rows, dim = result.vectors.shape
+    body: list[bytes | memoryview] = [
+        *_string_field(1, result.table),
+        *_buffer_field(2, result.vectors),
+        *_varint_field(3, rows),
+        *_varint_field(4, dim),
+        *_varint_field(5, _WIRE_DTYPE[result.vectors.dtype]),
+        *_buffer_field(6, result.found.view(np.uint8)),
+    ]
+    return [_length_delimited(2, sum(len(piece) for piece in body)), *body]
+
+
+def _bytes_field(field: int, pieces: Sequence[np.ndarray]) -> list[bytes | memoryview]:
+    """One length-delimited field whose value is the pieces' bytes end to end (each copied once, by the join)."""
+    views = [np.ascontiguousarray(piece).data.cast("B") for piece in pieces if piece.nbytes]
+    size = sum(len(view) for view in views)
+    return [_length_delimited(field, size), *views] if size else []
+
+
+def _packed_result(results: Sequence[LookupResult], dtype: np.dtype) -> list[bytes | memoryview]:
+    counts = np.fromiter((len(r.found) for r in results), "<i8", len(results))
+    dims = np.fromiter((r.vectors.shape[1] for r in results), "<i8", len(results))
+    body: list[bytes | memoryview] = [piece for r in results for piece in _string_field(1, r.table)]
+    body += [
+        *_buffer_field(2, counts),
+        *_buffer_field(3, dims),
+        *_bytes_field(4, [r.vectors for r in results]),
+        *_varint_field(5, _WIRE_DTYPE[dtype]),
+        *_bytes_field(6, [r.found.view(np.uint8) for r in results]),
+    ]
+    return [_length_delimited(4, sum(len(piece) for piece in body)), *body]
+
+
+def encode_lookup_response(
+    model: str,
+    results: Sequence[LookupResult],
+    request_id: str = "",
+    packed: Sequence[LookupResult] | None = None,
+    packed_dtype: np.dtype = FLOAT32,
+) -> bytes:
+    """The serialized LookupResponse: `results` as TableResults, `packed` (segments of one dtype,
+    packed_dtype) as its PackedResult; vector bytes are copied once, into the reply."""
     pieces: list[bytes | memoryview] = [*_string_field(1, model)]
     for result in results:
-        rows, dim = result.vectors.shape
-        body: list[bytes | memoryview] = [
-            *_string_field(1, result.table),
-            *_buffer_field(2, result.vectors),
-            *_varint_field(3, rows),
-            *_varint_field(4, dim),
-            *_varint_field(5, _WIRE_DTYPE[result.vectors.dtype]),
-            *_buffer_field(6, result.found.view(np.uint8)),
-        ]
-        pieces.append(_length_delimited(2, sum(len(piece) for piece in body)))
-        pieces.extend(body)
+        pieces.extend(_table_result(result))
     pieces.extend(_string_field(3, request_id))
+    if packed is not None:
+        pieces.extend(_packed_result(packed, packed_dtype))
     return b"".join(pieces)
 
 
@@ -126,7 +161,7 @@ def _fields(data: bytes, start: int, end: int):  # type: ignore[no-untyped-def]
         raise ValueError("LookupResponse: truncated field")
 
 
-def _table_result(data: bytes, start: int, end: int) -> LookupResult:
+def _read_table_result(data: bytes, start: int, end: int) -> LookupResult:
     table, rows, dim, dtype = "", 0, 0, 0
     vectors_at = found_at = (start, 0)
     for field, wire_type, value in _fields(data, start, end):
@@ -154,9 +189,54 @@ def _table_result(data: bytes, start: int, end: int) -> LookupResult:
     return LookupResult(table, vectors, found)
 
 
+def _read_packed_result(data: bytes, start: int, end: int) -> list[LookupResult]:
+    tables: list[str] = []
+    dtype = 0
+    counts_at = dims_at = vectors_at = found_at = (start, 0)
+    for field, wire_type, value in _fields(data, start, end):
+        if wire_type == _LENGTH_DELIMITED:
+            if field == 1:
+                tables.append(data[value[0] : value[0] + value[1]].decode())
+            elif field == 2:
+                counts_at = value
+            elif field == 3:
+                dims_at = value
+            elif field == 4:
+                vectors_at = value
+            elif field == 6:
+                found_at = value
+        elif wire_type == _VARINT and field == 5:
+            dtype = value
+    wire_dtype = WIRE_NUMPY.get(dtype)
+    if wire_dtype is None:
+        raise ValueError(f"LookupResponse: unknown vector dtype {dtype}")
+    counts = np.frombuffer(data, "<i8", counts_at[1] // 8, counts_at[0])
+    dims = np.frombuffer(data, "<i8", dims_at[1] // 8, dims_at[0])
+    if not len(counts) == len(dims) == len(tables):
+        raise ValueError(
+            f"LookupResponse: packed result has {len(tables)} tables, {len(counts)} counts, {len(dims)} dims"
+        )
+    sizes = counts * dims
+    if int(sizes.sum()) * wire_dtype.itemsize != vectors_at[1] or int(counts.sum()) != found_at[1]:
+        raise ValueError("LookupResponse: packed result's vector or found bytes do not match its counts and dims")
+    vector_starts = np.concatenate(([0], np.cumsum(sizes))).tolist()
+    found_starts = np.concatenate(([0], np.cumsum(counts))).tolist()
+    vectors = np.frombuffer(data, wire_dtype, vectors_at[1] // wire_dtype.itemsize, vectors_at[0])
+    found = np.frombuffer(data, np.bool_, found_at[1], found_at[0])
+    return [
+        LookupResult(
+            table,
+            vectors[vector_starts[i] : vector_starts[i + 1]].reshape(-1, dim),
+            found[found_starts[i] : found_starts[i + 1]],
+        )
+        for i, (table, dim) in enumerate(zip(tables, dims.tolist(), strict=True))
+    ]
+
+
 def decode_lookup_response(data: bytes) -> tuple[str, list[LookupResult], str]:
-    """(model, results, request_id) with arrays viewing `data` (read-only, no copy)."""
-    model, request_id, results = "", "", []
+    """(model, results, request_id) with arrays viewing `data` (read-only, no copy); a PackedResult's
+    segments follow the TableResults, in order."""
+    model, request_id, results, packed = "", "", [], []
     for field, wire_type, value in _fields(data, 0, len(data)):
         if wire_type != _LENGTH_DELIMITED:
             continue
@@ -164,7 +244,9 @@ def decode_lookup_response(data: bytes) -> tuple[str, list[LookupResult], str]:
         if field == 1:
             model = data[offset : offset + length].decode()
         elif field == 2:
-            results.append(_table_result(data, offset, offset + length))
+            results.append(_read_table_result(data, offset, offset + length))
         elif field == 3:
             request_id = data[offset : offset + length].decode()
-    return model, results, request_id
+        elif field == 4:
+            packed = _read_packed_result(data, offset, offset + length)
+    return model, results + packed, request_id

@@ -78,3 +78,44 @@ def test_decoding_skips_unknown_fields_and_reads_defaults() -> None:
 def test_malformed_replies_raise(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         decode_lookup_response(data)
+
+
+def _packed_message(segments: list[LookupResult], dtype: int) -> hps_pb2.PackedResult:
+    return hps_pb2.PackedResult(
+        tables=[s.table for s in segments],
+        counts=np.array([len(s.found) for s in segments], "<i8").tobytes(),
+        dims=np.array([s.vectors.shape[1] for s in segments], "<i8").tobytes(),
+        vectors=b"".join(s.vectors.tobytes() for s in segments),
+        dtype=dtype,
+        found=b"".join(s.found.astype(np.uint8).tobytes() for s in segments),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<f2"])
+def test_packed_results_are_byte_identical_to_protobuf_and_decode_to_views(dtype: str) -> None:
+    rng = np.random.default_rng(3)
+    segments = [
+        LookupResult(f"t{i}", rng.standard_normal((n, dim)).astype(dtype), rng.random(n) < 0.5)
+        for i, (n, dim) in enumerate([(32, 128), (0, 128), (5, 16), (32, 128)])
+    ]
+    plain = _results(rng)[:2]
+    wire_dtype = hps_pb2.VECTOR_DTYPE_FLOAT16 if dtype == "<f2" else hps_pb2.VECTOR_DTYPE_FLOAT32
+    encoded = encode_lookup_response("ctr", plain, "r", segments, np.dtype(dtype))
+    message = _message("ctr", plain, "r")
+    message.packed.CopyFrom(_packed_message(segments, wire_dtype))
+    assert encoded == message.SerializeToString(deterministic=True)
+    _, decoded, _ = decode_lookup_response(encoded)
+    assert [d.table for d in decoded] == [*(p.table for p in plain), *(s.table for s in segments)]
+    for got, want in zip(decoded[2:], segments, strict=True):
+        assert got.vectors.dtype == np.dtype(dtype) and got.vectors.shape == want.vectors.shape
+        np.testing.assert_array_equal(got.vectors, want.vectors)
+        np.testing.assert_array_equal(got.found, want.found)
+
+
+def test_a_packed_result_whose_bytes_disagree_with_its_counts_is_refused() -> None:
+    segment = LookupResult("t", np.ones((2, 4), np.float32), np.ones(2, bool))
+    message = hps_pb2.LookupResponse()
+    message.packed.CopyFrom(_packed_message([segment], hps_pb2.VECTOR_DTYPE_FLOAT32))
+    message.packed.vectors = message.packed.vectors[:-4]
+    with pytest.raises(ValueError, match="do not match its counts and dims"):
+        decode_lookup_response(message.SerializeToString())

@@ -45,17 +45,29 @@ class TableQuery(_message.Message):
     max_norm: float
     def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., key_list: _Optional[_Iterable[int]] = ..., row_splits: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., combiner: _Optional[_Union[Combiner, str]] = ..., max_norm: _Optional[float] = ...) -> None: ...
 
+class PackedQuery(_message.Message):
+    __slots__ = ("tables", "keys", "counts")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    keys: bytes
+    counts: bytes
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., keys: _Optional[bytes] = ..., counts: _Optional[bytes] = ...) -> None: ...
+
 class LookupRequest(_message.Message):
-    __slots__ = ("model", "queries", "dtype", "request_id")
+    __slots__ = ("model", "queries", "dtype", "request_id", "packed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     model: str
     queries: _containers.RepeatedCompositeFieldContainer[TableQuery]
     dtype: VectorDtype
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[TableQuery, _Mapping]]] = ..., dtype: _Optional[_Union[VectorDtype, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    packed: PackedQuery
+    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[TableQuery, _Mapping]]] = ..., dtype: _Optional[_Union[VectorDtype, str]] = ..., request_id: _Optional[str] = ..., packed: _Optional[_Union[PackedQuery, _Mapping]] = ...) -> None: ...
 
 class TableResult(_message.Message):
     __slots__ = ("table", "vectors", "rows", "dim", "dtype", "found")
@@ -73,15 +85,33 @@ class TableResult(_message.Message):
     found: bytes
     def __init__(self, table: _Optional[str] = ..., vectors: _Optional[bytes] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[VectorDtype, str]] = ..., found: _Optional[bytes] = ...) -> None: ...
 
+class PackedResult(_message.Message):
+    __slots__ = ("tables", "counts", "dims", "vectors", "dtype", "found")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    counts: bytes
+    dims: bytes
+    vectors: bytes
+    dtype: VectorDtype
+    found: bytes
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., counts: _Optional[bytes] = ..., dims: _Optional[bytes] = ..., vectors: _Optional[bytes] = ..., dtype: _Optional[_Union[VectorDtype, str]] = ..., found: _Optional[bytes] = ...) -> None: ...
+
 class LookupResponse(_message.Message):
-    __slots__ = ("model", "results", "request_id")
+    __slots__ = ("model", "results", "request_id", "packed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     model: str
     results: _containers.RepeatedCompositeFieldContainer[TableResult]
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[TableResult, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    packed: PackedResult
+    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[TableResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., packed: _Optional[_Union[PackedResult, _Mapping]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("model", "table", "keys", "vectors")
