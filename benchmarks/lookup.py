@@ -257,7 +257,10 @@ class ClientProcesses:
         ]
         for process in self._processes:
             process.start()
-        for _ in range(count):
+
+    def wait_ready(self) -> None:
+        """Returns once every process holds its tables and its Client."""
+        for _ in self._processes:
             self._result()
 
     def _result(self) -> Outcome | str:
@@ -279,10 +282,12 @@ class ClientProcesses:
         return [o for o in outcomes if isinstance(o, Outcome)]
 
     def close(self) -> None:
+        # Aborting the barrier frees processes left waiting on it by a block this process gave up on.
+        self._barrier.abort()
         for commands in self._commands:
             commands.put(None)
         for process in self._processes:
-            process.join(timeout=30)
+            process.join(timeout=10)
             if process.is_alive():
                 process.terminate()
 
@@ -291,6 +296,7 @@ class ClientProcesses:
 def client_processes(count: int, targets: tuple[str, str], rows: int) -> Iterator[ClientProcesses]:
     pool = ClientProcesses(count, targets, rows)
     try:
+        pool.wait_ready()
         yield pool
     finally:
         pool.close()
