@@ -1,174 +1,551 @@
-"""`hps bench lookup`: Lookup RPC throughput and latency as ratios to a raw-bytes gRPC echo of the same sizes.
+"""`hps bench lookup`: the Lookup service path as users call it (Client.lookup_tables), as ratios to a same-run
+raw-bytes gRPC echo with the same process layout and the same request and reply byte sizes.
 
-Serves a generated model with `hps serve` (warm in-process hash map over RocksDB) and, in the same run, the
-echo server; calls alternate between the two in blocks so both see the same machine load.
+Serves a generated model with `hps serve` (L1 per --l1, over a warm in-process hash map over RocksDB) and the
+echo server; hps and echo blocks alternate so both see the same machine load, and every 10th reply is checked
+against the tables' true rows. It asserts no speed and never states an absolute figure without its ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
+import multiprocessing
+import operator
+import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any, Literal
 
 import grpc
 import numpy as np
+import yaml
 
 from benchmarks import echo_server, report, servers
 from hps_client import Client, wire
+from hps_client.client import LOOKUP_METHOD
+from hps_client.wire import Dtype
+from hps_server.config import ServerConfig
+from hps_wire._proto import hps_pb2
+from hps_wire.response_codec import LookupResult
 
 MODEL = "bench"
-WIDE_TABLES = 26
-# Client threads for the throughput figures (latency figures come from one thread's sequential calls).
+SEED = 7
+KEYS_PER_SAMPLE = 26
+WIDE = tuple(f"t{i:02d}" for i in range(26))
+DTYPES: tuple[Dtype, ...] = ("float32", "float16")
+# Client threads for the throughput of cases a-c (their latencies come from one thread's sequential calls).
 CLIENT_THREADS = 4
+CHECK_EVERY = 10
+# Distinct key batches each client cycles through, so replies are not one batch served over and over.
+BATCHES = 4
+# Alternating hps/echo blocks per figure: a-c, and each (clients, dtype) of d.
+BLOCKS = 5
+ROUNDS = 3
+# Seconds a client process may take to start or to answer one block before the run is abandoned.
+TIMEOUT = 600.0
+
+
+# ---------------------------------------------------------------- tables and batches
+
+
+@dataclass(frozen=True)
+class Table:
+    keys: np.ndarray
+    vectors: np.ndarray
+    max_keys_per_sample: int
+
+
+def _tables(rows: int, names: Sequence[str] | None = None) -> dict[str, Table]:
+    """The served tables, regenerated from SEED: client processes rebuild the true rows instead of reading files."""
+    specs = {"d128": (rows, 128, KEYS_PER_SAMPLE), "d16": (rows, 16, KEYS_PER_SAMPLE)}
+    specs |= {name: (max(1, rows // 25), 128, 1) for name in WIDE}
+    tables = {}
+    for index, (name, (table_rows, dim, per_sample)) in enumerate(specs.items()):
+        if names is None or name in names:
+            rng = np.random.default_rng([SEED, index])  # one stream per table, so a subset regenerates alike
+            keys = rng.permutation(table_rows * 4)[:table_rows].astype(np.int64)
+            tables[name] = Table(keys, rng.standard_normal((table_rows, dim), dtype=np.float32), per_sample)
+    return tables
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One request's keys per table, and the row of the table each key names (to check the reply)."""
+
+    keys: dict[str, np.ndarray]
+    rows: dict[str, np.ndarray]
+
+    @property
+    def vectors(self) -> int:
+        return sum(rows.size for rows in self.rows.values())
+
+
+def _batches(tables: Mapping[str, Table], shape: Mapping[str, int], rng: np.random.Generator) -> list[Batch]:
+    """BATCHES batches of `shape` (keys per table) drawn uniformly from the tables' keys."""
+    batches = []
+    for _ in range(BATCHES):
+        rows = {name: rng.integers(0, tables[name].keys.size, n) for name, n in shape.items()}
+        batches.append(Batch({name: tables[name].keys[r] for name, r in rows.items()}, rows))
+    return batches
+
+
+def _wrong(tables: Mapping[str, Table], batch: Batch, reply: Mapping[str, LookupResult], dtype: Dtype) -> int:
+    """Vectors of `reply` that are not the true row (float16: the float32 row cast to float16) or not found."""
+    wrong = 0
+    for name, rows in batch.rows.items():
+        result = reply[name]
+        expected = tables[name].vectors[rows].astype(dtype)
+        wrong += int(np.count_nonzero(~(result.vectors == expected).all(axis=1) | ~result.found))
+    return wrong
+
+
+# ---------------------------------------------------------------- timed calls
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One client's block: each call's seconds, its monotonic start and end, and the replies it checked."""
+
+    seconds: list[float]
+    start: float
+    end: float
+    checked: int
+    wrong: int
+
+
+def _run(call: Callable[[int], Any], calls: int, check: Callable[[int, Any], tuple[int, int]] | None) -> Outcome:
+    """`calls` sequential calls; every CHECK_EVERY-th reply is kept and checked after the clock stops, so
+    checking costs the figures nothing."""
+    kept = []
+    seconds = []
+    start = time.monotonic()  # CLOCK_MONOTONIC: comparable between the processes of one host
+    for i in range(calls):
+        began = time.perf_counter()
+        reply = call(i)
+        seconds.append(time.perf_counter() - began)
+        if check is not None and i % CHECK_EVERY == 0:
+            kept.append((i, reply))
+    end = time.monotonic()
+    checked = wrong = 0
+    for i, reply in kept:
+        assert check is not None
+        vectors, bad = check(i, reply)
+        checked += vectors
+        wrong += bad
+    return Outcome(seconds, start, end, checked, wrong)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The two services a client calls: hps through its own Client, and the echo with the same sizes."""
+
+    client: Client
+    echo_stub: Callable[[bytes], bytes]
+    tables: Mapping[str, Table]
+
+    def hps(self, batches: Sequence[Batch], dtype: Dtype, calls: int) -> Outcome:
+        def call(i: int) -> dict[str, LookupResult]:
+            return self.client.lookup_tables(MODEL, batches[i % len(batches)].keys, dtype=dtype)
+
+        def check(i: int, reply: dict[str, LookupResult]) -> tuple[int, int]:
+            batch = batches[i % len(batches)]
+            return batch.vectors, _wrong(self.tables, batch, reply, dtype)
+
+        return _run(call, calls, check)
+
+    def echo(self, request: bytes, calls: int) -> Outcome:
+        return _run(lambda _: self.echo_stub(request), calls, None)
+
+
+@dataclass
+class Tally:
+    """Outcomes of one path over several blocks: wall time adds up block by block (first start to last end)."""
+
+    calls: int = 0
+    wall: float = 0.0
+    seconds: list[float] = field(default_factory=list)
+    checked: int = 0
+    wrong: int = 0
+
+    def add(self, outcomes: Sequence[Outcome]) -> None:
+        self.wall += max(o.end for o in outcomes) - min(o.start for o in outcomes)
+        for o in outcomes:
+            self.calls += len(o.seconds)
+            self.seconds += o.seconds
+            self.checked += o.checked
+            self.wrong += o.wrong
+
+    def calls_per_s(self) -> float:
+        return self.calls / self.wall
+
+    def ms(self, percentile: float) -> float:
+        return float(np.percentile(self.seconds, percentile) * 1e3)
+
+
+def _threads(run: Callable[[], Outcome], threads: int) -> list[Outcome]:
+    """`run` in `threads` threads at once (they share one Client, as an application's threads would)."""
+    outcomes: list[Outcome] = []
+    pool = [threading.Thread(target=lambda: outcomes.append(run())) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return outcomes
+
+
+# ---------------------------------------------------------------- client processes (case d)
+
+
+@dataclass(frozen=True)
+class Block:
+    """What every client process does between two barriers; processes numbered `active` and up sit it out."""
+
+    path: Literal["hps", "echo"]
+    dtype: Dtype
+    calls: int
+    active: int
+    echo_sizes: tuple[int, int]  # (reply bytes, request bytes) of the hps exchange the echo stands in for
+
+
+def _client_process(
+    index: int,
+    targets: tuple[str, str],
+    rows: int,
+    commands: multiprocessing.Queue[Block | None],
+    results: multiprocessing.Queue[Outcome | str],
+    barrier: Barrier,
+) -> None:
+    """One client process of case d: its own tables, keys and Client; runs blocks until told to stop."""
+    tables = _tables(rows, WIDE)
+    batches = _batches(tables, dict.fromkeys(WIDE, 1024), np.random.default_rng([SEED, 1000 + index]))
+    hps_target, echo_target = targets
+    with Client(hps_target) as client, grpc.insecure_channel(echo_target, options=echo_server.OPTIONS) as channel:
+        paths = Paths(client, channel.unary_unary(echo_server.METHOD), tables)
+        results.put("ready")
+        while (block := commands.get()) is not None:
+            barrier.wait(TIMEOUT)
+            if index >= block.active:
+                continue
+            if block.path == "hps":
+                results.put(paths.hps(batches, block.dtype, block.calls))
+            else:
+                results.put(paths.echo(echo_server.request(*block.echo_sizes), block.calls))
+
+
+class ClientProcesses:
+    """Client processes (spawned, so none inherits this process's gRPC state) started together by a barrier."""
+
+    def __init__(self, count: int, targets: tuple[str, str], rows: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._results: multiprocessing.Queue[Outcome | str] = context.Queue()
+        self._commands: list[multiprocessing.Queue[Block | None]] = [context.Queue() for _ in range(count)]
+        self._barrier = context.Barrier(count + 1)  # and this process, which releases each block
+        self._processes = [
+            context.Process(
+                target=_client_process,
+                args=(i, targets, rows, self._commands[i], self._results, self._barrier),
+                daemon=True,
+            )
+            for i in range(count)
+        ]
+        for process in self._processes:
+            process.start()
+
+    def wait_ready(self) -> None:
+        """Returns once every process holds its tables and its Client."""
+        for _ in self._processes:
+            self._result()
+
+    def _result(self) -> Outcome | str:
+        """The next result; raises as soon as a client process has died instead of waiting for it."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                return self._results.get(timeout=1)
+            dead = [p.exitcode for p in self._processes if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"a client process exited with {dead[0]} during the benchmark")
+        raise TimeoutError(f"no client result within {TIMEOUT} s")
+
+    def run(self, block: Block) -> list[Outcome]:
+        for commands in self._commands:
+            commands.put(block)
+        self._barrier.wait(TIMEOUT)
+        outcomes = [self._result() for _ in range(block.active)]
+        return [o for o in outcomes if isinstance(o, Outcome)]
+
+    def close(self) -> None:
+        # Aborting the barrier frees processes left waiting on it by a block this process gave up on.
+        self._barrier.abort()
+        for commands in self._commands:
+            commands.put(None)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+
+@contextlib.contextmanager
+def client_processes(count: int, targets: tuple[str, str], rows: int) -> Iterator[ClientProcesses]:
+    pool = ClientProcesses(count, targets, rows)
+    try:
+        pool.wait_ready()
+        yield pool
+    finally:
+        pool.close()
+
+
+# ---------------------------------------------------------------- cases
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    keys_by_table: dict[str, int]
-    dim: int
-    requests: int
-    targets: str
+    shape: dict[str, int]  # keys per table in one request
+    samples: int
+    calls: int
 
 
 def _cases(scale: float) -> list[Case]:
     return [
-        Case(
-            "a: 1,024 samples x 26 keys, dim 128",
-            {"d128": 26 * 1024},
-            128,
-            max(10, int(60 * scale)),
-            "bytes/s >= 0.8x echo",
-        ),
-        Case("b: 1 sample x 26 keys, dim 16", {"d16": 26}, 16, max(100, int(3000 * scale)), "p50 <= 1.5x echo"),
-        Case(
-            "26 tables x 1,024 keys, dim 128",
-            {f"t{i:02d}": 1024 for i in range(WIDE_TABLES)},
-            128,
-            max(10, int(60 * scale)),
-            "(no target)",
-        ),
+        Case("a: 1,024 samples x 26 keys, dim 128", {"d128": 1024 * KEYS_PER_SAMPLE}, 1024, max(10, int(60 * scale))),
+        Case("b: 1 sample x 26 keys, dim 16", {"d16": KEYS_PER_SAMPLE}, 1, max(50, int(3000 * scale))),
+        Case("c: 32 samples x 26 tables, dim 128", dict.fromkeys(WIDE, 32), 32, max(50, int(2000 * scale))),
     ]
 
 
-def _make_model(directory: Path, port: int, rows: int) -> tuple[Path, dict[str, np.ndarray]]:
-    """Writes the tables and a config serving them; returns the config path and each table's keys."""
-    rng = np.random.default_rng(7)
-    specs = {"d128": (rows, 128, 26), "d16": (rows, 16, 26)}
-    specs |= {f"t{i:02d}": (max(1, rows // 25), 128, 1) for i in range(WIDE_TABLES)}
-    served = {}
-    for name, (table_rows, dim, per_sample) in specs.items():
-        keys = rng.permutation(table_rows * 4)[:table_rows].astype(np.int64)
-        served[name] = (keys, rng.standard_normal((table_rows, dim), dtype=np.float32), per_sample)
-    path = servers.write_served_model(directory, port, MODEL, served, max_batch_size=1024)
-    return path, {name: keys for name, (keys, _, _) in served.items()}
+def _process_case(scale: float) -> Case:
+    """Case d; `calls` is per client process and block."""
+    return Case("d: 1,024 samples x 26 tables, dim 128", dict.fromkeys(WIDE, 1024), 1024, max(2, int(30 * scale)))
 
 
-def _throughput(call: Callable[[], object], threads: int, calls: int) -> float:
-    """Calls per second with `threads` client threads sharing `calls` calls."""
-    per_thread = max(1, calls // threads)
-
-    def worker() -> None:
-        for _ in range(per_thread):
-            call()
-
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    start = time.perf_counter()
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    return per_thread * threads / (time.perf_counter() - start)
+def _sizes(raw_lookup: Callable[[hps_pb2.LookupRequest], bytes], batch: Batch, dtype: Dtype) -> tuple[int, int]:
+    """(reply bytes, request bytes) of one hps exchange, as sent on the wire."""
+    request = wire.tables_request(MODEL, batch.keys, dtype)
+    return len(raw_lookup(request)), request.ByteSize()
 
 
-def _measure(
+def _row(
     case: Case,
-    client: Client,
-    echo_stub: Callable[[bytes], bytes],
-    key_sets: dict[str, np.ndarray],
-    rng: np.random.Generator,
-    blocks: int = 5,
-) -> dict[str, float | str | int]:
-    batch = {t: rng.choice(key_sets[t], size=n) for t, n in case.keys_by_table.items()}
-    request_bytes = wire.tables_request(MODEL, batch).ByteSize()
-    reply_rows = sum(case.keys_by_table.values())
-    reply_bytes = reply_rows * case.dim * 4
-    echo_request = echo_server.request(reply_bytes, request_bytes)
-
-    def lookup() -> object:
-        return client.lookup_tables(MODEL, batch)
-
-    def echo() -> object:
-        return echo_stub(echo_request)
-
-    for call in (lookup, echo):  # warm both paths
-        report.timed(call, 3)
-    hps_times: list[float] = []
-    echo_times: list[float] = []
-    per_block = max(1, case.requests // blocks)
-    for _ in range(blocks):
-        hps_times += report.timed(lookup, per_block)
-        echo_times += report.timed(echo, per_block)
-    hps = np.array(hps_times)
-    base = np.array(echo_times)
-    hps_calls = echo_calls = 0.0
-    for _ in range(blocks):  # throughput: concurrent clients, so server work overlaps other calls' transfers
-        hps_calls += _throughput(lookup, CLIENT_THREADS, case.requests // blocks)
-        echo_calls += _throughput(echo, CLIENT_THREADS, case.requests // blocks)
+    clients: str,
+    dtype: Dtype,
+    reply_bytes: int,
+    latency: tuple[Tally, Tally],
+    throughput: tuple[Tally, Tally] | None = None,
+) -> dict[str, Any]:
+    """A case's figures from (hps, echo) tallies of latency and of throughput (None: the latency tallies,
+    where the same concurrent calls gave both)."""
+    hps, echo = latency
+    tallies = latency if throughput is None else (*latency, *throughput)
+    throughput = throughput or latency
+    hps_rate, echo_rate = (t.calls_per_s() for t in throughput)
     return {
         "case": case.name,
+        "clients": clients,
+        "dtype": dtype,
         "reply_MB": reply_bytes / 1e6,
-        "hps_rows_per_s": reply_rows * hps_calls / blocks,
-        "hps_MB_per_s": reply_bytes * hps_calls / blocks / 1e6,
-        "echo_MB_per_s": reply_bytes * echo_calls / blocks / 1e6,
-        "bytes_ratio": hps_calls / echo_calls,
-        "hps_p50_ms": float(np.percentile(hps, 50) * 1e3),
-        "echo_p50_ms": float(np.percentile(base, 50) * 1e3),
-        "p50_ratio": float(np.percentile(hps, 50) / np.percentile(base, 50)),
-        "hps_p99_ms": float(np.percentile(hps, 99) * 1e3),
-        "echo_p99_ms": float(np.percentile(base, 99) * 1e3),
-        "p99_ratio": float(np.percentile(hps, 99) / np.percentile(base, 99)),
-        "target": case.targets,
+        "hps_samples_per_s": case.samples * hps_rate,
+        "hps_MB_per_s": reply_bytes * hps_rate / 1e6,
+        "echo_MB_per_s": reply_bytes * echo_rate / 1e6,
+        "throughput_ratio": hps_rate / echo_rate,
+        "hps_p50_ms": hps.ms(50),
+        "echo_p50_ms": echo.ms(50),
+        "p50_ratio": hps.ms(50) / echo.ms(50),
+        "hps_p99_ms": hps.ms(99),
+        "echo_p99_ms": echo.ms(99),
+        "p99_ratio": hps.ms(99) / echo.ms(99),
+        "checked_vectors": sum(t.checked for t in tallies),
+        "wrong_vectors": sum(t.wrong for t in tallies),
     }
 
 
-def run(scale: float = 1.0, rows: int = 100_000) -> list[dict[str, float | str | int]]:
+def _measure_in_process(
+    case: Case, paths: Paths, raw_lookup: Callable[[hps_pb2.LookupRequest], bytes], rng: np.random.Generator
+) -> dict[str, Any]:
+    """Cases a-c: latency from this thread's sequential calls, throughput from CLIENT_THREADS threads."""
+    batches = _batches(paths.tables, case.shape, rng)
+    reply_bytes, request_bytes = _sizes(raw_lookup, batches[0], "float32")
+    request = echo_server.request(reply_bytes, request_bytes)
+    paths.hps(batches, "float32", 3)  # warm both paths
+    paths.echo(request, 3)
+    latency = Tally(), Tally()
+    throughput = Tally(), Tally()
+    per_block = max(1, case.calls // BLOCKS)
+    per_thread = max(1, per_block // CLIENT_THREADS)
+    for _ in range(BLOCKS):
+        latency[0].add([paths.hps(batches, "float32", per_block)])
+        latency[1].add([paths.echo(request, per_block)])
+    for _ in range(BLOCKS):
+        throughput[0].add(_threads(lambda: paths.hps(batches, "float32", per_thread), CLIENT_THREADS))
+        throughput[1].add(_threads(lambda: paths.echo(request, per_thread), CLIENT_THREADS))
+    return _row(case, f"{CLIENT_THREADS} threads", "float32", reply_bytes, latency, throughput)
+
+
+def _measure_processes(
+    case: Case,
+    pool: ClientProcesses,
+    clients: Sequence[int],
+    sizes: Mapping[Dtype, tuple[int, int]],
+) -> list[dict[str, Any]]:
+    """Case d: for each client count and dtype, ROUNDS alternating hps and echo blocks of every client."""
+    for dtype in DTYPES:  # warm every client's connections and both paths
+        for path in ("hps", "echo"):
+            pool.run(Block(path, dtype, 2, max(clients), sizes[dtype]))
+    rows = []
+    for count in clients:
+        for dtype in DTYPES:
+            hps, echo = Tally(), Tally()
+            for _ in range(ROUNDS):
+                hps.add(pool.run(Block("hps", dtype, case.calls, count, sizes[dtype])))
+                echo.add(pool.run(Block("echo", dtype, case.calls, count, sizes[dtype])))
+            clients_name = f"{count} process" if count == 1 else f"{count} processes"
+            rows.append(_row(case, clients_name, dtype, sizes[dtype][0], (hps, echo)))
+    return rows
+
+
+def run(
+    scale: float = 1.0,
+    rows: int = 100_000,
+    l1: servers.L1Choice = "none",
+    clients: Sequence[int] = (1, 4, 8, 16),
+    server_options: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows of cases a-c, rows of case d) measured against one hps server and one echo baseline."""
+    options = dict(server_options or {})
+    tables = _tables(rows)
     with tempfile.TemporaryDirectory(prefix="hps-bench-") as tmp:
         port = servers.free_port()
-        config, key_sets = _make_model(Path(tmp), port, rows)
-        rng = np.random.default_rng(11)
+        served = {name: (t.keys, t.vectors, t.max_keys_per_sample) for name, t in tables.items()}
+        config = servers.write_served_model(
+            Path(tmp), port, MODEL, served, max_batch_size=1024, l1=l1, server_options=options
+        )
+        echo_layout = {
+            "workers": int(options.get("workers", ServerConfig().workers)),
+            "processes": int(options.get("processes", 1)),
+        }
         with (
-            servers.hps_server(config, port) as target,
-            servers.echo_server() as echo_target,
+            servers.hps_server(config, port, servers.server_env(l1)) as target,
+            servers.echo_server(**echo_layout) as echo_target,
             Client(target) as client,
-            grpc.insecure_channel(echo_target, options=echo_server.OPTIONS) as channel,
+            grpc.insecure_channel(echo_target, options=echo_server.OPTIONS) as echo_channel,
+            grpc.insecure_channel(target, options=echo_server.OPTIONS) as raw_channel,
         ):
-            echo_stub = channel.unary_unary(echo_server.METHOD)
-            return [_measure(case, client, echo_stub, key_sets, rng) for case in _cases(scale)]
+            raw_lookup = raw_channel.unary_unary(
+                LOOKUP_METHOD, request_serializer=hps_pb2.LookupRequest.SerializeToString
+            )
+            paths = Paths(client, echo_channel.unary_unary(echo_server.METHOD), tables)
+            rng = np.random.default_rng([SEED, 999])
+            single = [_measure_in_process(case, paths, raw_lookup, rng) for case in _cases(scale)]
+            case = _process_case(scale)
+            sample = _batches(tables, case.shape, rng)[0]
+            sizes = {dtype: _sizes(raw_lookup, sample, dtype) for dtype in DTYPES}
+            with client_processes(max(clients), (target, echo_target), rows) as pool:
+                return single, _measure_processes(case, pool, clients, sizes)
+
+
+# ---------------------------------------------------------------- targets and output
+
+_COMPARE = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
+
+
+def _target(value: float, compare: str, bound: float) -> dict[str, Any]:
+    return {"value": round(value, 3), "target": f"{compare} {bound:g}", "met": bool(_COMPARE[compare](value, bound))}
+
+
+def _targets(single: Sequence[Mapping[str, Any]], processes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    a, b, c = single
+    targets = {
+        "a_bytes_ratio": _target(a["throughput_ratio"], ">=", 0.8),
+        "b_p50_ratio": _target(b["p50_ratio"], "<=", 1.5),
+        "c_p50_ratio": _target(c["p50_ratio"], "<=", 1.5),
+        "c_p99_ratio": _target(c["p99_ratio"], "<=", 2),
+    }
+    by_dtype = {dtype: [r for r in processes if r["dtype"] == dtype] for dtype in DTYPES}
+    for dtype, rows in by_dtype.items():
+        fewest, most = rows[0], rows[-1]
+        few, many = (r["clients"].split()[0] for r in (fewest, most))
+        targets[f"d_{dtype}_samples_ratio_at_{few}"] = _target(fewest["throughput_ratio"], ">=", 0.8)
+        targets[f"d_{dtype}_samples_ratio_at_{many}"] = _target(most["throughput_ratio"], ">=", 0.6)
+        if len(rows) > 1:
+            rates = [r["hps_samples_per_s"] for r in rows]
+            targets[f"d_{dtype}_samples_{many}_vs_{few}_clients"] = _target(rates[-1] / rates[0], ">=", 1)
+            steps = min(later / earlier for earlier, later in itertools.pairwise(rates))
+            targets[f"d_{dtype}_samples_never_fall_as_clients_added"] = _target(steps, ">=", 1)
+        targets[f"d_{dtype}_worst_p99_ratio"] = _target(max(r["p99_ratio"] for r in rows), "<=", 3)
+    fp16_over_fp32 = min(
+        half["hps_samples_per_s"] / full["hps_samples_per_s"]
+        for full, half in zip(by_dtype["float32"], by_dtype["float16"], strict=True)
+    )
+    targets["d_float16_over_float32_samples"] = _target(fp16_over_fp32, ">=", 1)
+    targets["wrong_vectors"] = _target(sum(r["wrong_vectors"] for r in (*single, *processes)), "==", 0)
+    return targets
+
+
+def _client_counts(text: str) -> list[int]:
+    counts = sorted({int(n) for n in text.split(",")})
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"must be client counts >= 1, comma separated, got {text!r}")
+    return counts
+
+
+def _server_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, got {text!r}")
+    if key == "address":
+        raise argparse.ArgumentTypeError("address: the benchmark picks the port itself")
+    return key, yaml.safe_load(value)  # as the config file would read it: 8 is an int, true a bool
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hps bench lookup", description=__doc__)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of requests")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows of each large table")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of calls")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows of each large table (the 26 small: 1/25)")
+    parser.add_argument(
+        "--l1",
+        choices=servers.L1_CHOICES,
+        default="none",
+        help="none: warm hash map over RocksDB; cpu: NumPy reference L1; gpu: CUDA L1 on device 0",
+    )
+    parser.add_argument("--clients", type=_client_counts, default=[1, 4, 8, 16], help="client process counts of case d")
+    parser.add_argument(
+        "--server-option",
+        type=_server_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sets server.KEY in the served config (repeatable), e.g. workers=8",
+    )
+    parser.add_argument("--processes", type=int, help="server.processes of the served config (only if given)")
     args = parser.parse_args(argv)
-    rows = run(args.scale, args.rows)
-    a, b = rows[0], rows[1]
+    if args.l1 == "gpu":
+        from hps_server.cache.placement import gpus_available
+
+        if not gpus_available([0]):
+            parser.error("--l1 gpu: CuPy sees no GPU 0 on this host (install the cuda12 or cuda13 extra, or use cpu)")
+    options = dict(args.server_option)
+    if args.processes is not None:
+        options["processes"] = args.processes
+    single, processes = run(args.scale, args.rows, args.l1, args.clients, options)
+    every = [*single, *processes]
     report.emit(
-        f"Lookup RPC vs raw gRPC echo of the same sizes (throughput: {CLIENT_THREADS} client threads; "
-        "latency: one thread, sequential calls)",
-        rows,
+        "Lookup vs raw gRPC echo of the same sizes and process layout (a-c: latency from one thread's sequential "
+        f"calls, throughput from {CLIENT_THREADS} threads; d: both from N client processes)",
+        every,
         args.json,
         extra={
-            "a_bytes_ratio": round(float(a["bytes_ratio"]), 3),
-            "a_target_met": float(a["bytes_ratio"]) >= 0.8,
-            "b_p50_ratio": round(float(b["p50_ratio"]), 3),
-            "b_target_met": float(b["p50_ratio"]) <= 1.5,
+            "l1": args.l1,
+            "server_options": options,
+            "totals": {key: sum(r[key] for r in every) for key in ("checked_vectors", "wrong_vectors")},
+            "targets": _targets(single, processes),
         },
     )
     return 0

@@ -31,7 +31,12 @@ def emit(title: str, rows: Sequence[Mapping[str, Any]], as_json: bool, extra: Ma
     print(f"\n{title}")
     if extra:
         for key, value in extra.items():
-            print(f"  {key}: {value}")
+            if isinstance(value, Mapping) and value:  # a section (targets, totals): one line per entry
+                print(f"  {key}:")
+                for name, item in value.items():
+                    print(f"    {name}: {item}")
+            else:
+                print(f"  {key}: {value}")
     if not rows:
         return
     columns = list(rows[0])

@@ -7,12 +7,14 @@ folder every server benchmark serves from.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 import grpc
 import numpy as np
@@ -21,6 +23,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hps_server import tables as table_files
 
+L1Choice = Literal["none", "cpu", "gpu"]
+L1_CHOICES: tuple[str, ...] = get_args(L1Choice)
+
+
+def _l1_options(l1: L1Choice) -> dict[str, Any]:
+    """The model keys for an L1 choice: a cache sized to hold every row, so a warm server answers from L1."""
+    if l1 == "none":
+        return {"gpucache": False}
+    options: dict[str, Any] = {"gpucache": True, "gpucacheper": 1.0}
+    if l1 == "gpu":
+        options["deployed_device_list"] = [0]
+    return options
+
 
 def write_served_model(
     directory: Path,
@@ -28,20 +43,28 @@ def write_served_model(
     model: str,
     tables: Mapping[str, tuple[np.ndarray, np.ndarray, int]],
     max_batch_size: int,
+    *,
+    l1: L1Choice = "none",
+    server_options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes each table (keys, vectors, max keys per sample) in HPS format and a config serving them on
-    127.0.0.1:port from a warm in-process hash map over RocksDB, without L1; returns the config path."""
+    127.0.0.1:port from a warm in-process hash map over RocksDB; returns the config path.
+
+    `l1`: none, or a warm L1 holding every row (cpu: the NumPy reference, which hps_server picks when the
+    server sees no GPU, see `server_env`; gpu: the CUDA cache on device 0). `server_options` become keys of
+    the config's `server` section as given, so settings the server does not know yet fail there, loudly.
+    """
     for name, (keys, vectors, _) in tables.items():
         table_files.write_table(directory / name, [(keys, vectors)], vectors.shape[1])
     config = {
-        "server": {"address": f"127.0.0.1:{port}"},
+        "server": {**(server_options or {}), "address": f"127.0.0.1:{port}"},
         "volatile_db": {"type": "hash_map", "initial_cache_rate": 1.0},
         "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
         "models": [
             {
                 "name": model,
                 "max_batch_size": max_batch_size,
-                "gpucache": False,
+                **_l1_options(l1),
                 "tables": [
                     {"name": name, "dim": vectors.shape[1], "source": name, "max_keys_per_sample": per_sample}
                     for name, (_, vectors, per_sample) in tables.items()
@@ -52,6 +75,11 @@ def write_served_model(
     path = directory / "hps.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def server_env(l1: L1Choice) -> dict[str, str]:
+    """Environment for the served process: with the cpu L1 it sees no GPU, so the reference cache serves."""
+    return {"CUDA_VISIBLE_DEVICES": ""} if l1 == "cpu" else {}
 
 
 def free_port() -> int:
@@ -88,10 +116,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def hps_server(config: Path, port: int) -> Iterator[str]:
-    """`hps serve --config` in a child process (config must listen on 127.0.0.1:port); yields its target."""
+def hps_server(config: Path, port: int, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """`hps serve --config` in a child process (config must listen on 127.0.0.1:port); yields its target.
+
+    `env` is added to this process's environment for the server.
+    """
     process = subprocess.Popen(
-        [sys.executable, "-m", "hps_server.cli", "--log-level", "WARNING", "serve", "--config", str(config)]
+        [sys.executable, "-m", "hps_server.cli", "--log-level", "WARNING", "serve", "--config", str(config)],
+        env={**os.environ, **(env or {})},
     )
     target = f"127.0.0.1:{port}"
     try:
@@ -101,13 +133,31 @@ def hps_server(config: Path, port: int) -> Iterator[str]:
         _stop(process)
 
 
+def _start_echo(port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    command = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(port), "--workers", str(workers)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        _stop(process)
+        raise RuntimeError(f"echo server exited with {process.returncode} before listening")
+    return process, int(line)
+
+
 @contextlib.contextmanager
-def echo_server() -> Iterator[str]:
-    """The raw-bytes echo baseline in a child process; yields its target."""
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.echo_server"], stdout=subprocess.PIPE)
+def echo_server(workers: int = 16, processes: int = 1) -> Iterator[str]:
+    """The raw-bytes echo baseline: `processes` child processes of `workers` threads on one port (the
+    kernel spreads connections over them, as it does for hps's workers); yields its target."""
+    started: list[subprocess.Popen[bytes]] = []
     try:
-        assert process.stdout is not None
-        port = int(process.stdout.readline())
+        first, port = _start_echo(0, workers)
+        started.append(first)
+        for _ in range(processes - 1):
+            process, bound = _start_echo(port, workers)
+            started.append(process)
+            if bound != port:
+                raise RuntimeError(f"echo server bound port {bound}, not the shared port {port}")
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(process)
+        for process in started:
+            _stop(process)

@@ -1,4 +1,4 @@
-"""L1: the embedding cache in front of the storage levels, one per model table and device.
+"""L1: the embedding cache in front of the storage levels, per device, holding one or several model tables.
 
 This module states the interface the LookupSession relies on; gpu.py (CuPy kernels) and reference.py
 (NumPy, same algorithm) implement it. Nothing here knows of storage levels or gRPC.
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclass(frozen=True)
@@ -50,25 +51,41 @@ class TableL1:
 
 
 class EmbeddingCache(Protocol):
-    """A bounded key -> vector cache of one table on one device; safe to call from several threads."""
+    """A bounded key -> vector cache of one or several tables (same dim) on one device; safe to call from
+    several threads.
+
+    Every operation takes an optional per-key table index (int array, values in [0, num_tables); None:
+    every key is in table 0), so one call serves a request's keys of all its tables.
+    """
 
     dim: int
     capacity: int
+    capacities: tuple[int, ...]
+    num_tables: int
 
-    def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32[n, dim] host array with zero rows for misses, hit mask bool[n]); bumps hit rows' recency."""
+    def query(
+        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 or float16 [n, dim] host array with zero rows for misses, hit mask bool[n]); bumps hit rows'
+        recency."""
         ...
 
-    def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+    def replace(self, keys: np.ndarray, vectors: np.ndarray, tables: np.ndarray | None = None) -> None:
         """Inserts rows, evicting the least recently used where a set is full."""
         ...
 
-    def update(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+    def update(self, keys: np.ndarray, vectors: np.ndarray, tables: np.ndarray | None = None) -> None:
         """Overwrites rows that are present; absent keys are ignored."""
         ...
 
-    def invalidate(self, keys: np.ndarray) -> None:
+    def invalidate(self, keys: np.ndarray, tables: np.ndarray | None = None) -> None:
         """Drops the keys if present."""
         ...
 
-    def stats(self) -> CacheStats: ...
+    def stats(self) -> CacheStats:
+        """The sum of table_stats()."""
+        ...
+
+    def table_stats(self) -> list[CacheStats]:
+        """Hits, misses, rows held and capacity of each table, in table order."""
+        ...

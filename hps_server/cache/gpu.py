@@ -1,34 +1,43 @@
 """L1 on an NVIDIA GPU: the set-associative LRU cache and the static table as CuPy RawKernels (kernels/cache.cu).
 
-Same algorithm and results as reference.py. Every operation on one cache runs on that cache's own
-stream in the order callers took its lock, so results are those of some serial order. Import only
+Same algorithm and results as reference.py, several tables per structure included: one call, whatever
+its tables, is one host-to-device copy, one launch per kernel of the algorithm, one synchronization and
+(for a lookup) one device-to-host copy. Every operation on one cache runs on that cache's own stream in
+the order callers took its lock, so results are those of some serial order. Import only
 where CuPy is installed; nothing here knows of storage levels or the session.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cupy as cp
 import cupyx
 import numpy as np
+import numpy.typing as npt
 
 from hps_server.cache import CacheStats
 from hps_server.cache.layout import (
     MAX_WAYS,
-    Geometry,
+    TableSets,
+    as_tables,
     check_dim,
     check_dtype,
+    check_table,
     last_occurrences,
+    static_table_count,
 )
 from hps_server.storage.base import as_keys, as_vectors
 
 _SOURCE = Path(__file__).with_name("kernels") / "cache.cu"
 _THREADS = 256
 _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
+_SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
 
 
 def available(device: int = 0) -> bool:
@@ -52,9 +61,9 @@ def _kernel(device: int, name: str) -> Any:
     return _module(device).get_function(name)
 
 
-def _grid_per_group(n: int) -> tuple[int]:
-    """Blocks for kernels where a warp serves 32 keys."""
-    return ((n + _THREADS - 1) // _THREADS,)
+def _blocks(n: int) -> int:
+    """Blocks for n threads: a thread per key, or a warp per 32 keys."""
+    return (n + _THREADS - 1) // _THREADS
 
 
 def _aligned(array: cp.ndarray, dtype: Any) -> cp.ndarray:
@@ -63,32 +72,62 @@ def _aligned(array: cp.ndarray, dtype: Any) -> cp.ndarray:
     return array if array.data.ptr % 16 == 0 else array.copy()
 
 
-def _to_pinned(array: np.ndarray) -> np.ndarray:
-    pinned = cupyx.empty_pinned(array.shape, array.dtype)
-    pinned[...] = array
-    return pinned
+def _round16(size: int) -> int:
+    return (size + 15) & ~15
+
+
+def _stage(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """The arrays end to end in one pinned buffer (each at a 16-byte boundary, for the row copies' loads)."""
+    *offsets, size = itertools.accumulate((_round16(a.nbytes) for a in arrays), initial=0)
+    staged = cupyx.empty_pinned(size, np.uint8)
+    for array, offset in zip(arrays, offsets, strict=True):
+        staged[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)[...] = array
+    return staged, offsets
+
+
+def _device_views(buffer: cp.ndarray, arrays: Sequence[np.ndarray], offsets: Sequence[int]) -> list[cp.ndarray]:
+    """Views of a device copy of a _stage() buffer, shaped as the staged arrays."""
+    return [
+        buffer[offset : offset + a.nbytes].view(a.dtype).reshape(a.shape)
+        for a, offset in zip(arrays, offsets, strict=True)
+    ]
 
 
 class _OnDevice:
-    """What both GPU structures share: the device, one stream, one lock, and host<->device staging."""
+    """What both GPU structures share: the device, one stream, one lock, host<->device staging, counters.
+
+    launches, copies_to_device, copies_to_host and syncs count this module's kernel launches, copies and
+    host synchronizations (CuPy's own kernels, such as the sort inside replace, are not counted): a
+    lookup costs the same calls whatever the number of tables it asks.
+    """
 
     dim: int
+    num_tables: int
 
-    def __init__(self, device: int) -> None:
+    def __init__(self, device: int, num_tables: int) -> None:
         if not available(device):
             raise ValueError(f"device: CUDA device {device} is not available")
         self.device = device
+        self.num_tables = num_tables
         self._device = cp.cuda.Device(device)
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
-            self._hit_count = cp.zeros(_HIT_COUNTERS, cp.uint64)
+            # [table][0: hits, 1: keys asked][counter], as in cache.cu
+            self._counts = cp.zeros((num_tables, 2, _HIT_COUNTERS), cp.uint64)
         self._lock = threading.Lock()
-        self._queried = 0
+        self.launches = 0
+        self.copies_to_device = 0
+        self.copies_to_host = 0
+        self.syncs = 0
 
     @property
     def stream(self) -> cp.cuda.Stream:
         """The stream every operation of this structure runs on; work issued on it needs no extra ordering."""
         return self._stream
+
+    def _launch(self, name: str, blocks: int, args: tuple[Any, ...]) -> None:
+        _kernel(self.device, name)((blocks,), (_THREADS,), args)
+        self.launches += 1
 
     def _enter(self, caller: cp.cuda.Stream) -> None:
         """Our stream waits for the caller's work on the arrays it hands us."""
@@ -100,59 +139,79 @@ class _OnDevice:
         if caller.ptr != self._stream.ptr:
             caller.wait_event(self._stream.record())
 
-    def _stats(self, rows: cp.ndarray, capacity: int) -> CacheStats:
-        with self._device, self._lock, self._stream:
-            hits = int(self._hit_count.get(stream=self._stream).sum())
-            held = int(rows.get(stream=self._stream))
-            queried = self._queried
-        return CacheStats(hits=hits, misses=queried - hits, rows=held, capacity=capacity)
+    def _get(self, array: cp.ndarray) -> np.ndarray:
+        """A small device array on the host, for inspection (not on the lookup path); inside the lock."""
+        self.copies_to_host += 1
+        self.syncs += 1
+        return array.get(stream=self._stream)
 
-    def _host_query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _table_stats(self, rows_per_table: cp.ndarray, capacities: Sequence[int]) -> list[CacheStats]:
+        with self._device, self._lock, self._stream:
+            counts = self._get(cp.concatenate([self._counts.sum(axis=2).ravel(), rows_per_table.astype(cp.uint64)]))
+        hits, queried = counts[: 2 * self.num_tables].reshape(self.num_tables, 2).T
+        rows = counts[2 * self.num_tables :]
+        return [
+            CacheStats(hits=int(h), misses=int(q - h), rows=int(r), capacity=int(c))
+            for h, q, r, c in zip(hits, queried, rows, capacities, strict=True)
+        ]
+
+    def stats(self) -> CacheStats:
+        return CacheStats.total(self.table_stats())
+
+    def table_stats(self) -> list[CacheStats]:
+        raise NotImplementedError
+
+    def _upload(self, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[cp.ndarray]]:
+        """One host-to-device copy of the arrays; inside the lock, on our stream.
+
+        Returns the pinned staging buffer, which the caller keeps until it has synchronized (the copy
+        reads it asynchronously), and device views shaped as the arrays.
+        """
+        staged, offsets = _stage(arrays)
+        buffer = cp.empty(staged.size, cp.uint8)
+        buffer.set(staged, stream=self._stream)
+        self.copies_to_device += 1
+        return staged, _device_views(buffer, arrays, offsets)
+
+    def _host_query(
+        self, keys: np.ndarray, tables: np.ndarray | None, dtype: npt.DTypeLike
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys = as_keys(keys)
+        tables = as_tables(tables, keys.size, self.num_tables)
+        out = check_dtype(dtype)
         n = keys.size
         if not n:
-            return np.zeros((0, self.dim), np.float32), np.zeros(0, bool), np.zeros(0, np.int64)
-        staged = _to_pinned(keys)
-        vectors = cupyx.empty_pinned((n, self.dim), np.float32)
-        hit = cupyx.empty_pinned(n, np.bool_)
+            return np.zeros((0, self.dim), out), np.zeros(0, bool), np.zeros(0, np.int64)
+        # The reply, vectors then hit flags, comes back in one copy into one pinned buffer.
+        vector_bytes = n * self.dim * out.itemsize
+        reply = cupyx.empty_pinned(vector_bytes + n, np.uint8)
         with self._device, self._lock, self._stream:
-            keys_d = cp.empty(n, cp.int64)
-            keys_d.set(staged, stream=self._stream)
-            vectors_d = cp.empty((n, self.dim), cp.float32)
-            hit_d = cp.empty(n, cp.bool_)
-            self._query(keys_d, vectors_d, hit_d)
-            vectors_d.get(stream=self._stream, out=vectors, blocking=False)
-            hit_d.get(stream=self._stream, out=hit, blocking=False)
+            staged, (keys_d, tables_d) = self._upload((keys, tables))
+            reply_d = cp.empty(reply.size, cp.uint8)
+            vectors_d = reply_d[:vector_bytes].view(out).reshape(n, self.dim)
+            self._query(keys_d, tables_d, vectors_d, reply_d[vector_bytes:].view(cp.bool_))
+            reply_d.get(stream=self._stream, out=reply, blocking=False)
+            self.copies_to_host += 1
+            self.syncs += 1
             done = self._stream.record()
         done.synchronize()
-        return vectors, hit, np.flatnonzero(~hit)
+        del staged  # only now may the pool hand the staging buffer out again
+        hit = reply[vector_bytes:].view(np.bool_)
+        return reply[:vector_bytes].view(out).reshape(n, self.dim), hit, np.flatnonzero(~hit)
 
-    def _host_write(self, keys: np.ndarray, vectors: np.ndarray, op: str) -> None:
+    def _host_write(self, keys: np.ndarray, vectors: np.ndarray | None, tables: np.ndarray | None, op: str) -> None:
         keys = as_keys(keys)
-        vectors = as_vectors(vectors, keys.size, self.dim)
+        tables = as_tables(tables, keys.size, self.num_tables)
+        inputs = [keys, tables] if vectors is None else [keys, tables, as_vectors(vectors, keys.size, self.dim)]
         if not keys.size:
             return
-        staged_keys, staged_vectors = _to_pinned(keys), _to_pinned(vectors)
         with self._device, self._lock, self._stream:
-            keys_d = cp.empty(keys.size, cp.int64)
-            vectors_d = cp.empty(vectors.shape, cp.float32)
-            keys_d.set(staged_keys, stream=self._stream)
-            vectors_d.set(staged_vectors, stream=self._stream)
-            getattr(self, op)(keys_d, vectors_d)
+            staged, on_device = self._upload(inputs)
+            getattr(self, op)(*on_device)
+            self.syncs += 1
             done = self._stream.record()
         done.synchronize()
-
-    def _host_invalidate(self, keys: np.ndarray) -> None:
-        keys = as_keys(keys)
-        if not keys.size:
-            return
-        staged = _to_pinned(keys)
-        with self._device, self._lock, self._stream:
-            keys_d = cp.empty(keys.size, cp.int64)
-            keys_d.set(staged, stream=self._stream)
-            self._invalidate(keys_d)
-            done = self._stream.record()
-        done.synchronize()
+        del staged  # only now may the pool hand the staging buffer out again
 
     def _device_call(self, op: str, *arrays: cp.ndarray) -> Any:
         caller = cp.cuda.get_current_stream()
@@ -167,6 +226,20 @@ class _OnDevice:
             raise ValueError(f"keys: must be a 1-D integer array, got shape {keys.shape} dtype {keys.dtype}")
         return _aligned(keys, cp.int64)
 
+    def _device_tables(self, tables: cp.ndarray | None, rows: int) -> cp.ndarray:
+        """int32 table indices on the device (zeros when None); values are checked by the kernels, not here."""
+        if tables is None:
+            return cp.zeros(rows, cp.int32)
+        if tables.shape != (rows,) or tables.dtype.kind not in "iu":
+            raise ValueError(
+                f"tables: must be a 1-D integer array of one index per key ({rows}), "
+                f"got shape {tables.shape} dtype {tables.dtype}"
+            )
+        if tables.dtype == cp.int32:
+            return cp.ascontiguousarray(tables)
+        # Out of range before the narrowing, so that no index wraps around onto a real table.
+        return cp.where((tables < 0) | (tables >= self.num_tables), -1, tables).astype(cp.int32)
+
     def _device_vectors(self, vectors: cp.ndarray, rows: int) -> cp.ndarray:
         if vectors.shape != (rows, self.dim):
             raise ValueError(
@@ -174,232 +247,296 @@ class _OnDevice:
             )
         return _aligned(vectors, cp.float32)
 
-    def _dedupe(self, keys: cp.ndarray) -> tuple[cp.ndarray, cp.ndarray]:
-        """(last, pos): key i is its key's last occurrence in the batch where last[pos[i]] == i."""
+    def _dedupe(self, keys: cp.ndarray, tables: cp.ndarray) -> tuple[cp.ndarray, cp.ndarray]:
+        """(last, pos): key i is its (table, key) pair's last occurrence in the batch where last[pos[i]] == i."""
         n = keys.size
         size = 1 << max(1, (2 * n - 1).bit_length())
         claim = cp.full(size, -1, cp.int32)
         last = cp.full(size, -1, cp.int32)
         pos = cp.empty(n, cp.int32)
-        _kernel(self.device, "dedupe")(
-            ((n + _THREADS - 1) // _THREADS,), (_THREADS,), (keys, np.int64(n), claim, last, pos, np.uint32(size - 1))
-        )
+        self._launch("dedupe", _blocks(n), (keys, tables, np.int64(n), claim, last, pos, np.uint32(size - 1)))
         return last, pos
 
     # Subclasses implement these on device arrays, inside the lock, on self._stream.
-    def _query(self, keys: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
+    def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         raise NotImplementedError
 
-    def _invalidate(self, keys: cp.ndarray) -> None:
+    def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
+        raise NotImplementedError
+
+    def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
+        raise NotImplementedError
+
+    def _invalidate(self, keys: cp.ndarray, tables: cp.ndarray) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------ the public surface
 
-    def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors float32[n, dim], zero rows for misses, hit bool[n]), in pinned host memory."""
-        vectors, hit, _ = self._host_query(keys)
+    def query(
+        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors [n, dim] of `dtype`, zero rows for misses, hit bool[n]): views of one pinned host buffer."""
+        vectors, hit, _ = self._host_query(keys, tables, dtype)
         return vectors, hit
 
-    def query_misses(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def query_misses(
+        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """query() plus the indices of the misses (int64, ascending)."""
-        return self._host_query(keys)
+        return self._host_query(keys, tables, dtype)
 
-    def replace(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        self._host_write(keys, vectors, "_replace")
+    def replace(self, keys: np.ndarray, vectors: np.ndarray, tables: np.ndarray | None = None) -> None:
+        self._host_write(keys, vectors, tables, "_replace")
 
-    def update(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        self._host_write(keys, vectors, "_update")
+    def update(self, keys: np.ndarray, vectors: np.ndarray, tables: np.ndarray | None = None) -> None:
+        self._host_write(keys, vectors, tables, "_update")
 
-    def invalidate(self, keys: np.ndarray) -> None:
-        self._host_invalidate(keys)
+    def invalidate(self, keys: np.ndarray, tables: np.ndarray | None = None) -> None:
+        self._host_write(keys, None, tables, "_invalidate")
 
-    def query_device(self, keys: cp.ndarray) -> tuple[cp.ndarray, cp.ndarray]:
-        """query() on device arrays: (vectors float32[n, dim], hit bool[n]), ordered after the caller's stream."""
+    def query_device(
+        self, keys: cp.ndarray, tables: cp.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+    ) -> tuple[cp.ndarray, cp.ndarray]:
+        """query() on device arrays: (vectors [n, dim] of `dtype`, hit bool[n]), ordered after the caller's stream."""
         keys = self._device_keys(keys)
+        tables = self._device_tables(tables, keys.size)
         # Allocated on the caller's stream, so the pool recycles them in the caller's order.
-        vectors = cp.empty((keys.size, self.dim), cp.float32)
+        vectors = cp.empty((keys.size, self.dim), check_dtype(dtype))
         hit = cp.empty(keys.size, cp.bool_)
         if keys.size:
-            self._device_call("_query", keys, vectors, hit)
+            self._device_call("_query", keys, tables, vectors, hit)
         return vectors, hit
 
-    def replace_device(self, keys: cp.ndarray, vectors: cp.ndarray) -> None:
+    def replace_device(self, keys: cp.ndarray, vectors: cp.ndarray, tables: cp.ndarray | None = None) -> None:
         keys = self._device_keys(keys)
         if keys.size:
-            self._device_call("_replace", keys, self._device_vectors(vectors, keys.size))
+            vectors = self._device_vectors(vectors, keys.size)
+            self._device_call("_replace", keys, self._device_tables(tables, keys.size), vectors)
 
-    def update_device(self, keys: cp.ndarray, vectors: cp.ndarray) -> None:
+    def update_device(self, keys: cp.ndarray, vectors: cp.ndarray, tables: cp.ndarray | None = None) -> None:
         keys = self._device_keys(keys)
         if keys.size:
-            self._device_call("_update", keys, self._device_vectors(vectors, keys.size))
+            vectors = self._device_vectors(vectors, keys.size)
+            self._device_call("_update", keys, self._device_tables(tables, keys.size), vectors)
 
-    def invalidate_device(self, keys: cp.ndarray) -> None:
+    def invalidate_device(self, keys: cp.ndarray, tables: cp.ndarray | None = None) -> None:
         keys = self._device_keys(keys)
         if keys.size:
-            self._device_call("_invalidate", keys)
+            self._device_call("_invalidate", keys, self._device_tables(tables, keys.size))
 
 
 class GpuEmbeddingCache(_OnDevice):
-    """A bounded LRU cache of one table's rows on one GPU (see reference.py for the algorithm)."""
+    """A bounded LRU cache of one or several tables' rows on one GPU (see reference.py for the algorithm)."""
 
     def __init__(
-        self, capacity: int, dim: int, *, ways: int = MAX_WAYS, dtype: str = "float32", device: int = 0
+        self,
+        capacity: int | Sequence[int],
+        dim: int,
+        *,
+        ways: int = MAX_WAYS,
+        dtype: str = "float32",
+        device: int = 0,
     ) -> None:
-        super().__init__(device)
-        self.geometry = Geometry.for_capacity(capacity, ways)
+        self.layout = TableSets(capacity, ways)
+        super().__init__(device, self.layout.num_tables)
+        self.geometries = self.layout.geometries
+        self.capacities = tuple(g.capacity for g in self.geometries)
+        self.capacity = sum(self.capacities)
         self.dim = check_dim(dim)
         self.dtype = check_dtype(dtype)
-        self.capacity = self.geometry.capacity
         self.clock = 0
-        self._suffix = "f32" if self.dtype == np.float32 else "f16"
+        self._suffix = _SUFFIX[self.dtype.name]
+        slots = self.layout.total_sets * self.layout.stride
         with self._device, self._stream:
-            self._fps = cp.zeros(self.capacity, cp.uint16)
-            self._slots = cp.zeros((self.capacity, 2), cp.int64)  # (key, stamp) per slot, as Slot in cache.cu
-            self._rows = cp.zeros((self.capacity, self.dim), self.dtype)
+            self._fps = cp.zeros(slots, cp.uint16)
+            self._slots = cp.zeros((slots, 2), cp.int64)  # (key, stamp) per slot, as Slot in cache.cu
+            self._rows = cp.zeros((slots, self.dim), self.dtype)
+            self._first_set = cp.asarray(self.layout.first_set.astype(np.uint32))
+            self._num_sets = cp.asarray(self.layout.num_sets.astype(np.uint32))
+            self._table_ways = cp.asarray(self.layout.ways.astype(np.int32))
+            # Table t's sets end where this cumulative count of sets reaches first_set[t] + num_sets[t].
+            self._set_ends = cp.asarray(self.layout.first_set + self.layout.num_sets - 1)
         self._stream.synchronize()
         _module(device)
 
     @property
-    def _shape_args(self) -> tuple[np.uint32, np.int32, np.int32]:
-        return np.uint32(self.geometry.num_sets), np.int32(self.geometry.ways), np.int32(self.dim)
+    def _table_args(self) -> tuple[cp.ndarray, cp.ndarray, np.int32]:
+        return self._first_set, self._num_sets, np.int32(self.num_tables)
 
-    def _query(self, keys: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
+    def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         n = keys.size
         self.clock += 1
-        self._queried += n
-        _kernel(self.device, f"query_{self._suffix}")(
-            _grid_per_group(n),
-            (_THREADS,),
-            (keys, np.int64(n), self._fps, self._slots, self._rows, *self._shape_args,
-             np.int64(self.clock), vectors, hit, self._hit_count),
+        self._launch(
+            f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
+            _blocks(n),
+            (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
+             np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
         )  # fmt: skip
 
-    def _write_present(self, keys: cp.ndarray, vectors: cp.ndarray, clock: int) -> cp.ndarray:
-        """Pass 1 of replace and update; returns each key's set where it is to be inserted, else NO_SET."""
+    def _write_present(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int) -> cp.ndarray:
+        """Pass 1 of replace and update; returns each key's global set where it is to be inserted, else NO_SET."""
         n = keys.size
-        last, pos = self._dedupe(keys)
+        last, pos = self._dedupe(keys, tables)
         absent = cp.empty(n, cp.uint32)
-        _kernel(self.device, f"write_present_{self._suffix}")(
-            _grid_per_group(n),
-            (_THREADS,),
-            (keys, vectors, np.int64(n), last, pos, self._fps, self._slots, self._rows,
-             *self._shape_args, np.int64(clock), absent),
+        self._launch(
+            f"write_present_{self._suffix}",
+            _blocks(n),
+            (keys, tables, vectors, np.int64(n), last, pos, *self._table_args, self._fps, self._slots, self._rows,
+             np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock), absent),
         )  # fmt: skip
         return absent
 
-    def _replace(self, keys: cp.ndarray, vectors: cp.ndarray) -> None:
+    def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
         touched, inserted = self.clock + 1, self.clock + 2
         self.clock += 2
-        absent = self._write_present(keys, vectors, touched)
+        absent = self._write_present(keys, tables, vectors, touched)
         order = cp.argsort(absent)  # a set's keys to insert become one run, for one warp
-        _kernel(self.device, f"insert_absent_{self._suffix}")(
-            _grid_per_group(keys.size),
-            (_THREADS,),
-            (keys, vectors, np.int64(keys.size), absent[order], order, self._fps, self._slots, self._rows,
-             np.int32(self.geometry.ways), np.int32(self.dim), np.int64(touched), np.int64(inserted)),
+        self._launch(
+            f"insert_absent_{self._suffix}",
+            _blocks(keys.size),
+            (keys, tables, vectors, np.int64(keys.size), absent[order], order, self._table_ways, self._fps,
+             self._slots, self._rows, np.int32(self.layout.stride), np.int32(self.dim), np.int64(touched),
+             np.int64(inserted)),
         )  # fmt: skip
 
-    def _update(self, keys: cp.ndarray, vectors: cp.ndarray) -> None:
-        self._write_present(keys, vectors, 0)
+    def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
+        self._write_present(keys, tables, vectors, 0)
 
-    def _invalidate(self, keys: cp.ndarray) -> None:
-        num_sets, ways, _ = self._shape_args
-        _kernel(self.device, "invalidate")(
-            _grid_per_group(keys.size),
-            (_THREADS,),
-            (keys, np.int64(keys.size), self._fps, self._slots, num_sets, ways),
-        )
+    def _invalidate(self, keys: cp.ndarray, tables: cp.ndarray) -> None:
+        self._launch(
+            "invalidate",
+            _blocks(keys.size),
+            (keys, tables, np.int64(keys.size), *self._table_args, self._fps, self._slots,
+             np.int32(self.layout.stride)),
+        )  # fmt: skip
 
-    def dump(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(keys ascending, vectors float32, stamps) of every row held, as reference.py's dump()."""
+    def dump(self, table: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys ascending, vectors float32, stamps) of every row `table` holds, as reference.py's dump()."""
+        table = check_table(table, self.num_tables)
+        stride = self.layout.stride
+        first = int(self.layout.first_set[table]) * stride
+        end = first + int(self.layout.num_sets[table]) * stride
         with self._device, self._lock, self._stream:
-            held = cp.flatnonzero(self._fps)
+            held = cp.flatnonzero(self._fps[first:end]) + first
             keys = self._slots[held, 0]
             order = cp.argsort(keys)
             held = held[order]
-            result = (keys[order].get(), self._rows[held].astype(cp.float32).get(), self._slots[held, 1].get())
+            result = (
+                self._get(keys[order]),
+                self._get(self._rows[held].astype(cp.float32)),
+                self._get(self._slots[held, 1]),
+            )
         return result
 
-    def stats(self) -> CacheStats:
+    def table_stats(self) -> list[CacheStats]:
+        """Hits, misses, rows held and capacity of each table, in table order (equal to the reference's)."""
         with self._device, self._stream:
-            rows = cp.count_nonzero(self._fps)
-        return self._stats(rows, self.capacity)
+            held = cp.cumsum(cp.count_nonzero(self._fps.reshape(-1, self.layout.stride), axis=1))[self._set_ends]
+            rows = cp.diff(cp.concatenate([cp.zeros(1, held.dtype), held]))
+        return self._table_stats(rows, self.capacities)
 
 
 class GpuStaticTable(_OnDevice):
-    """A fixed key set held whole on one GPU (use_static_table); same behaviour as ReferenceStaticTable."""
+    """Fixed key sets of one or several tables held whole on one GPU; same behaviour as ReferenceStaticTable."""
 
-    def __init__(self, keys: np.ndarray, vectors: np.ndarray, *, dtype: str = "float32", device: int = 0) -> None:
-        super().__init__(device)
+    def __init__(
+        self,
+        keys: np.ndarray,
+        vectors: np.ndarray,
+        *,
+        tables: np.ndarray | None = None,
+        num_tables: int | None = None,
+        dtype: str = "float32",
+        device: int = 0,
+    ) -> None:
         keys = as_keys(keys)
         array = np.asarray(vectors)
         if array.ndim != 2 or array.shape[1] < 1:
             raise ValueError(f"vectors: must be a 2-D array [rows, dim], got shape {array.shape}")
-        self.dim = check_dim(array.shape[1])
-        vectors = as_vectors(array, keys.size, self.dim)
+        dim = check_dim(array.shape[1])
+        vectors = as_vectors(array, keys.size, dim)
+        count = static_table_count(tables, num_tables)
+        tables = as_tables(tables, keys.size, count)
+        super().__init__(device, count)
+        self.dim = dim
         self.dtype = check_dtype(dtype)
-        self._suffix = "f32" if self.dtype == np.float32 else "f16"
-        distinct, _, last = last_occurrences(keys, np.zeros(keys.size, np.int32))
+        self._suffix = _SUFFIX[self.dtype.name]
+        # Rows in (table, key) order, as the reference holds them: table t's rows are [bounds[t], bounds[t + 1]).
+        distinct, owners, last = last_occurrences(keys, tables)
+        self._bounds = np.searchsorted(owners, np.arange(count + 1))
+        self.capacities = tuple(int(c) for c in np.diff(self._bounds))
         self.capacity = int(distinct.size)
         slots = 1 << max(1, (2 * max(1, distinct.size) - 1).bit_length())
         self._mask = np.uint32(slots - 1)
         with self._device, self._stream:
             self._row_keys = cp.asarray(distinct)
+            row_tables = cp.asarray(owners)
             self._rows = cp.asarray(vectors[last].astype(self.dtype))
             self._live = cp.ones(distinct.size, cp.bool_)
             self._slot_keys = cp.zeros(slots, cp.int64)
+            self._slot_tables = cp.zeros(slots, cp.int32)
             self._slot_rows = cp.full(slots, -1, cp.int32)
             if distinct.size:
-                _kernel(device, "static_build")(
-                    ((distinct.size + _THREADS - 1) // _THREADS,),
-                    (_THREADS,),
-                    (self._row_keys, np.int64(distinct.size), self._slot_keys, self._slot_rows, self._mask),
-                )
+                self._launch(
+                    "static_build",
+                    _blocks(distinct.size),
+                    (self._row_keys, row_tables, np.int64(distinct.size), self._slot_keys, self._slot_tables,
+                     self._slot_rows, self._mask),
+                )  # fmt: skip
+            # Live rows of table t: the cumulative count at bounds[t + 1] minus that at bounds[t].
+            self._row_bounds = cp.asarray(self._bounds)
         self._stream.synchronize()
 
-    def _query(self, keys: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
+    @property
+    def _index_args(self) -> tuple[Any, ...]:
+        return np.int32(self.num_tables), self._slot_keys, self._slot_tables, self._slot_rows
+
+    def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         n = keys.size
-        self._queried += n
-        _kernel(self.device, f"static_query_{self._suffix}")(
-            _grid_per_group(n),
-            (_THREADS,),
-            (keys, np.int64(n), self._slot_keys, self._slot_rows, self._live, self._mask, self._rows,
-             np.int32(self.dim), vectors, hit, self._hit_count),
+        self._launch(
+            f"static_query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
+            _blocks(n),
+            (keys, tables, np.int64(n), *self._index_args, self._live, self._mask, self._rows, np.int32(self.dim),
+             vectors, hit, self._counts),
         )  # fmt: skip
 
-    def _write(self, keys: cp.ndarray, vectors: cp.ndarray, revive: int) -> None:
-        last, pos = self._dedupe(keys)
-        _kernel(self.device, f"static_write_{self._suffix}")(
-            _grid_per_group(keys.size),
-            (_THREADS,),
-            (keys, vectors, np.int64(keys.size), last, pos, self._slot_keys, self._slot_rows, self._live,
-             self._mask, self._rows, np.int32(self.dim), np.int32(revive)),
+    def _write(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, revive: int) -> None:
+        last, pos = self._dedupe(keys, tables)
+        self._launch(
+            f"static_write_{self._suffix}",
+            _blocks(keys.size),
+            (keys, tables, vectors, np.int64(keys.size), last, pos, *self._index_args, self._live, self._mask,
+             self._rows, np.int32(self.dim), np.int32(revive)),
         )  # fmt: skip
 
-    def _replace(self, keys: cp.ndarray, vectors: cp.ndarray) -> None:
-        self._write(keys, vectors, 1)
+    def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
+        self._write(keys, tables, vectors, 1)
 
-    def _update(self, keys: cp.ndarray, vectors: cp.ndarray) -> None:
-        self._write(keys, vectors, 0)
+    def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
+        self._write(keys, tables, vectors, 0)
 
-    def _invalidate(self, keys: cp.ndarray) -> None:
-        _kernel(self.device, "static_invalidate")(
-            ((keys.size + _THREADS - 1) // _THREADS,),
-            (_THREADS,),
-            (keys, np.int64(keys.size), self._slot_keys, self._slot_rows, self._live, self._mask),
+    def _invalidate(self, keys: cp.ndarray, tables: cp.ndarray) -> None:
+        self._launch(
+            "static_invalidate",
+            _blocks(keys.size),
+            (keys, tables, np.int64(keys.size), *self._index_args, self._live, self._mask),
         )
 
-    def dump(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys ascending, vectors float32) of the live rows."""
+    def dump(self, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(keys ascending, vectors float32) of `table`'s live rows."""
+        table = check_table(table, self.num_tables)
+        first, end = int(self._bounds[table]), int(self._bounds[table + 1])
         with self._device, self._lock, self._stream:
-            live = cp.flatnonzero(self._live)
-            result = (self._row_keys[live].get(), self._rows[live].astype(cp.float32).get())
+            live = cp.flatnonzero(self._live[first:end]) + first
+            result = (self._get(self._row_keys[live]), self._get(self._rows[live].astype(cp.float32)))
         return result
 
-    def stats(self) -> CacheStats:
+    def table_stats(self) -> list[CacheStats]:
+        """Hits, misses, live rows and rows held of each table, in table order (equal to the reference's)."""
         with self._device, self._stream:
-            rows = cp.count_nonzero(self._live)
-        return self._stats(rows, self.capacity)
+            live = cp.concatenate([cp.zeros(1, cp.int64), cp.cumsum(self._live, dtype=cp.int64)])
+            rows = live[self._row_bounds[1:]] - live[self._row_bounds[:-1]]
+        return self._table_stats(rows, self.capacities)
 
 
 def gather(table: cp.ndarray, index: cp.ndarray) -> cp.ndarray:
@@ -408,7 +545,7 @@ def gather(table: cp.ndarray, index: cp.ndarray) -> cp.ndarray:
     out = cp.empty((n, dim), cp.float32)
     device = cp.cuda.Device().id
     _kernel(device, "gather_f32")(
-        _grid_per_group(n), (_THREADS,), (_aligned(table, cp.float32), _aligned(index, cp.int64), np.int64(n),
+        (_blocks(n),), (_THREADS,), (_aligned(table, cp.float32), _aligned(index, cp.int64), np.int64(n),
                                          np.int32(dim), out),
     )  # fmt: skip
     return out

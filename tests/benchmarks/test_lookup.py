@@ -1,4 +1,5 @@
-"""`hps bench lookup` runs end to end (hps serve and the echo baseline as child processes) and reports its ratios.
+"""`hps bench lookup` runs end to end (hps serve, the echo baseline and spawned client processes) and reports
+every case, ratio and target, with every checked vector right.
 
 Speed itself is never asserted here: benchmarks report it as ratios, tests only check they ran.
 """
@@ -9,16 +10,54 @@ import json
 
 import pytest
 
+from hps_server.cache.placement import gpus_available
 from hps_server.cli import main
 
+CASES = ["a:", "b:", "c:"]
+# Case d: (clients, dtype) in the order measured.
+PROCESS_ROWS = [(clients, dtype) for clients in ("1 process", "2 processes") for dtype in ("float32", "float16")]
 
-def test_json_report_has_both_targets_and_every_case(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "lookup", "--json", "--scale", "0.01", "--rows", "2000"]) == 0
+
+def test_json_report_has_every_case_ratio_and_target(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "lookup", "--json", "--scale", "0.01", "--rows", "2000", "--clients", "1,2", "--l1", "cpu"]
+    assert main([*argv, "--server-option", "workers=4"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [r["case"][:2] for r in printed["rows"]] == ["a:", "b:", "26"]
-    for row in printed["rows"]:
+    rows = printed["rows"]
+    assert [r["case"][:2] for r in rows] == [*CASES, *["d:"] * len(PROCESS_ROWS)]
+    assert [(r["clients"], r["dtype"]) for r in rows[3:]] == PROCESS_ROWS
+    for row in rows:
         assert row["hps_MB_per_s"] > 0 and row["echo_MB_per_s"] > 0
-        assert row["bytes_ratio"] == pytest.approx(row["hps_MB_per_s"] / row["echo_MB_per_s"], rel=1e-6)
+        assert row["throughput_ratio"] == pytest.approx(row["hps_MB_per_s"] / row["echo_MB_per_s"], rel=1e-6)
         assert row["p50_ratio"] == pytest.approx(row["hps_p50_ms"] / row["echo_p50_ms"], rel=1e-6)
-    assert printed["a_bytes_ratio"] == pytest.approx(printed["rows"][0]["bytes_ratio"], abs=1e-3)
-    assert printed["b_p50_ratio"] == pytest.approx(printed["rows"][1]["p50_ratio"], abs=1e-3)
+        assert row["p99_ratio"] == pytest.approx(row["hps_p99_ms"] / row["echo_p99_ms"], rel=1e-6)
+        assert row["checked_vectors"] > 0 and row["wrong_vectors"] == 0
+    fp32, fp16 = rows[3], rows[4]
+    assert fp16["reply_MB"] < fp32["reply_MB"]  # the echo stands in for each dtype's own reply size
+    assert printed["l1"] == "cpu"
+    assert printed["server_options"] == {"workers": 4}  # read as YAML reads it; no processes unless asked
+    assert printed["totals"] == {"checked_vectors": sum(r["checked_vectors"] for r in rows), "wrong_vectors": 0}
+    targets = printed["targets"]
+    assert set(targets) >= {
+        "a_bytes_ratio",
+        "b_p50_ratio",
+        "c_p50_ratio",
+        "c_p99_ratio",
+        "d_float32_samples_ratio_at_1",
+        "d_float16_samples_ratio_at_2",
+        "d_float32_samples_2_vs_1_clients",
+        "d_float16_samples_never_fall_as_clients_added",
+        "d_float32_worst_p99_ratio",
+        "d_float16_over_float32_samples",
+        "wrong_vectors",
+    }
+    assert targets["a_bytes_ratio"]["value"] == pytest.approx(rows[0]["throughput_ratio"], abs=1e-3)
+    assert all(isinstance(t["met"], bool) and t["target"] for t in targets.values())
+    assert targets["wrong_vectors"] == {"value": 0, "target": "== 0", "met": True}
+
+
+@pytest.mark.skipif(gpus_available([0]), reason="CuPy sees a GPU here: --l1 gpu is valid")
+def test_gpu_l1_is_refused_where_cupy_sees_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "lookup", "--l1", "gpu"])
+    assert exited.value.code == 2
+    assert "--l1 gpu" in capsys.readouterr().err

@@ -278,3 +278,169 @@ def test_a_server_with_the_gpu_level_returns_exactly_the_stored_vectors(tmp_path
         assert stats.hits > 0 and stats.rows > 0
     finally:
         server.stop(grace=1)
+
+
+# ---------------------------------------------------------------- several tables in one structure
+
+
+def random_table_ops(
+    rng: np.random.Generator, num_tables: int, dim: int, key_space: int, steps: int
+) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    """Operations whose keys are drawn from one space for all tables, so key values recur across tables;
+    queries ask float32 or float16 replies."""
+    ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+    for _ in range(steps):
+        kind = str(rng.choice(["query", "replace", "replace", "update", "invalidate"]))
+        n = int(rng.integers(0, 3000))
+        keys = rng.integers(-key_space, key_space, size=n).astype(np.int64)
+        tables = rng.integers(0, num_tables, size=n).astype((np.int32, np.int64, np.uint8)[int(rng.integers(3))])
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        if kind == "query":
+            ops.append((kind, (keys, tables), {"dtype": (np.float32, np.float16)[int(rng.integers(2))]}))
+        elif kind == "invalidate":
+            ops.append((kind, (keys, tables), {}))
+        else:
+            ops.append((kind, (keys, vectors, tables), {}))
+    return ops
+
+
+def run_table_ops(cache: Any, ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+    results = []
+    for kind, args, options in ops:
+        if kind == "query":
+            results.append(cache.query_misses(*args, **options))
+        else:
+            getattr(cache, kind)(*args, **options)
+    return results
+
+
+def assert_same_tables(gpu: Any, ref: Any) -> None:
+    for table in range(ref.num_tables):
+        for got, want in zip(gpu.dump(table), ref.dump(table), strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert gpu.table_stats() == ref.table_stats()
+    assert gpu.stats() == ref.stats()
+    assert getattr(gpu, "clock", 0) == getattr(ref, "clock", 0)
+
+
+@pytest.mark.parametrize(
+    ("capacities", "dim", "ways", "dtype"),
+    [
+        ([4096, 512, 77, 1], 16, 32, "float32"),
+        ([300, 300, 300], 8, 4, "float16"),
+        ([1000] * 26, 4, 32, "float32"),
+        ([50, 2000], 3, 32, "float16"),
+    ],
+)
+def test_random_multi_table_sequences_match_the_reference(
+    capacities: list[int], dim: int, ways: int, dtype: str
+) -> None:
+    rng = np.random.default_rng(len(capacities) * 31 + dim)
+    ops = random_table_ops(rng, len(capacities), dim, key_space=2 * max(capacities) + 50, steps=60)
+    gpu = GpuEmbeddingCache(capacities, dim, ways=ways, dtype=dtype)
+    ref = ReferenceEmbeddingCache(capacities, dim, ways=ways, dtype=dtype)
+    assert gpu.capacities == ref.capacities and gpu.capacity == ref.capacity
+    for got, want in zip(run_table_ops(gpu, ops), run_table_ops(ref, ops), strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    assert_same_tables(gpu, ref)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_float16_replies_are_written_by_the_kernel_as_the_reference_rounds_them(storage: str) -> None:
+    rng = np.random.default_rng(11)
+    keys = rng.integers(0, 3000, size=4000).astype(np.int64)
+    tables = rng.integers(0, 3, size=4000)
+    vectors = (rng.standard_normal((4000, 24)) * 3e3).astype(np.float32)  # some beyond float16's range
+    gpu, ref = GpuEmbeddingCache([2048] * 3, 24, dtype=storage), ReferenceEmbeddingCache([2048] * 3, 24, dtype=storage)
+    for cache in (gpu, ref):
+        cache.replace(keys, vectors, tables)
+    wide, hit = gpu.query(keys, tables)
+    narrow, narrow_hit = gpu.query(keys, tables, dtype=np.float16)
+    assert narrow.dtype == np.float16 and hit.any()
+    np.testing.assert_array_equal(narrow_hit, hit)
+    np.testing.assert_array_equal(narrow, wide.astype(np.float16))
+    np.testing.assert_array_equal(narrow, ref.query(keys, tables, dtype=np.float16)[0])
+    device_narrow, _ = gpu.query_device(cp.asarray(keys), cp.asarray(tables), dtype=np.float16)
+    assert device_narrow.dtype == cp.float16
+    np.testing.assert_array_equal(cp.asnumpy(device_narrow), narrow)
+
+
+def test_device_variants_with_tables_match_the_host_ones() -> None:
+    rng = np.random.default_rng(12)
+    keys = rng.integers(0, 5000, size=4000).astype(np.int64)
+    tables = rng.integers(0, 4, size=4000).astype(np.int32)
+    vectors = rng.standard_normal((4000, 12)).astype(np.float32)
+    host, device = GpuEmbeddingCache([1024] * 4, 12), GpuEmbeddingCache([1024] * 4, 12)
+    host.replace(keys, vectors, tables)
+    device.replace_device(cp.asarray(keys), cp.asarray(vectors), cp.asarray(tables))
+    probe, probe_tables = rng.integers(0, 6000, size=3000).astype(np.int64), rng.integers(0, 4, size=3000)
+    want_vectors, want_hit = host.query(probe, probe_tables)
+    got_vectors, got_hit = device.query_device(cp.asarray(probe), cp.asarray(probe_tables))
+    np.testing.assert_array_equal(cp.asnumpy(got_vectors), want_vectors)
+    np.testing.assert_array_equal(cp.asnumpy(got_hit), want_hit)
+    host.invalidate(probe[:100], probe_tables[:100])
+    device.invalidate_device(cp.asarray(probe[:100]), cp.asarray(probe_tables[:100]))
+    host.update(keys[:500], vectors[:500] + 1, tables[:500])
+    device.update_device(cp.asarray(keys[:500]), cp.asarray(vectors[:500] + 1), cp.asarray(tables[:500]))
+    assert_same_tables(device, host)
+
+
+def test_device_table_indices_out_of_range_are_misses_never_written_or_counted() -> None:
+    gpu = GpuEmbeddingCache([64, 64], 2)
+    keys = cp.asarray(np.array([1, 2, 3], np.int64))
+    gpu.replace_device(keys, cp.ones((3, 2), cp.float32), cp.asarray(np.array([0, 2, -1], np.int64)))
+    assert [gpu.dump(t)[0].tolist() for t in range(2)] == [[1], []]
+    _, hit = gpu.query_device(keys, cp.asarray(np.array([0, 2**32, -1], np.int64)))
+    assert cp.asnumpy(hit).tolist() == [True, False, False]
+    assert gpu.stats().hits == 1 and gpu.stats().misses == 0
+    with pytest.raises(ValueError, match="tables"):
+        gpu.query_device(keys, cp.zeros(2, cp.int32))
+    with pytest.raises(ValueError, match="tables"):
+        gpu.query(np.array([1, 2]), np.array([0, 2]))
+
+
+def test_static_multi_table_matches_the_reference() -> None:
+    rng = np.random.default_rng(13)
+    keys = rng.integers(-5000, 5000, size=30_000).astype(np.int64)  # each key value in several tables
+    tables = rng.integers(0, 5, size=keys.size)
+    vectors = rng.standard_normal((keys.size, 16)).astype(np.float32)
+    gpu = GpuStaticTable(keys, vectors, tables=tables, num_tables=6, dtype="float16")
+    ref = ReferenceStaticTable(keys, vectors, tables=tables, num_tables=6, dtype="float16")
+    assert gpu.capacities == ref.capacities and gpu.capacities[5] == 0
+    ops = random_table_ops(rng, 6, 16, key_space=6000, steps=40)
+    for got, want in zip(run_table_ops(gpu, ops), run_table_ops(ref, ops), strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert_same_tables(gpu, ref)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["lru", "static"])
+def test_a_call_costs_the_same_launches_copies_and_syncs_for_1_and_26_tables(static: bool) -> None:
+    rng = np.random.default_rng(14)
+    keys = rng.integers(0, 100_000, size=26 * 512).astype(np.int64)
+    vectors = rng.standard_normal((keys.size, 16)).astype(np.float32)
+    costs = []
+    for num_tables in (1, 26):
+        tables = np.repeat(np.arange(num_tables), keys.size // num_tables)
+        if static:
+            cache: Any = GpuStaticTable(keys, vectors, tables=tables, num_tables=num_tables)
+        else:
+            cache = GpuEmbeddingCache([26 * 1024 // num_tables] * num_tables, 16)
+        spent = []
+        calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+            ("replace", (keys, vectors, tables), {}),
+            ("query", (keys, tables), {}),
+            ("query", (keys, tables), {"dtype": np.float16}),
+            ("update", (keys, vectors, tables), {}),
+            ("invalidate", (keys[:100], tables[:100]), {}),
+        ]
+        for name, args, options in calls:
+            before = (cache.launches, cache.copies_to_device, cache.copies_to_host, cache.syncs)
+            getattr(cache, name)(*args, **options)
+            after = (cache.launches, cache.copies_to_device, cache.copies_to_host, cache.syncs)
+            spent.append(tuple(b - a for a, b in zip(before, after, strict=True)))
+        costs.append(spent)
+    assert costs[0] == costs[1]
+    assert costs[0][1] == costs[0][2] == (1, 1, 1, 1)  # a lookup: one launch, one copy each way, one sync

@@ -1,9 +1,16 @@
 // L1 embedding cache kernels: a set-associative LRU cache (one warp compares a set's ways) and a static
 // table (open addressing). gpu.py drives them; reference.py states the algorithm they must reproduce.
 //
+// One structure holds one or several tables of the same dim; every key comes with its table's index
+// (qtables[i]). Cache: table t owns global sets [first_set[t], first_set[t] + num_sets[t]) and uses
+// table_ways[t] of each set's `stride` slots; key k of table t lives in set first_set[t] +
+// set_of(mix(k), num_sets[t]). Static table: slots are keyed by the (table, key) pair. A table index
+// outside [0, num_tables) makes the key a miss that is never written or counted (device callers'
+// arrays are not checked on the host).
+//
 // Layout of the cache: per slot a 16-bit fingerprint (0: empty), a Slot {int64 key, int64 stamp (the
 // logical clock of its last use; 0: empty)} and a row of `dim` elements of T (float, or float16 bits).
-// Slot index = set * ways + way. A query reads its set's fingerprints (2 bytes a way: a 32-way set is
+// Slot index = set * stride + way. A query reads its set's fingerprints (2 bytes a way: a 32-way set is
 // one 64-byte line), checks the full key only where a fingerprint matched, and stamps the slot it
 // found: the stamp shares the key's 16 bytes, so the write lands in a sector the check just read.
 
@@ -13,8 +20,8 @@ typedef unsigned long long u64;
 typedef unsigned short f16;
 
 #define FULL 0xffffffffu
-// Hits are counted into this many counters (gpu.py sums them), so that one batch's warps do not all
-// queue on a single address.
+// Lookups are counted per table into counts[table][0: hits, 1: keys asked][HIT_COUNTERS] (gpu.py sums
+// them), so that one batch's warps do not all queue on a single address.
 #define HIT_COUNTERS 64
 #define I64_MAX 0x7fffffffffffffffll
 #define I64_MIN (-I64_MAX - 1)
@@ -41,6 +48,11 @@ __device__ __forceinline__ u64 mix(u64 x) {
 
 __device__ __forceinline__ unsigned set_of(u64 h, unsigned num_sets) {
     return (unsigned)(((h >> 32) * (u64)num_sets) >> 32);
+}
+
+// Hash of a (table, key) pair for open addressing; table 0's is mix(key).
+__device__ __forceinline__ u64 pair_hash(i64 key, int table) {
+    return mix((u64)key ^ ((u64)(unsigned)table * 0x9e3779b97f4a7c15ull));
 }
 
 typedef unsigned short fp16;
@@ -79,11 +91,12 @@ __device__ __forceinline__ float load1(const f16* row, int c) { return from_f16(
 __device__ __forceinline__ void store1(float* row, int c, float v) { row[c] = v; }
 __device__ __forceinline__ void store1(f16* row, int c, float v) { row[c] = to_f16(v); }
 
-// The warp copies the rows of its `count` keys into `out`: key j of the group (held by lane j) reads
-// row `src` (-1: write zeros). All lanes share every row, so small dims still keep the warp busy.
-template <typename T>
+// The warp copies the rows of its `count` keys into `out` (float or float16 bits: O): key j of the
+// group (held by lane j) reads row `src` (-1: write zeros). All lanes share every row, so small dims
+// still keep the warp busy.
+template <typename T, typename O>
 __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src, int count, int dim,
-                                            float* __restrict__ out, int lane) {
+                                            O* __restrict__ out, int lane) {
     if ((dim & 3) == 0) {
         const int d4 = dim >> 2;
         const int total = count * d4;
@@ -106,7 +119,7 @@ __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src,
             const i64 r = __shfl_sync(FULL, src, j < 32 ? j : 31);
             if (idx < total) {
                 const int c = idx - j * dim;
-                out[(i64)j * dim + c] = r >= 0 ? load1(rows + r * dim, c) : 0.f;
+                store1(out + (i64)j * dim, c, r >= 0 ? load1(rows + r * dim, c) : 0.f);
             }
         }
     }
@@ -147,21 +160,34 @@ __device__ __forceinline__ void scatter_rows(T* __restrict__ rows, i64 dst, cons
 
 // ---------------------------------------------------------------- set lookup
 
-// Each lane holds one key of the warp's group of 32; returns, in each lane, the slot of its key (-1:
-// absent). For every key of the group the warp reads that key's set, lane = way, and votes. The three
-// passes are unrolled so that all 32 sets' fingerprint lines, then all key checks, are in flight at
-// once: the walk is bound by memory bandwidth, not by one set's latency after another.
-__device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const fp16* __restrict__ fps,
-                                            const Slot* __restrict__ slots, unsigned num_sets, int ways, int lane) {
+// Where key `key` of table `t` lives: its global set `s` and fingerprint `f`. Returns false (s = 0, f = 0:
+// matches nothing) where the lane holds no key or `t` is not a table of this cache.
+__device__ __forceinline__ bool locate(i64 key, int t, bool valid, const unsigned* __restrict__ first_set,
+                                       const unsigned* __restrict__ num_sets, int num_tables, unsigned& s,
+                                       unsigned& f) {
+    s = 0;
+    f = 0;
+    if (!valid || t < 0 || t >= num_tables) return false;
     const u64 h = mix((u64)key);
-    const unsigned s = set_of(h, num_sets);
-    const unsigned f = valid ? fingerprint(h) : 0u;  // 0 never matches a held slot's fingerprint
-    const bool real = lane < ways;
+    s = __ldg(first_set + t) + set_of(h, __ldg(num_sets + t));
+    f = fingerprint(h);
+    return true;
+}
+
+// Each lane holds one key of the warp's group of 32, located in set `s` with fingerprint `f` (0: no
+// key); returns, in each lane, the slot of its key (-1: absent). For every key of the group the warp
+// reads that key's set, lane = way, and votes; a set holds one table's keys only, so the key compare
+// is the (table, key) compare. Ways a table does not use hold fingerprint 0 and never match. The
+// three passes are unrolled so that all 32 sets' fingerprint lines, then all key checks, are in flight
+// at once: the walk is bound by memory bandwidth, not by one set's latency after another.
+__device__ __forceinline__ i64 find_in_sets(i64 key, unsigned s, unsigned f, const fp16* __restrict__ fps,
+                                            const Slot* __restrict__ slots, int stride, int lane) {
+    const bool real = lane < stride;
     unsigned line[32];
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
         const unsigned sj = __shfl_sync(FULL, s, j);
-        line[j] = real ? (unsigned)__ldg(fps + (i64)sj * ways + lane) : 0u;
+        line[j] = real ? (unsigned)__ldg(fps + (i64)sj * stride + lane) : 0u;
     }
     unsigned candidate = 0;  // bit j: this lane's way holds key j's fingerprint
 #pragma unroll
@@ -174,26 +200,41 @@ __device__ __forceinline__ i64 find_in_sets(i64 key, bool valid, const fp16* __r
     for (int j = 0; j < 32; ++j) {
         const i64 kj = __shfl_sync(FULL, key, j);
         const unsigned sj = __shfl_sync(FULL, s, j);
-        if ((candidate >> j & 1u) && slots[(i64)sj * ways + lane].key == kj) confirmed |= 1u << j;
+        if ((candidate >> j & 1u) && slots[(i64)sj * stride + lane].key == kj) confirmed |= 1u << j;
     }
     i64 mine = -1;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
         const unsigned m = __ballot_sync(FULL, confirmed >> j & 1u);
-        if (lane == j && m) mine = (i64)s * ways + (__ffs(m) - 1);
+        if (lane == j && m) mine = (i64)s * stride + (__ffs(m) - 1);
     }
     return mine;
+}
+
+// Adds the warp's lookups to `counts` (see HIT_COUNTERS): the lowest lane of each table present in the
+// warp adds for its table, so a warp whose keys share a table (the usual request) costs two atomics.
+// All 32 lanes must call it.
+__device__ __forceinline__ void count_lookups(int t, bool counted, bool found, u64* __restrict__ counts, int lane) {
+    const unsigned hits = __ballot_sync(FULL, found);
+    const unsigned same = __match_any_sync(FULL, counted ? t : -1);
+    if (counted && __ffs(same) - 1 == lane) {
+        u64* c = counts + (i64)t * 2 * HIT_COUNTERS + blockIdx.x % HIT_COUNTERS;
+        const unsigned h = __popc(same & hits);
+        if (h) atomicAdd(c, (u64)h);
+        atomicAdd(c + HIT_COUNTERS, (u64)__popc(same));
+    }
 }
 
 // ---------------------------------------------------------------- cache kernels
 
 // Warp per 32 keys: rows of hits into out (zeros for misses), hit flags, hit slots stamped `clock`,
-// hit count added to hit_counts[blockIdx.x % HIT_COUNTERS].
-template <typename T>
-__device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const fp16* __restrict__ fps,
-                           Slot* __restrict__ slots, const T* __restrict__ rows,
-                           unsigned num_sets, int ways, int dim, i64 clock, float* __restrict__ out,
-                           bool* __restrict__ hit, u64* __restrict__ hit_count) {
+// lookups counted per table.
+template <typename T, typename O>
+__device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                           const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
+                           int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots,
+                           const T* __restrict__ rows, int stride, int dim, i64 clock, O* __restrict__ out,
+                           bool* __restrict__ hit, u64* __restrict__ counts) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
@@ -201,55 +242,63 @@ __device__ void query_impl(const i64* __restrict__ qkeys, i64 n, const fp16* __r
     const i64 i = base + lane;
     const bool valid = i < n;
     const i64 key = valid ? qkeys[i] : 0;
-    const i64 slot = find_in_sets(key, valid, fps, slots, num_sets, ways, lane);
+    const int t = valid ? qtables[i] : 0;
+    unsigned s, f;
+    const bool known = locate(key, t, valid, first_set, num_sets, num_tables, s, f);
+    const i64 slot = find_in_sets(key, s, f, fps, slots, stride, lane);
     if (valid) {
         hit[i] = slot >= 0;
         if (slot >= 0) slots[slot].stamp = clock;
     }
-    const unsigned hits = __ballot_sync(FULL, slot >= 0);
-    if (lane == 0 && hits) atomicAdd(hit_count + blockIdx.x % HIT_COUNTERS, (u64)__popc(hits));
+    count_lookups(t, known, slot >= 0, counts, lane);
     const int count = (int)min((i64)32, n - base);
     gather_rows(rows, slot, count, dim, out + base * dim, lane);
 }
 
-// Replace/update, pass 1. `last[pos[i]] == i` marks the last occurrence of each key in the batch; only
-// those act. Present: row overwritten, stamped `clock` when clock > 0. absent_set[i]: the set of a key
-// to insert, NO_SET for the others.
+// Replace/update, pass 1. `last[pos[i]] == i` marks the last occurrence of each (table, key) pair in the
+// batch; only those act. Present: row overwritten, stamped `clock` when clock > 0. absent_set[i]: the
+// global set of a key to insert, NO_SET for the others.
 #define NO_SET 0xffffffffu
 
 template <typename T>
-__device__ void write_present_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
-                                   const int* __restrict__ last, const int* __restrict__ pos,
+__device__ void write_present_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
+                                   const float* __restrict__ in, i64 n, const int* __restrict__ last,
+                                   const int* __restrict__ pos, const unsigned* __restrict__ first_set,
+                                   const unsigned* __restrict__ num_sets, int num_tables,
                                    const fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows,
-                                   unsigned num_sets, int ways, int dim, i64 clock, unsigned* __restrict__ absent_set) {
+                                   int stride, int dim, i64 clock, unsigned* __restrict__ absent_set) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
     if (base >= n) return;
     const i64 i = base + lane;
-    const bool valid = i < n && last[pos[i]] == (int)i;
-    const i64 key = valid ? qkeys[i] : 0;
-    const i64 slot = find_in_sets(key, valid, fps, slots, num_sets, ways, lane);
-    if (i < n) absent_set[i] = valid && slot < 0 ? set_of(mix((u64)key), num_sets) : NO_SET;
+    const bool last_of_pair = i < n && last[pos[i]] == (int)i;
+    const i64 key = last_of_pair ? qkeys[i] : 0;
+    const int t = last_of_pair ? qtables[i] : 0;
+    unsigned s, f;
+    const bool known = locate(key, t, last_of_pair, first_set, num_sets, num_tables, s, f);
+    const i64 slot = find_in_sets(key, s, f, fps, slots, stride, lane);
+    if (i < n) absent_set[i] = known && slot < 0 ? s : NO_SET;
     if (slot >= 0 && clock > 0) slots[slot].stamp = clock;
     const int count = (int)min((i64)32, n - base);
     scatter_rows(rows, slot, in + base * dim, slot >= 0 ? (i64)lane : 0, count, dim, lane);
 }
 
 // Replace, pass 2. `sets` is absent_set sorted, `order` the batch positions in that order, so a set's
-// keys to insert are contiguous: the warp at the start of each run inserts the whole run, holding the
-// set's slots in registers (no locks, no atomics). Each key takes the least recently used slot not
+// keys to insert are contiguous (and of one table, whose ways the run uses): the warp at the start of
+// each run inserts the whole run, holding the set's slots in registers (no locks, no atomics). Each key takes the least recently used slot not
 // touched by this batch (stamp < touched), ordered by (stamp, key, way); once none is left it displaces
 // the largest key this batch inserted, if smaller. So a set keeps the smallest of the keys competing
 // for it, in whatever order they come: the rule reference.py states without any order. Slots are
 // chosen first, from registers; then the rows of the keys that stayed are copied all at once.
 template <typename T>
-__device__ void insert_run(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
-                           const unsigned* __restrict__ sets, const i64* __restrict__ order, fp16* __restrict__ fps,
-                           Slot* __restrict__ slots, T* __restrict__ rows, int ways, int dim, i64 touched,
+__device__ void insert_run(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
+                           const float* __restrict__ in, i64 n, const unsigned* __restrict__ sets,
+                           const i64* __restrict__ order, const int* __restrict__ table_ways, fp16* __restrict__ fps,
+                           Slot* __restrict__ slots, T* __restrict__ rows, int stride, int dim, i64 touched,
                            i64 inserted, i64 p, unsigned s, int lane) {
-    const bool real = lane < ways;
-    const i64 slot = (i64)s * ways + lane;
+    const bool real = lane < __ldg(table_ways + qtables[order[p]]);
+    const i64 slot = (i64)s * stride + lane;
     const longlong2 held = real ? reinterpret_cast<const longlong2*>(slots)[slot] : make_longlong2(0, 0);
     i64 k = held.x, st = held.y;
     i64 src = -1;  // batch position of the key this lane's slot ends up holding, -1: unchanged
@@ -306,9 +355,10 @@ __device__ void insert_run(const i64* __restrict__ qkeys, const float* __restric
 // Warp per 32 sorted positions: inserts the runs that start among them, one after the other. (A warp
 // per position would leave most warps idle and their blocks holding the SM.)
 template <typename T>
-__device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
-                                   const unsigned* __restrict__ sets, const i64* __restrict__ order,
-                                   fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int ways,
+__device__ void insert_absent_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
+                                   const float* __restrict__ in, i64 n, const unsigned* __restrict__ sets,
+                                   const i64* __restrict__ order, const int* __restrict__ table_ways,
+                                   fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int stride,
                                    int dim, i64 touched, i64 inserted) {
     const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
     const int lane = threadIdx.x & 31;
@@ -318,14 +368,15 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const float* _
     const bool starts_run = s != NO_SET && (q == 0 || sets[q - 1] != s);
     for (unsigned starts = __ballot_sync(FULL, starts_run); starts; starts &= starts - 1) {
         const int j = __ffs(starts) - 1;
-        insert_run(qkeys, in, n, sets, order, fps, slots, rows, ways, dim, touched, inserted, base + j,
-                   __shfl_sync(FULL, s, j), lane);
+        insert_run(qkeys, qtables, in, n, sets, order, table_ways, fps, slots, rows, stride, dim, touched, inserted,
+                   base + j, __shfl_sync(FULL, s, j), lane);
     }
 }
 
 // Warp per 32 keys: present keys are emptied.
-__device__ void invalidate_impl(const i64* __restrict__ qkeys, i64 n, fp16* fps, Slot* __restrict__ slots,
-                                unsigned num_sets, int ways) {
+__device__ void invalidate_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                                const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
+                                int num_tables, fp16* fps, Slot* __restrict__ slots, int stride) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
@@ -333,7 +384,9 @@ __device__ void invalidate_impl(const i64* __restrict__ qkeys, i64 n, fp16* fps,
     const i64 i = base + lane;
     const bool valid = i < n;
     const i64 key = valid ? qkeys[i] : 0;
-    const i64 slot = find_in_sets(key, valid, fps, slots, num_sets, ways, lane);
+    unsigned s, f;
+    locate(key, valid ? qtables[i] : 0, valid, first_set, num_sets, num_tables, s, f);
+    const i64 slot = find_in_sets(key, s, f, fps, slots, stride, lane);
     __syncwarp();
     if (slot >= 0) {
         fps[slot] = 0;
@@ -344,16 +397,18 @@ __device__ void invalidate_impl(const i64* __restrict__ qkeys, i64 n, fp16* fps,
 // ---------------------------------------------------------------- batch de-duplication
 
 // Thread per key: claims a slot of an open-addressing table (claim/last start at -1) and records the
-// last index of each distinct key there; pos[i] is key i's slot.
-extern "C" __global__ void dedupe(const i64* __restrict__ qkeys, i64 n, int* claim, int* last, int* pos,
-                                  unsigned mask) {
+// last index of each distinct (table, key) pair there; pos[i] is key i's slot. Pairs are compared
+// exactly: a false duplicate would skip a write.
+extern "C" __global__ void dedupe(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n, int* claim,
+                                  int* last, int* pos, unsigned mask) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const i64 key = qkeys[i];
-    unsigned p = (unsigned)mix((u64)key) & mask;
+    const int t = qtables[i];
+    unsigned p = (unsigned)pair_hash(key, t) & mask;
     while (true) {
         const int c = atomicCAS(claim + p, -1, (int)i);
-        if (c == -1 || qkeys[c] == key) break;
+        if (c == -1 || (qkeys[c] == key && qtables[c] == t)) break;
         p = (p + 1) & mask;
     }
     atomicMax(last + p, (int)i);
@@ -362,58 +417,66 @@ extern "C" __global__ void dedupe(const i64* __restrict__ qkeys, i64 n, int* cla
 
 // ---------------------------------------------------------------- static table
 
-// Open addressing with linear probing: slot_rows[p] = row of slot_keys[p], -1 empty. Rows are dead
-// (live 0) after invalidate until replaced.
-__device__ __forceinline__ i64 probe(i64 key, const i64* __restrict__ slot_keys, const int* __restrict__ slot_rows,
+// Open addressing with linear probing over (table, key) pairs: slot_rows[p] = row of the pair
+// (slot_tables[p], slot_keys[p]), -1 empty. Rows are dead (live 0) after invalidate until replaced.
+// A table index outside [0, num_tables) finds nothing.
+__device__ __forceinline__ i64 probe(i64 key, int t, int num_tables, const i64* __restrict__ slot_keys,
+                                     const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
                                      unsigned mask) {
-    unsigned p = (unsigned)mix((u64)key) & mask;
+    if (t < 0 || t >= num_tables) return -1;
+    unsigned p = (unsigned)pair_hash(key, t) & mask;
     while (true) {
         const int r = slot_rows[p];
         if (r < 0) return -1;
-        if (slot_keys[p] == key) return r;
+        if (slot_keys[p] == key && slot_tables[p] == t) return r;
         p = (p + 1) & mask;
     }
 }
 
-extern "C" __global__ void static_build(const i64* __restrict__ qkeys, i64 n, i64* slot_keys, int* slot_rows,
-                                        unsigned mask) {
+// Thread per distinct pair (the host removed repeats): row i goes into the first free slot of its probe.
+extern "C" __global__ void static_build(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                                        i64* slot_keys, int* slot_tables, int* slot_rows, unsigned mask) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const i64 key = qkeys[i];
-    unsigned p = (unsigned)mix((u64)key) & mask;
+    const int t = qtables[i];
+    unsigned p = (unsigned)pair_hash(key, t) & mask;
     while (atomicCAS(slot_rows + p, -1, -2) != -1) p = (p + 1) & mask;
     slot_keys[p] = key;
+    slot_tables[p] = t;
     __threadfence();
     atomicExch(slot_rows + p, (int)i);
 }
 
-template <typename T>
-__device__ void static_query_impl(const i64* __restrict__ qkeys, i64 n, const i64* __restrict__ slot_keys,
-                                  const int* __restrict__ slot_rows, const bool* __restrict__ live, unsigned mask,
-                                  const T* __restrict__ rows, int dim, float* __restrict__ out,
-                                  bool* __restrict__ hit, u64* __restrict__ hit_count) {
+template <typename T, typename O>
+__device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                                  int num_tables, const i64* __restrict__ slot_keys,
+                                  const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
+                                  const bool* __restrict__ live, unsigned mask, const T* __restrict__ rows, int dim,
+                                  O* __restrict__ out, bool* __restrict__ hit, u64* __restrict__ counts) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
     if (base >= n) return;
     const i64 i = base + lane;
+    const int t = i < n ? qtables[i] : 0;
     i64 row = -1;
     if (i < n) {
-        row = probe(qkeys[i], slot_keys, slot_rows, mask);
+        row = probe(qkeys[i], t, num_tables, slot_keys, slot_tables, slot_rows, mask);
         if (row >= 0 && !live[row]) row = -1;
         hit[i] = row >= 0;
     }
-    const unsigned hits = __ballot_sync(FULL, row >= 0);
-    if (lane == 0 && hits) atomicAdd(hit_count + blockIdx.x % HIT_COUNTERS, (u64)__popc(hits));
+    count_lookups(t, i < n && t >= 0 && t < num_tables, row >= 0, counts, lane);
     const int count = (int)min((i64)32, n - base);
     gather_rows(rows, row, count, dim, out + base * dim, lane);
 }
 
 // revive = 1: replace (rows of known keys written, made live); 0: update (live rows only).
 template <typename T>
-__device__ void static_write_impl(const i64* __restrict__ qkeys, const float* __restrict__ in, i64 n,
-                                  const int* __restrict__ last, const int* __restrict__ pos,
-                                  const i64* __restrict__ slot_keys, const int* __restrict__ slot_rows,
+__device__ void static_write_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
+                                  const float* __restrict__ in, i64 n, const int* __restrict__ last,
+                                  const int* __restrict__ pos, int num_tables, const i64* __restrict__ slot_keys,
+                                  const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
                                   bool* __restrict__ live, unsigned mask, T* __restrict__ rows, int dim, int revive) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -422,7 +485,7 @@ __device__ void static_write_impl(const i64* __restrict__ qkeys, const float* __
     const i64 i = base + lane;
     i64 row = -1;
     if (i < n && last[pos[i]] == (int)i) {
-        row = probe(qkeys[i], slot_keys, slot_rows, mask);
+        row = probe(qkeys[i], qtables[i], num_tables, slot_keys, slot_tables, slot_rows, mask);
         if (row >= 0 && !revive && !live[row]) row = -1;
     }
     __syncwarp();
@@ -431,11 +494,13 @@ __device__ void static_write_impl(const i64* __restrict__ qkeys, const float* __
     if (row >= 0) live[row] = true;
 }
 
-extern "C" __global__ void static_invalidate(const i64* __restrict__ qkeys, i64 n, const i64* __restrict__ slot_keys,
-                                             const int* __restrict__ slot_rows, bool* live, unsigned mask) {
+extern "C" __global__ void static_invalidate(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                                             int num_tables, const i64* __restrict__ slot_keys,
+                                             const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
+                                             bool* live, unsigned mask) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const i64 row = probe(qkeys[i], slot_keys, slot_rows, mask);
+    const i64 row = probe(qkeys[i], qtables[i], num_tables, slot_keys, slot_tables, slot_rows, mask);
     if (row >= 0) live[row] = false;
 }
 
@@ -452,43 +517,57 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
     gather_rows(table, row, (int)min((i64)32, n - base), dim, out + base * dim, lane);
 }
 
-// ---------------------------------------------------------------- entry points per storage type
+// ---------------------------------------------------------------- entry points per storage and reply type
 
-#define CACHE_KERNELS(T, SUFFIX)                                                                                  \
-    extern "C" __global__ void query_##SUFFIX(const i64* qkeys, i64 n, const fp16* fps, Slot* slots,              \
-                                              const T* rows, unsigned num_sets, int ways, int dim,                \
-                                              i64 clock, float* out, bool* hit, u64* hit_count) {                 \
-        query_impl<T>(qkeys, n, fps, slots, rows, num_sets, ways, dim, clock, out, hit, hit_count);               \
+// Storage type T (SUFFIX): the writes, which take float32 rows in.
+#define WRITE_KERNELS(T, SUFFIX)                                                                                  \
+    extern "C" __global__ void write_present_##SUFFIX(                                                            \
+        const i64* qkeys, const int* qtables, const float* in, i64 n, const int* last, const int* pos,            \
+        const unsigned* first_set, const unsigned* num_sets, int num_tables, const fp16* fps, Slot* slots,        \
+        T* rows, int stride, int dim, i64 clock, unsigned* absent_set) {                                          \
+        write_present_impl<T>(qkeys, qtables, in, n, last, pos, first_set, num_sets, num_tables, fps, slots,      \
+                              rows, stride, dim, clock, absent_set);                                              \
     }                                                                                                             \
-    extern "C" __global__ void write_present_##SUFFIX(const i64* qkeys, const float* in, i64 n, const int* last,  \
-                                                      const int* pos, const fp16* fps, Slot* slots, T* rows,      \
-                                                      unsigned num_sets, int ways, int dim,                       \
-                                                      i64 clock, unsigned* absent_set) {                          \
-        write_present_impl<T>(qkeys, in, n, last, pos, fps, slots, rows, num_sets, ways, dim, clock,              \
-                              absent_set);                                                                        \
+    extern "C" __global__ void insert_absent_##SUFFIX(                                                            \
+        const i64* qkeys, const int* qtables, const float* in, i64 n, const unsigned* sets, const i64* order,     \
+        const int* table_ways, fp16* fps, Slot* slots, T* rows, int stride, int dim, i64 touched,                 \
+        i64 inserted) {                                                                                           \
+        insert_absent_impl<T>(qkeys, qtables, in, n, sets, order, table_ways, fps, slots, rows, stride, dim,      \
+                              touched, inserted);                                                                 \
     }                                                                                                             \
-    extern "C" __global__ void insert_absent_##SUFFIX(const i64* qkeys, const float* in, i64 n,                  \
-                                                      const unsigned* sets, const i64* order, fp16* fps,          \
-                                                      Slot* slots, T* rows, int ways, int dim, i64 touched,       \
-                                                      i64 inserted) {                                             \
-        insert_absent_impl<T>(qkeys, in, n, sets, order, fps, slots, rows, ways, dim, touched, inserted);         \
-    }                                                                                                             \
-    extern "C" __global__ void static_query_##SUFFIX(const i64* qkeys, i64 n, const i64* slot_keys,               \
-                                                     const int* slot_rows, const bool* live, unsigned mask,       \
-                                                     const T* rows, int dim, float* out, bool* hit,               \
-                                                     u64* hit_count) {                                            \
-        static_query_impl<T>(qkeys, n, slot_keys, slot_rows, live, mask, rows, dim, out, hit, hit_count);         \
-    }                                                                                                             \
-    extern "C" __global__ void static_write_##SUFFIX(const i64* qkeys, const float* in, i64 n, const int* last,   \
-                                                     const int* pos, const i64* slot_keys, const int* slot_rows,  \
-                                                     bool* live, unsigned mask, T* rows, int dim, int revive) {   \
-        static_write_impl<T>(qkeys, in, n, last, pos, slot_keys, slot_rows, live, mask, rows, dim, revive);       \
+    extern "C" __global__ void static_write_##SUFFIX(                                                             \
+        const i64* qkeys, const int* qtables, const float* in, i64 n, const int* last, const int* pos,            \
+        int num_tables, const i64* slot_keys, const int* slot_tables, const int* slot_rows, bool* live,           \
+        unsigned mask, T* rows, int dim, int revive) {                                                            \
+        static_write_impl<T>(qkeys, qtables, in, n, last, pos, num_tables, slot_keys, slot_tables, slot_rows,     \
+                             live, mask, rows, dim, revive);                                                      \
     }
 
-CACHE_KERNELS(float, f32)
-CACHE_KERNELS(f16, f16)
+// Storage type T (SUFFIX) replied as O (OUT): the lookups.
+#define QUERY_KERNELS(T, SUFFIX, O, OUT)                                                                          \
+    extern "C" __global__ void query_##SUFFIX##_##OUT(                                                            \
+        const i64* qkeys, const int* qtables, i64 n, const unsigned* first_set, const unsigned* num_sets,         \
+        int num_tables, const fp16* fps, Slot* slots, const T* rows, int stride, int dim, i64 clock, O* out,      \
+        bool* hit, u64* counts) {                                                                                 \
+        query_impl<T, O>(qkeys, qtables, n, first_set, num_sets, num_tables, fps, slots, rows, stride, dim,       \
+                         clock, out, hit, counts);                                                                \
+    }                                                                                                             \
+    extern "C" __global__ void static_query_##SUFFIX##_##OUT(                                                     \
+        const i64* qkeys, const int* qtables, i64 n, int num_tables, const i64* slot_keys,                        \
+        const int* slot_tables, const int* slot_rows, const bool* live, unsigned mask, const T* rows, int dim,    \
+        O* out, bool* hit, u64* counts) {                                                                         \
+        static_query_impl<T, O>(qkeys, qtables, n, num_tables, slot_keys, slot_tables, slot_rows, live, mask,     \
+                                rows, dim, out, hit, counts);                                                     \
+    }
 
-extern "C" __global__ void invalidate(const i64* qkeys, i64 n, fp16* fps, Slot* slots,
-                                      unsigned num_sets, int ways) {
-    invalidate_impl(qkeys, n, fps, slots, num_sets, ways);
+WRITE_KERNELS(float, f32)
+WRITE_KERNELS(f16, f16)
+QUERY_KERNELS(float, f32, float, f32)
+QUERY_KERNELS(float, f32, f16, f16)
+QUERY_KERNELS(f16, f16, float, f32)
+QUERY_KERNELS(f16, f16, f16, f16)
+
+extern "C" __global__ void invalidate(const i64* qkeys, const int* qtables, i64 n, const unsigned* first_set,
+                                      const unsigned* num_sets, int num_tables, fp16* fps, Slot* slots, int stride) {
+    invalidate_impl(qkeys, qtables, n, first_set, num_sets, num_tables, fps, slots, stride);
 }
