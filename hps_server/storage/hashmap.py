@@ -1,13 +1,16 @@
-"""The in-process volatile level: one vectorized NumPy open-addressing hash map per table.
+"""The in-process volatile level: vectorized NumPy open-addressing hash maps, one pool per dim.
 
-Whole batches go through a few NumPy calls per probing round; it must never loop over keys in Python.
+Every table of one dim lives in that dim's pool, its rows keyed by (table id, key), so a batch over several
+tables is one probe, one gather and one scatter. Whole batches go through a few NumPy calls per probing
+round; it must never loop over keys in Python.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -28,24 +31,28 @@ log = logging.getLogger(__name__)
 EMPTY = -1
 TOMBSTONE = -2
 
+# A table's id within its pool, stored next to every row: 2 bytes a row, up to 65536 tables of one dim.
+TABLE_ID = np.uint16
 MIN_ROWS = 1024
 # The slot index is rebuilt at REBUILD_LOAD (live rows + tombstones per slot) to REBUILT_LOAD, which
 # keeps linear-probing chains short while costing 4 / load bytes per row.
 REBUILD_LOAD = 0.75
 REBUILT_LOAD = 0.6
 # Most bytes held per stored row, as a multiple of the raw key + vector bytes, for dim >= 16 (smaller
-# dims pay more: the index and stamps are a fixed 8-11 bytes a row). Dense arrays grow by the largest
-# factor that stays within it, so wide tables are copied less often.
+# dims pay more: the index, stamps and table ids are a fixed 12-13 bytes a row). Dense arrays grow by the
+# largest factor that stays within it, so wide tables are copied less often.
 MEMORY_BUDGET = 1.28
-MIN_GROWTH = 1.125
+MIN_GROWTH = 1.0625
 MAX_GROWTH = 1.5
+# Bytes a row holds in the dense arrays besides its key and vector: access stamp and table id.
+_ROW_EXTRA = np.dtype(np.uint32).itemsize + np.dtype(TABLE_ID).itemsize
 
 
 def growth_factor(dim: int) -> float:
-    """How much the dense arrays of a `dim` table grow when full (see MEMORY_BUDGET)."""
+    """How much the dense arrays of a `dim` pool grow when full (see MEMORY_BUDGET)."""
     raw = 8 + 4 * dim
-    # Worst case just after growing and rebuilding: growth * (raw + stamp) + 4 / REBUILT_LOAD bytes a row.
-    fitting = (MEMORY_BUDGET * raw - 4 / REBUILT_LOAD) / (raw + 4)
+    # Worst case just after growing and rebuilding: growth * (raw + extra) + 4 / REBUILT_LOAD bytes a row.
+    fitting = (MEMORY_BUDGET * raw - 4 / REBUILT_LOAD) / (raw + _ROW_EXTRA)
     return min(MAX_GROWTH, max(MIN_GROWTH, fitting))
 
 
@@ -60,11 +67,12 @@ def _rows(n: int) -> np.ndarray:
     return np.arange(n)
 
 
-def home_slots(keys: np.ndarray, num_slots: int) -> np.ndarray:
-    """First slot probed for each key: a 64-bit mix of the key mapped onto [0, num_slots)."""
-    x = keys.view(np.uint64)
-    x = x ^ (x >> np.uint64(33))
-    x = x * np.uint64(0xFF51AFD7ED558CCD)
+def home_slots(table_ids: np.ndarray, keys: np.ndarray, num_slots: int) -> np.ndarray:
+    """First slot probed for each (table id, key): a 64-bit mix of both mapped onto [0, num_slots)."""
+    # The golden-ratio multiple spreads table ids over all 64 bits; table id 0 leaves the key as it is.
+    x = keys.view(np.uint64) ^ (table_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
     x ^= x >> np.uint64(33)
     x *= np.uint64(0xC4CEB9FE1A85EC53)
     x ^= x >> np.uint64(33)
@@ -72,8 +80,9 @@ def home_slots(keys: np.ndarray, num_slots: int) -> np.ndarray:
     return (((x >> np.uint64(32)) * np.uint64(num_slots)) >> np.uint64(32)).astype(np.int64)
 
 
-class _Table:
-    """Dense rows [0, rows) plus an int32 slot index pointing into them; callers hold `lock`."""
+class _Pool:
+    """The tables of one dim: dense rows [0, rows) of (table id, key, stamp, vector) plus an int32 slot
+    index pointing into them, and each table's row count; callers hold `lock`."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -81,12 +90,25 @@ class _Table:
         self.lock = threading.RLock()
         self.rows = 0
         self.tombstones = 0
+        self.table_ids = np.empty(MIN_ROWS, dtype=TABLE_ID)
         self.keys = np.empty(MIN_ROWS, dtype=np.int64)
         self.vectors = np.empty((MIN_ROWS, dim), dtype=np.float32)
         # Batch counter value of the last fetch or insert of each row (evict_oldest).
         self.stamps = np.zeros(MIN_ROWS, dtype=np.uint32)
         self.slots = np.full(int(MIN_ROWS / REBUILT_LOAD) + 1, EMPTY, dtype=np.int32)
         self.clock = 0
+        # Per table id: its name and its rows, kept exact by every write so size() needs no scan.
+        self.names: list[str] = []
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def add_table(self, name: str) -> int:
+        """The id of a new table in this pool."""
+        table_id = len(self.names)
+        if table_id > np.iinfo(TABLE_ID).max:
+            raise StorageError(f"hash_map: at most {np.iinfo(TABLE_ID).max + 1} tables of dim {self.dim}")
+        self.names.append(name)
+        self.counts = np.append(self.counts, 0)
+        return table_id
 
     def tick(self) -> np.uint32:
         """The stamp for the current batch; renumbers stamps by rank before the counter wraps."""
@@ -98,24 +120,27 @@ class _Table:
         return np.uint32(self.clock)
 
     def memory_bytes(self) -> int:
-        return self.keys.nbytes + self.vectors.nbytes + self.stamps.nbytes + self.slots.nbytes
+        arrays = (self.table_ids, self.keys, self.vectors, self.stamps, self.slots, self.counts)
+        return sum(array.nbytes for array in arrays)
 
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row int64[n], slot int64[n]) of each key; -1 for both where the key is absent."""
+    def find(self, table_ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row int64[n], slot int64[n]) of each (table id, key); -1 for both where it is absent."""
         n = len(keys)
         row = np.full(n, -1, dtype=np.int64)
         slot = np.full(n, -1, dtype=np.int64)
         num_slots = len(self.slots)
         # Each round reads a window of slots per key: one round settles most chains, so a small batch
         # costs a few NumPy calls rather than one round per slot of its longest chain.
-        start = home_slots(keys, num_slots)
+        start = home_slots(table_ids, keys, num_slots)
         active = np.arange(n)
         width = FIRST_WINDOW
         while active.size:
             window = start[:, None] + _WINDOW_OFFSETS[:width]
             window[window >= num_slots] -= num_slots
             entries = self.slots[window]
-            match = self.keys[np.maximum(entries, 0)] == keys[active][:, None]
+            stored = np.maximum(entries, 0)
+            match = self.keys[stored] == keys[active][:, None]
+            match &= self.table_ids[stored] == table_ids[active][:, None]
             match &= entries >= 0
             # A chain ends at its key or at an empty slot; tombstones and other keys continue it.
             stop = match | (entries == EMPTY)
@@ -132,10 +157,10 @@ class _Table:
         return row, slot
 
     def place(self, first_row: int, last_row: int) -> None:
-        """Writes rows [first_row, last_row) (keys known absent from the index) into empty slots."""
+        """Writes rows [first_row, last_row) (known absent from the index) into empty slots."""
         num_slots = len(self.slots)
         pending = np.arange(first_row, last_row)
-        pos = home_slots(self.keys[first_row:last_row], num_slots)
+        pos = home_slots(self.table_ids[first_row:last_row], self.keys[first_row:last_row], num_slots)
         while pending.size:
             free = self.slots[pos] == EMPTY
             # Several rows may claim one slot in a round: the scatter keeps one, the rest probe on.
@@ -159,38 +184,46 @@ class _Table:
             return
         capacity = max(rows, int(capacity * self.growth))
         if capacity > np.iinfo(np.int32).max:
-            raise StorageError(f"hash_map: a table holds at most {np.iinfo(np.int32).max} rows")
+            raise StorageError(f"hash_map: the tables of dim {self.dim} hold at most {np.iinfo(np.int32).max} rows")
         self.reallocate(capacity)
 
     def reallocate(self, capacity: int) -> None:
         """Moves the dense arrays to new ones of `capacity` rows (at least `rows`)."""
+        table_ids = np.empty(capacity, dtype=TABLE_ID)
         keys = np.empty(capacity, dtype=np.int64)
         vectors = np.empty((capacity, self.dim), dtype=np.float32)
         stamps = np.zeros(capacity, dtype=np.uint32)
+        table_ids[: self.rows] = self.table_ids[: self.rows]
         keys[: self.rows] = self.keys[: self.rows]
         vectors[: self.rows] = self.vectors[: self.rows]
         stamps[: self.rows] = self.stamps[: self.rows]
-        self.keys, self.vectors, self.stamps = keys, vectors, stamps
+        self.table_ids, self.keys, self.vectors, self.stamps = table_ids, keys, vectors, stamps
 
-    def upsert(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        # Unique over the reversed batch keeps the last occurrence of each key.
-        unique, last = np.unique(keys[::-1], return_index=True)
-        source = len(keys) - 1 - last
-        row, _ = self.find(unique)
+    def upsert(self, table_ids: np.ndarray, keys: np.ndarray, vectors: np.ndarray) -> None:
+        # A stable sort of the reversed batch by (table id, key) puts the last occurrence of each pair first.
+        n = len(keys)
+        order = np.lexsort((keys[::-1], table_ids[::-1]))
+        sorted_keys, sorted_ids = keys[::-1][order], table_ids[::-1][order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = (sorted_keys[1:] != sorted_keys[:-1]) | (sorted_ids[1:] != sorted_ids[:-1])
+        source = n - 1 - order[first]
+        row, _ = self.find(table_ids[source], keys[source])
         present = row >= 0
         # Batch order for new rows: gathering them in ascending positions is far cheaper than in key order.
         new = np.sort(source[~present])
         start, end = self.rows, self.rows + len(new)
-        # Room first, so a table that cannot grow is left exactly as it was.
+        # Room first, so a pool that cannot grow is left exactly as it was.
         self.reserve(end)
         stamp = self.tick()
         self.vectors[row[present]] = vectors[source[present]]
         self.stamps[row[present]] = stamp
         if not len(new):
             return
+        self.table_ids[start:end] = table_ids[new]
         self.keys[start:end] = keys[new]
         self.vectors[start:end] = vectors[new]
         self.stamps[start:end] = stamp
+        self.counts += np.bincount(table_ids[new], minlength=len(self.counts))
         self.rows = end
         if end + self.tombstones > REBUILD_LOAD * len(self.slots):
             self.rebuild(end)
@@ -199,6 +232,7 @@ class _Table:
 
     def remove(self, rows: np.ndarray, slots: np.ndarray) -> None:
         """Deletes distinct rows (at index `slots`), moving tail rows into the holes to stay dense."""
+        self.counts -= np.bincount(self.table_ids[rows], minlength=len(self.counts))
         self.slots[slots] = TOMBSTONE
         self.tombstones += len(rows)
         kept = self.rows - len(rows)
@@ -206,7 +240,8 @@ class _Table:
         in_tail = np.zeros(len(rows), dtype=bool)
         in_tail[rows[rows >= kept] - kept] = True
         movers = np.flatnonzero(~in_tail) + kept
-        _, mover_slots = self.find(self.keys[movers])
+        _, mover_slots = self.find(self.table_ids[movers], self.keys[movers])
+        self.table_ids[holes] = self.table_ids[movers]
         self.keys[holes] = self.keys[movers]
         self.vectors[holes] = self.vectors[movers]
         self.stamps[holes] = self.stamps[movers]
@@ -217,9 +252,43 @@ class _Table:
             self.reallocate(max(MIN_ROWS, int(kept * self.growth)))
             self.rebuild(kept)
 
+    def rows_of(self, table_id: int) -> np.ndarray:
+        """Positions of every row of one table."""
+        return np.flatnonzero(self.table_ids[: self.rows] == table_id)
+
+    def next_rows_of(self, table_id: int, start: int, limit: int) -> tuple[np.ndarray, int]:
+        """(positions of the next `limit` rows of one table at or after `start`, where to go on from).
+
+        Reads windows that double in size, so a chunk of a table holding a small share of the pool costs
+        a few NumPy calls, not one scan of the whole pool per chunk."""
+        found: list[np.ndarray] = []
+        span = limit
+        while limit and start < self.rows:
+            end = min(start + span, self.rows)
+            hits = np.flatnonzero(self.table_ids[start:end] == table_id)[:limit] + start
+            if len(hits) == limit:
+                end = int(hits[-1]) + 1
+            found.append(hits)
+            limit -= len(hits)
+            start = end
+            span *= 2
+        return (np.concatenate(found) if found else np.empty(0, dtype=np.int64)), start
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Where a table's rows live: its pool (the one of its dim) and its id there."""
+
+    pool: _Pool
+    id: int
+
 
 class HashMapLevel(StorageLevel):
-    """Tables held in this process's memory, bounded to `overflow_margin` rows each."""
+    """Tables held in this process's memory, bounded to `overflow_margin` rows each.
+
+    The tables of one dim share one pool (one lock, one hash index), so `fetch_many` / `insert_many` over
+    them cost one probe, gather and scatter however many tables the batch names.
+    """
 
     kind: ClassVar[str] = "hash_map"
 
@@ -242,6 +311,7 @@ class HashMapLevel(StorageLevel):
         self.overflow_target = max(1, int(overflow_resolution_target * overflow_margin))
         self._rng = np.random.default_rng(seed)
         self._tables: dict[str, _Table] = {}
+        self._pools: dict[int, _Pool] = {}
         self._tables_lock = threading.Lock()
 
     @classmethod
@@ -263,83 +333,123 @@ class HashMapLevel(StorageLevel):
             raise ValueError(f"dim: must be at least 1, got {dim}")
         with self._tables_lock:
             existing = self._tables.get(table)
-            if existing is None:
-                self._tables[table] = _Table(dim)
-            elif existing.dim != dim:
-                raise StorageError(f"hash_map: table {table!r} has dim {existing.dim}, not {dim}")
+            if existing is not None:
+                if existing.pool.dim != dim:
+                    raise StorageError(f"hash_map: table {table!r} has dim {existing.pool.dim}, not {dim}")
+                return
+            pool = self._pools.setdefault(dim, _Pool(dim))
+            with pool.lock:
+                self._tables[table] = _Table(pool, pool.add_table(table))
 
     def dim(self, table: str) -> int:
-        return self._table(table).dim
+        return self._table(table).pool.dim
 
     def tables(self) -> list[str]:
         with self._tables_lock:
             return sorted(self._tables)
 
-    def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _ids(self, table: str, keys: object) -> tuple[_Pool, np.ndarray, np.ndarray]:
+        """(pool, table ids, keys) of a one-table batch."""
         t = self._table(table)
         keys = as_keys(keys)
-        with t.lock:
-            row, _ = t.find(keys)
+        return t.pool, np.full(len(keys), t.id, dtype=TABLE_ID), keys
+
+    def _many_ids(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray
+    ) -> tuple[_Pool, np.ndarray, np.ndarray]:
+        """(pool, table ids, keys) of a several-table batch, checked; tables of one dim share a pool."""
+        keys, index, dim = self._table_batch(tables, keys, table_index)
+        ids = np.array([self._table(name).id for name in tables], dtype=TABLE_ID)
+        return self._pools[dim], ids[index], keys
+
+    def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._fetch(*self._ids(table, keys))
+
+    def fetch_many(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._fetch(*self._many_ids(tables, keys, table_index))
+
+    def _fetch(self, pool: _Pool, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with pool.lock:
+            row, _ = pool.find(ids, keys)
             found = row >= 0
             # One gather for every key (misses read row 0, which always exists), then misses are zeroed:
             # cheaper than masked copies when most keys hit.
-            out = np.take(t.vectors, np.where(found, row, 0), axis=0)
+            out = np.take(pool.vectors, np.where(found, row, 0), axis=0)
             hits = row[found]
             if hits.size:
-                t.stamps[hits] = t.tick()
+                pool.stamps[hits] = pool.tick()
         out[~found] = 0
         return out, found
 
     def insert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
-        t = self._table(table)
-        keys = as_keys(keys)
-        vectors = as_vectors(vectors, len(keys), t.dim)
+        pool, ids, keys = self._ids(table, keys)
+        self._insert(pool, ids, keys, as_vectors(vectors, len(keys), pool.dim))
+
+    def insert_many(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        pool, ids, keys = self._many_ids(tables, keys, table_index)
+        self._insert(pool, ids, keys, as_vectors(vectors, len(keys), pool.dim))
+
+    def _insert(self, pool: _Pool, ids: np.ndarray, keys: np.ndarray, vectors: np.ndarray) -> None:
         if not len(keys):
             return
-        with t.lock:
-            t.upsert(keys, vectors)
-            if t.rows > self.overflow_margin:
-                self._resolve_overflow(table, t)
+        with pool.lock:
+            pool.upsert(ids, keys, vectors)
+            # Only tables this batch wrote to can be over: every earlier write resolved its own overflow.
+            for table_id in np.flatnonzero(pool.counts > self.overflow_margin):
+                self._resolve_overflow(pool, int(table_id))
 
-    def _resolve_overflow(self, table: str, t: _Table) -> None:
-        excess = t.rows - self.overflow_target
+    def _resolve_overflow(self, pool: _Pool, table_id: int) -> None:
+        """Evicts rows of one table (never of the others in its pool) down to overflow_target."""
+        candidates = pool.rows_of(table_id)
+        excess = len(candidates) - self.overflow_target
         if self.overflow_policy == "evict_oldest":
-            # overflow_target >= 1, so excess < rows and the partition index is valid.
-            rows = np.argpartition(t.stamps[: t.rows], excess - 1)[:excess]
+            # overflow_target >= 1, so excess < len(candidates) and the partition index is valid.
+            rows = candidates[np.argpartition(pool.stamps[candidates], excess - 1)[:excess]]
         else:
-            rows = self._rng.choice(t.rows, size=excess, replace=False)
-        rows = rows.astype(np.int64)
-        _, slots = t.find(t.keys[rows])
-        t.remove(rows, slots)
-        log.debug("hash_map: table %r overflowed, evicted %d rows (%s)", table, excess, self.overflow_policy)
+            rows = self._rng.choice(candidates, size=excess, replace=False)
+        _, slots = pool.find(pool.table_ids[rows], pool.keys[rows])
+        pool.remove(rows, slots)
+        log.debug(
+            "hash_map: table %r overflowed, evicted %d rows (%s)", pool.names[table_id], excess, self.overflow_policy
+        )
 
     def evict(self, table: str, keys: np.ndarray) -> int:
         t = self._table(table)
         keys = np.unique(as_keys(keys))
-        with t.lock:
-            row, slot = t.find(keys)
+        with t.pool.lock:
+            row, slot = t.pool.find(np.full(len(keys), t.id, dtype=TABLE_ID), keys)
             present = row >= 0
-            t.remove(row[present], slot[present])
+            t.pool.remove(row[present], slot[present])
         return int(np.count_nonzero(present))
 
     def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
-        t = self._table(table)
-        keys = as_keys(keys)
-        with t.lock:
-            row, _ = t.find(keys)
+        pool, ids, keys = self._ids(table, keys)
+        with pool.lock:
+            row, _ = pool.find(ids, keys)
         return row >= 0
 
     def size(self, table: str) -> int:
-        return self._table(table).rows
+        t = self._table(table)
+        return int(t.pool.counts[t.id])
 
     def memory_bytes(self, table: str) -> int:
-        """Bytes held by `table`'s arrays (keys, vectors, access stamps, slot index), spare capacity included."""
+        """`table`'s share of its pool's arrays (table ids, keys, vectors, access stamps, slot index, row
+        counts; spare capacity included): the pool's bytes times the table's share of the pool's rows, or an
+        equal share of each table in an empty pool. The shares of a pool's tables add up to its bytes
+        (give or take rounding)."""
         t = self._table(table)
-        with t.lock:
-            return t.memory_bytes()
+        with t.pool.lock:
+            total = t.pool.memory_bytes()
+            if t.pool.rows:
+                return total * int(t.pool.counts[t.id]) // t.pool.rows
+            return total // len(t.pool.names)
 
     def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
-        """Yields rows in storage order, each chunk copied under the table lock.
+        """Yields the table's rows in storage order, each chunk copied under the pool lock.
 
         Rows moved by an eviction running between two chunks may be missed or yielded twice.
         """
@@ -348,14 +458,15 @@ class HashMapLevel(StorageLevel):
         t = self._table(table)
         start = 0
         while True:
-            with t.lock:
-                end = min(start + chunk_rows, t.rows)
-                if start >= end:
+            with t.pool.lock:
+                positions, start = t.pool.next_rows_of(t.id, start, chunk_rows)
+                if not len(positions):
                     return
-                chunk = (t.keys[start:end].copy(), t.vectors[start:end].copy())
+                # Fancy indexing copies, so the chunk stays valid after the lock is let go.
+                chunk = (t.pool.keys[positions], t.pool.vectors[positions])
             yield chunk
-            start = end
 
     def close(self) -> None:
         with self._tables_lock:
             self._tables.clear()
+            self._pools.clear()

@@ -21,7 +21,8 @@ HPS writes access times in seconds; hps writes microseconds, so rows touched wit
 still told apart, and reads values below 10^11 as seconds, so a cluster HPS filled is evicted in the
 right order too (HPS reading hps's times would see hps's rows as the newest).
 
-A batch becomes one HMGET (fetch) or HSET (insert) per partition and max_batch_size keys. NumPy
+A batch becomes one HMGET (fetch) or HSET (insert) per partition and max_batch_size keys; a batch of
+several tables (fetch_many, insert_many) puts every table's partitions into that same one round. NumPy
 writes those commands in the Redis protocol (RESP2) in one pass; they go pipelined over one redis-py
 connection per cluster node, the nodes served in parallel threads, and redis-py parses the replies
 (with hiredis when it is installed).
@@ -394,64 +395,78 @@ class RedisClusterLevel(StorageLevel):
     def tables(self) -> list[str]:
         return sorted(self._tables)
 
-    def _split(self, keys: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """Stable order grouping keys by partition, and (partition, start, stop) runs of at most
-        max_batch_size keys in that order."""
-        parts = partition_of(keys, self.num_partitions)
-        order = np.argsort(parts, kind="stable")
-        bounds = np.searchsorted(parts[order], np.arange(self.num_partitions + 1))
+    def _split(self, keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+        """Stable order grouping keys by (table position `index`, partition), and (table position, partition,
+        start, stop) runs of at most max_batch_size keys in that order: one argsort for every table."""
+        groups = index * self.num_partitions + partition_of(keys, self.num_partitions)
+        order = np.argsort(groups, kind="stable")
+        num_groups = (int(index.max(initial=0)) + 1) * self.num_partitions
+        bounds = np.searchsorted(groups[order], np.arange(num_groups + 1))
         runs = []
-        for p in range(self.num_partitions):
-            for start in range(int(bounds[p]), int(bounds[p + 1]), self.max_batch_size):
-                runs.append((p, start, min(start + self.max_batch_size, int(bounds[p + 1]))))
+        for group in np.flatnonzero(np.diff(bounds)):
+            t, p = divmod(int(group), self.num_partitions)
+            for start in range(int(bounds[group]), int(bounds[group + 1]), self.max_batch_size):
+                runs.append((t, p, start, min(start + self.max_batch_size, int(bounds[group + 1]))))
         return order, runs
 
-    def _hmget(self, parts: _Partitions, keys: np.ndarray) -> tuple[np.ndarray, list[Any]]:
-        """(order, flat replies of HMGET on the value hashes, in `order`)."""
-        order, runs = self._split(keys)
+    def _hmget(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+        """(order, flat replies of HMGET on the value hashes, in `order`): one pipelined round per node for
+        every table's partitions."""
+        order, runs = self._split(keys, index)
         ordered = keys[order]
         replies = self._execute(
-            [(parts.slots[p], _command("HMGET", parts.values[p], keys=ordered[a:b])) for p, a, b in runs]
+            [(parts[t].slots[p], _command("HMGET", parts[t].values[p], keys=ordered[a:b])) for t, p, a, b in runs]
         )
         return order, list(chain.from_iterable(replies))
 
     def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         parts = self._table(table)
         keys = as_keys(keys)
-        vectors = np.zeros((len(keys), parts.dim), dtype=np.float32)
+        return self._fetch([table], [parts], keys, np.zeros(len(keys), dtype=np.intp))
+
+    def fetch_many(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        keys, index, _ = self._table_batch(tables, keys, table_index)
+        return self._fetch(tables, [self._table(table) for table in tables], keys, index)
+
+    def _fetch(
+        self, tables: Sequence[str], parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        dim = parts[0].dim
+        vectors = np.zeros((len(keys), dim), dtype=np.float32)
         found = np.zeros(len(keys), dtype=bool)
         if not len(keys):
             return vectors, found
-        order, values = self._hmget(parts, keys)
+        order, values = self._hmget(parts, keys, index)
         hit = np.fromiter(map(bool, values), dtype=bool, count=len(values))
         data = b"".join(filter(None, values))
-        if len(data) != int(hit.sum()) * parts.dim * 4:
-            raise StorageError(
-                f"table {table!r}: redis holds vectors that are not {parts.dim} float32 (wrong dim in the cluster?)"
-            )
+        if len(data) != int(hit.sum()) * dim * 4:
+            named = f"table {tables[0]!r}" if len(tables) == 1 else f"tables {list(tables)}"
+            raise StorageError(f"{named}: redis holds vectors that are not {dim} float32 (wrong dim in the cluster?)")
         rows = order[hit]
-        vectors[rows] = np.frombuffer(data, dtype="<f4").reshape(-1, parts.dim)
+        vectors[rows] = np.frombuffer(data, dtype="<f4").reshape(-1, dim)
         found[rows] = True
         if self.overflow_policy == "evict_oldest" and not self.read_only and len(rows):
-            self._touch(table, parts, keys[rows])
+            self._touch(tables, parts, keys[rows], index[rows])
         return vectors, found
 
-    def _touch(self, table: str, parts: _Partitions, keys: np.ndarray) -> None:
+    def _touch(self, tables: Sequence[str], parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray) -> None:
         """Records a read as the keys' access time, so evict_oldest spares rows still in use.
 
         The rows were read already: a failure here is counted and logged, and the rows still served."""
-        order, runs = self._split(keys)
+        order, runs = self._split(keys, index)
         ordered = keys[order]
         now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
         try:
             self._execute(
                 [
-                    (parts.slots[p], _command("HSET", parts.times[p], keys=ordered[a:b], values=now[a:b]))
-                    for p, a, b in runs
+                    (parts[t].slots[p], _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b]))
+                    for t, p, a, b in runs
                 ]
             )
         except StorageError as e:
-            log.warning("table %r: access times not refreshed: %s", table, e)
+            log.warning("tables %s: access times not refreshed: %s", list(tables), e)
 
     def _writable(self, table: str) -> _Partitions:
         if self.read_only:
@@ -461,29 +476,40 @@ class RedisClusterLevel(StorageLevel):
     def insert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
         parts = self._writable(table)
         keys = as_keys(keys)
-        vectors = as_vectors(vectors, len(keys), parts.dim)
+        self._insert([parts], keys, np.zeros(len(keys), dtype=np.intp), as_vectors(vectors, len(keys), parts.dim))
+
+    def insert_many(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        keys, index, dim = self._table_batch(tables, keys, table_index)
+        vectors = as_vectors(vectors, len(keys), dim)
+        self._insert([self._writable(table) for table in tables], keys, index, vectors)
+
+    def _insert(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
+        """HSETs of every table's partitions (the last row of a repeated key wins: HSET applies fields in
+        order) with access times, TTLs and each touched partition's HLEN, in one round per node."""
         if not len(keys):
             return
-        order, runs = self._split(keys)
+        order, runs = self._split(keys, index)
         ordered = keys[order]
         rows = vectors[order].view(np.uint8)
         now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
         commands: list[Command] = []
-        touched = sorted({p for p, _, _ in runs})
-        for p, a, b in runs:
-            slot = parts.slots[p]
-            commands.append((slot, _command("HSET", parts.values[p], keys=ordered[a:b], values=rows[a:b])))
+        touched = sorted({(t, p) for t, p, _, _ in runs})
+        for t, p, a, b in runs:
+            slot = parts[t].slots[p]
+            commands.append((slot, _command("HSET", parts[t].values[p], keys=ordered[a:b], values=rows[a:b])))
             if self.overflow_policy == "evict_oldest":
-                commands.append((slot, _command("HSET", parts.times[p], keys=ordered[a:b], values=now[a:b])))
+                commands.append((slot, _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b])))
         if self.ttl_seconds:
-            for p in touched:
-                commands.append((parts.slots[p], _command("EXPIRE", parts.values[p], self.ttl_seconds, "NX")))
-                commands.append((parts.slots[p], _command("EXPIRE", parts.times[p], self.ttl_seconds, "NX")))
-        commands += [(parts.slots[p], _command("HLEN", parts.values[p])) for p in touched]
+            for t, p in touched:
+                commands.append((parts[t].slots[p], _command("EXPIRE", parts[t].values[p], self.ttl_seconds, "NX")))
+                commands.append((parts[t].slots[p], _command("EXPIRE", parts[t].times[p], self.ttl_seconds, "NX")))
+        commands += [(parts[t].slots[p], _command("HLEN", parts[t].values[p])) for t, p in touched]
         sizes = self._execute(commands)[-len(touched) :]
-        for p, size in zip(touched, sizes, strict=True):
+        for (t, p), size in zip(touched, sizes, strict=True):
             if int(size) > self.overflow_margin:
-                self._resolve_overflow(parts, p, int(size))
+                self._resolve_overflow(parts[t], p, int(size))
 
     def _resolve_overflow(self, parts: _Partitions, p: int, size: int) -> None:
         """Evicts down to overflow_resolution_target * overflow_margin rows in partition p."""
@@ -512,10 +538,10 @@ class RedisClusterLevel(StorageLevel):
         keys = as_keys(keys)
         if not len(keys):
             return 0
-        order, runs = self._split(keys)
+        order, runs = self._split(keys, np.zeros(len(keys), dtype=np.intp))
         ordered = keys[order]
         commands: list[Command] = []
-        for p, a, b in runs:
+        for _, p, a, b in runs:
             commands.append((parts.slots[p], _command("HDEL", parts.values[p], keys=ordered[a:b])))
             commands.append((parts.slots[p], _command("HDEL", parts.times[p], keys=ordered[a:b])))
         return sum(int(n) for n in self._execute(commands)[0::2])
@@ -525,7 +551,7 @@ class RedisClusterLevel(StorageLevel):
         keys = as_keys(keys)
         found = np.zeros(len(keys), dtype=bool)
         if len(keys):
-            order, values = self._hmget(parts, keys)
+            order, values = self._hmget([parts], keys, np.zeros(len(keys), dtype=np.intp))
             found[order] = np.fromiter(map(bool, values), dtype=bool, count=len(values))
         return found
 

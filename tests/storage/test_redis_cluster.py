@@ -8,7 +8,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from benchmarks.redis_cluster_launcher import RedisClusterProcesses
 from hps_server.config import ConfigError, VolatileDbConfig
 from hps_server.storage import open_volatile
 from hps_server.storage.base import LevelUnavailableError, StorageError, UnknownTableError
-from hps_server.storage.redis_cluster import RedisClusterLevel, hash_name, partition_of
+from hps_server.storage.redis_cluster import Command, RedisClusterLevel, hash_name, partition_of
 
 DIM = 8
 
@@ -68,6 +69,42 @@ def test_batches_larger_than_max_batch_size_are_chunked(level: RedisClusterLevel
     vectors, found = level.fetch(table, keys)
     assert found.all()
     np.testing.assert_array_equal(vectors, rows(keys))
+
+
+def test_many_tables_go_in_one_round_per_node(redis_cluster: str, level: RedisClusterLevel, table: str) -> None:
+    names = [table, f"{table}.b", f"{table}.c"]
+    for name in names[1:]:
+        level.create_table(name, DIM)
+    keys = np.tile(np.arange(300, dtype=np.int64) * 7919, 3)
+    index = np.repeat([0, 1, 2], 300)
+    vectors = rows(keys) + index[:, None].astype(np.float32) * 1000
+    rounds: list[int] = []
+    execute = level._execute
+
+    def counted(commands: Sequence[Command]) -> list[Any]:
+        rounds.append(len(commands))
+        return execute(commands)
+
+    level._execute = counted  # type: ignore[method-assign]
+    level.insert_many(names, keys, index, vectors)
+    asked = np.concatenate([keys, keys + 1])
+    fetched, found = level.fetch_many(names, asked, np.concatenate([index, index]))
+    # One _execute (one pipelined round per node) each, over every table's partitions and batches of 64.
+    assert len(rounds) == 2
+    assert rounds[1] > 3 * level.num_partitions
+    np.testing.assert_array_equal(found, np.arange(len(asked)) < len(keys))
+    np.testing.assert_array_equal(fetched[: len(keys)], vectors)
+    for position, name in enumerate(names):
+        assert level.size(name) == 300
+        one, _ = level.fetch(name, keys[:300])
+        np.testing.assert_array_equal(one, rows(keys[:300]) + position * 1000)
+    # A second level object sees the rows where HPS would look for them.
+    other = RedisClusterLevel(redis_cluster, num_partitions=4, timeout_ms=2000, read_only=True)
+    try:
+        other.create_table(names[2], DIM)
+        assert other.contains(names[2], keys[:300]).all()
+    finally:
+        other.close()
 
 
 def test_last_row_wins_for_a_repeated_key(level: RedisClusterLevel, table: str) -> None:
