@@ -243,27 +243,28 @@ class LookupSession:
         if vectors is None or missing is None:  # no level could be asked
             vectors = np.empty((n, batch.dim), dtype=batch.dtype)
             missing = np.arange(n)
-        failed = np.zeros(len(batch.queries), bool)
+        unanswered = np.zeros(len(batch.queries), np.int64)
         if len(missing) and authoritative_down:
             # Only the lowest level can say a key is absent; without it a default could be wrong.
-            failed[batch.query_of[missing]] = True
-            missing = missing[~failed[batch.query_of[missing]]]
+            unanswered = np.bincount(batch.query_of[missing], minlength=len(batch.queries))
+            missing = missing[unanswered[batch.query_of[missing]] == 0]
         if len(missing):
             vectors[missing] = batch.defaults[batch.table_of[missing], None]
             counts.defaults(missing)
         self._insert_upwards(batch, epochs, fetched, cache, background)
         if report:
             counts.commit(self.metrics)
-        return self._split(batch, vectors, found, failed)
+        return self._split(batch, vectors, found, unanswered.tolist())
 
-    def _split(self, batch: _Batch, vectors: np.ndarray, found: np.ndarray, failed: np.ndarray) -> list[Outcome]:
-        """Each query's slice of the batch (views, no copy unless the query wants another dtype)."""
+    def _split(self, batch: _Batch, vectors: np.ndarray, found: np.ndarray, unanswered: list[int]) -> list[Outcome]:
+        """Each query's slice of the batch (views, no copy unless the query wants another dtype); a query
+        with keys no reachable level could answer gets the error instead."""
         outcomes: list[Outcome] = []
         for i, query in enumerate(batch.queries):
-            if failed[i]:
+            if unanswered[i]:
                 outcomes.append(
                     LevelUnavailableError(
-                        f"table {query.table.name}: keys missed every reachable level and the "
+                        f"table {query.table.name}: {unanswered[i]} keys missed every reachable level and the "
                         f"{self.levels[-1].kind} level is unavailable"
                     )
                 )

@@ -444,3 +444,36 @@ def test_a_call_costs_the_same_launches_copies_and_syncs_for_1_and_26_tables(sta
         costs.append(spent)
     assert costs[0] == costs[1]
     assert costs[0][1] == costs[0][2] == (1, 1, 1, 1)  # a lookup: one launch, one copy each way, one sync
+
+
+def test_a_request_of_26_tables_costs_the_gpu_what_one_of_1_table_does(tmp_path: Path) -> None:
+    """Through the session: one lookup batch over every table is one query launch and one copy back,
+    whether it names 1 table or 26 (misses add the same fill launches either way)."""
+    from hps_server.cache import TableL1
+    from hps_server.config import ModelConfig, TableConfig
+    from hps_server.session import KeyQuery, LookupSession, TableLookup
+    from hps_server.storage.hashmap import HashMapLevel
+
+    spent = []
+    for num_tables in (1, 26):
+        names = [f"t{i}" for i in range(num_tables)]
+        model = ModelConfig(name="m", tables=tuple(TableConfig(name=n, dim=16) for n in names))
+        volatile = HashMapLevel()
+        cache = GpuEmbeddingCache([1024] * num_tables, 16)
+        for name in names:
+            volatile.create_table(f"m.{name}", 16)
+            volatile.insert(f"m.{name}", np.arange(100), rows_for(np.arange(100), 16))
+        session = LookupSession(model, [volatile], {n: TableL1((cache,), i) for i, n in enumerate(names)})
+        queries = [KeyQuery(session.table(n), np.arange(0, 64, dtype=np.int64)) for n in names]
+        costs = []
+        for _ in range(2):  # the first pass misses and fills L1, the second hits everywhere
+            before = (cache.launches, cache.copies_to_host, cache.syncs)
+            outcomes = session.lookup_many(queries)
+            costs.append(tuple(b - a for a, b in zip(before, (cache.launches, cache.copies_to_host, cache.syncs))))
+            for outcome in outcomes:
+                assert isinstance(outcome, TableLookup)
+                np.testing.assert_array_equal(outcome.vectors, rows_for(np.arange(64), 16))
+        session.close()
+        spent.append(costs)
+    assert spent[0] == spent[1]
+    assert spent[0][1] == (1, 1, 1)  # all hits: one launch, one copy back, one sync for the whole batch
