@@ -469,7 +469,8 @@ def test_a_request_of_26_tables_costs_the_gpu_what_one_of_1_table_does(tmp_path:
         for _ in range(2):  # the first pass misses and fills L1, the second hits everywhere
             before = (cache.launches, cache.copies_to_host, cache.syncs)
             outcomes = session.lookup_many(queries)
-            costs.append(tuple(b - a for a, b in zip(before, (cache.launches, cache.copies_to_host, cache.syncs))))
+            after = (cache.launches, cache.copies_to_host, cache.syncs)
+            costs.append(tuple(b - a for a, b in zip(before, after, strict=True)))
             for outcome in outcomes:
                 assert isinstance(outcome, TableLookup)
                 np.testing.assert_array_equal(outcome.vectors, rows_for(np.arange(64), 16))
