@@ -6,6 +6,7 @@ directly, and the hot path is a few NumPy calls per table, never per key.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -15,13 +16,13 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
-from hps_server.batching import Coalescer, QueueFullError
+from hps_server.coalescing import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
 from hps_server.models import HostedModels
-from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable
+from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable, TableLookup
 from hps_server.storage.base import LevelUnavailableError, StorageError
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
-from hps_wire.response_codec import WIRE_NUMPY, LookupResult, encode_lookup_response
+from hps_wire.response_codec import WIRE_NUMPY, LookupResult, PackedLookup, encode_lookup_response
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,32 @@ class _Query:
 
 
 @dataclass(frozen=True)
+class _Packed:
+    """A PackedQuery, decoded and checked: its segments' tables and key counts, and the runs of segments
+    that share a width and an L1 placement (one query of the pass each; one for a DLRM-shaped request)."""
+
+    names: Sequence[str]
+    counts: np.ndarray
+    dims: np.ndarray
+    runs: list[KeyQuery]
+
+
+@dataclass(frozen=True)
 class _Prepared:
-    """A LookupRequest ready for a pass: nothing left in it can be refused for its content.
-    `queries` are its TableQueries, then its PackedQuery's segments (the last `packed` of them)."""
+    """A LookupRequest ready for a pass: nothing left in it can be refused for its content."""
 
     session: LookupSession
     wire_dtype: np.dtype
     queries: list[_Query]
-    packed: int | None
+    packed: _Packed | None
 
     def key_queries(self) -> list[KeyQuery]:
-        # Reductions need float32; plain queries get their reply dtype straight from the levels.
-        return [
-            KeyQuery(q.table, q.keys, FLOAT32 if q.combiner or q.max_norm else self.wire_dtype) for q in self.queries
+        """Its TableQueries, then its packed runs. Reductions need float32; plain queries get their reply
+        dtype straight from the levels."""
+        plain = [
+            KeyQuery.of(q.table, q.keys, FLOAT32 if q.combiner or q.max_norm else self.wire_dtype) for q in self.queries
         ]
+        return plain if self.packed is None else plain + self.packed.runs
 
 
 class Lookups:
@@ -118,22 +131,26 @@ class Lookups:
             outcomes = self.coalescer.submit(prepared)
         except QueueFullError as e:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        results = []
-        for query, outcome in zip(prepared.queries, outcomes, strict=True):
+        for outcome in outcomes:
             if isinstance(outcome, StorageError):
                 raise outcome
+        results = []
+        for query, outcome in zip(prepared.queries, outcomes, strict=False):  # the packed runs follow
+            assert isinstance(outcome, TableLookup)
             vectors = outcome.vectors
             if query.max_norm:
                 vectors = clip_norms(vectors, query.max_norm)
             if query.combiner is not None:
                 vectors = combine(vectors, query.row_splits, query.combiner, query.weights)
             results.append(LookupResult(query.asked_as, vectors.astype(prepared.wire_dtype, copy=False), outcome.found))
-        if prepared.packed is None:
+        packed = prepared.packed
+        if packed is None:
             return encode_lookup_response(request.model, results, request.request_id)
-        split = len(results) - prepared.packed
-        return encode_lookup_response(
-            request.model, results[:split], request.request_id, results[split:], prepared.wire_dtype
+        runs = [outcome for outcome in outcomes[len(results) :] if isinstance(outcome, TableLookup)]
+        reply = PackedLookup(
+            packed.names, packed.counts, packed.dims, [r.vectors for r in runs], [r.found for r in runs]
         )
+        return encode_lookup_response(request.model, results, request.request_id, reply, prepared.wire_dtype)
 
     def prepare(self, request: hps_pb2.LookupRequest) -> _Prepared:
         """Decodes and checks every query, so a bad request costs no level work and fails alone."""
@@ -144,10 +161,9 @@ class Lookups:
         queries = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
         if not request.HasField("packed"):
             return _Prepared(session, wire_dtype, queries, None)
-        segments = self._decode_packed(session, request.packed)
-        return _Prepared(session, wire_dtype, queries + segments, len(segments))
+        return _Prepared(session, wire_dtype, queries, self._decode_packed(session, request.packed, wire_dtype))
 
-    def _decode_packed(self, session: LookupSession, packed: hps_pb2.PackedQuery) -> list[_Query]:
+    def _decode_packed(self, session: LookupSession, packed: hps_pb2.PackedQuery, dtype: np.dtype) -> _Packed:
         keys = _packed(packed.keys, "<i8", "packed.keys")
         counts = _packed(packed.counts, "<i8", "packed.counts")
         if len(counts) != len(packed.tables):
@@ -167,11 +183,17 @@ class Lookups:
                 f"{int(limits[i])} (max_batch_size {session.model.max_batch_size} x max_keys_per_sample "
                 f"{tables[i].config.max_keys_per_sample})",
             )
+        # Consecutive segments of one width and placement go down as one query: a split only where that changes.
+        groups = [KeyQuery.of(table, keys[:0]).group for table in tables]
+        cuts = [i for i in range(1, len(tables)) if groups[i] != groups[i - 1]]
         bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
-        return [
-            _Query(name, table, keys[bounds[i] : bounds[i + 1]], _NO_SPLITS, None, None, 0.0)
-            for i, (name, table) in enumerate(zip(packed.tables, tables, strict=True))
+        runs = [
+            KeyQuery(tuple(tables[a:b]), keys[bounds[a] : bounds[b]], counts[a:b], dtype)
+            for a, b in itertools.pairwise([0, *cuts, len(tables)])
+            if a < b
         ]
+        dims = np.fromiter((table.dim for table in tables), np.int64, len(tables))
+        return _Packed(packed.tables, counts, dims, runs)
 
     @staticmethod
     def _pass(batch: Sequence[_Prepared]) -> list[list[Outcome]]:
@@ -181,9 +203,10 @@ class Lookups:
             by_session.setdefault(prepared.session, []).append(i)
         answers: list[list[Outcome]] = [[] for _ in batch]
         for session, members in by_session.items():
-            outcomes = iter(session.lookup_many([kq for i in members for kq in batch[i].key_queries()]))
-            for i in members:
-                answers[i] = [next(outcomes) for _ in batch[i].queries]
+            queries = [batch[i].key_queries() for i in members]
+            outcomes = iter(session.lookup_many([query for asked in queries for query in asked]))
+            for i, asked in zip(members, queries, strict=True):
+                answers[i] = [next(outcomes) for _ in asked]
         return answers
 
     def _decode(self, session: LookupSession, query: hps_pb2.TableQuery, field: str) -> _Query:

@@ -51,11 +51,24 @@ class ServedTable:
 
 @dataclass(frozen=True)
 class KeyQuery:
-    """Keys of one table to look up; `dtype` is the element type the caller wants the vectors in."""
+    """Keys to look up: segment i holds counts[i] keys of tables[i], segments end to end (all of one width
+    and one L1 placement); `dtype` is the element type the caller wants the vectors in."""
 
-    table: ServedTable
+    tables: tuple[ServedTable, ...]
     keys: np.ndarray
+    counts: np.ndarray
     dtype: np.dtype = FLOAT32
+
+    @classmethod
+    def of(cls, table: ServedTable, keys: np.ndarray, dtype: np.dtype = FLOAT32) -> KeyQuery:
+        """A query of one table."""
+        return cls((table,), keys, np.array([len(keys)], np.int64), dtype)
+
+    @property
+    def group(self) -> tuple[int, tuple[EmbeddingCache, ...]]:
+        """What queries walking down together must share: the vector width and the L1 caches."""
+        first = self.tables[0]
+        return first.dim, first.l1.caches if first.l1 else ()
 
 
 @dataclass(frozen=True)
@@ -74,16 +87,20 @@ class _Batch:
     """The keys of several queries of one width laid end to end, with each key's table (an index into
     `tables`) and query; everything the walk needs, resolved once."""
 
-    def __init__(self, queries: Sequence[KeyQuery], tables: Sequence[ServedTable]) -> None:
+    def __init__(self, queries: Sequence[KeyQuery]) -> None:
         self.queries = queries
-        self.tables = tables
-        local = {table: i for i, table in enumerate(tables)}
+        local: dict[ServedTable, int] = {}
+        segment_tables = [local.setdefault(table, len(local)) for q in queries for table in q.tables]
+        self.tables = tables = list(local)
+        if len(queries) == 1:
+            self.keys, self.segment_counts = queries[0].keys, queries[0].counts
+        else:
+            self.keys = np.concatenate([q.keys for q in queries])
+            self.segment_counts = np.concatenate([q.counts for q in queries])
+        self.table_of = np.repeat(np.array(segment_tables, np.int64), self.segment_counts)
         lengths = np.fromiter((len(q.keys) for q in queries), np.int64, len(queries))
         self.starts = np.concatenate(([0], np.cumsum(lengths)))
-        self.keys = queries[0].keys if len(queries) == 1 else np.concatenate([q.keys for q in queries])
         self.query_of = np.repeat(np.arange(len(queries)), lengths)
-        query_tables = np.fromiter((local[q.table] for q in queries), np.int64, len(queries))
-        self.table_of = query_tables[self.query_of]
         self.names = [table.storage_name for table in tables]
         self.columns = np.fromiter((table.index for table in tables), np.int64, len(tables))
         self.defaults = np.fromiter((table.config.default_value for table in tables), np.float32, len(tables))
@@ -100,10 +117,10 @@ class _Batch:
         return len(self.keys)
 
     def subset(self, positions: np.ndarray) -> _Batch:
-        """The same tables, only the keys at `positions` (one query per table: for fetches behind a reply)."""
-        per_table = [positions[self.table_of[positions] == i] for i in range(len(self.tables))]
-        queries = [KeyQuery(table, self.keys[p]) for table, p in zip(self.tables, per_table, strict=True) if len(p)]
-        return _Batch(queries, [q.table for q in queries])
+        """The same tables, only the keys at `positions`, as one query (for fetches behind a reply)."""
+        positions = positions[np.argsort(self.table_of[positions], kind="stable")]
+        counts = np.bincount(self.table_of[positions], minlength=len(self.tables))
+        return _Batch([KeyQuery(tuple(self.tables), self.keys[positions], counts)])
 
 
 class LookupSession:
@@ -158,7 +175,7 @@ class LookupSession:
 
     def lookup(self, table_name: str, keys: np.ndarray) -> TableLookup:
         """One table's lookup (a batch of one query); raises the storage error that stopped it."""
-        outcome = self.lookup_many([KeyQuery(self.table(table_name), as_keys(keys))])[0]
+        outcome = self.lookup_many([KeyQuery.of(self.table(table_name), as_keys(keys))])[0]
         if isinstance(outcome, StorageError):
             raise outcome
         return outcome
@@ -169,12 +186,11 @@ class LookupSession:
         A level failing for one width fails only the queries that needed it; the others are answered."""
         groups: dict[tuple[int, tuple[EmbeddingCache, ...]], list[int]] = {}
         for i, query in enumerate(queries):
-            l1 = query.table.l1
-            groups.setdefault((query.table.dim, l1.caches if l1 else ()), []).append(i)
+            groups.setdefault(query.group, []).append(i)
         outcomes: list[Outcome | None] = [None] * len(queries)
         for members in groups.values():
             group = [queries[i] for i in members]
-            batch = _Batch(group, list(dict.fromkeys(q.table for q in group)))
+            batch = _Batch(group)
             try:
                 answered = self._walk(batch, report=True)
             except StorageError as e:
@@ -262,9 +278,10 @@ class LookupSession:
         outcomes: list[Outcome] = []
         for i, query in enumerate(batch.queries):
             if unanswered[i]:
+                names = ", ".join(dict.fromkeys(table.name for table in query.tables))
                 outcomes.append(
                     LevelUnavailableError(
-                        f"table {query.table.name}: {unanswered[i]} keys missed every reachable level and the "
+                        f"table {names}: {unanswered[i]} keys missed every reachable level and the "
                         f"{self.levels[-1].kind} level is unavailable"
                     )
                 )
@@ -470,8 +487,8 @@ class _PassCounts:
         self._unavailable += self._per_table(positions) > 0
 
     def commit(self, metrics: ServerMetrics | None) -> None:
-        sizes = np.diff(self._batch.starts)
-        self._session.tally.add(self._batch.columns, self._batch.table_of, sizes, self._asked, self._unavailable)
+        batch = self._batch
+        self._session.tally.add(batch.columns, batch.table_of, batch.segment_counts, self._asked, self._unavailable)
         if metrics is not None:
             for name, seconds in self._timings:
                 metrics.record_level_seconds(self._session.model.name, name, seconds)

@@ -36,6 +36,18 @@ class LookupResult:
     found: np.ndarray
 
 
+@dataclass(frozen=True)
+class PackedLookup:
+    """A PackedResult as arrays: each segment's table, key count and dim, and the vectors and found flags of
+    all segments as a few arrays laid end to end (vectors row-major, one dtype)."""
+
+    tables: Sequence[str]
+    counts: np.ndarray
+    dims: np.ndarray
+    vectors: Sequence[np.ndarray]
+    found: Sequence[np.ndarray]
+
+
 def _varint(value: int) -> bytes:
     if value < 0x80:
         return _SMALL_VARINTS[value]
@@ -93,16 +105,14 @@ def _bytes_field(field: int, pieces: Sequence[np.ndarray]) -> list[bytes | memor
     return [_length_delimited(field, size), *views] if size else []
 
 
-def _packed_result(results: Sequence[LookupResult], dtype: np.dtype) -> list[bytes | memoryview]:
-    counts = np.fromiter((len(r.found) for r in results), "<i8", len(results))
-    dims = np.fromiter((r.vectors.shape[1] for r in results), "<i8", len(results))
-    body: list[bytes | memoryview] = [piece for r in results for piece in _string_field(1, r.table)]
+def _packed_result(packed: PackedLookup, dtype: np.dtype) -> list[bytes | memoryview]:
+    body: list[bytes | memoryview] = [piece for table in packed.tables for piece in _string_field(1, table)]
     body += [
-        *_buffer_field(2, counts),
-        *_buffer_field(3, dims),
-        *_bytes_field(4, [r.vectors for r in results]),
+        *_buffer_field(2, np.ascontiguousarray(packed.counts, "<i8")),
+        *_buffer_field(3, np.ascontiguousarray(packed.dims, "<i8")),
+        *_bytes_field(4, packed.vectors),
         *_varint_field(5, _WIRE_DTYPE[dtype]),
-        *_bytes_field(6, [r.found.view(np.uint8) for r in results]),
+        *_bytes_field(6, [found.view(np.uint8) for found in packed.found]),
     ]
     return [_length_delimited(4, sum(len(piece) for piece in body)), *body]
 
@@ -111,11 +121,11 @@ def encode_lookup_response(
     model: str,
     results: Sequence[LookupResult],
     request_id: str = "",
-    packed: Sequence[LookupResult] | None = None,
+    packed: PackedLookup | None = None,
     packed_dtype: np.dtype = FLOAT32,
 ) -> bytes:
-    """The serialized LookupResponse: `results` as TableResults, `packed` (segments of one dtype,
-    packed_dtype) as its PackedResult; vector bytes are copied once, into the reply."""
+    """The serialized LookupResponse: `results` as TableResults, `packed` (vectors of packed_dtype) as its
+    PackedResult; vector bytes are copied once, into the reply."""
     pieces: list[bytes | memoryview] = [*_string_field(1, model)]
     for result in results:
         pieces.extend(_table_result(result))

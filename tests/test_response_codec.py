@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hps_wire._proto import hps_pb2
-from hps_wire.response_codec import LookupResult, decode_lookup_response, encode_lookup_response
+from hps_wire.response_codec import LookupResult, PackedLookup, decode_lookup_response, encode_lookup_response
 
 
 def _results(rng: np.random.Generator) -> list[LookupResult]:
@@ -100,7 +100,14 @@ def test_packed_results_are_byte_identical_to_protobuf_and_decode_to_views(dtype
     ]
     plain = _results(rng)[:2]
     wire_dtype = hps_pb2.VECTOR_DTYPE_FLOAT16 if dtype == "<f2" else hps_pb2.VECTOR_DTYPE_FLOAT32
-    encoded = encode_lookup_response("ctr", plain, "r", segments, np.dtype(dtype))
+    packed = PackedLookup(
+        [s.table for s in segments],
+        np.array([len(s.found) for s in segments]),
+        np.array([s.vectors.shape[1] for s in segments]),
+        [s.vectors for s in segments],
+        [s.found for s in segments],
+    )
+    encoded = encode_lookup_response("ctr", plain, "r", packed, np.dtype(dtype))
     message = _message("ctr", plain, "r")
     message.packed.CopyFrom(_packed_message(segments, wire_dtype))
     assert encoded == message.SerializeToString(deterministic=True)

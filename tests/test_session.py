@@ -289,7 +289,7 @@ def _one_pass(tmp_path: Path, tables: int) -> tuple[dict[str, int], list[TableLo
     real_add = session.tally.add
     session.tally.add = lambda *args: (tally_adds.update(["add"]), real_add(*args))[1]  # type: ignore[method-assign]
     queries = [
-        KeyQuery(session.table(n), np.array([100 * i, 100 * i + 1, 100 * i + 5, 999_999], np.int64))
+        KeyQuery.of(session.table(n), np.array([100 * i, 100 * i + 1, 100 * i + 5, 999_999], np.int64))
         for i, n in enumerate(names)
     ]
     outcomes = session.lookup_many(queries)
@@ -338,9 +338,9 @@ def test_a_batch_of_tables_of_several_widths_and_dtypes_is_answered_exactly(leve
     session = LookupSession(model, [volatile, persistent])
     t, wide = session.table("t"), session.table("wide")
     queries = [
-        KeyQuery(t, keys[:2]),
-        KeyQuery(wide, keys[::-1], np.dtype(np.float16)),
-        KeyQuery(t, keys[3:], np.dtype(np.float16)),
+        KeyQuery.of(t, keys[:2]),
+        KeyQuery.of(wide, keys[::-1], np.dtype(np.float16)),
+        KeyQuery.of(t, keys[3:], np.dtype(np.float16)),
     ]
     first, second, third = session.lookup_many(queries)
     assert isinstance(first, TableLookup) and isinstance(second, TableLookup) and isinstance(third, TableLookup)
@@ -366,7 +366,9 @@ def test_without_the_authoritative_level_only_the_queries_it_was_needed_for_fail
     volatile.insert("m.t", np.array([1, 2]), _rows(np.array([1, 2])))
     session = LookupSession(MODEL, [volatile, persistent])
     table = session.table("t")
-    held, needs_rocksdb = session.lookup_many([KeyQuery(table, np.array([2, 1])), KeyQuery(table, np.array([1, 3]))])
+    held, needs_rocksdb = session.lookup_many(
+        [KeyQuery.of(table, np.array([2, 1])), KeyQuery.of(table, np.array([1, 3]))]
+    )
     assert isinstance(held, TableLookup)
     np.testing.assert_array_equal(held.vectors, _rows(np.array([2, 1])))
     assert isinstance(needs_rocksdb, LevelUnavailableError) and "rocksdb level is unavailable" in str(needs_rocksdb)

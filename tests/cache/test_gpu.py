@@ -464,7 +464,7 @@ def test_a_request_of_26_tables_costs_the_gpu_what_one_of_1_table_does(tmp_path:
             volatile.create_table(f"m.{name}", 16)
             volatile.insert(f"m.{name}", np.arange(100), rows_for(np.arange(100), 16))
         session = LookupSession(model, [volatile], {n: TableL1((cache,), i) for i, n in enumerate(names)})
-        queries = [KeyQuery(session.table(n), np.arange(0, 64, dtype=np.int64)) for n in names]
+        queries = [KeyQuery.of(session.table(n), np.arange(0, 64, dtype=np.int64)) for n in names]
         costs = []
         for _ in range(2):  # the first pass misses and fills L1, the second hits everywhere
             before = (cache.launches, cache.copies_to_host, cache.syncs)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hps_server.batching import Coalescer, QueueFullError
+from hps_server.coalescing import Coalescer, QueueFullError
 
 
 class _HeldPass:
