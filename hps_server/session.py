@@ -123,6 +123,20 @@ class _Batch:
         return _Batch([KeyQuery(tuple(self.tables), self.keys[positions], counts)])
 
 
+@dataclass(frozen=True)
+class _Fetched:
+    """What one level answered in a walk: the batch positions it held, from its reply rows[hit]."""
+
+    level: int
+    positions: np.ndarray
+    rows: np.ndarray
+    hit: np.ndarray
+
+    def found_rows(self) -> np.ndarray:
+        """The float32 rows it held, in the order of `positions` (copied only when a level above takes them)."""
+        return self.rows[self.hit]
+
+
 class LookupSession:
     """Answers lookups for one model; safe to call from many threads."""
 
@@ -224,7 +238,7 @@ class LookupSession:
                 self._fetch_later(batch.subset(missing))
                 missing = missing[:0]
 
-        fetched: list[tuple[int, np.ndarray, np.ndarray]] = []  # (level index, positions, float32 rows)
+        fetched: list[_Fetched] = []
         authoritative_down = False
         for index, level in enumerate(self.levels):
             if missing is not None and not len(missing):
@@ -254,7 +268,7 @@ class LookupSession:
                 missing = missing[~hit]
             found[positions] = True
             counts.level(level.kind, asked, hit, seconds)
-            fetched.append((index, positions, rows[hit]))
+            fetched.append(_Fetched(index, positions, rows, hit))
 
         if vectors is None or missing is None:  # no level could be asked
             vectors = np.empty((n, batch.dim), dtype=batch.dtype)
@@ -309,16 +323,16 @@ class LookupSession:
         self,
         batch: _Batch,
         epochs: list[int],
-        fetched: list[tuple[int, np.ndarray, np.ndarray]],
+        fetched: list[_Fetched],
         cache: EmbeddingCache | None,
         background: bool,
     ) -> None:
         """Copies rows found in lower levels into L1 (one insert for all of them) and into the writable
         levels above the one that held them."""
-        fetched = [(index, positions, rows) for index, positions, rows in fetched if len(positions)]
+        fetched = [f for f in fetched if len(f.positions)]
         if cache is not None and batch.l1_tables is not None and fetched:
-            positions = np.concatenate([p for _, p, _ in fetched]) if len(fetched) > 1 else fetched[0][1]
-            rows = np.concatenate([r for _, _, r in fetched]) if len(fetched) > 1 else fetched[0][2]
+            positions = np.concatenate([f.positions for f in fetched]) if len(fetched) > 1 else fetched[0].positions
+            rows = np.concatenate([f.found_rows() for f in fetched]) if len(fetched) > 1 else fetched[0].found_rows()
             tables = batch.table_of[positions]
             keys, l1_tables = batch.keys[positions], batch.l1_tables[tables]
 
@@ -333,11 +347,12 @@ class LookupSession:
                 fill()
         if not self.write_back:
             return
-        for index, positions, rows in fetched:
-            keys, tables = batch.keys[positions], batch.table_of[positions]
-            for level in self.levels[:index]:
-                if level.read_only:
-                    continue
+        for f in fetched:
+            above = [level for level in self.levels[: f.level] if not level.read_only]
+            if not above:
+                continue
+            keys, tables, rows = batch.keys[f.positions], batch.table_of[f.positions], f.found_rows()
+            for level in above:
                 try:
 
                     def copy(keep: np.ndarray, level=level, keys=keys, rows=rows, tables=tables) -> None:  # type: ignore[no-untyped-def]
