@@ -184,7 +184,7 @@ class Lookups:
                 f"{tables[i].config.max_keys_per_sample})",
             )
         # Consecutive segments of one width and placement go down as one query: a split only where that changes.
-        groups = [KeyQuery.of(table, keys[:0]).group for table in tables]
+        groups = [table.group for table in tables]
         cuts = [i for i in range(1, len(tables)) if groups[i] != groups[i - 1]]
         bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
         runs = [

@@ -42,6 +42,8 @@ class ServedTable:
         self.index = index
         self.storage_name = model.storage_name(config)
         self.l1 = l1
+        # What tables walking down together must share: the vector width and the L1 caches.
+        self.group = (self.dim, l1.caches if l1 else ())
         # Bumped by every upsert/delete: a write-back (into L2 or L1) of rows read before is dropped,
         # so no level above takes a row older than one written since. The lock makes check+insert
         # atomic against the upsert/delete that bumps it.
@@ -66,9 +68,8 @@ class KeyQuery:
 
     @property
     def group(self) -> tuple[int, tuple[EmbeddingCache, ...]]:
-        """What queries walking down together must share: the vector width and the L1 caches."""
-        first = self.tables[0]
-        return first.dim, first.l1.caches if first.l1 else ()
+        """What queries walking down together must share (all its tables share it)."""
+        return self.tables[0].group
 
 
 @dataclass(frozen=True)

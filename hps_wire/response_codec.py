@@ -8,6 +8,7 @@ tests/test_response_codec.py holds it to that; any message the generated code re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,9 +71,15 @@ def _length_delimited(field: int, size: int) -> bytes:
     return _tag(field, _LENGTH_DELIMITED) + _varint(size)
 
 
-def _string_field(field: int, text: str) -> list[bytes]:
+@functools.lru_cache(maxsize=4096)
+def _encoded_string(field: int, text: str) -> bytes:
+    # Table and model names recur in every reply: encode each once.
     data = text.encode()
-    return [_length_delimited(field, len(data)), data] if data else []
+    return _length_delimited(field, len(data)) + data
+
+
+def _string_field(field: int, text: str) -> list[bytes]:
+    return [_encoded_string(field, text)] if text else []
 
 
 def _varint_field(field: int, value: int) -> list[bytes]:
@@ -106,7 +113,7 @@ def _bytes_field(field: int, pieces: Sequence[np.ndarray]) -> list[bytes | memor
 
 
 def _packed_result(packed: PackedLookup, dtype: np.dtype) -> list[bytes | memoryview]:
-    body: list[bytes | memoryview] = [piece for table in packed.tables for piece in _string_field(1, table)]
+    body: list[bytes | memoryview] = [_encoded_string(1, table) for table in packed.tables if table]
     body += [
         *_buffer_field(2, np.ascontiguousarray(packed.counts, "<i8")),
         *_buffer_field(3, np.ascontiguousarray(packed.dims, "<i8")),

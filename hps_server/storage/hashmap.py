@@ -58,7 +58,7 @@ def growth_factor(dim: int) -> float:
 
 _STAMP_LIMIT = np.iinfo(np.uint32).max
 # Slots read per key in a lookup's first probing round, and in later rounds (only long chains get there).
-FIRST_WINDOW = 8
+FIRST_WINDOW = 4
 LATER_WINDOW = 64
 _WINDOW_OFFSETS = np.arange(LATER_WINDOW, dtype=np.int64)
 
