@@ -178,6 +178,13 @@ def _fields(data: bytes, start: int, end: int):  # type: ignore[no-untyped-def]
         raise ValueError("LookupResponse: truncated field")
 
 
+def _numpy_dtype(dtype: int) -> np.dtype:
+    wire_dtype = WIRE_NUMPY.get(dtype)
+    if wire_dtype is None:
+        raise ValueError(f"LookupResponse: unknown vector dtype {dtype}")
+    return wire_dtype
+
+
 def _read_table_result(data: bytes, start: int, end: int) -> LookupResult:
     table, rows, dim, dtype = "", 0, 0, 0
     vectors_at = found_at = (start, 0)
@@ -196,9 +203,7 @@ def _read_table_result(data: bytes, start: int, end: int) -> LookupResult:
                 dim = value
             elif field == 5:
                 dtype = value
-    wire_dtype = WIRE_NUMPY.get(dtype)
-    if wire_dtype is None:
-        raise ValueError(f"LookupResponse: unknown vector dtype {dtype}")
+    wire_dtype = _numpy_dtype(dtype)
     if vectors_at[1] != rows * dim * wire_dtype.itemsize:
         raise ValueError(f"LookupResponse: table {table!r} has {vectors_at[1]} vector bytes for {rows} x {dim}")
     vectors = np.frombuffer(data, wire_dtype, rows * dim, vectors_at[0]).reshape(rows, dim)
@@ -224,9 +229,7 @@ def _read_packed_result(data: bytes, start: int, end: int) -> list[LookupResult]
                 found_at = value
         elif wire_type == _VARINT and field == 5:
             dtype = value
-    wire_dtype = WIRE_NUMPY.get(dtype)
-    if wire_dtype is None:
-        raise ValueError(f"LookupResponse: unknown vector dtype {dtype}")
+    wire_dtype = _numpy_dtype(dtype)
     counts = np.frombuffer(data, "<i8", counts_at[1] // 8, counts_at[0])
     dims = np.frombuffer(data, "<i8", dims_at[1] // 8, dims_at[0])
     if not len(counts) == len(dims) == len(tables):
