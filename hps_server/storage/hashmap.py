@@ -58,7 +58,11 @@ def growth_factor(dim: int) -> float:
 
 _STAMP_LIMIT = np.iinfo(np.uint32).max
 # Slots read per key in a lookup's first probing round, and in later rounds (only long chains get there).
+# Large batches read few (gathers dominate); small ones read enough that one round nearly always
+# settles every key (the NumPy calls of a second round would dominate).
 FIRST_WINDOW = 4
+SMALL_BATCH = 256
+SMALL_BATCH_WINDOW = 16
 LATER_WINDOW = 64
 _WINDOW_OFFSETS = np.arange(LATER_WINDOW, dtype=np.int64)
 
@@ -133,7 +137,7 @@ class _Pool:
         # costs a few NumPy calls rather than one round per slot of its longest chain.
         start = home_slots(table_ids, keys, num_slots)
         active = np.arange(n)
-        width = FIRST_WINDOW
+        width = SMALL_BATCH_WINDOW if n <= SMALL_BATCH else FIRST_WINDOW
         while active.size:
             window = start[:, None] + _WINDOW_OFFSETS[:width]
             window[window >= num_slots] -= num_slots
