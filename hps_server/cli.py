@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
-    except (config_module.ConfigError, KeyError, FileNotFoundError, ValueError) as e:
+    except (config_module.ConfigError, KeyError, OSError, ValueError) as e:
         print(f"hps {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -53,6 +53,9 @@ class HpsServer:
             options=[
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
+                # gRPC shares ports by default (SO_REUSEPORT): a second server on a served address would
+                # start without error and take part of its connections. One process binds alone.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self.lookups = Lookups(self.models, config.server.batch_window_us, config.server.max_queued_requests)
@@ -68,9 +71,11 @@ class HpsServer:
 
     def start(self) -> int:
         """Binds the configured address and starts serving; returns the bound port."""
-        self.port = self._grpc.add_insecure_port(self.config.server.address)
-        if not self.port:
-            raise OSError(f"server.address: cannot bind {self.config.server.address}")
+        address = self.config.server.address
+        try:
+            self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"server.address: cannot bind {address} (already in use by another program?)") from e
         self._grpc.start()
         log.info("listening on port %d; warming up before reporting SERVING", self.port)
         self._warming = threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True)
@@ -122,7 +127,11 @@ def serve(config: Config, cache_factory: CacheFactory | None = None) -> None:
     """Runs a server in the foreground until SIGTERM or SIGINT, then drains and exits."""
     keep_large_blocks_in_heap()
     server = HpsServer(config, cache_factory, progress=True)
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.stop(grace=0)  # closes the levels it opened
+        raise
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, draining", signal.Signals(signum).name)

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,8 +60,9 @@ def write_sample_tables(directory: Path, seed: int = 0) -> dict[str, tuple[np.nd
     return truth
 
 
-def sample_config(directory: Path, **volatile: object) -> config_module.Config:
-    raw = {
+def sample_raw_config(**volatile: object) -> dict[str, Any]:
+    """The sample model's config as a document (for a file), its paths relative to the config's folder."""
+    return {
         "server": {"address": "127.0.0.1:0", "shutdown_grace_seconds": 2},
         "volatile_db": {"type": "hash_map", "initial_cache_rate": 0.0, **volatile},
         "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
@@ -76,7 +78,10 @@ def sample_config(directory: Path, **volatile: object) -> config_module.Config:
             }
         ],
     }
-    return config_module.parse(raw, directory)
+
+
+def sample_config(directory: Path, **volatile: object) -> config_module.Config:
+    return config_module.parse(sample_raw_config(**volatile), directory)
 
 
 @pytest.fixture(scope="module")
