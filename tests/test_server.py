@@ -16,13 +16,19 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.servers import free_port, wait_serving
 from hps_server.server import HpsServer
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
-from tests.conftest import TABLE_SPECS, ServedModel, sample_config, sample_raw_config, write_sample_tables
+from tests.conftest import (
+    TABLE_SPECS,
+    ServedModel,
+    sample_config,
+    serve_command,
+    write_sample_config,
+    write_sample_tables,
+)
 
 
 def _draining(channel: grpc.Channel) -> bool:
@@ -96,20 +102,6 @@ def test_ps_json_is_served_directly_and_sigterm_drains(tmp_path: Path) -> None:
     assert "draining" in log.read_text()
 
 
-def write_sample_config(directory: Path, address: str, **server: object) -> Path:
-    """The sample model's tables and a YAML config serving them on `address`; returns the config's path."""
-    write_sample_tables(directory)
-    raw = sample_raw_config()
-    raw["server"].update(address=address, **server)
-    path = directory / "hps.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def serve_command(config: Path, *options: str) -> list[str]:
-    return [sys.executable, "-m", "hps_server.cli", "serve", "--config", str(config), *options]
-
-
 def test_a_second_server_on_a_served_address_is_refused(served: ServedModel, tmp_path: Path) -> None:
     write_sample_tables(tmp_path)
     config = sample_config(tmp_path)
@@ -121,7 +113,7 @@ def test_a_second_server_on_a_served_address_is_refused(served: ServedModel, tmp
         second.stop(grace=0)
 
     process = subprocess.run(
-        serve_command(write_sample_config(tmp_path / "cli", served.target)),
+        serve_command(write_sample_config(tmp_path / "cli", served.target)[0]),
         capture_output=True,
         text=True,
         timeout=120,
