@@ -10,12 +10,15 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from hps_server import __version__
 from hps_server import config as config_module
 
 log = logging.getLogger("hps")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 BENCHMARKS = {
     "lookup": "benchmarks.lookup",
@@ -28,10 +31,24 @@ BENCHMARKS = {
 
 
 def _serve(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    if args.processes is not None:
+        config = replace(config, server=replace(config.server, processes=args.processes))
+    if config.server.processes > 1:
+        from hps_server.supervisor import serve_workers
+
+        return serve_workers(config, LOG_FORMAT)
     from hps_server.server import serve
 
-    serve(config_module.load(args.config))
+    serve(config)
     return 0
+
+
+def _processes(text: str) -> int:
+    try:
+        return config_module.processes(int(text) if text.isdigit() else text, "server.processes")
+    except config_module.ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -106,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the models of a config file")
     serve.add_argument("--config", required=True, help="YAML config, or an HPS ps.json")
+    serve.add_argument(
+        "--processes",
+        type=_processes,
+        metavar="N|auto",
+        help="server processes on the one port (default: server.processes of the config; auto: one per core)",
+    )
     serve.set_defaults(run=_serve)
 
     imp = commands.add_parser("import", help="bulk-load table files into a level")
@@ -147,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
         return int(args.run(args))
-    except (config_module.ConfigError, KeyError, FileNotFoundError, ValueError) as e:
+    except (config_module.ConfigError, KeyError, OSError, ValueError) as e:
         print(f"hps {args.command}: error: {e}", file=sys.stderr)
         return 2
 

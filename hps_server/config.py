@@ -53,6 +53,11 @@ class ServerConfig:
     batch_window_us: int = 0
     # Lookups waiting for a pass, at most; one more is refused with RESOURCE_EXHAUSTED.
     max_queued_requests: int = 256
+    # Server processes sharing `address`: 1 serves in this process and binds the port alone; N > 1 starts
+    # a supervisor and N worker processes (see supervisor.py: each holds its own L1 and hash map, and
+    # writes are refused). `auto` in the file or on the command line: one per usable core,
+    # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,15 @@ def _devices(value: Any, name: str) -> tuple[int, ...]:
     return devices
 
 
+def processes(value: Any, name: str) -> int:
+    """A process count: an integer >= 1, or `auto` for one per core this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: must be an integer >= 1 or auto, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------- sections
 
 _SERVER_KEYS = {
@@ -296,6 +310,7 @@ _SERVER_KEYS = {
     "metrics_address",
     "batch_window_us",
     "max_queued_requests",
+    "processes",
 }
 _VOLATILE_KEYS = {
     "type",
@@ -346,6 +361,7 @@ def _server(raw: Any) -> ServerConfig:
         metrics_address=s.get("metrics_address", d.metrics_address, _str),
         batch_window_us=s.get("batch_window_us", d.batch_window_us, _int(0)),
         max_queued_requests=s.get("max_queued_requests", d.max_queued_requests, _int(1)),
+        processes=s.get("processes", d.processes, processes),
     )
 
 

@@ -39,9 +39,11 @@ class HostedModels:
         cache_factory: CacheFactory | None = None,
         progress: bool = False,
         metrics: ServerMetrics | None = None,
+        writes_refused: str = "",
     ) -> HostedModels:
         """Opens the levels and prepares every model (ingesting table files on first start); a failure
-        closes what was opened. cache_factory defaults to placement.build_caches. Warm-up is separate: warm()."""
+        closes what was opened. cache_factory defaults to placement.build_caches. Warm-up is separate: warm().
+        writes_refused: why the sessions refuse Upsert and Delete (empty: they take them where a level can)."""
         cache_factory = cache_factory or build_caches
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
@@ -58,7 +60,12 @@ class HostedModels:
                         metrics.record_model_event(model.name, "failed")
                     raise
                 sessions[model.name] = LookupSession(
-                    model, levels, caches, write_back=config.volatile_db.cache_missed_embeddings, metrics=metrics
+                    model,
+                    levels,
+                    caches,
+                    write_back=config.volatile_db.cache_missed_embeddings,
+                    metrics=metrics,
+                    writes_refused=writes_refused,
                 )
                 if metrics is not None:
                     metrics.record_model_event(model.name, "loaded")
@@ -110,6 +117,23 @@ class HostedModels:
         for level in (self.volatile, self.persistent):
             if level is not None:
                 level.close()
+
+
+def prepare_levels(config: Config, progress: bool = False) -> None:
+    """Creates every model's tables in the levels and ingests their files on first start, then closes the
+    levels: done once before several processes open them, so they do not race on first-start ingestion."""
+    persistent = storage.open_persistent(config.persistent_db)
+    try:
+        volatile = storage.open_volatile(config.volatile_db)
+        try:
+            for model in config.models:
+                _prepare_tables(model, volatile, persistent, progress)
+        finally:
+            if volatile is not None:
+                volatile.close()
+    finally:
+        if persistent is not None:
+            persistent.close()
 
 
 def _prepare_tables(

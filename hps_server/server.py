@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from types import FrameType
 
@@ -28,9 +29,23 @@ SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for na
 
 
 class HpsServer:
-    """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels."""
+    """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels.
 
-    def __init__(self, config: Config, cache_factory: CacheFactory | None = None, progress: bool = False) -> None:
+    As one worker of several (supervisor.py): `shared_port` lets the others bind the same address,
+    `writes_refused` says why Upsert and Delete are refused, and `before_serving(stopped)` runs after
+    warm-up and before health reports SERVING (it may block until the others are warm, or `stopped` is set).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        cache_factory: CacheFactory | None = None,
+        progress: bool = False,
+        *,
+        shared_port: bool = False,
+        writes_refused: str = "",
+        before_serving: Callable[[threading.Event], None] | None = None,
+    ) -> None:
         self.config = config
         self.health = health.HealthServicer()
         for name in ("", *SERVICE_NAMES):
@@ -40,7 +55,9 @@ class HpsServer:
         self._metrics_endpoint: MetricsEndpoint | None = serve_metrics(config.server.metrics_address, self.metrics)
         self.metrics_port: int | None = self._metrics_endpoint.port if self._metrics_endpoint else None
         try:
-            self.models = HostedModels.open(config, cache_factory, progress=progress, metrics=self.metrics)
+            self.models = HostedModels.open(
+                config, cache_factory, progress=progress, metrics=self.metrics, writes_refused=writes_refused
+            )
         except BaseException:
             if self._metrics_endpoint is not None:
                 self._metrics_endpoint.close()
@@ -53,6 +70,10 @@ class HpsServer:
             options=[
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
+                # gRPC shares ports by default (SO_REUSEPORT): a second server on a served address would
+                # start without error and take part of its connections. One process binds alone; the
+                # workers of one supervisor share on purpose.
+                ("grpc.so_reuseport", int(shared_port)),
             ],
         )
         self.lookups = Lookups(self.models, config.server.batch_window_us, config.server.max_queued_requests)
@@ -63,14 +84,17 @@ class HpsServer:
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
+        self._before_serving = before_serving
         self._stopped = threading.Event()
         self._state = threading.Lock()  # orders the SERVING flip after warm-up against a stop
 
     def start(self) -> int:
         """Binds the configured address and starts serving; returns the bound port."""
-        self.port = self._grpc.add_insecure_port(self.config.server.address)
-        if not self.port:
-            raise OSError(f"server.address: cannot bind {self.config.server.address}")
+        address = self.config.server.address
+        try:
+            self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"server.address: cannot bind {address} (already in use by another program?)") from e
         self._grpc.start()
         log.info("listening on port %d; warming up before reporting SERVING", self.port)
         self._warming = threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True)
@@ -83,6 +107,8 @@ class HpsServer:
             self.models.warm(self._stopped)
         except Exception:
             log.exception("warm-up failed; serving with colder caches")
+        if self._before_serving is not None:
+            self._before_serving(self._stopped)
         with self._state:
             if self._stopped.is_set():
                 return
@@ -121,8 +147,16 @@ class HpsServer:
 def serve(config: Config, cache_factory: CacheFactory | None = None) -> None:
     """Runs a server in the foreground until SIGTERM or SIGINT, then drains and exits."""
     keep_large_blocks_in_heap()
-    server = HpsServer(config, cache_factory, progress=True)
-    server.start()
+    serve_until_signalled(HpsServer(config, cache_factory, progress=True))
+
+
+def serve_until_signalled(server: HpsServer) -> None:
+    """Starts `server` and serves until SIGTERM or SIGINT, then drains; a failed start closes it and raises."""
+    try:
+        server.start()
+    except BaseException:
+        server.stop(grace=0)  # closes the levels it opened
+        raise
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, draining", signal.Signals(signum).name)

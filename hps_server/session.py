@@ -148,11 +148,14 @@ class LookupSession:
         caches: Mapping[str, TableL1] | None = None,
         write_back: bool = True,
         metrics: ServerMetrics | None = None,
+        writes_refused: str = "",
     ) -> None:
         """levels: storage levels top first; caches: each table's place in L1 (placement.build_caches);
         write_back: insert rows found below into the writable levels above them;
-        metrics: where each pass reports its per-level counts and timings."""
+        metrics: where each pass reports its per-level counts and timings;
+        writes_refused: why Upsert and Delete are refused although a level would take them (empty: they are not)."""
         self.model = model
+        self.writes_refused = writes_refused
         self.levels = tuple(levels)
         caches = dict(caches or {})
         self.tables = {
@@ -449,6 +452,8 @@ class LookupSession:
                         refresh_l1(cache, table.l1.index)
 
     def _require_writable(self) -> None:
+        if self.writes_refused:
+            raise PermissionError(f"model {self.model.name} is served read-only: {self.writes_refused}")
         if not any(not level.read_only for level in self.levels):
             raise PermissionError(f"model {self.model.name} is served read-only: no level accepts writes")
 

@@ -6,12 +6,15 @@ Each fixture cleans up after itself; under CI=true a missing service fails the t
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from benchmarks.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
 from hps_client.triton import TritonEnvironment, TritonSetupError
@@ -59,8 +62,9 @@ def write_sample_tables(directory: Path, seed: int = 0) -> dict[str, tuple[np.nd
     return truth
 
 
-def sample_config(directory: Path, **volatile: object) -> config_module.Config:
-    raw = {
+def sample_raw_config(**volatile: object) -> dict[str, Any]:
+    """The sample model's config as a document (for a file), its paths relative to the config's folder."""
+    return {
         "server": {"address": "127.0.0.1:0", "shutdown_grace_seconds": 2},
         "volatile_db": {"type": "hash_map", "initial_cache_rate": 0.0, **volatile},
         "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
@@ -76,7 +80,27 @@ def sample_config(directory: Path, **volatile: object) -> config_module.Config:
             }
         ],
     }
-    return config_module.parse(raw, directory)
+
+
+def sample_config(directory: Path, **volatile: object) -> config_module.Config:
+    return config_module.parse(sample_raw_config(**volatile), directory)
+
+
+def write_sample_config(
+    directory: Path, address: str, **server: object
+) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The sample model's tables and a YAML config serving them on `address`: the config's path, the truth."""
+    truth = write_sample_tables(directory)
+    raw = sample_raw_config()
+    raw["server"].update(address=address, **server)
+    path = directory / "hps.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, truth
+
+
+def serve_command(config: Path, *options: str) -> list[str]:
+    """`hps serve` of a config file as a child process's command line."""
+    return [sys.executable, "-m", "hps_server.cli", "serve", "--config", str(config), *options]
 
 
 @pytest.fixture(scope="module")

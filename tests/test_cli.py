@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from hps_server import tables
@@ -122,3 +123,11 @@ def test_serve_with_a_wrong_redis_password_is_one_clear_error(tmp_path: Path, ca
     assert main(["serve", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "volatile_db.user_name/password" in err and redis_cluster_acl.user in err
+
+
+def test_serve_processes_must_be_a_count_or_auto(tmp_path: Path, capsys) -> None:
+    config = _config_file(tmp_path, with_sources=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(config), "--processes", "0"])
+    assert exited.value.code == 2
+    assert "argument --processes: server.processes: must be an integer >= 1 or auto, got 0" in capsys.readouterr().err

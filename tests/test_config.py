@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,12 @@ def test_yaml_config_with_defaults(tmp_path: Path) -> None:
     assert config.persistent_db.path == tmp_path / "hps-data" / "rocksdb"
     assert config.models[0].tables[0].source == tmp_path / "data" / "t"
     assert config.models[0].gpucache is True
+    assert config.server.processes == 1
+
+
+def test_processes_auto_is_one_per_usable_core() -> None:
+    raw = {"server": {"processes": "auto"}, "models": [_model()]}
+    assert config_module.parse(raw, Path(".")).server.processes == len(os.sched_getaffinity(0))
 
 
 def _model(**fields: object) -> dict:
@@ -127,6 +134,8 @@ def _model(**fields: object) -> dict:
             "volatile_db.overflow_resolution_target: must be > 0",
         ),
         ({"models": [_model()], "server": {"workers": 0}}, "server.workers: must be >= 1"),
+        ({"models": [_model()], "server": {"processes": 0}}, "server.processes: must be an integer >= 1 or auto"),
+        ({"models": [_model()], "server": {"processes": "2"}}, "server.processes: must be an integer >= 1 or auto"),
         ({"models": [_model()], "server": []}, "server: must be a mapping"),
         ({"models": [_model()], "persistent_db": {"path": 3}}, "persistent_db.path: must be a string"),
         ({"models": [_model()], "extra": 1}, "extra: unknown option"),

@@ -1,13 +1,16 @@
-"""`hps serve` as a process: serves a ps.json with no import step, then drains and exits on SIGTERM."""
+"""`hps serve` as a process: serves a ps.json with no import step, drains and exits on SIGTERM, and
+refuses an address another server already holds."""
 
 from __future__ import annotations
 
 import json
 import queue
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -16,8 +19,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.servers import free_port, wait_serving
+from hps_server.server import HpsServer
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
-from tests.conftest import TABLE_SPECS, write_sample_tables
+from tests.conftest import (
+    TABLE_SPECS,
+    ServedModel,
+    sample_config,
+    serve_command,
+    write_sample_config,
+    write_sample_tables,
+)
 
 
 def _draining(channel: grpc.Channel) -> bool:
@@ -89,3 +100,27 @@ def test_ps_json_is_served_directly_and_sigterm_drains(tmp_path: Path) -> None:
         got = np.frombuffer(reply.results[0].vectors, "<f4").reshape(64, -1)
         np.testing.assert_array_equal(got, vectors[:64])
     assert "draining" in log.read_text()
+
+
+def test_a_second_server_on_a_served_address_is_refused(served: ServedModel, tmp_path: Path) -> None:
+    write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    second = HpsServer(replace(config, server=replace(config.server, address=served.target)))
+    try:
+        with pytest.raises(OSError, match=re.escape(f"server.address: cannot bind {served.target}")):
+            second.start()
+    finally:
+        second.stop(grace=0)
+
+    process = subprocess.run(
+        serve_command(write_sample_config(tmp_path / "cli", served.target)[0]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode != 0
+    assert f"cannot bind {served.target}" in process.stderr
+    # The first server was not disturbed.
+    with grpc.insecure_channel(served.target) as channel:
+        reply = hps_pb2_grpc.ModelServiceStub(channel).ListModels(hps_pb2.ListModelsRequest(), timeout=10)
+    assert list(reply.models) == ["ctr"]

@@ -1,0 +1,316 @@
+"""`hps serve --processes N`: a supervisor and N worker processes, each a whole HpsServer, on one port.
+
+The supervisor claims the address, prepares the levels once, spawns the workers (never forks: a forked
+gRPC process is unsafe), restarts one that dies, and drains them all on SIGTERM/SIGINT. It serves no RPC
+and holds no level open while workers run. For now each worker holds its own L1 and hash map, and writes
+are refused (an Upsert would reach one worker only); a shared L1 and L2 and one writer come later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_handles
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from hps_server.allocator import keep_large_blocks_in_heap
+from hps_server.config import Config
+from hps_server.models import prepare_levels
+from hps_server.server import HpsServer, serve_until_signalled
+
+log = logging.getLogger(__name__)
+
+# A dead worker is restarted after this long, doubled for each exit of one that never served, up to
+# RESTART_BACKOFF_MAX: a worker that cannot start is retried slowly instead of spinning.
+RESTART_BACKOFF_FIRST = 0.5
+RESTART_BACKOFF_MAX = 30.0
+# On a drain, workers get shutdown_grace_seconds for in-flight calls plus this long to close their
+# levels; what is left after that is killed.
+CLOSE_SECONDS = 5.0
+# How often the supervisor looks at its workers between their messages.
+POLL_SECONDS = 0.2
+
+
+def writes_refused(processes: int) -> str:
+    """Why the workers of a group refuse Upsert and Delete (each holds its own copies of the rows)."""
+    return f"served by {processes} worker processes, each with its own caches: a write would reach one worker only"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process is started with (pickled into it by the spawn context)."""
+
+    index: int
+    processes: int
+    config: Config  # the worker's own: see worker_config
+    log_level: int
+    log_format: str
+
+
+def serve_workers(config: Config, log_format: str) -> int:
+    """Runs config.server.processes workers on config.server.address until SIGTERM or SIGINT; the exit code:
+    0 after a drain, 1 when a worker exited before every worker was serving. OSError naming the address
+    when another program holds it."""
+    held, port = claim_address(config.server.address)
+    try:
+        prepare_levels(config, progress=True)
+        return WorkerGroup(config, port, log_format).run()
+    finally:
+        held.close()
+
+
+def claim_address(address: str) -> tuple[socket.socket, int]:
+    """Checks that no other program holds `address` and holds it for the workers; returns the held
+    socket (bound, not listening: it takes no connections) and the port (port 0 picks a free one)."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"server.address: must be host:port, got {address!r}")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise OSError(f"server.address: cannot resolve {address} ({e.strerror})") from e
+    # A bind without SO_REUSEPORT fails while any socket holds the address, also one that lets others share
+    # it (another gRPC server: they all do by default), which a bind with SO_REUSEPORT would join silently.
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no holder
+        try:
+            probe.bind(where)
+        except OSError as e:
+            raise OSError(f"server.address: cannot bind {address} ({e.strerror}: held by another program?)") from e
+        port = int(probe.getsockname()[1])
+    # Then the group holds the port for its lifetime, with SO_REUSEPORT so its workers can bind it too: a
+    # program that does not share ports cannot take it, even while every worker is being restarted.
+    held = socket.socket(family, kind, proto)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        held.bind((where[0], port, *where[2:]))
+    except OSError as e:
+        held.close()
+        raise OSError(f"server.address: cannot bind {address} ({e.strerror}: held by another program?)") from e
+    return held, port
+
+
+def _worker_address(address: str, port: int) -> str:
+    host, _, _ = address.rpartition(":")
+    return f"{host}:{port}"
+
+
+def _metrics_address(address: str, index: int) -> str:
+    """Worker `index`'s /metrics: the configured port + index (port 0: each picks a free one)."""
+    if not address:
+        return ""
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + index}" if port.isdigit() and port != "0" else address
+
+
+def worker_config(config: Config, port: int, index: int) -> Config:
+    """A worker's config: the group's port, RocksDB read-only (the supervisor prepared it; no worker
+    writes it), and its own /metrics port."""
+    server = replace(
+        config.server,
+        address=_worker_address(config.server.address, port),
+        metrics_address=_metrics_address(config.server.metrics_address, index),
+    )
+    return replace(config, server=server, persistent_db=replace(config.persistent_db, read_only=True))
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
+@dataclass
+class _Worker:
+    """One running worker process and the supervisor's end of its pipe."""
+
+    process: BaseProcess
+    pipe: Connection
+    warm: bool = False
+    serving: bool = False
+
+
+def _tell_to_serve(worker: _Worker) -> None:
+    with contextlib.suppress(OSError):  # it exited meanwhile: _watch sees it
+        worker.pipe.send("serve")
+
+
+class WorkerGroup:
+    """The supervisor's side: starts, watches, restarts and drains the workers of one port.
+
+    Each worker has a pipe of its own to the supervisor (it says "warm", is told "serve", then says
+    "serving"), so no lock is shared between processes: a worker killed at any instant blocks no other.
+    """
+
+    def __init__(self, config: Config, port: int, log_format: str) -> None:
+        self.config = config
+        self.port = port
+        self.size = config.server.processes
+        self._log_format = log_format
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker | None] = [None] * self.size
+        self._backoff = [RESTART_BACKOFF_FIRST] * self.size
+        self._restart_at: dict[int, float] = {}
+        # Every worker was warm once: from then on a (restarted) worker serves as soon as it is warm.
+        self._all_warm = False
+        self._group_serving = False
+        # Set by the signal handler; a plain attribute, since a handler must not take locks the loop may hold.
+        self._stop_signal = 0
+
+    def run(self) -> int:
+        """Serves until a signal or a failed start, then drains every worker; returns the exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for index in range(self.size):
+            self._start(index)
+        failed = False
+        while not self._stop_signal and not failed:
+            self._receive()
+            failed = not self._watch()
+            now = time.monotonic()
+            for index, due in list(self._restart_at.items()):
+                if due <= now:
+                    del self._restart_at[index]
+                    self._start(index)
+        if self._stop_signal:
+            log.info("received %s, draining %d workers", signal.Signals(self._stop_signal).name, self.size)
+        self._drain()
+        return 1 if failed else 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_signal = signum
+
+    def _start(self, index: int) -> None:
+        spec = WorkerSpec(
+            index,
+            self.size,
+            worker_config(self.config, self.port, index),
+            logging.getLogger().getEffectiveLevel(),
+            self._log_format,
+        )
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(target=run_worker, args=(spec, theirs), name=f"hps-worker-{index}", daemon=True)
+        process.start()
+        theirs.close()  # the worker holds it now; at its exit our end reads EOF
+        self._workers[index] = _Worker(process, ours)
+        log.info("worker %d started (pid %d)", index, process.pid)
+
+    def _receive(self) -> None:
+        """Takes what the workers say within POLL_SECONDS (returning early when one says something or exits)."""
+        pipes = {worker.pipe: index for index, worker in enumerate(self._workers) if worker is not None}
+        sentinels = [worker.process.sentinel for worker in self._workers if worker is not None]
+        for ready in wait_for_handles([*pipes, *sentinels], timeout=POLL_SECONDS):
+            if not isinstance(ready, Connection):
+                continue  # a sentinel: _watch sees the exit
+            index = pipes[ready]
+            try:
+                said = ready.recv()
+            except EOFError:
+                continue
+            worker = self._workers[index]
+            assert worker is not None
+            if said == "warm":
+                worker.warm = True
+                if self._all_warm:
+                    _tell_to_serve(worker)
+                elif all(w is not None and w.warm for w in self._workers):
+                    self._all_warm = True
+                    for w in self._workers:
+                        assert w is not None
+                        _tell_to_serve(w)
+            elif said == "serving":
+                self._serving(index, worker)
+
+    def _serving(self, index: int, worker: _Worker) -> None:
+        worker.serving = True
+        self._backoff[index] = RESTART_BACKOFF_FIRST
+        if self._group_serving:
+            log.info("worker %d (pid %d) serving again", index, worker.process.pid)
+            return
+        log.info("worker %d (pid %d) serving", index, worker.process.pid)
+        if all(w is not None and w.serving for w in self._workers):
+            self._group_serving = True
+            log.info("serving %d workers on port %d", self.size, self.port)
+
+    def _watch(self) -> bool:
+        """Schedules the restart of each worker that exited; False when one exited before the group served."""
+        for index, worker in enumerate(self._workers):
+            if worker is None or worker.process.exitcode is None:
+                continue
+            self._workers[index] = None
+            worker.pipe.close()
+            pid, code = worker.process.pid, _exit_text(worker.process.exitcode)
+            if not self._all_warm:
+                log.error("worker %d (pid %d) exited with code %s before every worker was serving", index, pid, code)
+                return False
+            delay = self._backoff[index]
+            self._backoff[index] = min(RESTART_BACKOFF_MAX, delay * 2)
+            log.warning("worker %d (pid %d) exited with code %s; restarting it in %.1f s", index, pid, code, delay)
+            self._restart_at[index] = time.monotonic() + delay
+        return True
+
+    def _drain(self) -> None:
+        """SIGTERM to every worker, then waits for them to drain; kills what is left after the grace."""
+        self._restart_at.clear()
+        running = [worker.process for worker in self._workers if worker is not None and worker.process.is_alive()]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + self.config.server.shutdown_grace_seconds + CLOSE_SECONDS
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                log.warning("%s (pid %d) still running after the grace; killing it", process.name, process.pid)
+                process.kill()
+                process.join()
+        for worker in self._workers:
+            if worker is not None:
+                worker.pipe.close()
+        log.info("all %d workers stopped", self.size)
+
+
+def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
+    """A worker process: serves its config on the shared port until SIGTERM, SIGINT or the supervisor's end."""
+    logging.basicConfig(level=spec.log_level, format=spec.log_format)
+    keep_large_blocks_in_heap()
+
+    def wait_for_the_others(stopped: threading.Event) -> None:
+        supervisor.send("warm")
+        # Health stays NOT_SERVING until every worker is warm: a probe answered by any of them then
+        # means the whole group serves. A restarted worker is told to serve at once.
+        while not stopped.is_set():
+            if supervisor.poll(POLL_SECONDS):
+                supervisor.recv()  # "serve"
+                return
+
+    server = HpsServer(
+        spec.config,
+        shared_port=True,
+        writes_refused=writes_refused(spec.processes),
+        before_serving=wait_for_the_others,
+    )
+
+    def report_serving() -> None:
+        server.wait_ready()
+        supervisor.send("serving")
+
+    def leave_with_the_supervisor() -> None:
+        # A supervisor killed outright cannot drain its workers: they stop themselves rather than linger.
+        parent = multiprocessing.parent_process()
+        if parent is not None:
+            wait_for_handles([parent.sentinel])
+            log.warning("worker %d: the supervisor is gone, draining", spec.index)
+            server.stop()
+
+    threading.Thread(target=report_serving, name="hps-report", daemon=True).start()
+    threading.Thread(target=leave_with_the_supervisor, name="hps-orphan", daemon=True).start()
+    serve_until_signalled(server)

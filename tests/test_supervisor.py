@@ -1,0 +1,201 @@
+"""`hps serve --processes 2` as people run it: real worker processes on one loopback port, a real supervisor.
+
+Lookups from both workers, a killed worker restarted, a drain on SIGTERM, writes refused, a held address refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from benchmarks.servers import free_port
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
+from tests.conftest import serve_command, write_sample_config
+
+Truth = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _free_port_pair() -> int:
+    """A port p with p + 1 free too: the two workers' /metrics ports."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+@dataclass
+class Group:
+    """A running `hps serve --processes 2` and what the tests read from it."""
+
+    process: subprocess.Popen[bytes]
+    target: str
+    log: Path
+    metrics_port: int
+    truth: Truth
+
+    def wait_for_log(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.log.read_text())
+            if found:
+                return found
+            assert self.process.poll() is None, f"supervisor exited with {self.process.returncode}"
+            time.sleep(0.1)
+        raise TimeoutError(f"no {pattern!r} in the supervisor's log:\n{self.log.read_text()}")
+
+    def worker_pids(self) -> dict[int, int]:
+        """Each worker's pid, as the supervisor last logged it serving."""
+        found = re.findall(r"worker (\d+) \(pid (\d+)\) serving", self.log.read_text())
+        return {int(index): int(pid) for index, pid in found}
+
+    def lookups_answered(self, worker: int) -> float:
+        """Lookups worker `worker` answered, from its own /metrics (port metrics_address + index)."""
+        url = f"http://127.0.0.1:{self.metrics_port + worker}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("hps_requests_total{") and 'method="Lookup"' in line
+        )
+
+    def check_lookups(self, calls: int = 32) -> None:
+        """`calls` lookups, each on a connection of its own (so the kernel spreads them over the workers),
+        all answered exactly."""
+        keys, vectors = self.truth["user"]
+        for call in range(calls):
+            picked = np.arange(call, len(keys), len(keys) // 64)[:64]
+            request = hps_pb2.LookupRequest(
+                model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys[picked].tobytes())]
+            )
+            # A local subchannel pool: without it the channels of one process share one connection.
+            with grpc.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                reply = hps_pb2_grpc.LookupServiceStub(channel).Lookup(request, timeout=30)
+            got = np.frombuffer(reply.results[0].vectors, "<f4").reshape(len(picked), -1)
+            np.testing.assert_array_equal(got, vectors[picked])
+
+
+def _start_group(directory: Path) -> Group:
+    port, metrics_port = free_port(), _free_port_pair()
+    config, truth = write_sample_config(
+        directory, f"127.0.0.1:{port}", metrics_address=f"127.0.0.1:{metrics_port}", shutdown_grace_seconds=5
+    )
+    log = directory / "supervisor.log"
+    process = subprocess.Popen(serve_command(config, "--processes", "2"), stderr=log.open("w"))
+    group = Group(process, f"127.0.0.1:{port}", log, metrics_port, truth)
+    try:
+        group.wait_for_log(rf"serving 2 workers on port {port}")
+    except BaseException:
+        _stop(process)
+        raise
+    return group
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    started = _start_group(tmp_path_factory.mktemp("group"))
+    yield started
+    _stop(started.process)
+
+
+def test_both_workers_answer_lookups_exactly(group: Group) -> None:
+    assert len(group.worker_pids()) == 2
+    group.check_lookups()
+    for worker in (0, 1):
+        assert group.lookups_answered(worker) > 0, f"worker {worker} answered no lookup"
+
+
+def test_writes_are_refused_while_several_workers_serve(group: Group) -> None:
+    keys, vectors = group.truth["user"]
+    with grpc.insecure_channel(group.target) as channel:
+        stub = hps_pb2_grpc.LookupServiceStub(channel)
+        upsert = hps_pb2.UpsertRequest(model="ctr", table="user", keys=keys[:1].tobytes(), vectors=vectors[0].tobytes())
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Upsert(upsert, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "served by 2 worker processes" in refused.value.details()
+        assert "a write would reach one worker only" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Delete(hps_pb2.DeleteRequest(model="ctr", table="user", keys=keys[:1].tobytes()), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    group.check_lookups(calls=4)  # nothing was written
+
+
+def test_a_killed_worker_is_restarted(group: Group) -> None:
+    killed = group.worker_pids()[0]
+    os.kill(killed, signal.SIGKILL)
+    group.wait_for_log(rf"worker 0 \(pid {killed}\) exited with code -9 \(SIGKILL\); restarting it")
+    # No call was in flight on it: new connections go to the worker left, and every lookup is answered.
+    group.check_lookups(calls=8)
+    restarted = int(group.wait_for_log(r"worker 0 \(pid (\d+)\) serving again").group(1))
+    assert restarted != killed
+    group.check_lookups()
+    assert group.lookups_answered(0) > 0, "the restarted worker answered no lookup"
+
+
+def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
+    started = _start_group(tmp_path)
+    try:
+        workers = started.worker_pids().values()
+        started.process.send_signal(signal.SIGTERM)
+        assert started.process.wait(timeout=60) == 0
+    finally:
+        _stop(started.process)
+    log = started.log.read_text()
+    assert "received SIGTERM, draining 2 workers" in log
+    assert "all 2 workers stopped" in log
+    assert log.count("hps_server.server: stopped") == 2  # each worker drained and closed its levels
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("holder", ["plain socket", "gRPC server sharing its port"])
+def test_an_address_held_by_another_program_is_refused(tmp_path: Path, holder: str) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    if holder == "plain socket":
+        held = socket.socket()
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        release = held.close
+    else:  # gRPC's default SO_REUSEPORT would let the workers join it silently
+        other = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        other.add_insecure_port(address)
+        other.start()
+        release = lambda: other.stop(0).wait()  # noqa: E731
+    try:
+        config, _ = write_sample_config(tmp_path, address)
+        refused = subprocess.run(serve_command(config, "--processes", "2"), capture_output=True, text=True, timeout=120)
+    finally:
+        release()
+    assert refused.returncode != 0
+    assert f"server.address: cannot bind {address}" in refused.stderr
+    assert "worker" not in refused.stderr  # refused before any worker started
