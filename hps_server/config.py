@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,13 @@ class ServerConfig:
     batch_window_us: int = 0
     # Lookups waiting for a pass, at most; one more is refused with RESOURCE_EXHAUSTED.
     max_queued_requests: int = 256
+    # Per request, checked before any level work (over a limit: RESOURCE_EXHAUSTED naming it): table
+    # queries of a Lookup (TableQueries plus packed segments), keys of a Lookup over all its queries, and
+    # keys of one Upsert or Delete. With max_message_mb they also bound the bytes a request may carry,
+    # so an oversized one is refused by gRPC before it is read into memory.
+    max_queries_per_request: int = 4096
+    max_keys_per_request: int = 4_194_304
+    max_keys_per_write: int = 262_144
     # Server processes sharing `address`: 1 serves in this process and binds the port alone; N > 1 starts
     # a supervisor and N worker processes (see supervisor.py: each holds its own L1 and hash map, and
     # writes are refused). `auto` in the file or on the command line: one per usable core,
@@ -251,10 +259,21 @@ def _str(value: Any, name: str) -> str:
     return value
 
 
+# Model and table names, as HPS allows them: "<model>.<table>" then names exactly one storage table.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,120}")
+# Characters of a name a message quotes: a request may name anything, and its status must stay small.
+SHOWN_NAME_CHARS = 64
+
+
+def shown(name: str) -> str:
+    """`name` quoted for a message, cut to SHOWN_NAME_CHARS characters."""
+    return repr(name) if len(name) <= SHOWN_NAME_CHARS else repr(name[:SHOWN_NAME_CHARS]) + f"... ({len(name)} chars)"
+
+
 def _name_str(value: Any, name: str) -> str:
     text = _str(value, name)
-    if not text or any(c in text for c in "/\\\n\t ") or text.startswith("."):
-        raise ConfigError(f"{name}: must be a non-empty name without spaces, slashes or a leading dot, got {text!r}")
+    if not NAME_PATTERN.fullmatch(text):
+        raise ConfigError(f"{name}: must be 1 to 120 of A-Z a-z 0-9 _ -, got {shown(text)}")
     return text
 
 
@@ -361,6 +380,9 @@ def _server(raw: Any) -> ServerConfig:
         metrics_address=s.get("metrics_address", d.metrics_address, _str),
         batch_window_us=s.get("batch_window_us", d.batch_window_us, _int(0)),
         max_queued_requests=s.get("max_queued_requests", d.max_queued_requests, _int(1)),
+        max_queries_per_request=s.get("max_queries_per_request", d.max_queries_per_request, _int(1)),
+        max_keys_per_request=s.get("max_keys_per_request", d.max_keys_per_request, _int(1)),
+        max_keys_per_write=s.get("max_keys_per_write", d.max_keys_per_write, _int(1)),
         processes=s.get("processes", d.processes, processes),
     )
 

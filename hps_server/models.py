@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hps_server import storage, transfer, warmup
 from hps_server.cache import TableL1
 from hps_server.cache.placement import build_caches
-from hps_server.config import Config, ModelConfig
+from hps_server.config import Config, ModelConfig, shown
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
 from hps_server.storage.base import StorageLevel
@@ -89,7 +89,7 @@ class HostedModels:
         try:
             return self.sessions[model]
         except KeyError:
-            raise KeyError(f"no model {model!r} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
+            raise KeyError(f"no model {shown(model)} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
 
     def cache_occupancy(self) -> list[CacheOccupancy]:
         """Every L1 cache of every model, with the device it lives on."""

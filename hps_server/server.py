@@ -20,8 +20,8 @@ from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
-from hps_server.service import Lookups, LookupServicer, ModelServicer, lookup_service_handler
-from hps_wire._proto import hps_pb2, hps_pb2_grpc
+from hps_server.service import Lookups, service_handlers
+from hps_wire._proto import hps_pb2
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class HpsServer:
             futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
             interceptors=[self.metrics.interceptor()],
             options=[
-                ("grpc.max_receive_message_length", message_bytes),
+                ("grpc.max_receive_message_length", min(message_bytes, largest_request_bytes(config))),
                 ("grpc.max_send_message_length", message_bytes),
                 # gRPC shares ports by default (SO_REUSEPORT): a second server on a served address would
                 # start without error and take part of its connections. One process binds alone; the
@@ -76,9 +76,8 @@ class HpsServer:
                 ("grpc.so_reuseport", int(shared_port)),
             ],
         )
-        self.lookups = Lookups(self.models, config.server.batch_window_us, config.server.max_queued_requests)
-        self._grpc.add_generic_rpc_handlers((lookup_service_handler(LookupServicer(self.lookups)),))
-        hps_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.lookups), self._grpc)
+        self.lookups = Lookups(self.models, config.server)
+        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = 0
@@ -142,6 +141,23 @@ class HpsServer:
     def wait(self) -> None:
         """Blocks until stop() has finished."""
         self._grpc.wait_for_termination()
+
+
+# Bytes a request may carry beyond its arrays: names, tags and lengths per query, and the message's own.
+_QUERY_OVERHEAD_BYTES = 256
+_REQUEST_OVERHEAD_BYTES = 1 << 20
+
+
+def largest_request_bytes(config: Config) -> int:
+    """The most bytes a request within the server's limits can hold: a Lookup of max_keys_per_request
+    keys (8 bytes each, a 4-byte weight and an 8-byte row split each at most) in max_queries_per_request
+    queries, or a write of max_keys_per_write keys with vectors of the widest table. gRPC refuses a
+    larger message itself (RESOURCE_EXHAUSTED), before reading it into the process."""
+    server = config.server
+    widest = max((table.dim for model in config.models for table in model.tables), default=1)
+    lookup = server.max_keys_per_request * 20 + server.max_queries_per_request * _QUERY_OVERHEAD_BYTES
+    write = server.max_keys_per_write * (8 + 4 * widest)
+    return max(lookup, write) + _REQUEST_OVERHEAD_BYTES
 
 
 def serve(config: Config, cache_factory: CacheFactory | None = None) -> None:

@@ -11,13 +11,16 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from hps_server.coalescing import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
+from hps_server.config import ServerConfig
+from hps_server.log_limits import RateLimitedWarning
 from hps_server.models import HostedModels
 from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable, TableLookup
 from hps_server.storage.base import LevelUnavailableError, StorageError
@@ -25,6 +28,8 @@ from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from hps_wire.response_codec import WIRE_NUMPY, LookupResult, PackedLookup, encode_lookup_response
 
 log = logging.getLogger(__name__)
+
+WARN_INTERVAL_SECONDS = 30
 
 _COMBINERS: dict[int, CombinerName] = {
     hps_pb2.COMBINER_SUM: "sum",
@@ -106,10 +111,14 @@ class _Prepared:
 class Lookups:
     """Request decoding, limits, batching and reply encoding shared by the unary and streaming Lookup."""
 
-    def __init__(self, models: HostedModels, batch_window_us: int = 0, max_queued_requests: int = 256) -> None:
+    def __init__(self, models: HostedModels, limits: ServerConfig | None = None) -> None:
         self.models = models
+        self.limits = limits or ServerConfig()
         self.coalescer: Coalescer[_Prepared, list[Outcome]] = Coalescer(
-            self._pass, batch_window_us / 1e6, max_queued_requests, "server.max_queued_requests"
+            self._pass,
+            self.limits.batch_window_us / 1e6,
+            self.limits.max_queued_requests,
+            "server.max_queued_requests",
         )
 
     def session(self, model: str) -> LookupSession:
@@ -126,6 +135,7 @@ class Lookups:
 
     def answer(self, request: hps_pb2.LookupRequest) -> bytes:
         """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply)."""
+        _parsed(request)
         prepared = self.prepare(request)
         try:
             outcomes = self.coalescer.submit(prepared)
@@ -154,14 +164,51 @@ class Lookups:
 
     def prepare(self, request: hps_pb2.LookupRequest) -> _Prepared:
         """Decodes and checks every query, so a bad request costs no level work and fails alone."""
+        self._admit(request)
         session = self.session(request.model)
         wire_dtype = WIRE_NUMPY.get(request.dtype)
         if wire_dtype is None:
             raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
         queries = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
-        if not request.HasField("packed"):
-            return _Prepared(session, wire_dtype, queries, None)
-        return _Prepared(session, wire_dtype, queries, self._decode_packed(session, request.packed, wire_dtype))
+        packed = self._decode_packed(session, request.packed, wire_dtype) if request.HasField("packed") else None
+        rows_by_dim = sum((len(q.row_splits) - 1 if q.combiner else len(q.keys)) * q.table.dim for q in queries)
+        if packed is not None:
+            rows_by_dim += int(np.dot(packed.counts, packed.dims))
+        reply_bytes = rows_by_dim * wire_dtype.itemsize
+        limit = self.limits.max_message_mb * 1024 * 1024
+        if reply_bytes > limit:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request: its reply would hold {reply_bytes / 2**20:.1f} MiB of vectors, over server.max_message_mb "
+                f"{self.limits.max_message_mb} (ask for fewer keys per request, or float16)",
+            )
+        return _Prepared(session, wire_dtype, queries, packed)
+
+    def _admit(self, request: hps_pb2.LookupRequest) -> None:
+        """Refuses a request over the per-request limits from its declared sizes, before decoding any query."""
+        queries = len(request.queries) + len(request.packed.tables)
+        if queries > self.limits.max_queries_per_request:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request: {queries} table queries exceed server.max_queries_per_request "
+                f"{self.limits.max_queries_per_request}",
+            )
+        keys = len(request.packed.keys) // 8 + sum(len(q.keys) // 8 + len(q.key_list) for q in request.queries)
+        if keys > self.limits.max_keys_per_request:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request: {keys} keys exceed server.max_keys_per_request {self.limits.max_keys_per_request}",
+            )
+
+    def write_keys(self, data: bytes) -> np.ndarray:
+        """The keys of an Upsert or Delete, within server.max_keys_per_write."""
+        keys = _packed(data, "<i8", "keys")
+        if len(keys) > self.limits.max_keys_per_write:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"keys: {len(keys)} keys exceed server.max_keys_per_write {self.limits.max_keys_per_write}",
+            )
+        return keys
 
     def _decode_packed(self, session: LookupSession, packed: hps_pb2.PackedQuery, dtype: np.dtype) -> _Packed:
         keys = _packed(packed.keys, "<i8", "packed.keys")
@@ -253,6 +300,39 @@ class Lookups:
 _NO_SPLITS = np.empty(0, np.int64)
 
 
+class _Malformed:
+    """Stands for a request whose bytes do not parse as its message; the handler refuses it."""
+
+    model = ""  # what the metrics interceptor reads of a request
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(message: Any) -> Callable[[bytes], object]:
+    """A request deserializer that never raises: gRPC would answer a parse failure with INTERNAL and a
+    traceback in the log per request; this hands the handler a _Malformed to refuse with INVALID_ARGUMENT."""
+    name = message.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> object:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return _Malformed(name)
+
+    return parse
+
+
+_malformed_warning = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
+
+
+def _parsed(request: object) -> None:
+    """Refuses a request whose bytes did not parse (logged at most once per interval, with a count)."""
+    if isinstance(request, _Malformed):
+        _malformed_warning.warn("refused malformed requests (not valid %s messages)", request.message)
+        raise _invalid(f"request: not a valid {request.message} message")
+
+
 def _abort(context: grpc.ServicerContext, error: RequestError) -> NoReturn:
     context.abort(error.code, error.message)
     raise AssertionError("unreachable: context.abort raises")
@@ -290,9 +370,10 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
 
     def Upsert(self, request: hps_pb2.UpsertRequest, context: grpc.ServicerContext) -> hps_pb2.UpsertResponse:
         def work() -> hps_pb2.UpsertResponse:
+            _parsed(request)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
-            keys = _packed(request.keys, "<i8", "keys")
+            keys = self.lookups.write_keys(request.keys)
             vectors = _packed(request.vectors, "<f4", "vectors")
             if len(vectors) != len(keys) * table.dim:
                 raise _invalid(
@@ -311,9 +392,10 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
 
     def Delete(self, request: hps_pb2.DeleteRequest, context: grpc.ServicerContext) -> hps_pb2.DeleteResponse:
         def work() -> hps_pb2.DeleteResponse:
+            _parsed(request)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
-            keys = _packed(request.keys, "<i8", "keys")
+            keys = self.lookups.write_keys(request.keys)
             try:
                 return hps_pb2.DeleteResponse(rows=session.delete(table.name, keys))
             except PermissionError as e:
@@ -322,8 +404,10 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
         return _guarded(context, "Delete", work)
 
 
-def lookup_service_handler(servicer: LookupServicer) -> grpc.GenericRpcHandler:
-    """LookupService's handlers; Lookup and StreamLookup send the bytes response_codec already encoded."""
+def service_handlers(lookups: Lookups) -> tuple[grpc.GenericRpcHandler, ...]:
+    """Both services' handlers. Requests are parsed by _tolerant (a malformed one is INVALID_ARGUMENT);
+    Lookup and StreamLookup send the bytes response_codec already encoded."""
+    servicer, models = LookupServicer(lookups), ModelServicer(lookups)
 
     def method(
         kind: Callable[..., grpc.RpcMethodHandler],
@@ -333,25 +417,32 @@ def lookup_service_handler(servicer: LookupServicer) -> grpc.GenericRpcHandler:
     ) -> grpc.RpcMethodHandler:
         return kind(
             behaviour,
-            request_deserializer=request.FromString,  # type: ignore[attr-defined]
+            request_deserializer=_tolerant(request),
             response_serializer=None if response is None else response.SerializeToString,  # type: ignore[attr-defined]
         )
 
-    return grpc.method_handlers_generic_handler(
+    unary = grpc.unary_unary_rpc_method_handler
+    lookup_service = grpc.method_handlers_generic_handler(
         hps_pb2.DESCRIPTOR.services_by_name["LookupService"].full_name,
         {
-            "Lookup": method(grpc.unary_unary_rpc_method_handler, servicer.Lookup, hps_pb2.LookupRequest, None),
+            "Lookup": method(unary, servicer.Lookup, hps_pb2.LookupRequest, None),
             "StreamLookup": method(
                 grpc.stream_stream_rpc_method_handler, servicer.StreamLookup, hps_pb2.LookupRequest, None
             ),
-            "Upsert": method(
-                grpc.unary_unary_rpc_method_handler, servicer.Upsert, hps_pb2.UpsertRequest, hps_pb2.UpsertResponse
-            ),
-            "Delete": method(
-                grpc.unary_unary_rpc_method_handler, servicer.Delete, hps_pb2.DeleteRequest, hps_pb2.DeleteResponse
+            "Upsert": method(unary, servicer.Upsert, hps_pb2.UpsertRequest, hps_pb2.UpsertResponse),
+            "Delete": method(unary, servicer.Delete, hps_pb2.DeleteRequest, hps_pb2.DeleteResponse),
+        },
+    )
+    model_service = grpc.method_handlers_generic_handler(
+        hps_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+        {
+            "ListModels": method(unary, models.ListModels, hps_pb2.ListModelsRequest, hps_pb2.ListModelsResponse),
+            "DescribeModel": method(
+                unary, models.DescribeModel, hps_pb2.DescribeModelRequest, hps_pb2.DescribeModelResponse
             ),
         },
     )
+    return lookup_service, model_service
 
 
 class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
@@ -361,12 +452,17 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
     def ListModels(
         self, request: hps_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> hps_pb2.ListModelsResponse:
-        return hps_pb2.ListModelsResponse(models=sorted(self.lookups.models.sessions))
+        def work() -> hps_pb2.ListModelsResponse:
+            _parsed(request)
+            return hps_pb2.ListModelsResponse(models=sorted(self.lookups.models.sessions))
+
+        return _guarded(context, "ListModels", work)
 
     def DescribeModel(
         self, request: hps_pb2.DescribeModelRequest, context: grpc.ServicerContext
     ) -> hps_pb2.DescribeModelResponse:
         def work() -> hps_pb2.DescribeModelResponse:
+            _parsed(request)
             session = self.lookups.session(request.model)
             return hps_pb2.DescribeModelResponse(
                 model=session.name,

@@ -20,7 +20,8 @@ import numpy as np
 
 from hps_server.cache import CacheStats, EmbeddingCache, TableL1
 from hps_server.cache.background import BackgroundFill
-from hps_server.config import ModelConfig, TableConfig
+from hps_server.config import ModelConfig, TableConfig, shown
+from hps_server.log_limits import RateLimitedWarning
 from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, ServerMetrics
 from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
 
@@ -170,8 +171,7 @@ class LookupSession:
         self.tally = tally(model.name, list(self.tables), level_names)
         self._level_rows = {name: row for row, name in enumerate(level_names)}
         self._device_turn = itertools.count()
-        self._warn_lock = threading.Lock()
-        self._last_warning: dict[str, float] = {}
+        self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
         # L1 inserts above hit_rate_threshold run here, off the reply's path.
         self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.has_l1 else None
 
@@ -187,7 +187,7 @@ class LookupSession:
         try:
             return self.tables[name]
         except KeyError:
-            raise KeyError(f"model {self.model.name!r} has no table {name!r}") from None
+            raise KeyError(f"model {self.model.name!r} has no table {shown(name)}") from None
 
     # ---------------------------------------------------------------- lookups
 
@@ -384,21 +384,7 @@ class LookupSession:
                 insert(keep)
 
     def _warn_unavailable(self, level: str, consequence: str, error: Exception) -> None:
-        """Logs a level outage at most once per WARN_INTERVAL_SECONDS per level: an outage must not flood the log."""
-        now = time.monotonic()
-        with self._warn_lock:
-            due = now - self._last_warning.get(level, -WARN_INTERVAL_SECONDS) >= WARN_INTERVAL_SECONDS
-            if due:
-                self._last_warning[level] = now
-        if due:
-            log.warning(
-                "%s level unavailable for model %s, %s (repeats silenced for %d s): %s",
-                level,
-                self.model.name,
-                consequence,
-                WARN_INTERVAL_SECONDS,
-                error,
-            )
+        self._outages.warn("%s level unavailable for model %s, %s: %s", level, self.model.name, consequence, error)
 
     def counts(self) -> dict[str, LevelCounts]:
         """A snapshot of keys answered per level, per table."""

@@ -114,7 +114,10 @@ def _model(**fields: object) -> dict:
         ({"models": [_model(tables=[{"name": "t", "dim": 0}])]}, "models[0].tables[0].dim: must be >= 1, got 0"),
         ({"models": [_model(tables=[{"name": "t", "dim": "8"}])]}, "models[0].tables[0].dim: must be an integer"),
         ({"models": [_model(tables=[{"dim": 4}])]}, "models[0].tables[0].name: required"),
-        ({"models": [_model(tables=[{"name": "a/b", "dim": 4}])]}, "models[0].tables[0].name: must be a non-empty"),
+        (
+            {"models": [_model(tables=[{"name": "a/b", "dim": 4}])]},
+            "models[0].tables[0].name: must be 1 to 120 of A-Z a-z 0-9 _ -",
+        ),
         (
             {"models": [_model(tables=[{"name": "t", "dim": 4}, {"name": "t", "dim": 2}])]},
             "models[0].tables[1].name: duplicate table 't'",
