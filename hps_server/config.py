@@ -61,11 +61,21 @@ class ServerConfig:
     max_queries_per_request: int = 4096
     max_keys_per_request: int = 4_194_304
     max_keys_per_write: int = 262_144
+    # Open StreamLookup calls at most (each holds an RPC thread while open; below `workers` so Lookups
+    # and health checks always find one; 0: half of `workers`), and how long one may receive nothing
+    # before it is cancelled.
+    max_streams: int = 0
+    stream_idle_seconds: float = 60.0
     # Server processes sharing `address`: 1 serves in this process and binds the port alone; N > 1 starts
     # a supervisor and N worker processes (see supervisor.py: each holds its own L1 and hash map, and
     # writes are refused). `auto` in the file or on the command line: one per usable core,
     # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
     processes: int = 1
+
+    @property
+    def streams_allowed(self) -> int:
+        """max_streams, or half of the RPC threads (at least one) when it is 0."""
+        return self.max_streams or max(1, self.workers // 2)
 
 
 @dataclass(frozen=True)
@@ -372,7 +382,7 @@ _PERSISTENT_ALIASES = {"rocks_db": "rocksdb"}
 def _server(raw: Any) -> ServerConfig:
     s = _Section(raw, "server", _SERVER_KEYS)
     d = ServerConfig()
-    return ServerConfig(
+    server = ServerConfig(
         address=s.get("address", d.address, _str),
         max_message_mb=s.get("max_message_mb", d.max_message_mb, _int(1)),
         workers=s.get("workers", d.workers, _int(1)),
@@ -383,8 +393,16 @@ def _server(raw: Any) -> ServerConfig:
         max_queries_per_request=s.get("max_queries_per_request", d.max_queries_per_request, _int(1)),
         max_keys_per_request=s.get("max_keys_per_request", d.max_keys_per_request, _int(1)),
         max_keys_per_write=s.get("max_keys_per_write", d.max_keys_per_write, _int(1)),
+        max_streams=s.get("max_streams", d.max_streams, _int(0)),
+        stream_idle_seconds=s.get("stream_idle_seconds", d.stream_idle_seconds, _float(0, low_open=True)),
         processes=s.get("processes", d.processes, processes),
     )
+    if server.max_streams and server.max_streams >= server.workers:
+        raise ConfigError(
+            f"server.max_streams: must be below server.workers ({server.workers}), so that Lookups and health "
+            f"checks always find an RPC thread; got {server.max_streams}"
+        )
+    return server
 
 
 def _volatile(raw: Any, hps: bool) -> VolatileDbConfig:

@@ -24,6 +24,7 @@ from hps_server.log_limits import RateLimitedWarning
 from hps_server.models import HostedModels
 from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable, TableLookup
 from hps_server.storage.base import LevelUnavailableError, StorageError
+from hps_server.streams import StreamGuard, StreamsFullError
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from hps_wire.response_codec import WIRE_NUMPY, LookupResult, PackedLookup, encode_lookup_response
 
@@ -114,6 +115,7 @@ class Lookups:
     def __init__(self, models: HostedModels, limits: ServerConfig | None = None) -> None:
         self.models = models
         self.limits = limits or ServerConfig()
+        self.streams = StreamGuard(self.limits.streams_allowed, self.limits.stream_idle_seconds)
         self.coalescer: Coalescer[_Prepared, list[Outcome]] = Coalescer(
             self._pass,
             self.limits.batch_window_us / 1e6,
@@ -365,8 +367,13 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
         self, request_iterator: Iterator[hps_pb2.LookupRequest], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         # A refused request ends the stream with its status; replies already sent stand.
-        for request in request_iterator:
-            yield _guarded(context, "StreamLookup", lambda request=request: self.lookups.answer(request))
+        try:
+            with self.lookups.streams.opened(context) as stream:
+                for request in request_iterator:
+                    StreamGuard.touch(stream)
+                    yield _guarded(context, "StreamLookup", lambda request=request: self.lookups.answer(request))
+        except StreamsFullError as e:
+            _abort(context, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
 
     def Upsert(self, request: hps_pb2.UpsertRequest, context: grpc.ServicerContext) -> hps_pb2.UpsertResponse:
         def work() -> hps_pb2.UpsertResponse:

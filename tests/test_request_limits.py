@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +165,57 @@ def test_names_outside_hps_pattern_are_refused_in_config(name: str) -> None:
     raw = {"models": [{"name": name, "tables": [{"name": "t", "dim": 4}]}]}
     with pytest.raises(config_module.ConfigError, match=r"models\[0\].name: must be 1 to 120 of"):
         config_module.parse(raw, Path("."))
+
+
+def test_streams_are_capped_idle_ones_cancelled_and_lookups_and_health_still_answered(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    truth = write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    server_config = dataclasses.replace(config.server, workers=4, max_streams=2, stream_idle_seconds=1.0)
+    config = dataclasses.replace(config, server=server_config)
+    server = HpsServer(config)
+    port = server.start()
+    assert server.wait_ready(30)
+    target = f"127.0.0.1:{port}"
+    served = ServedModel(server, target, config, truth)
+    finished = threading.Event()
+
+    def idle() -> Iterator[bytes]:
+        finished.wait(30)  # sends nothing until the test is over
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stream = channel.stream_stream(
+                "/hps.v1.LookupService/StreamLookup", request_serializer=None, response_deserializer=None
+            )
+            held = [stream(idle()) for _ in range(2)]  # open, idle
+            guard = server.lookups.streams
+            for _ in range(500):
+                if guard.open_count() == 2:
+                    break
+                threading.Event().wait(0.01)
+            assert guard.open_count() == 2
+            third = stream(iter([b""]))
+            with pytest.raises(grpc.RpcError) as refused:
+                next(third)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert "server.max_streams 2" in (refused.value.details() or "")  # type: ignore[attr-defined]
+            # Two threads of four are held by the streams: Lookups and health checks still get through.
+            _still_serving(served)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            # Idle for over a second, both are cancelled and their places freed.
+            for call in held:
+                with pytest.raises(grpc.RpcError) as ended:
+                    next(call)
+                assert ended.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+            for _ in range(500):
+                if guard.open_count() == 0:
+                    break
+                threading.Event().wait(0.01)
+            assert guard.open_count() == 0
+    finally:
+        finished.set()
+        server.stop(grace=1)
