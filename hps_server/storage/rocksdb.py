@@ -9,6 +9,11 @@ multi_get before the write) and stores the new count in the same WriteBatch, so 
 knows both the dims and the row counts without scanning. A bulk load into an empty table also
 marks `loading/<table>` until its last chunk is in; a database opened with that mark still set
 (the loading process died) gets the table emptied, so its next import starts afresh.
+
+A bulk load into a table that has rows replaces them, atomically: the new rows go into a column family
+of their own (`<table>#<n>`), and one WriteBatch points `cf/<table>` at it and stores its row count once
+the last chunk is in; the old family is dropped after. A load stopped part-way leaves the old rows
+served; the half-built family is dropped at the next read-write open.
 """
 
 from __future__ import annotations
@@ -81,6 +86,15 @@ def _loading_key(table: str) -> bytes:
     return f"loading/{table}".encode()
 
 
+def _family_key(table: str) -> bytes:
+    return f"cf/{table}".encode()
+
+
+# Separates a table's name from the number of the column family a replacing load builds: storage names
+# are `<model>.<table>` of [A-Za-z0-9_-], so it never occurs in one.
+_VERSION_MARK = "#"
+
+
 def _int_bytes(value: int) -> bytes:
     return int(value).to_bytes(8, "little", signed=True)
 
@@ -123,19 +137,29 @@ class RocksDBLevel(StorageLevel):
         self._dims: dict[str, int] = {}
         self._rows: dict[str, int] = {}
         self._families: dict[str, Any] = {}
+        # Each table's column family: the table's own name, or the one a replacing load built.
+        self._physical: dict[str, str] = {}
         # Column families created by a writer that stopped before recording the dim: not tables yet.
         self._orphans: set[str] = set()
-        for name in families:
+        # A table replaced by a load has no family of its own name any more, only `<table>#<n>` ones.
+        tables = dict.fromkeys(name.partition(_VERSION_MARK)[0] for name in families)
+        for name in tables:
             dim = self._db.get(f"dim/{name}".encode())
             if dim is None:
-                self._orphans.add(name)
+                if name in families:
+                    self._orphans.add(name)
                 continue
             rows = self._db.get(f"rows/{name}".encode()) or _int_bytes(0)
+            physical = (self._db.get(_family_key(name)) or name.encode()).decode()
             self._dims[name] = int.from_bytes(dim, "little", signed=True)
             self._rows[name] = int.from_bytes(rows, "little", signed=True)
-            self._families[name] = self._db.get_column_family(name)
+            self._physical[name] = physical
+            self._families[name] = self._db.get_column_family(physical)
             if self._db.get(_loading_key(name)) is not None:
                 self._discard_unfinished_load(name)
+        in_use = set(self._physical.values())
+        for name in (name for name in families if _VERSION_MARK in name and name not in in_use):
+            self._discard_unfinished_replacement(name)
         mode = "read-only" if read_only else "read-write"
         log.info("rocksdb: opened %s (%s), tables %s", self.path, mode, self.tables())
 
@@ -174,6 +198,7 @@ class RocksDBLevel(StorageLevel):
             batch.put(f"rows/{table}".encode(), _int_bytes(0), self._meta)
             self._db.write(batch)
             self._families[table] = family
+            self._physical[table] = table
             self._rows[table] = 0
             self._dims[table] = dim
 
@@ -252,7 +277,7 @@ class RocksDBLevel(StorageLevel):
         self._check_writable(table)
         if len(keys) == 0:
             return
-        handle = self._db.get_column_family_handle(table)
+        handle = self._db.get_column_family_handle(self._physical[table])
         distinct = keys[_last_of_each(keys)]
         with self._write_lock:
             added = int((~self._present(table, distinct)).sum())
@@ -268,7 +293,7 @@ class RocksDBLevel(StorageLevel):
         keys = as_keys(keys)
         self._check_writable(table)
         distinct = np.unique(keys)
-        handle = self._db.get_column_family_handle(table)
+        handle = self._db.get_column_family_handle(self._physical[table])
         with self._write_lock:
             present = distinct[self._present(table, distinct)]
             if len(present) == 0:
@@ -281,29 +306,35 @@ class RocksDBLevel(StorageLevel):
             return len(present)
 
     def load(self, table: str, chunks: Iterable[KeyChunk]) -> int:
-        """Bulk import: each chunk becomes one SST file ingested into the table's column family.
+        """Bulk import: each chunk becomes one SST file ingested into a column family.
 
-        A key repeated within a chunk or across chunks keeps its last row, as with `insert`. SST files
-        are written in a temporary folder next to the database and removed afterwards. Other writes
-        wait for the load to finish, so the row count stays exact; a chunk with bad shapes raises
-        ValueError after the chunks before it were ingested.
+        Into an empty table the rows go into the table's family, marked as loading until the last chunk
+        is in. Into a table that has rows they replace those rows, atomically: they are built in a family
+        of their own that the table switches to once complete (a load stopped part-way leaves the old rows
+        served). A key repeated within a chunk or across chunks keeps its last row, as with `insert`.
+        SST files are written in a temporary folder next to the database and removed afterwards. Other
+        writes wait for the load to finish, so the row count stays exact; a chunk with bad shapes raises
+        ValueError (into an empty table, after the chunks before it were ingested).
         """
         dim = self.dim(table)
         self._check_writable(table)
-        family = self._families[table]
         ingest = rocksdict.IngestExternalFileOptions()
         ingest.set_move_files(True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}-ingest-", dir=self.path.parent))
         written = 0
         with self._write_lock:
-            # Into an empty table the distinct keys of the load are its rows: count them once at the
-            # end (8 bytes per row in memory) rather than by a presence multi_get per chunk, which
-            # costs several times the ingest itself. Into a table with rows, multi_get counts.
-            into_empty = self._rows[table] == 0
-            loaded: list[np.ndarray] = []
-            if into_empty:  # removed once every chunk is in; found at open, it means the load never finished
+            replacing = self._rows[table] > 0
+            if replacing:
+                target = self._next_family(table)
+                family = self._db.create_column_family(target, rocksdict.Options(raw_mode=True))
+            else:  # removed once every chunk is in; found at open, it means the load never finished
+                family = self._families[table]
                 self._db.put(_loading_key(table), b"")
+            # The distinct keys of the load are the rows it leaves: counted once at the end (8 bytes per
+            # row in memory) rather than by a presence multi_get per chunk, which costs several times
+            # the ingest itself.
+            loaded: list[np.ndarray] = []
             try:
                 for number, (chunk_keys, chunk_vectors) in enumerate(chunks):
                     keys = as_keys(chunk_keys)
@@ -318,21 +349,57 @@ class RocksDBLevel(StorageLevel):
                     writer.open(str(sst))
                     deque(map(writer.__setitem__, _key_bytes(keys), _row_bytes(vectors)), maxlen=0)
                     writer.finish()
-                    if into_empty:
-                        loaded.append(keys)
-                        rows = self._rows[table] + len(keys)  # an upper bound until the count below
-                    else:
-                        rows = self._rows[table] + int((~self._present(table, keys)).sum())
+                    loaded.append(keys)
                     family.ingest_external_file([str(sst)], ingest)
-                    self._store_rows(table, rows)
+                    if not replacing:
+                        self._store_rows(table, self._rows[table] + len(keys))  # an upper bound until the end
                     written += len(chunk_keys)
-                if into_empty:
+                if replacing:
+                    self._switch(table, target, family, _distinct(loaded) if loaded else 0)
+                else:
                     self._db.delete(_loading_key(table))
+            except BaseException:
+                if replacing:
+                    del family
+                    self._drop_family(target)
+                raise
             finally:
-                if loaded:
+                if not replacing and loaded:
                     self._store_rows(table, _distinct(loaded))
                 shutil.rmtree(staging, ignore_errors=True)
         return written
+
+    def _next_family(self, table: str) -> str:
+        """The name of the column family a replacing load of `table` builds."""
+        current = self._physical[table]
+        number = int(current.rpartition(_VERSION_MARK)[2]) + 1 if _VERSION_MARK in current else 1
+        return f"{table}{_VERSION_MARK}{number}"
+
+    def _switch(self, table: str, target: str, family: Any, rows: int) -> None:
+        """Points the table at the family a replacing load built, with its row count, in one write; then
+        drops the family it leaves."""
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.put(_family_key(table), target.encode(), self._meta)
+        batch.put(f"rows/{table}".encode(), _int_bytes(rows), self._meta)
+        self._db.write(batch)
+        previous = self._physical[table]
+        self._families[table], self._physical[table], self._rows[table] = family, target, rows
+        self._drop_family(previous)
+
+    def _drop_family(self, name: str) -> None:
+        try:
+            self._db.drop_column_family(name)
+        except Exception as e:  # what is left is dropped at the next open
+            log.warning("rocksdb: could not drop column family %s yet: %s", name, e)
+
+    def _discard_unfinished_replacement(self, family: str) -> None:
+        """A replacing load stopped before its table switched to it: its rows were never served."""
+        table = family.rpartition(_VERSION_MARK)[0]
+        if self.read_only:
+            log.warning("rocksdb: an unfinished re-import of %s is left in place (opened read-only)", table)
+            return
+        log.warning("rocksdb: dropping an unfinished re-import of %s; its previous rows stay served", table)
+        self._drop_family(family)
 
     def _discard_unfinished_load(self, table: str) -> None:
         """A bulk load into the empty table stopped part-way (the process died): empty the table again so

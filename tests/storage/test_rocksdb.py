@@ -141,17 +141,51 @@ def test_sst_load_with_unsorted_negative_and_repeated_keys(db_path: Path) -> Non
     level.close()
 
 
-def test_sst_load_into_a_table_with_rows_counts_exactly(db_path: Path) -> None:
+def test_a_load_into_a_table_with_rows_replaces_them_and_upserts_still_work(db_path: Path) -> None:
     level = RocksDBLevel(db_path)
     level.create_table(TABLE, 2)
     level.insert(TABLE, *rows([1, 2, 3], dim=2))
-    new_keys, new_vectors = rows([3, 4, 5], dim=2, seed=3)
-    level.load(TABLE, [(new_keys, new_vectors)])
-    assert level.size(TABLE) == 5
-    got, _ = level.fetch(TABLE, np.array([3]))
-    np.testing.assert_array_equal(got[0], new_vectors[0])
+    new_keys, new_vectors = rows([3, 4, 5, 5], dim=2, seed=3)
+    assert level.load(TABLE, [(new_keys[:2], new_vectors[:2]), (new_keys[2:], new_vectors[2:])]) == 4
+    assert level.size(TABLE) == 3  # the new version's rows, exactly: 3, 4 and 5
+    got, found = level.fetch(TABLE, np.array([1, 3, 5]))
+    np.testing.assert_array_equal(found, [False, True, True])
+    np.testing.assert_array_equal(got[1:], new_vectors[[0, 3]])
+    level.insert(TABLE, *rows([9], dim=2))  # writes go to the table's new column family
+    level.evict(TABLE, np.array([4]))
     level.close()
-    assert RocksDBLevel(db_path).size(TABLE) == 5
+    reopened = RocksDBLevel(db_path)
+    assert reopened.size(TABLE) == 3
+    np.testing.assert_array_equal(reopened.contains(TABLE, np.array([1, 3, 4, 5, 9])), [False, True, False, True, True])
+    assert reopened.load(TABLE, [rows([7], dim=2)]) == 1  # and once more: a second replacement
+    assert reopened.size(TABLE) == 1 and reopened.contains(TABLE, np.array([7, 9])).tolist() == [True, False]
+    reopened.close()
+    assert RocksDBLevel(db_path).size(TABLE) == 1
+
+
+def test_a_re_import_stopped_part_way_leaves_the_old_rows_served(db_path: Path) -> None:
+    level = RocksDBLevel(db_path)
+    level.create_table("m.t", 4)
+    old_keys, old_vectors = rows(range(1000), 4)
+    level.load("m.t", [(old_keys, old_vectors)])
+
+    def dies_after_one_chunk():  # type: ignore[no-untyped-def]
+        yield rows(range(500, 1500), 4, seed=9)
+        raise KeyboardInterrupt  # the importing process is stopped part-way
+
+    with pytest.raises(KeyboardInterrupt):
+        level.load("m.t", dies_after_one_chunk())
+    probe = np.arange(0, 1500, 7)
+    got, found = level.fetch("m.t", probe)
+    np.testing.assert_array_equal(found, probe < 1000)  # no row of the stopped version is served
+    np.testing.assert_array_equal(got[found], old_vectors[probe[found]])
+    assert level.size("m.t") == 1000
+    level.close()
+    reopened = RocksDBLevel(db_path)
+    got, found = reopened.fetch("m.t", probe)
+    np.testing.assert_array_equal(got[found], old_vectors[probe[found]])
+    assert reopened.size("m.t") == 1000 and found.sum() == (probe < 1000).sum()
+    reopened.close()
 
 
 def test_load_rejects_a_bad_chunk_naming_the_field(db_path: Path) -> None:
