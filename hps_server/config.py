@@ -95,6 +95,9 @@ class VolatileDbConfig:
     ttl_seconds: int = 0
     # This replica reads the level but never writes to it.
     read_only: bool = False
+    # hash_map: the name of the shared-memory level to attach to; empty: this process's own memory. Set by
+    # the supervisor of `hps serve --processes N` for its workers (not read from config files).
+    shared_memory: str = ""
 
 
 @dataclass(frozen=True)
