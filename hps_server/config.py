@@ -54,8 +54,8 @@ class ServerConfig:
     # Lookups waiting for a pass, at most; one more is refused with RESOURCE_EXHAUSTED.
     max_queued_requests: int = 256
     # Server processes sharing `address`: 1 serves in this process and binds the port alone; N > 1 starts
-    # a supervisor and N worker processes (see supervisor.py: each holds its own L1 and hash map, and
-    # writes are refused). `auto` in the file or on the command line: one per usable core,
+    # a supervisor and N worker processes (see supervisor.py: they share one hash map in shared memory,
+    # each holds its own L1, and writes are refused). `auto` in the file or on the command line: one per usable core,
     # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
     processes: int = 1
 

@@ -3,6 +3,16 @@
 Every table of one dim lives in that dim's pool, its rows keyed by (table id, key), so a batch over several
 tables is one probe, one gather and one scatter. Whole batches go through a few NumPy calls per probing
 round; it must never loop over keys in Python.
+
+The same code runs over private NumPy memory (one process) or shared-memory segments (every worker of
+`hps serve --processes N`; segments.py has the layout): the scalars every process must agree on (rows,
+tombstones, clock, generations, capacities, per-table counts) live in the pool's state words, and each call
+first re-attaches arrays another process reallocated. Reads hold the pool's lock shared and writes it
+exclusive. Readers also write access stamps and the clock under the shared lock, so across processes
+recency is approximate (a lost update makes a row look a batch older); it steers evict_oldest only and never
+which vectors are returned. New rows are written before `rows` counts them and before the index points at
+them, so the index never points past `rows`; a writer that dies inside a batch leaves the pool's dirty
+word set, and the next process to lock it empties the pool instead of serving what was half-written.
 """
 
 from __future__ import annotations
