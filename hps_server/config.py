@@ -67,8 +67,8 @@ class ServerConfig:
     max_streams: int = 0
     stream_idle_seconds: float = 60.0
     # Server processes sharing `address`: 1 serves in this process and binds the port alone; N > 1 starts
-    # a supervisor and N worker processes (see supervisor.py: each holds its own L1 and hash map, and
-    # writes are refused). `auto` in the file or on the command line: one per usable core,
+    # a supervisor and N worker processes (see supervisor.py: they share one hash map in shared memory,
+    # each holds its own L1, and writes are refused). `auto` in the file or on the command line: one per usable core,
     # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
     processes: int = 1
 
@@ -113,6 +113,9 @@ class VolatileDbConfig:
     ttl_seconds: int = 0
     # This replica reads the level but never writes to it.
     read_only: bool = False
+    # hash_map: the name of the shared-memory level to attach to; empty: this process's own memory. Set by
+    # the supervisor of `hps serve --processes N` for its workers (not read from config files).
+    shared_memory: str = ""
 
 
 @dataclass(frozen=True)

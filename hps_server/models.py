@@ -101,11 +101,12 @@ class HostedModels:
             for cache in table.l1.caches
         ]
 
-    def warm(self, stop: threading.Event) -> None:
-        """Copies initial_cache_rate of each table into the volatile level and L1 (see warmup.py)."""
+    def warm(self, stop: threading.Event, volatile: bool = True) -> None:
+        """Copies initial_cache_rate of each table into the volatile level (unless `volatile` is False) and
+        L1 (see warmup.py)."""
         warmup.warm(
             list(self.sessions.values()),
-            self.volatile,
+            self.volatile if volatile else None,
             self.persistent,
             self.config.volatile_db.initial_cache_rate,
             stop,
@@ -119,15 +120,19 @@ class HostedModels:
                 level.close()
 
 
-def prepare_levels(config: Config, progress: bool = False) -> None:
+def prepare_levels(config: Config, progress: bool = False, warm_volatile: bool = False) -> None:
     """Creates every model's tables in the levels and ingests their files on first start, then closes the
-    levels: done once before several processes open them, so they do not race on first-start ingestion."""
+    levels: done once before several processes open them, so they do not race on first-start ingestion.
+    warm_volatile: also copy initial_cache_rate of each table into the volatile level (one shared by them)."""
     persistent = storage.open_persistent(config.persistent_db)
     try:
         volatile = storage.open_volatile(config.volatile_db)
         try:
             for model in config.models:
                 _prepare_tables(model, volatile, persistent, progress)
+            if warm_volatile and volatile is not None and persistent is not None:
+                names = [model.storage_name(table) for model in config.models for table in model.tables]
+                warmup.fill_level(volatile, persistent, names, config.volatile_db.initial_cache_rate)
         finally:
             if volatile is not None:
                 volatile.close()

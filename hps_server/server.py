@@ -32,8 +32,9 @@ class HpsServer:
     """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels.
 
     As one worker of several (supervisor.py): `shared_port` lets the others bind the same address,
-    `writes_refused` says why Upsert and Delete are refused, and `before_serving(stopped)` runs after
-    warm-up and before health reports SERVING (it may block until the others are warm, or `stopped` is set).
+    `writes_refused` says why Upsert and Delete are refused, `warm_volatile=False` leaves the volatile level
+    out of warm-up (the supervisor warmed a shared one), and `before_serving(stopped)` runs after warm-up
+    and before health reports SERVING (it may block until the others are warm, or `stopped` is set).
     """
 
     def __init__(
@@ -44,9 +45,11 @@ class HpsServer:
         *,
         shared_port: bool = False,
         writes_refused: str = "",
+        warm_volatile: bool = True,
         before_serving: Callable[[threading.Event], None] | None = None,
     ) -> None:
         self.config = config
+        self._warm_volatile = warm_volatile
         self.health = health.HealthServicer()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -103,7 +106,7 @@ class HpsServer:
     def _warm_then_serve(self) -> None:
         # Lookups are answered during warm-up (they fall through to the lower levels); readiness waits for it.
         try:
-            self.models.warm(self._stopped)
+            self.models.warm(self._stopped, volatile=self._warm_volatile)
         except Exception:
             log.exception("warm-up failed; serving with colder caches")
         if self._before_serving is not None:

@@ -2,8 +2,10 @@
 
 The supervisor claims the address, prepares the levels once, spawns the workers (never forks: a forked
 gRPC process is unsafe), restarts one that dies, and drains them all on SIGTERM/SIGINT. It serves no RPC
-and holds no level open while workers run. For now each worker holds its own L1 and hash map, and writes
-are refused (an Upsert would reach one worker only); a shared L1 and L2 and one writer come later.
+and holds no level open while workers run, except that it owns a shared hash map: with volatile_db.type
+hash_map it creates the level in shared memory, warms it once, passes its name to the workers (who attach,
+write back into it and warm only their L1) and unlinks it at exit. Each worker still holds its own L1, and
+writes are refused (an Upsert would reach one worker's L1 only); a shared L1 and one writer come later.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_handles
@@ -25,6 +28,7 @@ from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.models import prepare_levels
 from hps_server.server import HpsServer, serve_until_signalled
+from hps_server.storage.hashmap import HashMapLevel
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ POLL_SECONDS = 0.2
 
 
 def writes_refused(processes: int) -> str:
-    """Why the workers of a group refuse Upsert and Delete (each holds its own copies of the rows)."""
+    """Why the workers of a group refuse Upsert and Delete (each holds its own L1 copies of the rows)."""
     return f"served by {processes} worker processes, each with its own caches: a write would reach one worker only"
 
 
@@ -61,10 +65,27 @@ def serve_workers(config: Config, log_format: str) -> int:
     when another program holds it."""
     held, port = claim_address(config.server.address)
     try:
-        prepare_levels(config, progress=True)
-        return WorkerGroup(config, port, log_format).run()
+        with shared_volatile(config) as config:
+            prepare_levels(config, progress=True, warm_volatile=bool(config.volatile_db.shared_memory))
+            return WorkerGroup(config, port, log_format).run()
     finally:
         held.close()
+
+
+@contextlib.contextmanager
+def shared_volatile(config: Config) -> Iterator[Config]:
+    """With a hash_map volatile level: creates it in shared memory for the workers, yields the config naming
+    it, and unlinks it on the way out (workers still running keep their mappings until they exit). Other
+    volatile levels are shared already (Redis) or absent: the config is yielded as it is."""
+    if config.volatile_db.type != "hash_map":
+        yield config
+        return
+    owner = HashMapLevel.create_shared(config.volatile_db)
+    try:
+        log.info("hash_map in shared memory %s for %d workers", owner.shared_name, config.server.processes)
+        yield replace(config, volatile_db=replace(config.volatile_db, shared_memory=owner.shared_name))
+    finally:
+        owner.close()
 
 
 def claim_address(address: str) -> tuple[socket.socket, int]:
@@ -296,6 +317,8 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
         spec.config,
         shared_port=True,
         writes_refused=writes_refused(spec.processes),
+        # A shared hash map was warmed by the supervisor: N workers copying RocksDB into it would repeat it.
+        warm_volatile=not spec.config.volatile_db.shared_memory,
         before_serving=wait_for_the_others,
     )
 

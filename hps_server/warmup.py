@@ -54,6 +54,14 @@ def warm(
     log.info("warm-up done in %.1f s", time.monotonic() - started)
 
 
+def fill_level(volatile: StorageLevel, persistent: StorageLevel, tables: Sequence[str], rate: float) -> None:
+    """Copies `rate` of each table from `persistent` into `volatile` before any server opens them (the
+    supervisor's warm-up of a shared level): no session exists and nothing writes meanwhile, so no epochs."""
+    for name in tables:
+        copied = volatile.load(name, first_rows(persistent, name, int(persistent.size(name) * rate)))
+        log.info("warmed %s: %d rows in %s", name, copied, volatile.kind)
+
+
 def _copies(
     session: LookupSession, table: ServedTable, source: StorageLevel, budget: int
 ) -> Iterator[tuple[int, KeyChunk]]:

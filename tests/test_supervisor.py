@@ -76,6 +76,15 @@ class Group:
             if line.startswith("hps_requests_total{") and 'method="Lookup"' in line
         )
 
+    def metric(self, worker: int, name: str, label: str) -> float:
+        """The sum of `name` samples carrying `label` on worker `worker`'s /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port + worker}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and label in line
+        )
+
     def check_lookups(self, calls: int = 32) -> None:
         """`calls` lookups, each on a connection of its own (so the kernel spreads them over the workers),
         all answered exactly."""
@@ -132,6 +141,40 @@ def test_both_workers_answer_lookups_exactly(group: Group) -> None:
         assert group.lookups_answered(worker) > 0, f"worker {worker} answered no lookup"
 
 
+def test_a_row_written_back_by_one_worker_is_an_l2_hit_in_the_other(group: Group) -> None:
+    keys, vectors = group.truth["item"]  # a table no other test looks up
+    picked = keys[:50]
+    before = [group.metric(w, "hps_level_hits_total", 'level="rocksdb"') for w in (0, 1)]
+    answered = [group.lookups_answered(w) for w in (0, 1)]
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="item", keys=picked.tobytes())])
+    # Fresh connections until both workers answered these keys (the kernel picks a worker per connection).
+    for _ in range(200):
+        with grpc.insecure_channel(group.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            reply = hps_pb2_grpc.LookupServiceStub(channel).Lookup(request, timeout=30)
+        got = np.frombuffer(reply.results[0].vectors, "<f4").reshape(len(picked), -1)
+        np.testing.assert_array_equal(got, vectors[: len(picked)])
+        if all(group.lookups_answered(w) > answered[w] for w in (0, 1)):
+            break
+    else:
+        pytest.fail("one worker answered every connection")
+    # Only the first lookup read RocksDB: its write-back into the shared hash map answered the other worker.
+    after = [group.metric(w, "hps_level_hits_total", 'level="rocksdb"') for w in (0, 1)]
+    assert sum(after) - sum(before) == len(picked)
+
+
+def test_workers_map_one_shared_hash_map_owned_by_the_supervisor(group: Group) -> None:
+    prefix = f"/dev/shm/hps{group.process.pid}_"
+    rows = [
+        str(path) for path in Path("/dev/shm").glob(f"hps{group.process.pid}_*") if re.search(r"p\d+r\d+$", path.name)
+    ]
+    assert len(rows) == len({re.sub(r"r\d+$", "", path) for path in rows}) >= 1  # one generation per pool
+    for pid in group.worker_pids().values():
+        mapped = Path(f"/proc/{pid}/maps").read_text()
+        # Each worker maps the supervisor's segments (a generation it has not re-attached yet, maybe unlinked
+        # since), never rows of its own: the hash map's memory does not grow with N.
+        assert re.search(re.escape(prefix) + r"\d+p\d+r\d+", mapped), f"worker {pid} maps no shared rows"
+
+
 def test_writes_are_refused_while_several_workers_serve(group: Group) -> None:
     keys, vectors = group.truth["user"]
     with grpc.insecure_channel(group.target) as channel:
@@ -175,6 +218,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert not list(Path("/dev/shm").glob(f"hps{started.process.pid}_*")), "the shared hash map was not unlinked"
 
 
 @pytest.mark.parametrize("holder", ["plain socket", "gRPC server sharing its port"])

@@ -3,12 +3,22 @@
 Every table of one dim lives in that dim's pool, its rows keyed by (table id, key), so a batch over several
 tables is one probe, one gather and one scatter. Whole batches go through a few NumPy calls per probing
 round; it must never loop over keys in Python.
+
+The same code runs over private NumPy memory (one process) or shared-memory segments (every worker of
+`hps serve --processes N`; segments.py has the layout): the scalars every process must agree on (rows,
+tombstones, clock, generations, capacities, per-table counts) live in the pool's state words, and each call
+first re-attaches arrays another process reallocated. Reads hold the pool's lock shared and writes it
+exclusive. Readers also write access stamps and the clock under the shared lock, so across processes
+recency is approximate (a lost update makes a row look a batch older); it steers evict_oldest only and never
+which vectors are returned. New rows are written before `rows` counts them and before the index points at
+them, so the index never points past `rows`; a writer that dies inside a batch leaves the pool's dirty
+word set, and the next process to lock it empties the pool instead of serving what was half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from hps_server.config import VolatileDbConfig
+from hps_server.storage import segments
 from hps_server.storage.base import (
     DEFAULT_CHUNK_ROWS,
     KeyChunk,
@@ -25,6 +36,7 @@ from hps_server.storage.base import (
     as_keys,
     as_vectors,
 )
+from hps_server.storage.segments import Arena, PoolMemory, RowArrays, SharedArena, SlotArray
 
 log = logging.getLogger(__name__)
 
@@ -86,32 +98,135 @@ def home_slots(table_ids: np.ndarray, keys: np.ndarray, num_slots: int) -> np.nd
 
 class _Pool:
     """The tables of one dim: dense rows [0, rows) of (table id, key, stamp, vector) plus an int32 slot
-    index pointing into them, and each table's row count; callers hold `lock`."""
+    index pointing into them, and each table's row count, all in `memory` (private or shared).
 
-    def __init__(self, dim: int) -> None:
+    Callers hold `reading()` or `writing()`; both first re-attach arrays another process reallocated."""
+
+    def __init__(self, dim: int, memory: PoolMemory) -> None:
         self.dim = dim
         self.growth = growth_factor(dim)
-        self.lock = threading.RLock()
-        self.rows = 0
-        self.tombstones = 0
-        self.table_ids = np.empty(MIN_ROWS, dtype=TABLE_ID)
-        self.keys = np.empty(MIN_ROWS, dtype=np.int64)
-        self.vectors = np.empty((MIN_ROWS, dim), dtype=np.float32)
-        # Batch counter value of the last fetch or insert of each row (evict_oldest).
-        self.stamps = np.zeros(MIN_ROWS, dtype=np.uint32)
-        self.slots = np.full(int(MIN_ROWS / REBUILT_LOAD) + 1, EMPTY, dtype=np.int32)
-        self.clock = 0
-        # Per table id: its name and its rows, kept exact by every write so size() needs no scan.
+        self.memory = memory
+        self.state = memory.state
+        # Names of the pool's tables by id, as this process knows them (the level's registry fills it).
         self.names: list[str] = []
-        self.counts = np.zeros(0, dtype=np.int64)
+        self.counts = memory.counts(0)
+        with memory.lock.hold(exclusive=True):
+            if self.state[segments.ROWS_GEN]:  # another process made the pool
+                self._use_rows(self._open_rows())
+                self._use_slots(self._open_slots())
+                self.counts = memory.counts(int(self.state[segments.NUM_TABLES]))
+                return
+            self._use_rows(memory.new_rows(1, MIN_ROWS, dim))
+            self._use_slots(self._empty_slots(MIN_ROWS, 1))
+            self.state[segments.CAPACITY] = MIN_ROWS
+            self.state[segments.NUM_SLOTS] = len(self.slots)
+            self.state[segments.ROWS_GEN] = self.state[segments.INDEX_GEN] = 1
+
+    # The scalars every process must agree on live in the state words.
+    @property
+    def rows(self) -> int:
+        return int(self.state[segments.ROWS])
+
+    @rows.setter
+    def rows(self, value: int) -> None:
+        self.state[segments.ROWS] = value
+
+    @property
+    def tombstones(self) -> int:
+        return int(self.state[segments.TOMBSTONES])
+
+    @tombstones.setter
+    def tombstones(self, value: int) -> None:
+        self.state[segments.TOMBSTONES] = value
+
+    @property
+    def clock(self) -> int:
+        return int(self.state[segments.CLOCK])
+
+    @clock.setter
+    def clock(self, value: int) -> None:
+        self.state[segments.CLOCK] = value
+
+    def _use_rows(self, arrays: RowArrays) -> None:
+        self._rows_arrays = arrays
+        self.table_ids, self.keys, self.stamps, self.vectors = (
+            arrays.table_ids,
+            arrays.keys,
+            arrays.stamps,
+            arrays.vectors,
+        )
+
+    def _use_slots(self, slots: SlotArray) -> None:
+        self._slot_array = slots
+        self.slots = slots.slots
+
+    def _empty_slots(self, rows: int, generation: int) -> SlotArray:
+        fresh = self.memory.new_slots(generation, int(max(rows, MIN_ROWS) / REBUILT_LOAD) + 1)
+        fresh.slots.fill(EMPTY)
+        return fresh
+
+    def _open_rows(self) -> RowArrays:
+        state = self.state
+        return self.memory.open_rows(int(state[segments.ROWS_GEN]), int(state[segments.CAPACITY]), self.dim)
+
+    def _open_slots(self) -> SlotArray:
+        return self.memory.open_slots(int(self.state[segments.INDEX_GEN]), int(self.state[segments.NUM_SLOTS]))
+
+    def _attach(self) -> None:
+        """Maps the arrays of the generations the state names where this process maps older ones (another
+        process reallocated or rebuilt them), and counts the tables others added."""
+        state = self.state
+        if self._rows_arrays.generation != state[segments.ROWS_GEN]:
+            self._use_rows(self._open_rows())
+        if self._slot_array.generation != state[segments.INDEX_GEN]:
+            self._use_slots(self._open_slots())
+        if len(self.counts) != state[segments.NUM_TABLES]:
+            self.counts = self.memory.counts(int(state[segments.NUM_TABLES]))
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """The pool to read (find, gather; access stamps are written too, see the module docstring)."""
+        with self.memory.lock.hold(exclusive=False):
+            self._attach()
+            if not self.state[segments.DIRTY]:
+                yield
+                return
+        # A writer died mid-batch: only a writer may repair it.
+        with self.writing():
+            yield
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """The pool to write, alone; a pool a killed writer left half-written is emptied first."""
+        with self.memory.lock.hold(exclusive=True):
+            self._attach()
+            if self.state[segments.DIRTY]:
+                log.warning("hash_map: a process died while writing the tables of dim %d; emptying them", self.dim)
+                self.clear()
+            # Set until the batch is done: only a process that dies inside leaves it set (an exception
+            # leaves the pool as consistent as it does in one process).
+            self.state[segments.DIRTY] = 1
+            try:
+                yield
+            finally:
+                self.state[segments.DIRTY] = 0
+
+    def clear(self) -> None:
+        """Drops every row (the level is a cache: they are fetched again from below)."""
+        self.rows = 0
+        self.counts[:] = 0
+        self.reallocate(MIN_ROWS)
+        self.rebuild(0)
 
     def add_table(self, name: str) -> int:
-        """The id of a new table in this pool."""
+        """The id of a new table in this pool (the next in the level's registry); callers hold writing()."""
         table_id = len(self.names)
         if table_id > np.iinfo(TABLE_ID).max:
             raise StorageError(f"hash_map: at most {np.iinfo(TABLE_ID).max + 1} tables of dim {self.dim}")
+        self.counts = self.memory.counts(table_id + 1)
         self.names.append(name)
-        self.counts = np.append(self.counts, 0)
+        # Another process may have counted this table already: it replays the same registry.
+        self.state[segments.NUM_TABLES] = max(int(self.state[segments.NUM_TABLES]), table_id + 1)
         return table_id
 
     def tick(self) -> np.uint32:
@@ -176,10 +291,14 @@ class _Pool:
             pos[pos == num_slots] = 0
 
     def rebuild(self, rows: int) -> None:
-        """Re-creates the slot index for `rows` rows, dropping tombstones."""
-        self.slots = np.full(int(max(rows, MIN_ROWS) / REBUILT_LOAD) + 1, EMPTY, dtype=np.int32)
-        self.tombstones = 0
+        """Re-creates the slot index for `rows` rows, dropping tombstones; published once complete."""
+        old = self._slot_array
+        self._use_slots(self._empty_slots(rows, old.generation + 1))
         self.place(0, rows)
+        self.tombstones = 0
+        self.state[segments.NUM_SLOTS] = len(self.slots)
+        self.state[segments.INDEX_GEN] = self._slot_array.generation
+        self.memory.retire(old)
 
     def reserve(self, rows: int) -> None:
         """Makes room in the dense arrays for `rows` rows."""
@@ -192,16 +311,18 @@ class _Pool:
         self.reallocate(capacity)
 
     def reallocate(self, capacity: int) -> None:
-        """Moves the dense arrays to new ones of `capacity` rows (at least `rows`)."""
-        table_ids = np.empty(capacity, dtype=TABLE_ID)
-        keys = np.empty(capacity, dtype=np.int64)
-        vectors = np.empty((capacity, self.dim), dtype=np.float32)
-        stamps = np.zeros(capacity, dtype=np.uint32)
-        table_ids[: self.rows] = self.table_ids[: self.rows]
-        keys[: self.rows] = self.keys[: self.rows]
-        vectors[: self.rows] = self.vectors[: self.rows]
-        stamps[: self.rows] = self.stamps[: self.rows]
-        self.table_ids, self.keys, self.vectors, self.stamps = table_ids, keys, vectors, stamps
+        """Moves the dense arrays to new ones of `capacity` rows (at least `rows`), then publishes them."""
+        old = self._rows_arrays
+        fresh = self.memory.new_rows(old.generation + 1, capacity, self.dim)
+        rows = self.rows
+        fresh.table_ids[:rows] = old.table_ids[:rows]
+        fresh.keys[:rows] = old.keys[:rows]
+        fresh.vectors[:rows] = old.vectors[:rows]
+        fresh.stamps[:rows] = old.stamps[:rows]
+        self._use_rows(fresh)
+        self.state[segments.CAPACITY] = capacity
+        self.state[segments.ROWS_GEN] = fresh.generation
+        self.memory.retire(old)
 
     def upsert(self, table_ids: np.ndarray, keys: np.ndarray, vectors: np.ndarray) -> None:
         # A stable sort of the reversed batch by (table id, key) puts the last occurrence of each pair first.
@@ -303,6 +424,7 @@ class HashMapLevel(StorageLevel):
         overflow_policy: str = "evict_random",
         overflow_resolution_target: float = 0.8,
         seed: int | None = None,
+        arena: Arena | None = None,
     ) -> None:
         if overflow_margin < 1:
             raise ValueError(f"overflow_margin: must be at least 1, got {overflow_margin}")
@@ -314,42 +436,82 @@ class HashMapLevel(StorageLevel):
         self.overflow_policy = overflow_policy
         self.overflow_target = max(1, int(overflow_resolution_target * overflow_margin))
         self._rng = np.random.default_rng(seed)
+        # Private memory unless given shared memory (create_shared, or attached by from_config).
+        self._arena = arena or Arena()
         self._tables: dict[str, _Table] = {}
         self._pools: dict[int, _Pool] = {}
-        self._tables_lock = threading.Lock()
+        # Registry entries this process has turned into _Tables (the registry only grows).
+        self._known = 0
 
     @classmethod
     def from_config(cls, config: VolatileDbConfig) -> HashMapLevel:
+        """A level in this process's memory, or attached to the shared one config.shared_memory names."""
         return cls(
             overflow_margin=config.overflow_margin,
             overflow_policy=config.overflow_policy,
             overflow_resolution_target=config.overflow_resolution_target,
+            arena=SharedArena(config.shared_memory, owner=False) if config.shared_memory else None,
         )
 
+    @classmethod
+    def create_shared(cls, config: VolatileDbConfig) -> HashMapLevel:
+        """A new level in shared memory, owned by this process (close() unlinks it); other processes
+        attach to it with from_config(replace(config, shared_memory=level.shared_name))."""
+        level = cls.from_config(config)
+        level._arena = SharedArena(segments.unique_name(), owner=True)
+        return level
+
+    @property
+    def shared_name(self) -> str:
+        """The name other processes attach by; empty for a level in private memory."""
+        return self._arena.shared_name
+
+    def _sync_registry(self) -> None:
+        """Turns tables other processes registered into _Tables; callers hold the registry lock."""
+        entries = self._arena.registry()
+        dims = list(dict.fromkeys(dim for _, dim in entries))
+        for name, dim in entries[self._known :]:
+            pool = self._pools.get(dim)
+            if pool is None:
+                pool = self._pools[dim] = _Pool(dim, self._arena.pool(dims.index(dim)))
+            with pool.writing():
+                self._tables[name] = _Table(pool, pool.add_table(name))
+        self._known = len(entries)
+
     def _table(self, table: str) -> _Table:
-        try:
-            return self._tables[table]
-        except KeyError:
-            raise UnknownTableError(f"hash_map: unknown table {table!r}") from None
+        found = self._tables.get(table)
+        if found is None:
+            with self._arena.registry_lock.hold(exclusive=False):
+                self._sync_registry()
+            found = self._tables.get(table)
+        if found is None:
+            raise UnknownTableError(f"hash_map: unknown table {table!r}")
+        return found
 
     def create_table(self, table: str, dim: int) -> None:
         if dim < 1:
             raise ValueError(f"dim: must be at least 1, got {dim}")
-        with self._tables_lock:
+        with self._arena.registry_lock.hold(exclusive=True):
+            self._sync_registry()
             existing = self._tables.get(table)
             if existing is not None:
                 if existing.pool.dim != dim:
                     raise StorageError(f"hash_map: table {table!r} has dim {existing.pool.dim}, not {dim}")
                 return
-            pool = self._pools.setdefault(dim, _Pool(dim))
-            with pool.lock:
-                self._tables[table] = _Table(pool, pool.add_table(table))
+            entries = [*self._arena.registry(), (table, dim)]
+            if len([name for name, d in entries if d == dim]) > np.iinfo(TABLE_ID).max + 1:
+                raise StorageError(f"hash_map: at most {np.iinfo(TABLE_ID).max + 1} tables of dim {dim}")
+            # Registered first, then its pool made: a process killed in between leaves a table whose pool
+            # the next process to read the registry makes.
+            self._arena.set_registry(entries)
+            self._sync_registry()
 
     def dim(self, table: str) -> int:
         return self._table(table).pool.dim
 
     def tables(self) -> list[str]:
-        with self._tables_lock:
+        with self._arena.registry_lock.hold(exclusive=False):
+            self._sync_registry()
             return sorted(self._tables)
 
     def _ids(self, table: str, keys: object) -> tuple[_Pool, np.ndarray, np.ndarray]:
@@ -375,7 +537,7 @@ class HashMapLevel(StorageLevel):
         return self._fetch(*self._many_ids(tables, keys, table_index))
 
     def _fetch(self, pool: _Pool, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with pool.lock:
+        with pool.reading():
             row, _ = pool.find(ids, keys)
             found = row >= 0
             # One gather for every key (misses read row 0, which always exists), then misses are zeroed:
@@ -400,7 +562,7 @@ class HashMapLevel(StorageLevel):
     def _insert(self, pool: _Pool, ids: np.ndarray, keys: np.ndarray, vectors: np.ndarray) -> None:
         if not len(keys):
             return
-        with pool.lock:
+        with pool.writing():
             pool.upsert(ids, keys, vectors)
             # Only tables this batch wrote to can be over: every earlier write resolved its own overflow.
             for table_id in np.flatnonzero(pool.counts > self.overflow_margin):
@@ -418,13 +580,17 @@ class HashMapLevel(StorageLevel):
         _, slots = pool.find(pool.table_ids[rows], pool.keys[rows])
         pool.remove(rows, slots)
         log.debug(
-            "hash_map: table %r overflowed, evicted %d rows (%s)", pool.names[table_id], excess, self.overflow_policy
+            "hash_map: table %d of dim %d overflowed, evicted %d rows (%s)",
+            table_id,
+            pool.dim,
+            excess,
+            self.overflow_policy,
         )
 
     def evict(self, table: str, keys: np.ndarray) -> int:
         t = self._table(table)
         keys = np.unique(as_keys(keys))
-        with t.pool.lock:
+        with t.pool.writing():
             row, slot = t.pool.find(np.full(len(keys), t.id, dtype=TABLE_ID), keys)
             present = row >= 0
             t.pool.remove(row[present], slot[present])
@@ -432,7 +598,7 @@ class HashMapLevel(StorageLevel):
 
     def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
         pool, ids, keys = self._ids(table, keys)
-        with pool.lock:
+        with pool.reading():
             row, _ = pool.find(ids, keys)
         return row >= 0
 
@@ -446,7 +612,7 @@ class HashMapLevel(StorageLevel):
         equal share of each table in an empty pool. The shares of a pool's tables add up to its bytes
         (give or take rounding)."""
         t = self._table(table)
-        with t.pool.lock:
+        with t.pool.reading():
             total = t.pool.memory_bytes()
             if t.pool.rows:
                 return total * int(t.pool.counts[t.id]) // t.pool.rows
@@ -462,7 +628,7 @@ class HashMapLevel(StorageLevel):
         t = self._table(table)
         start = 0
         while True:
-            with t.pool.lock:
+            with t.pool.reading():
                 positions, start = t.pool.next_rows_of(t.id, start, chunk_rows)
                 if not len(positions):
                     return
@@ -471,6 +637,11 @@ class HashMapLevel(StorageLevel):
             yield chunk
 
     def close(self) -> None:
-        with self._tables_lock:
+        """Lets go of the tables; the owner of a shared level unlinks its segments (processes still
+        attached keep their mappings until they close)."""
+        with self._arena.registry_lock.hold(exclusive=False):
             self._tables.clear()
+            for pool in self._pools.values():
+                pool.memory.close()
             self._pools.clear()
+        self._arena.close()

@@ -5,8 +5,10 @@ Fixtures that start real services (Redis, ...) live in tests/conftest.py; factor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -26,12 +28,21 @@ def _redis_cluster(request: pytest.FixtureRequest, config: VolatileDbConfig | No
     return RedisClusterLevel.from_config(config)
 
 
+def _shared_hash_map(request: pytest.FixtureRequest, config: VolatileDbConfig | None = None) -> StorageLevel:
+    """A level attached to a shared-memory one this test owns (the owner closes at teardown)."""
+    config = config or VolatileDbConfig()
+    owner = HashMapLevel.create_shared(config)
+    request.addfinalizer(owner.close)
+    return HashMapLevel.from_config(replace(config, shared_memory=owner.shared_name))
+
+
 LevelFactory = Callable[[pytest.FixtureRequest], StorageLevel]
 BoundedLevelFactory = Callable[[pytest.FixtureRequest, VolatileDbConfig], StorageLevel]
 
 # Every backend: the contract suite runs once per entry.
 LEVELS: dict[str, LevelFactory] = {
     "hash_map": lambda request: HashMapLevel(),
+    "shared_hash_map": _shared_hash_map,
     "rocksdb": lambda request: RocksDBLevel(request.getfixturevalue("tmp_path") / "rocksdb"),
     "redis_cluster": _redis_cluster,
 }
@@ -39,6 +50,7 @@ LEVELS: dict[str, LevelFactory] = {
 # Backends that enforce overflow_margin / overflow_policy themselves.
 BOUNDED_LEVELS: dict[str, BoundedLevelFactory] = {
     "hash_map": lambda request, config: HashMapLevel.from_config(config),
+    "shared_hash_map": _shared_hash_map,
     "redis_cluster": _redis_cluster,
 }
 
@@ -62,3 +74,13 @@ def bounded_level(request: pytest.FixtureRequest) -> Iterator[Callable[[Volatile
     yield open_level
     for level in opened:
         level.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shared_memory() -> Iterator[None]:
+    """Fails a test that leaves shared-memory segments of this process's levels behind, and removes them."""
+    yield
+    leaked = sorted(Path("/dev/shm").glob(f"hps{os.getpid()}_*"))
+    for path in leaked:
+        path.unlink()
+    assert not leaked, f"shared memory left behind: {[path.name for path in leaked]}"
