@@ -11,7 +11,8 @@ partitions, and partition i is two Redis hashes that share one hash tag, so both
                                            value: dim little-endian float32 (the vector's raw bytes)
     hps_et{hps_et.<model>.<table>/p<i>}t   field: the same key
                                            value: 8-byte little-endian int64 Unix time of the last write
-                                           or read; kept only under evict_oldest
+                                           (every insert, both policies: HPS reads it for overflow handling
+                                           and dumps) or read (refreshed by fetches under evict_oldest)
 
 A key goes to partition rrxmrrxmsx_0(uint64(key)) % num_partitions, with Pelle Evensen's 64-bit
 mixer (the one HPS uses): x ^= ror(x,25) ^ ror(x,50); x *= 0xA24BAED4963EE407;
@@ -499,8 +500,8 @@ class RedisClusterLevel(StorageLevel):
         for t, p, a, b in runs:
             slot = parts[t].slots[p]
             commands.append((slot, _command("HSET", parts[t].values[p], keys=ordered[a:b], values=rows[a:b])))
-            if self.overflow_policy == "evict_oldest":
-                commands.append((slot, _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b])))
+            # Under both policies: HPS's overflow handling and dumps read every row's access time.
+            commands.append((slot, _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b])))
         if self.ttl_seconds:
             for t, p in touched:
                 commands.append((parts[t].slots[p], _command("EXPIRE", parts[t].values[p], self.ttl_seconds, "NX")))
