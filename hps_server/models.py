@@ -51,6 +51,8 @@ class HostedModels:
         try:
             volatile = storage.open_volatile(config.volatile_db)
             levels = [level for level in (volatile, persistent) if level is not None]
+            if volatile is not None and persistent is not None:
+                volatile.serve_as_cache()
             for model in config.models:
                 try:
                     _prepare_tables(model, volatile, persistent, progress)

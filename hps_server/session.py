@@ -393,27 +393,55 @@ class LookupSession:
     # ---------------------------------------------------------------- online updates
 
     def upsert(self, table_name: str, keys: np.ndarray, vectors: np.ndarray) -> int:
-        """Writes rows into every writable level, lowest (authoritative) first, then refreshes L1."""
+        """Writes rows into every writable level, lowest (authoritative) first, then refreshes L1.
+
+        Acknowledged once the authoritative level has them: a level above that is unavailable has the
+        keys invalidated before it is read again (StorageLevel.serve_as_cache), so it does not fail the call."""
         table = self.table(table_name)
         keys = as_keys(keys)
         vectors = as_vectors(vectors, len(keys), table.dim)
         self._require_writable()
         with self._writing(table, lambda cache, index: cache.update(keys, vectors, _same(index, keys))):
-            for level in reversed(self.levels):
-                if not level.read_only:
-                    level.insert(table.storage_name, keys, vectors)
+            for authoritative, level in self._writable_levels():
+                self._write_level(
+                    authoritative, level, "insert", lambda lvl: lvl.insert(table.storage_name, keys, vectors)
+                )
         return len(keys)
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
         """Removes keys from every writable level and L1; returns how many distinct keys the lowest
-        writable level held (the persistent level holds every row, so that is the table's count)."""
+        writable level held (the persistent level holds every row, so that is the table's count). A level
+        above it that is unavailable does not fail the call, as for upsert."""
         table = self.table(table_name)
         keys = np.unique(as_keys(keys))
         self._require_writable()
-        writable = [level for level in reversed(self.levels) if not level.read_only]
+        removed = 0
         with self._writing(table, lambda cache, index: cache.invalidate(keys, _same(index, keys))):
-            removed = [level.evict(table.storage_name, keys) for level in writable]
-        return removed[0]
+            for authoritative, level in self._writable_levels():
+                held = self._write_level(authoritative, level, "evict", lambda lvl: lvl.evict(table.storage_name, keys))
+                removed = held if authoritative else removed
+        return removed
+
+    def _writable_levels(self) -> Iterator[tuple[bool, StorageLevel]]:
+        """(is it the authoritative one, level) for every writable level, lowest (the authority) first."""
+        writable = [level for level in reversed(self.levels) if not level.read_only]
+        for position, level in enumerate(writable):
+            yield position == 0, level
+
+    def _write_level(
+        self, authoritative: bool, level: StorageLevel, operation: str, write: Callable[[StorageLevel], int | None]
+    ) -> int:
+        """Runs one level's share of a write; a level above the authority being unavailable is counted and
+        logged, not raised (the level drops those keys before serving them again)."""
+        try:
+            return write(level) or 0
+        except LevelUnavailableError as e:
+            if authoritative:
+                raise
+            self._warn_unavailable(level.kind, "write acknowledged, its keys invalidated there before it is read", e)
+            if self.metrics is not None:
+                self.metrics.record_level_failure(level.kind, operation)
+            return 0
 
     def insert_if_unchanged(self, table: ServedTable, epoch: int, insert: Callable[[], None]) -> bool:
         """Runs `insert` (a copy of rows into a level above) unless an upsert or delete of the table came

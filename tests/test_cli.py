@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import yaml
 
 from hps_server import tables
@@ -81,20 +82,29 @@ def test_demo_once_serves_the_sample_model_and_prints_its_summary(tmp_path: Path
         assert level in result.stdout
 
 
-def test_import_to_redis(tmp_path: Path, capsys, redis_cluster_processes) -> None:
-    """`hps import --to redis` bulk-loads the tables into the configured Redis Cluster."""
+@pytest.mark.parametrize("policy", ["evict_random", "evict_oldest"])
+def test_import_to_redis(tmp_path: Path, capsys, redis_cluster_processes, policy: str) -> None:
+    """`hps import --to redis` bulk-loads the tables into the configured Redis Cluster, with HPS's `}t`
+    access time for every row under both overflow policies (HPS's eviction and dumps read it)."""
     from hps_server.config import VolatileDbConfig
-    from hps_server.storage.redis_cluster import RedisClusterLevel
+    from hps_server.storage.redis_cluster import RedisClusterLevel, hash_name
 
     redis_cluster_processes.flush()
     truth = write_sample_tables(tmp_path)
     config = _config_file(tmp_path, with_sources=True)
     document = yaml.safe_load(config.read_text())
-    document["volatile_db"] = {"type": "redis_cluster", "address": redis_cluster_processes.seed, "timeout_ms": 2000}
+    document["volatile_db"] = {
+        "type": "redis_cluster",
+        "address": redis_cluster_processes.seed,
+        "timeout_ms": 2000,
+        "overflow_policy": policy,
+    }
     config.write_text(yaml.safe_dump(document))
     assert main(["import", "--config", str(config), "--to", "redis"]) == 0
     assert "ctr.user: imported 5000 rows from" in capsys.readouterr().out
     level = RedisClusterLevel.from_config(VolatileDbConfig(address=redis_cluster_processes.seed, timeout_ms=2000))
+    host, port = redis_cluster_processes.seed.split(":")
+    client = redis.RedisCluster(host=host, port=int(port))
     try:
         for name, (rows, dim, _) in TABLE_SPECS.items():
             level.create_table(f"ctr.{name}", dim)
@@ -103,7 +113,13 @@ def test_import_to_redis(tmp_path: Path, capsys, redis_cluster_processes) -> Non
             got, found = level.fetch(f"ctr.{name}", keys)
             assert found.all()
             np.testing.assert_array_equal(got, vectors)
+            for p in range(level.num_partitions):
+                values = client.hkeys(hash_name(f"ctr.{name}", p, "v"))
+                times = client.hgetall(hash_name(f"ctr.{name}", p, "t"))
+                assert values and set(values) == set(times)
+                assert min(np.frombuffer(b"".join(times.values()), "<i8")) > 10**15  # microseconds
     finally:
+        client.close()
         level.close()
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from benchmarks.redis_cluster_launcher import RedisClusterProcesses
 from hps_client import Client, UnavailableError
 from hps_server import config as config_module
 from hps_server.server import HpsServer
+from hps_server.storage.redis_cluster import RedisClusterLevel, hash_name, partition_of
 from tests.conftest import ServedModel, sample_config, write_sample_tables
 
 REDIS = "redis_cluster"
@@ -228,3 +230,80 @@ def test_without_a_persistent_level_a_redis_outage_is_unavailable(
             np.testing.assert_array_equal(client.lookup("ctr", "user", keys), vectors)
     finally:
         server.stop(grace=1)
+
+
+def _written(served: ServedModel, keys: np.ndarray, vectors: np.ndarray, deleted: np.ndarray) -> None:
+    """Updates the served model's truth with an acknowledged upsert of `keys` and delete of `deleted`."""
+    stored, rows = served.truth["user"]
+    rows = rows.copy()
+    order = np.argsort(stored)
+    rows[order[np.searchsorted(stored, keys, sorter=order)]] = vectors
+    kept = ~np.isin(stored, deleted)
+    served.truth["user"] = (stored[kept], rows[kept])
+
+
+def _assert_redis_agrees(served: ServedModel, cluster: RedisClusterProcesses, keys: np.ndarray) -> None:
+    """No `}v` hash of the table holds a row other than the acknowledged one, nor a deleted key."""
+    level = served.server.models.volatile
+    assert isinstance(level, RedisClusterLevel)
+    name = served.config.model("ctr").storage_name(served.config.model("ctr").table("user"))
+    parts = partition_of(keys, level.num_partitions)
+    expected = served.expected("user", keys)
+    present = np.isin(keys, served.truth["user"][0])
+    host, port = cluster.seed.split(":")
+    with redis.RedisCluster(host=host, port=int(port)) as client:
+        for p in range(level.num_partitions):
+            mine = np.flatnonzero(parts == p)
+            values = client.hmget(hash_name(name, p, "v"), keys[mine].astype("<i8").view("V8").tolist())
+            held = np.array([value is not None for value in values], bool)
+            assert present[mine[held]].all(), "a deleted key is back in Redis"
+            rows = np.frombuffer(b"".join(v for v in values if v is not None), "<f4").reshape(-1, expected.shape[1])
+            np.testing.assert_array_equal(rows, expected[mine[held]])
+
+
+def test_writes_while_redis_is_frozen_succeed_and_are_never_contradicted(
+    served_over_redis: ServedModel, disposable_redis_cluster: RedisClusterProcesses
+) -> None:
+    """Upserts and Deletes with every Redis node frozen are acknowledged (RocksDB has them); once Redis
+    answers again (holding the old rows), it serves neither an old row nor a deleted one."""
+    served, cluster = served_over_redis, disposable_redis_cluster
+    keys = served.truth["user"][0][:MAX_KEYS]
+    new = np.full((100, 16), 7.5, np.float32)
+    with Client(served.target, timeout=10) as client:
+        _wait_for_redis_hits(served, client, keys)  # Redis holds the first rows
+        for port in cluster.ports:
+            cluster.pause_node(port)
+        try:
+            client.upsert("ctr", "user", keys[:100], new)
+            client.delete("ctr", "user", keys[100:150])
+            _written(served, keys[:100], new, keys[100:150])
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
+        finally:
+            for port in cluster.ports:
+                cluster.resume_node(port)
+        _wait_for_redis_hits(served, client, keys)
+        _assert_redis_agrees(served, cluster, keys)
+
+
+def test_cluster_restarted_from_an_old_snapshot_serves_no_older_row(
+    served_over_redis: ServedModel, disposable_redis_cluster: RedisClusterProcesses
+) -> None:
+    """Every node killed and restarted from a snapshot taken before an Upsert and a Delete: the new run
+    ids make hps flush the table's partitions, so neither the old rows nor the deleted ones are served."""
+    served, cluster = served_over_redis, disposable_redis_cluster
+    keys = served.truth["user"][0][:MAX_KEYS]
+    new = np.full((100, 16), -3.25, np.float32)
+    with Client(served.target, timeout=10) as client:
+        _wait_for_redis_hits(served, client, keys)
+        for port in cluster.masters_ports():
+            with cluster.client(port) as node:
+                node.save()  # the snapshot holds the first rows
+        client.upsert("ctr", "user", keys[:100], new)
+        client.delete("ctr", "user", keys[100:150])
+        _written(served, keys[:100], new, keys[100:150])
+        cluster.stop_all()
+        cluster.start_all()  # the masters load the old snapshot
+        for _ in range(3):
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
+        _wait_for_redis_hits(served, client, keys)
+        _assert_redis_agrees(served, cluster, keys)

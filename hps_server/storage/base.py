@@ -128,6 +128,12 @@ class StorageLevel(ABC):
             raise ValueError(f"tables: must share one dim, got dims {dims}")
         return keys, index.astype(np.intp, copy=False), dims[tables[0]]
 
+    def serve_as_cache(self) -> None:  # noqa: B027 - levels that never hold stale rows need not override
+        """Tells the level that a level below holds every row (it is a cache of it). An insert or evict
+        that raised LevelUnavailableError is then acknowledged all the same by the session once the level
+        below has it, so the level must not serve those keys again until it has dropped them; nor rows it
+        may have lost writes of (a restart). Dropped rows are fetched from below again."""
+
     def load(self, table: str, chunks: Iterable[KeyChunk]) -> int:
         """Bulk-inserts chunks (faster paths may override); returns rows written."""
         rows = 0

@@ -11,7 +11,8 @@ partitions, and partition i is two Redis hashes that share one hash tag, so both
                                            value: dim little-endian float32 (the vector's raw bytes)
     hps_et{hps_et.<model>.<table>/p<i>}t   field: the same key
                                            value: 8-byte little-endian int64 Unix time of the last write
-                                           or read; kept only under evict_oldest
+                                           (every insert, both policies: HPS reads it for overflow handling
+                                           and dumps) or read (refreshed by fetches under evict_oldest)
 
 A key goes to partition rrxmrrxmsx_0(uint64(key)) % num_partitions, with Pelle Evensen's 64-bit
 mixer (the one HPS uses): x ^= ror(x,25) ^ ror(x,50); x *= 0xA24BAED4963EE407;
@@ -27,6 +28,10 @@ writes those commands in the Redis protocol (RESP2) in one pass; they go pipelin
 connection per cluster node, the nodes served in parallel threads, and redis-py parses the replies
 (with hiredis when it is installed).
 
+A slot being migrated answers -ASK (sent again to the target behind ASKING), one moved answers
+-MOVED (slot map updated, sent again). Writes that failed are invalidated and restarted masters flushed
+before the next read (see docs/redis.md, "Redis is a cache").
+
 With ttl_seconds, a partition's hashes expire ttl_seconds after the first write into them
 (EXPIRE ... NX), so no row is served older than that; Redis 7.0 has no per-field expiry.
 """
@@ -34,6 +39,7 @@ With ttl_seconds, a partition's hashes expire ttl_seconds after the first write 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -67,6 +73,11 @@ TAG_PREFIX = "hps_et"
 _SECONDS_BELOW = 10**11
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
+# How often the masters' run ids are compared with the ones last seen (besides every new connection).
+_CHECK_INTERVAL_S = 2.0
+# Keys of one table remembered for invalidation; past it the whole table is flushed instead.
+STALE_KEYS_BOUND = 1 << 20
+_RUN_ID = re.compile(rb"run_id:(\w+)")
 # Replies that mean "the cluster is moving or down", not "the command was wrong".
 _UNAVAILABLE_REPLIES = (
     redis.exceptions.ClusterDownError,
@@ -83,6 +94,9 @@ Packed = list[bytes | memoryview]
 Command = tuple[int, Packed]
 """(cluster slot, packed command): one partition's share of a round trip."""
 _CRLF = np.frombuffer(b"\r\n", dtype=np.uint8)
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+# Redirections followed per call: a migration answers ASK, then MOVED once it is done.
+_MAX_REDIRECTS = 5
 
 
 def _now() -> int:
@@ -159,6 +173,7 @@ class _Partitions:
     """Where one table's rows live: hash names and cluster slots of each partition."""
 
     def __init__(self, table: str, dim: int, num_partitions: int) -> None:
+        self.table = table
         self.dim = dim
         self.values = [hash_name(table, p, "v") for p in range(num_partitions)]
         self.times = [hash_name(table, p, "t") for p in range(num_partitions)]
@@ -217,6 +232,16 @@ class RedisClusterLevel(StorageLevel):
         }
         self._tables: dict[str, _Partitions] = {}
         self._lock = threading.Lock()
+        # Whether a level below holds every row, so rows here may be dropped to stay consistent with it.
+        self._cache = False
+        # Run id of every master as last verified ("host:port" -> run id); empty until first contact.
+        self._run_ids: dict[str, str] = {}
+        # What Redis may hold stale, dropped before it is read again: keys of writes whose outcome in Redis
+        # is unknown (table -> key arrays), and whole partitions (a restarted or new master's, or a table
+        # past STALE_KEYS_BOUND).
+        self._stale_keys: dict[str, list[np.ndarray]] = {}
+        self._stale_partitions: set[tuple[str, int]] = set()
+        self._repair_lock = threading.Lock()
         self._closed = threading.Event()
         self._recovery: threading.Thread | None = None
         self._generation = 0
@@ -230,6 +255,13 @@ class RedisClusterLevel(StorageLevel):
         except LevelUnavailableError as e:
             log.warning("redis cluster at %s unreachable at start; serving without it until it answers", address)
             self._fail(self._generation, str(e))
+        self._watch = threading.Thread(target=self._watch_run_ids, name="hps-redis-watch", daemon=True)
+        self._watch.start()
+
+    def serve_as_cache(self) -> None:
+        """A level below holds every row: from now on, writes that may not have reached Redis and masters
+        that restarted (or were promoted) are invalidated here before Redis is read again."""
+        self._cache = True
 
     @classmethod
     def from_config(cls, config: VolatileDbConfig) -> RedisClusterLevel:
@@ -251,12 +283,21 @@ class RedisClusterLevel(StorageLevel):
     # ------------------------------------------------------------ connection and failure handling
 
     def _connect(self) -> RedisCluster:
-        """A fresh client with fresh connections and topology; checks every master is ok."""
+        """A fresh client with fresh connections and topology; checks every master is ok and compares its run
+        id with the one last seen (see _trust). From then on every new connection of the client checks its
+        node's run id too, so a master restarted behind a reconnect is never read unchecked."""
+        armed = threading.Event()
+
+        def verify(connection: redis.Connection) -> None:
+            if armed.is_set():
+                self._verify(connection)
+
         try:
             client = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in self._seeds],
                 retry=Retry(NoBackoff(), 0),
                 require_full_coverage=True,
+                redis_connect_func=verify,
                 **self._client_options,
             )
         except _CONNECTION_ERRORS as e:
@@ -271,6 +312,7 @@ class RedisClusterLevel(StorageLevel):
                 state = client.get_redis_connection(node).execute_command("CLUSTER INFO").get("cluster_state")
                 if state != "ok":
                     raise LevelUnavailableError(f"redis cluster: node {node.name} says cluster_state {state}")
+            run_ids = self._run_ids_of(client)
         except _CONNECTION_ERRORS as e:
             client.close()
             raise LevelUnavailableError(f"redis cluster: not ready: {e}") from e
@@ -279,7 +321,64 @@ class RedisClusterLevel(StorageLevel):
             raise
         # Remember every node seen, so a later reconnect works when the configured seeds are the dead ones.
         self._seeds |= {(node.host, int(node.port)) for node in client.get_nodes()}
+        with self._lock:
+            self._trust(client, run_ids)
+        armed.set()
         return client
+
+    @staticmethod
+    def _run_ids_of(client: RedisCluster) -> dict[str, str]:
+        """Each master's run id (INFO server), by "host:port"."""
+        return {
+            node.name: client.get_redis_connection(node).execute_command("INFO", "server")["run_id"]
+            for node in client.get_primaries()
+        }
+
+    def _trust(self, client: RedisCluster, run_ids: dict[str, str]) -> None:
+        """Takes `run_ids` as the masters' verified ones; a master whose run id differs from the one last
+        seen restarted (maybe from an old snapshot), and one not seen as a master before may be a replica
+        promoted before it had every write: each partition it serves is marked to be flushed. Holds _lock."""
+        if self._cache and self._run_ids:
+            changed = {name for name, run_id in run_ids.items() if self._run_ids.get(name) != run_id}
+            if changed:
+                log.warning(
+                    "redis masters %s restarted or are new: their partitions refill from below", sorted(changed)
+                )
+            for parts in self._tables.values():
+                for p, slot in enumerate(parts.slots):
+                    if client.nodes_manager.get_node_from_slot(slot).name in changed:
+                        self._stale_partitions.add((parts.table, p))
+        self._run_ids = run_ids
+
+    def _verify(self, connection: redis.Connection) -> None:
+        """A new connection's node must be a master under the run id last verified (redis-py reconnects
+        by itself, also to a node that restarted); otherwise the call fails and recovery checks it."""
+        connection.send_command("INFO", "server")
+        found = _RUN_ID.search(connection.read_response())
+        name = f"{connection.host}:{connection.port}"
+        if found is None or self._run_ids.get(name) != found.group(1).decode():
+            raise redis.exceptions.ConnectionError(f"node {name} restarted or is not a known master")
+
+    def _watch_run_ids(self) -> None:
+        """Every _CHECK_INTERVAL_S: compares the masters' run ids with the verified ones and drops what may be
+        stale at once (so other replicas sharing the cluster do not wait for this one's next read)."""
+        while not self._closed.wait(_CHECK_INTERVAL_S):
+            try:
+                client, generation = self._current()
+            except LevelUnavailableError:
+                continue  # recovery checks them when it reconnects
+            try:
+                run_ids = self._run_ids_of(client)
+            except _CONNECTION_ERRORS as e:
+                self._fail(generation, f"{type(e).__name__}: {e}")
+                continue
+            with self._lock:
+                if generation == self._generation:
+                    self._trust(client, run_ids)
+            try:
+                self._repair()
+            except StorageError as e:
+                log.debug("redis cluster: stale rows not dropped yet: %s", e)
 
     def _current(self) -> tuple[RedisCluster, int]:
         with self._lock:
@@ -328,38 +427,40 @@ class RedisClusterLevel(StorageLevel):
 
     def _execute(self, commands: Sequence[Command]) -> list[Any]:
         """Runs commands, pipelined per node (one write, then every reply), nodes in parallel; returns the
-        raw replies in command order."""
+        raw replies in command order.
+
+        A slot being migrated (resharding) answers -ASK for a hash already moved: that command goes to the
+        target node behind ASKING. A slot moved for good answers -MOVED: the slot map takes the new owner
+        and the command is sent there. A MOVED to a node not verified as a master (a replica promoted by a
+        failover, which may have missed writes) fails the call instead, so recovery checks it first."""
         client, generation = self._current()
         try:
-            by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
-            for i, (slot, _) in enumerate(commands):
-                node = client.nodes_manager.get_node_from_slot(slot)
-                by_node.setdefault(node.name, (node, []))[1].append(i)
             replies: list[Any] = [None] * len(commands)
-
-            def run(node: ClusterNode, indices: list[int]) -> None:
-                pool = client.get_redis_connection(node).connection_pool
-                connection = pool.get_connection()
-                try:
-                    connection.send_packed_command(list(chain.from_iterable(commands[i][1] for i in indices)))
-                    for i in indices:
-                        replies[i] = connection.read_response()
-                except BaseException:
-                    connection.disconnect()  # replies may be left unread on it
-                    raise
-                finally:
-                    pool.release(connection)
-
-            groups = list(by_node.values())
-            futures = [self._nodes_pool.submit(run, node, indices) for node, indices in groups[1:]]
-            try:
-                if groups:
-                    run(*groups[0])
-            finally:
-                for future in futures:
-                    future.exception()  # wait for every node before reporting
-            for future in futures:
-                future.result()
+            pending = [
+                (i, client.nodes_manager.get_node_from_slot(slot), packed) for i, (slot, packed) in enumerate(commands)
+            ]
+            for _ in range(_MAX_REDIRECTS):
+                self._round(client, pending, replies)
+                pending = []
+                for i, reply in enumerate(replies):
+                    if not isinstance(reply, redis.exceptions.AskError):  # MovedError is one too
+                        continue
+                    target = f"{reply.host}:{reply.port}"
+                    if isinstance(reply, redis.exceptions.MovedError):
+                        if target not in self._run_ids:
+                            raise reply
+                        client.nodes_manager.move_slot(reply)
+                        pending.append((i, client.nodes_manager.get_node_from_slot(commands[i][0]), commands[i][1]))
+                    else:
+                        node = client.nodes_manager.get_node(host=reply.host, port=reply.port) or ClusterNode(
+                            reply.host, reply.port
+                        )
+                        pending.append((i, node, [_ASKING, *commands[i][1]]))
+                if not pending:
+                    break
+            for reply in replies:
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    raise reply
             return replies
         except redis.exceptions.ResponseError as e:
             if isinstance(e, _UNAVAILABLE_REPLIES):
@@ -369,6 +470,101 @@ class RedisClusterLevel(StorageLevel):
         except _CONNECTION_ERRORS as e:
             self._fail(generation, f"{type(e).__name__}: {e}")
             raise LevelUnavailableError(f"redis cluster: {type(e).__name__}: {e}") from e
+
+    def _round(self, client: RedisCluster, commands: list[tuple[int, ClusterNode, Packed]], replies: list[Any]) -> None:
+        """Sends (index, node, packed) commands, one pipelined write per node, nodes in parallel, and stores
+        each reply (or the error the node answered, as an exception object) at its index. A command sent
+        behind ASKING has ASKING's +OK read and dropped."""
+        by_node: dict[str, tuple[ClusterNode, list[tuple[int, Packed]]]] = {}
+        for i, node, packed in commands:
+            by_node.setdefault(node.name, (node, []))[1].append((i, packed))
+
+        def run(node: ClusterNode, items: list[tuple[int, Packed]]) -> None:
+            pool = client.get_redis_connection(node).connection_pool
+            connection = pool.get_connection()
+            try:
+                connection.send_packed_command(list(chain.from_iterable(packed for _, packed in items)))
+                for i, packed in items:
+                    if packed[0] is _ASKING:
+                        connection.read_response()
+                    try:
+                        replies[i] = connection.read_response()
+                    except redis.exceptions.ResponseError as e:  # a whole reply was read: the stream stays in step
+                        replies[i] = e
+            except BaseException:
+                connection.disconnect()  # replies may be left unread on it
+                raise
+            finally:
+                pool.release(connection)
+
+        groups = list(by_node.values())
+        futures = [self._nodes_pool.submit(run, node, items) for node, items in groups[1:]]
+        try:
+            if groups:
+                run(*groups[0])
+        finally:
+            for future in futures:
+                future.exception()  # wait for every node before reporting
+        for future in futures:
+            future.result()
+
+    # ------------------------------------------------------------ keeping the cache honest
+
+    def _record_stale(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray) -> None:
+        """Remembers keys whose write failed (it may or may not have reached Redis) so they are dropped
+        before Redis is read again; a table past STALE_KEYS_BOUND keys is flushed whole instead."""
+        if not self._cache:
+            return  # Redis is the authority: a failed write was reported, nothing below to refill from
+        with self._lock:
+            for t in np.unique(index).tolist():
+                table = parts[t].table
+                pending = self._stale_keys.setdefault(table, [])
+                pending.append(keys[index == t])
+                if sum(map(len, pending)) > STALE_KEYS_BOUND:
+                    del self._stale_keys[table]
+                    self._stale_partitions |= {(table, p) for p in range(self.num_partitions)}
+
+    def _repair(self) -> None:
+        """Drops from Redis what may be stale (HDEL of recorded keys, DEL of flagged partitions); what was
+        recorded meanwhile stays for the next repair. Raises LevelUnavailableError when Redis refuses, so a
+        read falls through and the rows are treated as misses until a repair succeeds."""
+        if not (self._stale_keys or self._stale_partitions):
+            return
+        with self._repair_lock:  # readers wait here: none reads before the repair it needs is done
+            with self._lock:
+                keys = {table: list(arrays) for table, arrays in self._stale_keys.items()}
+                partitions = set(self._stale_partitions)
+            if not (keys or partitions):
+                return  # another reader repaired it
+            commands: list[Command] = []
+            for table, p in sorted(partitions):
+                parts = self._tables[table]
+                # One DEL per hash: both live in one slot, but a slot being migrated refuses multi-key commands.
+                commands += [(parts.slots[p], _command("DEL", name)) for name in (parts.values[p], parts.times[p])]
+            for table, arrays in keys.items():
+                parts = self._tables[table]
+                unique = np.unique(np.concatenate(arrays))
+                order, runs = self._split(unique, np.zeros(len(unique), dtype=np.intp))
+                ordered = unique[order]
+                for _, p, a, b in runs:
+                    for name in (parts.values[p], parts.times[p]):
+                        commands.append((parts.slots[p], _command("HDEL", name, keys=ordered[a:b])))
+            self._execute(commands)
+            with self._lock:
+                self._stale_partitions -= partitions
+                for table, arrays in keys.items():
+                    pending = self._stale_keys.get(table)
+                    # Arrays are only appended: the first ones are those repaired, unless the table was
+                    # flushed whole since (a new list).
+                    if pending is not None and all(a is b for a, b in zip(pending, arrays, strict=False)):
+                        del pending[: len(arrays)]
+                        if not pending:
+                            del self._stale_keys[table]
+            log.info(
+                "redis cluster: dropped %d partitions and the keys of %d tables that may be stale",
+                len(partitions),
+                len(keys),
+            )
 
     # ------------------------------------------------------------ the contract
 
@@ -412,6 +608,7 @@ class RedisClusterLevel(StorageLevel):
     def _hmget(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         """(order, flat replies of HMGET on the value hashes, in `order`): one pipelined round per node for
         every table's partitions."""
+        self._repair()
         order, runs = self._split(keys, index)
         ordered = keys[order]
         replies = self._execute(
@@ -486,10 +683,19 @@ class RedisClusterLevel(StorageLevel):
         self._insert([self._writable(table) for table in tables], keys, index, vectors)
 
     def _insert(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
-        """HSETs of every table's partitions (the last row of a repeated key wins: HSET applies fields in
-        order) with access times, TTLs and each touched partition's HLEN, in one round per node."""
+        """Writes the rows (_write); a write that failed may or may not have reached Redis, so its keys are
+        recorded to be dropped before Redis is read again."""
         if not len(keys):
             return
+        try:
+            self._write(parts, keys, index, vectors)
+        except StorageError:
+            self._record_stale(parts, keys, index)
+            raise
+
+    def _write(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
+        """HSETs of every table's partitions (the last row of a repeated key wins: HSET applies fields in
+        order) with access times, TTLs and each touched partition's HLEN, in one round per node."""
         order, runs = self._split(keys, index)
         ordered = keys[order]
         rows = vectors[order].view(np.uint8)
@@ -499,8 +705,8 @@ class RedisClusterLevel(StorageLevel):
         for t, p, a, b in runs:
             slot = parts[t].slots[p]
             commands.append((slot, _command("HSET", parts[t].values[p], keys=ordered[a:b], values=rows[a:b])))
-            if self.overflow_policy == "evict_oldest":
-                commands.append((slot, _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b])))
+            # Under both policies: HPS's overflow handling and dumps read every row's access time.
+            commands.append((slot, _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b])))
         if self.ttl_seconds:
             for t, p in touched:
                 commands.append((parts[t].slots[p], _command("EXPIRE", parts[t].values[p], self.ttl_seconds, "NX")))
@@ -544,7 +750,12 @@ class RedisClusterLevel(StorageLevel):
         for _, p, a, b in runs:
             commands.append((parts.slots[p], _command("HDEL", parts.values[p], keys=ordered[a:b])))
             commands.append((parts.slots[p], _command("HDEL", parts.times[p], keys=ordered[a:b])))
-        return sum(int(n) for n in self._execute(commands)[0::2])
+        try:
+            return sum(int(n) for n in self._execute(commands)[0::2])
+        except StorageError:
+            # A delete that may not have reached Redis: the rows must not be served from it again.
+            self._record_stale([parts], keys, np.zeros(len(keys), dtype=np.intp))
+            raise
 
     def contains(self, table: str, keys: np.ndarray) -> np.ndarray:
         parts = self._table(table)
@@ -557,6 +768,7 @@ class RedisClusterLevel(StorageLevel):
 
     def size(self, table: str) -> int:
         parts = self._table(table)
+        self._repair()
         replies = self._execute(
             [(parts.slots[p], _command("HLEN", parts.values[p])) for p in range(self.num_partitions)]
         )
@@ -565,6 +777,7 @@ class RedisClusterLevel(StorageLevel):
     def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
         """Rows of every partition via HSCAN; rows written while dumping may be missed or repeated."""
         parts = self._table(table)
+        self._repair()
         for p in range(self.num_partitions):
             cursor = b"0"
             while True:

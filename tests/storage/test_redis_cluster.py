@@ -568,3 +568,123 @@ def test_unreachable_at_start_serves_once_the_cluster_answers(disposable_redis_c
         _wait_until_serving(lvl, "m.t", np.arange(10, dtype=np.int64))
     finally:
         lvl.close()
+
+
+# ---------------------------------------------------------------- resharding and invalidation
+
+
+def _node_id(client: redis.Redis) -> str:
+    return client.execute_command("CLUSTER MYID").decode()
+
+
+def test_lookups_during_a_slot_migration_follow_ask_and_moved(
+    redis_cluster_processes: RedisClusterProcesses, level: RedisClusterLevel, table: str
+) -> None:
+    """A table's slot migrated hash by hash (ASK while half-moved, MOVED after) under lookups and inserts:
+    every lookup succeeds and is exact."""
+    cluster = redis_cluster_processes
+    keys = np.arange(4000, dtype=np.int64) * 7_919
+    level.insert(table, keys, rows(keys))
+    parts = level._tables[table]
+    slot = parts.slots[0]
+    owners = {port: cluster.client(port) for port in cluster.masters_ports()}  # one client per master, closed below
+    try:
+        source = next(p for p, c in owners.items() if c.execute_command("CLUSTER COUNTKEYSINSLOT", slot))
+        target = next(p for p in owners if p != source)
+        errors: list[BaseException] = []
+        lookups = [0]
+        stop = threading.Event()
+
+        def keep_looking_up() -> None:
+            while not stop.is_set():
+                try:
+                    vectors, found = level.fetch(table, keys)
+                    assert found.all()
+                    np.testing.assert_array_equal(vectors, rows(keys))
+                    level.insert(table, keys[:100], rows(keys[:100]))
+                except BaseException as e:  # a failed or wrong lookup fails the test
+                    errors.append(e)
+                    return
+                lookups[0] += 1
+
+        thread = threading.Thread(target=keep_looking_up)
+        thread.start()
+        try:
+            src, dst = owners[source], owners[target]
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", _node_id(src))
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", _node_id(dst))
+            for name in (parts.values[0], parts.times[0]):
+                before = lookups[0]
+                src.execute_command("MIGRATE", "127.0.0.1", target, name, 0, 5000)
+                deadline = time.monotonic() + 10
+                while lookups[0] < before + 3 and not errors and time.monotonic() < deadline:
+                    time.sleep(0.01)  # lookups while the slot is half moved: ASK
+            for client in owners.values():
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", _node_id(dst))
+            before = lookups[0]
+            deadline = time.monotonic() + 10
+            while lookups[0] < before + 3 and not errors and time.monotonic() < deadline:
+                time.sleep(0.01)  # lookups after: MOVED
+        finally:
+            stop.set()
+            thread.join()
+        assert not errors, errors[0]
+        assert level.failures == 0
+        assert dst.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 2
+    finally:
+        for client in owners.values():
+            client.close()
+
+
+def test_a_failed_write_is_invalidated_before_the_next_read(
+    disposable_redis_cluster: RedisClusterProcesses, table: str
+) -> None:
+    """Writes while the cluster is frozen may or may not land; once it answers, their keys are dropped
+    before any read, and past the bound the whole table is."""
+    cluster = disposable_redis_cluster
+    lvl = RedisClusterLevel(cluster.seed, num_partitions=4, timeout_ms=300)
+    lvl.serve_as_cache()
+    try:
+        lvl.create_table(table, DIM)
+        keys = np.arange(1000, dtype=np.int64)
+        lvl.insert(table, keys, rows(keys))
+        for port in cluster.ports:
+            cluster.pause_node(port)
+        with pytest.raises(LevelUnavailableError):
+            lvl.insert(table, keys[:10], rows(keys[:10]) + 1)  # times out: outcome unknown
+        with pytest.raises(LevelUnavailableError):
+            lvl.evict(table, keys[10:20])  # fails fast
+        for port in cluster.ports:
+            cluster.resume_node(port)
+        deadline = time.monotonic() + 30
+        while not lvl.available:
+            assert time.monotonic() < deadline, "the level did not come back"
+            time.sleep(0.05)
+        _, found = lvl.fetch(table, keys)
+        np.testing.assert_array_equal(found, keys >= 20)
+    finally:
+        for port in cluster.ports:
+            cluster.resume_node(port)
+        lvl.close()
+
+
+def test_past_the_bound_the_whole_table_is_flushed(
+    redis_cluster: str, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("hps_server.storage.redis_cluster.STALE_KEYS_BOUND", 5)
+    lvl = RedisClusterLevel(redis_cluster, num_partitions=4, timeout_ms=2000)
+    lvl.serve_as_cache()
+    try:
+        lvl.create_table(table, DIM)
+        keys = np.arange(100, dtype=np.int64)
+        lvl.insert(table, keys, rows(keys))
+        parts = lvl._tables[table]
+        lvl._record_stale([parts], keys[:3], np.zeros(3, dtype=np.intp))
+        _, found = lvl.fetch(table, keys)
+        np.testing.assert_array_equal(found, keys >= 3)  # only the recorded keys
+        lvl._record_stale([parts], keys[:10], np.zeros(10, dtype=np.intp))
+        assert lvl.size(table) == 0  # 10 keys > bound: the whole table
+        lvl.insert(table, keys, rows(keys))
+        assert lvl.contains(table, keys).all()  # flushed once, not for ever
+    finally:
+        lvl.close()
