@@ -1,7 +1,8 @@
 """Prometheus collectors of one server instance, the gRPC interceptor that counts RPCs, and the /metrics endpoint.
 
-Callers report whole batches (one call per request, table or level with counts); nothing here
-touches keys one by one, and label values are bounded (configured models and tables, fixed level names).
+Lookup counts are NumPy arrays a pass adds to in a few operations (LookupTally), read when Prometheus
+scrapes; nothing here touches keys one by one or is updated once per table, and label values are bounded
+(configured models and tables, fixed level names).
 """
 
 from __future__ import annotations

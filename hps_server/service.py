@@ -1,7 +1,9 @@
-"""gRPC servicers for hps.v1: decode request bytes into arrays, call the model's session, encode the reply.
+"""gRPC servicers for hps.v1: decode and check requests, coalesce concurrent Lookups into one pass of the
+models' sessions, encode the replies.
 
-Every bad input becomes a status code with a message naming the field; nothing here touches a level
-directly, and the hot path is a few NumPy calls per table, never per key.
+Every bad input becomes a status code with a message naming the field, before any level work; nothing here
+touches a level directly, and no per-key Python runs (a packed request costs O(1) NumPy calls, a request of
+TableQueries a few per query).
 """
 
 from __future__ import annotations
