@@ -40,8 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         return serve_workers(config, LOG_FORMAT)
     from hps_server.server import serve
 
-    serve(config)
-    return 0
+    return serve(config)
 
 
 def _processes(text: str) -> int:

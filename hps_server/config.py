@@ -132,6 +132,9 @@ class PersistentDbConfig:
     num_threads: int = 16
     # Keys per multi_get; larger batches are chunked.
     max_batch_size: int = 65536
+    # fsync the write-ahead log before a write is acknowledged: acknowledged writes then survive a power
+    # loss, not only a process kill (docs/performance.md has its cost).
+    sync_writes: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,7 +379,7 @@ _HPS_VOLATILE_EXTRAS = {
     "max_batch_size_per_node",
     "max_set_size",
 }
-_PERSISTENT_KEYS = {"type", "path", "read_only", "num_threads", "max_batch_size"}
+_PERSISTENT_KEYS = {"type", "path", "read_only", "num_threads", "max_batch_size", "sync_writes"}
 _HPS_PERSISTENT_EXTRAS = {"update_filters", "max_get_batch_size", "max_set_batch_size", "num_partitions"}
 _VOLATILE_ALIASES = {"parallel_hash_map": "hash_map", "multi_process_hash_map": "hash_map"}
 _PERSISTENT_ALIASES = {"rocks_db": "rocksdb"}
@@ -447,6 +450,7 @@ def _persistent(raw: Any, base: Path, hps: bool) -> PersistentDbConfig:
         read_only=s.get("read_only", d.read_only, _bool),
         num_threads=s.get("num_threads", d.num_threads, _int(1)),
         max_batch_size=batch,
+        sync_writes=s.get("sync_writes", d.sync_writes, _bool),
     )
 
 

@@ -17,7 +17,7 @@ from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig, shown
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
-from hps_server.storage.base import StorageLevel
+from hps_server.storage.base import StorageError, StorageLevel
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,18 @@ class HostedModels:
         )
 
     def close(self) -> None:
+        """Closes the sessions, then every level even when one fails; raises the first level's StorageError."""
         for session in self.sessions.values():
             session.close()
+        failures = []
         for level in (self.volatile, self.persistent):
             if level is not None:
-                level.close()
+                try:
+                    level.close()
+                except StorageError as e:
+                    failures.append(e)
+        if failures:
+            raise failures[0]
 
 
 def prepare_levels(config: Config, progress: bool = False, warm_volatile: bool = False) -> None:
@@ -155,7 +162,7 @@ def _prepare_tables(
         if not authoritative.read_only:
             authoritative.create_table(name, table.dim)
         if table.source is not None and authoritative.size(name) == 0:
-            log.info("ingesting %s from %s", name, table.source)
+            log.info("ingesting %s from the folder %r", name, table.source.name)
             rows = transfer.import_table(authoritative, name, table.source, table.dim, progress=progress)
             log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)
         if volatile is not None and volatile is not authoritative:

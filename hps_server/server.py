@@ -21,6 +21,7 @@ from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
 from hps_server.service import Lookups, service_handlers
+from hps_server.storage.base import StorageError
 from hps_wire._proto import hps_pb2
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class HpsServer:
         self._warming: threading.Thread | None = None
         self._before_serving = before_serving
         self._stopped = threading.Event()
+        self._closed = threading.Event()
+        # Why closing the levels failed at the end (a final flush), or None: the exit code says so.
+        self.close_failure: str | None = None
         self._state = threading.Lock()  # orders the SERVING flip after warm-up against a stop
 
     def start(self) -> int:
@@ -136,14 +140,22 @@ class HpsServer:
         self._grpc.stop(grace).wait()
         if self._warming is not None:
             self._warming.join()  # it sees the stop between chunks; the levels must outlive it
-        self.models.close()
-        if self._metrics_endpoint is not None:
-            self._metrics_endpoint.close()
+        try:
+            self.models.close()
+        except StorageError as e:
+            # Acknowledged writes may be lost: the process must not exit as if all went well.
+            self.close_failure = str(e)
+            log.error("closing the levels failed: %s", e)
+        finally:
+            if self._metrics_endpoint is not None:
+                self._metrics_endpoint.close()
+            self._closed.set()
         log.info("stopped")
 
     def wait(self) -> None:
-        """Blocks until stop() has finished."""
+        """Blocks until stop() has finished (the levels closed)."""
         self._grpc.wait_for_termination()
+        self._closed.wait()
 
 
 # Bytes a request may carry beyond its arrays: names, tags and lengths per query, and the message's own.
@@ -163,14 +175,15 @@ def largest_request_bytes(config: Config) -> int:
     return max(lookup, write) + _REQUEST_OVERHEAD_BYTES
 
 
-def serve(config: Config, cache_factory: CacheFactory | None = None) -> None:
-    """Runs a server in the foreground until SIGTERM or SIGINT, then drains and exits."""
+def serve(config: Config, cache_factory: CacheFactory | None = None) -> int:
+    """Runs a server in the foreground until SIGTERM or SIGINT, then drains; the exit code (see below)."""
     keep_large_blocks_in_heap()
-    serve_until_signalled(HpsServer(config, cache_factory, progress=True))
+    return serve_until_signalled(HpsServer(config, cache_factory, progress=True))
 
 
-def serve_until_signalled(server: HpsServer) -> None:
-    """Starts `server` and serves until SIGTERM or SIGINT, then drains; a failed start closes it and raises."""
+def serve_until_signalled(server: HpsServer) -> int:
+    """Starts `server` and serves until SIGTERM or SIGINT, then drains; returns 0, or 1 when closing the
+    levels failed (writes may be lost). A failed start closes it and raises."""
     try:
         server.start()
     except BaseException:
@@ -184,3 +197,4 @@ def serve_until_signalled(server: HpsServer) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.wait()
+    return 0 if server.close_failure is None else 1

@@ -328,6 +328,7 @@ def _tolerant(message: Any) -> Callable[[bytes], object]:
 
 
 _malformed_warning = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
+_storage_failures = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
 
 
 def _parsed(request: object) -> None:
@@ -354,7 +355,7 @@ def _guarded(context: grpc.ServicerContext, call: str, work):  # type: ignore[no
         # The level a reply cannot do without is down: the call is safe to retry.
         _abort(context, RequestError(grpc.StatusCode.UNAVAILABLE, str(e)))
     except StorageError as e:
-        log.exception("%s failed in a storage level", call)
+        _storage_failures.warn("%s failed in a storage level: %s", call, e)
         _abort(context, RequestError(grpc.StatusCode.INTERNAL, f"storage error: {e}"))
 
 

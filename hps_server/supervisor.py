@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -336,4 +337,5 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
 
     threading.Thread(target=report_serving, name="hps-report", daemon=True).start()
     threading.Thread(target=leave_with_the_supervisor, name="hps-orphan", daemon=True).start()
-    serve_until_signalled(server)
+    if serve_until_signalled(server):
+        sys.exit(1)  # closing the levels failed: the supervisor logs the exit code

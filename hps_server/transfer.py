@@ -55,7 +55,8 @@ def import_table(
     chunk_rows = chunk_rows or max(1, IMPORT_CHUNK_BYTES // (dim * 4 + 8))
     chunks = _counted(files.chunks(chunk_rows), files.rows, f"import {table}", progress)
     rows = level.load(table, chunks)
-    log.info("imported %d rows of %s from %s (%s format)", rows, table, files.path, files.format)
+    # The folder's name only: logs carry no server paths.
+    log.info("imported %d rows of %s from the folder %r (%s format)", rows, table, files.path.name, files.format)
     return rows
 
 

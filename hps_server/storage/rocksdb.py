@@ -18,7 +18,9 @@ served; the half-built family is dropped at the next read-write open.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -32,9 +34,11 @@ import numpy as np
 import rocksdict
 
 from hps_server.config import PersistentDbConfig
+from hps_server.log_limits import RateLimitedWarning
 from hps_server.storage.base import (
     DEFAULT_CHUNK_ROWS,
     KeyChunk,
+    LevelUnavailableError,
     StorageError,
     StorageLevel,
     UnknownTableError,
@@ -45,6 +49,18 @@ from hps_server.storage.base import (
 log = logging.getLogger(__name__)
 
 _META_CF = "default"
+# Stands for the server's RocksDB folder in every message and log line.
+FOLDER_IN_MESSAGES = "<rocksdb folder>"
+WARN_INTERVAL_SECONDS = 30
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder, None when it is gone."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _options(num_threads: int) -> rocksdict.Options:
@@ -115,24 +131,37 @@ class RocksDBLevel(StorageLevel):
         read_only: bool = False,
         num_threads: int = 16,
         max_batch_size: int = 65536,
+        sync_writes: bool = False,
     ) -> None:
+        """sync_writes: fsync the WAL before a write returns (survives a power loss, not only a crash)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be at least 1, got {max_batch_size}")
         self.path = Path(path)
         self.read_only = read_only
         self.max_batch_size = max_batch_size
         self._write_lock = threading.Lock()
-        options = _options(num_threads)
+        self._options = _options(num_threads)
+        self._write_options = rocksdict.WriteOptions()
+        self._write_options.sync = sync_writes
+        self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
+        if read_only and not (self.path / "CURRENT").exists():
+            raise StorageError(f"rocksdb: no database in the folder {self.path.name!r} to open read-only")
+        self._open()
+        # Which folder this is: writes stop once it is removed or replaced (they would be lost at restart).
+        self._folder = _identity(self.path)
+        mode = "read-only" if read_only else "read-write"
+        log.info("rocksdb: opened %s (%s), tables %s", self.path.name, mode, self.tables())
+
+    def _open(self) -> None:
+        """Opens the database and reads every table's dim, row count and column family."""
         exists = (self.path / "CURRENT").exists()
-        if read_only and not exists:
-            raise StorageError(f"rocksdb: no database at {self.path} to open read-only")
-        names = rocksdict.Rdict.list_cf(str(self.path), options) if exists else [_META_CF]
+        names = rocksdict.Rdict.list_cf(str(self.path), self._options) if exists else [_META_CF]
         families = {name: rocksdict.Options(raw_mode=True) for name in names if name != _META_CF}
-        access = rocksdict.AccessType.read_only() if read_only else rocksdict.AccessType.read_write()
+        access = rocksdict.AccessType.read_only() if self.read_only else rocksdict.AccessType.read_write()
         try:
-            self._db = rocksdict.Rdict(str(self.path), options, column_families=families, access_type=access)
+            self._db = rocksdict.Rdict(str(self.path), self._options, column_families=families, access_type=access)
         except Exception as exc:
-            raise StorageError(f"rocksdb: cannot open {self.path}: {exc}") from exc
+            raise LevelUnavailableError(f"rocksdb: cannot open the database: {self._hidden(exc)}") from None
         self._meta = self._db.get_column_family_handle(_META_CF)
         self._dims: dict[str, int] = {}
         self._rows: dict[str, int] = {}
@@ -160,8 +189,32 @@ class RocksDBLevel(StorageLevel):
         in_use = set(self._physical.values())
         for name in (name for name in families if _VERSION_MARK in name and name not in in_use):
             self._discard_unfinished_replacement(name)
-        mode = "read-only" if read_only else "read-write"
-        log.info("rocksdb: opened %s (%s), tables %s", self.path, mode, self.tables())
+
+    def _hidden(self, error: BaseException) -> str:
+        """RocksDB's message without the server's folder path in it (clients and logs never see paths)."""
+        text = str(error)
+        for path in {str(self.path.resolve()), str(self.path)}:
+            text = text.replace(path, FOLDER_IN_MESSAGES)
+        return text
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Every write, under the write lock: refused while the folder is gone or replaced (RocksDB would
+        take it into files already unlinked, to be lost at restart); a RocksDB failure becomes
+        LevelUnavailableError with no path in it, so nothing is acknowledged that RocksDB did not take."""
+        if _identity(self.path) != self._folder:
+            raise LevelUnavailableError(
+                "rocksdb: the data folder was removed or replaced while serving; writes are refused until a "
+                "restart opens it anew (what they wrote would be lost)"
+            )
+        try:
+            yield
+        except (StorageError, ValueError):
+            raise
+        except Exception as e:
+            failure = self._hidden(e)
+            self._outages.warn("%s writes failing: %s", "rocksdb", failure)
+            raise LevelUnavailableError(f"rocksdb: write failed: {failure}") from None
 
     @classmethod
     def from_config(cls, config: PersistentDbConfig) -> RocksDBLevel:
@@ -170,6 +223,7 @@ class RocksDBLevel(StorageLevel):
             read_only=config.read_only,
             num_threads=config.num_threads,
             max_batch_size=config.max_batch_size,
+            sync_writes=config.sync_writes,
         )
 
     # -- tables ---------------------------------------------------------------------------------
@@ -185,7 +239,7 @@ class RocksDBLevel(StorageLevel):
                 raise StorageError(f"rocksdb: table {table!r} exists with dim {known}, asked for dim {dim}")
             return
         self._check_writable(table)
-        with self._write_lock:
+        with self._write_lock, self._writing():
             if table in self._dims:
                 return
             family = (
@@ -196,7 +250,7 @@ class RocksDBLevel(StorageLevel):
             batch = rocksdict.WriteBatch(raw_mode=True)
             batch.put(f"dim/{table}".encode(), _int_bytes(dim), self._meta)
             batch.put(f"rows/{table}".encode(), _int_bytes(0), self._meta)
-            self._db.write(batch)
+            self._db.write(batch, self._write_options)
             self._families[table] = family
             self._physical[table] = table
             self._rows[table] = 0
@@ -221,8 +275,11 @@ class RocksDBLevel(StorageLevel):
         """Stored values of `keys` (b'' where absent), one multi_get per max_batch_size keys."""
         family = self._families[table]
         values: list[bytes] = []
-        for start in range(0, len(keys), self.max_batch_size):
-            values += family.get(_key_bytes(keys[start : start + self.max_batch_size]), b"")
+        try:
+            for start in range(0, len(keys), self.max_batch_size):
+                values += family.get(_key_bytes(keys[start : start + self.max_batch_size]), b"")
+        except Exception as e:
+            raise LevelUnavailableError(f"rocksdb: read of {table} failed: {self._hidden(e)}") from None
         return values
 
     def fetch(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +325,7 @@ class RocksDBLevel(StorageLevel):
 
     def _check_writable(self, table: str) -> None:
         if self.read_only:
-            raise StorageError(f"rocksdb: {self.path} is open read-only; cannot write table {table!r}")
+            raise StorageError(f"rocksdb: the database is open read-only; cannot write table {table!r}")
 
     def insert(self, table: str, keys: np.ndarray, vectors: np.ndarray) -> None:
         dim = self.dim(table)
@@ -279,13 +336,13 @@ class RocksDBLevel(StorageLevel):
             return
         handle = self._db.get_column_family_handle(self._physical[table])
         distinct = keys[_last_of_each(keys)]
-        with self._write_lock:
+        with self._write_lock, self._writing():
             added = int((~self._present(table, distinct)).sum())
             batch = rocksdict.WriteBatch(raw_mode=True)
             # WriteBatch applies puts in order, so a key repeated in the batch keeps its last row.
             deque(map(batch.put, _key_bytes(keys), _row_bytes(vectors), repeat(handle)), maxlen=0)
             batch.put(f"rows/{table}".encode(), _int_bytes(self._rows[table] + added), self._meta)
-            self._db.write(batch)
+            self._db.write(batch, self._write_options)
             self._rows[table] += added
 
     def evict(self, table: str, keys: np.ndarray) -> int:
@@ -294,14 +351,14 @@ class RocksDBLevel(StorageLevel):
         self._check_writable(table)
         distinct = np.unique(keys)
         handle = self._db.get_column_family_handle(self._physical[table])
-        with self._write_lock:
+        with self._write_lock, self._writing():
             present = distinct[self._present(table, distinct)]
             if len(present) == 0:
                 return 0
             batch = rocksdict.WriteBatch(raw_mode=True)
             deque(map(batch.delete, _key_bytes(present), repeat(handle)), maxlen=0)
             batch.put(f"rows/{table}".encode(), _int_bytes(self._rows[table] - len(present)), self._meta)
-            self._db.write(batch)
+            self._db.write(batch, self._write_options)
             self._rows[table] -= len(present)
             return len(present)
 
@@ -323,14 +380,14 @@ class RocksDBLevel(StorageLevel):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}-ingest-", dir=self.path.parent))
         written = 0
-        with self._write_lock:
+        with self._write_lock, self._writing():
             replacing = self._rows[table] > 0
             if replacing:
                 target = self._next_family(table)
                 family = self._db.create_column_family(target, rocksdict.Options(raw_mode=True))
             else:  # removed once every chunk is in; found at open, it means the load never finished
                 family = self._families[table]
-                self._db.put(_loading_key(table), b"")
+                self._db.put(_loading_key(table), b"", self._write_options)
             # The distinct keys of the load are the rows it leaves: counted once at the end (8 bytes per
             # row in memory) rather than by a presence multi_get per chunk, which costs several times
             # the ingest itself.
@@ -357,7 +414,7 @@ class RocksDBLevel(StorageLevel):
                 if replacing:
                     self._switch(table, target, family, _distinct(loaded) if loaded else 0)
                 else:
-                    self._db.delete(_loading_key(table))
+                    self._db.delete(_loading_key(table), self._write_options)
             except BaseException:
                 if replacing:
                     del family
@@ -381,7 +438,7 @@ class RocksDBLevel(StorageLevel):
         batch = rocksdict.WriteBatch(raw_mode=True)
         batch.put(_family_key(table), target.encode(), self._meta)
         batch.put(f"rows/{table}".encode(), _int_bytes(rows), self._meta)
-        self._db.write(batch)
+        self._db.write(batch, self._write_options)
         previous = self._physical[table]
         self._families[table], self._physical[table], self._rows[table] = family, target, rows
         self._drop_family(previous)
@@ -412,16 +469,26 @@ class RocksDBLevel(StorageLevel):
         self._db.drop_column_family(table)
         self._families[table] = self._db.create_column_family(table, rocksdict.Options(raw_mode=True))
         self._store_rows(table, 0)
-        self._db.delete(_loading_key(table))
+        self._db.delete(_loading_key(table), self._write_options)
 
     def _store_rows(self, table: str, rows: int) -> None:
-        self._db.put(f"rows/{table}".encode(), _int_bytes(rows))
+        self._db.put(f"rows/{table}".encode(), _int_bytes(rows), self._write_options)
         self._rows[table] = rows
 
     def close(self) -> None:
+        """Flushes and closes; StorageError (no path in it) when the final flush fails, after closing."""
         # RocksDB shuts down only when no column family object or handle refers to it any more.
         self._families.clear()
         del self._meta
-        if not self.read_only:
-            self._db.flush()
-        self._db.close()
+        failure = None
+        try:
+            if not self.read_only:
+                self._db.flush()
+        except Exception as e:
+            failure = self._hidden(e)
+        try:
+            self._db.close()
+        except Exception as e:  # a database whose writes fail does not close cleanly either
+            failure = failure or self._hidden(e)
+        if failure is not None:
+            raise StorageError(f"rocksdb: the final flush failed, writes since the last one may be lost: {failure}")

@@ -1,0 +1,157 @@
+"""RocksDB failing under a running server: writes refused cleanly (UNAVAILABLE, no server path in the
+message or the log), a removed data folder never acknowledged into, a failed final flush a non-zero exit.
+
+Faults are real: the folder is made immutable with chattr (root ignores permission bits) or removed."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hps_client import Client, UnavailableError
+from hps_server import config as config_module
+from hps_server.server import HpsServer
+from tests.conftest import TABLE_SPECS, sample_config, write_sample_tables
+
+
+@contextlib.contextmanager
+def immutable(folder: Path) -> Iterator[None]:
+    """No file can be created in or removed from `folder` while inside, for root too."""
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def _server(tmp_path: Path) -> tuple[HpsServer, str, Path]:
+    write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    server = HpsServer(config)
+    port = server.start()
+    return server, f"127.0.0.1:{port}", config.persistent_db.path
+
+
+def _fill(client: Client, start: int, rows: int = 20_000) -> None:
+    keys = np.arange(start, start + rows)
+    client.upsert("ctr", "user", keys, np.ones((rows, 16), np.float32))
+
+
+def test_a_failing_disk_makes_writes_unavailable_without_paths_and_lookups_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, target, folder = _server(tmp_path)
+    try:
+        with Client(target) as client, immutable(folder):
+            with pytest.raises(UnavailableError) as refused:
+                for batch in range(60):  # enough rows to need a new log or table file
+                    _fill(client, 10**7 + batch * 20_000)
+            message = str(refused.value)
+            assert "rocksdb: write failed" in message and "<rocksdb folder>" in message
+            assert str(folder) not in message and str(tmp_path) not in message
+            keys = np.array([10**7, 10**7 + 1])
+            assert client.lookup("ctr", "user", keys).shape == (2, 16)  # reads are still answered
+        assert not any(str(tmp_path) in record.getMessage() for record in caplog.records)
+    finally:
+        server.stop(grace=1)
+
+
+def test_writes_into_a_removed_data_folder_are_refused_not_acknowledged(tmp_path: Path) -> None:
+    server, target, folder = _server(tmp_path)
+    try:
+        with Client(target) as client:
+            _fill(client, 10**7, 10)
+            shutil.rmtree(folder)
+            with pytest.raises(UnavailableError, match="data folder was removed or replaced"):
+                _fill(client, 2 * 10**7, 10)
+            with pytest.raises(UnavailableError, match="data folder was removed or replaced"):
+                client.delete("ctr", "user", [10**7])
+    finally:
+        server.stop(grace=1)
+
+
+def test_sync_writes_is_read_from_config_and_used(tmp_path: Path) -> None:
+    raw = {"persistent_db": {"path": "db", "sync_writes": True}, "models": []}
+    config = config_module.parse(raw, tmp_path)
+    assert config.persistent_db.sync_writes
+    from hps_server.storage.rocksdb import RocksDBLevel
+
+    level = RocksDBLevel.from_config(config.persistent_db)
+    try:
+        assert level._write_options.sync
+        level.create_table("m.t", 2)
+        level.insert("m.t", np.array([1]), np.ones((1, 2), np.float32))
+        assert level.size("m.t") == 1
+    finally:
+        level.close()
+
+
+def test_a_failed_final_flush_makes_hps_serve_exit_non_zero(tmp_path: Path) -> None:
+    write_sample_tables(tmp_path)
+    raw = {
+        "server": {"address": "127.0.0.1:0", "shutdown_grace_seconds": 1},
+        "volatile_db": {"type": "hash_map", "initial_cache_rate": 0.0},
+        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
+        "models": [
+            {
+                "name": "ctr",
+                "max_batch_size": 64,
+                "gpucache": False,
+                "tables": [
+                    {"name": name, "dim": dim, "default_value": default, "source": name, "max_keys_per_sample": 4}
+                    for name, (_, dim, default) in TABLE_SPECS.items()
+                ],
+            }
+        ],
+    }
+    folder = tmp_path / "rocksdb"
+    path = tmp_path / "hps.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_AND_REPORT_PORT, str(path), str(port_file)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(3000):
+            if port_file.exists() and port_file.read_text():
+                break
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            subprocess.run(["sleep", "0.01"], check=True)
+        with Client(f"127.0.0.1:{port_file.read_text()}") as client:
+            _fill(client, 10**7, 100)  # in the memtable: the final flush has to write it
+        with immutable(folder):
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 1
+        assert "closing the levels failed" in stderr and "final flush failed" in stderr
+        assert str(tmp_path) not in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+# Serves a config like `hps serve` (serve() and its exit code) and writes the port it bound to a file.
+_SERVE_AND_REPORT_PORT = """
+import logging, sys
+from pathlib import Path
+from hps_server import config, server
+logging.basicConfig(level=logging.INFO)
+original = server.HpsServer.start
+def start(self):
+    port = original(self)
+    Path(sys.argv[2]).write_text(str(port))
+    return port
+server.HpsServer.start = start
+sys.exit(server.serve(config.load(sys.argv[1])))
+"""
