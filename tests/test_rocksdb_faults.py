@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _fill(client: Client, start: int, rows: int = 20_000) -> None:
     client.upsert("ctr", "user", keys, np.ones((rows, 16), np.float32))
 
 
-def test_a_failing_disk_makes_writes_unavailable_without_paths_and_lookups_go_on(
+def test_a_failing_disk_makes_writes_unavailable_without_paths_then_they_recover(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server, target, folder = _server(tmp_path)
@@ -60,6 +61,17 @@ def test_a_failing_disk_makes_writes_unavailable_without_paths_and_lookups_go_on
             assert str(folder) not in message and str(tmp_path) not in message
             keys = np.array([10**7, 10**7 + 1])
             assert client.lookup("ctr", "user", keys).shape == (2, 16)  # reads are still answered
+        # The fault fixed, writes work again without a restart (the level reopens the database).
+        with Client(target) as client:
+            for _ in range(300):
+                try:
+                    _fill(client, 9 * 10**7, 10)
+                    break
+                except UnavailableError:
+                    threading.Event().wait(0.05)  # at most one reopen a second
+            got = client.lookup_tables("ctr", {"user": np.arange(9 * 10**7, 9 * 10**7 + 10)})["user"]
+            assert got.found.all()
+            np.testing.assert_array_equal(got.vectors, np.ones((10, 16), np.float32))
         assert not any(str(tmp_path) in record.getMessage() for record in caplog.records)
     finally:
         server.stop(grace=1)

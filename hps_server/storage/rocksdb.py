@@ -19,11 +19,13 @@ served; the half-built family is dropped at the next read-write open.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import repeat
@@ -52,6 +54,19 @@ _META_CF = "default"
 # Stands for the server's RocksDB folder in every message and log line.
 FOLDER_IN_MESSAGES = "<rocksdb folder>"
 WARN_INTERVAL_SECONDS = 30
+# After a failed write, the next write reopens the database to see whether the fault is gone, at most this often.
+RECOVER_SECONDS = 1.0
+# Written (to the metadata family) to check that writes reach the disk again after a failure.
+_PROBE_KEY = b"probe/writable"
+
+
+def _takes_files(folder: Path) -> bool:
+    """Whether a file can be created in (and removed from) the folder now."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hps-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -144,6 +159,9 @@ class RocksDBLevel(StorageLevel):
         self._write_options = rocksdict.WriteOptions()
         self._write_options.sync = sync_writes
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
+        # Why writes fail (set by a failed write, no path in it), and when the database was last reopened.
+        self._failure: str | None = None
+        self._reopened = 0.0
         if read_only and not (self.path / "CURRENT").exists():
             raise StorageError(f"rocksdb: no database in the folder {self.path.name!r} to open read-only")
         self._open()
@@ -207,14 +225,42 @@ class RocksDBLevel(StorageLevel):
                 "rocksdb: the data folder was removed or replaced while serving; writes are refused until a "
                 "restart opens it anew (what they wrote would be lost)"
             )
+        if self._failure is not None:
+            self._recover()
         try:
             yield
         except (StorageError, ValueError):
             raise
         except Exception as e:
-            failure = self._hidden(e)
-            self._outages.warn("%s writes failing: %s", "rocksdb", failure)
-            raise LevelUnavailableError(f"rocksdb: write failed: {failure}") from None
+            self._failure = self._hidden(e)
+            self._outages.warn("%s writes failing: %s", "rocksdb", self._failure)
+            raise LevelUnavailableError(f"rocksdb: write failed: {self._failure}") from None
+
+    def _recover(self) -> None:
+        """After a failed write: RocksDB keeps refusing writes once one failed (its error is sticky), so once
+        the folder takes files again the database is closed and opened anew, at most once per
+        RECOVER_SECONDS. Callers hold the write lock and no handle of the old database (its file lock goes
+        with the last reference to it)."""
+        now = time.monotonic()
+        if now - self._reopened < RECOVER_SECONDS or not _takes_files(self.path):
+            raise LevelUnavailableError(f"rocksdb: writes failing: {self._failure}")
+        self._reopened = now
+        self._families.clear()
+        self.__dict__.pop("_meta", None)
+        database = self.__dict__.pop("_db", None)
+        with contextlib.suppress(Exception):  # a database whose writes fail does not close cleanly either
+            database.close()
+        del database
+        gc.collect()  # frames of the failed write may still refer to the old database
+        self._open()
+        try:  # a write that reaches the disk: the log and the folder take files again
+            self._db.put(_PROBE_KEY, b"", self._write_options)
+            self._db.flush()
+        except Exception as e:
+            self._failure = self._hidden(e)
+            raise LevelUnavailableError(f"rocksdb: writes failing: {self._failure}") from None
+        self._failure = None
+        log.warning("rocksdb: writes work again (the database was reopened)")
 
     @classmethod
     def from_config(cls, config: PersistentDbConfig) -> RocksDBLevel:
@@ -273,9 +319,9 @@ class RocksDBLevel(StorageLevel):
 
     def _values(self, table: str, keys: np.ndarray) -> list[bytes]:
         """Stored values of `keys` (b'' where absent), one multi_get per max_batch_size keys."""
-        family = self._families[table]
         values: list[bytes] = []
         try:
+            family = self._families[table]  # gone while a failed database is reopened
             for start in range(0, len(keys), self.max_batch_size):
                 values += family.get(_key_bytes(keys[start : start + self.max_batch_size]), b"")
         except Exception as e:
@@ -334,9 +380,9 @@ class RocksDBLevel(StorageLevel):
         self._check_writable(table)
         if len(keys) == 0:
             return
-        handle = self._db.get_column_family_handle(self._physical[table])
         distinct = keys[_last_of_each(keys)]
         with self._write_lock, self._writing():
+            handle = self._db.get_column_family_handle(self._physical[table])
             added = int((~self._present(table, distinct)).sum())
             batch = rocksdict.WriteBatch(raw_mode=True)
             # WriteBatch applies puts in order, so a key repeated in the batch keeps its last row.
@@ -350,8 +396,8 @@ class RocksDBLevel(StorageLevel):
         keys = as_keys(keys)
         self._check_writable(table)
         distinct = np.unique(keys)
-        handle = self._db.get_column_family_handle(self._physical[table])
         with self._write_lock, self._writing():
+            handle = self._db.get_column_family_handle(self._physical[table])
             present = distinct[self._present(table, distinct)]
             if len(present) == 0:
                 return 0
@@ -479,7 +525,9 @@ class RocksDBLevel(StorageLevel):
         """Flushes and closes; StorageError (no path in it) when the final flush fails, after closing."""
         # RocksDB shuts down only when no column family object or handle refers to it any more.
         self._families.clear()
-        del self._meta
+        self.__dict__.pop("_meta", None)
+        if "_db" not in self.__dict__:  # a reopen after write failures did not succeed
+            raise StorageError(f"rocksdb: closed with writes failing: {self._failure}")
         failure = None
         try:
             if not self.read_only:
