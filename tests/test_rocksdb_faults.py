@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from hps_client import Client, UnavailableError
 from hps_server import config as config_module
 from hps_server.server import HpsServer
-from tests.conftest import TABLE_SPECS, sample_config, write_sample_tables
+from tests.conftest import sample_config, write_sample_config, write_sample_tables
 
 
 @contextlib.contextmanager
@@ -108,26 +107,8 @@ def test_sync_writes_is_read_from_config_and_used(tmp_path: Path) -> None:
 
 
 def test_a_failed_final_flush_makes_hps_serve_exit_non_zero(tmp_path: Path) -> None:
-    write_sample_tables(tmp_path)
-    raw = {
-        "server": {"address": "127.0.0.1:0", "shutdown_grace_seconds": 1},
-        "volatile_db": {"type": "hash_map", "initial_cache_rate": 0.0},
-        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
-        "models": [
-            {
-                "name": "ctr",
-                "max_batch_size": 64,
-                "gpucache": False,
-                "tables": [
-                    {"name": name, "dim": dim, "default_value": default, "source": name, "max_keys_per_sample": 4}
-                    for name, (_, dim, default) in TABLE_SPECS.items()
-                ],
-            }
-        ],
-    }
+    path, _ = write_sample_config(tmp_path, "127.0.0.1:0", shutdown_grace_seconds=1)
     folder = tmp_path / "rocksdb"
-    path = tmp_path / "hps.yaml"
-    path.write_text(yaml.safe_dump(raw))
     port_file = tmp_path / "port"
     process = subprocess.Popen(
         [sys.executable, "-c", _SERVE_AND_REPORT_PORT, str(path), str(port_file)],
