@@ -162,6 +162,27 @@ class _CacheCollector(Collector):
         yield hit_rate
 
 
+class _LevelCollector(Collector):
+    """Reads whether each level's writes fail when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self._sources: list[Callable[[], Iterable[tuple[str, bool]]]] = []
+
+    def add(self, source: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        self._sources.append(source)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        failing = GaugeMetricFamily(
+            "hps_level_writes_failing",
+            "1 while a level refuses writes after a failure (e.g. RocksDB's disk), until it recovers.",
+            labels=["level"],
+        )
+        for source in self._sources:
+            for level, writes_failing in source():
+                failing.add_metric([level], 1 if writes_failing else 0)
+        yield failing
+
+
 class _TallyCollector(Collector):
     """Turns the models' lookup tallies into counters and a histogram when Prometheus scrapes."""
 
@@ -245,6 +266,8 @@ class ServerMetrics:
         r.register(self._caches)
         self._tallies = _TallyCollector()
         r.register(self._tallies)
+        self._levels = _LevelCollector()
+        r.register(self._levels)
         self._requests = _Children(self.requests)
         self._request_seconds = _Children(self.request_seconds)
         self._in_flight = _Children(self.in_flight)
@@ -273,6 +296,10 @@ class ServerMetrics:
         self.model_events.labels(model, event).inc()
         if event == "loaded":
             self.models_loaded.inc()
+
+    def watch_levels(self, source: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        """Registers a callable listing (level kind, whether its writes fail); called on every scrape."""
+        self._levels.add(source)
 
     def watch_caches(self, source: Callable[[], Iterable[CacheOccupancy]]) -> None:
         """Registers a callable listing L1 caches; it is called on every scrape."""

@@ -103,6 +103,10 @@ class HostedModels:
             for cache in table.l1.caches
         ]
 
+    def level_states(self) -> list[tuple[str, bool]]:
+        """(kind, whether its writes fail now) of each level."""
+        return [(level.kind, level.writes_failing) for level in (self.volatile, self.persistent) if level is not None]
+
     def warm(self, stop: threading.Event, volatile: bool = True) -> None:
         """Copies initial_cache_rate of each table into the volatile level (unless `volatile` is False) and
         L1 (see warmup.py)."""

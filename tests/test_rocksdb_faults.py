@@ -6,16 +6,19 @@ Faults are real: the folder is made immutable with chattr (root ignores permissi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hps_client import Client, UnavailableError
 from hps_server import config as config_module
@@ -36,9 +39,21 @@ def immutable(folder: Path) -> Iterator[None]:
 def _server(tmp_path: Path) -> tuple[HpsServer, str, Path]:
     write_sample_tables(tmp_path)
     config = sample_config(tmp_path)
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, metrics_address="127.0.0.1:0"))
     server = HpsServer(config)
     port = server.start()
     return server, f"127.0.0.1:{port}", config.persistent_db.path
+
+
+def _writes_failing(server: HpsServer) -> float | None:
+    """hps_level_writes_failing{level="rocksdb"} as /metrics serves it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "hps_level_writes_failing" and sample.labels == {"level": "rocksdb"}:
+                return sample.value
+    return None
 
 
 def _fill(client: Client, start: int, rows: int = 20_000) -> None:
@@ -60,6 +75,7 @@ def test_a_failing_disk_makes_writes_unavailable_without_paths_then_they_recover
             assert str(folder) not in message and str(tmp_path) not in message
             keys = np.array([10**7, 10**7 + 1])
             assert client.lookup("ctr", "user", keys).shape == (2, 16)  # reads are still answered
+            assert _writes_failing(server) == 1.0
         # The fault fixed, writes work again without a restart (the level reopens the database).
         with Client(target) as client:
             for _ in range(300):
@@ -71,6 +87,7 @@ def test_a_failing_disk_makes_writes_unavailable_without_paths_then_they_recover
             got = client.lookup_tables("ctr", {"user": np.arange(9 * 10**7, 9 * 10**7 + 10)})["user"]
             assert got.found.all()
             np.testing.assert_array_equal(got.vectors, np.ones((10, 16), np.float32))
+        assert _writes_failing(server) == 0.0
         assert not any(str(tmp_path) in record.getMessage() for record in caplog.records)
     finally:
         server.stop(grace=1)

@@ -142,6 +142,12 @@ class StorageLevel(ABC):
             rows += len(keys)
         return rows
 
+    @property
+    def writes_failing(self) -> bool:
+        """Whether the level's writes fail now (a level that can tell: RocksDB after a failed write, until
+        it recovered); exported as hps_level_writes_failing."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - levels without resources need not override
         """Releases connections and files; the level is unusable afterwards."""
 

@@ -236,6 +236,10 @@ class RocksDBLevel(StorageLevel):
             self._outages.warn("%s writes failing: %s", "rocksdb", self._failure)
             raise LevelUnavailableError(f"rocksdb: write failed: {self._failure}") from None
 
+    @property
+    def writes_failing(self) -> bool:
+        return self._failure is not None
+
     def _recover(self) -> None:
         """After a failed write: RocksDB keeps refusing writes once one failed (its error is sticky), so once
         the folder takes files again the database is closed and opened anew, at most once per
