@@ -73,7 +73,6 @@ def decode_keys(keys: bytes, key_list: Sequence[int], field: str) -> np.ndarray:
 class _Query:
     """One TableQuery, decoded and checked: its table resolved, its keys and reduction as arrays."""
 
-    asked_as: str
     table: ServedTable
     keys: np.ndarray
     row_splits: np.ndarray
@@ -156,7 +155,8 @@ class Lookups:
                 vectors = clip_norms(vectors, query.max_norm)
             if query.combiner is not None:
                 vectors = combine(vectors, query.row_splits, query.combiner, query.weights)
-            results.append(LookupResult(query.asked_as, vectors.astype(prepared.wire_dtype, copy=False), outcome.found))
+            vectors = vectors.astype(prepared.wire_dtype, copy=False)
+            results.append(LookupResult(query.table.name, vectors, outcome.found))
         packed = prepared.packed
         if packed is None:
             return encode_lookup_response(request.model, results, request.request_id)
@@ -228,12 +228,7 @@ class Lookups:
         over = np.flatnonzero(counts > limits)
         if len(over):
             i = int(over[0])
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"packed.counts[{i}]: {int(counts[i])} keys for table {tables[i].name} exceed the limit of "
-                f"{int(limits[i])} (max_batch_size {session.model.max_batch_size} x max_keys_per_sample "
-                f"{tables[i].config.max_keys_per_sample})",
-            )
+            raise _too_many_keys(f"packed.counts[{i}]", int(counts[i]), session, tables[i])
         # Consecutive segments of one width and placement go down as one query: a split only where that changes.
         groups = [table.group for table in tables]
         cuts = [i for i in range(1, len(tables)) if groups[i] != groups[i - 1]]
@@ -265,20 +260,14 @@ class Lookups:
         keys = decode_keys(query.keys, query.key_list, field)
         if not 0 <= query.max_norm < math.inf:
             raise _invalid(f"{field}.max_norm: must be finite and >= 0 (0: no clipping), got {query.max_norm}")
-        limit = session.model.max_keys(table.config)
-        if len(keys) > limit:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{field}: {len(keys)} keys for table {table.name} exceed the limit of {limit} "
-                f"(max_batch_size {session.model.max_batch_size} x max_keys_per_sample "
-                f"{table.config.max_keys_per_sample})",
-            )
+        if len(keys) > session.model.max_keys(table.config):
+            raise _too_many_keys(field, len(keys), session, table)
         if not query.row_splits:
             if query.combiner != hps_pb2.COMBINER_UNSPECIFIED:
                 raise _invalid(f"{field}.combiner: needs row_splits (one offset per sample plus one)")
             if query.weights:
                 raise _invalid(f"{field}.weights: only used with row_splits and a combiner")
-            return _Query(query.table, table, keys, _NO_SPLITS, None, None, query.max_norm)
+            return _Query(table, keys, _NO_SPLITS, None, None, query.max_norm)
         combiner = _COMBINERS.get(query.combiner)
         if combiner is None:
             raise _invalid(f"{field}.combiner: row_splits needs a combiner (SUM, MEAN or SQRTN), got {query.combiner}")
@@ -298,10 +287,19 @@ class Lookups:
             check_row_splits(row_splits, len(keys))
         except ValueError as e:
             raise _invalid(f"{field}.{e}") from None
-        return _Query(query.table, table, keys, row_splits, weights, combiner, query.max_norm)
+        return _Query(table, keys, row_splits, weights, combiner, query.max_norm)
 
 
 _NO_SPLITS = np.empty(0, np.int64)
+
+
+def _too_many_keys(field: str, keys: int, session: LookupSession, table: ServedTable) -> RequestError:
+    model = session.model
+    return RequestError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{field}: {keys} keys for table {table.name} exceed the limit of {model.max_keys(table.config)} "
+        f"(max_batch_size {model.max_batch_size} x max_keys_per_sample {table.config.max_keys_per_sample})",
+    )
 
 
 class _Malformed:

@@ -249,12 +249,7 @@ class RocksDBLevel(StorageLevel):
         if now - self._reopened < RECOVER_SECONDS or not _takes_files(self.path):
             raise LevelUnavailableError(f"rocksdb: writes failing: {self._failure}")
         self._reopened = now
-        self._families.clear()
-        self.__dict__.pop("_meta", None)
-        database = self.__dict__.pop("_db", None)
-        with contextlib.suppress(Exception):  # a database whose writes fail does not close cleanly either
-            database.close()
-        del database
+        self._shut(flush=False)
         gc.collect()  # frames of the failed write may still refer to the old database
         self._open()
         try:  # a write that reaches the disk: the log and the folder take files again
@@ -525,22 +520,27 @@ class RocksDBLevel(StorageLevel):
         self._db.put(f"rows/{table}".encode(), _int_bytes(rows), self._write_options)
         self._rows[table] = rows
 
-    def close(self) -> None:
-        """Flushes and closes; StorageError (no path in it) when the final flush fails, after closing."""
+    def _shut(self, flush: bool) -> str | None:
+        """Drops every handle, flushes when asked, closes and forgets the database; what failed (no path in
+        it), or None. A database whose writes fail does not flush or close cleanly."""
         # RocksDB shuts down only when no column family object or handle refers to it any more.
         self._families.clear()
         self.__dict__.pop("_meta", None)
+        database = self.__dict__.pop("_db", None)
+        if database is None:  # gone already: a reopen after write failures did not succeed
+            return None
+        failure = None
+        for step in (database.flush, database.close) if flush else (database.close,):
+            try:
+                step()
+            except Exception as e:
+                failure = failure or self._hidden(e)
+        return failure
+
+    def close(self) -> None:
+        """Flushes and closes; StorageError (no path in it) when the final flush fails, after closing."""
         if "_db" not in self.__dict__:  # a reopen after write failures did not succeed
             raise StorageError(f"rocksdb: closed with writes failing: {self._failure}")
-        failure = None
-        try:
-            if not self.read_only:
-                self._db.flush()
-        except Exception as e:
-            failure = self._hidden(e)
-        try:
-            self._db.close()
-        except Exception as e:  # a database whose writes fail does not close cleanly either
-            failure = failure or self._hidden(e)
+        failure = self._shut(flush=not self.read_only)
         if failure is not None:
             raise StorageError(f"rocksdb: the final flush failed, writes since the last one may be lost: {failure}")
