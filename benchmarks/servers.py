@@ -116,21 +116,25 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def hps_server(config: Path, port: int, env: Mapping[str, str] | None = None) -> Iterator[str]:
-    """`hps serve --config` in a child process (config must listen on 127.0.0.1:port); yields its target.
-
-    `env` is added to this process's environment for the server.
-    """
+def served_process(config: Path, port: int, env: Mapping[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`hps serve --config` in a child process (config must listen on 127.0.0.1:port), yielded once it
+    serves. `env` is added to this process's environment for the server."""
     process = subprocess.Popen(
         [sys.executable, "-m", "hps_server.cli", "--log-level", "WARNING", "serve", "--config", str(config)],
         env={**os.environ, **(env or {})},
     )
-    target = f"127.0.0.1:{port}"
     try:
-        wait_serving(target, process)
-        yield target
+        wait_serving(f"127.0.0.1:{port}", process)
+        yield process
     finally:
         _stop(process)
+
+
+@contextlib.contextmanager
+def hps_server(config: Path, port: int, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """served_process(), yielding the server's target."""
+    with served_process(config, port, env):
+        yield f"127.0.0.1:{port}"
 
 
 def _start_echo(port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:

@@ -23,6 +23,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 BENCHMARKS = {
     "lookup": "benchmarks.lookup",
     "memory": "benchmarks.memory",
+    "group-memory": "benchmarks.group_memory",
     "cache": "benchmarks.cache",
     "redis": "benchmarks.redis",
     "layers": "benchmarks.layers",

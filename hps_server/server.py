@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
-from hps_server.models import CacheFactory, HostedModels
+from hps_server.models import CacheFactory, GroupRole, HostedModels
 from hps_server.service import Lookups, service_handlers
 from hps_server.storage.base import StorageError
 from hps_wire._proto import hps_pb2
@@ -33,8 +33,8 @@ class HpsServer:
     """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels.
 
     As one worker of several (supervisor.py): `shared_port` lets the others bind the same address,
-    `writes_refused` says why Upsert and Delete are refused, `warm_volatile=False` leaves the volatile level
-    out of warm-up (the supervisor warmed a shared one), and `before_serving(stopped)` runs after warm-up
+    `group` sends its writes to the group's writer, `warm_volatile=False` leaves the volatile level
+    out of warm-up (the writer warmed the shared one), and `before_serving(stopped)` runs after warm-up
     and before health reports SERVING (it may block until the others are warm, or `stopped` is set).
     """
 
@@ -45,7 +45,7 @@ class HpsServer:
         progress: bool = False,
         *,
         shared_port: bool = False,
-        writes_refused: str = "",
+        group: GroupRole | None = None,
         warm_volatile: bool = True,
         before_serving: Callable[[threading.Event], None] | None = None,
     ) -> None:
@@ -59,9 +59,7 @@ class HpsServer:
         self._metrics_endpoint: MetricsEndpoint | None = serve_metrics(config.server.metrics_address, self.metrics)
         self.metrics_port: int | None = self._metrics_endpoint.port if self._metrics_endpoint else None
         try:
-            self.models = HostedModels.open(
-                config, cache_factory, progress=progress, metrics=self.metrics, writes_refused=writes_refused
-            )
+            self.models = HostedModels.open(config, cache_factory, progress=progress, metrics=self.metrics, group=group)
         except BaseException:
             if self._metrics_endpoint is not None:
                 self._metrics_endpoint.close()

@@ -128,6 +128,10 @@ class StorageLevel(ABC):
             raise ValueError(f"tables: must share one dim, got dims {dims}")
         return keys, index.astype(np.intp, copy=False), dims[tables[0]]
 
+    def follow_writes(self) -> None:  # noqa: B027 - levels every process writes itself need not override
+        """Makes what another process (a group's writer) committed to this level visible here: a
+        read-only view of a database catches up. Levels shared live (memory, Redis) need nothing."""
+
     def serve_as_cache(self) -> None:  # noqa: B027 - levels that never hold stale rows need not override
         """Tells the level that a level below holds every row (it is a cache of it). An insert or evict
         that raised LevelUnavailableError is then acknowledged all the same by the session once the level
