@@ -33,7 +33,7 @@ from hps_server.cache.shared_l1 import CacheKey, OwnedGpuCaches, SharedCacheSpec
 from hps_server.config import Config
 from hps_server.models import GroupRole, HostedModels
 from hps_server.session import ServedTable
-from hps_server.storage.base import LevelUnavailableError
+from hps_server.storage.base import LevelUnavailableError, StorageError
 from hps_server.storage.segments import unique_name
 from hps_server.write_epochs import WriteEpochs
 
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # A worker that has not confirmed a refresh after this long is killed: it may be serving the old rows.
 REFRESH_TIMEOUT_SECONDS = 10.0
+# A worker gives up on the writer's answer after this long (the write may still land).
+WRITER_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,12 @@ def _answer(connection: Connection, handle: Callable[..., Any]) -> None:
                 reply: tuple[str, Any] = ("ok", handle(operation, *arguments))
             except Exception as e:  # the caller re-raises it: it is the caller's error
                 reply = ("error", e)
-            connection.send(reply)
+            try:
+                connection.send(reply)
+            except (EOFError, OSError):
+                raise
+            except Exception:  # an error that does not pickle: its text, as a storage error
+                connection.send(("error", StorageError(f"group writer: {reply[1]}")))
     connection.close()
 
 
@@ -229,13 +236,15 @@ class WriterLink:
             yield connection
         except (EOFError, OSError):
             connection.close()
-            raise LevelUnavailableError("the group's writer went away during the write; it may have landed") from None
+            raise LevelUnavailableError("the group's writer did not answer the write; it may have landed") from None
         with self._lock:
             self._idle.append(connection)
 
     def _call(self, *message: Any) -> Any:
         with self._connection() as connection:
             connection.send(message)
+            if not connection.poll(WRITER_TIMEOUT_SECONDS):
+                raise OSError("no answer")  # the connection is dropped: a late answer would be misread
             status, value = connection.recv()
         if status == "error":
             raise value
