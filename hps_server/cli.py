@@ -24,6 +24,7 @@ BENCHMARKS = {
     "lookup": "benchmarks.lookup",
     "memory": "benchmarks.memory",
     "group-memory": "benchmarks.group_memory",
+    "processes": "benchmarks.processes",
     "cache": "benchmarks.cache",
     "redis": "benchmarks.redis",
     "layers": "benchmarks.layers",
