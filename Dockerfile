@@ -19,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY hps_server ./hps_server
 COPY hps_client ./hps_client
 COPY hps_wire ./hps_wire
-COPY benchmarks ./benchmarks
+COPY hps_bench ./hps_bench
 RUN python3 -m venv /opt/hps \
     && /opt/hps/bin/pip install --no-cache-dir ".${HPS_EXTRAS:+[${HPS_EXTRAS}]}"
 

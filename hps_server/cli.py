@@ -21,12 +21,12 @@ log = logging.getLogger("hps")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 BENCHMARKS = {
-    "lookup": "benchmarks.lookup",
-    "memory": "benchmarks.memory",
-    "cache": "benchmarks.cache",
-    "redis": "benchmarks.redis",
-    "layers": "benchmarks.layers",
-    "triton": "benchmarks.triton",
+    "lookup": "hps_bench.lookup",
+    "memory": "hps_bench.memory",
+    "cache": "hps_bench.cache",
+    "redis": "hps_bench.redis",
+    "layers": "hps_bench.layers",
+    "triton": "hps_bench.triton",
 }
 
 
