@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -235,3 +236,14 @@ def test_serve_processes_must_be_a_count_or_auto(tmp_path: Path, capsys) -> None
         main(["serve", "--config", str(config), "--processes", "0"])
     assert exited.value.code == 2
     assert "argument --processes: server.processes: must be an integer >= 1 or auto, got 0" in capsys.readouterr().err
+
+
+def test_readme_grpcurl_lookup_asks_for_a_key_the_demo_holds_and_one_it_does_not() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    request = json.loads(re.search(r"grpcurl -plaintext -d '(.*?)' ", readme, re.DOTALL)[1])
+    assert request["model"] == demo.MODEL
+    (query,) = request["queries"]
+    (table,) = (t for t in demo.SAMPLE_TABLES if t.name == query["table"])
+    held = np.isin(np.array([int(k) for k in query["key_list"]]), demo.sample_keys(table))
+    assert held.tolist() == [True, False]
+    assert f'"dim": {table.dim}' in readme and '"found": "AQA="' in readme
