@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -43,7 +43,7 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
-def _names(names: Iterable[str]) -> str:
+def _names(names: list[str]) -> str:
     return ", ".join(names) or "none"
 
 
@@ -193,7 +193,7 @@ class ModelConfig:
             if table.name == name:
                 return table
         raise UnknownNameError(
-            f"model {self.name} has no table {name!r}; its tables: {_names(t.name for t in self.tables)}"
+            f"model {self.name} has no table {name!r}; its tables: {_names([t.name for t in self.tables])}"
         )
 
     def max_keys(self, table: TableConfig) -> int:
@@ -215,7 +215,7 @@ class Config:
         for model in self.models:
             if model.name == name:
                 return model
-        raise UnknownNameError(f"no model {name!r} in the config; its models: {_names(m.name for m in self.models)}")
+        raise UnknownNameError(f"no model {name!r} in the config; its models: {_names([m.name for m in self.models])}")
 
 
 # ---------------------------------------------------------------- value readers
