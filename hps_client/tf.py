@@ -183,7 +183,7 @@ class SparseLookupLayer(_ServedTable):
 
 def _writable(vectors: np.ndarray) -> np.ndarray:
     """Replies are read-only views of the received bytes; TensorFlow takes a writable array over faster than it
-    copies a read-only one (measured by benchmarks/layers.py)."""
+    copies a read-only one (measured by hps_bench/layers.py)."""
     return np.array(vectors)
 
 

@@ -36,6 +36,17 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the field."""
 
 
+class UnknownNameError(KeyError):
+    """A model or table name the config does not have; the message lists the names it has."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) or "none"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     # host:port the gRPC server listens on.
@@ -181,7 +192,9 @@ class ModelConfig:
         for table in self.tables:
             if table.name == name:
                 return table
-        raise KeyError(name)
+        raise UnknownNameError(
+            f"model {self.name} has no table {name!r}; its tables: {_names([t.name for t in self.tables])}"
+        )
 
     def max_keys(self, table: TableConfig) -> int:
         return self.max_batch_size * table.max_keys_per_sample
@@ -202,7 +215,7 @@ class Config:
         for model in self.models:
             if model.name == name:
                 return model
-        raise KeyError(name)
+        raise UnknownNameError(f"no model {name!r} in the config; its models: {_names([m.name for m in self.models])}")
 
 
 # ---------------------------------------------------------------- value readers

@@ -27,10 +27,12 @@ from multiprocessing.connection import wait as wait_for_handles
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from hps_server import logs
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.cache.shared_l1 import OpenedGpuCaches
 from hps_server.config import Config
 from hps_server.group_writes import GroupAddress, GroupWriter, WriterLink
+from hps_server.logs import LogFormat
 from hps_server.server import HpsServer, serve_until_signalled
 from hps_server.storage.base import StorageError
 from hps_server.storage.hashmap import HashMapLevel
@@ -57,10 +59,10 @@ class WorkerSpec:
     config: Config  # the worker's own: see worker_config
     group: GroupAddress
     log_level: int
-    log_format: str
+    log_format: LogFormat
 
 
-def serve_workers(config: Config, log_format: str) -> int:
+def serve_workers(config: Config, log_format: LogFormat) -> int:
     """Runs config.server.processes workers on config.server.address until SIGTERM or SIGINT; the exit code:
     0 after a drain, 1 when a worker exited before every worker was serving or the writer's final flush
     failed. OSError naming the address when another program holds it."""
@@ -185,7 +187,7 @@ class WorkerGroup:
     "serving"), so no lock is shared between processes: a worker killed at any instant blocks no other.
     """
 
-    def __init__(self, config: Config, port: int, log_format: str, writer: GroupAddress) -> None:
+    def __init__(self, config: Config, port: int, log_format: LogFormat, writer: GroupAddress) -> None:
         self.config = config
         self.port = port
         self._writer = writer
@@ -321,7 +323,7 @@ class WorkerGroup:
 
 def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     """A worker process: serves its config on the shared port until SIGTERM, SIGINT or the supervisor's end."""
-    logging.basicConfig(level=spec.log_level, format=spec.log_format)
+    logs.configure(spec.log_level, spec.log_format)
     keep_large_blocks_in_heap()
 
     def wait_for_the_others(stopped: threading.Event) -> None:

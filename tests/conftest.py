@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
 from hps_client.triton import TritonEnvironment, TritonSetupError
 from hps_client.triton import setup as triton_setup
 from hps_server import config as config_module

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses
 from hps_client import Client, UnavailableError
 from hps_server import config as config_module
 from hps_server.server import HpsServer

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.servers import free_port, wait_serving
+from hps_bench.servers import free_port, wait_serving
 from hps_server.server import HpsServer
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import (

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.servers import free_port
+from hps_bench.servers import free_port
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import serve_command, write_sample_config
 

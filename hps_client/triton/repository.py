@@ -1,4 +1,4 @@
-"""Writes the hps lookup model into a Triton model repository: config.pbtxt, 1/model.py and 1/hps_client/.
+"""Writes the hps lookup model into a Triton model repository: config.pbtxt, 1/model.py, 1/hps_client/, 1/hps_wire/.
 
 Inputs and outputs are named and typed as HugeCTR's HPS backend's (KEYS int64, NUMKEYS int32, OUTPUT0 fp32),
 so an existing ensemble keeps its wiring. It only writes files; nothing here talks to a server.
@@ -10,6 +10,8 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+
+import hps_wire
 
 _CONFIG = """\
 name: "{name}"
@@ -35,6 +37,8 @@ parameters [
 # The model file itself imports Triton's stub module, so it is located, never imported, here.
 MODEL_FILE = Path(__file__).with_name("model.py")
 CLIENT_PACKAGE = MODEL_FILE.parents[1]
+# The client imports the wire package, so it goes along: from an installed wheel nothing else provides it there.
+COPIED_PACKAGES = (CLIENT_PACKAGE, Path(hps_wire.__file__).parent)
 _SAFE = re.compile(r"[A-Za-z0-9_.:\-\[\]]*")
 
 
@@ -57,9 +61,9 @@ def write_lookup_model(
     reply_dtype: str = "float32",
     timeout_seconds: float = 30.0,
 ) -> Path:
-    """Writes repository/name/{config.pbtxt, 1/model.py, 1/hps_client}; returns the model's folder.
+    """Writes repository/name/{config.pbtxt, 1/model.py, 1/hps_client, 1/hps_wire}; returns the model's folder.
 
-    The client package is copied beside model.py (Triton puts the version folder on the model's sys.path), so
+    The client and wire packages are copied beside model.py (Triton puts the version folder on the model's sys.path), so
     the repository carries the client it was written with and needs only numpy, grpcio and protobuf in Triton.
 
     `tables` orders NUMKEYS (empty: all of the hps model's tables, in its order). `max_batch_size` must not
@@ -88,6 +92,7 @@ def write_lookup_model(
         )
     )
     shutil.copyfile(MODEL_FILE, folder / "1" / "model.py")
-    shutil.rmtree(folder / "1" / "hps_client", ignore_errors=True)
-    shutil.copytree(CLIENT_PACKAGE, folder / "1" / "hps_client", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in COPIED_PACKAGES:
+        shutil.rmtree(folder / "1" / package.name, ignore_errors=True)
+        shutil.copytree(package, folder / "1" / package.name, ignore=shutil.ignore_patterns("__pycache__"))
     return folder

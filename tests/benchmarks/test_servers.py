@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks import servers
+from hps_bench import servers
 from hps_server import config as config_module
 
 

@@ -27,7 +27,9 @@ def test_writes_config_model_and_client(tmp_path: Path) -> None:
         assert line in config
     assert "class TritonPythonModel" in (folder / "1" / "model.py").read_text()
     assert (folder / "1" / "hps_client" / "client.py").exists()
+    assert (folder / "1" / "hps_wire" / "response_codec.py").exists()  # the client imports it
     assert not list((folder / "1" / "hps_client").rglob("__pycache__"))
+    assert not list((folder / "1" / "hps_wire").rglob("__pycache__"))
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses
 from hps_server.config import ConfigError, VolatileDbConfig
 from hps_server.storage import open_volatile
 from hps_server.storage.base import LevelUnavailableError, StorageError, UnknownTableError

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import report, servers
+from hps_bench import report, servers
 
 TABLES = 8
 DIM = 128

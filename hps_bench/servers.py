@@ -138,7 +138,7 @@ def hps_server(config: Path, port: int, env: Mapping[str, str] | None = None) ->
 
 
 def _start_echo(port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:
-    command = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(port), "--workers", str(workers)]
+    command = [sys.executable, "-m", "hps_bench.echo_server", "--port", str(port), "--workers", str(workers)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline()

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 import yaml
 
-from benchmarks import echo_server, report, servers
+from hps_bench import echo_server, report, servers
 from hps_client import Client, wire
 from hps_client.client import LOOKUP_METHOD
 from hps_client.wire import Dtype

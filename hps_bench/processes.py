@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks import echo_server, lookup, report, servers
+from hps_bench import echo_server, lookup, report, servers
 from hps_client.client import LOOKUP_METHOD
 from hps_wire._proto import hps_pb2
 

@@ -2,7 +2,7 @@
 
 It replies to each call with as many bytes (random, cached per size) as the request's first 8 bytes ask for,
 with no decoding, so a same-size exchange shows what Python gRPC alone costs on this machine.
-Run: python -m benchmarks.echo_server.
+Run: python -m hps_bench.echo_server.
 """
 
 from __future__ import annotations
