@@ -68,6 +68,8 @@ class HpsServer:
             raise
         self.metrics.watch_caches(self.models.cache_occupancy)
         self.metrics.watch_levels(self.models.level_states)
+        self.metrics.watch_level_occupancy(self.models.level_occupancy)
+        self.metrics.expect_levels(kind for kind, _ in self.models.level_states())
         message_bytes = config.server.max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
