@@ -14,12 +14,12 @@ from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config, ServerConfig
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
+from hps_server.reflection import enable_reflection
 from hps_server.service import Lookups, service_handlers
 from hps_server.storage.base import StorageError
 from hps_wire._proto import hps_pb2
@@ -87,7 +87,7 @@ class HpsServer:
         self.lookups = Lookups(self.models, config.server)
         self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
