@@ -72,7 +72,8 @@ class ServerConfig:
     # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
     processes: int = 1
     # Clients' connections are closed (GOAWAY, in-flight calls get shutdown_grace_seconds to finish) once
-    # this old, so long-lived channels reconnect and spread over replicas added since; 0: never.
+    # this old, so long-lived channels reconnect and spread over replicas added since; a StreamLookup still
+    # open after the grace ends with UNAVAILABLE and is reopened by its client; 0: never.
     max_connection_age_seconds: float = 0.0
 
     @property

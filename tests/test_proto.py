@@ -62,7 +62,7 @@ def test_buf_lint_is_clean_and_catches_a_violation(tmp_path: Path) -> None:
     copy.parent.mkdir(parents=True)
     copy.write_text(PROTO.read_text().replace("VECTOR_DTYPE_UNSPECIFIED = 0", "VECTOR_DTYPE_ANY = 0"))
     result = _buf_lint(tmp_path)
-    assert result.returncode != 0 and "should be suffixed with \"_UNSPECIFIED\"" in result.stdout
+    assert result.returncode != 0 and 'should be suffixed with "_UNSPECIFIED"' in result.stdout
 
 
 def _protoc(proto_root: Path, out: Path) -> subprocess.CompletedProcess[str]:
