@@ -16,11 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from hps_client import Client, NotFoundError, ResourceExhaustedError
+from hps_server import config as config_module
 from hps_server import healthcheck
 from hps_server.cache import CacheStats
 from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, ServerMetrics, serve_metrics
 from hps_server.server import HpsServer
-from tests.conftest import sample_config, write_sample_tables
+from tests.conftest import sample_config, sample_raw_config, write_sample_tables
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -274,6 +275,27 @@ def test_process_metrics_failures_at_zero_and_what_each_level_holds(metered: tup
     after = scrape(server.metrics_port)
     assert value(after, "hps_level_rows", model="ctr", table="user", level="hash_map") == 100
     assert value(after, "hps_level_bytes", model="ctr", table="user", level="hash_map") >= 100 * user_vectors[0].nbytes
+
+
+def test_what_redis_holds_is_scraped(redis_cluster: str, tmp_path: Path) -> None:
+    truth = write_sample_tables(tmp_path)
+    raw = sample_raw_config(type="redis_cluster", address=redis_cluster, initial_cache_rate=1.0, timeout_ms=2000)
+    raw["models"][0]["name"] = "scraped_redis"  # tables of its own in the shared cluster
+    raw["server"]["metrics_address"] = "127.0.0.1:0"
+    server = HpsServer(config_module.parse(raw, tmp_path))
+    server.start()
+    try:
+        assert server.wait_ready(60)  # warm-up copied every row into Redis
+        assert server.metrics_port is not None
+        s = scrape(server.metrics_port)
+    finally:
+        server.stop(grace=1)
+    for operation in ("fetch", "insert", "evict"):
+        assert ("hps_level_failures_total", (("level", "redis_cluster"), ("operation", operation))) in s
+    for table, (keys, vectors) in truth.items():
+        labels = {"model": "scraped_redis", "table": table, "level": "redis_cluster"}
+        assert value(s, "hps_level_rows", **labels) == len(keys)
+        assert value(s, "hps_level_bytes", **labels) >= keys.nbytes + vectors.nbytes
 
 
 def test_health_serving_only_when_started_and_not_serving_while_draining(tmp_path: Path) -> None:
