@@ -5,6 +5,7 @@ Thin by design: requests are built and replies decoded by wire.py; gRPC errors b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,30 @@ class ModelInfo:
     levels: tuple[str, ...]
 
 
+# The channels' gRPC service config. round_robin: a target naming several addresses (dns:/// of a headless
+# Service) gets its calls spread over all of them, not only the first. Retries, by gRPC itself with backoff,
+# on UNAVAILABLE (a replica restarting or draining, a level briefly down) for the calls that change
+# nothing: Lookup and the model service's reads. StreamLookup is left out (a stream that already got
+# replies is not replayed). Upsert and Delete are not retried: a repeat of a write the server applied
+# before failing could land after another client's newer write of the same keys and undo it, and a
+# repeated Delete would report 0 rows; callers that know their writes are alone may retry them.
+SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "hps.v1.LookupService", "method": "Lookup"}, {"service": "hps.v1.ModelService"}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
 def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
     size = max_message_mb * 1024 * 1024
     return [
@@ -52,6 +77,8 @@ def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
         # gRPC's default backoff grows to 120 s: after a long outage a client would keep failing that
         # long after the server is back. Serving clients should find it again within seconds.
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+        ("grpc.enable_retries", 1),
     ]
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -82,6 +82,10 @@ class ServerConfig:
     # each holds its own L1, and writes are refused). `auto` in the file or on the command line: one per usable core,
     # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
     processes: int = 1
+    # Clients' connections are closed (GOAWAY, in-flight calls get shutdown_grace_seconds to finish) once
+    # this old, so long-lived channels reconnect and spread over replicas added since; a StreamLookup still
+    # open after the grace ends with UNAVAILABLE and is reopened by its client; 0: never.
+    max_connection_age_seconds: float = 0.0
 
     @property
     def streams_allowed(self) -> int:
@@ -350,16 +354,8 @@ def processes(value: Any, name: str) -> int:
 
 # ---------------------------------------------------------------- sections
 
-_SERVER_KEYS = {
-    "address",
-    "max_message_mb",
-    "workers",
-    "shutdown_grace_seconds",
-    "metrics_address",
-    "batch_window_us",
-    "max_queued_requests",
-    "processes",
-}
+# Every ServerConfig field is a key of the file's server section.
+_SERVER_KEYS = {f.name for f in fields(ServerConfig)}
 _VOLATILE_KEYS = {
     "type",
     "overflow_margin",
@@ -415,6 +411,7 @@ def _server(raw: Any) -> ServerConfig:
         max_streams=s.get("max_streams", d.max_streams, _int(0)),
         stream_idle_seconds=s.get("stream_idle_seconds", d.stream_idle_seconds, _float(0, low_open=True)),
         processes=s.get("processes", d.processes, processes),
+        max_connection_age_seconds=s.get("max_connection_age_seconds", d.max_connection_age_seconds, _float(0)),
     )
     if server.max_streams and server.max_streams >= server.workers:
         raise ConfigError(

@@ -18,7 +18,7 @@ from hps_server import storage, transfer, warmup
 from hps_server.cache import TableL1
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig, shown
-from hps_server.metrics import CacheOccupancy, ServerMetrics
+from hps_server.metrics import CacheOccupancy, LevelOccupancy, ServerMetrics
 from hps_server.session import LookupSession, ServedTable, WriteRoute, WrittenHook
 from hps_server.storage.base import StorageError, StorageLevel
 from hps_server.write_epochs import WriteEpochs
@@ -121,12 +121,34 @@ class HostedModels:
     def cache_occupancy(self) -> list[CacheOccupancy]:
         """Every L1 cache of every model, with the device it lives on."""
         return [
-            CacheOccupancy(name, table.name, str(getattr(cache, "device", "host")), cache.table_stats()[table.l1.index])
+            CacheOccupancy(
+                name,
+                table.name,
+                str(getattr(cache, "device", "host")),
+                cache.table_stats()[table.l1.index],
+                row_bytes=4 * table.dim,
+            )
             for name, session in self.sessions.items()
             for table in session.tables.values()
             if table.l1 is not None
             for cache in table.l1.caches
         ]
+
+    def level_occupancy(self) -> list[LevelOccupancy]:
+        """Rows and bytes each level below L1 holds of each served table, asked of the levels now (at scrape
+        time). A level that cannot answer (Redis down) is left out of this scrape rather than failing it."""
+        found = []
+        for level in (self.volatile, self.persistent):
+            if level is None:
+                continue
+            try:
+                for name, session in self.sessions.items():
+                    for table in session.tables.values():
+                        rows, stored = level.occupancy(table.storage_name)
+                        found.append(LevelOccupancy(name, table.name, level.kind, rows, stored))
+            except StorageError as e:
+                log.debug("%s occupancy not read this scrape: %s", level.kind, e)
+        return found
 
     def level_states(self) -> list[tuple[str, bool]]:
         """(kind, whether its writes fail now) of each level."""

@@ -14,12 +14,12 @@ from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from hps_server.allocator import keep_large_blocks_in_heap
-from hps_server.config import Config
+from hps_server.config import Config, ServerConfig
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, GroupRole, HostedModels
+from hps_server.reflection import enable_reflection
 from hps_server.service import Lookups, service_handlers
 from hps_server.storage.base import StorageError
 from hps_wire._proto import hps_pb2
@@ -66,6 +66,8 @@ class HpsServer:
             raise
         self.metrics.watch_caches(self.models.cache_occupancy)
         self.metrics.watch_levels(self.models.level_states)
+        self.metrics.watch_level_occupancy(self.models.level_occupancy)
+        self.metrics.expect_levels(kind for kind, _ in self.models.level_states())
         message_bytes = config.server.max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
@@ -77,12 +79,13 @@ class HpsServer:
                 # start without error and take part of its connections. One process binds alone; the
                 # workers of one supervisor share on purpose.
                 ("grpc.so_reuseport", int(shared_port)),
+                *connection_age_options(config.server),
             ],
         )
         self.lookups = Lookups(self.models, config.server)
         self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
@@ -172,6 +175,18 @@ def largest_request_bytes(config: Config) -> int:
     lookup = server.max_keys_per_request * 20 + server.max_queries_per_request * _QUERY_OVERHEAD_BYTES
     write = server.max_keys_per_write * (8 + 4 * widest)
     return max(lookup, write) + _REQUEST_OVERHEAD_BYTES
+
+
+def connection_age_options(server: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's options closing connections older than server.max_connection_age_seconds (none when it is 0):
+    a GOAWAY makes long-lived client channels reconnect, so they spread over replicas added since, and
+    calls in flight on the old connection get shutdown_grace_seconds to finish."""
+    if not server.max_connection_age_seconds:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(server.max_connection_age_seconds * 1000))),
+        ("grpc.max_connection_age_grace_ms", round(server.shutdown_grace_seconds * 1000)),
+    ]
 
 
 def serve(config: Config, cache_factory: CacheFactory | None = None) -> int:

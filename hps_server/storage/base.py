@@ -146,6 +146,11 @@ class StorageLevel(ABC):
             rows += len(keys)
         return rows
 
+    def occupancy(self, table: str) -> tuple[int, int | None]:
+        """(rows held, bytes taken) of `table`, bytes an estimate where the level can only estimate and None
+        where it cannot tell; cheap enough for every metrics scrape, and never called on a request's path."""
+        return self.size(table), None
+
     @property
     def writes_failing(self) -> bool:
         """Whether the level's writes fail now (a level that can tell: RocksDB after a failed write, until

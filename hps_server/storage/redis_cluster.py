@@ -774,6 +774,23 @@ class RedisClusterLevel(StorageLevel):
         )
         return sum(int(n) for n in replies)
 
+    def occupancy(self, table: str) -> tuple[int, int | None]:
+        """HLEN and MEMORY USAGE (Redis's sampled estimate) of each partition's value and access-time hashes,
+        in one pipelined round; no repair first (a scrape must not write), so rows awaiting one still count."""
+        parts = self._table(table)
+        commands = [
+            (parts.slots[p], command)
+            for p in range(self.num_partitions)
+            for command in (
+                _command("HLEN", parts.values[p]),
+                _command("MEMORY", "USAGE", parts.values[p]),
+                _command("MEMORY", "USAGE", parts.times[p]),
+            )
+        ]
+        replies = self._execute(commands)
+        rows = sum(int(n) for n in replies[0::3])
+        return rows, sum(int(n or 0) for i, n in enumerate(replies) if i % 3)
+
     def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
         """Rows of every partition via HSCAN; rows written while dumping may be missed or repeated."""
         parts = self._table(table)

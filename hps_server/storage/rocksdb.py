@@ -58,6 +58,8 @@ WARN_INTERVAL_SECONDS = 30
 RECOVER_SECONDS = 1.0
 # Written (to the metadata family) to check that writes reach the disk again after a failure.
 _PROBE_KEY = b"probe/writable"
+# A column family's bytes, as hps_level_bytes reports them: live data in SST files and the memtables.
+_SIZE_PROPERTIES = ("rocksdb.estimate-live-data-size", "rocksdb.cur-size-all-mem-tables")
 
 
 def _takes_files(folder: Path) -> bool:
@@ -336,6 +338,17 @@ class RocksDBLevel(StorageLevel):
     def size(self, table: str) -> int:
         self.dim(table)
         return self._rows[table]
+
+    def occupancy(self, table: str) -> tuple[int, int | None]:
+        """Rows counted exactly (as size()); bytes: RocksDB's estimate of the column family's live data in
+        SST files plus its memtables."""
+        rows = self.size(table)
+        try:
+            family = self._families[table]  # gone while a failed database is reopened
+            stored = sum(family.property_int_value(name) or 0 for name in _SIZE_PROPERTIES)
+        except Exception as e:
+            raise LevelUnavailableError(f"rocksdb: cannot read its size properties: {self._hidden(e)}") from None
+        return rows, stored
 
     # -- reads ----------------------------------------------------------------------------------
 
