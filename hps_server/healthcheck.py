@@ -37,7 +37,11 @@ class ProbeTls:
 
 def check(address: str, service: str = "", timeout: float = 3.0, tls: ProbeTls | None = None) -> str:
     """The serving status name of `service` ("" is the whole server) at address, or an error text."""
-    with tls.channel(address) if tls else grpc.insecure_channel(address) as channel:
+    try:
+        channel = tls.channel(address) if tls else grpc.insecure_channel(address)
+    except OSError as e:
+        return f"cannot read a TLS file: {e.strerror}"
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

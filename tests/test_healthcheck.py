@@ -67,3 +67,8 @@ def test_probe_fails_without_what_the_server_requires(mtls_server: str, certific
         "tls": [],
     }[missing]
     assert healthcheck.main([mtls_server, "--timeout", "1", *args]) == 1
+
+
+def test_probe_with_a_missing_tls_file_says_so(mtls_server: str, certificates: Path) -> None:
+    tls = healthcheck.ProbeTls(certificates / "missing-ca.crt", SERVER_NAME)
+    assert healthcheck.check(mtls_server, tls=tls) == "cannot read a TLS file: No such file or directory"
