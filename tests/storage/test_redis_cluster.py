@@ -405,6 +405,49 @@ def test_acl_user_with_password(redis_cluster_acl: RedisClusterProcesses, table:
         lvl.close()
 
 
+# What docs/security.md tells operators to grant hps's Redis user: its own keys and the commands it uses.
+LEAST_PRIVILEGE_ACL = (
+    "~hps_et*",
+    "+hmget", "+hset", "+hdel", "+hgetall", "+hlen", "+hrandfield", "+hscan", "+del", "+expire",
+    "+info", "+cluster|info", "+cluster|slots", "+cluster|shards", "+asking", "+command", "+ping",
+)  # fmt: skip
+
+
+def test_acl_user_limited_to_hps_keys_and_commands(redis_cluster_acl: RedisClusterProcesses, table: str) -> None:
+    cluster = redis_cluster_acl
+    for port in cluster.ports:  # ACL users are per node
+        with cluster.client(port) as node:
+            node.execute_command("ACL", "SETUSER", "hps-least", "reset", "on", ">least-s3cret", *LEAST_PRIVILEGE_ACL)
+    lvl = RedisClusterLevel(
+        cluster.seed,
+        user_name="hps-least",
+        password="least-s3cret",
+        num_partitions=4,
+        ttl_seconds=3600,
+        overflow_margin=50,
+        overflow_policy="evict_oldest",
+        timeout_ms=2000,
+    )
+    try:
+        lvl.create_table(table, DIM)
+        keys = np.arange(200, dtype=np.int64)
+        lvl.insert(table, keys, rows(keys))  # overflow: HLEN, access times, eviction
+        vectors, found = lvl.fetch(table, keys)
+        assert 0 < found.sum() <= 4 * 50
+        np.testing.assert_array_equal(vectors[found], rows(keys[found]))
+        assert lvl.contains(table, keys).sum() == found.sum() == lvl.size(table)
+        assert sum(len(chunk[0]) for chunk in lvl.dump(table)) == lvl.size(table)
+        assert lvl.evict(table, keys) == found.sum() and lvl.size(table) == 0
+    finally:
+        lvl.close()
+    client = cluster_client(cluster.seed, username="hps-least", password="least-s3cret")
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.set("not-an-hps-key", b"1")
+    finally:
+        client.close()
+
+
 def test_wrong_password_is_a_configuration_error(redis_cluster_acl: RedisClusterProcesses) -> None:
     with pytest.raises(ConfigError, match=r"volatile_db\.user_name/password"):
         RedisClusterLevel(redis_cluster_acl.seed, user_name=redis_cluster_acl.user, password="wrong", timeout_ms=2000)
