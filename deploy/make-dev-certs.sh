@@ -11,14 +11,14 @@ mkdir -p "$out"
 cd "$out"
 
 sign() {  # sign NAME SUBJECT [SUBJECT_ALT_NAMES]
-  openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
   if [ -n "${3:-}" ]; then printf 'subjectAltName=%s\n' "$3" > "$1.ext"; else : > "$1.ext"; fi
   openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -out "$1.crt" \
     -extfile "$1.ext" 2>/dev/null
   rm "$1.csr" "$1.ext"
 }
 
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj "/CN=hps-dev-ca" 2>/dev/null
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 30 -subj "/CN=hps-dev-ca" 2>/dev/null
 sign server hps "DNS:hps,DNS:localhost,IP:127.0.0.1"
 sign client hps-dev-client
 sign redis redis "DNS:redis-1,DNS:redis-2,DNS:redis-3"

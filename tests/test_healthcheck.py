@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
+from benchmarks.redis_cluster_launcher import NEW_KEY
 from hps_server import healthcheck
 
 SERVER_NAME = "rec-hps.ml.svc"  # what a Service's certificate names; the probe dials 127.0.0.1
@@ -27,8 +28,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "san.ext").write_text(f"subjectAltName=DNS:{SERVER_NAME}\n")
     _openssl(
         folder,
-        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=hps-test-ca",
-        "req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj /CN=hps",
+        f"req -x509 {NEW_KEY} -keyout ca.key -out ca.crt -days 2 -subj /CN=hps-test-ca",
+        f"req {NEW_KEY} -keyout tls.key -out tls.csr -subj /CN=hps",
         "x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 2 -extfile san.ext",
     )
     return folder

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import redis
 
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from benchmarks.redis_cluster_launcher import NEW_KEY, RedisClusterProcesses
 from hps_server.config import ConfigError, VolatileDbConfig
 from hps_server.config import load as load_config
 from hps_server.storage import open_volatile
@@ -477,7 +477,7 @@ def _served(lvl: RedisClusterLevel, table: str) -> None:
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA certificate that signed none of the clusters' certificates."""
     folder = tmp_path_factory.mktemp("other-ca")
-    command = "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=not-the-redis-ca"
+    command = f"req -x509 {NEW_KEY} -keyout ca.key -out ca.crt -days 2 -subj /CN=not-the-redis-ca"
     subprocess.run(["openssl", *command.split()], cwd=folder, check=True, capture_output=True, timeout=60)
     return folder / "ca.crt"
 
