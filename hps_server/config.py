@@ -1,7 +1,8 @@
 """Configuration: a YAML file or a HugeCTR HPS ps.json, parsed once into typed, validated objects.
 
 Every option and its default is stated here, next to its meaning; nothing downstream reads raw
-dicts. Invalid input raises ConfigError naming the field and the reason. No I/O beyond reading the file.
+dicts. Invalid input raises ConfigError naming the field and the reason (never a secret or a file's path).
+No I/O beyond reading the file and the password file it names.
 """
 
 from __future__ import annotations
@@ -112,12 +113,21 @@ class VolatileDbConfig:
     cache_missed_embeddings: bool = True
     # redis_cluster: comma-separated host:port seed nodes.
     address: str = "127.0.0.1:7000"
-    # redis_cluster: ACL user name and password (empty: no AUTH). The environment variable
-    # HPS_REDIS_PASSWORD, when set, replaces the password (so it can come from a Kubernetes Secret).
+    # redis_cluster: ACL user name and password (empty: no AUTH). The password is the environment
+    # variable HPS_REDIS_PASSWORD when set (so it can come from a Kubernetes Secret), else the content of
+    # password_file (read at start, trailing newline dropped), else `password`; not both keys.
     user_name: str = "default"
     password: str = ""
-    # redis_cluster: connect with TLS.
+    # redis_cluster: connect with TLS (ps.json: enable_tls). The nodes' certificates must chain to the CA
+    # in tls_ca_file (PEM; None: the system's trust store; ps.json: tls_ca_certificate) and, with
+    # tls_check_hostname, name the address hps connects to (as given in `address` or announced by the
+    # cluster). tls_cert_file and tls_key_file (PEM; ps.json: tls_client_certificate, tls_client_key) are
+    # the client certificate shown to a cluster with tls-auth-clients; the key may sit in tls_cert_file.
     tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
     # redis_cluster: hashes each table is split into (one cluster slot each).
     num_partitions: int = 8
     # Keys per backend round trip; larger batches are chunked.
@@ -366,7 +376,12 @@ _VOLATILE_KEYS = {
     "address",
     "user_name",
     "password",
+    "password_file",
     "tls",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_check_hostname",
     "num_partitions",
     "max_batch_size",
     "timeout_ms",
@@ -387,6 +402,15 @@ _HPS_VOLATILE_EXTRAS = {
     "num_partitions_per_node",
     "max_batch_size_per_node",
     "max_set_size",
+    # HPS sends it as the TLS server name indication; Redis does not read it (see tls_check_hostname).
+    "tls_server_name_identification",
+}
+# HPS volatile_db keys hps reads as its own (ps.json only).
+_HPS_VOLATILE_ALIASES = {
+    "enable_tls": "tls",
+    "tls_ca_certificate": "tls_ca_file",
+    "tls_client_certificate": "tls_cert_file",
+    "tls_client_key": "tls_key_file",
 }
 _PERSISTENT_KEYS = {"type", "path", "read_only", "num_threads", "max_batch_size", "sync_writes"}
 _HPS_PERSISTENT_EXTRAS = {"update_filters", "max_get_batch_size", "max_set_batch_size", "num_partitions"}
@@ -421,12 +445,45 @@ def _server(raw: Any) -> ServerConfig:
     return server
 
 
-def _volatile(raw: Any, hps: bool) -> VolatileDbConfig:
-    s = _Section(raw, "volatile_db", _VOLATILE_KEYS | (_HPS_VOLATILE_EXTRAS if hps else set()), strict=not hps)
+def _hps_aliased(raw: Any) -> Any:
+    """A ps.json volatile_db section with HPS's names of hps keys replaced by hps's."""
+    if not isinstance(raw, Mapping):
+        return raw
+    for hps_key, key in _HPS_VOLATILE_ALIASES.items():
+        if hps_key in raw and key in raw:
+            raise ConfigError(f"volatile_db.{hps_key}: give it or volatile_db.{key}, not both")
+    return {_HPS_VOLATILE_ALIASES.get(k, k): v for k, v in raw.items()}
+
+
+def _password(s: _Section, from_file: Path | None, default: str) -> str:
+    """The Redis password: the environment, else password_file's content, else the password key."""
+    if "password" in s.raw and from_file is not None:
+        raise ConfigError("volatile_db.password_file: give password or password_file, not both")
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    if from_file is None:
+        return s.get("password", default, _str)
+    try:
+        password = from_file.read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(f"volatile_db.password_file: cannot read it: {reason}") from e
+    if not password:
+        raise ConfigError("volatile_db.password_file: the file is empty")
+    return password
+
+
+def _volatile(raw: Any, base: Path, hps: bool) -> VolatileDbConfig:
+    known = _VOLATILE_KEYS | (_HPS_VOLATILE_EXTRAS if hps else set())
+    s = _Section(_hps_aliased(raw) if hps else raw, "volatile_db", known, strict=not hps)
     d = VolatileDbConfig()
     batch = s.get("max_batch_size", d.max_batch_size, _int(1))
     if hps:  # HPS splits the batch limit in two; the smaller is the safe bound for both directions.
         batch = min(s.get("max_get_batch_size", batch, _int(1)), s.get("max_set_batch_size", batch, _int(1)))
+    tls_cert_file = s.get("tls_cert_file", None, _path(base))
+    tls_key_file = s.get("tls_key_file", None, _path(base))
+    if tls_key_file is not None and tls_cert_file is None:
+        raise ConfigError("volatile_db.tls_key_file: needs volatile_db.tls_cert_file, the certificate of that key")
     return VolatileDbConfig(
         type=s.get("type", d.type, _choice("hash_map", "redis_cluster", "disabled", aliases=_VOLATILE_ALIASES)),
         overflow_margin=s.get("overflow_margin", d.overflow_margin, _int(1)),
@@ -438,8 +495,12 @@ def _volatile(raw: Any, hps: bool) -> VolatileDbConfig:
         cache_missed_embeddings=s.get("cache_missed_embeddings", d.cache_missed_embeddings, _bool),
         address=s.get("address", d.address, _str),
         user_name=s.get("user_name", d.user_name, _str),
-        password=os.environ.get(PASSWORD_ENV) or s.get("password", d.password, _str),
+        password=_password(s, s.get("password_file", None, _path(base)), d.password),
         tls=s.get("tls", d.tls, _bool),
+        tls_ca_file=s.get("tls_ca_file", None, _path(base)),
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+        tls_check_hostname=s.get("tls_check_hostname", d.tls_check_hostname, _bool),
         num_partitions=s.get("num_partitions", d.num_partitions, _int(1)),
         max_batch_size=batch,
         timeout_ms=s.get("timeout_ms", d.timeout_ms, _int(1)),
@@ -604,7 +665,7 @@ def parse(raw: Any, base: Path, hps: bool = False) -> Config:
             raise ConfigError(f"models[{i}]: duplicate model name {name!r}")
     return Config(
         server=_server(top.raw.get("server")),
-        volatile_db=_volatile(top.raw.get("volatile_db"), hps),
+        volatile_db=_volatile(top.raw.get("volatile_db"), base, hps),
         persistent_db=_persistent(top.raw.get("persistent_db"), base, hps),
         models=models,
     )

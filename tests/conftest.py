@@ -117,9 +117,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
 # ---------------------------------------------------------------- Redis Cluster (never on port 6379)
 
 
-def _start_redis_cluster(root: Path, password: str = "", tls: bool = False) -> RedisClusterProcesses:
+def _start_redis_cluster(root: Path, password: str = "", **tls: Any) -> RedisClusterProcesses:
     try:
-        return RedisClusterProcesses(root, password=password, tls=tls).start()
+        return RedisClusterProcesses(root, password=password, **tls).start()
     except RedisNotInstalledError as e:
         if IN_CI:
             pytest.fail(f"CI=true and Redis is missing: {e}")
@@ -148,8 +148,17 @@ def redis_cluster_acl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redi
 
 @pytest.fixture(scope="session")
 def redis_cluster_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
-    """A cluster that speaks only TLS; its certificate is signed by `.ca_file`."""
+    """A cluster that speaks only TLS; its certificate, for 127.0.0.1, is signed by `.ca_file`."""
     with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster-tls"), tls=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A TLS cluster that requires a client certificate signed by `.ca_file` (`.client_cert_file`), and whose
+    own certificate names only `redis.hps.test`, not the address 127.0.0.1 it is reached at."""
+    root = tmp_path_factory.mktemp("redis-cluster-mtls")
+    with _start_redis_cluster(root, tls=True, tls_auth_clients=True, tls_names="DNS:redis.hps.test") as cluster:
         yield cluster
 
 

@@ -74,6 +74,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- else }}
 {{- $_ := set $persistent "type" "disabled" }}
 {{- end }}
+{{- $_ := include "hps.securityConfig" (dict "root" . "server" $server "volatile" $volatile) }}
 {{- $config := dict "server" $server "persistent_db" $persistent "models" .Values.models }}
 {{- if $volatile }}
 {{- $_ := set $config "volatile_db" $volatile }}
