@@ -32,6 +32,8 @@ BENCHMARKS = {
 
 def _serve(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
+    if args.address is not None:
+        config = replace(config, server=replace(config.server, address=args.address))
     if args.processes is not None:
         config = replace(config, server=replace(config.server, processes=args.processes))
     if config.server.processes > 1:
@@ -122,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the models of a config file")
     serve.add_argument("--config", required=True, help="YAML config, or an HPS ps.json")
+    serve.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="address to serve on (default: server.address of the config, else 127.0.0.1:8500)",
+    )
     serve.add_argument(
         "--processes",
         type=_processes,

@@ -16,7 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hps_server import tls
 from hps_server.allocator import keep_large_blocks_in_heap
+from hps_server.auth import Authorizer
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, HostedModels
@@ -26,11 +28,17 @@ from hps_wire._proto import hps_pb2
 
 log = logging.getLogger(__name__)
 
+# Why writes are refused on a server configured read-only (the session puts the model's name before it).
+READ_ONLY_REASON = "server.read_only is set: this server refuses Upsert and Delete"
+
 SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("LookupService", "ModelService"))
 
 
 class HpsServer:
     """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels.
+
+    With server.tls it serves TLS only (see tls.py), with server.auth.tokens_file only the calls a caller's
+    grant allows (see auth.py; health checking stays open), with server.read_only no writes.
 
     As one worker of several (supervisor.py): `shared_port` lets the others bind the same address,
     `writes_refused` says why Upsert and Delete are refused, `warm_volatile=False` leaves the volatile level
@@ -55,6 +63,13 @@ class HpsServer:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
+        # Credentials first: a bad tokens file or certificate fails the start before anything is opened.
+        authorizer = Authorizer(config.server.auth.tokens_file, self.metrics.record_auth_refusal)
+        self._credentials = tls.server_credentials(config.server.tls) if config.server.tls.enabled else None
+        if authorizer.enabled and self._credentials is None:
+            log.warning("server.auth is on without server.tls: tokens cross the network in plaintext")
+        if config.server.read_only:
+            writes_refused = READ_ONLY_REASON
         # /metrics is up while the models load, so a slow or failing start shows (hps_ready 0, model events).
         self._metrics_endpoint: MetricsEndpoint | None = serve_metrics(config.server.metrics_address, self.metrics)
         self.metrics_port: int | None = self._metrics_endpoint.port if self._metrics_endpoint else None
@@ -81,10 +96,12 @@ class HpsServer:
                 ("grpc.so_reuseport", int(shared_port)),
             ],
         )
-        self.lookups = Lookups(self.models, config.server)
+        self.lookups = Lookups(self.models, config.server, authorizer)
         self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        if config.server.reflection_served:
+            names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self._grpc)
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
@@ -99,11 +116,18 @@ class HpsServer:
         """Binds the configured address and starts serving; returns the bound port."""
         address = self.config.server.address
         try:
-            self.port = self._grpc.add_insecure_port(address)
+            if self._credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, self._credentials)
         except RuntimeError as e:
             raise OSError(f"server.address: cannot bind {address} (already in use by another program?)") from e
         self._grpc.start()
-        log.info("listening on port %d; warming up before reporting SERVING", self.port)
+        log.info(
+            "listening on port %d (%s); warming up before reporting SERVING",
+            self.port,
+            "plaintext" if self._credentials is None else "TLS",
+        )
         self._warming = threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True)
         self._warming.start()
         return self.port

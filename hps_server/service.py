@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from hps_server.auth import Authorizer, AuthRefusedError, Caller, Permission
 from hps_server.coalescing import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
 from hps_server.config import ServerConfig
@@ -113,9 +114,12 @@ class _Prepared:
 class Lookups:
     """Request decoding, limits, batching and reply encoding shared by the unary and streaming Lookup."""
 
-    def __init__(self, models: HostedModels, limits: ServerConfig | None = None) -> None:
+    def __init__(
+        self, models: HostedModels, limits: ServerConfig | None = None, authorizer: Authorizer | None = None
+    ) -> None:
         self.models = models
         self.limits = limits or ServerConfig()
+        self.authorizer = authorizer or Authorizer(None)
         self.streams = StreamGuard(self.limits.streams_allowed, self.limits.stream_idle_seconds)
         self.coalescer: Coalescer[_Prepared, list[Outcome]] = Coalescer(
             self._pass,
@@ -123,6 +127,15 @@ class Lookups:
             self.limits.max_queued_requests,
             "server.max_queued_requests",
         )
+
+    def caller(self, context: grpc.ServicerContext) -> Caller:
+        """Who makes this call (AuthRefusedError: UNAUTHENTICATED, when the credentials are missing or bad)."""
+        return self.authorizer.identify(context)
+
+    def authorize(self, context: grpc.ServicerContext, permission: Permission, model: str) -> None:
+        """Refuses the call unless its caller may `permission` ("read", "write" or "admin") on `model`; raises
+        AuthRefusedError (UNAUTHENTICATED or PERMISSION_DENIED), which _guarded turns into the call's status."""
+        self.caller(context).require(permission, model)
 
     def session(self, model: str) -> LookupSession:
         try:
@@ -136,9 +149,11 @@ class Lookups:
         except KeyError as e:
             raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
 
-    def answer(self, request: hps_pb2.LookupRequest) -> bytes:
-        """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply)."""
+    def answer(self, request: hps_pb2.LookupRequest, caller: Caller) -> bytes:
+        """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply). The
+        caller's read permission on the model is checked once, before admission and any decoding."""
         _parsed(request)
+        caller.require("read", request.model)
         prepared = self.prepare(request)
         try:
             outcomes = self.coalescer.submit(prepared)
@@ -347,6 +362,8 @@ def _guarded(context: grpc.ServicerContext, call: str, work):  # type: ignore[no
         return work()
     except RequestError as e:
         _abort(context, e)
+    except AuthRefusedError as e:
+        _abort(context, RequestError(e.code, e.message))
     except ValueError as e:
         _abort(context, _invalid(str(e)))
     except LevelUnavailableError as e:
@@ -362,23 +379,28 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
         self.lookups = lookups
 
     def Lookup(self, request: hps_pb2.LookupRequest, context: grpc.ServicerContext) -> bytes:
-        return _guarded(context, "Lookup", lambda: self.lookups.answer(request))
+        return _guarded(context, "Lookup", lambda: self.lookups.answer(request, self.lookups.caller(context)))
 
     def StreamLookup(
         self, request_iterator: Iterator[hps_pb2.LookupRequest], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        # A refused request ends the stream with its status; replies already sent stand.
+        # A refused request ends the stream with its status; replies already sent stand. The caller is known
+        # once per stream; each request's model is checked against its grant.
+        caller = _guarded(context, "StreamLookup", lambda: self.lookups.caller(context))
         try:
             with self.lookups.streams.opened(context) as stream:
                 for request in request_iterator:
                     StreamGuard.touch(stream)
-                    yield _guarded(context, "StreamLookup", lambda request=request: self.lookups.answer(request))
+                    yield _guarded(
+                        context, "StreamLookup", lambda request=request: self.lookups.answer(request, caller)
+                    )
         except StreamsFullError as e:
             _abort(context, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
 
     def Upsert(self, request: hps_pb2.UpsertRequest, context: grpc.ServicerContext) -> hps_pb2.UpsertResponse:
         def work() -> hps_pb2.UpsertResponse:
             _parsed(request)
+            self.lookups.authorize(context, "write", request.model)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
@@ -401,6 +423,7 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
     def Delete(self, request: hps_pb2.DeleteRequest, context: grpc.ServicerContext) -> hps_pb2.DeleteResponse:
         def work() -> hps_pb2.DeleteResponse:
             _parsed(request)
+            self.lookups.authorize(context, "write", request.model)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
@@ -462,7 +485,9 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
     ) -> hps_pb2.ListModelsResponse:
         def work() -> hps_pb2.ListModelsResponse:
             _parsed(request)
-            return hps_pb2.ListModelsResponse(models=sorted(self.lookups.models.sessions))
+            caller = self.lookups.caller(context)
+            readable = [model for model in self.lookups.models.sessions if caller.allows("read", model)]
+            return hps_pb2.ListModelsResponse(models=sorted(readable))
 
         return _guarded(context, "ListModels", work)
 
@@ -471,6 +496,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
     ) -> hps_pb2.DescribeModelResponse:
         def work() -> hps_pb2.DescribeModelResponse:
             _parsed(request)
+            self.lookups.authorize(context, "read", request.model)
             session = self.lookups.session(request.model)
             return hps_pb2.DescribeModelResponse(
                 model=session.name,
