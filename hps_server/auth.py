@@ -153,10 +153,10 @@ class Authorizer:
     `identify(context)` gives the Caller, or raises AuthRefusedError; with auth off every call is an open Caller.
     """
 
-    def __init__(self, tokens_file: Path | None, refused: Callable[[str], None] = lambda reason: None) -> None:
+    def __init__(self, tokens_file: Path | None, refused: Callable[[str], None] | None = None) -> None:
         self._path = tokens_file
-        self._refused = refused
-        self._open = Caller(None, refused)
+        self._refused = refused or (lambda reason: None)
+        self._open = Caller(None, self._refused)
         self._lock = threading.Lock()
         self._grants: tuple[Grant, ...] = ()
         self._stamp: tuple[int, int, int] | None = None

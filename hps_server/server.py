@@ -64,10 +64,7 @@ class HpsServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
         # Credentials first: a bad tokens file or certificate fails the start before anything is opened.
-        authorizer = Authorizer(config.server.auth.tokens_file, self.metrics.record_auth_refusal)
-        self._credentials = tls.server_credentials(config.server.tls) if config.server.tls.enabled else None
-        if authorizer.enabled and self._credentials is None:
-            log.warning("server.auth is on without server.tls: tokens cross the network in plaintext")
+        authorizer, self._credentials = security(config, self.metrics)
         if config.server.read_only:
             writes_refused = READ_ONLY_REASON
         # /metrics is up while the models load, so a slow or failing start shows (hps_ready 0, model events).
@@ -181,6 +178,16 @@ class HpsServer:
         """Blocks until stop() has finished (the levels closed)."""
         self._grpc.wait_for_termination()
         self._closed.wait()
+
+
+def security(config: Config, metrics: ServerMetrics | None = None) -> tuple[Authorizer, grpc.ServerCredentials | None]:
+    """The server's authorizer (counting refusals in `metrics`) and TLS credentials (None: plaintext) from
+    server.auth and server.tls; ConfigError naming the field when a file is unusable."""
+    authorizer = Authorizer(config.server.auth.tokens_file, metrics.record_auth_refusal if metrics else None)
+    credentials = tls.server_credentials(config.server.tls) if config.server.tls.enabled else None
+    if authorizer.enabled and credentials is None:
+        log.warning("server.auth is on without server.tls: tokens cross the network in plaintext")
+    return authorizer, credentials
 
 
 # Bytes a request may carry beyond its arrays: names, tags and lengths per query, and the message's own.

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from hps_server.auth import Authorizer, AuthRefusedError, Caller, Permission
+from hps_server.auth import Authorizer, AuthRefusedError, Caller
 from hps_server.coalescing import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
 from hps_server.config import ServerConfig
@@ -129,13 +129,10 @@ class Lookups:
         )
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
-        """Who makes this call (AuthRefusedError: UNAUTHENTICATED, when the credentials are missing or bad)."""
+        """Who makes this call: AuthRefusedError (UNAUTHENTICATED) when its credentials are missing or bad. A
+        handler then checks what it needs, `caller.require("admin", model)`, before touching anything; inside
+        _guarded a refusal becomes the call's status (PERMISSION_DENIED)."""
         return self.authorizer.identify(context)
-
-    def authorize(self, context: grpc.ServicerContext, permission: Permission, model: str) -> None:
-        """Refuses the call unless its caller may `permission` ("read", "write" or "admin") on `model`; raises
-        AuthRefusedError (UNAUTHENTICATED or PERMISSION_DENIED), which _guarded turns into the call's status."""
-        self.caller(context).require(permission, model)
 
     def session(self, model: str) -> LookupSession:
         try:
@@ -399,8 +396,9 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
 
     def Upsert(self, request: hps_pb2.UpsertRequest, context: grpc.ServicerContext) -> hps_pb2.UpsertResponse:
         def work() -> hps_pb2.UpsertResponse:
+            caller = self.lookups.caller(context)
             _parsed(request)
-            self.lookups.authorize(context, "write", request.model)
+            caller.require("write", request.model)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
@@ -422,8 +420,9 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
 
     def Delete(self, request: hps_pb2.DeleteRequest, context: grpc.ServicerContext) -> hps_pb2.DeleteResponse:
         def work() -> hps_pb2.DeleteResponse:
+            caller = self.lookups.caller(context)
             _parsed(request)
-            self.lookups.authorize(context, "write", request.model)
+            caller.require("write", request.model)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
@@ -484,8 +483,8 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
         self, request: hps_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> hps_pb2.ListModelsResponse:
         def work() -> hps_pb2.ListModelsResponse:
-            _parsed(request)
             caller = self.lookups.caller(context)
+            _parsed(request)
             readable = [model for model in self.lookups.models.sessions if caller.allows("read", model)]
             return hps_pb2.ListModelsResponse(models=sorted(readable))
 
@@ -495,8 +494,9 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
         self, request: hps_pb2.DescribeModelRequest, context: grpc.ServicerContext
     ) -> hps_pb2.DescribeModelResponse:
         def work() -> hps_pb2.DescribeModelResponse:
+            caller = self.lookups.caller(context)
             _parsed(request)
-            self.lookups.authorize(context, "read", request.model)
+            caller.require("read", request.model)
             session = self.lookups.session(request.model)
             return hps_pb2.DescribeModelResponse(
                 model=session.name,

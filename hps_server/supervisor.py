@@ -6,6 +6,7 @@ and holds no level open while workers run, except that it owns a shared hash map
 hash_map it creates the level in shared memory, warms it once, passes its name to the workers (who attach,
 write back into it and warm only their L1) and unlinks it at exit. Each worker still holds its own L1, and
 writes are refused (an Upsert would reach one worker's L1 only); a shared L1 and one writer come later.
+Every worker serves the config's TLS and checks its tokens itself; the supervisor only checks the files first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from types import FrameType
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.models import prepare_levels
-from hps_server.server import HpsServer, serve_until_signalled
+from hps_server.server import HpsServer, security, serve_until_signalled
 from hps_server.storage.hashmap import HashMapLevel
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def serve_workers(config: Config, log_format: str) -> int:
     """Runs config.server.processes workers on config.server.address until SIGTERM or SIGINT; the exit code:
     0 after a drain, 1 when a worker exited before every worker was serving. OSError naming the address
     when another program holds it."""
+    security(config)  # a bad certificate or tokens file stops the group here, not each worker at its start
     held, port = claim_address(config.server.address)
     try:
         with shared_volatile(config) as config:

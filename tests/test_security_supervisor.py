@@ -66,3 +66,14 @@ def test_workers_serve_tls_and_check_tokens(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_a_missing_tokens_file_stops_the_group_before_any_worker_starts(tmp_path: Path) -> None:
+    config, _ = write_sample_config(tmp_path, f"127.0.0.1:{free_port()}")
+    env = {**os.environ, TOKENS_FILE_ENV: str(tmp_path / "absent.yaml")}
+    done = subprocess.run(
+        serve_command(config, "--processes", "2"), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "server.auth.tokens_file: cannot read it (No such file or directory)" in done.stderr
+    assert "worker 0 started" not in done.stderr and str(tmp_path) not in done.stderr
