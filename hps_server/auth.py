@@ -37,10 +37,9 @@ _ENTRY_KEYS = {"token", "token_sha256", "client_cert_name", *PERMISSIONS}
 class AuthRefusedError(Exception):
     """A call without acceptable credentials (UNAUTHENTICATED) or without the grant it needs (PERMISSION_DENIED)."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.reason = reason
         self.message = message
 
 
@@ -76,7 +75,6 @@ class Caller:
         self.refused("permission_denied")
         raise AuthRefusedError(
             grpc.StatusCode.PERMISSION_DENIED,
-            "permission_denied",
             f"{self.grant.name} has no {permission} permission on model {shown(model)}",
         )
 
@@ -188,7 +186,7 @@ class Authorizer:
                     found = grant
             if found is None:
                 self._refused("invalid_token")
-                raise AuthRefusedError(grpc.StatusCode.UNAUTHENTICATED, "invalid_token", "authorization: unknown token")
+                raise AuthRefusedError(grpc.StatusCode.UNAUTHENTICATED, "authorization: unknown token")
             return Caller(found, self._refused)
         names = _certificate_names(context)
         if names:
@@ -198,7 +196,6 @@ class Authorizer:
         self._refused("missing_credentials")
         raise AuthRefusedError(
             grpc.StatusCode.UNAUTHENTICATED,
-            "missing_credentials",
             "authorization: this server needs `authorization: Bearer <token>` metadata"
             + (" (the client certificate matches no entry)" if names else ""),
         )
