@@ -61,7 +61,10 @@ class CertificateFiles:
                 context.load_verify_locations(cafile=files[2])
             except OSError as e:
                 raise ConfigError(f"server.tls.client_ca_file: not PEM CA certificates ({e.strerror})") from None
-        contents = [path.read_bytes() for path in files]
+        try:
+            contents = [path.read_bytes() for path in files]
+        except OSError as e:
+            raise ConfigError(f"server.tls: cannot read the files ({e.strerror})") from None
         if self._stamps() != before:
             raise ConfigError("server.tls: the files changed while they were read")
         return before, grpc.ssl_server_certificate_configuration(
