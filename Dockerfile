@@ -55,6 +55,7 @@ VOLUME ["/data"]
 EXPOSE 8500 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "hps_server.healthcheck", "127.0.0.1:8500"]
-# Mount the config at /etc/hps/hps.yaml (the Helm chart's ConfigMap does).
+# Mount the config at /etc/hps/hps.yaml (the Helm chart's ConfigMap does). hps binds loopback unless told
+# otherwise; in a container it serves every interface.
 ENTRYPOINT ["hps"]
-CMD ["serve", "--config", "/etc/hps/hps.yaml"]
+CMD ["serve", "--config", "/etc/hps/hps.yaml", "--address", "0.0.0.0:8500"]

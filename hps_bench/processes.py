@@ -42,7 +42,7 @@ def _measure(
             )
             sample = lookup._batches(tables, case.shape, np.random.default_rng([lookup.SEED, 999]))[0]
             sizes = lookup._sizes(raw_lookup, sample, "float32")
-            with lookup.client_processes(clients, (target, echo_target), rows) as pool:
+            with lookup.client_processes(clients, (target, echo_target), servers.Credentials(), rows) as pool:
                 for path in ("hps", "echo"):  # warm every client's connections and both paths
                     pool.run(lookup.Block(path, "float32", 2, clients, sizes))
                 hps, echo = lookup.Tally(), lookup.Tally()

@@ -13,8 +13,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hps_client import wire
+from hps_client import security, wire
 from hps_client.errors import from_rpc_error
+from hps_client.security import TLS
 from hps_client.wire import Combiner, Dtype
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from hps_wire.response_codec import LookupResult, decode_lookup_response
@@ -103,12 +104,25 @@ def _upsert_request(model: str, table: str, keys: object, vectors: object) -> hp
 
 
 class Client:
-    """A blocking client. `timeout` (seconds) applies to every call unless a call passes its own."""
+    """A blocking client. `timeout` (seconds) applies to every call unless a call passes its own.
 
-    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT, max_message_mb: int = MAX_MESSAGE_MB):
+    `tls`: connect with TLS (see security.TLS; None: plaintext); `token`: sent as `authorization: Bearer <token>`
+    with every call, for a server with server.auth on.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_message_mb: int = MAX_MESSAGE_MB,
+        tls: TLS | None = None,
+        token: str | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_mb))
+        self._metadata = security.call_metadata(token)
+        self._channel = security.channel(target, tls, _channel_options(max_message_mb))
         self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
         self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
         # Replies are decoded by response_codec into array views, not by the generated message class.
@@ -118,7 +132,7 @@ class Client:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -190,10 +204,19 @@ class Client:
 class AsyncClient:
     """The asyncio twin of Client (grpc.aio); create and use it inside a running event loop."""
 
-    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT, max_message_mb: int = MAX_MESSAGE_MB):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_message_mb: int = MAX_MESSAGE_MB,
+        tls: TLS | None = None,
+        token: str | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_mb))
+        self._metadata = security.call_metadata(token)
+        self._channel = security.aio_channel(target, tls, _channel_options(max_message_mb))
         self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
         self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
         self._lookup = self._channel.unary_unary(
@@ -202,7 +225,7 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

@@ -38,6 +38,8 @@ OWN_PACKAGES = {"hps_server", "hps_client", "hps_wire", "hps_bench"}
 
 def _serve(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
+    if args.address is not None:
+        config = replace(config, server=replace(config.server, address=args.address))
     if args.processes is not None:
         config = replace(config, server=replace(config.server, processes=args.processes))
     if args.address is not None:
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         type=_address,
         metavar="HOST:PORT",
-        help="where gRPC listens (default: server.address of the config)",
+        help="where gRPC listens (default: server.address of the config, else 127.0.0.1:8500)",
     )
     serve.add_argument(
         "--processes",

@@ -31,6 +31,8 @@ CacheDtype = Literal["float32", "float16"]
 
 # Environment variable that, when set, replaces volatile_db.password.
 PASSWORD_ENV = "HPS_REDIS_PASSWORD"
+# Environment variable that, when set, replaces server.auth.tokens_file.
+TOKENS_FILE_ENV = "HPS_AUTH_TOKENS_FILE"
 
 
 class ConfigError(ValueError):
@@ -49,9 +51,38 @@ def _names(names: list[str]) -> str:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS of the gRPC server (PEM files, re-read when they change: certificates rotate without a restart)."""
+
+    # The server's certificate chain and private key; both or neither (neither: plaintext).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # CAs whose client certificates are accepted; set: mutual TLS (clients without such a certificate are
+    # refused during the handshake).
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may call what (see auth.py): bearer tokens, or verified client certificates, with per-model grants."""
+
+    # YAML file `tokens: [{token | token_sha256 | client_cert_name, read, write, admin}]`, re-read when it
+    # changes; None: no authentication (every caller may do everything). HPS_AUTH_TOKENS_FILE replaces it.
+    tokens_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens_file is not None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
-    # host:port the gRPC server listens on.
-    address: str = "0.0.0.0:8500"
+    # host:port the gRPC server listens on (loopback unless configured; 0.0.0.0:8500 serves every interface).
+    address: str = "127.0.0.1:8500"
     # Largest request or reply message, in MiB (gRPC's default of 4 MiB is too small for embeddings).
     max_message_mb: int = 256
     # Threads serving RPCs; each in-flight RPC holds one.
@@ -87,6 +118,16 @@ class ServerConfig:
     # this old, so long-lived channels reconnect and spread over replicas added since; a StreamLookup still
     # open after the grace ends with UNAVAILABLE and is reopened by its client; 0: never.
     max_connection_age_seconds: float = 0.0
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    # Refuse Upsert and Delete (FAILED_PRECONDITION) on this server, whatever its levels and callers may do.
+    read_only: bool = False
+    # Serve gRPC reflection; None: served when auth is off, not when it is on.
+    reflection: bool | None = None
+
+    @property
+    def reflection_served(self) -> bool:
+        return (not self.auth.enabled) if self.reflection is None else self.reflection
 
     @property
     def streams_allowed(self) -> int:
@@ -366,6 +407,8 @@ def processes(value: Any, name: str) -> int:
 
 # Every ServerConfig field is a key of the file's server section.
 _SERVER_KEYS = {f.name for f in fields(ServerConfig)}
+_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
+_AUTH_KEYS = {"tokens_file"}
 _VOLATILE_KEYS = {
     "type",
     "overflow_margin",
@@ -418,7 +461,28 @@ _VOLATILE_ALIASES = {"parallel_hash_map": "hash_map", "multi_process_hash_map": 
 _PERSISTENT_ALIASES = {"rocks_db": "rocksdb"}
 
 
-def _server(raw: Any) -> ServerConfig:
+def _tls(raw: Any, base: Path) -> TlsConfig:
+    s = _Section(raw, "server.tls", _TLS_KEYS)
+    tls = TlsConfig(
+        cert_file=s.get("cert_file", None, _path(base)),
+        key_file=s.get("key_file", None, _path(base)),
+        client_ca_file=s.get("client_ca_file", None, _path(base)),
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError("server.tls: set cert_file and key_file together (or neither, for plaintext)")
+    if tls.client_ca_file is not None and tls.cert_file is None:
+        raise ConfigError("server.tls.client_ca_file: mutual TLS needs cert_file and key_file too")
+    return tls
+
+
+def _auth(raw: Any, base: Path) -> AuthConfig:
+    s = _Section(raw, "server.auth", _AUTH_KEYS)
+    from_env = os.environ.get(TOKENS_FILE_ENV)
+    tokens_file = _path(base)(from_env, TOKENS_FILE_ENV) if from_env else s.get("tokens_file", None, _path(base))
+    return AuthConfig(tokens_file=tokens_file)
+
+
+def _server(raw: Any, base: Path) -> ServerConfig:
     s = _Section(raw, "server", _SERVER_KEYS)
     d = ServerConfig()
     server = ServerConfig(
@@ -436,6 +500,10 @@ def _server(raw: Any) -> ServerConfig:
         stream_idle_seconds=s.get("stream_idle_seconds", d.stream_idle_seconds, _float(0, low_open=True)),
         processes=s.get("processes", d.processes, processes),
         max_connection_age_seconds=s.get("max_connection_age_seconds", d.max_connection_age_seconds, _float(0)),
+        tls=_tls(s.raw.get("tls"), base),
+        auth=_auth(s.raw.get("auth"), base),
+        read_only=s.get("read_only", d.read_only, _bool),
+        reflection=s.get("reflection", d.reflection, _bool),
     )
     if server.max_streams and server.max_streams >= server.workers:
         raise ConfigError(
@@ -664,7 +732,7 @@ def parse(raw: Any, base: Path, hps: bool = False) -> Config:
         if name in names[:i]:
             raise ConfigError(f"models[{i}]: duplicate model name {name!r}")
     return Config(
-        server=_server(top.raw.get("server")),
+        server=_server(top.raw.get("server"), base),
         volatile_db=_volatile(top.raw.get("volatile_db"), base, hps),
         persistent_db=_persistent(top.raw.get("persistent_db"), base, hps),
         models=models,

@@ -32,6 +32,8 @@ from hps_server.cache import CacheStats
 
 log = logging.getLogger(__name__)
 
+# Why a call was refused by auth.py (its label values, kept here so metrics imports nothing of auth).
+AUTH_REFUSAL_REASONS: Final = ("missing_credentials", "invalid_token", "permission_denied")
 # Label value standing for model names the server does not host, so clients cannot grow the series count.
 UNKNOWN_MODEL: Final = "_unknown"
 
@@ -309,6 +311,15 @@ class ServerMetrics:
         )
         self.models_loaded = Gauge("hps_models_loaded", "Models currently served.", registry=r)
         self.ready = Gauge("hps_ready", "1 while the health service reports SERVING.", registry=r)
+        self.auth_refusals = Counter(
+            "hps_auth_refusals",
+            "Calls refused: no or unknown credentials (missing_credentials, invalid_token), or no grant "
+            "(permission_denied).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AUTH_REFUSAL_REASONS:
+            self.auth_refusals.labels(reason)  # present at 0 from the start, so a rate() sees the first one
         self._caches = _CacheCollector()
         r.register(self._caches)
         self._tallies = _TallyCollector()
@@ -362,6 +373,9 @@ class ServerMetrics:
     def watch_caches(self, source: Callable[[], Iterable[CacheOccupancy]]) -> None:
         """Registers a callable listing L1 caches; it is called on every scrape."""
         self._caches.add(source)
+
+    def record_auth_refusal(self, reason: str) -> None:
+        self.auth_refusals.labels(reason).inc()
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
@@ -468,9 +482,11 @@ class MetricsEndpoint:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"server.metrics_address: must be host:port, got {address!r}")
-        self._server, self._thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+        # No host: loopback only; exposing /metrics beyond the machine takes a host (0.0.0.0:9100).
+        host = host.strip("[]") or "127.0.0.1"
+        self._server, self._thread = start_http_server(int(port), addr=host, registry=registry)
         self.port: int = self._server.server_port
-        log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", self.port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -25,6 +25,8 @@ from hps_server.write_epochs import WriteEpochs
 
 log = logging.getLogger(__name__)
 
+READ_ONLY_REASON = "server.read_only is set: this server refuses Upsert and Delete"
+
 CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, TableL1]]
 """Places a model's tables in L1 (the caches per device holding each) from its config and its levels, top first."""
 
@@ -55,13 +57,12 @@ class HostedModels:
         cache_factory: CacheFactory | None = None,
         progress: bool = False,
         metrics: ServerMetrics | None = None,
-        writes_refused: str = "",
         group: GroupRole | None = None,
     ) -> HostedModels:
         """Opens the levels and prepares every model (ingesting table files on first start); a failure
         closes what was opened. cache_factory defaults to placement.build_caches. Warm-up is separate: warm().
-        writes_refused: why the sessions refuse Upsert and Delete (empty: they take them where a level can);
-        group: its part in a worker group's writes (None: a server of its own)."""
+        group: its part in a worker group's writes (None: a server of its own). With server.read_only the
+        sessions refuse Upsert and Delete."""
         cache_factory = cache_factory or build_caches
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
@@ -87,7 +88,7 @@ class HostedModels:
                     caches,
                     write_back=config.volatile_db.cache_missed_embeddings,
                     metrics=metrics,
-                    writes_refused=writes_refused,
+                    writes_refused=READ_ONLY_REASON if config.server.read_only else "",
                     epochs=epochs,
                     first_epoch_slot=slot,
                     route=group.route if group else None,

@@ -15,7 +15,9 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from hps_server import tls
 from hps_server.allocator import keep_large_blocks_in_heap
+from hps_server.auth import Authorizer
 from hps_server.config import Config, ServerConfig
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, GroupRole, HostedModels
@@ -26,11 +28,16 @@ from hps_wire._proto import hps_pb2
 
 log = logging.getLogger(__name__)
 
+# Why writes are refused on a server configured read-only (the session puts the model's name before it).
+
 SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("LookupService", "ModelService"))
 
 
 class HpsServer:
     """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels.
+
+    With server.tls it serves TLS only (see tls.py), with server.auth.tokens_file only the calls a caller's
+    grant allows (see auth.py; health checking stays open), with server.read_only no writes.
 
     As one worker of several (supervisor.py): `shared_port` lets the others bind the same address,
     `group` sends its writes to the group's writer, `warm_volatile=False` leaves the volatile level
@@ -55,6 +62,8 @@ class HpsServer:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
+        # Credentials first: a bad tokens file or certificate fails the start before anything is opened.
+        authorizer, self._credentials = security(config, self.metrics)
         # /metrics is up while the models load, so a slow or failing start shows (hps_ready 0, model events).
         self._metrics_endpoint: MetricsEndpoint | None = serve_metrics(config.server.metrics_address, self.metrics)
         self.metrics_port: int | None = self._metrics_endpoint.port if self._metrics_endpoint else None
@@ -82,10 +91,11 @@ class HpsServer:
                 *connection_age_options(config.server),
             ],
         )
-        self.lookups = Lookups(self.models, config.server)
+        self.lookups = Lookups(self.models, config.server, authorizer)
         self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))
+        if config.server.reflection_served:
+            enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
@@ -100,11 +110,18 @@ class HpsServer:
         """Binds the configured address and starts serving; returns the bound port."""
         address = self.config.server.address
         try:
-            self.port = self._grpc.add_insecure_port(address)
+            if self._credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, self._credentials)
         except RuntimeError as e:
             raise OSError(f"server.address: cannot bind {address} (already in use by another program?)") from e
         self._grpc.start()
-        log.info("listening on port %d; warming up before reporting SERVING", self.port)
+        log.info(
+            "listening on port %d (%s); warming up before reporting SERVING",
+            self.port,
+            "plaintext" if self._credentials is None else "TLS",
+        )
         self._warming = threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True)
         self._warming.start()
         return self.port
@@ -158,6 +175,16 @@ class HpsServer:
         """Blocks until stop() has finished (the levels closed)."""
         self._grpc.wait_for_termination()
         self._closed.wait()
+
+
+def security(config: Config, metrics: ServerMetrics | None = None) -> tuple[Authorizer, grpc.ServerCredentials | None]:
+    """The server's authorizer (counting refusals in `metrics`) and TLS credentials (None: plaintext) from
+    server.auth and server.tls; ConfigError naming the field when a file is unusable."""
+    authorizer = Authorizer(config.server.auth.tokens_file, metrics.record_auth_refusal if metrics else None)
+    credentials = tls.server_credentials(config.server.tls) if config.server.tls.enabled else None
+    if authorizer.enabled and credentials is None:
+        log.warning("server.auth is on without server.tls: tokens cross the network in plaintext")
+    return authorizer, credentials
 
 
 # Bytes a request may carry beyond its arrays: names, tags and lengths per query, and the message's own.

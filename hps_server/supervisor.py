@@ -8,6 +8,7 @@ before a write is acknowledged. With volatile_db.type hash_map it creates that l
 passes its name to the workers (who attach and warm only their L1) and unlinks it at exit. On GPUs the
 writer also makes one L1 cache per device that every worker maps (shared_l1.py). Workers open RocksDB
 read-only and follow the writer's commits.
+Every worker serves the config's TLS and checks its tokens itself; the supervisor only checks the files first.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hps_server.cache.shared_l1 import OpenedGpuCaches
 from hps_server.config import Config
 from hps_server.group_writes import GroupAddress, GroupWriter, WriterLink
 from hps_server.logs import LogFormat
-from hps_server.server import HpsServer, serve_until_signalled
+from hps_server.server import HpsServer, security, serve_until_signalled
 from hps_server.storage.base import StorageError
 from hps_server.storage.hashmap import HashMapLevel
 
@@ -66,6 +67,7 @@ def serve_workers(config: Config, log_format: LogFormat) -> int:
     """Runs config.server.processes workers on config.server.address until SIGTERM or SIGINT; the exit code:
     0 after a drain, 1 when a worker exited before every worker was serving or the writer's final flush
     failed. OSError naming the address when another program holds it."""
+    security(config)  # a bad certificate or tokens file stops the group here, not each worker at its start
     held, port = claim_address(config.server.address)
     try:
         with shared_volatile(config) as config:

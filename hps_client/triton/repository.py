@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import hps_wire
@@ -31,20 +31,26 @@ parameters [
   {{ key: "hps_model" value: {{ string_value: "{hps_model}" }} }},
   {{ key: "hps_tables" value: {{ string_value: "{hps_tables}" }} }},
   {{ key: "hps_reply_dtype" value: {{ string_value: "{reply_dtype}" }} }},
-  {{ key: "hps_timeout_seconds" value: {{ string_value: "{timeout_seconds}" }} }}
+  {{ key: "hps_timeout_seconds" value: {{ string_value: "{timeout_seconds}" }} }}{security}
 ]
 """
+_PARAMETER = """,
+  {{ key: "{key}" value: {{ string_value: "{value}" }} }}"""
 # The model file itself imports Triton's stub module, so it is located, never imported, here.
 MODEL_FILE = Path(__file__).with_name("model.py")
 CLIENT_PACKAGE = MODEL_FILE.parents[1]
 # The client imports the wire package, so it goes along: from an installed wheel nothing else provides it there.
 COPIED_PACKAGES = (CLIENT_PACKAGE, Path(hps_wire.__file__).parent)
 _SAFE = re.compile(r"[A-Za-z0-9_.:\-\[\]]*")
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_.:\-/]*")
+# Parameters of a server with TLS or auth on: file paths (the token itself never goes into config.pbtxt).
+SECURITY_PARAMETERS = ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", "token_file")
 
 
-def _checked(field: str, value: str) -> str:
-    if not _SAFE.fullmatch(value):
-        raise ValueError(f"{field}: only letters, digits and _.:-[] are allowed, got {value!r}")
+def _checked(field: str, value: str, pattern: re.Pattern[str] = _SAFE) -> str:
+    if not pattern.fullmatch(value):
+        allowed = "_.:-/" if pattern is _SAFE_PATH else "_.:-[]"
+        raise ValueError(f"{field}: only letters, digits and {allowed} are allowed, got {value!r}")
     return value
 
 
@@ -60,6 +66,7 @@ def write_lookup_model(
     instances: int = 1,
     reply_dtype: str = "float32",
     timeout_seconds: float = 30.0,
+    security: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes repository/name/{config.pbtxt, 1/model.py, 1/hps_client, 1/hps_wire}; returns the model's folder.
 
@@ -67,7 +74,8 @@ def write_lookup_model(
     the repository carries the client it was written with and needs only numpy, grpcio and protobuf in Triton.
 
     `tables` orders NUMKEYS (empty: all of the hps model's tables, in its order). `max_batch_size` must not
-    exceed the hps model's max_batch_size, or large dynamic batches are refused by the server.
+    exceed the hps model's max_batch_size, or large dynamic batches are refused by the server. `security` sets
+    SECURITY_PARAMETERS (without their `hps_` prefix: tls_ca_file, ..., token_file) for a server with TLS or auth.
     """
     if reply_dtype not in ("float32", "float16"):
         raise ValueError(f"reply_dtype: must be float32 or float16, got {reply_dtype!r}")
@@ -76,6 +84,14 @@ def write_lookup_model(
             raise ValueError(f"{field}: must be >= 1, got {number}")
     if queue_delay_us < 0:
         raise ValueError(f"queue_delay_us: must be >= 0, got {queue_delay_us}")
+    unknown = sorted(set(security or {}) - set(SECURITY_PARAMETERS))
+    if unknown:
+        raise ValueError(f"security: unknown parameter {unknown[0]!r} (known: {', '.join(SECURITY_PARAMETERS)})")
+    parameters = "".join(
+        _PARAMETER.format(key=f"hps_{key}", value=_checked(key, value, _SAFE_PATH))
+        for key, value in (security or {}).items()
+        if value
+    )
     folder = Path(repository) / _checked("name", name)
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(
@@ -89,6 +105,7 @@ def write_lookup_model(
             hps_tables=",".join(_checked("tables", t) for t in tables),
             reply_dtype=reply_dtype,
             timeout_seconds=timeout_seconds,
+            security=parameters,
         )
     )
     shutil.copyfile(MODEL_FILE, folder / "1" / "model.py")

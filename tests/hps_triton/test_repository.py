@@ -32,6 +32,16 @@ def test_writes_config_model_and_client(tmp_path: Path) -> None:
     assert not list((folder / "1" / "hps_wire").rglob("__pycache__"))
 
 
+def test_security_parameters_are_paths_never_a_token(tmp_path: Path) -> None:
+    security = {"tls_ca_file": "/etc/hps/tls/ca.crt", "token_file": "/var/run/hps/token"}
+    folder = write_lookup_model(tmp_path, name="emb", hps_address="hps:8500", hps_model="ctr", security=security)
+    config = (folder / "config.pbtxt").read_text()
+    assert '{ key: "hps_tls_ca_file" value: { string_value: "/etc/hps/tls/ca.crt" } }' in config
+    assert '{ key: "hps_token_file" value: { string_value: "/var/run/hps/token" } }' in config
+    with pytest.raises(ValueError, match="security: unknown parameter 'token'"):
+        write_lookup_model(tmp_path, name="emb", hps_address="hps:8500", hps_model="ctr", security={"token": "x"})
+
+
 @pytest.mark.parametrize(
     ("field", "kwargs"),
     [
