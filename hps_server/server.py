@@ -27,6 +27,11 @@ from hps_wire._proto import hps_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("LookupService", "ModelService"))
+# Health name of the write path: NOT_SERVING while Upsert and Delete would be refused (RocksDB failing its
+# writes). Reads still work then, so the whole server ("") and the services stay SERVING for probes.
+WRITES_HEALTH_NAME = "hps.v1.Writes"
+# How often the write path's state is checked (and a failed level asked to retry its writes).
+WRITES_CHECK_SECONDS = 1.0
 
 
 class HpsServer:
@@ -52,7 +57,7 @@ class HpsServer:
         self.config = config
         self._warm_volatile = warm_volatile
         self.health = health.HealthServicer()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *SERVICE_NAMES, WRITES_HEALTH_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
         # /metrics is up while the models load, so a slow or failing start shows (hps_ready 0, model events).
@@ -88,6 +93,7 @@ class HpsServer:
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
+        self._writes_watch: threading.Thread | None = None
         self._before_serving = before_serving
         self._stopped = threading.Event()
         self._closed = threading.Event()
@@ -121,9 +127,27 @@ class HpsServer:
                 return
             for name in ("", *SERVICE_NAMES):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._report_writes()
+            self._writes_watch = threading.Thread(target=self._watch_writes, name="hps-writes", daemon=True)
+            self._writes_watch.start()
             self.metrics.set_ready(True)
             self.ready.set()
         log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
+
+    def _watch_writes(self) -> None:
+        """Until stop: lets failed levels retry their writes, and keeps WRITES_HEALTH_NAME in step."""
+        while not self._stopped.wait(WRITES_CHECK_SECONDS):
+            for level in (self.models.volatile, self.models.persistent):
+                if level is not None:
+                    level.retry_writes()
+            with self._state:
+                if not self._stopped.is_set():
+                    self._report_writes()
+
+    def _report_writes(self) -> None:
+        refused = any(session.write_refusal() for session in self.models.sessions.values())
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if refused else health_pb2.HealthCheckResponse.SERVING
+        self.health.set(WRITES_HEALTH_NAME, status)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Blocks until warm-up is done and health reports SERVING; False on timeout."""
@@ -139,8 +163,9 @@ class HpsServer:
             self.metrics.set_ready(False)
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
-        if self._warming is not None:
-            self._warming.join()  # it sees the stop between chunks; the levels must outlive it
+        for thread in (self._warming, self._writes_watch):
+            if thread is not None:
+                thread.join()  # each sees the stop soon (warm-up between chunks); the levels must outlive them
         try:
             self.models.close()
         except StorageError as e:

@@ -485,6 +485,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
                     for table in session.model.tables
                 ],
                 levels=session.level_names(),
+                writes_refused=session.write_refusal(),
             )
 
         return _guarded(context, "DescribeModel", work)

@@ -465,6 +465,17 @@ class LookupSession:
                     for cache in table.l1.caches:
                         refresh_l1(cache, table.l1.index)
 
+    def write_refusal(self) -> str:
+        """Why Upsert and Delete would be refused now, empty while they are taken: the server refuses
+        writes, no level takes them, or the authoritative level's writes fail (until it recovers)."""
+        try:
+            self._require_writable()
+        except PermissionError as e:
+            return str(e)
+        _, authority = next(self._writable_levels())
+        failure = authority.write_failure
+        return "" if failure is None else f"{authority.kind}: writes failing: {failure}"
+
     def _require_writable(self) -> None:
         if self.writes_refused:
             raise PermissionError(f"model {self.model.name} is served read-only: {self.writes_refused}")
