@@ -22,6 +22,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 BENCHMARKS = {
     "lookup": "benchmarks.lookup",
+    "connections": "benchmarks.connections",
     "memory": "benchmarks.memory",
     "cache": "benchmarks.cache",
     "redis": "benchmarks.redis",

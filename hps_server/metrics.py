@@ -7,6 +7,7 @@ scrapes; nothing here touches keys one by one or is updated once per table, and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -262,6 +263,12 @@ class ServerMetrics:
         )
         self.models_loaded = Gauge("hps_models_loaded", "Models currently served.", registry=r)
         self.ready = Gauge("hps_ready", "1 while the health service reports SERVING.", registry=r)
+        self.busy_refusals = Counter(
+            "hps_requests_refused_busy",
+            "Calls refused at once (RESOURCE_EXHAUSTED) because server.max_queued_requests already waited.",
+            registry=r,
+        )
+        self.waiting = Gauge("hps_requests_waiting", "Calls waiting for an RPC thread now.", registry=r)
         self._caches = _CacheCollector()
         r.register(self._caches)
         self._tallies = _TallyCollector()
@@ -304,6 +311,13 @@ class ServerMetrics:
     def watch_caches(self, source: Callable[[], Iterable[CacheOccupancy]]) -> None:
         """Registers a callable listing L1 caches; it is called on every scrape."""
         self._caches.add(source)
+
+    def record_busy_refusal(self) -> None:
+        self.busy_refusals.inc()
+
+    def watch_waiting(self, source: Callable[[], int]) -> None:
+        """Registers a callable giving the calls waiting for an RPC thread; called on every scrape."""
+        self.waiting.set_function(source)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
@@ -367,7 +381,10 @@ class _RpcInterceptor(grpc.ServerInterceptor):
             code = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
         self._metrics.rpc_finished(model, method, code or grpc.StatusCode.OK, time.perf_counter() - started)
 
+    # functools.wraps keeps what gRPC reads off a behavior (its thread pool, see admission.py).
+
     def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+        @functools.wraps(behavior)
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             self._metrics.rpc_started(method)
             started = time.perf_counter()
@@ -382,6 +399,7 @@ class _RpcInterceptor(grpc.ServerInterceptor):
         return handle
 
     def _stream(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+        @functools.wraps(behavior)
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             self._metrics.rpc_started(method)
             started = time.perf_counter()

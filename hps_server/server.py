@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hps_server.admission import AdmissionPool
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.config import Config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
@@ -30,6 +31,8 @@ SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for na
 # Health name of the write path: NOT_SERVING while Upsert and Delete would be refused (RocksDB failing its
 # writes). Reads still work then, so the whole server ("") and the services stay SERVING for probes.
 WRITES_HEALTH_NAME = "hps.v1.Writes"
+# Threads answering health checks, reflection and ModelService (LookupService has server.workers of its own).
+CONTROL_THREADS = 2
 # How often the write path's state is checked (and a failed level asked to retry its writes).
 WRITES_CHECK_SECONDS = 1.0
 
@@ -74,8 +77,14 @@ class HpsServer:
         self.metrics.watch_caches(self.models.cache_occupancy)
         self.metrics.watch_levels(self.models.level_states)
         message_bytes = config.server.max_message_mb * 1024 * 1024
+        # Lookups and writes run on a pool with a bounded queue (over it: RESOURCE_EXHAUSTED at once); health
+        # checks, reflection and ModelService on the server's own few threads, so a full queue never delays them.
+        self.admission = AdmissionPool(
+            config.server.workers, config.server.max_queued_requests, self.metrics.record_busy_refusal
+        )
+        self.metrics.watch_waiting(self.admission.waiting)
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
+            futures.ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="hps-control"),
             interceptors=[self.metrics.interceptor()],
             options=[
                 ("grpc.max_receive_message_length", min(message_bytes, largest_request_bytes(config))),
@@ -87,7 +96,7 @@ class HpsServer:
             ],
         )
         self.lookups = Lookups(self.models, config.server)
-        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
+        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups, self.admission))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = 0
