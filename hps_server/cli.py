@@ -23,6 +23,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 BENCHMARKS = {
     "lookup": "benchmarks.lookup",
     "connections": "benchmarks.connections",
+    "faults": "benchmarks.faults",
     "memory": "benchmarks.memory",
     "cache": "benchmarks.cache",
     "redis": "benchmarks.redis",
