@@ -9,7 +9,7 @@ import pytest
 
 from hps_server.cli import main
 
-FAULTS = ["steady", "snapshot_restart", "freeze", "reshard"]
+FAULTS = ["steady", "snapshot_restart", "freeze_short", "freeze_failover", "reshard"]
 
 
 def test_every_fault_under_load_serves_only_acknowledged_rows(capsys: pytest.CaptureFixture[str]) -> None:
