@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-# Threads answering refused calls (a refusal is a few microseconds of work).
+# Threads answering refused calls: each waits for its call's request message, then refuses it at once.
 REFUSING_THREADS = 4
 
 _refusing = threading.local()

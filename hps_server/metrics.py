@@ -381,10 +381,8 @@ class _RpcInterceptor(grpc.ServerInterceptor):
             code = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
         self._metrics.rpc_finished(model, method, code or grpc.StatusCode.OK, time.perf_counter() - started)
 
-    # functools.wraps keeps what gRPC reads off a behavior (its thread pool, see admission.py).
-
     def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
-        @functools.wraps(behavior)
+        @functools.wraps(behavior)  # keeps what gRPC reads off a behavior: its thread pool (admission.py)
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             self._metrics.rpc_started(method)
             started = time.perf_counter()
