@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,6 +247,29 @@ class RedisClusterProcesses:
                 if c.info("replication")["role"] == "master":
                     found.append(port)
         return found
+
+    def reshard(self, slots: Sequence[int], timeout: float = 120.0) -> tuple[int, int]:
+        """Moves one of `slots` to another master with a live `redis-cli --cluster reshard` (keys migrated
+        while clients keep using them: ASK while a slot is half moved, MOVED after). redis-cli takes a
+        master's slots lowest first, so the slot with the fewest of its master's slots below it is moved,
+        those below it with it; returns (the slot, how many slots moved)."""
+        with self.client(self.ports[0]) as c:
+            ranges = [
+                (int(r[0]), int(r[1]), int(r[2][1]), r[2][2].decode()) for r in c.execute_command("CLUSTER SLOTS")
+            ]
+
+        def cost(slot: int) -> tuple[int, str]:
+            owner = next(node for start, end, _, node in ranges if start <= slot <= end)
+            below = sum(min(end, slot) - start + 1 for start, end, _, node in ranges if node == owner and start <= slot)
+            return below, owner
+
+        slot = min(slots, key=lambda s: cost(s)[0])
+        moved, source = cost(slot)
+        target = next(node for _, _, _, node in ranges if node != source)
+        command = ["--cluster", "reshard", self.seed, "--cluster-from", source, "--cluster-to", target]
+        command += ["--cluster-slots", str(moved), "--cluster-yes"]
+        subprocess.run(["redis-cli", *self._auth_args(), *command], check=True, capture_output=True, timeout=timeout)
+        return slot, moved
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every running node says cluster_state:ok and every master has its replicas in sync."""

@@ -44,6 +44,8 @@ class ModelInfo:
     name: str
     tables: tuple[TableInfo, ...]
     levels: tuple[str, ...]
+    # Why Upsert and Delete are refused now (RocksDB failing its writes, a read-only worker); "" while taken.
+    writes_refused: str = ""
 
 
 # The channels' gRPC service config. round_robin: a target naming several addresses (dns:/// of a headless
@@ -90,6 +92,7 @@ def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
             TableInfo(t.name, t.dim, t.rows, t.default_value, t.max_keys_per_request) for t in response.tables
         ),
         levels=tuple(response.levels),
+        writes_refused=response.writes_refused,
     )
 
 

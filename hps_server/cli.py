@@ -27,6 +27,14 @@ BENCHMARKS = {
         "hps_bench.processes",
         "case d of lookup against hps serve --processes N for several N, beside an echo",
     ),
+    "connections": (
+        "hps_bench.connections",
+        "p50/p99 and refusals with 100 vs 500 concurrent connections",
+    ),
+    "faults": (
+        "hps_bench.faults",
+        "Redis killed, restored, frozen and resharded under load: wrong and failed calls",
+    ),
     "cache": ("hps_bench.cache", "the GPU L1 cache's query/replace speed and Zipf hit rate (needs CuPy and a GPU)"),
     "redis": ("hps_bench.redis", "the Redis Cluster level's fetch rows/s, against plain redis-py on the same cluster"),
     "layers": ("hps_bench.layers", "the TensorFlow and PyTorch layers' overhead over the Client call they make"),

@@ -85,7 +85,7 @@ class ServerConfig:
     address: str = "127.0.0.1:8500"
     # Largest request or reply message, in MiB (gRPC's default of 4 MiB is too small for embeddings).
     max_message_mb: int = 256
-    # Threads serving RPCs; each in-flight RPC holds one.
+    # Threads serving LookupService RPCs (Lookup, StreamLookup, Upsert, Delete); each in-flight call holds one.
     workers: int = 16
     # On SIGTERM/SIGINT, in-flight calls get this long to finish before the server stops.
     shutdown_grace_seconds: float = 10.0
@@ -95,7 +95,10 @@ class ServerConfig:
     # also wait up to this many microseconds for more before starting (0: never wait; see
     # docs/performance.md for the measurements behind the default).
     batch_window_us: int = 0
-    # Lookups waiting for a pass, at most; one more is refused with RESOURCE_EXHAUSTED.
+    # Calls waiting at most: LookupService calls for one of the `workers` threads (counted from when gRPC
+    # hands them over), and lookups for a pass; one more is refused at once with RESOURCE_EXHAUSTED, so
+    # latency stays bounded under overload. Health checks, reflection and ModelService have threads of
+    # their own and never wait behind them.
     max_queued_requests: int = 256
     # Per request, checked before any level work (over a limit: RESOURCE_EXHAUSTED naming it): table
     # queries of a Lookup (TableQueries plus packed segments), keys of a Lookup over all its queries, and

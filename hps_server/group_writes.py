@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 REFRESH_TIMEOUT_SECONDS = 10.0
 # A worker gives up on the writer's answer after this long (the write may still land).
 WRITER_TIMEOUT_SECONDS = 60.0
+# How often the writer lets failed levels retry their writes.
+WRITES_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,14 @@ class GroupWriter:
         self._peers = [_Peer(self.address.worker(index), self.address.authkey) for index in range(workers)]
         self._listener = Listener(self.address.writer, "AF_UNIX", authkey=self.address.authkey)
         _accept_forever(self._listener, self._handle, "hps-writer")
+        self._closed = threading.Event()
+        self._retrying = threading.Thread(target=self._retry_writes, name="hps-writer-retry", daemon=True)
+        self._retrying.start()
+
+    def _retry_writes(self) -> None:
+        """As a server does: failed levels retry their writes once a second, so they recover with no write."""
+        while not self._closed.wait(WRITES_CHECK_SECONDS):
+            self.models.retry_writes()
 
     def _handle(self, operation: str, model: str, *arguments: Any) -> Any:
         session = self.models.session(model)
@@ -131,6 +141,8 @@ class GroupWriter:
             return session.delete(*arguments)
         if operation == "write_back":
             return session.write_back_from(*arguments)
+        if operation == "write_refusal":
+            return session.write_refusal()
         raise ValueError(f"group writer: unknown operation {operation!r}")
 
     def _refresh_workers(self, model: str, table: ServedTable, keys: np.ndarray, vectors: np.ndarray | None) -> None:
@@ -153,6 +165,8 @@ class GroupWriter:
         """Stops taking writes and closes the levels; raises the persistent level's StorageError (a failed
         final flush) after releasing everything."""
         self._listener.close()
+        self._closed.set()
+        self._retrying.join()
         try:
             self.models.close()
         finally:
@@ -255,6 +269,9 @@ class WriterLink:
 
     def delete(self, model: str, table: str, keys: np.ndarray) -> int:
         return int(self._call("delete", model, table, keys))
+
+    def write_refusal(self, model: str) -> str:
+        return str(self._call("write_refusal", model))
 
     def write_back(
         self,

@@ -7,6 +7,7 @@ scrapes; nothing here touches keys one by one or is updated once per table, and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -320,6 +321,12 @@ class ServerMetrics:
         )
         for reason in AUTH_REFUSAL_REASONS:
             self.auth_refusals.labels(reason)  # present at 0 from the start, so a rate() sees the first one
+        self.busy_refusals = Counter(
+            "hps_requests_refused_busy",
+            "Calls refused at once (RESOURCE_EXHAUSTED) because server.max_queued_requests already waited.",
+            registry=r,
+        )
+        self.waiting = Gauge("hps_requests_waiting", "Calls waiting for an RPC thread now.", registry=r)
         self._caches = _CacheCollector()
         r.register(self._caches)
         self._tallies = _TallyCollector()
@@ -376,6 +383,13 @@ class ServerMetrics:
 
     def record_auth_refusal(self, reason: str) -> None:
         self.auth_refusals.labels(reason).inc()
+
+    def record_busy_refusal(self) -> None:
+        self.busy_refusals.inc()
+
+    def watch_waiting(self, source: Callable[[], int]) -> None:
+        """Registers a callable giving the calls waiting for an RPC thread; called on every scrape."""
+        self.waiting.set_function(source)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
@@ -440,6 +454,7 @@ class _RpcInterceptor(grpc.ServerInterceptor):
         self._metrics.rpc_finished(model, method, code or grpc.StatusCode.OK, time.perf_counter() - started)
 
     def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+        @functools.wraps(behavior)  # keeps what gRPC reads off a behavior: its thread pool (admission.py)
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             self._metrics.rpc_started(method)
             started = time.perf_counter()
@@ -454,6 +469,7 @@ class _RpcInterceptor(grpc.ServerInterceptor):
         return handle
 
     def _stream(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+        @functools.wraps(behavior)
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             self._metrics.rpc_started(method)
             started = time.perf_counter()

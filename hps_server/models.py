@@ -151,6 +151,12 @@ class HostedModels:
                 log.debug("%s occupancy not read this scrape: %s", level.kind, e)
         return found
 
+    def retry_writes(self) -> None:
+        """Lets each level whose writes failed try again (RocksDB reopens once its folder takes files)."""
+        for level in (self.volatile, self.persistent):
+            if level is not None:
+                level.retry_writes()
+
     def level_states(self) -> list[tuple[str, bool]]:
         """(kind, whether its writes fail now) of each level."""
         return [(level.kind, level.writes_failing) for level in (self.volatile, self.persistent) if level is not None]

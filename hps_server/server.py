@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hps_server import tls
+from hps_server.admission import AdmissionPool
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.auth import Authorizer
 from hps_server.config import Config, ServerConfig
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 # Why writes are refused on a server configured read-only (the session puts the model's name before it).
 
 SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("LookupService", "ModelService"))
+# Health name of the write path: NOT_SERVING while Upsert and Delete would be refused (RocksDB failing its
+# writes). Reads still work then, so the whole server ("") and the services stay SERVING for probes.
+WRITES_HEALTH_NAME = "hps.v1.Writes"
+# Threads answering health checks, reflection and ModelService (LookupService has server.workers of its own).
+CONTROL_THREADS = 2
+# How often the write path's state is checked (and a failed level asked to retry its writes).
+WRITES_CHECK_SECONDS = 1.0
 
 
 class HpsServer:
@@ -59,7 +67,7 @@ class HpsServer:
         self.config = config
         self._warm_volatile = warm_volatile
         self.health = health.HealthServicer()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *SERVICE_NAMES, WRITES_HEALTH_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
         # Credentials first: a bad tokens file or certificate fails the start before anything is opened.
@@ -78,8 +86,14 @@ class HpsServer:
         self.metrics.watch_level_occupancy(self.models.level_occupancy)
         self.metrics.expect_levels(kind for kind, _ in self.models.level_states())
         message_bytes = config.server.max_message_mb * 1024 * 1024
+        # Lookups and writes run on a pool with a bounded queue (over it: RESOURCE_EXHAUSTED at once); health
+        # checks, reflection and ModelService on the server's own few threads, so a full queue never delays them.
+        self.admission = AdmissionPool(
+            config.server.workers, config.server.max_queued_requests, self.metrics.record_busy_refusal
+        )
+        self.metrics.watch_waiting(self.admission.waiting)
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
+            futures.ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="hps-control"),
             interceptors=[self.metrics.interceptor()],
             options=[
                 ("grpc.max_receive_message_length", min(message_bytes, largest_request_bytes(config))),
@@ -92,13 +106,14 @@ class HpsServer:
             ],
         )
         self.lookups = Lookups(self.models, config.server, authorizer)
-        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
+        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups, self.admission))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if config.server.reflection_served:
             enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
+        self._writes_watch: threading.Thread | None = None
         self._before_serving = before_serving
         self._stopped = threading.Event()
         self._closed = threading.Event()
@@ -139,9 +154,25 @@ class HpsServer:
                 return
             for name in ("", *SERVICE_NAMES):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._report_writes()
+            self._writes_watch = threading.Thread(target=self._watch_writes, name="hps-writes", daemon=True)
+            self._writes_watch.start()
             self.metrics.set_ready(True)
             self.ready.set()
         log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
+
+    def _watch_writes(self) -> None:
+        """Until stop: lets failed levels retry their writes, and keeps WRITES_HEALTH_NAME in step."""
+        while not self._stopped.wait(WRITES_CHECK_SECONDS):
+            self.models.retry_writes()
+            with self._state:
+                if not self._stopped.is_set():
+                    self._report_writes()
+
+    def _report_writes(self) -> None:
+        refused = any(session.write_refusal() for session in self.models.sessions.values())
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if refused else health_pb2.HealthCheckResponse.SERVING
+        self.health.set(WRITES_HEALTH_NAME, status)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Blocks until warm-up is done and health reports SERVING; False on timeout."""
@@ -157,8 +188,9 @@ class HpsServer:
             self.metrics.set_ready(False)
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
-        if self._warming is not None:
-            self._warming.join()  # it sees the stop between chunks; the levels must outlive it
+        for thread in (self._warming, self._writes_watch):
+            if thread is not None:
+                thread.join()  # each sees the stop soon (warm-up between chunks); the levels must outlive them
         try:
             self.models.close()
         except StorageError as e:

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from hps_server.admission import AdmissionPool, bounded
 from hps_server.auth import Authorizer, AuthRefusedError, Caller
 from hps_server.coalescing import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
@@ -434,9 +435,10 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
         return _guarded(context, "Delete", work)
 
 
-def service_handlers(lookups: Lookups) -> tuple[grpc.GenericRpcHandler, ...]:
+def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.GenericRpcHandler, ...]:
     """Both services' handlers. Requests are parsed by _tolerant (a malformed one is INVALID_ARGUMENT);
-    Lookup and StreamLookup send the bytes response_codec already encoded."""
+    Lookup and StreamLookup send the bytes response_codec already encoded. LookupService's calls run on
+    `pool` (bounded queueing), ModelService's on the server's own pool with the health checks."""
     servicer, models = LookupServicer(lookups), ModelServicer(lookups)
 
     def method(
@@ -455,12 +457,15 @@ def service_handlers(lookups: Lookups) -> tuple[grpc.GenericRpcHandler, ...]:
     lookup_service = grpc.method_handlers_generic_handler(
         hps_pb2.DESCRIPTOR.services_by_name["LookupService"].full_name,
         {
-            "Lookup": method(unary, servicer.Lookup, hps_pb2.LookupRequest, None),
+            "Lookup": method(unary, bounded(pool, servicer.Lookup), hps_pb2.LookupRequest, None),
             "StreamLookup": method(
-                grpc.stream_stream_rpc_method_handler, servicer.StreamLookup, hps_pb2.LookupRequest, None
+                grpc.stream_stream_rpc_method_handler,
+                bounded(pool, servicer.StreamLookup, streaming=True),
+                hps_pb2.LookupRequest,
+                None,
             ),
-            "Upsert": method(unary, servicer.Upsert, hps_pb2.UpsertRequest, hps_pb2.UpsertResponse),
-            "Delete": method(unary, servicer.Delete, hps_pb2.DeleteRequest, hps_pb2.DeleteResponse),
+            "Upsert": method(unary, bounded(pool, servicer.Upsert), hps_pb2.UpsertRequest, hps_pb2.UpsertResponse),
+            "Delete": method(unary, bounded(pool, servicer.Delete), hps_pb2.DeleteRequest, hps_pb2.DeleteResponse),
         },
     )
     model_service = grpc.method_handlers_generic_handler(
@@ -511,6 +516,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
                     for table in session.model.tables
                 ],
                 levels=session.level_names(),
+                writes_refused=session.write_refusal(),
             )
 
         return _guarded(context, "DescribeModel", work)

@@ -75,6 +75,10 @@ class WriteRoute(Protocol):
 
     def delete(self, model: str, table: str, keys: np.ndarray) -> int: ...
 
+    def write_refusal(self, model: str) -> str:
+        """The writer's LookupSession.write_refusal() of the model."""
+        ...
+
     def write_back(
         self,
         model: str,
@@ -589,6 +593,23 @@ class LookupSession:
             for level in self.levels:
                 level.follow_writes()
             self._seen_commits = commits
+
+    def write_refusal(self) -> str:
+        """Why Upsert and Delete would be refused now, empty while they are taken: the server refuses
+        writes, no level takes them, or the authoritative level's writes fail (until it recovers). A group
+        worker asks the group's writer, which writes for it."""
+        if self.route is not None:
+            try:
+                return self.route.write_refusal(self.name)
+            except StorageError as e:
+                return str(e)
+        try:
+            self._require_writable()
+        except PermissionError as e:
+            return str(e)
+        _, authority = next(self._writable_levels())
+        failure = authority.write_failure
+        return "" if failure is None else f"{authority.kind}: writes failing: {failure}"
 
     def _require_writable(self) -> None:
         if self.writes_refused:

@@ -152,10 +152,19 @@ class StorageLevel(ABC):
         return self.size(table), None
 
     @property
+    def write_failure(self) -> str | None:
+        """Why the level's writes fail now (no server path in it), None while they work: a level that can
+        tell (RocksDB after a failed write, until it recovered) overrides this."""
+        return None
+
+    @property
     def writes_failing(self) -> bool:
-        """Whether the level's writes fail now (a level that can tell: RocksDB after a failed write, until
-        it recovered); exported as hps_level_writes_failing."""
-        return False
+        """Whether write_failure is set; exported as hps_level_writes_failing."""
+        return self.write_failure is not None
+
+    def retry_writes(self) -> None:  # noqa: B027 - levels that cannot tell that writes fail need not override
+        """While writes fail: checks whether the fault is gone and writes work again (without a write
+        asking), so the state clients see recovers on its own. The server calls it about once a second."""
 
     def close(self) -> None:  # noqa: B027 - levels without resources need not override
         """Releases connections and files; the level is unusable afterwards."""

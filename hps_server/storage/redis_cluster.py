@@ -490,15 +490,21 @@ class RedisClusterLevel(StorageLevel):
         """False while the level is failing fast and probing the cluster in the background."""
         return self._healthy
 
-    def _execute(self, commands: Sequence[Command]) -> list[Any]:
+    def _execute(self, commands: Sequence[Command], *, read: bool = False) -> list[Any]:
         """Runs commands, pipelined per node (one write, then every reply), nodes in parallel; returns the
         raw replies in command order.
+
+        read: the replies are rows to serve, so what may be stale is dropped first (_repair), checked once
+        the client is taken: a reconnect marks what it found stale before its client is used, so a check
+        made before taking the client could miss it and read a restarted master's old rows.
 
         A slot being migrated (resharding) answers -ASK for a hash already moved: that command goes to the
         target node behind ASKING. A slot moved for good answers -MOVED: the slot map takes the new owner
         and the command is sent there. A MOVED to a node not verified as a master (a replica promoted by a
         failover, which may have missed writes) fails the call instead, so recovery checks it first."""
         client, generation = self._current()
+        if read:
+            self._repair()
         try:
             replies: list[Any] = [None] * len(commands)
             pending = [
@@ -673,11 +679,11 @@ class RedisClusterLevel(StorageLevel):
     def _hmget(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         """(order, flat replies of HMGET on the value hashes, in `order`): one pipelined round per node for
         every table's partitions."""
-        self._repair()
         order, runs = self._split(keys, index)
         ordered = keys[order]
         replies = self._execute(
-            [(parts[t].slots[p], _command("HMGET", parts[t].values[p], keys=ordered[a:b])) for t, p, a, b in runs]
+            [(parts[t].slots[p], _command("HMGET", parts[t].values[p], keys=ordered[a:b])) for t, p, a, b in runs],
+            read=True,
         )
         return order, list(chain.from_iterable(replies))
 
@@ -833,9 +839,8 @@ class RedisClusterLevel(StorageLevel):
 
     def size(self, table: str) -> int:
         parts = self._table(table)
-        self._repair()
         replies = self._execute(
-            [(parts.slots[p], _command("HLEN", parts.values[p])) for p in range(self.num_partitions)]
+            [(parts.slots[p], _command("HLEN", parts.values[p])) for p in range(self.num_partitions)], read=True
         )
         return sum(int(n) for n in replies)
 

@@ -249,8 +249,17 @@ class RocksDBLevel(StorageLevel):
             raise LevelUnavailableError(f"rocksdb: write failed: {self._failure}") from None
 
     @property
-    def writes_failing(self) -> bool:
-        return self._failure is not None
+    def write_failure(self) -> str | None:
+        if _identity(self.path) != self._folder:
+            return "the data folder was removed or replaced while serving"
+        return None if self._failure is None else f"write failed: {self._failure}"
+
+    def retry_writes(self) -> None:
+        if self._failure is None or self.read_only:
+            return
+        with self._write_lock, contextlib.suppress(LevelUnavailableError):
+            if self._failure is not None:
+                self._recover()
 
     def follow_writes(self) -> None:
         """A read-only instance catches up with what the writer process committed (its tables' rows

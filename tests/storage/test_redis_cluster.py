@@ -85,9 +85,9 @@ def test_many_tables_go_in_one_round_per_node(redis_cluster: str, level: RedisCl
     rounds: list[int] = []
     execute = level._execute
 
-    def counted(commands: Sequence[Command]) -> list[Any]:
+    def counted(commands: Sequence[Command], *, read: bool = False) -> list[Any]:
         rounds.append(len(commands))
-        return execute(commands)
+        return execute(commands, read=read)
 
     level._execute = counted  # type: ignore[method-assign]
     level.insert_many(names, keys, index, vectors)
