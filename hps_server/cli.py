@@ -40,12 +40,19 @@ def _serve(args: argparse.Namespace) -> int:
         return serve_workers(config, LOG_FORMAT)
     from hps_server.server import serve
 
-    return serve(config)
+    return serve(config, config_path=Path(args.config))
 
 
 def _processes(text: str) -> int:
     try:
         return config_module.processes(int(text) if text.isdigit() else text, "server.processes")
+    except config_module.ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _version(text: str) -> str:
+    try:
+        return config_module.version(text, "--version")
     except config_module.ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -78,6 +85,8 @@ def _import(args: argparse.Namespace) -> int:
                 if source is None:
                     print(f"{model.name}.{table.name}: no source configured, skipped (pass --source)")
                     continue
+                if args.version is not None:
+                    table = replace(table, version=args.version)
                 name = model.storage_name(table)
                 rows = transfer.import_table(level, name, source, table.dim)
                 print(f"{name}: imported {rows} rows from {source} into {level.kind}")
@@ -140,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["rocksdb", "redis"],
         default="rocksdb",
         help="level to load: the configured persistent_db (rocksdb) or volatile_db (redis_cluster)",
+    )
+    imp.add_argument(
+        "--version",
+        type=_version,
+        help="write this version of the tables, next to the one served (ReloadModel or the config's `version` "
+        "switches to it); default: the config's version of each table",
     )
     imp.set_defaults(run=_import)
 

@@ -71,6 +71,9 @@ class ServerConfig:
     # each holds its own L1, and writes are refused). `auto` in the file or on the command line: one per usable core,
     # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
     processes: int = 1
+    # Model admin RPCs (LoadModel, UnloadModel, ReloadModel) are answered only when true; off, they are
+    # refused with PERMISSION_DENIED. They change what every client of the server sees.
+    admin: bool = False
 
     @property
     def streams_allowed(self) -> int:
@@ -151,6 +154,9 @@ class TableConfig:
     # Most keys one sample may carry for this table; with the model's max_batch_size it bounds
     # the keys of one request (HPS: maxnum_catfeature_query_per_table_per_sample).
     max_keys_per_sample: int = 1
+    # Which version of the table's rows is served (`hps import --version`); empty: the unversioned rows.
+    # Each version is a table of its own in the levels (see ModelConfig.storage_name).
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -187,8 +193,10 @@ class ModelConfig:
         return self.max_batch_size * table.max_keys_per_sample
 
     def storage_name(self, table: TableConfig) -> str:
-        """The table's name inside the storage levels, shared by every model of a server: `<model>.<table>`."""
-        return f"{self.name}.{table.name}"
+        """The table's name inside the storage levels, shared by every model of a server: `<model>.<table>`,
+        and `<model>.<table>@<version>` for a version (its own RocksDB column family, its own Redis hashes)."""
+        name = f"{self.name}.{table.name}"
+        return f"{name}{VERSION_MARK}{table.version}" if table.version else name
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,9 @@ def _str(value: Any, name: str) -> str:
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,120}")
 # Characters of a name a message quotes: a request may name anything, and its status must stay small.
 SHOWN_NAME_CHARS = 64
+# Table versions: `@` never occurs in a name, so `<model>.<table>@<version>` names one storage table.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+VERSION_MARK = "@"
 
 
 def shown(name: str) -> str:
@@ -290,6 +301,14 @@ def _name_str(value: Any, name: str) -> str:
     text = _str(value, name)
     if not NAME_PATTERN.fullmatch(text):
         raise ConfigError(f"{name}: must be 1 to 120 of A-Z a-z 0-9 _ -, got {shown(text)}")
+    return text
+
+
+def version(value: Any, name: str) -> str:
+    """A table version: 1 to 64 of A-Z a-z 0-9 _ - (a YAML number is taken as its digits)."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else value
+    if not isinstance(text, str) or not VERSION_PATTERN.fullmatch(text):
+        raise ConfigError(f"{name}: must be 1 to 64 of A-Z a-z 0-9 _ -, got {shown(str(value))}")
     return text
 
 
@@ -346,6 +365,7 @@ _SERVER_KEYS = {
     "batch_window_us",
     "max_queued_requests",
     "processes",
+    "admin",
 }
 _VOLATILE_KEYS = {
     "type",
@@ -402,6 +422,7 @@ def _server(raw: Any) -> ServerConfig:
         max_streams=s.get("max_streams", d.max_streams, _int(0)),
         stream_idle_seconds=s.get("stream_idle_seconds", d.stream_idle_seconds, _float(0, low_open=True)),
         processes=s.get("processes", d.processes, processes),
+        admin=s.get("admin", d.admin, _bool),
     )
     if server.max_streams and server.max_streams >= server.workers:
         raise ConfigError(
@@ -466,7 +487,7 @@ _MODEL_OPTIONS = {
     "gpucache_dtype",
 }
 _MODEL_KEYS = {"name", "tables"} | _MODEL_OPTIONS
-_TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample"}
+_TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample", "version"}
 
 
 def _model_options(s: _Section, name: str, tables: tuple[TableConfig, ...], extras: Mapping[str, Any]) -> ModelConfig:
@@ -505,9 +526,20 @@ def _model(raw: Any, path: str, base: Path) -> ModelConfig:
                 default_value=t.get("default_value", 0.0, _float()),
                 source=t.get("source", None, _path(base)),
                 max_keys_per_sample=t.get("max_keys_per_sample", 1, _int(1)),
+                version=t.get("version", "", version),
             )
         )
     return _model_options(s, s.require("name", _name_str), tuple(tables), {})
+
+
+def parse_model(text: str, base: Path, path: str = "model") -> ModelConfig:
+    """One model entry (the keys of an item of `models:`) from YAML or JSON text, e.g. a LoadModel request's;
+    relative paths resolve against `base`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML or JSON: {e}") from None
+    return _model(raw, path, base)
 
 
 # HPS model keys hps maps onto its own options (the rest of _HPS_MODEL_EXTRAS is kept, unused).

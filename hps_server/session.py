@@ -150,11 +150,14 @@ class LookupSession:
         write_back: bool = True,
         metrics: ServerMetrics | None = None,
         writes_refused: str = "",
+        tally: LookupTally | None = None,
     ) -> None:
         """levels: storage levels top first; caches: each table's place in L1 (placement.build_caches);
         write_back: insert rows found below into the writable levels above them;
         metrics: where each pass reports its per-level counts and timings;
-        writes_refused: why Upsert and Delete are refused although a level would take them (empty: they are not)."""
+        writes_refused: why Upsert and Delete are refused although a level would take them (empty: they are not);
+        tally: the counts to add to (a reloaded model's previous session's, when it has the same tables and
+        levels), or None for new ones."""
         self.model = model
         self.writes_refused = writes_refused
         self.levels = tuple(levels)
@@ -167,8 +170,10 @@ class LookupSession:
         self.write_back = write_back
         self.metrics = metrics
         level_names = [*self.level_names(), DEFAULT_LEVEL]
-        tally = metrics.tally if metrics is not None else LookupTally
-        self.tally = tally(model.name, list(self.tables), level_names)
+        if tally is None or tally.tables != tuple(self.tables) or tally.levels != tuple(level_names):
+            new_tally = metrics.tally if metrics is not None else LookupTally
+            tally = new_tally(model.name, list(self.tables), level_names)
+        self.tally = tally
         self._level_rows = {name: row for row, name in enumerate(level_names)}
         self._device_turn = itertools.count()
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)

@@ -142,6 +142,14 @@ class StorageLevel(ABC):
             rows += len(keys)
         return rows
 
+    def drop_table(self, table: str) -> None:
+        """Removes every row of `table` (a table version no longer served); levels that can free the
+        table itself override this. A table the level lacks is a no-op."""
+        if table not in self.tables():
+            return
+        for keys, _ in self.dump(table):
+            self.evict(table, keys)
+
     @property
     def writes_failing(self) -> bool:
         """Whether the level's writes fail now (a level that can tell: RocksDB after a failed write, until

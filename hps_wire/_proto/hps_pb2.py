@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hps/v1/hps.proto\x12\x06hps.v1\"\x96\x01\n\nTableQuery\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08key_list\x18\x03 \x03(\x03\x12\x12\n\nrow_splits\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\"\n\x08\x63ombiner\x18\x06 \x01(\x0e\x32\x10.hps.v1.Combiner\x12\x10\n\x08max_norm\x18\x07 \x01(\x02\";\n\x0bPackedQuery\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xa0\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x07queries\x18\x02 \x03(\x0b\x32\x12.hps.v1.TableQuery\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x06packed\x18\x05 \x01(\x0b\x32\x13.hps.v1.PackedQuery\"{\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x80\x01\n\x0cPackedResult\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x7f\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.hps.v1.TableResult\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06packed\x18\x04 \x01(\x0b\x32\x14.hps.v1.PackedResult\"L\n\rUpsertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\"\x1e\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44\x65leteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"i\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x15\n\rdefault_value\x18\x04 \x01(\x02\x12\x1c\n\x14max_keys_per_request\x18\x05 \x01(\x04\"Y\n\x15\x44\x65scribeModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06tables\x18\x02 \x03(\x0b\x32\x11.hps.v1.TableInfo\x12\x0e\n\x06levels\x18\x03 \x03(\t*_\n\x0bVectorDtype\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02*]\n\x08\x43ombiner\x12\x18\n\x14\x43OMBINER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43OMBINER_SUM\x10\x01\x12\x11\n\rCOMBINER_MEAN\x10\x02\x12\x12\n\x0e\x43OMBINER_SQRTN\x10\x03\x32\xfd\x01\n\rLookupService\x12\x37\n\x06Lookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse\x12\x41\n\x0cStreamLookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse(\x01\x30\x01\x12\x37\n\x06Upsert\x12\x15.hps.v1.UpsertRequest\x1a\x16.hps.v1.UpsertResponse\x12\x37\n\x06\x44\x65lete\x12\x15.hps.v1.DeleteRequest\x1a\x16.hps.v1.DeleteResponse2\xa1\x01\n\x0cModelService\x12\x43\n\nListModels\x12\x19.hps.v1.ListModelsRequest\x1a\x1a.hps.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\x1c.hps.v1.DescribeModelRequest\x1a\x1d.hps.v1.DescribeModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hps/v1/hps.proto\x12\x06hps.v1\"\x96\x01\n\nTableQuery\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08key_list\x18\x03 \x03(\x03\x12\x12\n\nrow_splits\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\"\n\x08\x63ombiner\x18\x06 \x01(\x0e\x32\x10.hps.v1.Combiner\x12\x10\n\x08max_norm\x18\x07 \x01(\x02\";\n\x0bPackedQuery\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xa0\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x07queries\x18\x02 \x03(\x0b\x32\x12.hps.v1.TableQuery\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x06packed\x18\x05 \x01(\x0b\x32\x13.hps.v1.PackedQuery\"{\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x80\x01\n\x0cPackedResult\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x7f\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.hps.v1.TableResult\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06packed\x18\x04 \x01(\x0b\x32\x14.hps.v1.PackedResult\"L\n\rUpsertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\"\x1e\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44\x65leteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"i\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x15\n\rdefault_value\x18\x04 \x01(\x02\x12\x1c\n\x14max_keys_per_request\x18\x05 \x01(\x04\"\xea\x01\n\x15\x44\x65scribeModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06tables\x18\x02 \x03(\x0b\x32\x11.hps.v1.TableInfo\x12\x0e\n\x06levels\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12H\n\x0etable_versions\x18\x05 \x03(\x0b\x32\x30.hps.v1.DescribeModelResponse.TableVersionsEntry\x1a\x34\n\x12TableVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x10LoadModelRequest\x12\x14\n\x0cmodel_config\x18\x01 \x01(\t\"A\n\x11LoadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.hps.v1.DescribeModelResponse\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\xc7\x01\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x45\n\x0etable_versions\x18\x03 \x03(\x0b\x32-.hps.v1.ReloadModelRequest.TableVersionsEntry\x12\x14\n\x0cmodel_config\x18\x04 \x01(\t\x1a\x34\n\x12TableVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x13ReloadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.hps.v1.DescribeModelResponse*_\n\x0bVectorDtype\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02*]\n\x08\x43ombiner\x12\x18\n\x14\x43OMBINER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43OMBINER_SUM\x10\x01\x12\x11\n\rCOMBINER_MEAN\x10\x02\x12\x12\n\x0e\x43OMBINER_SQRTN\x10\x03\x32\xfd\x01\n\rLookupService\x12\x37\n\x06Lookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse\x12\x41\n\x0cStreamLookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse(\x01\x30\x01\x12\x37\n\x06Upsert\x12\x15.hps.v1.UpsertRequest\x1a\x16.hps.v1.UpsertResponse\x12\x37\n\x06\x44\x65lete\x12\x15.hps.v1.DeleteRequest\x1a\x16.hps.v1.DeleteResponse2\xf3\x02\n\x0cModelService\x12\x43\n\nListModels\x12\x19.hps.v1.ListModelsRequest\x1a\x1a.hps.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\x1c.hps.v1.DescribeModelRequest\x1a\x1d.hps.v1.DescribeModelResponse\x12@\n\tLoadModel\x12\x18.hps.v1.LoadModelRequest\x1a\x19.hps.v1.LoadModelResponse\x12\x46\n\x0bUnloadModel\x12\x1a.hps.v1.UnloadModelRequest\x1a\x1b.hps.v1.UnloadModelResponse\x12\x46\n\x0bReloadModel\x12\x1a.hps.v1.ReloadModelRequest\x1a\x1b.hps.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hps.v1.hps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VECTORDTYPE']._serialized_start=1289
-  _globals['_VECTORDTYPE']._serialized_end=1384
-  _globals['_COMBINER']._serialized_start=1386
-  _globals['_COMBINER']._serialized_end=1479
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._loaded_options = None
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._loaded_options = None
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_VECTORDTYPE']._serialized_start=1875
+  _globals['_VECTORDTYPE']._serialized_end=1970
+  _globals['_COMBINER']._serialized_start=1972
+  _globals['_COMBINER']._serialized_end=2065
   _globals['_TABLEQUERY']._serialized_start=29
   _globals['_TABLEQUERY']._serialized_end=179
   _globals['_PACKEDQUERY']._serialized_start=181
@@ -63,10 +67,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEMODELREQUEST']._serialized_end=1089
   _globals['_TABLEINFO']._serialized_start=1091
   _globals['_TABLEINFO']._serialized_end=1196
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1198
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1287
-  _globals['_LOOKUPSERVICE']._serialized_start=1482
-  _globals['_LOOKUPSERVICE']._serialized_end=1735
-  _globals['_MODELSERVICE']._serialized_start=1738
-  _globals['_MODELSERVICE']._serialized_end=1899
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1199
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1433
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._serialized_start=1381
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._serialized_end=1433
+  _globals['_LOADMODELREQUEST']._serialized_start=1435
+  _globals['_LOADMODELREQUEST']._serialized_end=1475
+  _globals['_LOADMODELRESPONSE']._serialized_start=1477
+  _globals['_LOADMODELRESPONSE']._serialized_end=1542
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1544
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1579
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1581
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1602
+  _globals['_RELOADMODELREQUEST']._serialized_start=1605
+  _globals['_RELOADMODELREQUEST']._serialized_end=1804
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._serialized_start=1381
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._serialized_end=1433
+  _globals['_RELOADMODELRESPONSE']._serialized_start=1806
+  _globals['_RELOADMODELRESPONSE']._serialized_end=1873
+  _globals['_LOOKUPSERVICE']._serialized_start=2068
+  _globals['_LOOKUPSERVICE']._serialized_end=2321
+  _globals['_MODELSERVICE']._serialized_start=2324
+  _globals['_MODELSERVICE']._serialized_end=2695
 # @@protoc_insertion_point(module_scope)
