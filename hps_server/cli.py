@@ -27,6 +27,7 @@ BENCHMARKS = {
     "redis": "benchmarks.redis",
     "layers": "benchmarks.layers",
     "triton": "benchmarks.triton",
+    "reload": "benchmarks.reload",
 }
 
 
