@@ -54,8 +54,8 @@ def _processes(text: str) -> int:
 def _version(text: str) -> str:
     try:
         return config_module.version(text, "--version")
-    except config_module.ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except config_module.ConfigError as e:  # argparse names the option itself
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--version: ")) from None
 
 
 def _import(args: argparse.Namespace) -> int:

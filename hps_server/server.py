@@ -210,8 +210,9 @@ def serve_until_signalled(server: HpsServer, config_path: Path | None = None) ->
                 log.info("received SIGHUP, reading the config file %r again", config_path.name)
                 try:
                     done = server.models.apply(load_config(config_path))
-                except ConfigError as e:
-                    log.error("config reload refused, models served as before: %s", e)
+                except ConfigError as e:  # its message starts with the file's path: the log names the file
+                    reason = str(e).replace(str(config_path), config_path.name)
+                    log.error("config reload refused, models served as before: %s", reason)
                     return
                 log.info("config reload: %s", "; ".join(done) or "no model changed")
 
