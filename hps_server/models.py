@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, TableL1]]
 """Places a model's tables in L1 (the caches per device holding each) from its config and its levels, top first."""
 
+# A model loaded or reloaded while serving is warmed, and a replaced version dropped, in small chunks with a
+# pause before each, so requests served meanwhile wait little for the level locks and the GIL.
+CHANGE_PACE = warmup.Pace(chunk_rows=2048, pause_seconds=0.002)
+
 
 class ModelExistsError(ValueError):
     """LoadModel of a model the server hosts already."""
@@ -243,7 +247,7 @@ class HostedModels:
         """Warms a session not served yet; closes it and raises when the server stops meanwhile."""
         try:
             rate = self.config.volatile_db.initial_cache_rate
-            warmup.warm([session], self.volatile, self.persistent, rate, self.stopping)
+            warmup.warm([session], self.volatile, self.persistent, rate, self.stopping, CHANGE_PACE)
             if self.stopping.is_set():
                 raise RuntimeError(f"model {session.name}: the server is stopping")
         except BaseException:
@@ -278,7 +282,7 @@ class HostedModels:
                     continue
                 for table in dropped:
                     try:
-                        level.drop_table(table)
+                        level.drop_table(table, CHANGE_PACE.chunk_rows)
                     except StorageError as e:
                         log.warning(
                             "could not drop %s from %s (it stays until dropped by hand): %s", table, level.kind, e

@@ -471,7 +471,7 @@ class RocksDBLevel(StorageLevel):
                 shutil.rmtree(staging, ignore_errors=True)
         return written
 
-    def drop_table(self, table: str) -> None:
+    def drop_table(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
         """Drops the table's column family and its metadata in one write (a version no longer served)."""
         if table not in self._dims:
             return
