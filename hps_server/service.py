@@ -1,5 +1,5 @@
 """gRPC servicers for hps.v1: decode and check requests, coalesce concurrent Lookups into one pass of the
-models' sessions, encode the replies.
+models' sessions, encode the replies; the model admin calls (behind one gate, ModelServicer._admin).
 
 Every bad input becomes a status code with a message naming the field, before any level work; nothing here
 touches a level directly, and no per-key Python runs (a packed request costs O(1) NumPy calls, a request of
