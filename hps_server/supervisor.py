@@ -316,6 +316,7 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     """A worker process: serves its config on the shared port until SIGTERM, SIGINT or the supervisor's end."""
     logging.basicConfig(level=spec.log_level, format=spec.log_format)
     keep_large_blocks_in_heap()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP to the group is the supervisor's to refuse
 
     def wait_for_the_others(stopped: threading.Event) -> None:
         supervisor.send("warm")
