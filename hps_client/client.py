@@ -5,8 +5,9 @@ Thin by design: requests are built and replies decoded by wire.py; gRPC errors b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -42,6 +43,9 @@ class ModelInfo:
     name: str
     tables: tuple[TableInfo, ...]
     levels: tuple[str, ...]
+    # The version every table is served at ("" when unversioned or mixed), and each versioned table's.
+    version: str = ""
+    table_versions: Mapping[str, str] = field(default_factory=dict)
 
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
@@ -62,6 +66,24 @@ def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
             TableInfo(t.name, t.dim, t.rows, t.default_value, t.max_keys_per_request) for t in response.tables
         ),
         levels=tuple(response.levels),
+        version=response.version,
+        table_versions=dict(response.table_versions),
+    )
+
+
+def _model_config(model_config: str | Mapping[str, Any]) -> str:
+    """A model entry for LoadModel/ReloadModel: YAML or JSON text as given, a mapping as JSON."""
+    return model_config if isinstance(model_config, str) else json.dumps(model_config, default=str)
+
+
+def _reload_request(
+    model: str, version: str, table_versions: Mapping[str, str] | None, model_config: str | Mapping[str, Any] | None
+) -> hps_pb2.ReloadModelRequest:
+    return hps_pb2.ReloadModelRequest(
+        model=model,
+        version=version,
+        table_versions=dict(table_versions or {}),
+        model_config="" if model_config is None else _model_config(model_config),
     )
 
 
@@ -150,6 +172,29 @@ class Client:
     def describe(self, model: str, *, timeout: float | None = None) -> ModelInfo:
         return _model_info(self._call(self._models.DescribeModel, hps_pb2.DescribeModelRequest(model=model), timeout))
 
+    # Model admin (the server needs server.admin: true); each returns once the change is served.
+
+    def load_model(self, model_config: str | Mapping[str, Any], *, timeout: float | None = None) -> ModelInfo:
+        """Serves a new model, given as an entry of a config file's `models:` (YAML/JSON text or a mapping)."""
+        request = hps_pb2.LoadModelRequest(model_config=_model_config(model_config))
+        return _model_info(self._call(self._models.LoadModel, request, timeout).model)
+
+    def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        self._call(self._models.UnloadModel, hps_pb2.UnloadModelRequest(model=model), timeout)
+
+    def reload_model(
+        self,
+        model: str,
+        version: str = "",
+        *,
+        table_versions: Mapping[str, str] | None = None,
+        model_config: str | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ModelInfo:
+        """Switches the model to `version` (every table) and/or `table_versions`, or to a new `model_config`."""
+        request = _reload_request(model, version, table_versions, model_config)
+        return _model_info(self._call(self._models.ReloadModel, request, timeout).model)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -230,6 +275,25 @@ class AsyncClient:
     async def describe(self, model: str, *, timeout: float | None = None) -> ModelInfo:
         request = hps_pb2.DescribeModelRequest(model=model)
         return _model_info(await self._call(self._models.DescribeModel, request, timeout))
+
+    async def load_model(self, model_config: str | Mapping[str, Any], *, timeout: float | None = None) -> ModelInfo:
+        request = hps_pb2.LoadModelRequest(model_config=_model_config(model_config))
+        return _model_info((await self._call(self._models.LoadModel, request, timeout)).model)
+
+    async def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        await self._call(self._models.UnloadModel, hps_pb2.UnloadModelRequest(model=model), timeout)
+
+    async def reload_model(
+        self,
+        model: str,
+        version: str = "",
+        *,
+        table_versions: Mapping[str, str] | None = None,
+        model_config: str | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ModelInfo:
+        request = _reload_request(model, version, table_versions, model_config)
+        return _model_info((await self._call(self._models.ReloadModel, request, timeout)).model)
 
     async def close(self) -> None:
         await self._channel.close()

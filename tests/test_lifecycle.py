@@ -17,11 +17,12 @@ import pytest
 import yaml
 
 from benchmarks.servers import free_port, wait_serving
+from hps_client import Client, HpsError
 from hps_server import config as config_module
 from hps_server import storage, tables, transfer
 from hps_server.cli import main
 from hps_server.config import TableConfig
-from hps_server.handover import Handover
+from hps_server.handover import Handover, ModelChangingError
 from hps_server.server import HpsServer
 from hps_server.session import LookupSession
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
@@ -35,6 +36,7 @@ class Admin:
     lookups: hps_pb2_grpc.LookupServiceStub
     truth: dict[str, tuple[np.ndarray, np.ndarray]]
     directory: Path
+    target: str
 
     def vectors(self, model: str, table: str, keys: np.ndarray) -> np.ndarray:
         query = hps_pb2.TableQuery(table=table, keys=keys.astype("<i8").tobytes())
@@ -75,6 +77,7 @@ def admin(tmp_path: Path) -> Iterator[Admin]:
             hps_pb2_grpc.LookupServiceStub(channel),
             truth,
             tmp_path,
+            f"127.0.0.1:{port}",
         )
     finally:
         channel.close()
@@ -111,12 +114,9 @@ def test_load_model_serves_it_and_unload_makes_it_not_found(admin: Admin) -> Non
     assert (described.model, described.tables[0].rows) == ("fresh", len(keys))
     np.testing.assert_array_equal(admin.vectors("fresh", "t", keys[:8]), vectors[:8])
     assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr", "fresh"]
-    details = _refused(
-        admin.models.LoadModel,
-        hps_pb2.LoadModelRequest(model_config=yaml.safe_dump(entry)),
-        grpc.StatusCode.ALREADY_EXISTS,
-    )
-    assert "fresh" in details
+    with Client(admin.target) as client, pytest.raises(HpsError) as exists:
+        client.load_model(entry)
+    assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS and "fresh" in exists.value.message
     bad = {"name": "broken", "tables": [{"name": "t", "dim": 0}]}
     details = _refused(
         admin.models.LoadModel,
@@ -143,9 +143,10 @@ def test_reload_to_a_new_version_serves_it_describes_it_and_drops_the_old(admin:
     before = admin.models.DescribeModel(hps_pb2.DescribeModelRequest(model="ctr"))
     assert (before.version, dict(before.table_versions)) == ("", {})
 
-    reply = admin.models.ReloadModel(hps_pb2.ReloadModelRequest(model="ctr", table_versions={"user": "v2"}))
-    assert dict(reply.model.table_versions) == {"user": "v2"}
-    assert reply.model.tables[0].rows == len(keys)
+    with Client(admin.target) as client:
+        reloaded = client.reload_model("ctr", table_versions={"user": "v2"})
+    assert dict(reloaded.table_versions) == {"user": "v2"}
+    assert reloaded.tables[0].rows == len(keys)
     np.testing.assert_array_equal(admin.vectors("ctr", "user", keys[:16]), vectors[:16] + 100)
     item_keys, item_vectors = admin.truth["item"]
     np.testing.assert_array_equal(admin.vectors("ctr", "item", item_keys[:16]), item_vectors[:16])
@@ -388,3 +389,29 @@ def test_a_retired_session_waits_for_the_requests_that_hold_it() -> None:
         handover.retire(old, retired.set)
         assert not retired.is_set()
     assert retired.is_set()
+
+
+def test_writes_are_refused_while_their_model_changes_and_a_change_waits_for_writes_in_flight() -> None:
+    model = config_module.ModelConfig("m", (TableConfig("t", 4),), gpucache=False)
+    session = LookupSession(model, [])
+    handover = Handover()
+    changed = threading.Event()
+
+    def change() -> None:
+        with handover.changing("m"):
+            changed.set()
+
+    with handover.writing("m", lambda: session):
+        changer = threading.Thread(target=change)
+        changer.start()
+        assert not changed.wait(0.2)  # the write in flight holds it off
+    changer.join(10)
+    assert changed.is_set()
+    with (
+        handover.changing("m"),
+        pytest.raises(ModelChangingError, match="model m is being reloaded"),
+        handover.writing("m", lambda: session),
+    ):
+        pytest.fail("a write went ahead while its model changed")
+    with handover.using(lambda: session) as held:  # lookups are never refused
+        assert held is session
