@@ -189,7 +189,7 @@ class HostedModels:
                 model = _at_versions(old.model, every | dict(versions or {}))
             self._check_versions(old.model, model)
             with self.handover.changing(name):
-                session = self._warmed(self._open_session(model, tally=old.tally))
+                session = self._warmed(self._open_session(model, tally=old.tally), previous=old)
                 self._install(name, session)
             kept = {table.storage_name for table in session.tables.values()}
             self._retire(old, dropped=[t.storage_name for t in old.tables.values() if t.storage_name not in kept])
@@ -243,9 +243,12 @@ class HostedModels:
                     f"(import it first: hps import --model {model.name} --table {after.name} --version {after.version})"
                 )
 
-    def _warmed(self, session: LookupSession) -> LookupSession:
-        """Warms a session not served yet; closes it and raises when the server stops meanwhile."""
+    def _warmed(self, session: LookupSession, previous: LookupSession | None = None) -> LookupSession:
+        """Warms a session not served yet (first with the keys hot in the L1 of `previous`, the session it
+        replaces); closes it and raises when the server stops meanwhile."""
         try:
+            if previous is not None:
+                warmup.carry_hot_keys(previous, session, self.stopping, CHANGE_PACE)
             rate = self.config.volatile_db.initial_cache_rate
             warmup.warm([session], self.volatile, self.persistent, rate, self.stopping, CHANGE_PACE)
             if self.stopping.is_set():

@@ -68,6 +68,30 @@ def warm(
     log.info("warm-up done in %.1f s", time.monotonic() - started)
 
 
+def carry_hot_keys(previous: LookupSession, session: LookupSession, stop: threading.Event, pace: Pace) -> None:
+    """Fills each L1 of `session` (a reload's, not served yet) with its own rows of the keys the L1 of
+    `previous` (the session it replaces) holds now: the keys hot at the switch, read from the lowest level
+    at the new session's versions, up to the room its L1 has."""
+    for table in session.tables.values():
+        before = previous.tables.get(table.name)
+        if table.l1 is None or before is None or before.l1 is None or not session.levels:
+            continue
+        held = table.l1.caches[0].table_stats()[table.l1.index]
+        keys = before.l1.caches[0].dump(before.l1.index)[0][: max(held.capacity - held.rows, 0)]
+        source, copied = session.levels[-1], 0
+        for start in range(0, len(keys), pace.chunk_rows):
+            if stop.is_set():
+                return
+            time.sleep(pace.pause_seconds)
+            epoch = table.epoch
+            chunk = keys[start : start + pace.chunk_rows]
+            rows, found = source.fetch(table.storage_name, chunk)
+            fill = functools.partial(_replace_all, table.l1, chunk[found], rows[found])
+            if session.insert_if_unchanged(table, epoch, fill):
+                copied += int(found.sum())
+        log.info("warmed %s: %d rows hot before the switch in L1 (from %s)", table.storage_name, copied, source.kind)
+
+
 def fill_level(volatile: StorageLevel, persistent: StorageLevel, tables: Sequence[str], rate: float) -> None:
     """Copies `rate` of each table from `persistent` into `volatile` before any server opens them (the
     supervisor's warm-up of a shared level): no session exists and nothing writes meanwhile, so no epochs."""

@@ -415,3 +415,30 @@ def test_writes_are_refused_while_their_model_changes_and_a_change_waits_for_wri
         pytest.fail("a write went ahead while its model changed")
     with handover.using(lambda: session) as held:  # lookups are never refused
         assert held is session
+
+
+def test_a_reload_fills_the_new_l1_with_the_keys_hot_before_the_switch(tmp_path: Path) -> None:
+    truth = write_sample_tables(tmp_path)
+    raw = sample_raw_config()  # initial_cache_rate 0: only the carried hot keys reach the new L1
+    raw["server"]["admin"] = True
+    raw["models"][0].update(gpucache=True, gpucacheper=0.2)
+    config = config_module.parse(raw, tmp_path)
+    keys, vectors = truth["user"]
+    _import(config, "ctr.user@v2", keys, vectors + 100, tmp_path / "user_v2")
+    server = HpsServer(config)
+    port = server.start()
+    try:
+        hot = np.sort(keys[:64])
+        with Client(f"127.0.0.1:{port}") as client:
+            client.lookup("ctr", "user", hot)  # L1 misses below the hit-rate threshold: cached at once
+            before = server.models.session("ctr").tables["user"].l1
+            assert before is not None
+            np.testing.assert_array_equal(before.caches[0].dump(before.index)[0], hot)
+            client.reload_model("ctr", table_versions={"user": "v2"})
+        after = server.models.session("ctr").tables["user"].l1
+        assert after is not None and after is not before
+        held_keys, held_vectors = after.caches[0].dump(after.index)[:2]
+        np.testing.assert_array_equal(held_keys, hot)
+        np.testing.assert_array_equal(held_vectors, vectors[np.argsort(keys[:64])] + 100)
+    finally:
+        server.stop(grace=1)
