@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis
 import yaml
 
 from benchmarks.servers import free_port, wait_serving
@@ -442,3 +443,36 @@ def test_a_reload_fills_the_new_l1_with_the_keys_hot_before_the_switch(tmp_path:
         np.testing.assert_array_equal(held_vectors, vectors[np.argsort(keys[:64])] + 100)
     finally:
         server.stop(grace=1)
+
+
+def test_versions_in_redis_are_hashes_of_their_own_and_the_old_ones_go(tmp_path: Path, redis_cluster: str) -> None:
+    from hps_server.storage.redis_cluster import hash_name
+
+    truth = write_sample_tables(tmp_path)
+    raw = sample_raw_config(type="redis_cluster", address=redis_cluster, timeout_ms=2000, initial_cache_rate=1.0)
+    raw["server"]["admin"] = True
+    raw["models"][0]["name"] = "versioned"  # the shared cluster: table names of this test's own
+    config = config_module.parse(raw, tmp_path)
+    keys, vectors = truth["user"]
+    _import(config, "versioned.user@v2", keys, vectors + 100, tmp_path / "user_v2")
+    host, port = redis_cluster.rsplit(":", 1)
+    redis_client = redis.RedisCluster(host=host, port=int(port))
+    partitions = config.volatile_db.num_partitions
+
+    def rows_in_redis(table: str) -> int:
+        return sum(redis_client.hlen(hash_name(table, p, "v")) for p in range(partitions))
+
+    server = HpsServer(config)
+    server.start()
+    try:
+        assert server.wait_ready(60)
+        assert rows_in_redis("versioned.user") == len(keys)
+        with Client(f"127.0.0.1:{server.port}") as client:
+            client.reload_model("versioned", table_versions={"user": "v2"})
+            np.testing.assert_array_equal(client.lookup("versioned", "user", keys[:32]), vectors[:32] + 100)
+        _retired(server)
+        assert rows_in_redis("versioned.user@v2") == len(keys)
+        assert rows_in_redis("versioned.user") == 0
+    finally:
+        server.stop(grace=1)
+        redis_client.close()
