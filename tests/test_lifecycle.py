@@ -476,3 +476,20 @@ def test_versions_in_redis_are_hashes_of_their_own_and_the_old_ones_go(tmp_path:
     finally:
         server.stop(grace=1)
         redis_client.close()
+
+
+def test_reload_with_a_model_config_ingests_a_new_version_from_its_source(admin: Admin) -> None:
+    keys, vectors = admin.truth["user"]
+    tables.write_table(admin.directory / "user_v5", [(keys, vectors * 3)], vectors.shape[1])
+    entry = sample_raw_config()["models"][0]
+    entry["tables"][0].update(version="v5", source=str(admin.directory / "user_v5"))
+    entry["tables"][1]["source"] = str(admin.directory / "item")
+    with Client(admin.target) as client:
+        for wrong, field in (({"version": "v2"}, "not both"), ({"model": "other"}, "names model ctr")):
+            request = hps_pb2.ReloadModelRequest(model="ctr", model_config=yaml.safe_dump(entry))
+            for name, value in wrong.items():
+                setattr(request, name, value)
+            assert field in _refused(admin.models.ReloadModel, request, grpc.StatusCode.INVALID_ARGUMENT)
+        reloaded = client.reload_model("ctr", model_config=entry)
+        assert reloaded.table_versions == {"user": "v5"}
+        np.testing.assert_array_equal(client.lookup("ctr", "user", keys[:8]), vectors[:8] * 3)
