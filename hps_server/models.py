@@ -19,7 +19,7 @@ from hps_server.cache import TableL1
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig, shown
 from hps_server.handover import Handover
-from hps_server.metrics import CacheOccupancy, LookupTally, ServerMetrics
+from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
 from hps_server.storage.base import StorageError, StorageLevel
 
@@ -101,9 +101,9 @@ class HostedModels:
     def _levels(self) -> list[StorageLevel]:
         return [level for level in (self.volatile, self.persistent) if level is not None]
 
-    def _open_session(self, model: ModelConfig, tally: LookupTally | None = None) -> LookupSession:
+    def _open_session(self, model: ModelConfig, previous: LookupSession | None = None) -> LookupSession:
         """A session of `model` over the levels, its tables created (and ingested from their source files
-        when empty) and its L1 placed; not warmed, not served yet."""
+        when empty) and its L1 placed; not warmed, not served yet. previous: the session it will replace."""
         try:
             _prepare_tables(model, self.volatile, self.persistent, self.progress)
             caches = self.cache_factory(model, self._levels())
@@ -118,7 +118,7 @@ class HostedModels:
             write_back=self.config.volatile_db.cache_missed_embeddings,
             metrics=self.metrics,
             writes_refused=self.writes_refused,
-            tally=tally,
+            previous=previous,
         )
         log.info(
             "model %s ready: %d tables%s, levels %s",
@@ -189,7 +189,7 @@ class HostedModels:
                 model = _at_versions(old.model, every | dict(versions or {}))
             self._check_versions(old.model, model)
             with self.handover.changing(name):
-                session = self._warmed(self._open_session(model, tally=old.tally), previous=old)
+                session = self._warmed(self._open_session(model, previous=old), previous=old)
                 self._install(name, session)
             kept = {table.storage_name for table in session.tables.values()}
             self._retire(old, dropped=[t.storage_name for t in old.tables.values() if t.storage_name not in kept])

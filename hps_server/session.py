@@ -31,11 +31,29 @@ WARN_INTERVAL_SECONDS = 30
 FLOAT32 = np.dtype(np.float32)
 
 
+class _Writes:
+    """A storage table's write epoch and lock, shared by the served tables that name it (a model's session and
+    the one a reload to the same version replaces, while the old one's last requests finish)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.lock = threading.Lock()
+
+
 class ServedTable:
     """One table of a served model, resolved once when the model loads: its config, its name in the
     storage levels, its place in L1, and the epoch and lock that keep write-backs behind upserts."""
 
-    def __init__(self, model: ModelConfig, config: TableConfig, index: int, l1: TableL1 | None) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        config: TableConfig,
+        index: int,
+        l1: TableL1 | None,
+        previous: ServedTable | None = None,
+    ) -> None:
+        """previous: the table a reload replaces; when it names the same storage table, the two share its
+        epoch and lock, so a write-back of the old one's stays behind an upsert of the new one's."""
         self.config = config
         self.name = config.name
         self.dim = config.dim
@@ -48,8 +66,20 @@ class ServedTable:
         # Bumped by every upsert/delete: a write-back (into L2 or L1) of rows read before is dropped,
         # so no level above takes a row older than one written since. The lock makes check+insert
         # atomic against the upsert/delete that bumps it.
-        self.epoch = 0
-        self.lock = threading.Lock()
+        same = previous is not None and previous.storage_name == self.storage_name
+        self._writes: _Writes = previous._writes if previous is not None and same else _Writes()
+
+    @property
+    def epoch(self) -> int:
+        return self._writes.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._writes.epoch = value
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._writes.lock
 
 
 @dataclass(frozen=True)
@@ -150,30 +180,33 @@ class LookupSession:
         write_back: bool = True,
         metrics: ServerMetrics | None = None,
         writes_refused: str = "",
-        tally: LookupTally | None = None,
+        previous: LookupSession | None = None,
     ) -> None:
         """levels: storage levels top first; caches: each table's place in L1 (placement.build_caches);
         write_back: insert rows found below into the writable levels above them;
         metrics: where each pass reports its per-level counts and timings;
         writes_refused: why Upsert and Delete are refused although a level would take them (empty: they are not);
-        tally: the counts to add to (a reloaded model's previous session's, when it has the same tables and
-        levels), or None for new ones."""
+        previous: the session of the model this one replaces (a reload): its counts go on when the tables and
+        levels are the same, and a table of the same storage name shares its write epoch and lock."""
         self.model = model
         self.writes_refused = writes_refused
         self.levels = tuple(levels)
         caches = dict(caches or {})
-        self.tables = {
-            config.name: ServedTable(model, config, index, caches.get(config.name))
+        self.tables: dict[str, ServedTable] = {
+            config.name: ServedTable(
+                model, config, index, caches.get(config.name), previous.tables.get(config.name) if previous else None
+            )
             for index, config in enumerate(model.tables)
         }
         self.has_l1 = bool(caches)
         self.write_back = write_back
         self.metrics = metrics
         level_names = [*self.level_names(), DEFAULT_LEVEL]
+        tally: LookupTally | None = previous.tally if previous is not None else None
         if tally is None or tally.tables != tuple(self.tables) or tally.levels != tuple(level_names):
             new_tally = metrics.tally if metrics is not None else LookupTally
             tally = new_tally(model.name, list(self.tables), level_names)
-        self.tally = tally
+        self.tally: LookupTally = tally
         self._level_rows = {name: row for row, name in enumerate(level_names)}
         self._device_turn = itertools.count()
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
