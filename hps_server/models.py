@@ -22,6 +22,7 @@ from hps_server.handover import Handover
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
 from hps_server.storage.base import StorageError, StorageLevel
+from hps_server.tables import TableFileError
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,9 @@ class HostedModels:
             change()
             done.append(what)
         except Exception as e:
-            log.error("config reload: %s failed, it is served as before: %s", what.split()[1], e)
-            done.append(f"{what} failed: {e}")
+            reason = e.without_path() if isinstance(e, TableFileError) else str(e)
+            log.error("config reload: %s failed, it is served as before: %s", what.split()[1], reason)
+            done.append(f"{what} failed")
 
     def _check_versions(self, served: ModelConfig, model: ModelConfig) -> None:
         """Every table version a reload switches to holds rows in the authoritative level, or has source files
@@ -238,9 +240,10 @@ class HostedModels:
             name = model.storage_name(after)
             switched = served_versions.get(after.name, after.version) != after.version
             if switched and after.source is None and (name not in present or authoritative.size(name) == 0):
+                command = f"hps import --model {model.name} --table {after.name}"
                 raise VersionMissingError(
                     f"table {after.name}: no version {after.version or '(unversioned)'} in {authoritative.kind} "
-                    f"(import it first: hps import --model {model.name} --table {after.name} --version {after.version})"
+                    f"(import it first: {command}{f' --version {after.version}' if after.version else ''})"
                 )
 
     def _warmed(self, session: LookupSession, previous: LookupSession | None = None) -> LookupSession:
@@ -295,7 +298,7 @@ class HostedModels:
 
         def start() -> None:
             thread = threading.Thread(target=close, name=f"hps-retire-{session.name}", daemon=True)
-            self._retiring.append(thread)
+            self._retiring = [*(other for other in self._retiring if other.is_alive()), thread]
             thread.start()
 
         self.handover.retire(session, start)

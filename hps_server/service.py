@@ -587,8 +587,7 @@ def _version(text: str, field: str) -> str:
 def _without_paths(error: Exception) -> str:
     """A model change's refusal for a client and the log: a table-file error names its file, not its path."""
     if isinstance(error, TableFileError):
-        where, _, what = str(error).partition(": ")
-        message = f"table files could not be read: {Path(where).name}: {what}"
+        message = f"table files could not be read: {error.without_path()}"
         log.warning("a model change failed: %s", message)
         return message
     return str(error)

@@ -493,3 +493,16 @@ def test_reload_with_a_model_config_ingests_a_new_version_from_its_source(admin:
         reloaded = client.reload_model("ctr", model_config=entry)
         assert reloaded.table_versions == {"user": "v5"}
         np.testing.assert_array_equal(client.lookup("ctr", "user", keys[:8]), vectors[:8] * 3)
+
+
+def test_load_model_with_unreadable_table_files_names_no_server_path(admin: Admin) -> None:
+    (admin.directory / "empty_folder").mkdir()
+    entry = {"name": "broken", "tables": [{"name": "t", "dim": 8, "source": str(admin.directory / "empty_folder")}]}
+    details = _refused(
+        admin.models.LoadModel,
+        hps_pb2.LoadModelRequest(model_config=yaml.safe_dump(entry)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert details.startswith("table files could not be read: empty_folder: no table files")
+    assert str(admin.directory) not in details
+    assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr"]
