@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hps_server import __version__
 from hps_server import config as config_module
+from hps_server.storage.base import StorageError
 
 log = logging.getLogger("hps")
 
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
         return int(args.run(args))
-    except (config_module.ConfigError, KeyError, OSError, ValueError) as e:
+    except (config_module.ConfigError, KeyError, OSError, ValueError, StorageError) as e:
         print(f"hps {args.command}: error: {e}", file=sys.stderr)
         return 2
 

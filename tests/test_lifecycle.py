@@ -506,3 +506,11 @@ def test_load_model_with_unreadable_table_files_names_no_server_path(admin: Admi
     assert details.startswith("table files could not be read: empty_folder: no table files")
     assert str(admin.directory) not in details
     assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr"]
+
+
+def test_import_version_into_a_rocksdb_a_server_holds_is_one_clear_error(admin: Admin, capsys) -> None:
+    path = admin.directory / "hps.yaml"
+    path.write_text(yaml.safe_dump(sample_raw_config()))
+    assert main(["import", "--config", str(path), "--model", "ctr", "--table", "user", "--version", "v7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hps import: error: rocksdb: cannot open the database") and str(admin.directory) not in err
