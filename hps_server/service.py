@@ -499,7 +499,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
     def LoadModel(self, request: hps_pb2.LoadModelRequest, context: grpc.ServicerContext) -> hps_pb2.LoadModelResponse:
         def work() -> hps_pb2.LoadModelResponse:
             _parsed(request)
-            self._admin("LoadModel")
+            self._admin(context, "LoadModel")
             model = self._model_config(request.model_config)
             session = self._changing(lambda: self.lookups.models.load(model))
             return hps_pb2.LoadModelResponse(model=described(session))
@@ -511,7 +511,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
     ) -> hps_pb2.UnloadModelResponse:
         def work() -> hps_pb2.UnloadModelResponse:
             _parsed(request)
-            self._admin("UnloadModel")
+            self._admin(context, "UnloadModel")
             self._changing(lambda: self.lookups.models.unload(request.model))
             return hps_pb2.UnloadModelResponse()
 
@@ -522,7 +522,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
     ) -> hps_pb2.ReloadModelResponse:
         def work() -> hps_pb2.ReloadModelResponse:
             _parsed(request)
-            self._admin("ReloadModel")
+            self._admin(context, "ReloadModel")
             versions = {}
             for table, version in sorted(request.table_versions.items()):
                 versions[table] = _version(version, f"table_versions[{shown(table)}]")
@@ -539,9 +539,9 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
 
         return _guarded(context, "ReloadModel", work)
 
-    def _admin(self, method: str) -> None:
+    def _admin(self, context: grpc.ServicerContext, method: str) -> None:
         """Refuses a model admin call the server is not set up to take. The one place admin calls are
-        authorized: a per-caller permission check belongs here."""
+        authorized: a per-caller permission check (the call's credentials, from `context`) belongs here."""
         limits = self.lookups.limits
         if not limits.admin:
             raise RequestError(
@@ -573,6 +573,8 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
         except (VersionMissingError, TableFileError) as e:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, _without_paths(e)) from None
+        except LevelUnavailableError:
+            raise  # UNAVAILABLE: a level the change needs is down, safe to retry
         except StorageError as e:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"storage: {e}") from None
 
