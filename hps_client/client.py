@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -44,8 +44,11 @@ class ModelInfo:
     name: str
     tables: tuple[TableInfo, ...]
     levels: tuple[str, ...]
-    # Why Upsert and Delete are refused now (RocksDB failing its writes, a read-only worker); "" while taken.
+    # Why Upsert and Delete are refused now (RocksDB failing its writes, server.read_only); "" while taken.
     writes_refused: str = ""
+    # The version every table is served at ("" when unversioned or mixed), and each versioned table's.
+    version: str = ""
+    table_versions: Mapping[str, str] = field(default_factory=dict)
 
 
 # The channels' gRPC service config. round_robin: a target naming several addresses (dns:/// of a headless
@@ -54,12 +57,17 @@ class ModelInfo:
 # nothing: Lookup and the model service's reads. StreamLookup is left out (a stream that already got
 # replies is not replayed). Upsert and Delete are not retried: a repeat of a write the server applied
 # before failing could land after another client's newer write of the same keys and undo it, and a
-# repeated Delete would report 0 rows; callers that know their writes are alone may retry them.
+# repeated Delete would report 0 rows; callers that know their writes are alone may retry them. Nor are the
+# model admin calls (a repeated LoadModel that landed would answer ALREADY_EXISTS).
 SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
-            "name": [{"service": "hps.v1.LookupService", "method": "Lookup"}, {"service": "hps.v1.ModelService"}],
+            "name": [
+                {"service": "hps.v1.LookupService", "method": "Lookup"},
+                {"service": "hps.v1.ModelService", "method": "ListModels"},
+                {"service": "hps.v1.ModelService", "method": "DescribeModel"},
+            ],
             "retryPolicy": {
                 "maxAttempts": 3,
                 "initialBackoff": "0.05s",
@@ -93,6 +101,24 @@ def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
         ),
         levels=tuple(response.levels),
         writes_refused=response.writes_refused,
+        version=response.version,
+        table_versions=dict(response.table_versions),
+    )
+
+
+def _model_config(model_config: str | Mapping[str, Any]) -> str:
+    """A model entry for LoadModel/ReloadModel: YAML or JSON text as given, a mapping as JSON."""
+    return model_config if isinstance(model_config, str) else json.dumps(model_config, default=str)
+
+
+def _reload_request(
+    model: str, version: str, table_versions: Mapping[str, str] | None, model_config: str | Mapping[str, Any] | None
+) -> hps_pb2.ReloadModelRequest:
+    return hps_pb2.ReloadModelRequest(
+        model=model,
+        version=version,
+        table_versions=dict(table_versions or {}),
+        model_config="" if model_config is None else _model_config(model_config),
     )
 
 
@@ -194,6 +220,29 @@ class Client:
     def describe(self, model: str, *, timeout: float | None = None) -> ModelInfo:
         return _model_info(self._call(self._models.DescribeModel, hps_pb2.DescribeModelRequest(model=model), timeout))
 
+    # Model admin (the server needs server.admin: true); each returns once the change is served.
+
+    def load_model(self, model_config: str | Mapping[str, Any], *, timeout: float | None = None) -> ModelInfo:
+        """Serves a new model, given as an entry of a config file's `models:` (YAML/JSON text or a mapping)."""
+        request = hps_pb2.LoadModelRequest(model_config=_model_config(model_config))
+        return _model_info(self._call(self._models.LoadModel, request, timeout).model)
+
+    def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        self._call(self._models.UnloadModel, hps_pb2.UnloadModelRequest(model=model), timeout)
+
+    def reload_model(
+        self,
+        model: str,
+        version: str = "",
+        *,
+        table_versions: Mapping[str, str] | None = None,
+        model_config: str | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ModelInfo:
+        """Switches the model to `version` (every table) and/or `table_versions`, or to a new `model_config`."""
+        request = _reload_request(model, version, table_versions, model_config)
+        return _model_info(self._call(self._models.ReloadModel, request, timeout).model)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -283,6 +332,25 @@ class AsyncClient:
     async def describe(self, model: str, *, timeout: float | None = None) -> ModelInfo:
         request = hps_pb2.DescribeModelRequest(model=model)
         return _model_info(await self._call(self._models.DescribeModel, request, timeout))
+
+    async def load_model(self, model_config: str | Mapping[str, Any], *, timeout: float | None = None) -> ModelInfo:
+        request = hps_pb2.LoadModelRequest(model_config=_model_config(model_config))
+        return _model_info((await self._call(self._models.LoadModel, request, timeout)).model)
+
+    async def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        await self._call(self._models.UnloadModel, hps_pb2.UnloadModelRequest(model=model), timeout)
+
+    async def reload_model(
+        self,
+        model: str,
+        version: str = "",
+        *,
+        table_versions: Mapping[str, str] | None = None,
+        model_config: str | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ModelInfo:
+        request = _reload_request(model, version, table_versions, model_config)
+        return _model_info((await self._call(self._models.ReloadModel, request, timeout)).model)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hps_server import __version__, logs
 from hps_server import config as config_module
+from hps_server.storage.base import StorageError
 
 log = logging.getLogger("hps")
 
@@ -35,6 +36,7 @@ BENCHMARKS = {
         "hps_bench.faults",
         "Redis killed, restored, frozen and resharded under load: wrong and failed calls",
     ),
+    "reload": ("hps_bench.reload", "p99 while a model is reloaded to new versions under load, failed and mixed replies"),
     "cache": ("hps_bench.cache", "the GPU L1 cache's query/replace speed and Zipf hit rate (needs CuPy and a GPU)"),
     "redis": ("hps_bench.redis", "the Redis Cluster level's fetch rows/s, against plain redis-py on the same cluster"),
     "layers": ("hps_bench.layers", "the TensorFlow and PyTorch layers' overhead over the Client call they make"),
@@ -58,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         return serve_workers(config, args.log_format)
     from hps_server.server import serve
 
-    return serve(config)
+    return serve(config, config_path=Path(args.config))
 
 
 def _processes(text: str) -> int:
@@ -73,6 +75,13 @@ def _address(text: str) -> str:
     if not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port from 0 to 65535, got {text!r}")
     return text
+
+
+def _version(text: str) -> str:
+    try:
+        return config_module.version(text, "--version")
+    except config_module.ConfigError as e:  # argparse names the option itself
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--version: ")) from None
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -104,6 +113,8 @@ def _import(args: argparse.Namespace) -> int:
                 if source is None:
                     print(f"{model.name}.{table.name}: no source configured, skipped (pass --source)")
                     continue
+                if args.version is not None:
+                    table = replace(table, version=args.version)
                 name = model.storage_name(table)
                 rows = transfer.import_table(level, name, source, table.dim)
                 print(f"{name}: imported {rows} rows from {source} into {level.kind}")
@@ -214,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="rocksdb",
         help="level to load: the configured persistent_db (rocksdb) or volatile_db (redis_cluster)",
     )
+    imp.add_argument(
+        "--version",
+        type=_version,
+        help="write this version of the tables, next to the one served (ReloadModel or the config's `version` "
+        "switches to it); default: the config's version of each table",
+    )
     imp.set_defaults(run=_import)
 
     exp = _command(commands, "export", "write a table from the persistent level to files")
@@ -256,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.run(args))
-    except (config_module.ConfigError, KeyError, OSError, ValueError) as e:
+    except (config_module.ConfigError, KeyError, OSError, ValueError, StorageError) as e:
         if args.log_format == "json":  # stderr stays all JSON lines
             log.error("hps %s: error: %s", args.command, e)
         else:

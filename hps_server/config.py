@@ -121,6 +121,9 @@ class ServerConfig:
     # this old, so long-lived channels reconnect and spread over replicas added since; a StreamLookup still
     # open after the grace ends with UNAVAILABLE and is reopened by its client; 0: never.
     max_connection_age_seconds: float = 0.0
+    # Model admin RPCs (LoadModel, UnloadModel, ReloadModel) are answered only when true; off, they are
+    # refused with PERMISSION_DENIED. They change what every client of the server sees.
+    admin: bool = False
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     # Refuse Upsert and Delete (FAILED_PRECONDITION) on this server, whatever its levels and callers may do.
@@ -220,6 +223,9 @@ class TableConfig:
     # Most keys one sample may carry for this table; with the model's max_batch_size it bounds
     # the keys of one request (HPS: maxnum_catfeature_query_per_table_per_sample).
     max_keys_per_sample: int = 1
+    # Which version of the table's rows is served (`hps import --version`); empty: the unversioned rows.
+    # Each version is a table of its own in the levels (see ModelConfig.storage_name).
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -258,8 +264,10 @@ class ModelConfig:
         return self.max_batch_size * table.max_keys_per_sample
 
     def storage_name(self, table: TableConfig) -> str:
-        """The table's name inside the storage levels, shared by every model of a server: `<model>.<table>`."""
-        return f"{self.name}.{table.name}"
+        """The table's name inside the storage levels, shared by every model of a server: `<model>.<table>`,
+        and `<model>.<table>@<version>` for a version (its own RocksDB column family, its own Redis hashes)."""
+        name = f"{self.name}.{table.name}"
+        return f"{name}{VERSION_MARK}{table.version}" if table.version else name
 
 
 @dataclass(frozen=True)
@@ -350,6 +358,9 @@ def _str(value: Any, name: str) -> str:
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,120}")
 # Characters of a name a message quotes: a request may name anything, and its status must stay small.
 SHOWN_NAME_CHARS = 64
+# Table versions: `@` never occurs in a name, so `<model>.<table>@<version>` names one storage table.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+VERSION_MARK = "@"
 
 
 def shown(name: str) -> str:
@@ -361,6 +372,14 @@ def _name_str(value: Any, name: str) -> str:
     text = _str(value, name)
     if not NAME_PATTERN.fullmatch(text):
         raise ConfigError(f"{name}: must be 1 to 120 of A-Z a-z 0-9 _ -, got {shown(text)}")
+    return text
+
+
+def version(value: Any, name: str) -> str:
+    """A table version: 1 to 64 of A-Z a-z 0-9 _ - (a YAML number is taken as its digits)."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else value
+    if not isinstance(text, str) or not VERSION_PATTERN.fullmatch(text):
+        raise ConfigError(f"{name}: must be 1 to 64 of A-Z a-z 0-9 _ -, got {shown(str(value))}")
     return text
 
 
@@ -507,6 +526,7 @@ def _server(raw: Any, base: Path) -> ServerConfig:
         auth=_auth(s.raw.get("auth"), base),
         read_only=s.get("read_only", d.read_only, _bool),
         reflection=s.get("reflection", d.reflection, _bool),
+        admin=s.get("admin", d.admin, _bool),
     )
     if server.max_streams and server.max_streams >= server.workers:
         raise ConfigError(
@@ -608,7 +628,7 @@ _MODEL_OPTIONS = {
     "gpucache_dtype",
 }
 _MODEL_KEYS = {"name", "tables"} | _MODEL_OPTIONS
-_TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample"}
+_TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample", "version"}
 
 
 def _model_options(s: _Section, name: str, tables: tuple[TableConfig, ...], extras: Mapping[str, Any]) -> ModelConfig:
@@ -647,9 +667,20 @@ def _model(raw: Any, path: str, base: Path) -> ModelConfig:
                 default_value=t.get("default_value", 0.0, _float()),
                 source=t.get("source", None, _path(base)),
                 max_keys_per_sample=t.get("max_keys_per_sample", 1, _int(1)),
+                version=t.get("version", "", version),
             )
         )
     return _model_options(s, s.require("name", _name_str), tuple(tables), {})
+
+
+def parse_model(text: str, base: Path, path: str = "model") -> ModelConfig:
+    """One model entry (the keys of an item of `models:`) from YAML or JSON text, e.g. a LoadModel request's;
+    relative paths resolve against `base`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML or JSON: {e}") from None
+    return _model(raw, path, base)
 
 
 # HPS model keys hps maps onto its own options (the rest of _HPS_MODEL_EXTRAS is kept, unused).

@@ -237,7 +237,8 @@ class _TallyCollector(Collector):
         self._tallies: list[LookupTally] = []
 
     def add(self, tally: LookupTally) -> None:
-        self._tallies.append(tally)
+        """Exports `tally`, in place of an earlier one of the same model (a model loaded anew)."""
+        self._tallies = [kept for kept in self._tallies if kept.model != tally.model] + [tally]
 
     def collect(self) -> Iterator[Metric]:
         keys = CounterMetricFamily("hps_lookup_keys", "Keys looked up, by model and table.", labels=["model", "table"])
@@ -306,7 +307,7 @@ class ServerMetrics:
         )
         self.model_events = Counter(
             "hps_model_events",
-            "Model lifecycle events: loaded, failed.",
+            "Model lifecycle events: loaded, failed, reloaded, unloaded.",
             ["model", "event"],
             registry=r,
         )
@@ -364,10 +365,15 @@ class ServerMetrics:
         self.level_failures.labels(level, operation).inc()
 
     def record_model_event(self, model: str, event: str) -> None:
-        """event: loaded or failed; keeps hps_models_loaded in step."""
+        """event: loaded, failed, reloaded or unloaded; keeps hps_models_loaded and the models RPCs are
+        labelled with in step."""
         self.model_events.labels(model, event).inc()
         if event == "loaded":
+            self._models = self._models | {model}
             self.models_loaded.inc()
+        elif event == "unloaded":
+            self._models = self._models - {model}
+            self.models_loaded.dec()
 
     def watch_levels(self, source: Callable[[], Iterable[tuple[str, bool]]]) -> None:
         """Registers a callable listing (level kind, whether its writes fail); called on every scrape."""

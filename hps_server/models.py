@@ -1,4 +1,5 @@
-"""The models one server hosts: opens the configured levels, ingests table files, warms the volatile level.
+"""The models one server hosts: opens the configured levels, ingests table files, warms the volatile level,
+and loads, unloads and reloads models (to new table versions) while serving.
 
 It builds one LookupSession per model and owns the levels' lifecycle (open, serve, close); it does not
 answer requests itself and knows nothing of gRPC.
@@ -6,11 +7,12 @@ answer requests itself and knows nothing of gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -18,9 +20,11 @@ from hps_server import storage, transfer, warmup
 from hps_server.cache import TableL1
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig, shown
+from hps_server.handover import Handover
 from hps_server.metrics import CacheOccupancy, LevelOccupancy, ServerMetrics
 from hps_server.session import LookupSession, ServedTable, WriteRoute, WrittenHook
 from hps_server.storage.base import StorageError, StorageLevel
+from hps_server.tables import TableFileError
 from hps_server.write_epochs import WriteEpochs
 
 log = logging.getLogger(__name__)
@@ -30,25 +34,53 @@ READ_ONLY_REASON = "server.read_only is set: this server refuses Upsert and Dele
 CacheFactory = Callable[[ModelConfig, Sequence[StorageLevel]], Mapping[str, TableL1]]
 """Places a model's tables in L1 (the caches per device holding each) from its config and its levels, top first."""
 
+# A model loaded or reloaded while serving is warmed, and a replaced version dropped, in small chunks with a
+# pause before each, so requests served meanwhile wait little for the level locks and the GIL.
+CHANGE_PACE = warmup.Pace(chunk_rows=2048, pause_seconds=0.002)
+
 
 @dataclass(frozen=True)
 class GroupRole:
     """A server's part in the writes of a worker group (group_writes.py): the group's shared write epochs
     (one per table of every model, in config order), and either the route a worker's writes take or the
     writer's hook that refreshes the workers before a write (model, table, keys, vectors or None) is
-    acknowledged."""
+    acknowledged. A group's model set is fixed (its lifecycle calls are refused)."""
 
     epochs: WriteEpochs
     route: WriteRoute | None = None
     on_written: Callable[[str, ServedTable, np.ndarray, np.ndarray | None], None] | None = None
 
 
+class ModelExistsError(ValueError):
+    """LoadModel of a model the server hosts already."""
+
+
+class VersionMissingError(ValueError):
+    """A reload names a table version the authoritative level does not hold (import it first)."""
+
+
 @dataclass
 class HostedModels:
+    """The models served now and the levels under them. Models change while serving (load, unload, reload
+    to new table versions): each change builds a whole new session beside the served one (its own tables,
+    storage names, L1 caches), warms it, then swaps it in between two requests; the replaced session is
+    closed, and the table versions it alone used dropped from the levels, once its last request is done."""
+
     config: Config
     volatile: StorageLevel | None
     persistent: StorageLevel | None
     sessions: dict[str, LookupSession]
+    cache_factory: CacheFactory = build_caches
+    metrics: ServerMetrics | None = None
+    writes_refused: str = ""
+    progress: bool = False
+    group: GroupRole | None = None
+    handover: Handover = field(default_factory=Handover)
+    # Set when the server stops: a load or reload warming meanwhile gives up, leaving the model as it was.
+    stopping: threading.Event = field(default_factory=threading.Event)
+    # One change of the model set at a time; requests never wait for it.
+    _changes: threading.Lock = field(default_factory=threading.Lock)
+    _retiring: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
     def open(
@@ -63,54 +95,74 @@ class HostedModels:
         closes what was opened. cache_factory defaults to placement.build_caches. Warm-up is separate: warm().
         group: its part in a worker group's writes (None: a server of its own). With server.read_only the
         sessions refuse Upsert and Delete."""
-        cache_factory = cache_factory or build_caches
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
-        sessions: dict[str, LookupSession] = {}
+        hosted = None
         try:
             volatile = storage.open_volatile(config.volatile_db)
-            levels = [level for level in (volatile, persistent) if level is not None]
             if volatile is not None and persistent is not None:
                 volatile.serve_as_cache()
-            epochs = group.epochs if group else WriteEpochs(sum(len(model.tables) for model in config.models))
-            slot = 0
+            refused = READ_ONLY_REASON if config.server.read_only else ""
+            hosted = cls(
+                config, volatile, persistent, {}, cache_factory or build_caches, metrics, refused, progress, group
+            )
             for model in config.models:
-                try:
-                    _prepare_tables(model, volatile, persistent, progress)
-                    caches = cache_factory(model, levels)
-                except Exception:
-                    if metrics is not None:
-                        metrics.record_model_event(model.name, "failed")
-                    raise
-                sessions[model.name] = LookupSession(
-                    model,
-                    levels,
-                    caches,
-                    write_back=config.volatile_db.cache_missed_embeddings,
-                    metrics=metrics,
-                    writes_refused=READ_ONLY_REASON if config.server.read_only else "",
-                    epochs=epochs,
-                    first_epoch_slot=slot,
-                    route=group.route if group else None,
-                    on_written=_written_hook(group, model.name),
-                )
-                slot += len(model.tables)
+                hosted.sessions[model.name] = hosted._open_session(model)
                 if metrics is not None:
                     metrics.record_model_event(model.name, "loaded")
-                log.info(
-                    "model %s ready: %d tables, levels %s",
-                    model.name,
-                    len(model.tables),
-                    sessions[model.name].level_names(),
-                )
         except BaseException:
-            for session in sessions.values():
+            for session in hosted.sessions.values() if hosted is not None else ():
                 session.close()
             for level in (volatile, persistent):
                 if level is not None:
                     level.close()
             raise
-        return cls(config, volatile, persistent, sessions)
+        return hosted
+
+    def _levels(self) -> list[StorageLevel]:
+        return [level for level in (self.volatile, self.persistent) if level is not None]
+
+    def _open_session(self, model: ModelConfig, previous: LookupSession | None = None) -> LookupSession:
+        """A session of `model` over the levels, its tables created (and ingested from their source files
+        when empty) and its L1 placed; not warmed, not served yet. previous: the session it will replace."""
+        try:
+            _prepare_tables(model, self.volatile, self.persistent, self.progress)
+            caches = self.cache_factory(model, self._levels())
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.record_model_event(model.name, "failed")
+            raise
+        group = self.group
+        session = LookupSession(
+            model,
+            self._levels(),
+            caches,
+            write_back=self.config.volatile_db.cache_missed_embeddings,
+            metrics=self.metrics,
+            writes_refused=self.writes_refused,
+            previous=previous,
+            epochs=group.epochs if group else None,
+            first_epoch_slot=self._first_epoch_slot(model.name) if group else 0,
+            route=group.route if group else None,
+            on_written=_written_hook(group, model.name),
+        )
+        log.info(
+            "model %s ready: %d tables%s, levels %s",
+            model.name,
+            len(model.tables),
+            _versions_shown(model),
+            session.level_names(),
+        )
+        return session
+
+    def _first_epoch_slot(self, model: str) -> int:
+        """Where a model's tables' epochs start in a group's shared epochs: config order."""
+        slot = 0
+        for configured in self.config.models:
+            if configured.name == model:
+                return slot
+            slot += len(configured.tables)
+        raise KeyError(f"model {shown(model)} is not in the group's config")
 
     def session(self, model: str) -> LookupSession:
         """The model's session; KeyError naming the model when it is not hosted."""
@@ -118,6 +170,172 @@ class HostedModels:
             return self.sessions[model]
         except KeyError:
             raise KeyError(f"no model {shown(model)} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
+
+    def serving(self, model: str) -> contextlib.AbstractContextManager[LookupSession]:
+        """The model's session for one request, kept (with its table versions) until the block ends."""
+        return self.handover.using(lambda: self.session(model))
+
+    def writing(self, model: str) -> contextlib.AbstractContextManager[LookupSession]:
+        """As serving(), for an Upsert or Delete: ModelChangingError while the model changes."""
+        return self.handover.writing(model, lambda: self.session(model))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def load(self, model: ModelConfig) -> LookupSession:
+        """Starts serving a model not hosted yet (ModelExistsError otherwise), once warm."""
+        with self._changes:
+            if model.name in self.sessions:
+                raise ModelExistsError(f"model {model.name} is served already (ReloadModel changes it)")
+            with self.handover.changing(model.name):
+                session = self._warmed(self._open_session(model))
+                self._install(model.name, session)
+            if self.metrics is not None:
+                self.metrics.record_model_event(model.name, "loaded")
+            log.info("model %s loaded", model.name)
+            return session
+
+    def unload(self, name: str) -> None:
+        """Stops serving a model (KeyError naming it when not hosted); requests already admitted finish. Its
+        rows stay in the levels."""
+        with self._changes:
+            self.session(name)
+            with self.handover.changing(name):
+                old = self._install(name, None)
+            assert old is not None
+            self._retire(old, dropped=())
+            if self.metrics is not None:
+                self.metrics.record_model_event(name, "unloaded")
+            log.info("model %s unloaded", name)
+
+    def reload(
+        self,
+        name: str,
+        versions: Mapping[str, str] | None = None,
+        version: str = "",
+        model: ModelConfig | None = None,
+    ) -> LookupSession:
+        """Serves the model at new table versions (`version` for every table, `versions` table -> version
+        for some; each imported already), or as `model` says (a changed config), switching once the new
+        session is warm. Nothing of these: rebuilt at its versions. A failure leaves it served as it was."""
+        with self._changes:
+            old = self.session(name)
+            if model is None:
+                every = {table.name: version for table in old.model.tables} if version else {}
+                model = _at_versions(old.model, every | dict(versions or {}))
+            self._check_versions(old.model, model)
+            with self.handover.changing(name):
+                session = self._warmed(self._open_session(model, previous=old), previous=old)
+                self._install(name, session)
+            kept = {table.storage_name for table in session.tables.values()}
+            self._retire(old, dropped=[t.storage_name for t in old.tables.values() if t.storage_name not in kept])
+            if self.metrics is not None:
+                self.metrics.record_model_event(name, "reloaded")
+            log.info("model %s reloaded%s", name, _versions_shown(model))
+            return session
+
+    def apply(self, config: Config) -> list[str]:
+        """Brings the served models in line with `config` (a config file read again): models it lacks are
+        unloaded, new ones loaded, changed ones reloaded; one failing does not stop the others. Returns
+        what was done, one line each. Only `models` is applied; other sections need a restart."""
+        for section in ("server", "volatile_db", "persistent_db"):
+            if getattr(config, section) != getattr(self.config, section):
+                log.warning("config reload: %s changed; only models are reloaded, restart to apply it", section)
+        wanted = {model.name: model for model in config.models}
+        done: list[str] = []
+        for name in sorted(set(self.sessions) - set(wanted)):
+            self._applying(done, f"unloaded {name}", functools.partial(self.unload, name))
+        for name, model in wanted.items():
+            served = self.sessions.get(name)
+            if served is None:
+                self._applying(done, f"loaded {name}", functools.partial(self.load, model))
+            elif served.model != model:
+                self._applying(done, f"reloaded {name}", functools.partial(self.reload, name, model=model))
+        return done
+
+    @staticmethod
+    def _applying(done: list[str], what: str, change: Callable[[], object]) -> None:
+        try:
+            change()
+            done.append(what)
+        except Exception as e:
+            reason = e.without_path() if isinstance(e, TableFileError) else str(e)
+            log.error("config reload: %s failed, it is served as before: %s", what.split()[1], reason)
+            done.append(f"{what} failed")
+
+    def _check_versions(self, served: ModelConfig, model: ModelConfig) -> None:
+        """Every table version a reload switches to holds rows in the authoritative level, or has source files
+        to ingest them from."""
+        authoritative = self.persistent or self.volatile
+        if authoritative is None:
+            return
+        present = set(authoritative.tables())
+        served_versions = {table.name: table.version for table in served.tables}
+        for after in model.tables:
+            name = model.storage_name(after)
+            switched = served_versions.get(after.name, after.version) != after.version
+            if switched and after.source is None and (name not in present or authoritative.size(name) == 0):
+                command = f"hps import --model {model.name} --table {after.name}"
+                raise VersionMissingError(
+                    f"table {after.name}: no version {after.version or '(unversioned)'} in {authoritative.kind} "
+                    f"(import it first: {command}{f' --version {after.version}' if after.version else ''})"
+                )
+
+    def _warmed(self, session: LookupSession, previous: LookupSession | None = None) -> LookupSession:
+        """Warms a session not served yet (first with the keys hot in the L1 of `previous`, the session it
+        replaces); closes it and raises when the server stops meanwhile."""
+        try:
+            if previous is not None:
+                warmup.carry_hot_keys(previous, session, self.stopping, CHANGE_PACE)
+            rate = self.config.volatile_db.initial_cache_rate
+            warmup.warm([session], self.volatile, self.persistent, rate, self.stopping, CHANGE_PACE)
+            if self.stopping.is_set():
+                raise RuntimeError(f"model {session.name}: the server is stopping")
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _install(self, name: str, session: LookupSession | None) -> LookupSession | None:
+        """Serves `session` as model `name` (None: no longer serves it), between two requests; returns the
+        session it replaces. Only a change (holding _changes) writes `sessions`."""
+        replaced = self.sessions.get(name)
+
+        def change() -> None:
+            # A new dict: readers iterating the old one (metrics, warm-up) are not disturbed.
+            sessions = {other: served for other, served in self.sessions.items() if other != name}
+            if session is not None:
+                sessions[name] = session
+            self.sessions = sessions
+            self.config = replace(self.config, models=tuple(served.model for served in sessions.values()))
+
+        self.handover.swap(change)
+        return replaced
+
+    def _retire(self, session: LookupSession, dropped: Sequence[str]) -> None:
+        """Once no request uses `session`: closes it (its L1 goes with it) and drops the table versions
+        `dropped` from every writable level, in a thread of its own."""
+
+        def close() -> None:
+            session.close()
+            for level in self._levels():
+                if level.read_only:
+                    continue
+                for table in dropped:
+                    try:
+                        level.drop_table(table, CHANGE_PACE.chunk_rows)
+                    except StorageError as e:
+                        log.warning(
+                            "could not drop %s from %s (it stays until dropped by hand): %s", table, level.kind, e
+                        )
+            if dropped:
+                log.info("model %s: dropped %s, no longer served", session.name, ", ".join(dropped))
+
+        def start() -> None:
+            thread = threading.Thread(target=close, name=f"hps-retire-{session.name}", daemon=True)
+            self._retiring = [*(other for other in self._retiring if other.is_alive()), thread]
+            thread.start()
+
+        self.handover.retire(session, start)
 
     def cache_occupancy(self) -> list[CacheOccupancy]:
         """Every L1 cache of every model, with the device it lives on."""
@@ -173,7 +391,10 @@ class HostedModels:
         )
 
     def close(self) -> None:
-        """Closes the sessions, then every level even when one fails; raises the first level's StorageError."""
+        """Closes the sessions (waiting for those being retired), then every level even when one fails;
+        raises the first level's StorageError."""
+        for thread in self._retiring:
+            thread.join()
         for session in self.sessions.values():
             session.close()
         failures = []
@@ -212,3 +433,24 @@ def _prepare_tables(
         if volatile is not None and volatile is not authoritative:
             # Read-only volatile levels still need the table's dim to serve it (Redis: nothing is written).
             volatile.create_table(name, table.dim)
+
+
+def _at_versions(model: ModelConfig, versions: Mapping[str, str]) -> ModelConfig:
+    """`model` with the tables named in `versions` at those versions (KeyError naming an unknown table). A table
+    switched to another version loses its `source`: those files are the served version's, not the new one's."""
+    names = {table.name for table in model.tables}
+    unknown = sorted(set(versions) - names)
+    if unknown:
+        raise KeyError(f"model {model.name} has no table {shown(unknown[0])} (tables: {', '.join(sorted(names))})")
+    tables = tuple(
+        replace(table, version=versions[table.name], source=None)
+        if versions.get(table.name, table.version) != table.version
+        else table
+        for table in model.tables
+    )
+    return replace(model, tables=tables)
+
+
+def _versions_shown(model: ModelConfig) -> str:
+    versions = [f"{table.name}@{table.version}" for table in model.tables if table.version]
+    return f" (versions {', '.join(versions)})" if versions else ""

@@ -10,6 +10,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -19,7 +20,8 @@ from hps_server import tls
 from hps_server.admission import AdmissionPool
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.auth import Authorizer
-from hps_server.config import Config, ServerConfig
+from hps_server.config import Config, ConfigError, ServerConfig
+from hps_server.config import load as load_config
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, GroupRole, HostedModels
 from hps_server.reflection import enable_reflection
@@ -184,6 +186,7 @@ class HpsServer:
             if self._stopped.is_set():
                 return
             self._stopped.set()
+            self.models.stopping.set()
             self.health.enter_graceful_shutdown()
             self.metrics.set_ready(False)
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
@@ -248,15 +251,17 @@ def connection_age_options(server: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-def serve(config: Config, cache_factory: CacheFactory | None = None) -> int:
-    """Runs a server in the foreground until SIGTERM or SIGINT, then drains; the exit code (see below)."""
+def serve(config: Config, cache_factory: CacheFactory | None = None, config_path: Path | None = None) -> int:
+    """Runs a server in the foreground until SIGTERM or SIGINT, then drains; the exit code (see below).
+    config_path: the file `config` was read from, read again on SIGHUP to load, unload and reload models."""
     keep_large_blocks_in_heap()
-    return serve_until_signalled(HpsServer(config, cache_factory, progress=True))
+    return serve_until_signalled(HpsServer(config, cache_factory, progress=True), config_path)
 
 
-def serve_until_signalled(server: HpsServer) -> int:
+def serve_until_signalled(server: HpsServer, config_path: Path | None = None) -> int:
     """Starts `server` and serves until SIGTERM or SIGINT, then drains; returns 0, or 1 when closing the
-    levels failed (writes may be lost). A failed start closes it and raises."""
+    levels failed (writes may be lost). A failed start closes it and raises. With `config_path`, SIGHUP
+    reads that file again and applies its models (HostedModels.apply), one SIGHUP at a time."""
     try:
         server.start()
     except BaseException:
@@ -269,5 +274,22 @@ def serve_until_signalled(server: HpsServer) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if config_path is not None:
+        reloading = threading.Lock()
+
+        def reload_config() -> None:
+            with reloading:
+                log.info("received SIGHUP, reading the config file %r again", config_path.name)
+                try:
+                    done = server.models.apply(load_config(config_path))
+                except ConfigError as e:  # its message starts with the file's path: the log names the file
+                    reason = str(e).replace(str(config_path), config_path.name)
+                    log.error("config reload refused, models served as before: %s", reason)
+                    return
+                log.info("config reload: %s", "; ".join(done) or "no model changed")
+
+        signal.signal(
+            signal.SIGHUP, lambda signum, frame: threading.Thread(target=reload_config, name="hps-sighup").start()
+        )
     server.wait()
     return 0 if server.close_failure is None else 1

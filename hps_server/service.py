@@ -1,5 +1,5 @@
 """gRPC servicers for hps.v1: decode and check requests, coalesce concurrent Lookups into one pass of the
-models' sessions, encode the replies.
+models' sessions, encode the replies; the model admin calls (behind one gate, ModelServicer._admin).
 
 Every bad input becomes a status code with a message naming the field, before any level work; nothing here
 touches a level directly, and no per-key Python runs (a packed request costs O(1) NumPy calls, a request of
@@ -8,12 +8,14 @@ TableQueries a few per query).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -23,16 +25,21 @@ from hps_server.admission import AdmissionPool, bounded
 from hps_server.auth import Authorizer, AuthRefusedError, Caller
 from hps_server.coalescing import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
-from hps_server.config import ServerConfig
+from hps_server.config import ConfigError, ModelConfig, ServerConfig, parse_model, shown
+from hps_server.config import version as version_str
+from hps_server.handover import ModelChangingError
 from hps_server.log_limits import RateLimitedWarning
-from hps_server.models import HostedModels
+from hps_server.models import HostedModels, ModelExistsError, VersionMissingError
 from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable, TableLookup
 from hps_server.storage.base import LevelUnavailableError, StorageError
 from hps_server.streams import StreamGuard, StreamsFullError
+from hps_server.tables import TableFileError
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from hps_wire.response_codec import WIRE_NUMPY, LookupResult, PackedLookup, encode_lookup_response
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 WARN_INTERVAL_SECONDS = 30
 
@@ -135,11 +142,18 @@ class Lookups:
         _guarded a refusal becomes the call's status (PERMISSION_DENIED)."""
         return self.authorizer.identify(context)
 
-    def session(self, model: str) -> LookupSession:
-        try:
-            return self.models.session(model)
-        except KeyError as e:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+    @contextlib.contextmanager
+    def serving(self, model: str, write: bool = False) -> Iterator[LookupSession]:
+        """The model's session for one request, held to its end (one table version per reply); NOT_FOUND for
+        a model not hosted, and for a write UNAVAILABLE while the model changes."""
+        with contextlib.ExitStack() as held:
+            try:
+                session = held.enter_context(self.models.writing(model) if write else self.models.serving(model))
+            except KeyError as e:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+            except ModelChangingError as e:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            yield session
 
     def table(self, session: LookupSession, name: str) -> ServedTable:
         try:
@@ -152,11 +166,13 @@ class Lookups:
         caller's read permission on the model is checked once, before admission and any decoding."""
         _parsed(request)
         caller.require("read", request.model)
-        prepared = self.prepare(request)
-        try:
-            outcomes = self.coalescer.submit(prepared)
-        except QueueFullError as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        self._admit(request)
+        with self.serving(request.model) as session:
+            prepared = self.prepare(request, session)
+            try:
+                outcomes = self.coalescer.submit(prepared)
+            except QueueFullError as e:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         for outcome in outcomes:
             if isinstance(outcome, StorageError):
                 raise outcome
@@ -179,10 +195,9 @@ class Lookups:
         )
         return encode_lookup_response(request.model, results, request.request_id, reply, prepared.wire_dtype)
 
-    def prepare(self, request: hps_pb2.LookupRequest) -> _Prepared:
-        """Decodes and checks every query, so a bad request costs no level work and fails alone."""
-        self._admit(request)
-        session = self.session(request.model)
+    def prepare(self, request: hps_pb2.LookupRequest, session: LookupSession) -> _Prepared:
+        """Decodes and checks every query of a request admitted for `session`, so a bad request costs no
+        level work and fails alone."""
         wire_dtype = WIRE_NUMPY.get(request.dtype)
         if wire_dtype is None:
             raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
@@ -400,21 +415,21 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
             caller = self.lookups.caller(context)
             _parsed(request)
             caller.require("write", request.model)
-            session = self.lookups.session(request.model)
-            table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
             vectors = _packed(request.vectors, "<f4", "vectors")
-            if len(vectors) != len(keys) * table.dim:
-                raise _invalid(
-                    f"vectors: {len(vectors)} floats for {len(keys)} keys of dim {table.dim}; "
-                    f"expected {len(keys) * table.dim}"
-                )
             if not np.all(np.isfinite(vectors)):
                 raise _invalid("vectors: contains NaN or infinity")
-            try:
-                rows = session.upsert(table.name, keys, vectors.reshape(len(keys), table.dim))
-            except PermissionError as e:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            with self.lookups.serving(request.model, write=True) as session:
+                table = self.lookups.table(session, request.table)
+                if len(vectors) != len(keys) * table.dim:
+                    raise _invalid(
+                        f"vectors: {len(vectors)} floats for {len(keys)} keys of dim {table.dim}; "
+                        f"expected {len(keys) * table.dim}"
+                    )
+                try:
+                    rows = session.upsert(table.name, keys, vectors.reshape(len(keys), table.dim))
+                except PermissionError as e:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
             return hps_pb2.UpsertResponse(rows=rows)
 
         return _guarded(context, "Upsert", work)
@@ -424,13 +439,13 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
             caller = self.lookups.caller(context)
             _parsed(request)
             caller.require("write", request.model)
-            session = self.lookups.session(request.model)
-            table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
-            try:
-                return hps_pb2.DeleteResponse(rows=session.delete(table.name, keys))
-            except PermissionError as e:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            with self.lookups.serving(request.model, write=True) as session:
+                table = self.lookups.table(session, request.table)
+                try:
+                    return hps_pb2.DeleteResponse(rows=session.delete(table.name, keys))
+                except PermissionError as e:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
 
         return _guarded(context, "Delete", work)
 
@@ -475,6 +490,9 @@ def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.Generi
             "DescribeModel": method(
                 unary, models.DescribeModel, hps_pb2.DescribeModelRequest, hps_pb2.DescribeModelResponse
             ),
+            "LoadModel": method(unary, models.LoadModel, hps_pb2.LoadModelRequest, hps_pb2.LoadModelResponse),
+            "UnloadModel": method(unary, models.UnloadModel, hps_pb2.UnloadModelRequest, hps_pb2.UnloadModelResponse),
+            "ReloadModel": method(unary, models.ReloadModel, hps_pb2.ReloadModelRequest, hps_pb2.ReloadModelResponse),
         },
     )
     return lookup_service, model_service
@@ -502,21 +520,135 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
             caller = self.lookups.caller(context)
             _parsed(request)
             caller.require("read", request.model)
-            session = self.lookups.session(request.model)
-            return hps_pb2.DescribeModelResponse(
-                model=session.name,
-                tables=[
-                    hps_pb2.TableInfo(
-                        name=table.name,
-                        dim=table.dim,
-                        rows=session.rows(table.name),
-                        default_value=table.default_value,
-                        max_keys_per_request=session.model.max_keys(table),
-                    )
-                    for table in session.model.tables
-                ],
-                levels=session.level_names(),
-                writes_refused=session.write_refusal(),
-            )
+            with self.lookups.serving(request.model) as session:
+                return described(session)
 
         return _guarded(context, "DescribeModel", work)
+
+    # ---------------------------------------------------------------- admin
+
+    def LoadModel(self, request: hps_pb2.LoadModelRequest, context: grpc.ServicerContext) -> hps_pb2.LoadModelResponse:
+        def work() -> hps_pb2.LoadModelResponse:
+            caller = self.lookups.caller(context)
+            _parsed(request)
+            model = self._model_config(request.model_config)
+            self._admin(caller, "LoadModel", model.name)
+            session = self._changing(lambda: self.lookups.models.load(model))
+            return hps_pb2.LoadModelResponse(model=described(session))
+
+        return _guarded(context, "LoadModel", work)
+
+    def UnloadModel(
+        self, request: hps_pb2.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> hps_pb2.UnloadModelResponse:
+        def work() -> hps_pb2.UnloadModelResponse:
+            caller = self.lookups.caller(context)
+            _parsed(request)
+            self._admin(caller, "UnloadModel", request.model)
+            self._changing(lambda: self.lookups.models.unload(request.model))
+            return hps_pb2.UnloadModelResponse()
+
+        return _guarded(context, "UnloadModel", work)
+
+    def ReloadModel(
+        self, request: hps_pb2.ReloadModelRequest, context: grpc.ServicerContext
+    ) -> hps_pb2.ReloadModelResponse:
+        def work() -> hps_pb2.ReloadModelResponse:
+            caller = self.lookups.caller(context)
+            _parsed(request)
+            self._admin(caller, "ReloadModel", request.model)
+            versions = {}
+            for table, version in sorted(request.table_versions.items()):
+                versions[table] = _version(version, f"table_versions[{shown(table)}]")
+            version = _version(request.version, "version") if request.version else ""
+            model = None
+            if request.model_config:
+                if version or versions:
+                    raise _invalid("model_config: give it or version/table_versions, not both")
+                model = self._model_config(request.model_config)
+                if model.name != request.model:
+                    raise _invalid(f"model_config: names model {model.name}, the request {shown(request.model)}")
+            session = self._changing(lambda: self.lookups.models.reload(request.model, versions, version, model))
+            return hps_pb2.ReloadModelResponse(model=described(session))
+
+        return _guarded(context, "ReloadModel", work)
+
+    def _admin(self, caller: Caller, method: str, model: str) -> None:
+        """Refuses a model admin call the server is not set up to take, or the caller may not make (the
+        admin permission on `model`, when tokens are configured). The one place admin calls are authorized."""
+        caller.require("admin", model)
+        limits = self.lookups.limits
+        if not limits.admin:
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method}: model admin calls are off on this server; start it with server.admin: true to allow them",
+            )
+        if limits.processes > 1:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{method}: not available with server.processes {limits.processes} (each worker process serves "
+                "its own copy of the models); change the config and restart, or serve with one process",
+            )
+
+    @staticmethod
+    def _model_config(text: str) -> ModelConfig:
+        try:
+            return parse_model(text, Path.cwd(), "model_config")
+        except ConfigError as e:
+            raise _invalid(str(e)) from None
+
+    @staticmethod
+    def _changing(change: Callable[[], T]) -> T:
+        """Runs a change of the model set, its refusals as status codes."""
+        try:
+            return change()
+        except KeyError as e:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+        except ModelExistsError as e:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        except (VersionMissingError, TableFileError) as e:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, _without_paths(e)) from None
+        except LevelUnavailableError:
+            raise  # UNAVAILABLE: a level the change needs is down, safe to retry
+        except StorageError as e:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"storage: {e}") from None
+
+
+def _version(text: str, field: str) -> str:
+    try:
+        return version_str(text, field)
+    except ConfigError as e:
+        raise _invalid(str(e)) from None
+
+
+def _without_paths(error: Exception) -> str:
+    """A model change's refusal for a client and the log: a table-file error names its file, not its path."""
+    if isinstance(error, TableFileError):
+        message = f"table files could not be read: {error.without_path()}"
+        log.warning("a model change failed: %s", message)
+        return message
+    return str(error)
+
+
+def described(session: LookupSession) -> hps_pb2.DescribeModelResponse:
+    """What DescribeModel says of a session: its tables, levels and table versions."""
+    model = session.model
+    versions = {table.name: table.version for table in model.tables if table.version}
+    shared = {table.version for table in model.tables}
+    return hps_pb2.DescribeModelResponse(
+        model=session.name,
+        tables=[
+            hps_pb2.TableInfo(
+                name=table.name,
+                dim=table.dim,
+                rows=session.rows(table.name),
+                default_value=table.default_value,
+                max_keys_per_request=model.max_keys(table),
+            )
+            for table in model.tables
+        ],
+        levels=session.level_names(),
+        writes_refused=session.write_refusal(),
+        version=shared.pop() if len(shared) == 1 else "",
+        table_versions=versions,
+    )

@@ -45,7 +45,11 @@ class ServedTable:
         l1: TableL1 | None,
         epochs: WriteEpochs,
         epoch_slot: int,
+        previous: ServedTable | None = None,
     ) -> None:
+        """epochs, epoch_slot: where the table's write epoch lives; previous: the table a reload replaces. When
+        it names the same storage table, the two share its epoch and lock, so a write-back of the old one's
+        stays behind an upsert of the new one's."""
         self.config = config
         self.name = config.name
         self.dim = config.dim
@@ -58,9 +62,11 @@ class ServedTable:
         # Bumped by every upsert/delete (write_epochs.py): a write-back (into L2 or L1) of rows read before
         # is dropped, so no level above takes a row older than one written since. The lock makes
         # check+insert atomic against the upsert/delete (or, in a group worker, the L1 refresh) of the table.
-        self.epochs = epochs
-        self.epoch_slot = epoch_slot
-        self.lock = threading.Lock()
+        same = previous is not None and previous.storage_name == self.storage_name
+        if previous is not None and same:
+            self.epochs, self.epoch_slot, self.lock = previous.epochs, previous.epoch_slot, previous.lock
+        else:
+            self.epochs, self.epoch_slot, self.lock = epochs, epoch_slot, threading.Lock()
 
     @property
     def epoch(self) -> int:
@@ -195,6 +201,7 @@ class LookupSession:
         write_back: bool = True,
         metrics: ServerMetrics | None = None,
         writes_refused: str = "",
+        previous: LookupSession | None = None,
         *,
         epochs: WriteEpochs | None = None,
         first_epoch_slot: int = 0,
@@ -205,6 +212,8 @@ class LookupSession:
         write_back: insert rows found below into the writable levels above them;
         metrics: where each pass reports its per-level counts and timings;
         writes_refused: why Upsert and Delete are refused although a level would take them (empty: they are not);
+        previous: the session of the model this one replaces (a reload): its counts go on when the tables and
+        levels are the same, and a table of the same storage name shares its write epoch and lock;
         epochs: the tables' write epochs from `first_epoch_slot` on (shared by a worker group; default private);
         route: a group worker's writer (writes and write-backs go there); on_written: the writer's hook that
         refreshes the workers' L1 before a write is acknowledged."""
@@ -217,9 +226,15 @@ class LookupSession:
         self._on_written = on_written
         self._seen_commits = self.epochs.commits
         self._follow_lock = threading.Lock()
-        self.tables = {
+        self.tables: dict[str, ServedTable] = {
             config.name: ServedTable(
-                model, config, index, caches.get(config.name), self.epochs, first_epoch_slot + index
+                model,
+                config,
+                index,
+                caches.get(config.name),
+                self.epochs,
+                first_epoch_slot + index,
+                previous.tables.get(config.name) if previous else None,
             )
             for index, config in enumerate(model.tables)
         }
@@ -227,8 +242,11 @@ class LookupSession:
         self.write_back = write_back
         self.metrics = metrics
         level_names = [*self.level_names(), DEFAULT_LEVEL]
-        tally = metrics.tally if metrics is not None else LookupTally
-        self.tally = tally(model.name, list(self.tables), level_names)
+        tally: LookupTally | None = previous.tally if previous is not None else None
+        if tally is None or tally.tables != tuple(self.tables) or tally.levels != tuple(level_names):
+            new_tally = metrics.tally if metrics is not None else LookupTally
+            tally = new_tally(model.name, list(self.tables), level_names)
+        self.tally: LookupTally = tally
         self._level_rows = {name: row for row, name in enumerate(level_names)}
         self._device_turn = itertools.count()
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
@@ -550,17 +568,17 @@ class LookupSession:
         refreshed, and the writer's hook told, even when a level fails part-way, since the levels below
         may already hold the new rows."""
         with table.lock:
-            self.epochs.begin(table.epoch_slot)
+            table.epochs.begin(table.epoch_slot)
             try:
                 yield
             finally:
-                self.epochs.committed()
+                table.epochs.committed()
                 self._refresh_l1(table, keys, vectors)
                 try:
                     if self._on_written is not None:
                         self._on_written(table, keys, vectors)
                 finally:
-                    self.epochs.end(table.epoch_slot)
+                    table.epochs.end(table.epoch_slot)
 
     def refresh(self, table_name: str, keys: np.ndarray, vectors: np.ndarray | None) -> None:
         """A group worker's share of a write the writer made: its read-only levels catch up, then its L1

@@ -204,16 +204,25 @@ class WorkerGroup:
         self._group_serving = False
         # Set by the signal handler; a plain attribute, since a handler must not take locks the loop may hold.
         self._stop_signal = 0
+        self._hangup = False  # SIGHUP came: told in the loop that it is refused
 
     def run(self) -> int:
         """Serves until a signal or a failed start, then drains every worker; returns the exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         for index in range(self.size):
             self._start(index)
         failed = False
         while not self._stop_signal and not failed:
             self._receive()
+            if self._hangup:
+                self._hangup = False
+                log.warning(
+                    "SIGHUP: reloading the config is not supported with %d worker processes (each serves its own "
+                    "copy of the models); restart to apply a changed config",
+                    self.size,
+                )
             failed = not self._watch()
             now = time.monotonic()
             for index, due in list(self._restart_at.items()):
@@ -227,6 +236,9 @@ class WorkerGroup:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_signal = signum
+
+    def _on_hangup(self, signum: int, frame: FrameType | None) -> None:
+        self._hangup = True
 
     def _start(self, index: int) -> None:
         spec = WorkerSpec(
@@ -327,6 +339,7 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     """A worker process: serves its config on the shared port until SIGTERM, SIGINT or the supervisor's end."""
     logs.configure(spec.log_level, spec.log_format)
     keep_large_blocks_in_heap()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP to the group is the supervisor's to refuse
 
     def wait_for_the_others(stopped: threading.Event) -> None:
         supervisor.send("warm")

@@ -35,6 +35,11 @@ _NPY_HEADER_BYTES = 128
 class TableFileError(ValueError):
     """A table file is missing or malformed; the message names the file and what is wrong."""
 
+    def without_path(self) -> str:
+        """The message with the file's name in place of its path (for clients and logs of a server)."""
+        where, _, what = str(self).partition(": ")
+        return f"{Path(where).name}: {what}"
+
 
 @dataclass(frozen=True)
 class TableFiles:

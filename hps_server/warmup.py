@@ -12,20 +12,31 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from hps_server.cache import TableL1
 from hps_server.session import LookupSession, ServedTable
-from hps_server.storage.base import KeyChunk, LevelUnavailableError, StorageLevel
+from hps_server.storage.base import DEFAULT_CHUNK_ROWS, KeyChunk, LevelUnavailableError, StorageLevel
 
 log = logging.getLogger(__name__)
 
 
-def first_rows(level: StorageLevel, table: str, budget: int) -> Iterator[KeyChunk]:
-    """Up to `budget` rows of `table`, in the level's dump order."""
+@dataclass(frozen=True)
+class Pace:
+    """How a warm-up copies: rows per chunk, and seconds of pause before each chunk."""
+
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    pause_seconds: float = 0.0
+
+
+def first_rows(
+    level: StorageLevel, table: str, budget: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Iterator[KeyChunk]:
+    """Up to `budget` rows of `table`, in the level's dump order, chunk_rows at a time."""
     left = budget
-    for keys, vectors in level.dump(table):
+    for keys, vectors in level.dump(table, chunk_rows):
         if left <= 0:
             return
         yield keys[:left], vectors[:left]
@@ -38,31 +49,60 @@ def warm(
     persistent: StorageLevel | None,
     rate: float,
     stop: threading.Event,
+    pace: Pace | None = None,
 ) -> None:
-    """Warms every table of every session; returns early once `stop` is set."""
+    """Warms every table of every session; returns early once `stop` is set. `pace`: smaller chunks with a
+    pause after each, for a warm-up beside served requests (a reload), which then wait less for the locks."""
     if rate <= 0:
         return
+    pace = pace or Pace()
     started = time.monotonic()
     for session in sessions:
         for table in session.tables.values():
             if stop.is_set():
                 return
             if volatile is not None and persistent is not None and not volatile.read_only:
-                _warm_volatile(session, table, volatile, persistent, rate, stop)
+                _warm_volatile(session, table, volatile, persistent, rate, stop, pace)
             if table.l1 is not None:
-                _warm_l1(session, table, table.l1, rate, stop)
+                _warm_l1(session, table, table.l1, rate, stop, pace)
     log.info("warm-up done in %.1f s", time.monotonic() - started)
 
 
+def carry_hot_keys(previous: LookupSession, session: LookupSession, stop: threading.Event, pace: Pace) -> None:
+    """Fills each L1 of `session` (a reload's, not served yet) with its own rows of the keys the L1 of
+    `previous` (the session it replaces) holds now: the keys hot at the switch, read from the lowest level
+    at the new session's versions, up to the room its L1 has."""
+    for table in session.tables.values():
+        before = previous.tables.get(table.name)
+        if table.l1 is None or before is None or before.l1 is None or not session.levels:
+            continue
+        held = table.l1.caches[0].table_stats()[table.l1.index]
+        keys = before.l1.caches[0].dump(before.l1.index)[0][: max(held.capacity - held.rows, 0)]
+        source, copied = session.levels[-1], 0
+        for start in range(0, len(keys), pace.chunk_rows):
+            if stop.is_set():
+                return
+            time.sleep(pace.pause_seconds)
+            epoch = table.epoch
+            chunk = keys[start : start + pace.chunk_rows]
+            rows, found = source.fetch(table.storage_name, chunk)
+            fill = functools.partial(_replace_all, table.l1, chunk[found], rows[found])
+            if session.insert_if_unchanged(table, epoch, fill):
+                copied += int(found.sum())
+        log.info("warmed %s: %d rows hot before the switch in L1 (from %s)", table.storage_name, copied, source.kind)
+
+
 def _copies(
-    session: LookupSession, table: ServedTable, source: StorageLevel, budget: int
+    session: LookupSession, table: ServedTable, source: StorageLevel, budget: int, pace: Pace
 ) -> Iterator[tuple[int, KeyChunk]]:
     """(epoch, chunk) pairs: each chunk of the first `budget` rows with the table's epoch read before the
     dump began, so a copy is dropped once an upsert or delete came since (session.insert_if_unchanged):
     a dump reads the level as it was when it started, so every later chunk may be older than the write."""
     epoch = table.epoch
     session.follow_writes()  # a group worker's read-only levels: see every write the epoch has counted
-    for chunk in first_rows(source, table.storage_name, budget):
+    for chunk in first_rows(source, table.storage_name, budget, pace.chunk_rows):
+        if pace.pause_seconds:
+            time.sleep(pace.pause_seconds)
         yield epoch, chunk
 
 
@@ -73,12 +113,13 @@ def _warm_volatile(
     persistent: StorageLevel,
     rate: float,
     stop: threading.Event,
+    pace: Pace,
 ) -> None:
     name = table.storage_name
     budget = int(persistent.size(name) * rate)
     copied = 0
     try:
-        for epoch, (keys, vectors) in _copies(session, table, persistent, budget):
+        for epoch, (keys, vectors) in _copies(session, table, persistent, budget, pace):
             if stop.is_set():
                 return
             if session.insert_if_unchanged(table, epoch, functools.partial(volatile.insert, name, keys, vectors)):
@@ -91,7 +132,9 @@ def _warm_volatile(
     log.info("warmed %s: %d rows in %s", name, copied, volatile.kind)
 
 
-def _warm_l1(session: LookupSession, table: ServedTable, l1: TableL1, rate: float, stop: threading.Event) -> None:
+def _warm_l1(
+    session: LookupSession, table: ServedTable, l1: TableL1, rate: float, stop: threading.Event, pace: Pace
+) -> None:
     """Fills each device's cache with up to `rate` of the table's rows (never more than it holds)."""
     name = table.storage_name
     levels = session.levels
@@ -101,7 +144,7 @@ def _warm_l1(session: LookupSession, table: ServedTable, l1: TableL1, rate: floa
     held = l1.caches[0].table_stats()[l1.index]
     budget = min(int(levels[-1].size(name) * rate), held.capacity - held.rows)
     copied = 0
-    for epoch, (keys, vectors) in _copies(session, table, source, budget):
+    for epoch, (keys, vectors) in _copies(session, table, source, budget, pace):
         if stop.is_set():
             return
         if session.insert_if_unchanged(table, epoch, functools.partial(_replace_all, l1, keys, vectors)):

@@ -292,3 +292,13 @@ def test_an_address_held_by_another_program_is_refused(tmp_path: Path, holder: s
     assert refused.returncode != 0
     assert f"server.address: cannot bind {address}" in refused.stderr
     assert "worker" not in refused.stderr  # refused before any worker started
+
+
+def test_sighup_to_the_group_is_refused_and_the_workers_serve_on(group: Group) -> None:
+    pids = group.worker_pids()
+    group.process.send_signal(signal.SIGHUP)
+    group.wait_for_log(r"SIGHUP: reloading the config is not supported with 2 worker processes")
+    for pid in pids.values():
+        os.kill(pid, signal.SIGHUP)  # as a hang-up of the whole group would: the workers ignore it
+    group.check_lookups(8)
+    assert group.worker_pids() == pids

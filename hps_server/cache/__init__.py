@@ -89,3 +89,7 @@ class EmbeddingCache(Protocol):
     def table_stats(self) -> list[CacheStats]:
         """Hits, misses, rows held and capacity of each table, in table order."""
         ...
+
+    def dump(self, table: int = 0) -> tuple[np.ndarray, ...]:
+        """(keys ascending, vectors float32, ...) of every row `table` holds."""
+        ...

@@ -157,6 +157,16 @@ class StorageLevel(ABC):
         tell (RocksDB after a failed write, until it recovered) overrides this."""
         return None
 
+    def drop_table(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        """Removes every row of `table` (a table version no longer served), chunk_rows at a time; levels that
+        can free the table itself override this. A table the level lacks is a no-op."""
+        if table not in self.tables():
+            return
+        # Every key first (8 bytes a row), so no eviction runs under a dump in progress.
+        keys = np.concatenate([np.zeros(0, np.int64), *(chunk for chunk, _ in self.dump(table, chunk_rows))])
+        for start in range(0, len(keys), chunk_rows):
+            self.evict(table, keys[start : start + chunk_rows])
+
     @property
     def writes_failing(self) -> bool:
         """Whether write_failure is set; exported as hps_level_writes_failing."""

@@ -516,6 +516,20 @@ class RocksDBLevel(StorageLevel):
                 shutil.rmtree(staging, ignore_errors=True)
         return written
 
+    def drop_table(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        """Drops the table's column family and its metadata in one write (a version no longer served)."""
+        if table not in self._dims:
+            return
+        self._check_writable(table)
+        with self._write_lock, self._writing():
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for prefix in ("dim", "rows", "cf"):
+                batch.delete(f"{prefix}/{table}".encode(), self._meta)
+            self._db.write(batch, self._write_options)
+            physical = self._physical.pop(table)
+            del self._dims[table], self._rows[table], self._families[table]
+            self._drop_family(physical)
+
     def _next_family(self, table: str) -> str:
         """The name of the column family a replacing load of `table` builds."""
         current = self._physical[table]

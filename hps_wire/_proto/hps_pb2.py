@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hps/v1/hps.proto\x12\x06hps.v1\"\x96\x01\n\nTableQuery\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08key_list\x18\x03 \x03(\x03\x12\x12\n\nrow_splits\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\"\n\x08\x63ombiner\x18\x06 \x01(\x0e\x32\x10.hps.v1.Combiner\x12\x10\n\x08max_norm\x18\x07 \x01(\x02\";\n\x0bPackedQuery\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xa0\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x07queries\x18\x02 \x03(\x0b\x32\x12.hps.v1.TableQuery\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x06packed\x18\x05 \x01(\x0b\x32\x13.hps.v1.PackedQuery\"{\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x80\x01\n\x0cPackedResult\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x7f\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.hps.v1.TableResult\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06packed\x18\x04 \x01(\x0b\x32\x14.hps.v1.PackedResult\"L\n\rUpsertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\"\x1e\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44\x65leteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"i\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x15\n\rdefault_value\x18\x04 \x01(\x02\x12\x1c\n\x14max_keys_per_request\x18\x05 \x01(\x04\"q\n\x15\x44\x65scribeModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06tables\x18\x02 \x03(\x0b\x32\x11.hps.v1.TableInfo\x12\x0e\n\x06levels\x18\x03 \x03(\t\x12\x16\n\x0ewrites_refused\x18\x04 \x01(\t*_\n\x0bVectorDtype\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02*]\n\x08\x43ombiner\x12\x18\n\x14\x43OMBINER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43OMBINER_SUM\x10\x01\x12\x11\n\rCOMBINER_MEAN\x10\x02\x12\x12\n\x0e\x43OMBINER_SQRTN\x10\x03\x32\xfd\x01\n\rLookupService\x12\x37\n\x06Lookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse\x12\x41\n\x0cStreamLookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse(\x01\x30\x01\x12\x37\n\x06Upsert\x12\x15.hps.v1.UpsertRequest\x1a\x16.hps.v1.UpsertResponse\x12\x37\n\x06\x44\x65lete\x12\x15.hps.v1.DeleteRequest\x1a\x16.hps.v1.DeleteResponse2\xa1\x01\n\x0cModelService\x12\x43\n\nListModels\x12\x19.hps.v1.ListModelsRequest\x1a\x1a.hps.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\x1c.hps.v1.DescribeModelRequest\x1a\x1d.hps.v1.DescribeModelResponseB-\n\x06hps.v1B\x08HpsProtoP\x01Z\x17hps/gen/go/hps/v1;hpsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hps/v1/hps.proto\x12\x06hps.v1\"\x96\x01\n\nTableQuery\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08key_list\x18\x03 \x03(\x03\x12\x12\n\nrow_splits\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\"\n\x08\x63ombiner\x18\x06 \x01(\x0e\x32\x10.hps.v1.Combiner\x12\x10\n\x08max_norm\x18\x07 \x01(\x02\";\n\x0bPackedQuery\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xa0\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x07queries\x18\x02 \x03(\x0b\x32\x12.hps.v1.TableQuery\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x06packed\x18\x05 \x01(\x0b\x32\x13.hps.v1.PackedQuery\"{\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x80\x01\n\x0cPackedResult\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x7f\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.hps.v1.TableResult\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06packed\x18\x04 \x01(\x0b\x32\x14.hps.v1.PackedResult\"L\n\rUpsertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\"\x1e\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44\x65leteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"i\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x15\n\rdefault_value\x18\x04 \x01(\x02\x12\x1c\n\x14max_keys_per_request\x18\x05 \x01(\x04\"\x82\x02\n\x15\x44\x65scribeModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06tables\x18\x02 \x03(\x0b\x32\x11.hps.v1.TableInfo\x12\x0e\n\x06levels\x18\x03 \x03(\t\x12\x16\n\x0ewrites_refused\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12H\n\x0etable_versions\x18\x06 \x03(\x0b\x32\x30.hps.v1.DescribeModelResponse.TableVersionsEntry\x1a\x34\n\x12TableVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x10LoadModelRequest\x12\x14\n\x0cmodel_config\x18\x01 \x01(\t\"A\n\x11LoadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.hps.v1.DescribeModelResponse\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\xc7\x01\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x45\n\x0etable_versions\x18\x03 \x03(\x0b\x32-.hps.v1.ReloadModelRequest.TableVersionsEntry\x12\x14\n\x0cmodel_config\x18\x04 \x01(\t\x1a\x34\n\x12TableVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x13ReloadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.hps.v1.DescribeModelResponse*_\n\x0bVectorDtype\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02*]\n\x08\x43ombiner\x12\x18\n\x14\x43OMBINER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43OMBINER_SUM\x10\x01\x12\x11\n\rCOMBINER_MEAN\x10\x02\x12\x12\n\x0e\x43OMBINER_SQRTN\x10\x03\x32\xfd\x01\n\rLookupService\x12\x37\n\x06Lookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse\x12\x41\n\x0cStreamLookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse(\x01\x30\x01\x12\x37\n\x06Upsert\x12\x15.hps.v1.UpsertRequest\x1a\x16.hps.v1.UpsertResponse\x12\x37\n\x06\x44\x65lete\x12\x15.hps.v1.DeleteRequest\x1a\x16.hps.v1.DeleteResponse2\xf3\x02\n\x0cModelService\x12\x43\n\nListModels\x12\x19.hps.v1.ListModelsRequest\x1a\x1a.hps.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\x1c.hps.v1.DescribeModelRequest\x1a\x1d.hps.v1.DescribeModelResponse\x12@\n\tLoadModel\x12\x18.hps.v1.LoadModelRequest\x1a\x19.hps.v1.LoadModelResponse\x12\x46\n\x0bUnloadModel\x12\x1a.hps.v1.UnloadModelRequest\x1a\x1b.hps.v1.UnloadModelResponse\x12\x46\n\x0bReloadModel\x12\x1a.hps.v1.ReloadModelRequest\x1a\x1b.hps.v1.ReloadModelResponseB-\n\x06hps.v1B\x08HpsProtoP\x01Z\x17hps/gen/go/hps/v1;hpsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hps.v1.hps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\006hps.v1B\010HpsProtoP\001Z\027hps/gen/go/hps/v1;hpsv1'
-  _globals['_VECTORDTYPE']._serialized_start=1313
-  _globals['_VECTORDTYPE']._serialized_end=1408
-  _globals['_COMBINER']._serialized_start=1410
-  _globals['_COMBINER']._serialized_end=1503
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._loaded_options = None
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._loaded_options = None
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_VECTORDTYPE']._serialized_start=1899
+  _globals['_VECTORDTYPE']._serialized_end=1994
+  _globals['_COMBINER']._serialized_start=1996
+  _globals['_COMBINER']._serialized_end=2089
   _globals['_TABLEQUERY']._serialized_start=29
   _globals['_TABLEQUERY']._serialized_end=179
   _globals['_PACKEDQUERY']._serialized_start=181
@@ -64,10 +68,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEMODELREQUEST']._serialized_end=1089
   _globals['_TABLEINFO']._serialized_start=1091
   _globals['_TABLEINFO']._serialized_end=1196
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1198
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1311
-  _globals['_LOOKUPSERVICE']._serialized_start=1506
-  _globals['_LOOKUPSERVICE']._serialized_end=1759
-  _globals['_MODELSERVICE']._serialized_start=1762
-  _globals['_MODELSERVICE']._serialized_end=1923
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1199
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1457
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._serialized_start=1405
+  _globals['_DESCRIBEMODELRESPONSE_TABLEVERSIONSENTRY']._serialized_end=1457
+  _globals['_LOADMODELREQUEST']._serialized_start=1459
+  _globals['_LOADMODELREQUEST']._serialized_end=1499
+  _globals['_LOADMODELRESPONSE']._serialized_start=1501
+  _globals['_LOADMODELRESPONSE']._serialized_end=1566
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1568
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1603
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1605
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1626
+  _globals['_RELOADMODELREQUEST']._serialized_start=1629
+  _globals['_RELOADMODELREQUEST']._serialized_end=1828
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._serialized_start=1405
+  _globals['_RELOADMODELREQUEST_TABLEVERSIONSENTRY']._serialized_end=1457
+  _globals['_RELOADMODELRESPONSE']._serialized_start=1830
+  _globals['_RELOADMODELRESPONSE']._serialized_end=1897
+  _globals['_LOOKUPSERVICE']._serialized_start=2092
+  _globals['_LOOKUPSERVICE']._serialized_end=2345
+  _globals['_MODELSERVICE']._serialized_start=2348
+  _globals['_MODELSERVICE']._serialized_end=2719
 # @@protoc_insertion_point(module_scope)

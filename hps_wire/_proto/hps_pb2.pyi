@@ -178,13 +178,71 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., default_value: _Optional[float] = ..., max_keys_per_request: _Optional[int] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("model", "tables", "levels", "writes_refused")
+    __slots__ = ("model", "tables", "levels", "writes_refused", "version", "table_versions")
+    class TableVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
     WRITES_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     levels: _containers.RepeatedScalarFieldContainer[str]
     writes_refused: str
-    def __init__(self, model: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., levels: _Optional[_Iterable[str]] = ..., writes_refused: _Optional[str] = ...) -> None: ...
+    version: str
+    table_versions: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., levels: _Optional[_Iterable[str]] = ..., writes_refused: _Optional[str] = ..., version: _Optional[str] = ..., table_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_config",)
+    MODEL_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    model_config: str
+    def __init__(self, model_config: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: DescribeModelResponse
+    def __init__(self, model: _Optional[_Union[DescribeModelResponse, _Mapping]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("model", "version", "table_versions", "model_config")
+    class TableVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    table_versions: _containers.ScalarMap[str, str]
+    model_config: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., table_versions: _Optional[_Mapping[str, str]] = ..., model_config: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: DescribeModelResponse
+    def __init__(self, model: _Optional[_Union[DescribeModelResponse, _Mapping]] = ...) -> None: ...

@@ -254,6 +254,21 @@ class ModelServiceStub:
                 request_serializer=hps_dot_v1_dot_hps__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=hps_dot_v1_dot_hps__pb2.DescribeModelResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/hps.v1.ModelService/LoadModel',
+                request_serializer=hps_dot_v1_dot_hps__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=hps_dot_v1_dot_hps__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/hps.v1.ModelService/UnloadModel',
+                request_serializer=hps_dot_v1_dot_hps__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=hps_dot_v1_dot_hps__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/hps.v1.ModelService/ReloadModel',
+                request_serializer=hps_dot_v1_dot_hps__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=hps_dot_v1_dot_hps__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -272,6 +287,33 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Model admin: refused with PERMISSION_DENIED unless the server runs with
+        server.admin: true, and FAILED_PRECONDITION with server.processes > 1.
+        Starts serving a model given its config (tables ingested from their
+        sources when empty, or already in the levels); returns once it is warm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stops serving a model; requests already admitted finish. Its rows stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModel(self, request, context):
+        """Switches a model to other table versions (imported beforehand with
+        `hps import --version`): the new version's caches are warmed while the
+        old one serves, then one atomic switch; every reply comes from exactly one
+        version. The old version is dropped once no request uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -284,6 +326,21 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=hps_dot_v1_dot_hps__pb2.DescribeModelRequest.FromString,
                     response_serializer=hps_dot_v1_dot_hps__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=hps_dot_v1_dot_hps__pb2.LoadModelRequest.FromString,
+                    response_serializer=hps_dot_v1_dot_hps__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=hps_dot_v1_dot_hps__pb2.UnloadModelRequest.FromString,
+                    response_serializer=hps_dot_v1_dot_hps__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=hps_dot_v1_dot_hps__pb2.ReloadModelRequest.FromString,
+                    response_serializer=hps_dot_v1_dot_hps__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -341,6 +398,87 @@ class ModelService:
             '/hps.v1.ModelService/DescribeModel',
             hps_dot_v1_dot_hps__pb2.DescribeModelRequest.SerializeToString,
             hps_dot_v1_dot_hps__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hps.v1.ModelService/LoadModel',
+            hps_dot_v1_dot_hps__pb2.LoadModelRequest.SerializeToString,
+            hps_dot_v1_dot_hps__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hps.v1.ModelService/UnloadModel',
+            hps_dot_v1_dot_hps__pb2.UnloadModelRequest.SerializeToString,
+            hps_dot_v1_dot_hps__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hps.v1.ModelService/ReloadModel',
+            hps_dot_v1_dot_hps__pb2.ReloadModelRequest.SerializeToString,
+            hps_dot_v1_dot_hps__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
