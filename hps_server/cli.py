@@ -36,7 +36,10 @@ BENCHMARKS = {
         "hps_bench.faults",
         "Redis killed, restored, frozen and resharded under load: wrong and failed calls",
     ),
-    "reload": ("hps_bench.reload", "p99 while a model is reloaded to new versions under load, failed and mixed replies"),
+    "reload": (
+        "hps_bench.reload",
+        "p99 while a model is reloaded to new versions under load; failed and mixed replies",
+    ),
     "cache": ("hps_bench.cache", "the GPU L1 cache's query/replace speed and Zipf hit rate (needs CuPy and a GPU)"),
     "redis": ("hps_bench.redis", "the Redis Cluster level's fetch rows/s, against plain redis-py on the same cluster"),
     "layers": ("hps_bench.layers", "the TensorFlow and PyTorch layers' overhead over the Client call they make"),

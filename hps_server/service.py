@@ -531,6 +531,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
         def work() -> hps_pb2.LoadModelResponse:
             caller = self.lookups.caller(context)
             _parsed(request)
+            self._admin_calls_on("LoadModel")  # before the config is read: a server without admin reads none
             model = self._model_config(request.model_config)
             self._admin(caller, "LoadModel", model.name)
             session = self._changing(lambda: self.lookups.models.load(model))
@@ -576,7 +577,10 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
     def _admin(self, caller: Caller, method: str, model: str) -> None:
         """Refuses a model admin call the server is not set up to take, or the caller may not make (the
         admin permission on `model`, when tokens are configured). The one place admin calls are authorized."""
+        self._admin_calls_on(method)
         caller.require("admin", model)
+
+    def _admin_calls_on(self, method: str) -> None:
         limits = self.lookups.limits
         if not limits.admin:
             raise RequestError(

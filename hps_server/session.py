@@ -62,11 +62,10 @@ class ServedTable:
         # Bumped by every upsert/delete (write_epochs.py): a write-back (into L2 or L1) of rows read before
         # is dropped, so no level above takes a row older than one written since. The lock makes
         # check+insert atomic against the upsert/delete (or, in a group worker, the L1 refresh) of the table.
-        same = previous is not None and previous.storage_name == self.storage_name
-        if previous is not None and same:
-            self.epochs, self.epoch_slot, self.lock = previous.epochs, previous.epoch_slot, previous.lock
-        else:
-            self.epochs, self.epoch_slot, self.lock = epochs, epoch_slot, threading.Lock()
+        shared = previous if previous is not None and previous.storage_name == self.storage_name else None
+        self.epochs: WriteEpochs = shared.epochs if shared else epochs
+        self.epoch_slot: int = shared.epoch_slot if shared else epoch_slot
+        self.lock: threading.Lock = shared.lock if shared else threading.Lock()
 
     @property
     def epoch(self) -> int:

@@ -17,7 +17,7 @@ import pytest
 import redis
 import yaml
 
-from benchmarks.servers import free_port, wait_serving
+from hps_bench.servers import free_port, wait_serving
 from hps_client import Client, HpsError
 from hps_server import config as config_module
 from hps_server import storage, tables, transfer

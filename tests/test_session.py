@@ -379,12 +379,14 @@ def test_without_the_authoritative_level_only_the_queries_it_was_needed_for_fail
 
 def test_a_replacing_session_shares_write_epochs_only_with_tables_of_the_same_storage_name() -> None:
     model = ModelConfig("m", (TableConfig("a", 4), TableConfig("b", 4)), gpucache=False)
-    old = LookupSession(model, [])
-    same = LookupSession(model, [], previous=old)
+    level = HashMapLevel()
+    level.create_table("m.a", 4)
+    old = LookupSession(model, [level])
+    same = LookupSession(model, [level], previous=old)
     b_v2 = dataclasses.replace(model, tables=(model.tables[0], dataclasses.replace(model.tables[1], version="v2")))
-    versioned = LookupSession(b_v2, [], previous=old)
-    same.tables["a"].epoch += 1  # an upsert of the new session: write-backs of the old one's are stale
-    assert old.tables["a"].epoch == 1 and same.tables["a"].lock is old.tables["a"].lock
-    assert versioned.tables["a"].epoch == 1
+    versioned = LookupSession(b_v2, [level], previous=old)
+    same.upsert("a", np.array([1]), np.ones((1, 4), np.float32))  # write-backs of the old one's are now stale
+    assert old.tables["a"].epoch == 2 and same.tables["a"].lock is old.tables["a"].lock
+    assert versioned.tables["a"].epoch == 2
     assert versioned.tables["b"].lock is not old.tables["b"].lock and versioned.tables["b"].epoch == 0
     assert same.tally is old.tally
