@@ -246,6 +246,18 @@ def test_service_exposes_grpc_and_metrics(helm: ModuleType, chart: Path) -> None
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
+def test_each_server_process_gets_a_metrics_port(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    manifests = render(helm, chart, {**values_of("gpu"), "server": {"processes": 3}})
+    assert served_config(manifests, tmp_path).server.processes == 3
+    wanted = {("metrics", 9100), ("metrics-1", 9101), ("metrics-2", 9102)}
+    container = {(p["name"], p["containerPort"]) for p in hps_container(manifests)["ports"]}
+    assert wanted <= container
+    service = next(s for s in by_kind(manifests, "Service") if s["spec"].get("clusterIP") != "None")
+    assert wanted <= {(p["name"], p["port"]) for p in service["spec"]["ports"]}
+    monitor = one(manifests, "ServiceMonitor")
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {name for name, _ in wanted}
+
+
 def test_by_default_the_server_ingests_tables_itself(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
     manifests = render(helm, chart, {})
     assert "initContainers" not in workload(manifests)["spec"]["template"]["spec"]

@@ -50,6 +50,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* StatefulSet when each pod keeps its own RocksDB volume. */}}
+{{/*
+The /metrics ports, one per server process (worker i of `hps serve --processes N` serves metricsPort + i):
+a YAML list of {name, port}, the first named "metrics".
+*/}}
+{{- define "hps.metricsPorts" -}}
+{{- range $i := until (int (default 1 .Values.server.processes)) }}
+- name: {{ if $i }}metrics-{{ $i }}{{ else }}metrics{{ end }}
+  port: {{ add $.Values.service.metricsPort $i }}
+{{- end }}
+{{- end }}
+
 {{- define "hps.statefulSet" -}}
 {{- if and .Values.persistence.enabled .Values.persistence.perPod }}true{{ end }}
 {{- end }}
