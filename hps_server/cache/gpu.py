@@ -38,6 +38,8 @@ _SOURCE = Path(__file__).with_name("kernels") / "cache.cu"
 _THREADS = 256
 _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 _FP_LINE = 32  # FP_LINE in cache.cu: fingerprints per set, whatever its ways
+_GROUP_SPAN = 8  # GROUP_SPAN in cache.cu: batch positions per warp when new keys are inserted
+_KEYS_PER_LANE = 2  # KEYS_PER_LANE in cache.cu: keys per thread of a lookup
 _SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
 
 
@@ -65,6 +67,11 @@ def _kernel(device: int, name: str) -> Any:
 def _blocks(n: int) -> int:
     """Blocks for n threads: a thread per key, or a warp per 32 keys."""
     return (n + _THREADS - 1) // _THREADS
+
+
+def _warp_blocks(n: int, per_warp: int) -> int:
+    """Blocks for a warp per `per_warp` of n keys."""
+    return _blocks(-(-n // per_warp) * 32)
 
 
 def _aligned(array: cp.ndarray, dtype: Any) -> cp.ndarray:
@@ -385,7 +392,7 @@ class GpuEmbeddingCache(_OnDevice):
         self.clock += 1
         self._launch(
             f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-            _blocks(n),
+            _warp_blocks(n, 32 * _KEYS_PER_LANE),
             (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
              np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
         )  # fmt: skip
@@ -416,7 +423,7 @@ class GpuEmbeddingCache(_OnDevice):
         group_sets, group_heads, leader, link = self._write_present(keys, tables, vectors, touched)
         self._launch(
             f"insert_groups_{self._suffix}",
-            _blocks(keys.size),
+            _warp_blocks(keys.size, _GROUP_SPAN),
             (keys, tables, vectors, np.int64(keys.size), leader, group_sets, group_heads, link, self._table_ways,
              self._fps, self._slots, self._rows, np.int32(self.layout.stride), np.int32(self.dim),
              np.int64(touched), np.int64(inserted)),
@@ -523,7 +530,7 @@ class GpuStaticTable(_OnDevice):
         n = keys.size
         self._launch(
             f"static_query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-            _blocks(n),
+            _warp_blocks(n, 32 * _KEYS_PER_LANE),
             (keys, tables, np.int64(n), *self._index_args, self._rows, np.int32(self.dim), vectors, hit, self._counts),
         )
 

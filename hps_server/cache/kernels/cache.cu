@@ -259,9 +259,13 @@ __device__ __forceinline__ void count_lookups(int t, bool counted, bool found, u
 
 // ---------------------------------------------------------------- cache kernels
 
-// Warp per 32 keys, thread per key for the search: rows of hits into out (zeros for misses), hit
-// flags, hit slots stamped `clock`, lookups counted per table. The row of the first way whose
-// fingerprint matched is copied while its key is read; where that guess was wrong the warp copies
+// Keys per lane of a lookup (KEYS_PER_LANE in gpu.py): a warp takes 32 * KEYS_PER_LANE keys and has
+// every one of their searches in flight before it copies the first row.
+#define KEYS_PER_LANE 2
+
+// Warp per 32 * KEYS_PER_LANE keys, thread per key for the search: rows of hits into out (zeros for
+// misses), hit flags, hit slots stamped `clock`, lookups counted per table. The row of the first way
+// whose fingerprint matched is copied while its key is read; where that guess was wrong the warp copies
 // the rows of those keys again (the same lanes write the same elements, so the second write wins).
 template <typename T, typename O>
 __device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
@@ -271,32 +275,49 @@ __device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict_
                            bool* __restrict__ hit, u64* __restrict__ counts) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    const i64 base = warp * 32;
-    if (base >= n) return;
-    const i64 i = base + lane;
-    const bool valid = i < n;
-    const i64 key = valid ? qkeys[i] : 0;
-    const int t = valid ? qtables[i] : 0;
-    unsigned s, f;
-    const bool known = locate(key, t, valid, first_set, num_sets, num_tables, s, f);
-    const unsigned m = fp_matches(fps, s, f);
-    const i64 guess = m ? (i64)s * stride + (__ffs(m) - 1) : -1;
-    const i64 guess_key = guess >= 0 ? slots[guess].key : 0;  // in flight during the copy below
-    const int count = (int)min((i64)32, n - base);
-    O* const group_out = out + base * dim;
-    gather_rows(rows, guess, count, dim, group_out, lane, FULL);
-    i64 slot = guess >= 0 && guess_key == key ? guess : -1;
-    if (guess >= 0 && slot < 0) {
-        const int w = confirm(key, s, m & (m - 1), slots, stride);
-        slot = w >= 0 ? (i64)s * stride + w : -1;
+    const i64 first = warp * 32 * KEYS_PER_LANE;
+    if (first >= n) return;
+    i64 key[KEYS_PER_LANE], guess[KEYS_PER_LANE], guess_key[KEYS_PER_LANE];
+    int t[KEYS_PER_LANE];
+    unsigned s[KEYS_PER_LANE], m[KEYS_PER_LANE];
+    bool known[KEYS_PER_LANE];
+#pragma unroll
+    for (int g = 0; g < KEYS_PER_LANE; ++g) {
+        const i64 i = first + g * 32 + lane;
+        key[g] = i < n ? qkeys[i] : 0;
+        t[g] = i < n ? qtables[i] : 0;
+        unsigned f;
+        known[g] = locate(key[g], t[g], i < n, first_set, num_sets, num_tables, s[g], f);
+        m[g] = fp_matches(fps, s[g], f);
     }
-    const unsigned wrong = __ballot_sync(FULL, slot != guess);
-    if (wrong) gather_rows(rows, slot, count, dim, group_out, lane, wrong);
-    if (valid) {
-        hit[i] = slot >= 0;
-        if (slot >= 0) slots[slot].stamp = clock;
+#pragma unroll
+    for (int g = 0; g < KEYS_PER_LANE; ++g) {
+        guess[g] = m[g] ? (i64)s[g] * stride + (__ffs(m[g]) - 1) : -1;
+        guess_key[g] = guess[g] >= 0 ? slots[guess[g]].key : 0;  // in flight during the copies below
     }
-    count_lookups(t, known, slot >= 0, counts, lane);
+#pragma unroll
+    for (int g = 0; g < KEYS_PER_LANE; ++g) {
+        const i64 base = first + g * 32;
+        if (base < n) gather_rows(rows, guess[g], (int)min((i64)32, n - base), dim, out + base * dim, lane, FULL);
+    }
+#pragma unroll
+    for (int g = 0; g < KEYS_PER_LANE; ++g) {
+        const i64 base = first + g * 32;
+        if (base >= n) break;
+        i64 slot = guess[g] >= 0 && guess_key[g] == key[g] ? guess[g] : -1;
+        if (guess[g] >= 0 && slot < 0) {
+            const int w = confirm(key[g], s[g], m[g] & (m[g] - 1), slots, stride);
+            slot = w >= 0 ? (i64)s[g] * stride + w : -1;
+        }
+        const unsigned wrong = __ballot_sync(FULL, slot != guess[g]);
+        if (wrong) gather_rows(rows, slot, (int)min((i64)32, n - base), dim, out + base * dim, lane, wrong);
+        const i64 i = base + lane;
+        if (i < n) {
+            hit[i] = slot >= 0;
+            if (slot >= 0) slots[slot].stamp = clock;
+        }
+        count_lookups(t[g], known[g], slot >= 0, counts, lane);
+    }
 }
 
 // A key to insert joins the group of its set s: an open-addressing table over this batch's sets
@@ -356,12 +377,11 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const int* __r
 // the atomics): the rule reference.py states without any order. Slots are chosen first, from
 // registers; then the rows of the keys that stayed are copied, those rows only.
 template <typename T>
-__device__ void insert_group(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
-                             const float* __restrict__ in, const int* __restrict__ link,
-                             const int* __restrict__ table_ways, fp16* __restrict__ fps, Slot* __restrict__ slots,
+__device__ void insert_group(const i64* __restrict__ qkeys, const float* __restrict__ in,
+                             const int* __restrict__ link, fp16* __restrict__ fps, Slot* __restrict__ slots,
                              T* __restrict__ rows, int stride, int dim, i64 touched, i64 inserted, unsigned s,
-                             int head, int lane) {
-    const bool real = lane < __ldg(table_ways + qtables[head]);
+                             int head, int ways, int lane) {
+    const bool real = lane < ways;
     const i64 slot = (i64)s * stride + lane;
     const longlong2 held = real ? reinterpret_cast<const longlong2*>(slots)[slot] : make_longlong2(0, 0);
     i64 k = held.x, st = held.y;
@@ -415,7 +435,12 @@ __device__ void insert_group(const i64* __restrict__ qkeys, const int* __restric
     scatter_rows(rows, lane < moved ? dst : -1, in, row >= 0 ? row : 0, moved, dim, lane);
 }
 
-// Warp per 32 batch positions: inserts the groups whose leaders are among them, one after the other.
+// Batch positions per warp in pass 2 (_GROUP_SPAN in gpu.py): the groups whose leaders a warp holds are
+// inserted one after the other, so a warp takes few positions and the groups spread over many warps.
+#define GROUP_SPAN 8
+
+// Warp per GROUP_SPAN batch positions: inserts the groups whose leaders are among them. Each leader's
+// lane first reads its group's set, list head and ways, all lanes at once.
 template <typename T>
 __device__ void insert_groups_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
                                    const float* __restrict__ in, i64 n, const int* __restrict__ leader,
@@ -423,15 +448,22 @@ __device__ void insert_groups_impl(const i64* __restrict__ qkeys, const int* __r
                                    const int* __restrict__ link, const int* __restrict__ table_ways,
                                    fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int stride,
                                    int dim, i64 touched, i64 inserted) {
-    const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
+    const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * GROUP_SPAN;
     const int lane = threadIdx.x & 31;
     if (base >= n) return;
     const i64 q = base + lane;
-    const int entry = q < n ? leader[q] : -1;
+    const int entry = lane < GROUP_SPAN && q < n ? leader[q] : -1;
+    unsigned s = 0;
+    int head = -1, ways = 0;
+    if (entry >= 0) {
+        s = group_sets[entry];
+        head = group_heads[entry];
+        ways = __ldg(table_ways + qtables[q]);
+    }
     for (unsigned leads = __ballot_sync(FULL, entry >= 0); leads; leads &= leads - 1) {
-        const int g = __shfl_sync(FULL, entry, __ffs(leads) - 1);
-        insert_group(qkeys, qtables, in, link, table_ways, fps, slots, rows, stride, dim, touched, inserted,
-                     group_sets[g], group_heads[g], lane);
+        const int j = __ffs(leads) - 1;
+        insert_group(qkeys, in, link, fps, slots, rows, stride, dim, touched, inserted, __shfl_sync(FULL, s, j),
+                     __shfl_sync(FULL, head, j), __shfl_sync(FULL, ways, j), lane);
     }
 }
 
@@ -516,6 +548,7 @@ extern "C" __global__ void static_build(const i64* __restrict__ qkeys, const int
     atomicExch(&entries[p].row, (int)i);
 }
 
+// Warp per 32 * KEYS_PER_LANE keys, as query_impl: every search in flight before the first row copy.
 template <typename T, typename O>
 __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
                                   int num_tables, const Entry* __restrict__ entries, unsigned mask,
@@ -523,19 +556,26 @@ __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __re
                                   u64* __restrict__ counts) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    const i64 base = warp * 32;
-    if (base >= n) return;
-    const i64 i = base + lane;
-    const int t = i < n ? qtables[i] : 0;
-    i64 row = -1;
-    if (i < n) {
-        Entry e;
-        if (probe(qkeys[i], t, num_tables, entries, mask, e) >= 0 && !(e.table & DEAD)) row = e.row;
-        hit[i] = row >= 0;
+    const i64 first = warp * 32 * KEYS_PER_LANE;
+    if (first >= n) return;
+    i64 row[KEYS_PER_LANE];
+#pragma unroll
+    for (int g = 0; g < KEYS_PER_LANE; ++g) {
+        const i64 i = first + g * 32 + lane;
+        const int t = i < n ? qtables[i] : 0;
+        row[g] = -1;
+        if (i < n) {
+            Entry e;
+            if (probe(qkeys[i], t, num_tables, entries, mask, e) >= 0 && !(e.table & DEAD)) row[g] = e.row;
+            hit[i] = row[g] >= 0;
+        }
+        count_lookups(t, i < n && t >= 0 && t < num_tables, row[g] >= 0, counts, lane);
     }
-    count_lookups(t, i < n && t >= 0 && t < num_tables, row >= 0, counts, lane);
-    const int count = (int)min((i64)32, n - base);
-    gather_rows(rows, row, count, dim, out + base * dim, lane, FULL);
+#pragma unroll
+    for (int g = 0; g < KEYS_PER_LANE; ++g) {
+        const i64 base = first + g * 32;
+        if (base < n) gather_rows(rows, row[g], (int)min((i64)32, n - base), dim, out + base * dim, lane, FULL);
+    }
 }
 
 // revive = 1: replace (rows of known pairs written, made live); 0: update (live rows only).
