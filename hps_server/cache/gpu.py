@@ -39,7 +39,6 @@ _THREADS = 256
 _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 _FP_LINE = 32  # FP_LINE in cache.cu: fingerprints per set, whatever its ways
 _GROUP_SPAN = 8  # GROUP_SPAN in cache.cu: batch positions per warp when new keys are inserted
-_KEYS_PER_LANE = 2  # KEYS_PER_LANE in cache.cu: keys per thread of a lookup
 _SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
 
 
@@ -131,6 +130,7 @@ class _OnDevice:
             self._stream = cp.cuda.Stream(non_blocking=True)
             # [table][0: hits, 1: keys asked][counter], as in cache.cu
             self._counts = cp.zeros((num_tables, 2, _HIT_COUNTERS), cp.uint64)
+            self._zeros = cp.zeros(0, cp.int32)
         self._lock = threading.Lock()
         self.launches = 0
         self.copies_to_device = 0
@@ -246,7 +246,7 @@ class _OnDevice:
     def _device_tables(self, tables: cp.ndarray | None, rows: int) -> cp.ndarray:
         """int32 table indices on the device (zeros when None); values are checked by the kernels, not here."""
         if tables is None:
-            return cp.zeros(rows, cp.int32)
+            return self._zero_tables(rows)
         if tables.shape != (rows,) or tables.dtype.kind not in "iu":
             raise ValueError(
                 f"tables: must be a 1-D integer array of one index per key ({rows}), "
@@ -256,6 +256,16 @@ class _OnDevice:
             return cp.ascontiguousarray(tables)
         # Out of range before the narrowing, so that no index wraps around onto a real table.
         return cp.where((tables < 0) | (tables >= self.num_tables), -1, tables).astype(cp.int32)
+
+    def _zero_tables(self, rows: int) -> cp.ndarray:
+        """`rows` table indices 0 from one zeroed array kept and grown by doubling, so that a call without
+        tables allocates and launches nothing for them; only our kernels, on our stream, read it."""
+        zeros = self._zeros
+        if zeros.size < rows:
+            with self._device, self._stream:
+                zeros = cp.zeros(max(rows, 2 * zeros.size), cp.int32)
+            self._zeros = zeros
+        return zeros[:rows]
 
     def _device_vectors(self, vectors: cp.ndarray, rows: int) -> cp.ndarray:
         if vectors.shape != (rows, self.dim):
@@ -392,7 +402,7 @@ class GpuEmbeddingCache(_OnDevice):
         self.clock += 1
         self._launch(
             f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-            _warp_blocks(n, 32 * _KEYS_PER_LANE),
+            _blocks(n),
             (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
              np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
         )  # fmt: skip
@@ -530,7 +540,7 @@ class GpuStaticTable(_OnDevice):
         n = keys.size
         self._launch(
             f"static_query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-            _warp_blocks(n, 32 * _KEYS_PER_LANE),
+            _blocks(n),
             (keys, tables, np.int64(n), *self._index_args, self._rows, np.int32(self.dim), vectors, hit, self._counts),
         )
 

@@ -75,24 +75,22 @@ struct __align__(16) Slot {
 
 // ---------------------------------------------------------------- row copies
 
-// Rows are read once and replies written once per batch: both go through L2 marked evict-first (.cs),
-// so that they do not push the fingerprint lines and slots out of it.
 __device__ __forceinline__ float4 load4(const float* row, int c) {
-    return __ldcs(reinterpret_cast<const float4*>(row) + c);
+    return reinterpret_cast<const float4*>(row)[c];
 }
 __device__ __forceinline__ float4 load4(const f16* row, int c) {
-    const uint2 u = __ldcs(reinterpret_cast<const uint2*>(row) + c);
+    const uint2 u = reinterpret_cast<const uint2*>(row)[c];
     return make_float4(from_f16((f16)(u.x & 0xffff)), from_f16((f16)(u.x >> 16)), from_f16((f16)(u.y & 0xffff)),
                        from_f16((f16)(u.y >> 16)));
 }
 __device__ __forceinline__ void store4(float* row, int c, float4 v) {
-    __stcs(reinterpret_cast<float4*>(row) + c, v);
+    reinterpret_cast<float4*>(row)[c] = v;
 }
 __device__ __forceinline__ void store4(f16* row, int c, float4 v) {
     uint2 u;
     u.x = (unsigned)to_f16(v.x) | ((unsigned)to_f16(v.y) << 16);
     u.y = (unsigned)to_f16(v.z) | ((unsigned)to_f16(v.w) << 16);
-    __stcs(reinterpret_cast<uint2*>(row) + c, u);
+    reinterpret_cast<uint2*>(row)[c] = u;
 }
 __device__ __forceinline__ float load1(const float* row, int c) { return row[c]; }
 __device__ __forceinline__ float load1(const f16* row, int c) { return from_f16(row[c]); }
@@ -259,13 +257,9 @@ __device__ __forceinline__ void count_lookups(int t, bool counted, bool found, u
 
 // ---------------------------------------------------------------- cache kernels
 
-// Keys per lane of a lookup (KEYS_PER_LANE in gpu.py): a warp takes 32 * KEYS_PER_LANE keys and has
-// every one of their searches in flight before it copies the first row.
-#define KEYS_PER_LANE 2
-
-// Warp per 32 * KEYS_PER_LANE keys, thread per key for the search: rows of hits into out (zeros for
-// misses), hit flags, hit slots stamped `clock`, lookups counted per table. The row of the first way
-// whose fingerprint matched is copied while its key is read; where that guess was wrong the warp copies
+// Warp per 32 keys, thread per key for the search: rows of hits into out (zeros for misses), hit
+// flags, hit slots stamped `clock`, lookups counted per table. The row of the first way whose
+// fingerprint matched is copied while its key is read; where that guess was wrong the warp copies
 // the rows of those keys again (the same lanes write the same elements, so the second write wins).
 template <typename T, typename O>
 __device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
@@ -275,49 +269,32 @@ __device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict_
                            bool* __restrict__ hit, u64* __restrict__ counts) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    const i64 first = warp * 32 * KEYS_PER_LANE;
-    if (first >= n) return;
-    i64 key[KEYS_PER_LANE], guess[KEYS_PER_LANE], guess_key[KEYS_PER_LANE];
-    int t[KEYS_PER_LANE];
-    unsigned s[KEYS_PER_LANE], m[KEYS_PER_LANE];
-    bool known[KEYS_PER_LANE];
-#pragma unroll
-    for (int g = 0; g < KEYS_PER_LANE; ++g) {
-        const i64 i = first + g * 32 + lane;
-        key[g] = i < n ? qkeys[i] : 0;
-        t[g] = i < n ? qtables[i] : 0;
-        unsigned f;
-        known[g] = locate(key[g], t[g], i < n, first_set, num_sets, num_tables, s[g], f);
-        m[g] = fp_matches(fps, s[g], f);
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    const bool valid = i < n;
+    const i64 key = valid ? qkeys[i] : 0;
+    const int t = valid ? qtables[i] : 0;
+    unsigned s, f;
+    const bool known = locate(key, t, valid, first_set, num_sets, num_tables, s, f);
+    const unsigned m = fp_matches(fps, s, f);
+    const i64 guess = m ? (i64)s * stride + (__ffs(m) - 1) : -1;
+    const i64 guess_key = guess >= 0 ? slots[guess].key : 0;  // in flight during the copy below
+    const int count = (int)min((i64)32, n - base);
+    O* const group_out = out + base * dim;
+    gather_rows(rows, guess, count, dim, group_out, lane, FULL);
+    i64 slot = guess >= 0 && guess_key == key ? guess : -1;
+    if (guess >= 0 && slot < 0) {
+        const int w = confirm(key, s, m & (m - 1), slots, stride);
+        slot = w >= 0 ? (i64)s * stride + w : -1;
     }
-#pragma unroll
-    for (int g = 0; g < KEYS_PER_LANE; ++g) {
-        guess[g] = m[g] ? (i64)s[g] * stride + (__ffs(m[g]) - 1) : -1;
-        guess_key[g] = guess[g] >= 0 ? slots[guess[g]].key : 0;  // in flight during the copies below
+    const unsigned wrong = __ballot_sync(FULL, slot != guess);
+    if (wrong) gather_rows(rows, slot, count, dim, group_out, lane, wrong);
+    if (valid) {
+        hit[i] = slot >= 0;
+        if (slot >= 0) slots[slot].stamp = clock;
     }
-#pragma unroll
-    for (int g = 0; g < KEYS_PER_LANE; ++g) {
-        const i64 base = first + g * 32;
-        if (base < n) gather_rows(rows, guess[g], (int)min((i64)32, n - base), dim, out + base * dim, lane, FULL);
-    }
-#pragma unroll
-    for (int g = 0; g < KEYS_PER_LANE; ++g) {
-        const i64 base = first + g * 32;
-        if (base >= n) break;
-        i64 slot = guess[g] >= 0 && guess_key[g] == key[g] ? guess[g] : -1;
-        if (guess[g] >= 0 && slot < 0) {
-            const int w = confirm(key[g], s[g], m[g] & (m[g] - 1), slots, stride);
-            slot = w >= 0 ? (i64)s[g] * stride + w : -1;
-        }
-        const unsigned wrong = __ballot_sync(FULL, slot != guess[g]);
-        if (wrong) gather_rows(rows, slot, (int)min((i64)32, n - base), dim, out + base * dim, lane, wrong);
-        const i64 i = base + lane;
-        if (i < n) {
-            hit[i] = slot >= 0;
-            if (slot >= 0) slots[slot].stamp = clock;
-        }
-        count_lookups(t[g], known[g], slot >= 0, counts, lane);
-    }
+    count_lookups(t, known, slot >= 0, counts, lane);
 }
 
 // A key to insert joins the group of its set s: an open-addressing table over this batch's sets
@@ -548,7 +525,6 @@ extern "C" __global__ void static_build(const i64* __restrict__ qkeys, const int
     atomicExch(&entries[p].row, (int)i);
 }
 
-// Warp per 32 * KEYS_PER_LANE keys, as query_impl: every search in flight before the first row copy.
 template <typename T, typename O>
 __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
                                   int num_tables, const Entry* __restrict__ entries, unsigned mask,
@@ -556,26 +532,19 @@ __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __re
                                   u64* __restrict__ counts) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    const i64 first = warp * 32 * KEYS_PER_LANE;
-    if (first >= n) return;
-    i64 row[KEYS_PER_LANE];
-#pragma unroll
-    for (int g = 0; g < KEYS_PER_LANE; ++g) {
-        const i64 i = first + g * 32 + lane;
-        const int t = i < n ? qtables[i] : 0;
-        row[g] = -1;
-        if (i < n) {
-            Entry e;
-            if (probe(qkeys[i], t, num_tables, entries, mask, e) >= 0 && !(e.table & DEAD)) row[g] = e.row;
-            hit[i] = row[g] >= 0;
-        }
-        count_lookups(t, i < n && t >= 0 && t < num_tables, row[g] >= 0, counts, lane);
+    const i64 base = warp * 32;
+    if (base >= n) return;
+    const i64 i = base + lane;
+    const int t = i < n ? qtables[i] : 0;
+    i64 row = -1;
+    if (i < n) {
+        Entry e;
+        if (probe(qkeys[i], t, num_tables, entries, mask, e) >= 0 && !(e.table & DEAD)) row = e.row;
+        hit[i] = row >= 0;
     }
-#pragma unroll
-    for (int g = 0; g < KEYS_PER_LANE; ++g) {
-        const i64 base = first + g * 32;
-        if (base < n) gather_rows(rows, row[g], (int)min((i64)32, n - base), dim, out + base * dim, lane, FULL);
-    }
+    count_lookups(t, i < n && t >= 0 && t < num_tables, row >= 0, counts, lane);
+    const int count = (int)min((i64)32, n - base);
+    gather_rows(rows, row, count, dim, out + base * dim, lane, FULL);
 }
 
 // revive = 1: replace (rows of known pairs written, made live); 0: update (live rows only).
