@@ -39,6 +39,10 @@ _THREADS = 256
 _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 _FP_LINE = 32  # FP_LINE in cache.cu: fingerprints per set, whatever its ways
 _GROUP_SPAN = 8  # GROUP_SPAN in cache.cu: batch positions per warp when new keys are inserted
+# Lookup blocks launched per multiprocessor, at most: a few waves, so that each warp of a large batch
+# takes several groups of keys and searches the next group while it copies this one's rows (device,
+# 1M keys: dims 64 and 128 gained 6-7 % over a warp per group).
+_QUERY_BLOCKS_PER_SM = 8
 _SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
 
 
@@ -126,6 +130,7 @@ class _OnDevice:
         self.device = device
         self.num_tables = num_tables
         self._device = cp.cuda.Device(device)
+        self._query_blocks = _QUERY_BLOCKS_PER_SM * self._device.attributes["MultiProcessorCount"]
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
             # [table][0: hits, 1: keys asked][counter], as in cache.cu
@@ -402,7 +407,7 @@ class GpuEmbeddingCache(_OnDevice):
         self.clock += 1
         self._launch(
             f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-            _blocks(n),
+            min(_blocks(n), self._query_blocks),
             (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
              np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
         )  # fmt: skip

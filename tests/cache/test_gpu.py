@@ -149,6 +149,25 @@ def test_keys_sharing_a_set_and_a_fingerprint_are_told_apart() -> None:
     assert_same_state(gpu, ref)
 
 
+def test_a_lookup_larger_than_the_grid_matches_the_reference() -> None:
+    """A lookup launches a few waves of warps, each taking several groups of keys one after the other
+    (reading the next group's keys and fingerprints while it copies): a batch three times the grid's
+    keys goes through every step of that loop."""
+    from hps_server.cache import gpu as gpu_module
+
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    n = 3 * gpu_module._QUERY_BLOCKS_PER_SM * sms * 256 + 77
+    rng = np.random.default_rng(15)
+    gpu, ref = GpuEmbeddingCache(32_768, 4), ReferenceEmbeddingCache(32_768, 4)
+    stored = rng.integers(0, 80_000, size=40_000).astype(np.int64)
+    probe = rng.integers(0, 80_000, size=n).astype(np.int64)
+    for cache in (gpu, ref):
+        cache.replace(stored, rows_for(stored, 4))
+    for got, want in zip(gpu.query_misses(probe), ref.query_misses(probe), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert_same_state(gpu, ref)
+
+
 def thread_keys(num_sets: int, threads: int, per_thread: int) -> list[np.ndarray]:
     """Disjoint key pools whose sets are disjoint too: thread t owns the sets s with s % threads == t."""
     candidates = np.arange(1, 40 * threads * per_thread, dtype=np.int64)

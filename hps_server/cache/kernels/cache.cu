@@ -209,19 +209,33 @@ __device__ __forceinline__ unsigned halves_equal(unsigned word, unsigned pair) {
     return (e & 1u) | (e >> 15 & 2u);
 }
 
-// Bit w: way w of set s holds fingerprint f (never for f == 0, a lane without a key).
-__device__ __forceinline__ unsigned fp_matches(const fp16* __restrict__ fps, unsigned s, unsigned f) {
-    if (!f) return 0;
+// A set's fingerprint line as read, compared later (the read is issued a round ahead of its use).
+struct Line {
+    uint4 q[FP_LINE / 8];
+};
+__device__ __forceinline__ Line read_line(const fp16* __restrict__ fps, unsigned s, unsigned f) {
     const uint4* line = reinterpret_cast<const uint4*>(fps + (i64)s * FP_LINE);
+    Line l;
+#pragma unroll
+    for (int q = 0; q < FP_LINE / 8; ++q) l.q[q] = f ? line[q] : make_uint4(0, 0, 0, 0);
+    return l;
+}
+// Bit w: way w holds fingerprint f (never for f == 0, a lane without a key).
+__device__ __forceinline__ unsigned line_matches(const Line& l, unsigned f) {
+    if (!f) return 0;
     const unsigned pair = f | (f << 16);
     unsigned m = 0;
 #pragma unroll
     for (int q = 0; q < FP_LINE / 8; ++q) {
-        const uint4 v = line[q];
+        const uint4 v = l.q[q];
         m |= halves_equal(v.x, pair) << (8 * q) | halves_equal(v.y, pair) << (8 * q + 2) |
              halves_equal(v.z, pair) << (8 * q + 4) | halves_equal(v.w, pair) << (8 * q + 6);
     }
     return m;
+}
+
+__device__ __forceinline__ unsigned fp_matches(const fp16* __restrict__ fps, unsigned s, unsigned f) {
+    return line_matches(read_line(fps, s, f), f);
 }
 
 // The way among the candidates `m` of set s that holds `key`, -1 if none (a set holds one table's keys
@@ -257,44 +271,66 @@ __device__ __forceinline__ void count_lookups(int t, bool counted, bool found, u
 
 // ---------------------------------------------------------------- cache kernels
 
-// Warp per 32 keys, thread per key for the search: rows of hits into out (zeros for misses), hit
-// flags, hit slots stamped `clock`, lookups counted per table. The row of the first way whose
-// fingerprint matched is copied while its key is read; where that guess was wrong the warp copies
-// the rows of those keys again (the same lanes write the same elements, so the second write wins).
+// Warp per group of 32 keys, thread per key for the search, the warp's groups `step` keys apart (the
+// grid is a few waves, gpu.py's _QUERY_BLOCKS_PER_SM): rows of hits into out (zeros for misses), hit
+// flags, hit slots stamped `clock`, lookups counted per table. A group's keys are read two rounds and its
+// fingerprint lines one round before its rows are copied, so a warp's searches are in flight while it
+// copies. The row of the first way whose fingerprint matched is copied while its key is read; where that
+// guess was wrong the warp copies the rows of those keys again (the same lanes write the same elements,
+// so the second write wins).
 template <typename T, typename O>
 __device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
                            const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
                            int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots,
                            const T* __restrict__ rows, int stride, int dim, i64 clock, O* __restrict__ out,
                            bool* __restrict__ hit, u64* __restrict__ counts) {
-    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    const i64 base = warp * 32;
+    const i64 step = (i64)(gridDim.x * blockDim.x / 32) * 32;
+    i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
     if (base >= n) return;
-    const i64 i = base + lane;
-    const bool valid = i < n;
-    const i64 key = valid ? qkeys[i] : 0;
-    const int t = valid ? qtables[i] : 0;
+    const i64 i0 = base + lane;
+    i64 key = i0 < n ? qkeys[i0] : 0;
+    int t = i0 < n ? qtables[i0] : 0;
     unsigned s, f;
-    const bool known = locate(key, t, valid, first_set, num_sets, num_tables, s, f);
-    const unsigned m = fp_matches(fps, s, f);
-    const i64 guess = m ? (i64)s * stride + (__ffs(m) - 1) : -1;
-    const i64 guess_key = guess >= 0 ? slots[guess].key : 0;  // in flight during the copy below
-    const int count = (int)min((i64)32, n - base);
-    O* const group_out = out + base * dim;
-    gather_rows(rows, guess, count, dim, group_out, lane, FULL);
-    i64 slot = guess >= 0 && guess_key == key ? guess : -1;
-    if (guess >= 0 && slot < 0) {
-        const int w = confirm(key, s, m & (m - 1), slots, stride);
-        slot = w >= 0 ? (i64)s * stride + w : -1;
+    bool known = locate(key, t, i0 < n, first_set, num_sets, num_tables, s, f);
+    Line line = read_line(fps, s, f);
+    i64 next_key = i0 + step < n ? qkeys[i0 + step] : 0;
+    int next_t = i0 + step < n ? qtables[i0 + step] : 0;
+    for (; base < n; base += step) {
+        const unsigned m = line_matches(line, f);
+        const i64 guess = m ? (i64)s * stride + (__ffs(m) - 1) : -1;
+        const i64 guess_key = guess >= 0 ? slots[guess].key : 0;  // in flight during the copy below
+        const i64 i1 = base + step + lane, i2 = i1 + step;
+        unsigned s1, f1;
+        const bool known1 = locate(next_key, next_t, i1 < n, first_set, num_sets, num_tables, s1, f1);
+        const Line line1 = read_line(fps, s1, f1);
+        const i64 key2 = i2 < n ? qkeys[i2] : 0;
+        const int t2 = i2 < n ? qtables[i2] : 0;
+        const int count = (int)min((i64)32, n - base);
+        O* const group_out = out + base * dim;
+        gather_rows(rows, guess, count, dim, group_out, lane, FULL);
+        i64 slot = guess >= 0 && guess_key == key ? guess : -1;
+        if (guess >= 0 && slot < 0) {
+            const int w = confirm(key, s, m & (m - 1), slots, stride);
+            slot = w >= 0 ? (i64)s * stride + w : -1;
+        }
+        const unsigned wrong = __ballot_sync(FULL, slot != guess);
+        if (wrong) gather_rows(rows, slot, count, dim, group_out, lane, wrong);
+        const i64 i = base + lane;
+        if (i < n) {
+            hit[i] = slot >= 0;
+            if (slot >= 0) slots[slot].stamp = clock;
+        }
+        count_lookups(t, known, slot >= 0, counts, lane);
+        key = next_key;
+        t = next_t;
+        s = s1;
+        f = f1;
+        known = known1;
+        line = line1;
+        next_key = key2;
+        next_t = t2;
     }
-    const unsigned wrong = __ballot_sync(FULL, slot != guess);
-    if (wrong) gather_rows(rows, slot, count, dim, group_out, lane, wrong);
-    if (valid) {
-        hit[i] = slot >= 0;
-        if (slot >= 0) slots[slot].stamp = clock;
-    }
-    count_lookups(t, known, slot >= 0, counts, lane);
 }
 
 // A key to insert joins the group of its set s: an open-addressing table over this batch's sets
