@@ -39,6 +39,7 @@ _THREADS = 256
 _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 _FP_LINE = 32  # FP_LINE in cache.cu: fingerprints per set, whatever its ways
 _GROUP_SPAN = 8  # GROUP_SPAN in cache.cu: batch positions per warp when new keys are inserted
+_GROUP_MEMBERS = 8  # GROUP_MEMBERS in cache.cu: keys a set's group of new keys holds in its own slots
 # Lookup blocks launched per multiprocessor, at most: a few waves, so that each warp of a large batch
 # takes several groups of keys and searches the next group while it copies this one's rows (device,
 # 1M keys: dims 64 and 128 gained 6-7 % over a warp per group).
@@ -279,16 +280,21 @@ class _OnDevice:
             )
         return _aligned(vectors, cp.float32)
 
-    def _work(self, n: int, tables: int) -> tuple[list[cp.ndarray], list[cp.ndarray], np.uint32]:
+    def _work(
+        self, n: int, tables: int, per_entry: int = 0
+    ) -> tuple[list[cp.ndarray], cp.ndarray, list[cp.ndarray], np.uint32]:
         """A write's scratch from one allocation and one memset: `tables` open-addressing tables of int32
-        entries, every bit set (-1, or NO_SET in cache.cu), at most half full with n keys; three int32
-        arrays of n; and the tables' index mask."""
+        entries, every bit set (-1, or NO_SET in cache.cu), at most half full with n keys; `per_entry`
+        int32 per entry, not set; three int32 arrays of n; and the tables' index mask. The tables have
+        fewer than 4n entries: replace's 5 tables and 8 per entry take under 220 bytes a key."""
         size = 1 << max(1, (2 * n - 1).bit_length())
-        buffer = cp.empty(tables * size + 3 * n, cp.int32)
-        cp.cuda.runtime.memsetAsync(buffer.data.ptr, 0xFF, tables * size * 4, self._stream.ptr)
+        marked = tables * size
+        buffer = cp.empty(marked + per_entry * size + 3 * n, cp.int32)
+        cp.cuda.runtime.memsetAsync(buffer.data.ptr, 0xFF, marked * 4, self._stream.ptr)
         spans = [buffer[k * size : (k + 1) * size] for k in range(tables)]
-        per_key = [buffer[tables * size + k * n : tables * size + (k + 1) * n] for k in range(3)]
-        return spans, per_key, np.uint32(size - 1)
+        keyed = marked + per_entry * size
+        per_key = [buffer[keyed + k * n : keyed + (k + 1) * n] for k in range(3)]
+        return spans, buffer[marked:keyed], per_key, np.uint32(size - 1)
 
     def _dedupe(
         self, keys: cp.ndarray, tables: cp.ndarray, claim: cp.ndarray, last: cp.ndarray, pos: cp.ndarray, mask: Any
@@ -414,34 +420,36 @@ class GpuEmbeddingCache(_OnDevice):
 
     def _write_present(
         self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int
-    ) -> tuple[cp.ndarray, cp.ndarray, cp.ndarray, cp.ndarray]:
+    ) -> tuple[cp.ndarray, ...]:
         """Pass 1 of replace (clock > 0) and update (clock 0), with no sort and no host synchronization.
 
-        Returns (group_sets, group_heads, leader, link): the sets of the keys to insert, each with the
-        list of its keys, as pass 2 reads them (join_group in cache.cu).
+        Returns (group_sets, group_sizes, group_heads, members, leader, link): the sets of the keys to
+        insert, each with its keys, as pass 2 reads them (join_group in cache.cu).
         """
         n = keys.size
-        (claim, last, group_sets, group_heads), (pos, leader, link), mask = self._work(n, 4)
+        (claim, last, *groups), members, (pos, leader, link), mask = self._work(n, 5, _GROUP_MEMBERS)
         self._dedupe(keys, tables, claim, last, pos, mask)
         self._launch(
             f"write_present_{self._suffix}",
             _blocks(n),
             (keys, tables, vectors, np.int64(n), last, pos, *self._table_args, self._fps, self._slots, self._rows,
-             np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock), group_sets, group_heads, mask,
-             leader, link),
+             np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock), *groups, members, mask, leader,
+             link),
         )  # fmt: skip
-        return group_sets, group_heads, leader, link
+        return (*groups, members, leader, link)
 
     def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
         touched, inserted = self.clock + 1, self.clock + 2
         self.clock += 2
-        group_sets, group_heads, leader, link = self._write_present(keys, tables, vectors, touched)
+        group_sets, group_sizes, group_heads, members, leader, link = self._write_present(
+            keys, tables, vectors, touched
+        )
         self._launch(
             f"insert_groups_{self._suffix}",
             _warp_blocks(keys.size, _GROUP_SPAN),
-            (keys, tables, vectors, np.int64(keys.size), leader, group_sets, group_heads, link, self._table_ways,
-             self._fps, self._slots, self._rows, np.int32(self.layout.stride), np.int32(self.dim),
-             np.int64(touched), np.int64(inserted)),
+            (keys, tables, vectors, np.int64(keys.size), leader, group_sets, group_sizes, group_heads, members,
+             link, self._table_ways, self._fps, self._slots, self._rows, np.int32(self.layout.stride),
+             np.int32(self.dim), np.int64(touched), np.int64(inserted)),
         )  # fmt: skip
 
     def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
@@ -550,7 +558,7 @@ class GpuStaticTable(_OnDevice):
         )
 
     def _write(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, revive: int) -> None:
-        (claim, last), (pos, _, _), mask = self._work(keys.size, 2)
+        (claim, last), _, (pos, _, _), mask = self._work(keys.size, 2)
         self._dedupe(keys, tables, claim, last, pos, mask)
         self._launch(
             f"static_write_{self._suffix}",

@@ -333,11 +333,17 @@ __device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict_
     }
 }
 
-// A key to insert joins the group of its set s: an open-addressing table over this batch's sets
-// (group_sets NO_SET, group_heads -1 at start) whose entry heads a list of the set's keys through
-// link[]. `lead` is the entry where this key opened the group (the group's leader), else -1.
-__device__ __forceinline__ void join_group(unsigned s, i64 i, unsigned* group_sets, int* group_heads, unsigned mask,
-                                           int& lead, int& next) {
+// Batch positions a group keeps in its own slots (GROUP_MEMBERS in gpu.py); further keys of the set go on
+// a list through link[]. Pass 2 then reads a group's first members all at once instead of walking them.
+#define GROUP_MEMBERS 8
+
+// A key to insert joins the group of its set s: an entry of an open-addressing table over this batch's
+// sets (group_sets NO_SET, group_sizes and group_heads -1 at start). The entry's size counts its keys;
+// the first GROUP_MEMBERS are held in members[entry * GROUP_MEMBERS + rank], the others are listed from
+// group_heads[entry] through link[] (`next`). `lead` is the entry where this key opened the group (the
+// group's leader), else -1.
+__device__ __forceinline__ void join_group(unsigned s, i64 i, unsigned* group_sets, int* group_sizes,
+                                           int* group_heads, int* members, unsigned mask, int& lead, int& next) {
     unsigned p = (unsigned)mix(s) & mask;
     while (true) {
         const unsigned c = atomicCAS(group_sets + p, NO_SET, s);
@@ -345,7 +351,11 @@ __device__ __forceinline__ void join_group(unsigned s, i64 i, unsigned* group_se
         if (c == NO_SET || c == s) break;
         p = (p + 1) & mask;
     }
-    next = atomicExch(group_heads + p, (int)i);
+    const int rank = atomicAdd(group_sizes + p, 1) + 1;
+    if (rank < GROUP_MEMBERS)
+        members[(i64)p * GROUP_MEMBERS + rank] = (int)i;
+    else
+        next = atomicExch(group_heads + p, (int)i);
 }
 
 // Replace/update, pass 1. `last[pos[i]] == i` marks the last occurrence of each (table, key) pair in the
@@ -358,8 +368,9 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const int* __r
                                    const int* __restrict__ pos, const unsigned* __restrict__ first_set,
                                    const unsigned* __restrict__ num_sets, int num_tables,
                                    const fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows,
-                                   int stride, int dim, i64 clock, unsigned* group_sets, int* group_heads,
-                                   unsigned group_mask, int* __restrict__ leader, int* __restrict__ link) {
+                                   int stride, int dim, i64 clock, unsigned* group_sets, int* group_sizes,
+                                   int* group_heads, int* members, unsigned group_mask, int* __restrict__ leader,
+                                   int* __restrict__ link) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
@@ -374,7 +385,8 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const int* __r
     if (slot >= 0 && clock > 0) slots[slot].stamp = clock;
     if (i < n) {
         int lead = -1, next = -1;
-        if (clock > 0 && known && slot < 0) join_group(s, i, group_sets, group_heads, group_mask, lead, next);
+        if (clock > 0 && known && slot < 0)
+            join_group(s, i, group_sets, group_sizes, group_heads, members, group_mask, lead, next);
         leader[i] = lead;
         link[i] = next;
     }
@@ -382,26 +394,54 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const int* __r
     scatter_rows(rows, slot, in + base * dim, slot >= 0 ? (i64)lane : 0, count, dim, lane);
 }
 
-// Replace, pass 2: the warp inserts the keys of set s (one table's, whose ways it uses), walking the
-// group's list from `head`, holding the set's slots in registers (no locks, no atomics). Each key takes
-// the least recently used slot not touched by this batch (stamp < touched), ordered by (stamp, key,
-// way); once none is left it displaces the largest key this batch inserted, if smaller. So a set keeps
-// the smallest of the keys competing for it, in whatever order they come (the list's order depends on
-// the atomics): the rule reference.py states without any order. Slots are chosen first, from
-// registers; then the rows of the keys that stayed are copied, those rows only.
+// What pass 2 reads of a group before inserting it, per lane: its slot of the set (key, stamp), and, for
+// lane r < the group's size (at most GROUP_MEMBERS), the batch position and key of member r.
+struct GroupView {
+    i64 k, st, key;
+    int pos;
+};
+
+__device__ __forceinline__ GroupView view_group(const i64* __restrict__ qkeys, const int* __restrict__ members,
+                                                const Slot* __restrict__ slots, int stride, unsigned s, int entry,
+                                                int size, int ways, int lane) {
+    GroupView v;
+    const longlong2 held =
+        lane < ways ? reinterpret_cast<const longlong2*>(slots)[(i64)s * stride + lane] : make_longlong2(0, 0);
+    v.k = held.x;
+    v.st = held.y;
+    const bool member = lane < min(size, GROUP_MEMBERS);
+    v.pos = member ? members[(i64)entry * GROUP_MEMBERS + lane] : 0;
+    v.key = member ? qkeys[v.pos] : 0;
+    return v;
+}
+
+// Replace, pass 2: the warp inserts the keys of set s (one table's, whose ways it uses): the group's
+// members (`v`), then those on its list from `head`, holding the set's slots in registers (no locks, no
+// atomics). Each key takes the least recently used slot not touched by this batch (stamp < touched),
+// ordered by (stamp, key, way); once none is left it displaces the largest key this batch inserted, if
+// smaller. So a set keeps the smallest of the keys competing for it, in whatever order they come (the
+// order depends on the atomics): the rule reference.py states without any order. Slots are chosen
+// first, from registers; then the rows of the keys that stayed are copied, those rows only.
 template <typename T>
 __device__ void insert_group(const i64* __restrict__ qkeys, const float* __restrict__ in,
                              const int* __restrict__ link, fp16* __restrict__ fps, Slot* __restrict__ slots,
                              T* __restrict__ rows, int stride, int dim, i64 touched, i64 inserted, unsigned s,
-                             int head, int ways, int lane) {
+                             const GroupView& v, int size, int head, int ways, int lane) {
     const bool real = lane < ways;
     const i64 slot = (i64)s * stride + lane;
-    const longlong2 held = real ? reinterpret_cast<const longlong2*>(slots)[slot] : make_longlong2(0, 0);
-    i64 k = held.x, st = held.y;
+    i64 k = v.k, st = v.st;
     i64 src = -1;  // batch position of the key this lane's slot ends up holding, -1: unchanged
-    for (int cur = head; cur >= 0;) {
-        const i64 key = qkeys[cur];
-        const int next = link[cur];
+    const int direct = min(size, GROUP_MEMBERS);
+    for (int r = 0, cur = head; r < direct || cur >= 0; ++r) {
+        i64 key, i;
+        if (r < direct) {
+            key = __shfl_sync(FULL, v.key, r);
+            i = __shfl_sync(FULL, v.pos, r);
+        } else {
+            key = qkeys[cur];
+            i = cur;
+            cur = link[cur];
+        }
         // Best free slot: least (stamp, key, lane) among stamp < touched.
         const bool spare = real && st < touched;
         i64 bs = spare ? st : I64_MAX, bk = spare ? k : I64_MAX;
@@ -430,9 +470,8 @@ __device__ void insert_group(const i64* __restrict__ qkeys, const float* __restr
         if (lane == way) {
             k = key;
             st = inserted;
-            src = cur;
+            src = i;
         }
-        cur = next;
     }
     if (src >= 0) {
         slots[slot].key = k;
@@ -453,11 +492,13 @@ __device__ void insert_group(const i64* __restrict__ qkeys, const float* __restr
 #define GROUP_SPAN 8
 
 // Warp per GROUP_SPAN batch positions: inserts the groups whose leaders are among them. Each leader's
-// lane first reads its group's set, list head and ways, all lanes at once.
+// lane first reads its group's set, size, list head and ways, all lanes at once; the warp reads the
+// next group's slots and members while it inserts this one.
 template <typename T>
 __device__ void insert_groups_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
                                    const float* __restrict__ in, i64 n, const int* __restrict__ leader,
-                                   const unsigned* __restrict__ group_sets, const int* __restrict__ group_heads,
+                                   const unsigned* __restrict__ group_sets, const int* __restrict__ group_sizes,
+                                   const int* __restrict__ group_heads, const int* __restrict__ members,
                                    const int* __restrict__ link, const int* __restrict__ table_ways,
                                    fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int stride,
                                    int dim, i64 touched, i64 inserted) {
@@ -466,17 +507,33 @@ __device__ void insert_groups_impl(const i64* __restrict__ qkeys, const int* __r
     if (base >= n) return;
     const i64 q = base + lane;
     const int entry = lane < GROUP_SPAN && q < n ? leader[q] : -1;
-    unsigned s = 0;
-    int head = -1, ways = 0;
+    unsigned set = 0;
+    int size = 0, head = -1, ways = 0;
     if (entry >= 0) {
-        s = group_sets[entry];
+        set = group_sets[entry];
+        size = group_sizes[entry] + 1;
         head = group_heads[entry];
         ways = __ldg(table_ways + qtables[q]);
     }
-    for (unsigned leads = __ballot_sync(FULL, entry >= 0); leads; leads &= leads - 1) {
-        const int j = __ffs(leads) - 1;
-        insert_group(qkeys, in, link, fps, slots, rows, stride, dim, touched, inserted, __shfl_sync(FULL, s, j),
-                     __shfl_sync(FULL, head, j), __shfl_sync(FULL, ways, j), lane);
+    unsigned leads = __ballot_sync(FULL, entry >= 0);
+    if (!leads) return;
+    int j = __ffs(leads) - 1;
+    GroupView v = view_group(qkeys, members, slots, stride, __shfl_sync(FULL, set, j), __shfl_sync(FULL, entry, j),
+                             __shfl_sync(FULL, size, j), __shfl_sync(FULL, ways, j), lane);
+    while (true) {
+        const int now = j;
+        leads &= leads - 1;
+        GroupView after;
+        if (leads) {
+            j = __ffs(leads) - 1;
+            after = view_group(qkeys, members, slots, stride, __shfl_sync(FULL, set, j), __shfl_sync(FULL, entry, j),
+                               __shfl_sync(FULL, size, j), __shfl_sync(FULL, ways, j), lane);
+        }
+        insert_group(qkeys, in, link, fps, slots, rows, stride, dim, touched, inserted, __shfl_sync(FULL, set, now),
+                     v, __shfl_sync(FULL, size, now), __shfl_sync(FULL, head, now), __shfl_sync(FULL, ways, now),
+                     lane);
+        if (!leads) break;
+        v = after;
     }
 }
 
@@ -635,17 +692,19 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
     extern "C" __global__ void write_present_##SUFFIX(                                                            \
         const i64* qkeys, const int* qtables, const float* in, i64 n, const int* last, const int* pos,            \
         const unsigned* first_set, const unsigned* num_sets, int num_tables, const fp16* fps, Slot* slots,        \
-        T* rows, int stride, int dim, i64 clock, unsigned* group_sets, int* group_heads, unsigned group_mask,     \
-        int* leader, int* link) {                                                                                 \
+        T* rows, int stride, int dim, i64 clock, unsigned* group_sets, int* group_sizes, int* group_heads,        \
+        int* members, unsigned group_mask, int* leader, int* link) {                                              \
         write_present_impl<T>(qkeys, qtables, in, n, last, pos, first_set, num_sets, num_tables, fps, slots,      \
-                              rows, stride, dim, clock, group_sets, group_heads, group_mask, leader, link);       \
+                              rows, stride, dim, clock, group_sets, group_sizes, group_heads, members,            \
+                              group_mask, leader, link);                                                          \
     }                                                                                                             \
     extern "C" __global__ void insert_groups_##SUFFIX(                                                            \
         const i64* qkeys, const int* qtables, const float* in, i64 n, const int* leader,                          \
-        const unsigned* group_sets, const int* group_heads, const int* link, const int* table_ways, fp16* fps,    \
-        Slot* slots, T* rows, int stride, int dim, i64 touched, i64 inserted) {                                   \
-        insert_groups_impl<T>(qkeys, qtables, in, n, leader, group_sets, group_heads, link, table_ways, fps,      \
-                              slots, rows, stride, dim, touched, inserted);                                       \
+        const unsigned* group_sets, const int* group_sizes, const int* group_heads, const int* members,           \
+        const int* link, const int* table_ways, fp16* fps, Slot* slots, T* rows, int stride, int dim,             \
+        i64 touched, i64 inserted) {                                                                              \
+        insert_groups_impl<T>(qkeys, qtables, in, n, leader, group_sets, group_sizes, group_heads, members,       \
+                              link, table_ways, fps, slots, rows, stride, dim, touched, inserted);                \
     }                                                                                                             \
     extern "C" __global__ void static_write_##SUFFIX(                                                             \
         const i64* qkeys, const int* qtables, const float* in, i64 n, const int* last, const int* pos,            \
