@@ -15,13 +15,23 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, read from pyproject alone, in a layer of their own: a change to the sources reuses it
+# instead of installing CuPy and the rest again.
+COPY pyproject.toml ./
+RUN python3 -m venv /opt/hps \
+    && python3 -c 'import sys, tomllib; \
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+extras = [e for e in sys.argv[1].split(",") if e]; \
+print(*project["dependencies"], *(d for e in extras for d in project["optional-dependencies"][e]), sep="\n")' \
+        "${HPS_EXTRAS}" > /tmp/requirements.txt \
+    && /opt/hps/bin/pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY README.md LICENSE ./
 COPY hps_server ./hps_server
 COPY hps_client ./hps_client
 COPY hps_wire ./hps_wire
-COPY benchmarks ./benchmarks
-RUN python3 -m venv /opt/hps \
-    && /opt/hps/bin/pip install --no-cache-dir ".${HPS_EXTRAS:+[${HPS_EXTRAS}]}"
+COPY hps_bench ./hps_bench
+RUN /opt/hps/bin/pip install --no-cache-dir --no-deps .
 
 FROM ${BASE_IMAGE} AS runtime
 # hadolint ignore=DL3008
@@ -45,6 +55,7 @@ VOLUME ["/data"]
 EXPOSE 8500 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "hps_server.healthcheck", "127.0.0.1:8500"]
-# Mount the config at /etc/hps/hps.yaml (the Helm chart's ConfigMap does).
+# Mount the config at /etc/hps/hps.yaml (the Helm chart's ConfigMap does). hps binds loopback unless told
+# otherwise; in a container it serves every interface.
 ENTRYPOINT ["hps"]
-CMD ["serve", "--config", "/etc/hps/hps.yaml"]
+CMD ["serve", "--config", "/etc/hps/hps.yaml", "--address", "0.0.0.0:8500"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.servers import free_port, hps_server
 from examples.clicks import DIM, TABLES
+from hps_bench.servers import free_port, hps_server
 from hps_server.tables import write_table
 
 

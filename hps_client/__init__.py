@@ -9,12 +9,16 @@ from hps_client.errors import (
     HpsError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
+from hps_client.security import TLS
 from hps_wire.response_codec import LookupResult
 
 __all__ = [
+    "TLS",
     "AsyncClient",
     "Client",
     "DeadlineExceededError",
@@ -23,7 +27,9 @@ __all__ = [
     "LookupResult",
     "ModelInfo",
     "NotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "TableInfo",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

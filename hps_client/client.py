@@ -5,6 +5,7 @@ Thin by design: requests are built and replies decoded by wire.py; gRPC errors b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +13,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hps_client import wire
+from hps_client import security, wire
 from hps_client.errors import from_rpc_error
+from hps_client.security import TLS
 from hps_client.wire import Combiner, Dtype
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from hps_wire.response_codec import LookupResult, decode_lookup_response
@@ -42,6 +44,32 @@ class ModelInfo:
     name: str
     tables: tuple[TableInfo, ...]
     levels: tuple[str, ...]
+    # Why Upsert and Delete are refused now (RocksDB failing its writes, a read-only worker); "" while taken.
+    writes_refused: str = ""
+
+
+# The channels' gRPC service config. round_robin: a target naming several addresses (dns:/// of a headless
+# Service) gets its calls spread over all of them, not only the first. Retries, by gRPC itself with backoff,
+# on UNAVAILABLE (a replica restarting or draining, a level briefly down) for the calls that change
+# nothing: Lookup and the model service's reads. StreamLookup is left out (a stream that already got
+# replies is not replayed). Upsert and Delete are not retried: a repeat of a write the server applied
+# before failing could land after another client's newer write of the same keys and undo it, and a
+# repeated Delete would report 0 rows; callers that know their writes are alone may retry them.
+SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "hps.v1.LookupService", "method": "Lookup"}, {"service": "hps.v1.ModelService"}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
@@ -52,6 +80,8 @@ def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
         # gRPC's default backoff grows to 120 s: after a long outage a client would keep failing that
         # long after the server is back. Serving clients should find it again within seconds.
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+        ("grpc.enable_retries", 1),
     ]
 
 
@@ -62,6 +92,7 @@ def _model_info(response: hps_pb2.DescribeModelResponse) -> ModelInfo:
             TableInfo(t.name, t.dim, t.rows, t.default_value, t.max_keys_per_request) for t in response.tables
         ),
         levels=tuple(response.levels),
+        writes_refused=response.writes_refused,
     )
 
 
@@ -76,12 +107,25 @@ def _upsert_request(model: str, table: str, keys: object, vectors: object) -> hp
 
 
 class Client:
-    """A blocking client. `timeout` (seconds) applies to every call unless a call passes its own."""
+    """A blocking client. `timeout` (seconds) applies to every call unless a call passes its own.
 
-    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT, max_message_mb: int = MAX_MESSAGE_MB):
+    `tls`: connect with TLS (see security.TLS; None: plaintext); `token`: sent as `authorization: Bearer <token>`
+    with every call, for a server with server.auth on.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_message_mb: int = MAX_MESSAGE_MB,
+        tls: TLS | None = None,
+        token: str | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_mb))
+        self._metadata = security.call_metadata(token)
+        self._channel = security.channel(target, tls, _channel_options(max_message_mb))
         self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
         self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
         # Replies are decoded by response_codec into array views, not by the generated message class.
@@ -91,7 +135,7 @@ class Client:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -163,10 +207,19 @@ class Client:
 class AsyncClient:
     """The asyncio twin of Client (grpc.aio); create and use it inside a running event loop."""
 
-    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT, max_message_mb: int = MAX_MESSAGE_MB):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_message_mb: int = MAX_MESSAGE_MB,
+        tls: TLS | None = None,
+        token: str | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_mb))
+        self._metadata = security.call_metadata(token)
+        self._channel = security.aio_channel(target, tls, _channel_options(max_message_mb))
         self._lookups = hps_pb2_grpc.LookupServiceStub(self._channel)
         self._models = hps_pb2_grpc.ModelServiceStub(self._channel)
         self._lookup = self._channel.unary_unary(
@@ -175,7 +228,7 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

@@ -14,13 +14,14 @@ from typing import Any
 import yaml
 
 from hps_client.client import Client
+from hps_client.security import TLS, token_from_environment
 
 # What `hps serve` listens on when its config names no server.address.
 DEFAULT_ADDRESS = "127.0.0.1:8500"
 _ANY_HOST = ("0.0.0.0:", "[::]:")
 
 _lock = threading.Lock()
-_clients: dict[str, Client] = {}
+_clients: dict[tuple[str, TLS | None, str | None], Client] = {}
 _tables: dict[tuple[str, str, int], TableRef] = {}
 
 
@@ -67,21 +68,25 @@ def resolve_address(ps_config_file: str | Path | None, address: str | None) -> s
     return None if ps_config_file is None else config_address(ps_config_file)
 
 
-def shared_client(address: str) -> Client:
-    """One Client per address for the whole process: gRPC channels are thread-safe and costly to open."""
+def shared_client(address: str, tls: TLS | None = None, token: str | None = None) -> Client:
+    """One Client per address and credentials for the whole process: gRPC channels are thread-safe and costly
+    to open. Without `tls` the HPS_TLS_* variables say whether to use TLS; without `token`, HPS_TOKEN."""
+    key = (address, tls or TLS.from_environment(), token or token_from_environment())
     with _lock:
-        client = _clients.get(address)
+        client = _clients.get(key)
         if client is None:
-            client = _clients[address] = Client(address)
+            client = _clients[key] = Client(address, tls=key[1], token=key[2])
         return client
 
 
-def table_ref(address: str, model: str, table_id: int, emb_vec_size: int) -> TableRef:
+def table_ref(
+    address: str, model: str, table_id: int, emb_vec_size: int, tls: TLS | None = None, token: str | None = None
+) -> TableRef:
     """The served table at index `table_id` of `model` (HPS addresses tables by index), checked against its size."""
     key = (address, model, table_id)
     ref = _tables.get(key)
     if ref is None:
-        tables = shared_client(address).describe(model).tables
+        tables = shared_client(address, tls, token).describe(model).tables
         if not 0 <= table_id < len(tables):
             raise IndexError(
                 f"table_id: model {model!r} has {len(tables)} tables (0..{len(tables) - 1}), got {table_id}"

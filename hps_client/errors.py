@@ -37,12 +37,22 @@ class DeadlineExceededError(HpsError, TimeoutError):
     """The call did not finish within its timeout."""
 
 
+class UnauthenticatedError(HpsError, PermissionError):
+    """The server needs credentials (a token, a client certificate) and got none it accepts."""
+
+
+class PermissionDeniedError(HpsError, PermissionError):
+    """The caller's token or certificate does not grant this call on this model."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[HpsError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -14,28 +14,37 @@ import numpy as np
 import tensorflow as tf
 
 from hps_client import endpoint
+from hps_client.client import Client
+from hps_client.security import TLS
 from hps_client.wire import Combiner, Dtype
 
 _WIRE_DTYPES: dict[tf.DType, Dtype] = {tf.float32: "float32", tf.float16: "float16"}
 _COMBINERS = ("mean", "sum", "sqrtn")
 
-_defaults: dict[str, Any] = {"address": None, "global_batch_size": None}
+_defaults: dict[str, Any] = {"address": None, "global_batch_size": None, "tls": None, "token": None}
 
 
 def Init(  # the name HPS users call
-    global_batch_size: int, ps_config_file: str | Path | None = None, *, address: str | None = None
+    global_batch_size: int,
+    ps_config_file: str | Path | None = None,
+    *,
+    address: str | None = None,
+    tls: TLS | None = None,
+    token: str | None = None,
 ) -> str:
     """Points every layer built without its own ps_config_file/address at one server, like `hps.Init`.
 
     The address is `address` if given, else the one the config's `server.address` implies (an HPS ps.json
-    or an hps YAML; loopback for a wildcard host, 127.0.0.1:8500 when absent). Returns "OK" as HPS does.
+    or an hps YAML; loopback for a wildcard host, 127.0.0.1:8500 when absent). `tls` and `token` reach a
+    server with TLS or auth on (default: the HPS_TLS_* and HPS_TOKEN environment variables). Returns "OK"
+    as HPS does.
     """
     if int(global_batch_size) < 1:
         raise ValueError(f"global_batch_size: must be >= 1, got {global_batch_size}")
     target = endpoint.resolve_address(ps_config_file, address)
     if target is None:
         raise ValueError("Init: give ps_config_file or address")
-    _defaults.update(address=target, global_batch_size=int(global_batch_size))
+    _defaults.update(address=target, global_batch_size=int(global_batch_size), tls=tls, token=token)
     return "OK"
 
 
@@ -59,6 +68,8 @@ class _ServedTable(keras.layers.Layer):
         global_batch_size: int | None = None,
         *,
         address: str | None = None,
+        tls: TLS | dict[str, Any] | None = None,
+        token: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("trainable", None)  # nothing here trains, whatever a saved config says
@@ -78,9 +89,14 @@ class _ServedTable(keras.layers.Layer):
                 f"{type(self).__name__}: no server; call hps_client.tf.Init(...) first or pass ps_config_file/address"
             )
         self.address: str = target
+        # A saved model keeps its TLS files (get_config) but never its token: that comes from Init,
+        # the argument or HPS_TOKEN again where it is loaded.
+        self.tls: TLS | None = TLS(**tls) if isinstance(tls, dict) else tls or _defaults["tls"]
+        self._token: str | None = token or _defaults["token"]
 
-    def _table(self) -> endpoint.TableRef:
-        return endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size)
+    def _table(self) -> tuple[endpoint.TableRef, Client]:
+        ref = endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size, self.tls, self._token)
+        return ref, endpoint.shared_client(self.address, self.tls, self._token)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -92,6 +108,7 @@ class _ServedTable(keras.layers.Layer):
             "ps_config_file": self.ps_config_file,
             "global_batch_size": self.global_batch_size,
             "address": self.address,
+            "tls": None if self.tls is None else {k: None if v is None else str(v) for k, v in vars(self.tls).items()},
         }
 
 
@@ -103,10 +120,8 @@ class LookupLayer(_ServedTable):
     """
 
     def _lookup(self, keys: np.ndarray) -> np.ndarray:
-        ref = self._table()
-        return _writable(
-            endpoint.shared_client(self.address).lookup(ref.model, ref.table, keys, dtype=self._wire_dtype)
-        )
+        ref, client = self._table()
+        return _writable(client.lookup(ref.model, ref.table, keys, dtype=self._wire_dtype))
 
     def call(self, inputs: Any) -> tf.Tensor:
         ids = tf.convert_to_tensor(inputs)
@@ -133,8 +148,8 @@ class SparseLookupLayer(_ServedTable):
     def _combined(
         self, keys: np.ndarray, row_splits: np.ndarray, weights: np.ndarray, combiner: Combiner, max_norm: float
     ) -> np.ndarray:
-        ref = self._table()
-        vectors = endpoint.shared_client(self.address).lookup_combined(
+        ref, client = self._table()
+        vectors = client.lookup_combined(
             ref.model,
             ref.table,
             keys,
@@ -183,7 +198,7 @@ class SparseLookupLayer(_ServedTable):
 
 def _writable(vectors: np.ndarray) -> np.ndarray:
     """Replies are read-only views of the received bytes; TensorFlow takes a writable array over faster than it
-    copies a read-only one (measured by benchmarks/layers.py)."""
+    copies a read-only one (measured by hps_bench/layers.py)."""
     return np.array(vectors)
 
 

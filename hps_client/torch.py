@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from hps_client import endpoint
+from hps_client.client import Client
+from hps_client.security import TLS
 from hps_client.wire import Combiner
 
 
@@ -32,7 +34,8 @@ class LookupLayer(torch.nn.Module):
 
     The server is `address` if given, else the one `ps_config_file` (HPS ps.json or hps YAML) implies.
     `table_id` indexes the model's tables in the server's order. Keys no level holds get the table's
-    default vector. Output is float32.
+    default vector. Output is float32. `tls` and `token` reach a server with TLS or auth on (default: the
+    HPS_TLS_* and HPS_TOKEN environment variables).
     """
 
     def __init__(
@@ -43,6 +46,8 @@ class LookupLayer(torch.nn.Module):
         emb_vec_size: int = 0,
         *,
         address: str | None = None,
+        tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         target = endpoint.resolve_address(ps_config_file, address)
@@ -56,11 +61,19 @@ class LookupLayer(torch.nn.Module):
         self.model_name = model_name
         self.table_id = int(table_id)
         self.emb_vec_size = int(emb_vec_size)
+        self._tls = tls
+        self._token = token
+
+    def _client(self) -> tuple[endpoint.TableRef, Client]:
+        ref = endpoint.table_ref(
+            self.address, self.model_name, self.table_id, self.emb_vec_size, self._tls, self._token
+        )
+        return ref, endpoint.shared_client(self.address, self._tls, self._token)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         host_keys = _check_keys(keys)
-        ref = endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size)
-        return _on_device_of(endpoint.shared_client(self.address).lookup(ref.model, ref.table, host_keys), keys)
+        ref, client = self._client()
+        return _on_device_of(client.lookup(ref.model, ref.table, host_keys), keys)
 
     def extra_repr(self) -> str:
         fields = {"address": self.address, "model_name": self.model_name, "table_id": self.table_id}
@@ -85,8 +98,10 @@ class SparseLookupLayer(LookupLayer):
         combiner: Combiner = "mean",
         max_norm: float | None = None,
         address: str | None = None,
+        tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(ps_config_file, model_name, table_id, emb_vec_size, address=address)
+        super().__init__(ps_config_file, model_name, table_id, emb_vec_size, address=address, tls=tls, token=token)
         if combiner not in ("sum", "mean", "sqrtn"):
             raise ValueError(f"combiner: must be sum, mean or sqrtn, got {combiner!r}")
         if max_norm is not None and not max_norm > 0:
@@ -106,8 +121,8 @@ class SparseLookupLayer(LookupLayer):
         else:
             raise ValueError(f"keys: give 1-D keys with offsets or 2-D keys without, got {host_keys.ndim}-D keys")
         weights = None if per_sample_weights is None else per_sample_weights.detach().to("cpu", torch.float32).numpy()
-        ref = endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size)
-        vectors = endpoint.shared_client(self.address).lookup_combined(
+        ref, client = self._client()
+        vectors = client.lookup_combined(
             ref.model,
             ref.table,
             host_keys,

@@ -13,31 +13,49 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from hps_server import __version__
+from hps_server import __version__, logs
 from hps_server import config as config_module
 
 log = logging.getLogger("hps")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
+# name -> (module, what it measures); `hps bench --help` lists them without importing any.
 BENCHMARKS = {
-    "lookup": "benchmarks.lookup",
-    "memory": "benchmarks.memory",
-    "cache": "benchmarks.cache",
-    "redis": "benchmarks.redis",
-    "layers": "benchmarks.layers",
-    "triton": "benchmarks.triton",
+    "lookup": ("hps_bench.lookup", "Client.lookup_tables through hps serve, against a raw gRPC echo of the same bytes"),
+    "memory": ("hps_bench.memory", "the in-process hash map's bytes per row and speed, against a NumPy gather"),
+    "group-memory": ("hps_bench.group_memory", "GPU and host memory of hps serve --processes N, for several N"),
+    "processes": (
+        "hps_bench.processes",
+        "case d of lookup against hps serve --processes N for several N, beside an echo",
+    ),
+    "connections": (
+        "hps_bench.connections",
+        "p50/p99 and refusals with 100 vs 500 concurrent connections",
+    ),
+    "faults": (
+        "hps_bench.faults",
+        "Redis killed, restored, frozen and resharded under load: wrong and failed calls",
+    ),
+    "cache": ("hps_bench.cache", "the GPU L1 cache's query/replace speed and Zipf hit rate (needs CuPy and a GPU)"),
+    "redis": ("hps_bench.redis", "the Redis Cluster level's fetch rows/s, against plain redis-py on the same cluster"),
+    "layers": ("hps_bench.layers", "the TensorFlow and PyTorch layers' overhead over the Client call they make"),
+    "triton": ("hps_bench.triton", "a DLRM workload through Triton's ensemble, against the client path in-process"),
 }
+# Top-level packages of hps itself: a missing module outside them is an optional dependency not installed.
+OWN_PACKAGES = {"hps_server", "hps_client", "hps_wire", "hps_bench"}
 
 
 def _serve(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
+    if args.address is not None:
+        config = replace(config, server=replace(config.server, address=args.address))
     if args.processes is not None:
         config = replace(config, server=replace(config.server, processes=args.processes))
+    if args.address is not None:
+        config = replace(config, server=replace(config.server, address=args.address))
     if config.server.processes > 1:
         from hps_server.supervisor import serve_workers
 
-        return serve_workers(config, LOG_FORMAT)
+        return serve_workers(config, args.log_format)
     from hps_server.server import serve
 
     return serve(config)
@@ -50,10 +68,18 @@ def _processes(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port from 0 to 65535, got {text!r}")
+    return text
+
+
 def _import(args: argparse.Namespace) -> int:
     from hps_server import storage, transfer
 
     config = config_module.load(args.config)
+    _check_names(config, args.model, args.table)
     if args.to == "redis":
         if config.volatile_db.type != "redis_cluster":
             raise config_module.ConfigError(
@@ -86,6 +112,17 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(config: config_module.Config, model: str | None, table: str | None) -> None:
+    """UnknownNameError listing what exists when --model or --table names nothing in the config."""
+    models = config.models if model is None else (config.model(model),)
+    if table is None or any(table in {t.name for t in m.tables} for m in models):
+        return
+    if model is not None:
+        models[0].table(table)
+    tables = ", ".join(dict.fromkeys(t.name for m in models for t in m.tables)) or "none"
+    raise config_module.UnknownNameError(f"no model has a table {table!r}; the tables: {tables}")
+
+
 def _export(args: argparse.Namespace) -> int:
     from hps_server import storage, transfer
 
@@ -110,18 +147,54 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    module = importlib.import_module(BENCHMARKS[args.what])
+    try:
+        module = importlib.import_module(BENCHMARKS[args.what][0])
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] in OWN_PACKAGES:
+            raise
+        print(
+            f"hps bench {args.what}: needs the module {e.name}, which is not installed "
+            "(the bench, tf and torch extras hold what the benchmarks use)",
+            file=sys.stderr,
+        )
+        return 2
     return int(module.main(args.bench_args) or 0)
+
+
+def _command(
+    commands: argparse._SubParsersAction, name: str, summary: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with the same summary `hps --help` lists (the epilog as written)."""
+    description = summary[0].upper() + summary[1:] + "."
+    return commands.add_parser(
+        name, help=summary, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hps", description="Hierarchical Parameter Server for embedding lookups.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    parser.add_argument("--version", action="version", version=f"hps {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=logs.LOG_LEVELS, default="INFO", help="log level (default INFO)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=logs.LOG_FORMATS,
+        default="text",
+        help="text lines, or json: one JSON object per line (time, level, logger, message) (default text)",
+    )
+    parser.add_argument("--version", action="version", version=f"hps {__version__}", help="print the version and exit")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of these (`hps COMMAND --help` for its options):"
+    )
 
-    serve = commands.add_parser("serve", help="serve the models of a config file")
+    serve = _command(commands, "serve", "serve the models of a config file")
     serve.add_argument("--config", required=True, help="YAML config, or an HPS ps.json")
+    serve.add_argument(
+        "--address",
+        type=_address,
+        metavar="HOST:PORT",
+        help="where gRPC listens (default: server.address of the config, else 127.0.0.1:8500)",
+    )
     serve.add_argument(
         "--processes",
         type=_processes,
@@ -130,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
-    imp = commands.add_parser("import", help="bulk-load table files into a level")
-    imp.add_argument("--config", required=True)
+    imp = _command(commands, "import", "bulk-load table files into a level")
+    imp.add_argument("--config", required=True, help="YAML config, or an HPS ps.json, naming the models and levels")
     imp.add_argument("--model", help="only this model (default: all)")
     imp.add_argument("--table", help="only this table (default: all)")
     imp.add_argument("--source", help="table folder (HPS key/emb_vector or .npy pair); default: the config's")
@@ -143,23 +216,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.set_defaults(run=_import)
 
-    exp = commands.add_parser("export", help="write a table from the persistent level to files")
-    exp.add_argument("--config", required=True)
-    exp.add_argument("--model", required=True)
-    exp.add_argument("--table", required=True)
+    exp = _command(commands, "export", "write a table from the persistent level to files")
+    exp.add_argument("--config", required=True, help="YAML config, or an HPS ps.json, naming the persistent level")
+    exp.add_argument("--model", required=True, help="the table's model")
+    exp.add_argument("--table", required=True, help="the table to write")
     exp.add_argument("--out", required=True, help="folder to write")
-    exp.add_argument("--format", choices=["hps", "npy"], default="hps")
+    exp.add_argument(
+        "--format",
+        choices=["hps", "npy"],
+        default="hps",
+        help="hps: key + emb_vector files; npy: keys.npy + vectors.npy",
+    )
     exp.set_defaults(run=_export)
 
-    demo = commands.add_parser("demo", help="make a sample model, serve it, run a skewed workload, keep serving")
+    demo = _command(commands, "demo", "make a sample model, serve it, run a skewed workload, keep serving")
     demo.add_argument("--dir", default="hps-demo", help="where the sample tables and database live")
     demo.add_argument("--port", type=int, default=8500, help="port to serve on (0: any free port)")
     demo.add_argument("--seconds", type=float, default=5.0, help="length of the client workload")
     demo.add_argument("--once", action="store_true", help="exit after the workload instead of serving on")
     demo.set_defaults(run=_demo)
 
-    bench = commands.add_parser("bench", help="run a benchmark (results as ratios to a same-run baseline)")
-    bench.add_argument("what", choices=sorted(BENCHMARKS))
+    listing = "\n".join(f"  {name:<8} {summary}" for name, (_, summary) in BENCHMARKS.items())
+    bench = _command(
+        commands,
+        "bench",
+        "run a benchmark (results as ratios to a same-run baseline)",
+        epilog=f"benchmarks:\n{listing}\n\n`hps bench NAME --help` shows a benchmark's own options.",
+    )
+    bench.add_argument("what", choices=list(BENCHMARKS), metavar="NAME", help="the benchmark: " + ", ".join(BENCHMARKS))
     bench.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="options for the benchmark (every one takes --json and --help)"
     )
@@ -169,11 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    logs.configure(args.log_level, args.log_format)
     try:
         return int(args.run(args))
     except (config_module.ConfigError, KeyError, OSError, ValueError) as e:
-        print(f"hps {args.command}: error: {e}", file=sys.stderr)
+        if args.log_format == "json":  # stderr stays all JSON lines
+            log.error("hps %s: error: %s", args.command, e)
+        else:
+            print(f"hps {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

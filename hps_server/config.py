@@ -1,7 +1,8 @@
 """Configuration: a YAML file or a HugeCTR HPS ps.json, parsed once into typed, validated objects.
 
 Every option and its default is stated here, next to its meaning; nothing downstream reads raw
-dicts. Invalid input raises ConfigError naming the field and the reason. No I/O beyond reading the file.
+dicts. Invalid input raises ConfigError naming the field and the reason (never a secret or a file's path).
+No I/O beyond reading the file and the password file it names.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -30,19 +31,61 @@ CacheDtype = Literal["float32", "float16"]
 
 # Environment variable that, when set, replaces volatile_db.password.
 PASSWORD_ENV = "HPS_REDIS_PASSWORD"
+# Environment variable that, when set, replaces server.auth.tokens_file.
+TOKENS_FILE_ENV = "HPS_AUTH_TOKENS_FILE"
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the field."""
 
 
+class UnknownNameError(KeyError):
+    """A model or table name the config does not have; the message lists the names it has."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) or "none"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS of the gRPC server (PEM files, re-read when they change: certificates rotate without a restart)."""
+
+    # The server's certificate chain and private key; both or neither (neither: plaintext).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # CAs whose client certificates are accepted; set: mutual TLS (clients without such a certificate are
+    # refused during the handshake).
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may call what (see auth.py): bearer tokens, or verified client certificates, with per-model grants."""
+
+    # YAML file `tokens: [{token | token_sha256 | client_cert_name, read, write, admin}]`, re-read when it
+    # changes; None: no authentication (every caller may do everything). HPS_AUTH_TOKENS_FILE replaces it.
+    tokens_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens_file is not None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    # host:port the gRPC server listens on.
-    address: str = "0.0.0.0:8500"
+    # host:port the gRPC server listens on (loopback unless configured; 0.0.0.0:8500 serves every interface).
+    address: str = "127.0.0.1:8500"
     # Largest request or reply message, in MiB (gRPC's default of 4 MiB is too small for embeddings).
     max_message_mb: int = 256
-    # Threads serving RPCs; each in-flight RPC holds one.
+    # Threads serving LookupService RPCs (Lookup, StreamLookup, Upsert, Delete); each in-flight call holds one.
     workers: int = 16
     # On SIGTERM/SIGINT, in-flight calls get this long to finish before the server stops.
     shutdown_grace_seconds: float = 10.0
@@ -52,7 +95,10 @@ class ServerConfig:
     # also wait up to this many microseconds for more before starting (0: never wait; see
     # docs/performance.md for the measurements behind the default).
     batch_window_us: int = 0
-    # Lookups waiting for a pass, at most; one more is refused with RESOURCE_EXHAUSTED.
+    # Calls waiting at most: LookupService calls for one of the `workers` threads (counted from when gRPC
+    # hands them over), and lookups for a pass; one more is refused at once with RESOURCE_EXHAUSTED, so
+    # latency stays bounded under overload. Health checks, reflection and ModelService have threads of
+    # their own and never wait behind them.
     max_queued_requests: int = 256
     # Per request, checked before any level work (over a limit: RESOURCE_EXHAUSTED naming it): table
     # queries of a Lookup (TableQueries plus packed segments), keys of a Lookup over all its queries, and
@@ -71,6 +117,20 @@ class ServerConfig:
     # each holds its own L1, and writes are refused). `auto` in the file or on the command line: one per usable core,
     # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
     processes: int = 1
+    # Clients' connections are closed (GOAWAY, in-flight calls get shutdown_grace_seconds to finish) once
+    # this old, so long-lived channels reconnect and spread over replicas added since; a StreamLookup still
+    # open after the grace ends with UNAVAILABLE and is reopened by its client; 0: never.
+    max_connection_age_seconds: float = 0.0
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    # Refuse Upsert and Delete (FAILED_PRECONDITION) on this server, whatever its levels and callers may do.
+    read_only: bool = False
+    # Serve gRPC reflection; None: served when auth is off, not when it is on.
+    reflection: bool | None = None
+
+    @property
+    def reflection_served(self) -> bool:
+        return (not self.auth.enabled) if self.reflection is None else self.reflection
 
     @property
     def streams_allowed(self) -> int:
@@ -97,12 +157,21 @@ class VolatileDbConfig:
     cache_missed_embeddings: bool = True
     # redis_cluster: comma-separated host:port seed nodes.
     address: str = "127.0.0.1:7000"
-    # redis_cluster: ACL user name and password (empty: no AUTH). The environment variable
-    # HPS_REDIS_PASSWORD, when set, replaces the password (so it can come from a Kubernetes Secret).
+    # redis_cluster: ACL user name and password (empty: no AUTH). The password is the environment
+    # variable HPS_REDIS_PASSWORD when set (so it can come from a Kubernetes Secret), else the content of
+    # password_file (read at start, trailing newline dropped), else `password`; not both keys.
     user_name: str = "default"
     password: str = ""
-    # redis_cluster: connect with TLS.
+    # redis_cluster: connect with TLS (ps.json: enable_tls). The nodes' certificates must chain to the CA
+    # in tls_ca_file (PEM; None: the system's trust store; ps.json: tls_ca_certificate) and, with
+    # tls_check_hostname, name the address hps connects to (as given in `address` or announced by the
+    # cluster). tls_cert_file and tls_key_file (PEM; ps.json: tls_client_certificate, tls_client_key) are
+    # the client certificate shown to a cluster with tls-auth-clients; the key may sit in tls_cert_file.
     tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
     # redis_cluster: hashes each table is split into (one cluster slot each).
     num_partitions: int = 8
     # Keys per backend round trip; larger batches are chunked.
@@ -181,7 +250,9 @@ class ModelConfig:
         for table in self.tables:
             if table.name == name:
                 return table
-        raise KeyError(name)
+        raise UnknownNameError(
+            f"model {self.name} has no table {name!r}; its tables: {_names([t.name for t in self.tables])}"
+        )
 
     def max_keys(self, table: TableConfig) -> int:
         return self.max_batch_size * table.max_keys_per_sample
@@ -202,7 +273,7 @@ class Config:
         for model in self.models:
             if model.name == name:
                 return model
-        raise KeyError(name)
+        raise UnknownNameError(f"no model {name!r} in the config; its models: {_names([m.name for m in self.models])}")
 
 
 # ---------------------------------------------------------------- value readers
@@ -337,16 +408,10 @@ def processes(value: Any, name: str) -> int:
 
 # ---------------------------------------------------------------- sections
 
-_SERVER_KEYS = {
-    "address",
-    "max_message_mb",
-    "workers",
-    "shutdown_grace_seconds",
-    "metrics_address",
-    "batch_window_us",
-    "max_queued_requests",
-    "processes",
-}
+# Every ServerConfig field is a key of the file's server section.
+_SERVER_KEYS = {f.name for f in fields(ServerConfig)}
+_TLS_KEYS = {"cert_file", "key_file", "client_ca_file"}
+_AUTH_KEYS = {"tokens_file"}
 _VOLATILE_KEYS = {
     "type",
     "overflow_margin",
@@ -357,7 +422,12 @@ _VOLATILE_KEYS = {
     "address",
     "user_name",
     "password",
+    "password_file",
     "tls",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_check_hostname",
     "num_partitions",
     "max_batch_size",
     "timeout_ms",
@@ -378,6 +448,15 @@ _HPS_VOLATILE_EXTRAS = {
     "num_partitions_per_node",
     "max_batch_size_per_node",
     "max_set_size",
+    # HPS sends it as the TLS server name indication; Redis does not read it (see tls_check_hostname).
+    "tls_server_name_identification",
+}
+# HPS volatile_db keys hps reads as its own (ps.json only).
+_HPS_VOLATILE_ALIASES = {
+    "enable_tls": "tls",
+    "tls_ca_certificate": "tls_ca_file",
+    "tls_client_certificate": "tls_cert_file",
+    "tls_client_key": "tls_key_file",
 }
 _PERSISTENT_KEYS = {"type", "path", "read_only", "num_threads", "max_batch_size", "sync_writes"}
 _HPS_PERSISTENT_EXTRAS = {"update_filters", "max_get_batch_size", "max_set_batch_size", "num_partitions"}
@@ -385,7 +464,28 @@ _VOLATILE_ALIASES = {"parallel_hash_map": "hash_map", "multi_process_hash_map": 
 _PERSISTENT_ALIASES = {"rocks_db": "rocksdb"}
 
 
-def _server(raw: Any) -> ServerConfig:
+def _tls(raw: Any, base: Path) -> TlsConfig:
+    s = _Section(raw, "server.tls", _TLS_KEYS)
+    tls = TlsConfig(
+        cert_file=s.get("cert_file", None, _path(base)),
+        key_file=s.get("key_file", None, _path(base)),
+        client_ca_file=s.get("client_ca_file", None, _path(base)),
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError("server.tls: set cert_file and key_file together (or neither, for plaintext)")
+    if tls.client_ca_file is not None and tls.cert_file is None:
+        raise ConfigError("server.tls.client_ca_file: mutual TLS needs cert_file and key_file too")
+    return tls
+
+
+def _auth(raw: Any, base: Path) -> AuthConfig:
+    s = _Section(raw, "server.auth", _AUTH_KEYS)
+    from_env = os.environ.get(TOKENS_FILE_ENV)
+    tokens_file = _path(base)(from_env, TOKENS_FILE_ENV) if from_env else s.get("tokens_file", None, _path(base))
+    return AuthConfig(tokens_file=tokens_file)
+
+
+def _server(raw: Any, base: Path) -> ServerConfig:
     s = _Section(raw, "server", _SERVER_KEYS)
     d = ServerConfig()
     server = ServerConfig(
@@ -402,6 +502,11 @@ def _server(raw: Any) -> ServerConfig:
         max_streams=s.get("max_streams", d.max_streams, _int(0)),
         stream_idle_seconds=s.get("stream_idle_seconds", d.stream_idle_seconds, _float(0, low_open=True)),
         processes=s.get("processes", d.processes, processes),
+        max_connection_age_seconds=s.get("max_connection_age_seconds", d.max_connection_age_seconds, _float(0)),
+        tls=_tls(s.raw.get("tls"), base),
+        auth=_auth(s.raw.get("auth"), base),
+        read_only=s.get("read_only", d.read_only, _bool),
+        reflection=s.get("reflection", d.reflection, _bool),
     )
     if server.max_streams and server.max_streams >= server.workers:
         raise ConfigError(
@@ -411,12 +516,45 @@ def _server(raw: Any) -> ServerConfig:
     return server
 
 
-def _volatile(raw: Any, hps: bool) -> VolatileDbConfig:
-    s = _Section(raw, "volatile_db", _VOLATILE_KEYS | (_HPS_VOLATILE_EXTRAS if hps else set()), strict=not hps)
+def _hps_aliased(raw: Any) -> Any:
+    """A ps.json volatile_db section with HPS's names of hps keys replaced by hps's."""
+    if not isinstance(raw, Mapping):
+        return raw
+    for hps_key, key in _HPS_VOLATILE_ALIASES.items():
+        if hps_key in raw and key in raw:
+            raise ConfigError(f"volatile_db.{hps_key}: give it or volatile_db.{key}, not both")
+    return {_HPS_VOLATILE_ALIASES.get(k, k): v for k, v in raw.items()}
+
+
+def _password(s: _Section, from_file: Path | None, default: str) -> str:
+    """The Redis password: the environment, else password_file's content, else the password key."""
+    if "password" in s.raw and from_file is not None:
+        raise ConfigError("volatile_db.password_file: give password or password_file, not both")
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    if from_file is None:
+        return s.get("password", default, _str)
+    try:
+        password = from_file.read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(f"volatile_db.password_file: cannot read it: {reason}") from e
+    if not password:
+        raise ConfigError("volatile_db.password_file: the file is empty")
+    return password
+
+
+def _volatile(raw: Any, base: Path, hps: bool) -> VolatileDbConfig:
+    known = _VOLATILE_KEYS | (_HPS_VOLATILE_EXTRAS if hps else set())
+    s = _Section(_hps_aliased(raw) if hps else raw, "volatile_db", known, strict=not hps)
     d = VolatileDbConfig()
     batch = s.get("max_batch_size", d.max_batch_size, _int(1))
     if hps:  # HPS splits the batch limit in two; the smaller is the safe bound for both directions.
         batch = min(s.get("max_get_batch_size", batch, _int(1)), s.get("max_set_batch_size", batch, _int(1)))
+    tls_cert_file = s.get("tls_cert_file", None, _path(base))
+    tls_key_file = s.get("tls_key_file", None, _path(base))
+    if tls_key_file is not None and tls_cert_file is None:
+        raise ConfigError("volatile_db.tls_key_file: needs volatile_db.tls_cert_file, the certificate of that key")
     return VolatileDbConfig(
         type=s.get("type", d.type, _choice("hash_map", "redis_cluster", "disabled", aliases=_VOLATILE_ALIASES)),
         overflow_margin=s.get("overflow_margin", d.overflow_margin, _int(1)),
@@ -428,8 +566,12 @@ def _volatile(raw: Any, hps: bool) -> VolatileDbConfig:
         cache_missed_embeddings=s.get("cache_missed_embeddings", d.cache_missed_embeddings, _bool),
         address=s.get("address", d.address, _str),
         user_name=s.get("user_name", d.user_name, _str),
-        password=os.environ.get(PASSWORD_ENV) or s.get("password", d.password, _str),
+        password=_password(s, s.get("password_file", None, _path(base)), d.password),
         tls=s.get("tls", d.tls, _bool),
+        tls_ca_file=s.get("tls_ca_file", None, _path(base)),
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+        tls_check_hostname=s.get("tls_check_hostname", d.tls_check_hostname, _bool),
         num_partitions=s.get("num_partitions", d.num_partitions, _int(1)),
         max_batch_size=batch,
         timeout_ms=s.get("timeout_ms", d.timeout_ms, _int(1)),
@@ -593,8 +735,8 @@ def parse(raw: Any, base: Path, hps: bool = False) -> Config:
         if name in names[:i]:
             raise ConfigError(f"models[{i}]: duplicate model name {name!r}")
     return Config(
-        server=_server(top.raw.get("server")),
-        volatile_db=_volatile(top.raw.get("volatile_db"), hps),
+        server=_server(top.raw.get("server"), base),
+        volatile_db=_volatile(top.raw.get("volatile_db"), base, hps),
         persistent_db=_persistent(top.raw.get("persistent_db"), base, hps),
         models=models,
     )

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from hps_client import Client
+from hps_client import Client, HpsError
 from hps_server import config as config_module
 from hps_server import tables
 from hps_server.server import HpsServer
@@ -97,6 +97,7 @@ class WorkloadResult:
     seconds: float
     keys: int
     wrong: int
+    error: str | None = None  # the first refused request's error; a client thread stops at its first
 
 
 def zipf_keys(rng: np.random.Generator, keys: np.ndarray, n: int) -> np.ndarray:
@@ -110,6 +111,7 @@ def run_workload(target: str, seconds: float) -> WorkloadResult:
     key_sets = {t.name: sample_keys(t) for t in SAMPLE_TABLES}
     latencies: list[float] = []
     totals = {"keys": 0, "wrong": 0}
+    errors: list[str] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
 
@@ -121,7 +123,12 @@ def run_workload(target: str, seconds: float) -> WorkloadResult:
             while time.perf_counter() < deadline:
                 batch = {name: zipf_keys(rng, keys, SAMPLES_PER_REQUEST) for name, keys in key_sets.items()}
                 start = time.perf_counter()
-                results = client.lookup_tables(MODEL, batch)
+                try:
+                    results = client.lookup_tables(MODEL, batch)
+                except HpsError as e:
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    break
                 mine.append((time.perf_counter() - start) * 1000)
                 for table in SAMPLE_TABLES:
                     expected = sample_vectors(table, batch[table.name])
@@ -138,10 +145,21 @@ def run_workload(target: str, seconds: float) -> WorkloadResult:
         thread.start()
     for thread in threads:
         thread.join()
-    return WorkloadResult(np.array(latencies), time.perf_counter() - started, totals["keys"], totals["wrong"])
+    elapsed = time.perf_counter() - started
+    return WorkloadResult(np.array(latencies), elapsed, totals["keys"], totals["wrong"], errors[0] if errors else None)
 
 
 def print_summary(server: HpsServer, result: WorkloadResult) -> None:
+    if not len(result.latencies_ms):
+        why = (
+            f"every request failed, the first with {result.error}"
+            if result.error
+            else "--seconds ran out before a request"
+        )
+        print(f"\nworkload: no replies in {result.seconds:.1f} s ({why}); nothing to summarise")
+        return
+    if result.error:
+        print(f"\nsome requests failed, the first with {result.error}")
     session = server.models.session(MODEL)
     print(
         f"\nworkload: {len(result.latencies_ms)} requests ({CLIENT_THREADS} client threads, "
@@ -162,7 +180,10 @@ def run_demo(directory: Path, port: int, seconds: float, once: bool) -> int:
     config_path = make_sample_model(directory)
     config = config_module.load(config_path)
     config = replace(config, server=replace(config.server, address=f"127.0.0.1:{port}"))
-    print("starting the server (the first start ingests the sample tables into RocksDB)...")
+    if config.persistent_db.path.exists():
+        print("starting the server...")
+    else:
+        print("starting the server (this first start ingests the sample tables into RocksDB)...")
     server = HpsServer(config, progress=True)
     bound = server.start()
     target = f"127.0.0.1:{bound}"
@@ -170,7 +191,7 @@ def run_demo(directory: Path, port: int, seconds: float, once: bool) -> int:
         result = run_workload(target, seconds)
         print_summary(server, result)
         if once:
-            return 1 if result.wrong else 0
+            return 1 if result.wrong or result.error or not len(result.latencies_ms) else 0
         print(f"\nserving {MODEL} on {target} (health checking and reflection on); Ctrl-C stops.")
         print(f"try: grpcurl -plaintext {target} list")
         stop = threading.Event()

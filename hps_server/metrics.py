@@ -7,6 +7,7 @@ scrapes; nothing here touches keys one by one or is updated once per table, and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -16,7 +17,15 @@ from typing import Any, Final
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -24,6 +33,8 @@ from hps_server.cache import CacheStats
 
 log = logging.getLogger(__name__)
 
+# Why a call was refused by auth.py (its label values, kept here so metrics imports nothing of auth).
+AUTH_REFUSAL_REASONS: Final = ("missing_credentials", "invalid_token", "permission_denied")
 # Label value standing for model names the server does not host, so clients cannot grow the series count.
 UNKNOWN_MODEL: Final = "_unknown"
 
@@ -36,6 +47,8 @@ _BATCH_BOUNDS = np.array(_BATCH_BUCKETS)
 L1_LEVEL: Final = "l1_cache"
 # Level name under which keys no level held are counted (they get the table's default vector).
 DEFAULT_LEVEL: Final = "default"
+# The batched level calls whose failures hps_level_failures_total counts, each present at 0 from the start.
+LEVEL_OPERATIONS: Final = ("fetch", "insert", "evict")
 
 
 @dataclass
@@ -112,12 +125,25 @@ class LookupTally:
 
 @dataclass(frozen=True)
 class CacheOccupancy:
-    """One L1 cache's state at scrape time: a model table on one device."""
+    """One L1 cache's state at scrape time: a model table on one device; row_bytes: bytes of one vector."""
 
     model: str
     table: str
     device: str
     stats: CacheStats
+    row_bytes: int
+
+
+@dataclass(frozen=True)
+class LevelOccupancy:
+    """What one level below L1 holds of a model table at scrape time; stored_bytes None where the level
+    cannot tell."""
+
+    model: str
+    table: str
+    level: str
+    rows: int
+    stored_bytes: int | None
 
 
 class _Children:
@@ -144,32 +170,39 @@ class _CacheCollector(Collector):
     def add(self, source: Callable[[], Iterable[CacheOccupancy]]) -> None:
         self._sources.append(source)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         labels = ["model", "table", "device"]
         rows = GaugeMetricFamily("hps_cache_rows", "Rows held by the L1 embedding cache.", labels=labels)
-        capacity = GaugeMetricFamily("hps_cache_capacity_rows", "Rows the L1 embedding cache can hold.", labels=labels)
-        hit_rate = GaugeMetricFamily(
-            "hps_cache_hit_rate", "L1 hits / (hits + misses) since the cache was built.", labels=labels
+        stored = GaugeMetricFamily(
+            "hps_cache_bytes", "Bytes of the vectors the L1 embedding cache holds (rows x dim x 4).", labels=labels
         )
+        capacity = GaugeMetricFamily("hps_cache_capacity_rows", "Rows the L1 embedding cache can hold.", labels=labels)
+        # Counters, not a ratio: a ratio since the cache was built cannot be rated over a window or summed.
+        hits = CounterMetricFamily("hps_cache_hits", "L1 hits since the cache was built.", labels=labels)
+        misses = CounterMetricFamily("hps_cache_misses", "L1 misses since the cache was built.", labels=labels)
         for source in self._sources:
             for entry in source():
                 values = [entry.model, entry.table, entry.device]
                 rows.add_metric(values, entry.stats.rows)
+                stored.add_metric(values, entry.stats.rows * entry.row_bytes)
                 capacity.add_metric(values, entry.stats.capacity)
-                hit_rate.add_metric(values, entry.stats.hit_rate)
-        yield rows
-        yield capacity
-        yield hit_rate
+                hits.add_metric(values, entry.stats.hits)
+                misses.add_metric(values, entry.stats.misses)
+        yield from (rows, stored, capacity, hits, misses)
 
 
 class _LevelCollector(Collector):
-    """Reads whether each level's writes fail when Prometheus scrapes."""
+    """Reads whether each level's writes fail, and what the levels below L1 hold, when Prometheus scrapes."""
 
     def __init__(self) -> None:
         self._sources: list[Callable[[], Iterable[tuple[str, bool]]]] = []
+        self._occupancy: list[Callable[[], Iterable[LevelOccupancy]]] = []
 
     def add(self, source: Callable[[], Iterable[tuple[str, bool]]]) -> None:
         self._sources.append(source)
+
+    def add_occupancy(self, source: Callable[[], Iterable[LevelOccupancy]]) -> None:
+        self._occupancy.append(source)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         failing = GaugeMetricFamily(
@@ -180,7 +213,21 @@ class _LevelCollector(Collector):
         for source in self._sources:
             for level, writes_failing in source():
                 failing.add_metric([level], 1 if writes_failing else 0)
-        yield failing
+        labels = ["model", "table", "level"]
+        rows = GaugeMetricFamily("hps_level_rows", "Rows a level below L1 holds of a table.", labels=labels)
+        stored = GaugeMetricFamily(
+            "hps_level_bytes",
+            "Bytes a level below L1 takes for a table: the hash map's arrays, Redis's MEMORY USAGE estimate, "
+            "RocksDB's live data and memtables estimate.",
+            labels=labels,
+        )
+        for occupancy in self._occupancy:
+            for entry in occupancy():
+                values = [entry.model, entry.table, entry.level]
+                rows.add_metric(values, entry.rows)
+                if entry.stored_bytes is not None:
+                    stored.add_metric(values, entry.stored_bytes)
+        yield from (failing, rows, stored)
 
 
 class _TallyCollector(Collector):
@@ -227,6 +274,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._models = frozenset(models)
         r = self.registry
+        # process_* (resident memory, CPU seconds, open fds) and python_info, as operators expect of a service.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter(
             "hps_requests",
             "RPCs finished, by model, method and gRPC status code.",
@@ -262,6 +312,21 @@ class ServerMetrics:
         )
         self.models_loaded = Gauge("hps_models_loaded", "Models currently served.", registry=r)
         self.ready = Gauge("hps_ready", "1 while the health service reports SERVING.", registry=r)
+        self.auth_refusals = Counter(
+            "hps_auth_refusals",
+            "Calls refused: no or unknown credentials (missing_credentials, invalid_token), or no grant "
+            "(permission_denied).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AUTH_REFUSAL_REASONS:
+            self.auth_refusals.labels(reason)  # present at 0 from the start, so a rate() sees the first one
+        self.busy_refusals = Counter(
+            "hps_requests_refused_busy",
+            "Calls refused at once (RESOURCE_EXHAUSTED) because server.max_queued_requests already waited.",
+            registry=r,
+        )
+        self.waiting = Gauge("hps_requests_waiting", "Calls waiting for an RPC thread now.", registry=r)
         self._caches = _CacheCollector()
         r.register(self._caches)
         self._tallies = _TallyCollector()
@@ -288,6 +353,13 @@ class ServerMetrics:
         """One batched fetch from a level, whatever number of tables it served."""
         self._level_seconds(model, level).observe(seconds)
 
+    def expect_levels(self, levels: Iterable[str]) -> None:
+        """Makes every failure counter of these levels exist at 0, so dashboards and alerts see a series
+        before the first failure."""
+        for level in levels:
+            for operation in LEVEL_OPERATIONS:
+                self.level_failures.labels(level, operation)
+
     def record_level_failure(self, level: str, operation: str) -> None:
         self.level_failures.labels(level, operation).inc()
 
@@ -301,9 +373,23 @@ class ServerMetrics:
         """Registers a callable listing (level kind, whether its writes fail); called on every scrape."""
         self._levels.add(source)
 
+    def watch_level_occupancy(self, source: Callable[[], Iterable[LevelOccupancy]]) -> None:
+        """Registers a callable listing what the levels below L1 hold; called on every scrape."""
+        self._levels.add_occupancy(source)
+
     def watch_caches(self, source: Callable[[], Iterable[CacheOccupancy]]) -> None:
         """Registers a callable listing L1 caches; it is called on every scrape."""
         self._caches.add(source)
+
+    def record_auth_refusal(self, reason: str) -> None:
+        self.auth_refusals.labels(reason).inc()
+
+    def record_busy_refusal(self) -> None:
+        self.busy_refusals.inc()
+
+    def watch_waiting(self, source: Callable[[], int]) -> None:
+        """Registers a callable giving the calls waiting for an RPC thread; called on every scrape."""
+        self.waiting.set_function(source)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
@@ -368,6 +454,7 @@ class _RpcInterceptor(grpc.ServerInterceptor):
         self._metrics.rpc_finished(model, method, code or grpc.StatusCode.OK, time.perf_counter() - started)
 
     def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+        @functools.wraps(behavior)  # keeps what gRPC reads off a behavior: its thread pool (admission.py)
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             self._metrics.rpc_started(method)
             started = time.perf_counter()
@@ -382,6 +469,7 @@ class _RpcInterceptor(grpc.ServerInterceptor):
         return handle
 
     def _stream(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+        @functools.wraps(behavior)
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             self._metrics.rpc_started(method)
             started = time.perf_counter()
@@ -410,9 +498,11 @@ class MetricsEndpoint:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"server.metrics_address: must be host:port, got {address!r}")
-        self._server, self._thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+        # No host: loopback only; exposing /metrics beyond the machine takes a host (0.0.0.0:9100).
+        host = host.strip("[]") or "127.0.0.1"
+        self._server, self._thread = start_http_server(int(port), addr=host, registry=registry)
         self.port: int = self._server.server_port
-        log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", self.port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -14,27 +14,42 @@ from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from hps_server import tls
+from hps_server.admission import AdmissionPool
 from hps_server.allocator import keep_large_blocks_in_heap
-from hps_server.config import Config
+from hps_server.auth import Authorizer
+from hps_server.config import Config, ServerConfig
 from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
-from hps_server.models import CacheFactory, HostedModels
+from hps_server.models import CacheFactory, GroupRole, HostedModels
+from hps_server.reflection import enable_reflection
 from hps_server.service import Lookups, service_handlers
 from hps_server.storage.base import StorageError
 from hps_wire._proto import hps_pb2
 
 log = logging.getLogger(__name__)
 
+# Why writes are refused on a server configured read-only (the session puts the model's name before it).
+
 SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("LookupService", "ModelService"))
+# Health name of the write path: NOT_SERVING while Upsert and Delete would be refused (RocksDB failing its
+# writes). Reads still work then, so the whole server ("") and the services stay SERVING for probes.
+WRITES_HEALTH_NAME = "hps.v1.Writes"
+# Threads answering health checks, reflection and ModelService (LookupService has server.workers of its own).
+CONTROL_THREADS = 2
+# How often the write path's state is checked (and a failed level asked to retry its writes).
+WRITES_CHECK_SECONDS = 1.0
 
 
 class HpsServer:
     """One server: `start()` binds and serves, `stop()` drains in-flight calls and closes the levels.
 
+    With server.tls it serves TLS only (see tls.py), with server.auth.tokens_file only the calls a caller's
+    grant allows (see auth.py; health checking stays open), with server.read_only no writes.
+
     As one worker of several (supervisor.py): `shared_port` lets the others bind the same address,
-    `writes_refused` says why Upsert and Delete are refused, `warm_volatile=False` leaves the volatile level
-    out of warm-up (the supervisor warmed a shared one), and `before_serving(stopped)` runs after warm-up
+    `group` sends its writes to the group's writer, `warm_volatile=False` leaves the volatile level
+    out of warm-up (the writer warmed the shared one), and `before_serving(stopped)` runs after warm-up
     and before health reports SERVING (it may block until the others are warm, or `stopped` is set).
     """
 
@@ -45,32 +60,40 @@ class HpsServer:
         progress: bool = False,
         *,
         shared_port: bool = False,
-        writes_refused: str = "",
+        group: GroupRole | None = None,
         warm_volatile: bool = True,
         before_serving: Callable[[threading.Event], None] | None = None,
     ) -> None:
         self.config = config
         self._warm_volatile = warm_volatile
         self.health = health.HealthServicer()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *SERVICE_NAMES, WRITES_HEALTH_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
+        # Credentials first: a bad tokens file or certificate fails the start before anything is opened.
+        authorizer, self._credentials = security(config, self.metrics)
         # /metrics is up while the models load, so a slow or failing start shows (hps_ready 0, model events).
         self._metrics_endpoint: MetricsEndpoint | None = serve_metrics(config.server.metrics_address, self.metrics)
         self.metrics_port: int | None = self._metrics_endpoint.port if self._metrics_endpoint else None
         try:
-            self.models = HostedModels.open(
-                config, cache_factory, progress=progress, metrics=self.metrics, writes_refused=writes_refused
-            )
+            self.models = HostedModels.open(config, cache_factory, progress=progress, metrics=self.metrics, group=group)
         except BaseException:
             if self._metrics_endpoint is not None:
                 self._metrics_endpoint.close()
             raise
         self.metrics.watch_caches(self.models.cache_occupancy)
         self.metrics.watch_levels(self.models.level_states)
+        self.metrics.watch_level_occupancy(self.models.level_occupancy)
+        self.metrics.expect_levels(kind for kind, _ in self.models.level_states())
         message_bytes = config.server.max_message_mb * 1024 * 1024
+        # Lookups and writes run on a pool with a bounded queue (over it: RESOURCE_EXHAUSTED at once); health
+        # checks, reflection and ModelService on the server's own few threads, so a full queue never delays them.
+        self.admission = AdmissionPool(
+            config.server.workers, config.server.max_queued_requests, self.metrics.record_busy_refusal
+        )
+        self.metrics.watch_waiting(self.admission.waiting)
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="hps-rpc"),
+            futures.ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="hps-control"),
             interceptors=[self.metrics.interceptor()],
             options=[
                 ("grpc.max_receive_message_length", min(message_bytes, largest_request_bytes(config))),
@@ -79,15 +102,18 @@ class HpsServer:
                 # start without error and take part of its connections. One process binds alone; the
                 # workers of one supervisor share on purpose.
                 ("grpc.so_reuseport", int(shared_port)),
+                *connection_age_options(config.server),
             ],
         )
-        self.lookups = Lookups(self.models, config.server)
-        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups))
+        self.lookups = Lookups(self.models, config.server, authorizer)
+        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups, self.admission))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        if config.server.reflection_served:
+            enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))
         self.port = 0
         self.ready = threading.Event()
         self._warming: threading.Thread | None = None
+        self._writes_watch: threading.Thread | None = None
         self._before_serving = before_serving
         self._stopped = threading.Event()
         self._closed = threading.Event()
@@ -99,11 +125,18 @@ class HpsServer:
         """Binds the configured address and starts serving; returns the bound port."""
         address = self.config.server.address
         try:
-            self.port = self._grpc.add_insecure_port(address)
+            if self._credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, self._credentials)
         except RuntimeError as e:
             raise OSError(f"server.address: cannot bind {address} (already in use by another program?)") from e
         self._grpc.start()
-        log.info("listening on port %d; warming up before reporting SERVING", self.port)
+        log.info(
+            "listening on port %d (%s); warming up before reporting SERVING",
+            self.port,
+            "plaintext" if self._credentials is None else "TLS",
+        )
         self._warming = threading.Thread(target=self._warm_then_serve, name="hps-warm", daemon=True)
         self._warming.start()
         return self.port
@@ -121,9 +154,25 @@ class HpsServer:
                 return
             for name in ("", *SERVICE_NAMES):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._report_writes()
+            self._writes_watch = threading.Thread(target=self._watch_writes, name="hps-writes", daemon=True)
+            self._writes_watch.start()
             self.metrics.set_ready(True)
             self.ready.set()
         log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
+
+    def _watch_writes(self) -> None:
+        """Until stop: lets failed levels retry their writes, and keeps WRITES_HEALTH_NAME in step."""
+        while not self._stopped.wait(WRITES_CHECK_SECONDS):
+            self.models.retry_writes()
+            with self._state:
+                if not self._stopped.is_set():
+                    self._report_writes()
+
+    def _report_writes(self) -> None:
+        refused = any(session.write_refusal() for session in self.models.sessions.values())
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if refused else health_pb2.HealthCheckResponse.SERVING
+        self.health.set(WRITES_HEALTH_NAME, status)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Blocks until warm-up is done and health reports SERVING; False on timeout."""
@@ -139,8 +188,9 @@ class HpsServer:
             self.metrics.set_ready(False)
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         self._grpc.stop(grace).wait()
-        if self._warming is not None:
-            self._warming.join()  # it sees the stop between chunks; the levels must outlive it
+        for thread in (self._warming, self._writes_watch):
+            if thread is not None:
+                thread.join()  # each sees the stop soon (warm-up between chunks); the levels must outlive them
         try:
             self.models.close()
         except StorageError as e:
@@ -159,6 +209,16 @@ class HpsServer:
         self._closed.wait()
 
 
+def security(config: Config, metrics: ServerMetrics | None = None) -> tuple[Authorizer, grpc.ServerCredentials | None]:
+    """The server's authorizer (counting refusals in `metrics`) and TLS credentials (None: plaintext) from
+    server.auth and server.tls; ConfigError naming the field when a file is unusable."""
+    authorizer = Authorizer(config.server.auth.tokens_file, metrics.record_auth_refusal if metrics else None)
+    credentials = tls.server_credentials(config.server.tls) if config.server.tls.enabled else None
+    if authorizer.enabled and credentials is None:
+        log.warning("server.auth is on without server.tls: tokens cross the network in plaintext")
+    return authorizer, credentials
+
+
 # Bytes a request may carry beyond its arrays: names, tags and lengths per query, and the message's own.
 _QUERY_OVERHEAD_BYTES = 256
 _REQUEST_OVERHEAD_BYTES = 1 << 20
@@ -174,6 +234,18 @@ def largest_request_bytes(config: Config) -> int:
     lookup = server.max_keys_per_request * 20 + server.max_queries_per_request * _QUERY_OVERHEAD_BYTES
     write = server.max_keys_per_write * (8 + 4 * widest)
     return max(lookup, write) + _REQUEST_OVERHEAD_BYTES
+
+
+def connection_age_options(server: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's options closing connections older than server.max_connection_age_seconds (none when it is 0):
+    a GOAWAY makes long-lived client channels reconnect, so they spread over replicas added since, and
+    calls in flight on the old connection get shutdown_grace_seconds to finish."""
+    if not server.max_connection_age_seconds:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(server.max_connection_age_seconds * 1000))),
+        ("grpc.max_connection_age_grace_ms", round(server.shutdown_grace_seconds * 1000)),
+    ]
 
 
 def serve(config: Config, cache_factory: CacheFactory | None = None) -> int:

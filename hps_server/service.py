@@ -19,6 +19,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from hps_server.admission import AdmissionPool, bounded
+from hps_server.auth import Authorizer, AuthRefusedError, Caller
 from hps_server.coalescing import Coalescer, QueueFullError
 from hps_server.combiners import CombinerName, check_row_splits, clip_norms, combine
 from hps_server.config import ServerConfig
@@ -113,9 +115,12 @@ class _Prepared:
 class Lookups:
     """Request decoding, limits, batching and reply encoding shared by the unary and streaming Lookup."""
 
-    def __init__(self, models: HostedModels, limits: ServerConfig | None = None) -> None:
+    def __init__(
+        self, models: HostedModels, limits: ServerConfig | None = None, authorizer: Authorizer | None = None
+    ) -> None:
         self.models = models
         self.limits = limits or ServerConfig()
+        self.authorizer = authorizer or Authorizer(None)
         self.streams = StreamGuard(self.limits.streams_allowed, self.limits.stream_idle_seconds)
         self.coalescer: Coalescer[_Prepared, list[Outcome]] = Coalescer(
             self._pass,
@@ -123,6 +128,12 @@ class Lookups:
             self.limits.max_queued_requests,
             "server.max_queued_requests",
         )
+
+    def caller(self, context: grpc.ServicerContext) -> Caller:
+        """Who makes this call: AuthRefusedError (UNAUTHENTICATED) when its credentials are missing or bad. A
+        handler then checks what it needs, `caller.require("admin", model)`, before touching anything; inside
+        _guarded a refusal becomes the call's status (PERMISSION_DENIED)."""
+        return self.authorizer.identify(context)
 
     def session(self, model: str) -> LookupSession:
         try:
@@ -136,9 +147,11 @@ class Lookups:
         except KeyError as e:
             raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
 
-    def answer(self, request: hps_pb2.LookupRequest) -> bytes:
-        """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply)."""
+    def answer(self, request: hps_pb2.LookupRequest, caller: Caller) -> bytes:
+        """The serialized LookupResponse (see response_codec: vectors are copied once, into the reply). The
+        caller's read permission on the model is checked once, before admission and any decoding."""
         _parsed(request)
+        caller.require("read", request.model)
         prepared = self.prepare(request)
         try:
             outcomes = self.coalescer.submit(prepared)
@@ -347,6 +360,8 @@ def _guarded(context: grpc.ServicerContext, call: str, work):  # type: ignore[no
         return work()
     except RequestError as e:
         _abort(context, e)
+    except AuthRefusedError as e:
+        _abort(context, RequestError(e.code, e.message))
     except ValueError as e:
         _abort(context, _invalid(str(e)))
     except LevelUnavailableError as e:
@@ -362,23 +377,29 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
         self.lookups = lookups
 
     def Lookup(self, request: hps_pb2.LookupRequest, context: grpc.ServicerContext) -> bytes:
-        return _guarded(context, "Lookup", lambda: self.lookups.answer(request))
+        return _guarded(context, "Lookup", lambda: self.lookups.answer(request, self.lookups.caller(context)))
 
     def StreamLookup(
         self, request_iterator: Iterator[hps_pb2.LookupRequest], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        # A refused request ends the stream with its status; replies already sent stand.
+        # A refused request ends the stream with its status; replies already sent stand. The caller is known
+        # once per stream; each request's model is checked against its grant.
+        caller = _guarded(context, "StreamLookup", lambda: self.lookups.caller(context))
         try:
             with self.lookups.streams.opened(context) as stream:
                 for request in request_iterator:
                     StreamGuard.touch(stream)
-                    yield _guarded(context, "StreamLookup", lambda request=request: self.lookups.answer(request))
+                    yield _guarded(
+                        context, "StreamLookup", lambda request=request: self.lookups.answer(request, caller)
+                    )
         except StreamsFullError as e:
             _abort(context, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
 
     def Upsert(self, request: hps_pb2.UpsertRequest, context: grpc.ServicerContext) -> hps_pb2.UpsertResponse:
         def work() -> hps_pb2.UpsertResponse:
+            caller = self.lookups.caller(context)
             _parsed(request)
+            caller.require("write", request.model)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
@@ -400,7 +421,9 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
 
     def Delete(self, request: hps_pb2.DeleteRequest, context: grpc.ServicerContext) -> hps_pb2.DeleteResponse:
         def work() -> hps_pb2.DeleteResponse:
+            caller = self.lookups.caller(context)
             _parsed(request)
+            caller.require("write", request.model)
             session = self.lookups.session(request.model)
             table = self.lookups.table(session, request.table)
             keys = self.lookups.write_keys(request.keys)
@@ -412,9 +435,10 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
         return _guarded(context, "Delete", work)
 
 
-def service_handlers(lookups: Lookups) -> tuple[grpc.GenericRpcHandler, ...]:
+def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.GenericRpcHandler, ...]:
     """Both services' handlers. Requests are parsed by _tolerant (a malformed one is INVALID_ARGUMENT);
-    Lookup and StreamLookup send the bytes response_codec already encoded."""
+    Lookup and StreamLookup send the bytes response_codec already encoded. LookupService's calls run on
+    `pool` (bounded queueing), ModelService's on the server's own pool with the health checks."""
     servicer, models = LookupServicer(lookups), ModelServicer(lookups)
 
     def method(
@@ -433,12 +457,15 @@ def service_handlers(lookups: Lookups) -> tuple[grpc.GenericRpcHandler, ...]:
     lookup_service = grpc.method_handlers_generic_handler(
         hps_pb2.DESCRIPTOR.services_by_name["LookupService"].full_name,
         {
-            "Lookup": method(unary, servicer.Lookup, hps_pb2.LookupRequest, None),
+            "Lookup": method(unary, bounded(pool, servicer.Lookup), hps_pb2.LookupRequest, None),
             "StreamLookup": method(
-                grpc.stream_stream_rpc_method_handler, servicer.StreamLookup, hps_pb2.LookupRequest, None
+                grpc.stream_stream_rpc_method_handler,
+                bounded(pool, servicer.StreamLookup, streaming=True),
+                hps_pb2.LookupRequest,
+                None,
             ),
-            "Upsert": method(unary, servicer.Upsert, hps_pb2.UpsertRequest, hps_pb2.UpsertResponse),
-            "Delete": method(unary, servicer.Delete, hps_pb2.DeleteRequest, hps_pb2.DeleteResponse),
+            "Upsert": method(unary, bounded(pool, servicer.Upsert), hps_pb2.UpsertRequest, hps_pb2.UpsertResponse),
+            "Delete": method(unary, bounded(pool, servicer.Delete), hps_pb2.DeleteRequest, hps_pb2.DeleteResponse),
         },
     )
     model_service = grpc.method_handlers_generic_handler(
@@ -461,8 +488,10 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
         self, request: hps_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> hps_pb2.ListModelsResponse:
         def work() -> hps_pb2.ListModelsResponse:
+            caller = self.lookups.caller(context)
             _parsed(request)
-            return hps_pb2.ListModelsResponse(models=sorted(self.lookups.models.sessions))
+            readable = [model for model in self.lookups.models.sessions if caller.allows("read", model)]
+            return hps_pb2.ListModelsResponse(models=sorted(readable))
 
         return _guarded(context, "ListModels", work)
 
@@ -470,7 +499,9 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
         self, request: hps_pb2.DescribeModelRequest, context: grpc.ServicerContext
     ) -> hps_pb2.DescribeModelResponse:
         def work() -> hps_pb2.DescribeModelResponse:
+            caller = self.lookups.caller(context)
             _parsed(request)
+            caller.require("read", request.model)
             session = self.lookups.session(request.model)
             return hps_pb2.DescribeModelResponse(
                 model=session.name,
@@ -485,6 +516,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
                     for table in session.model.tables
                 ],
                 levels=session.level_names(),
+                writes_refused=session.write_refusal(),
             )
 
         return _guarded(context, "DescribeModel", work)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from hps_server.config import ModelConfig, TableConfig, shown
 from hps_server.log_limits import RateLimitedWarning
 from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, ServerMetrics
 from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
+from hps_server.write_epochs import WriteEpochs
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,15 @@ class ServedTable:
     """One table of a served model, resolved once when the model loads: its config, its name in the
     storage levels, its place in L1, and the epoch and lock that keep write-backs behind upserts."""
 
-    def __init__(self, model: ModelConfig, config: TableConfig, index: int, l1: TableL1 | None) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        config: TableConfig,
+        index: int,
+        l1: TableL1 | None,
+        epochs: WriteEpochs,
+        epoch_slot: int,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.dim = config.dim
@@ -45,11 +55,46 @@ class ServedTable:
         self.l1 = l1
         # What tables walking down together must share: the vector width and the L1 caches.
         self.group = (self.dim, l1.caches if l1 else ())
-        # Bumped by every upsert/delete: a write-back (into L2 or L1) of rows read before is dropped,
-        # so no level above takes a row older than one written since. The lock makes check+insert
-        # atomic against the upsert/delete that bumps it.
-        self.epoch = 0
+        # Bumped by every upsert/delete (write_epochs.py): a write-back (into L2 or L1) of rows read before
+        # is dropped, so no level above takes a row older than one written since. The lock makes
+        # check+insert atomic against the upsert/delete (or, in a group worker, the L1 refresh) of the table.
+        self.epochs = epochs
+        self.epoch_slot = epoch_slot
         self.lock = threading.Lock()
+
+    @property
+    def epoch(self) -> int:
+        return self.epochs.of(self.epoch_slot)
+
+
+class WriteRoute(Protocol):
+    """Where a group worker sends its writes instead of writing its levels: the group's one writer
+    (group_writes.py), which writes every level and refreshes every worker's L1 before it answers."""
+
+    def upsert(self, model: str, table: str, keys: np.ndarray, vectors: np.ndarray) -> int: ...
+
+    def delete(self, model: str, table: str, keys: np.ndarray) -> int: ...
+
+    def write_refusal(self, model: str) -> str:
+        """The writer's LookupSession.write_refusal() of the model."""
+        ...
+
+    def write_back(
+        self,
+        model: str,
+        level: int,
+        tables: list[str],
+        epochs: list[int],
+        keys: np.ndarray,
+        table_of: np.ndarray,
+        rows: np.ndarray,
+    ) -> None:
+        """Rows the worker found below its `levels[level]`, for the writer to copy into that level unless a
+        write of their tables came since the worker read `epochs`."""
+
+
+WrittenHook = Callable[["ServedTable", np.ndarray, "np.ndarray | None"], None]
+"""Called by the writer once a write reached every level: (table, keys, new vectors or None for a delete)."""
 
 
 @dataclass(frozen=True)
@@ -150,17 +195,32 @@ class LookupSession:
         write_back: bool = True,
         metrics: ServerMetrics | None = None,
         writes_refused: str = "",
+        *,
+        epochs: WriteEpochs | None = None,
+        first_epoch_slot: int = 0,
+        route: WriteRoute | None = None,
+        on_written: WrittenHook | None = None,
     ) -> None:
         """levels: storage levels top first; caches: each table's place in L1 (placement.build_caches);
         write_back: insert rows found below into the writable levels above them;
         metrics: where each pass reports its per-level counts and timings;
-        writes_refused: why Upsert and Delete are refused although a level would take them (empty: they are not)."""
+        writes_refused: why Upsert and Delete are refused although a level would take them (empty: they are not);
+        epochs: the tables' write epochs from `first_epoch_slot` on (shared by a worker group; default private);
+        route: a group worker's writer (writes and write-backs go there); on_written: the writer's hook that
+        refreshes the workers' L1 before a write is acknowledged."""
         self.model = model
         self.writes_refused = writes_refused
         self.levels = tuple(levels)
         caches = dict(caches or {})
+        self.epochs = epochs or WriteEpochs(len(model.tables))
+        self.route = route
+        self._on_written = on_written
+        self._seen_commits = self.epochs.commits
+        self._follow_lock = threading.Lock()
         self.tables = {
-            config.name: ServedTable(model, config, index, caches.get(config.name))
+            config.name: ServedTable(
+                model, config, index, caches.get(config.name), self.epochs, first_epoch_slot + index
+            )
             for index, config in enumerate(model.tables)
         }
         self.has_l1 = bool(caches)
@@ -221,6 +281,7 @@ class LookupSession:
         """Answers the batch from L1, then the levels below for what missed, then defaults; copies what
         it fetched into the levels above. report: the walk answers replies, so it is counted."""
         epochs = [table.epoch for table in batch.tables]  # read before any row is
+        self.follow_writes()
         n = len(batch)
         counts = _PassCounts(self, batch)
         found = np.zeros(n, bool)
@@ -352,12 +413,16 @@ class LookupSession:
         if not self.write_back:
             return
         for f in fetched:
-            above = [level for level in self.levels[: f.level] if not level.read_only]
+            above = [(index, level) for index, level in enumerate(self.levels[: f.level]) if not level.read_only]
             if not above:
                 continue
             keys, tables, rows = batch.keys[f.positions], batch.table_of[f.positions], f.found_rows()
-            for level in above:
+            for index, level in above:
                 try:
+                    if self.route is not None:
+                        names = [table.name for table in batch.tables]
+                        self.route.write_back(self.name, index, names, epochs, keys, tables, rows)
+                        continue
 
                     def copy(keep: np.ndarray, level=level, keys=keys, rows=rows, tables=tables) -> None:  # type: ignore[no-untyped-def]
                         level.insert_many(batch.names, keys[keep], tables[keep], rows[keep])
@@ -369,16 +434,39 @@ class LookupSession:
                     if self.metrics is not None:
                         self.metrics.record_level_failure(level.kind, "insert")
 
+    def write_back_from(
+        self,
+        level: int,
+        tables: list[str],
+        epochs: list[int],
+        keys: np.ndarray,
+        table_of: np.ndarray,
+        rows: np.ndarray,
+    ) -> None:
+        """The writer's side of WriteRoute.write_back: a worker's rows, copied into `levels[level]` unless a
+        write of their tables came since the worker read `epochs`."""
+        served = [self.table(name) for name in tables]
+        target = self.levels[level]
+        names = [table.storage_name for table in served]
+        self._insert_unless_stale(
+            served, epochs, table_of, lambda keep: target.insert_many(names, keys[keep], table_of[keep], rows[keep])
+        )
+
     @staticmethod
     def _insert_unless_stale(
         tables: Sequence[ServedTable], epochs: Sequence[int], table_of: np.ndarray, insert: Callable[[np.ndarray], None]
     ) -> None:
         """Runs insert(keep) for the rows whose table saw no upsert or delete since `epochs` were read
-        (the others may be older than what was written); holds those tables' locks meanwhile."""
+        (the others may be older than what was written), nor had one under way then; holds those tables'
+        locks meanwhile."""
         with contextlib.ExitStack() as held:
             for table in sorted(tables, key=lambda t: t.index):  # one order everywhere: no deadlock
                 held.enter_context(table.lock)
-            stale = [i for i, (table, epoch) in enumerate(zip(tables, epochs, strict=True)) if table.epoch != epoch]
+            stale = [
+                i
+                for i, (table, epoch) in enumerate(zip(tables, epochs, strict=True))
+                if epoch % 2 or table.epoch != epoch
+            ]
             keep = np.ones(len(table_of), bool) if not stale else ~np.isin(table_of, stale)
             if keep.any():
                 insert(keep)
@@ -400,8 +488,10 @@ class LookupSession:
         table = self.table(table_name)
         keys = as_keys(keys)
         vectors = as_vectors(vectors, len(keys), table.dim)
+        if self.route is not None:
+            return self.route.upsert(self.name, table.name, keys, vectors)
         self._require_writable()
-        with self._writing(table, lambda cache, index: cache.update(keys, vectors, _same(index, keys))):
+        with self._writing(table, keys, vectors):
             for authoritative, level in self._writable_levels():
                 self._write_level(
                     authoritative, level, "insert", lambda lvl: lvl.insert(table.storage_name, keys, vectors)
@@ -414,9 +504,11 @@ class LookupSession:
         above it that is unavailable does not fail the call, as for upsert."""
         table = self.table(table_name)
         keys = np.unique(as_keys(keys))
+        if self.route is not None:
+            return self.route.delete(self.name, table.name, keys)
         self._require_writable()
         removed = 0
-        with self._writing(table, lambda cache, index: cache.invalidate(keys, _same(index, keys))):
+        with self._writing(table, keys, None):
             for authoritative, level in self._writable_levels():
                 held = self._write_level(authoritative, level, "evict", lambda lvl: lvl.evict(table.storage_name, keys))
                 removed = held if authoritative else removed
@@ -445,25 +537,79 @@ class LookupSession:
 
     def insert_if_unchanged(self, table: ServedTable, epoch: int, insert: Callable[[], None]) -> bool:
         """Runs `insert` (a copy of rows into a level above) unless an upsert or delete of the table came
-        since `epoch` was read, in which case the rows may be stale and nothing is written."""
+        since `epoch` was read (or was under way), in which case the rows may be stale and nothing is written."""
         with table.lock:
-            if table.epoch != epoch:
+            if epoch % 2 or table.epoch != epoch:
                 return False
             insert()
             return True
 
     @contextlib.contextmanager
-    def _writing(self, table: ServedTable, refresh_l1: Callable[[EmbeddingCache, int], None]) -> Iterator[None]:
-        """Holds the table against write-backs while the levels are written; L1 is refreshed even when
-        a level fails part-way, since the levels below it may already hold the new rows."""
+    def _writing(self, table: ServedTable, keys: np.ndarray, vectors: np.ndarray | None) -> Iterator[None]:
+        """Holds the table against write-backs while the levels are written (its epoch odd); L1 is
+        refreshed, and the writer's hook told, even when a level fails part-way, since the levels below
+        may already hold the new rows."""
         with table.lock:
-            table.epoch += 1
+            self.epochs.begin(table.epoch_slot)
             try:
                 yield
             finally:
-                if table.l1 is not None:
-                    for cache in table.l1.caches:
-                        refresh_l1(cache, table.l1.index)
+                self.epochs.committed()
+                self._refresh_l1(table, keys, vectors)
+                try:
+                    if self._on_written is not None:
+                        self._on_written(table, keys, vectors)
+                finally:
+                    self.epochs.end(table.epoch_slot)
+
+    def refresh(self, table_name: str, keys: np.ndarray, vectors: np.ndarray | None) -> None:
+        """A group worker's share of a write the writer made: its read-only levels catch up, then its L1
+        takes the new rows of keys it holds (vectors) or drops the keys (None: a delete)."""
+        table = self.table(table_name)
+        self.follow_writes()
+        with table.lock:
+            self._refresh_l1(table, keys, vectors)
+
+    @staticmethod
+    def _refresh_l1(table: ServedTable, keys: np.ndarray, vectors: np.ndarray | None) -> None:
+        if table.l1 is None:
+            return
+        index = _same(table.l1.index, keys)
+        for cache in table.l1.caches:
+            if vectors is None:
+                cache.invalidate(keys, index)
+            else:
+                cache.update(keys, vectors, index)
+
+    def follow_writes(self) -> None:
+        """Catches the levels up with writes another process committed (a group's writer), once per new
+        commit: cheap when nothing was written."""
+        commits = self.epochs.commits
+        if commits == self._seen_commits:
+            return
+        with self._follow_lock:
+            if commits == self._seen_commits:
+                return
+            for level in self.levels:
+                level.follow_writes()
+            self._seen_commits = commits
+
+    def write_refusal(self) -> str:
+        """Why Upsert and Delete would be refused now, empty while they are taken: the server refuses
+        writes, no level takes them, or the authoritative level's writes fail (until it recovers). A group
+        worker asks the group's writer, which writes for it."""
+        if self.route is not None:
+            try:
+                return self.route.write_refusal(self.name)
+            except StorageError as e:
+                return str(e)
+        try:
+            self._require_writable()
+        except PermissionError as e:
+            return str(e)
+        _, authority = next(self._writable_levels())
+        failure = authority.write_failure
+        return "" if failure is None else f"{authority.kind}: writes failing: {failure}"
 
     def _require_writable(self) -> None:
         if self.writes_refused:

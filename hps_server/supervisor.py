@@ -1,11 +1,14 @@
 """`hps serve --processes N`: a supervisor and N worker processes, each a whole HpsServer, on one port.
 
-The supervisor claims the address, prepares the levels once, spawns the workers (never forks: a forked
-gRPC process is unsafe), restarts one that dies, and drains them all on SIGTERM/SIGINT. It serves no RPC
-and holds no level open while workers run, except that it owns a shared hash map: with volatile_db.type
-hash_map it creates the level in shared memory, warms it once, passes its name to the workers (who attach,
-write back into it and warm only their L1) and unlinks it at exit. Each worker still holds its own L1, and
-writes are refused (an Upsert would reach one worker's L1 only); a shared L1 and one writer come later.
+The supervisor claims the address, spawns the workers (never forks: a forked gRPC process is unsafe),
+restarts one that dies, and drains them all on SIGTERM/SIGINT. It serves no client, but it is the group's
+one writer (group_writes.py): it opens the levels read-write, prepares the tables and warms the volatile
+level once, and applies every worker's Upserts, Deletes and write-backs, refreshing every worker's L1
+before a write is acknowledged. With volatile_db.type hash_map it creates that level in shared memory,
+passes its name to the workers (who attach and warm only their L1) and unlinks it at exit. On GPUs the
+writer also makes one L1 cache per device that every worker maps (shared_l1.py). Workers open RocksDB
+read-only and follow the writer's commits.
+Every worker serves the config's TLS and checks its tokens itself; the supervisor only checks the files first.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from multiprocessing.connection import wait as wait_for_handles
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from hps_server import logs
 from hps_server.allocator import keep_large_blocks_in_heap
+from hps_server.cache.shared_l1 import OpenedGpuCaches
 from hps_server.config import Config
-from hps_server.models import prepare_levels
-from hps_server.server import HpsServer, serve_until_signalled
+from hps_server.group_writes import GroupAddress, GroupWriter, WriterLink
+from hps_server.logs import LogFormat
+from hps_server.server import HpsServer, security, serve_until_signalled
+from hps_server.storage.base import StorageError
 from hps_server.storage.hashmap import HashMapLevel
 
 log = logging.getLogger(__name__)
@@ -44,11 +51,6 @@ CLOSE_SECONDS = 5.0
 POLL_SECONDS = 0.2
 
 
-def writes_refused(processes: int) -> str:
-    """Why the workers of a group refuse Upsert and Delete (each holds its own L1 copies of the rows)."""
-    return f"served by {processes} worker processes, each with its own caches: a write would reach one worker only"
-
-
 @dataclass(frozen=True)
 class WorkerSpec:
     """What a worker process is started with (pickled into it by the spawn context)."""
@@ -56,19 +58,32 @@ class WorkerSpec:
     index: int
     processes: int
     config: Config  # the worker's own: see worker_config
+    group: GroupAddress
     log_level: int
-    log_format: str
+    log_format: LogFormat
 
 
-def serve_workers(config: Config, log_format: str) -> int:
+def serve_workers(config: Config, log_format: LogFormat) -> int:
     """Runs config.server.processes workers on config.server.address until SIGTERM or SIGINT; the exit code:
-    0 after a drain, 1 when a worker exited before every worker was serving. OSError naming the address
-    when another program holds it."""
+    0 after a drain, 1 when a worker exited before every worker was serving or the writer's final flush
+    failed. OSError naming the address when another program holds it."""
+    security(config)  # a bad certificate or tokens file stops the group here, not each worker at its start
     held, port = claim_address(config.server.address)
     try:
         with shared_volatile(config) as config:
-            prepare_levels(config, progress=True, warm_volatile=bool(config.volatile_db.shared_memory))
-            return WorkerGroup(config, port, log_format).run()
+            writer = GroupWriter(config, config.server.processes)
+            try:
+                writer.warm(threading.Event())
+                group = WorkerGroup(config, port, log_format, writer.address)
+                writer.on_unresponsive = group.kill
+                code = group.run()
+            finally:
+                try:
+                    writer.close()
+                except StorageError as e:
+                    log.error("closing the levels failed: %s", e)
+                    code = 1
+            return code
     finally:
         held.close()
 
@@ -136,8 +151,8 @@ def _metrics_address(address: str, index: int) -> str:
 
 
 def worker_config(config: Config, port: int, index: int) -> Config:
-    """A worker's config: the group's port, RocksDB read-only (the supervisor prepared it; no worker
-    writes it), and its own /metrics port."""
+    """A worker's config: the group's port, RocksDB read-only (the group's writer writes it), and its
+    own /metrics port."""
     server = replace(
         config.server,
         address=_worker_address(config.server.address, port),
@@ -174,9 +189,10 @@ class WorkerGroup:
     "serving"), so no lock is shared between processes: a worker killed at any instant blocks no other.
     """
 
-    def __init__(self, config: Config, port: int, log_format: str) -> None:
+    def __init__(self, config: Config, port: int, log_format: LogFormat, writer: GroupAddress) -> None:
         self.config = config
         self.port = port
+        self._writer = writer
         self.size = config.server.processes
         self._log_format = log_format
         self._context = multiprocessing.get_context("spawn")
@@ -217,6 +233,7 @@ class WorkerGroup:
             index,
             self.size,
             worker_config(self.config, self.port, index),
+            self._writer,
             logging.getLogger().getEffectiveLevel(),
             self._log_format,
         )
@@ -226,6 +243,12 @@ class WorkerGroup:
         theirs.close()  # the worker holds it now; at its exit our end reads EOF
         self._workers[index] = _Worker(process, ours)
         log.info("worker %d started (pid %d)", index, process.pid)
+
+    def kill(self, index: int) -> None:
+        """Kills worker `index` (it is restarted as after any exit); safe from any thread."""
+        worker = self._workers[index]
+        if worker is not None:
+            worker.process.kill()
 
     def _receive(self) -> None:
         """Takes what the workers say within POLL_SECONDS (returning early when one says something or exits)."""
@@ -302,7 +325,7 @@ class WorkerGroup:
 
 def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     """A worker process: serves its config on the shared port until SIGTERM, SIGINT or the supervisor's end."""
-    logging.basicConfig(level=spec.log_level, format=spec.log_format)
+    logs.configure(spec.log_level, spec.log_format)
     keep_large_blocks_in_heap()
 
     def wait_for_the_others(stopped: threading.Event) -> None:
@@ -314,14 +337,17 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
                 supervisor.recv()  # "serve"
                 return
 
+    writer = WriterLink(spec.group, spec.index)
     server = HpsServer(
         spec.config,
+        OpenedGpuCaches(spec.group.l1).factory,
         shared_port=True,
-        writes_refused=writes_refused(spec.processes),
-        # A shared hash map was warmed by the supervisor: N workers copying RocksDB into it would repeat it.
-        warm_volatile=not spec.config.volatile_db.shared_memory,
+        group=writer.role(),
+        # The writer warmed the volatile level every worker shares: N workers copying into it would repeat it.
+        warm_volatile=False,
         before_serving=wait_for_the_others,
     )
+    writer.models = server.models
 
     def report_serving() -> None:
         server.wait_ready()
@@ -337,5 +363,7 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
 
     threading.Thread(target=report_serving, name="hps-report", daemon=True).start()
     threading.Thread(target=leave_with_the_supervisor, name="hps-orphan", daemon=True).start()
-    if serve_until_signalled(server):
+    code = serve_until_signalled(server)
+    writer.close()
+    if code:
         sys.exit(1)  # closing the levels failed: the supervisor logs the exit code

@@ -54,25 +54,15 @@ def warm(
     log.info("warm-up done in %.1f s", time.monotonic() - started)
 
 
-def fill_level(volatile: StorageLevel, persistent: StorageLevel, tables: Sequence[str], rate: float) -> None:
-    """Copies `rate` of each table from `persistent` into `volatile` before any server opens them (the
-    supervisor's warm-up of a shared level): no session exists and nothing writes meanwhile, so no epochs."""
-    for name in tables:
-        copied = volatile.load(name, first_rows(persistent, name, int(persistent.size(name) * rate)))
-        log.info("warmed %s: %d rows in %s", name, copied, volatile.kind)
-
-
 def _copies(
     session: LookupSession, table: ServedTable, source: StorageLevel, budget: int
 ) -> Iterator[tuple[int, KeyChunk]]:
-    """(epoch, chunk) pairs: each chunk of the first `budget` rows with the table's epoch read before it,
-    so a copy can be dropped when an upsert or delete raced it (session.insert_if_unchanged)."""
-    chunks = first_rows(source, table.storage_name, budget)
-    while True:
-        epoch = table.epoch
-        chunk = next(chunks, None)
-        if chunk is None:
-            return
+    """(epoch, chunk) pairs: each chunk of the first `budget` rows with the table's epoch read before the
+    dump began, so a copy is dropped once an upsert or delete came since (session.insert_if_unchanged):
+    a dump reads the level as it was when it started, so every later chunk may be older than the write."""
+    epoch = table.epoch
+    session.follow_writes()  # a group worker's read-only levels: see every write the epoch has counted
+    for chunk in first_rows(source, table.storage_name, budget):
         yield epoch, chunk
 
 

@@ -5,10 +5,11 @@ Each fixture cleans up after itself; under CI=true a missing service fails the t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
+from hps_bench.certificates import Authority, Pair
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
 from hps_client.triton import TritonEnvironment, TritonSetupError
 from hps_client.triton import setup as triton_setup
 from hps_server import config as config_module
@@ -114,12 +116,65 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     server.stop(grace=1)
 
 
+# ---------------------------------------------------------------- TLS and tokens
+
+# The tokens of the `secured` server: READER may read every model, WRITER read and write ctr, HASHED (listed by
+# its sha256) read ctr only; the certificate named CERT_READER (mTLS, no token) reads every model.
+READER, WRITER, HASHED = "reader-token-0123456789", "writer-token-0123456789", "hashed-token-0123456789"
+CERT_READER = "cert-reader"
+
+
+@dataclass
+class SecuredModel(ServedModel):
+    """A server with mutual TLS and tokens: its CA, a client certificate it accepts, its tokens file."""
+
+    ca: Authority
+    client: Pair
+    tokens_file: Path
+
+
+def write_tokens_file(path: Path, entries: list[dict[str, Any]]) -> Path:
+    path.write_text(yaml.safe_dump({"tokens": entries}))
+    return path
+
+
+def secured_entries() -> list[dict[str, Any]]:
+    return [
+        {"token": READER, "read": "*"},
+        {"token": WRITER, "read": ["ctr"], "write": ["ctr"]},
+        {"token_sha256": hashlib.sha256(HASHED.encode()).hexdigest(), "read": ["ctr"]},
+        {"client_cert_name": CERT_READER, "read": "*"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredModel]:
+    directory = tmp_path_factory.mktemp("secured")
+    truth = write_sample_tables(directory)
+    ca = Authority(directory / "pki", "hps-test")
+    server_pair = ca.issue("hps-server", server=True)
+    tokens_file = write_tokens_file(directory / "tokens.yaml", secured_entries())
+    config = sample_config(directory)
+    server_config = replace(
+        config.server,
+        tls=config_module.TlsConfig(server_pair.cert_file, server_pair.key_file, ca.cert_file),
+        auth=config_module.AuthConfig(tokens_file),
+    )
+    config = replace(config, server=server_config)
+    server = HpsServer(config)
+    port = server.start()
+    yield SecuredModel(
+        server, f"127.0.0.1:{port}", config, truth, ca, ca.issue("hps-client", server=False), tokens_file
+    )
+    server.stop(grace=1)
+
+
 # ---------------------------------------------------------------- Redis Cluster (never on port 6379)
 
 
-def _start_redis_cluster(root: Path, password: str = "", tls: bool = False) -> RedisClusterProcesses:
+def _start_redis_cluster(root: Path, password: str = "", **tls: Any) -> RedisClusterProcesses:
     try:
-        return RedisClusterProcesses(root, password=password, tls=tls).start()
+        return RedisClusterProcesses(root, password=password, **tls).start()
     except RedisNotInstalledError as e:
         if IN_CI:
             pytest.fail(f"CI=true and Redis is missing: {e}")
@@ -148,8 +203,17 @@ def redis_cluster_acl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redi
 
 @pytest.fixture(scope="session")
 def redis_cluster_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
-    """A cluster that speaks only TLS; its certificate is signed by `.ca_file`."""
+    """A cluster that speaks only TLS; its certificate, for 127.0.0.1, is signed by `.ca_file`."""
     with _start_redis_cluster(tmp_path_factory.mktemp("redis-cluster-tls"), tls=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A TLS cluster that requires a client certificate signed by `.ca_file` (`.client_cert_file`), and whose
+    own certificate names only `redis.hps.test`, not the address 127.0.0.1 it is reached at."""
+    root = tmp_path_factory.mktemp("redis-cluster-mtls")
+    with _start_redis_cluster(root, tls=True, tls_auth_clients=True, tls_names="DNS:redis.hps.test") as cluster:
         yield cluster
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +15,10 @@ import pytest
 import redis
 import yaml
 
-from hps_server import tables
-from hps_server.cli import main
-from tests.conftest import TABLE_SPECS, write_sample_tables
+from hps_bench.servers import free_port, wait_serving
+from hps_server import demo, tables
+from hps_server.cli import BENCHMARKS, build_parser, main
+from tests.conftest import TABLE_SPECS, ServedModel, write_sample_config, write_sample_tables
 
 
 def _config_file(directory: Path, with_sources: bool) -> Path:
@@ -57,29 +62,113 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, capsys) -> None:
     assert "models[0].tables[0].dim: must be >= 1, got -1" in capsys.readouterr().err
 
 
-def test_demo_once_serves_the_sample_model_and_prints_its_summary(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hps_server.cli",
-            "demo",
-            "--once",
-            "--port",
-            "0",
-            "--seconds",
-            "2",
-            "--dir",
-            str(tmp_path / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+def _demo(directory: Path, seconds: float) -> subprocess.CompletedProcess[str]:
+    command = ["demo", "--once", "--port", "0", "--seconds", str(seconds), "--dir", str(directory)]
+    return subprocess.run(
+        [sys.executable, "-m", "hps_server.cli", *command], capture_output=True, text=True, timeout=600
     )
+
+
+def test_demo_once_serves_the_sample_model_and_prints_its_summary(tmp_path: Path) -> None:
+    result = _demo(tmp_path / "demo", seconds=2)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "this first start ingests the sample tables" in result.stdout
     assert "wrong vectors: 0" in result.stdout
     for level in ("hash_map", "rocksdb", "user_id", "p99"):
         assert level in result.stdout
+    # A second start finds the tables in RocksDB and says nothing of ingesting; a workload that got no reply
+    # says why instead of failing in its summary.
+    again = _demo(tmp_path / "demo", seconds=0)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "ingests" not in again.stdout
+    assert "workload: no replies in" in again.stdout and "--seconds ran out before a request" in again.stdout
+    assert "Traceback" not in again.stderr
+
+
+def test_demo_workload_refused_by_the_server_says_why(served: ServedModel, capsys) -> None:
+    """The served model is not the demo's: every request is refused, and the summary names the error."""
+    result = demo.run_workload(served.target, seconds=0.5)
+    assert len(result.latencies_ms) == 0
+    assert result.error is not None and result.error.startswith("NotFoundError")
+    demo.print_summary(served.server, result)
+    out = capsys.readouterr().out
+    assert f"workload: no replies in {result.seconds:.1f} s (every request failed, the first with NotFoundError" in out
+    assert demo.MODEL in out
+
+
+def test_log_level_is_checked_with_a_message(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--log-level", "loud", "demo"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --log-level: invalid choice: 'LOUD' (choose from 'DEBUG', 'INFO', 'WARNING', 'ERROR'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["export", "--model", "zz", "--table", "user", "--out", "x"], "no model 'zz' in the config; its models: ctr"),
+        (
+            ["export", "--model", "ctr", "--table", "zz", "--out", "x"],
+            "model ctr has no table 'zz'; its tables: user, item",
+        ),
+        (["import", "--model", "zz"], "no model 'zz' in the config; its models: ctr"),
+        (["import", "--model", "ctr", "--table", "zz"], "model ctr has no table 'zz'; its tables: user, item"),
+        (["import", "--table", "zz"], "no model has a table 'zz'; the tables: user, item"),
+    ],
+)
+def test_unknown_model_or_table_names_what_exists(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    config = _config_file(tmp_path, with_sources=False)
+    assert main([argv[0], "--config", str(config), *argv[1:]]) == 2
+    assert capsys.readouterr().err.strip() == f"hps {argv[0]}: error: {message}"
+
+
+def test_bench_help_lists_the_benchmarks(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for name, (_, summary) in BENCHMARKS.items():
+        assert f"  {name:<8} {summary}" in out
+
+
+def test_every_option_has_a_description() -> None:
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in [("hps", parser), *subcommands.choices.items()]:
+        assert command.description, name
+        for action in command._actions:
+            assert action.help, f"{name} {action.dest}"
+
+
+def test_serve_address_must_be_host_and_port(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(_config_file(tmp_path, with_sources=False)), "--address", "8500"])
+    assert "argument --address: must be HOST:PORT with a port from 0 to 65535, got '8500'" in capsys.readouterr().err
+
+
+def test_serve_address_overrides_the_config_and_json_logs_are_json_lines(tmp_path: Path) -> None:
+    """`--address` wins over server.address; with `--log-format json` every stderr line is one JSON object, and
+    the config's password is in none of them."""
+    password = "pa55-not-for-logs"
+    config, _ = write_sample_config(tmp_path, "127.0.0.1:1")  # a port the server could not bind
+    document = yaml.safe_load(config.read_text())
+    document["volatile_db"]["password"] = password
+    config.write_text(yaml.safe_dump(document))
+    port = free_port()
+    command = [sys.executable, "-m", "hps_server.cli", "--log-format", "json", "serve", "--config", str(config)]
+    process = subprocess.Popen([*command, "--address", f"127.0.0.1:{port}"], stderr=subprocess.PIPE)
+    try:
+        wait_serving(f"127.0.0.1:{port}", process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        err = process.communicate(timeout=60)[1].decode()
+    assert process.returncode == 0, err
+    records = [json.loads(line) for line in err.splitlines()]
+    assert records and all(set(r) == {"time", "level", "logger", "message"} for r in records)
+    assert any(r["level"] == "INFO" and f"serving ctr on port {port}" in r["message"] for r in records), err
+    assert password not in err
 
 
 @pytest.mark.parametrize("policy", ["evict_random", "evict_oldest"])
@@ -147,3 +236,14 @@ def test_serve_processes_must_be_a_count_or_auto(tmp_path: Path, capsys) -> None
         main(["serve", "--config", str(config), "--processes", "0"])
     assert exited.value.code == 2
     assert "argument --processes: server.processes: must be an integer >= 1 or auto, got 0" in capsys.readouterr().err
+
+
+def test_readme_grpcurl_lookup_asks_for_a_key_the_demo_holds_and_one_it_does_not() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    request = json.loads(re.search(r"grpcurl -plaintext -d '(.*?)' ", readme, re.DOTALL)[1])
+    assert request["model"] == demo.MODEL
+    (query,) = request["queries"]
+    (table,) = (t for t in demo.SAMPLE_TABLES if t.name == query["table"])
+    held = np.isin(np.array([int(k) for k in query["key_list"]]), demo.sample_keys(table))
+    assert held.tolist() == [True, False]
+    assert f'"dim": {table.dim}' in readme and '"found": "AQA="' in readme

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from hps_client import AsyncClient, Client, DeadlineExceededError, NotFoundError, UnavailableError
+from hps_wire._proto import hps_pb2
 from tests.conftest import ServedModel
 
 
@@ -79,3 +85,81 @@ def test_max_norm_clips_each_vector_before_the_combiner(served: ServedModel) -> 
         (clipped[5:] * weights[5:, None]).sum(0) / weights[5:].sum(),
     ]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- retries (the channels' service config)
+
+
+@pytest.fixture
+def flaky() -> Iterator[tuple[str, Counter[str]]]:
+    """A real gRPC server on loopback answering every hps method UNAVAILABLE on its first call, then properly;
+    (target, calls seen per method)."""
+    calls: Counter[str] = Counter()
+    replies: dict[str, Callable[[Any], Any]] = {
+        "Lookup": lambda request: hps_pb2.LookupResponse(
+            model=request.model,
+            results=[
+                hps_pb2.TableResult(
+                    table="t", vectors=np.ones((2, 4), "<f4").tobytes(), rows=2, dim=4, found=b"\x01\x01"
+                )
+            ],
+        ),
+        "Upsert": lambda request: hps_pb2.UpsertResponse(rows=1),
+        "Delete": lambda request: hps_pb2.DeleteResponse(rows=1),
+        "ListModels": lambda request: hps_pb2.ListModelsResponse(models=["m"]),
+    }
+
+    def handler(method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            calls[method] += 1
+            if calls[method] == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            return replies[method](request)
+
+        return handle
+
+    def unary(method: str, request_type: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            handler(method),
+            request_deserializer=request_type.FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        )
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    lookups = {
+        "Lookup": unary("Lookup", hps_pb2.LookupRequest),
+        "Upsert": unary("Upsert", hps_pb2.UpsertRequest),
+        "Delete": unary("Delete", hps_pb2.DeleteRequest),
+    }
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler("hps.v1.LookupService", lookups),
+            grpc.method_handlers_generic_handler(
+                "hps.v1.ModelService", {"ListModels": unary("ListModels", hps_pb2.ListModelsRequest)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", calls
+    server.stop(None)
+
+
+def test_reads_are_retried_on_unavailable_and_writes_are_not(flaky: tuple[str, Counter[str]]) -> None:
+    target, calls = flaky
+    with Client(target, timeout=10) as client:
+        np.testing.assert_array_equal(client.lookup("m", "t", [1, 2]), np.ones((2, 4), np.float32))
+        assert client.list_models() == ["m"]
+        for write in (lambda: client.upsert("m", "t", [1], np.ones((1, 4))), lambda: client.delete("m", "t", [1])):
+            with pytest.raises(UnavailableError, match="restarting"):
+                write()
+        assert client.upsert("m", "t", [1], np.ones((1, 4))) == 1  # the caller's own retry goes through
+    assert calls == {"Lookup": 2, "ListModels": 2, "Upsert": 2, "Delete": 1}
+
+    async def lookup_twice() -> np.ndarray:
+        async with AsyncClient(target, timeout=10) as client:
+            return await client.lookup("m", "t", [1, 2])
+
+    calls.clear()  # the asyncio client's channel has the same service config
+    asyncio.run(lookup_twice())
+    assert calls == {"Lookup": 2}

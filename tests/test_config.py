@@ -102,6 +102,20 @@ def test_processes_auto_is_one_per_usable_core() -> None:
     assert config_module.parse(raw, Path(".")).server.processes == len(os.sched_getaffinity(0))
 
 
+def test_every_server_option_is_read_from_the_file() -> None:
+    options = {
+        "max_queries_per_request": 8,
+        "max_keys_per_request": 1000,
+        "max_keys_per_write": 100,
+        "max_streams": 2,
+        "stream_idle_seconds": 5.0,
+        "max_connection_age_seconds": 300.0,
+    }
+    server = config_module.parse({"server": options, "models": [_model()]}, Path(".")).server
+    assert {name: getattr(server, name) for name in options} == options
+    assert config_module.ServerConfig().max_connection_age_seconds == 0  # off unless asked for
+
+
 def _model(**fields: object) -> dict:
     return {"name": "m", "tables": [{"name": "t", "dim": 4}], **fields}
 
@@ -140,6 +154,10 @@ def _model(**fields: object) -> dict:
         ({"models": [_model()], "server": {"processes": 0}}, "server.processes: must be an integer >= 1 or auto"),
         ({"models": [_model()], "server": {"processes": "2"}}, "server.processes: must be an integer >= 1 or auto"),
         ({"models": [_model()], "server": []}, "server: must be a mapping"),
+        (
+            {"models": [_model()], "server": {"max_connection_age_seconds": -1}},
+            "server.max_connection_age_seconds: must be >= 0",
+        ),
         ({"models": [_model()], "persistent_db": {"path": 3}}, "persistent_db.path: must be a string"),
         ({"models": [_model()], "extra": 1}, "extra: unknown option"),
     ],

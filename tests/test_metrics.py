@@ -16,11 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from hps_client import Client, NotFoundError, ResourceExhaustedError
+from hps_server import config as config_module
 from hps_server import healthcheck
 from hps_server.cache import CacheStats
 from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, ServerMetrics, serve_metrics
 from hps_server.server import HpsServer
-from tests.conftest import sample_config, write_sample_tables
+from tests.conftest import sample_config, sample_raw_config, write_sample_tables
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -99,14 +100,16 @@ def test_cache_occupancy_is_read_at_scrape_time(metrics: tuple[ServerMetrics, in
     m, port = metrics
     state = {"rows": 10}
     m.watch_caches(
-        lambda: [CacheOccupancy("ads", "user", "0", CacheStats(hits=3, misses=1, rows=state["rows"], capacity=64))]
+        lambda: [CacheOccupancy("ads", "user", "0", CacheStats(hits=3, misses=1, rows=state["rows"], capacity=64), 64)]
     )
     assert value(scrape(port), "hps_cache_rows", model="ads", table="user", device="0") == 10
     state["rows"] = 40
     s = scrape(port)
     assert value(s, "hps_cache_rows", model="ads", table="user", device="0") == 40
     assert value(s, "hps_cache_capacity_rows", model="ads", table="user", device="0") == 64
-    assert value(s, "hps_cache_hit_rate", model="ads", table="user", device="0") == 0.75
+    assert value(s, "hps_cache_bytes", model="ads", table="user", device="0") == 40 * 64
+    assert value(s, "hps_cache_hits_total", model="ads", table="user", device="0") == 3
+    assert value(s, "hps_cache_misses_total", model="ads", table="user", device="0") == 1
 
 
 def test_model_events_and_readiness(metrics: tuple[ServerMetrics, int]) -> None:
@@ -247,6 +250,52 @@ def test_scrape_after_a_known_workload(metered: tuple[HpsServer, dict]) -> None:
     assert value(after, "hps_model_events_total", model="ctr", event="loaded") == 1
     assert value(after, "hps_models_loaded") == 1
     assert value(after, "hps_ready") == 1
+
+
+def test_process_metrics_failures_at_zero_and_what_each_level_holds(metered: tuple[HpsServer, dict]) -> None:
+    server, truth = metered
+    assert server.metrics_port is not None
+    before = scrape(server.metrics_port)
+    assert value(before, "process_resident_memory_bytes") > 10 * 2**20
+    assert value(before, "process_open_fds") > 0
+    assert ("process_cpu_seconds_total", ()) in before
+    assert any(name == "python_info" for name, _ in before)
+    # Every failure counter of the configured levels is there before anything failed.
+    for level in ("hash_map", "rocksdb"):
+        for operation in ("fetch", "insert", "evict"):
+            assert ("hps_level_failures_total", (("level", level), ("operation", operation))) in before
+            assert value(before, "hps_level_failures_total", level=level, operation=operation) == 0
+    for table, (keys, _) in truth.items():
+        assert value(before, "hps_level_rows", model="ctr", table=table, level="rocksdb") == len(keys)
+        assert value(before, "hps_level_bytes", model="ctr", table=table, level="rocksdb") > 0
+        assert value(before, "hps_level_rows", model="ctr", table=table, level="hash_map") == 0
+    user_keys, user_vectors = truth["user"]
+    with Client(f"127.0.0.1:{server.port}") as client:
+        client.lookup("ctr", "user", user_keys[:100])  # misses in the hash map are written back into it
+    after = scrape(server.metrics_port)
+    assert value(after, "hps_level_rows", model="ctr", table="user", level="hash_map") == 100
+    assert value(after, "hps_level_bytes", model="ctr", table="user", level="hash_map") >= 100 * user_vectors[0].nbytes
+
+
+def test_what_redis_holds_is_scraped(redis_cluster: str, tmp_path: Path) -> None:
+    truth = write_sample_tables(tmp_path)
+    raw = sample_raw_config(type="redis_cluster", address=redis_cluster, initial_cache_rate=1.0, timeout_ms=2000)
+    raw["models"][0]["name"] = "scraped_redis"  # tables of its own in the shared cluster
+    raw["server"]["metrics_address"] = "127.0.0.1:0"
+    server = HpsServer(config_module.parse(raw, tmp_path))
+    server.start()
+    try:
+        assert server.wait_ready(60)  # warm-up copied every row into Redis
+        assert server.metrics_port is not None
+        s = scrape(server.metrics_port)
+    finally:
+        server.stop(grace=1)
+    for operation in ("fetch", "insert", "evict"):
+        assert ("hps_level_failures_total", (("level", "redis_cluster"), ("operation", operation))) in s
+    for table, (keys, vectors) in truth.items():
+        labels = {"model": "scraped_redis", "table": table, "level": "redis_cluster"}
+        assert value(s, "hps_level_rows", **labels) == len(keys)
+        assert value(s, "hps_level_bytes", **labels) >= keys.nbytes + vectors.nbytes
 
 
 def test_health_serving_only_when_started_and_not_serving_while_draining(tmp_path: Path) -> None:

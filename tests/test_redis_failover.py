@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses
 from hps_client import Client, UnavailableError
 from hps_server import config as config_module
 from hps_server.server import HpsServer
@@ -307,3 +307,53 @@ def test_cluster_restarted_from_an_old_snapshot_serves_no_older_row(
             np.testing.assert_array_equal(client.lookup("ctr", "user", keys), served.expected("user", keys))
         _wait_for_redis_hits(served, client, keys)
         _assert_redis_agrees(served, cluster, keys)
+
+
+def test_a_live_redis_cli_reshard_under_load_fails_no_lookup(
+    served_over_redis: ServedModel, disposable_redis_cluster: RedisClusterProcesses
+) -> None:
+    """`redis-cli --cluster reshard` moves a slot holding a partition of the table to another master while
+    clients look up and write it: every lookup succeeds and is exact, and Redis keeps answering."""
+    served, cluster = served_over_redis, disposable_redis_cluster
+    keys = served.truth["user"][0][:MAX_KEYS]
+    expected = served.expected("user", keys)
+    level = served.server.models.volatile
+    assert isinstance(level, RedisClusterLevel)
+    name = served.config.model("ctr").storage_name(served.config.model("ctr").table("user"))
+    errors: list[BaseException] = []
+    lookups = [0]
+    stop = threading.Event()
+
+    def keep_looking_up() -> None:
+        with Client(served.target, timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    np.testing.assert_array_equal(client.lookup("ctr", "user", keys), expected)
+                    client.upsert("ctr", "user", keys[:32], expected[:32])  # writes go on through it too
+                except BaseException as e:  # a failed or wrong lookup fails the test
+                    errors.append(e)
+                    return
+                lookups[0] += 1
+
+    with Client(served.target, timeout=10) as client:
+        _wait_for_redis_hits(served, client, keys)
+    threads = [threading.Thread(target=keep_looking_up) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        during = lookups[0]
+        _, moved = cluster.reshard(level._tables[name].slots)
+        during = lookups[0] - during  # lookups made while the slots moved
+        before = lookups[0]
+        deadline = time.monotonic() + 10
+        while lookups[0] < before + 5 and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[0]
+    assert moved >= 1 and during > 0
+    assert level.failures == 0
+    with Client(served.target, timeout=10) as client:
+        _wait_for_redis_hits(served, client, keys)  # Redis answers from the slot's new master

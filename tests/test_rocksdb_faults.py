@@ -13,16 +13,18 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from hps_client import Client, UnavailableError
 from hps_server import config as config_module
-from hps_server.server import HpsServer
+from hps_server.server import WRITES_HEALTH_NAME, HpsServer
 from tests.conftest import sample_config, write_sample_config, write_sample_tables
 
 
@@ -56,6 +58,21 @@ def _writes_failing(server: HpsServer) -> float | None:
     return None
 
 
+def _health(target: str, service: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _eventually(condition: Callable[[], bool]) -> bool:
+    """Whether `condition` holds within 10 s (the server checks its write path once a second)."""
+    for _ in range(200):
+        if condition():
+            return True
+        threading.Event().wait(0.05)
+    return False
+
+
 def _fill(client: Client, start: int, rows: int = 20_000) -> None:
     keys = np.arange(start, start + rows)
     client.upsert("ctr", "user", keys, np.ones((rows, 16), np.float32))
@@ -76,14 +93,17 @@ def test_a_failing_disk_makes_writes_unavailable_without_paths_then_they_recover
             keys = np.array([10**7, 10**7 + 1])
             assert client.lookup("ctr", "user", keys).shape == (2, 16)  # reads are still answered
             assert _writes_failing(server) == 1.0
-        # The fault fixed, writes work again without a restart (the level reopens the database).
+            # Clients see the write path failed: its own health name and DescribeModel; reads stay SERVING.
+            assert _eventually(lambda: _health(target, WRITES_HEALTH_NAME) == "NOT_SERVING")
+            assert _health(target, "") == "SERVING" and _health(target, "hps.v1.LookupService") == "SERVING"
+            refused = client.describe("ctr").writes_refused
+            assert refused.startswith("rocksdb: writes failing: write failed:") and str(tmp_path) not in refused
+        # The fault fixed, the write path recovers without a restart and without a write asking (the level
+        # reopens the database).
+        assert _eventually(lambda: _health(target, WRITES_HEALTH_NAME) == "SERVING")
         with Client(target) as client:
-            for _ in range(300):
-                try:
-                    _fill(client, 9 * 10**7, 10)
-                    break
-                except UnavailableError:
-                    threading.Event().wait(0.05)  # at most one reopen a second
+            assert client.describe("ctr").writes_refused == ""
+            _fill(client, 9 * 10**7, 10)
             got = client.lookup_tables("ctr", {"user": np.arange(9 * 10**7, 9 * 10**7 + 10)})["user"]
             assert got.found.all()
             np.testing.assert_array_equal(got.vectors, np.ones((10, 16), np.float32))
@@ -98,7 +118,9 @@ def test_writes_into_a_removed_data_folder_are_refused_not_acknowledged(tmp_path
     try:
         with Client(target) as client:
             _fill(client, 10**7, 10)
+            assert client.describe("ctr").writes_refused == ""
             shutil.rmtree(folder)
+            assert "data folder was removed or replaced" in client.describe("ctr").writes_refused
             with pytest.raises(UnavailableError, match="data folder was removed or replaced"):
                 _fill(client, 2 * 10**7, 10)
             with pytest.raises(UnavailableError, match="data folder was removed or replaced"):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.servers import free_port, wait_serving
+from hps_bench.servers import free_port, wait_serving
 from hps_server.server import HpsServer
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import (
@@ -124,3 +124,37 @@ def test_a_second_server_on_a_served_address_is_refused(served: ServedModel, tmp
     with grpc.insecure_channel(served.target) as channel:
         reply = hps_pb2_grpc.ModelServiceStub(channel).ListModels(hps_pb2.ListModelsRequest(), timeout=10)
     assert list(reply.models) == ["ctr"]
+
+
+def _connection_states_after_a_call(server: HpsServer, seconds: float) -> list[grpc.ChannelConnectivity]:
+    """The channel's connectivity states from one health check until `seconds` later (or until it went idle)."""
+    states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+    seen = []
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        channel.subscribe(states.put)
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and grpc.ChannelConnectivity.IDLE not in seen[1:]:
+            try:
+                seen.append(states.get(timeout=left))
+            except queue.Empty:
+                break
+        channel.unsubscribe(states.put)
+    return seen
+
+
+def test_max_connection_age_makes_clients_reconnect(tmp_path: Path) -> None:
+    write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    aged = replace(config, server=replace(config.server, max_connection_age_seconds=0.5))
+    for server_config, closed in ((aged, True), (config, False)):
+        server = HpsServer(server_config)
+        server.start()
+        try:
+            states = _connection_states_after_a_call(server, 5.0 if closed else 1.5)
+        finally:
+            server.stop(grace=0)
+        # The server's GOAWAY takes a ready channel back to IDLE; without the option the connection stays.
+        assert grpc.ChannelConnectivity.READY in states
+        went_idle = grpc.ChannelConnectivity.IDLE in states[states.index(grpc.ChannelConnectivity.READY) :]
+        assert went_idle is closed, states

@@ -1,6 +1,7 @@
 """`hps serve --processes 2` as people run it: real worker processes on one loopback port, a real supervisor.
 
-Lookups from both workers, a killed worker restarted, a drain on SIGTERM, writes refused, a held address refused.
+Lookups from both workers, writes through either seen by both, a killed worker restarted, a drain on SIGTERM,
+a held address refused.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
 
-from benchmarks.servers import free_port
+from hps_bench.servers import free_port
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import serve_command, write_sample_config
 
@@ -106,6 +108,10 @@ def _start_group(directory: Path) -> Group:
     config, truth = write_sample_config(
         directory, f"127.0.0.1:{port}", metrics_address=f"127.0.0.1:{metrics_port}", shutdown_grace_seconds=5
     )
+    # With L1 on: each worker's NumPy cache on this host, one CUDA cache all workers share on a GPU host.
+    raw = yaml.safe_load(config.read_text())
+    raw["models"][0].update(gpucache=True, gpucacheper=0.5)
+    config.write_text(yaml.safe_dump(raw))
     log = directory / "supervisor.log"
     process = subprocess.Popen(serve_command(config, "--processes", "2"), stderr=log.open("w"))
     group = Group(process, f"127.0.0.1:{port}", log, metrics_port, truth)
@@ -175,20 +181,63 @@ def test_workers_map_one_shared_hash_map_owned_by_the_supervisor(group: Group) -
         assert re.search(re.escape(prefix) + r"\d+p\d+r\d+", mapped), f"worker {pid} maps no shared rows"
 
 
-def test_writes_are_refused_while_several_workers_serve(group: Group) -> None:
-    keys, vectors = group.truth["user"]
+def _lookup_on_every_worker(group: Group, table: str, keys: np.ndarray) -> list[hps_pb2.TableResult]:
+    """The same lookup on fresh connections until both workers answered it (the kernel picks a worker per
+    connection); every reply."""
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table=table, keys=keys.tobytes())])
+    answered = [group.lookups_answered(w) for w in (0, 1)]
+    replies = []
+    for _ in range(200):
+        with grpc.insecure_channel(group.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            replies.append(hps_pb2_grpc.LookupServiceStub(channel).Lookup(request, timeout=30).results[0])
+        if len(replies) >= 4 and all(group.lookups_answered(w) > answered[w] for w in (0, 1)):
+            return replies
+    pytest.fail("one worker answered every connection")
+
+
+def _vectors(result: hps_pb2.TableResult, rows: int) -> np.ndarray:
+    return np.frombuffer(result.vectors, "<f4").reshape(rows, -1)
+
+
+def _upsert(group: Group, keys: np.ndarray, vectors: np.ndarray) -> int:
+    request = hps_pb2.UpsertRequest(model="ctr", table="user", keys=keys.tobytes(), vectors=vectors.tobytes())
     with grpc.insecure_channel(group.target) as channel:
-        stub = hps_pb2_grpc.LookupServiceStub(channel)
-        upsert = hps_pb2.UpsertRequest(model="ctr", table="user", keys=keys[:1].tobytes(), vectors=vectors[0].tobytes())
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.Upsert(upsert, timeout=10)
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "served by 2 worker processes" in refused.value.details()
-        assert "a write would reach one worker only" in refused.value.details()
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.Delete(hps_pb2.DeleteRequest(model="ctr", table="user", keys=keys[:1].tobytes()), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    group.check_lookups(calls=4)  # nothing was written
+        return int(hps_pb2_grpc.LookupServiceStub(channel).Upsert(request, timeout=30).rows)
+
+
+def _delete(group: Group, keys: np.ndarray) -> int:
+    request = hps_pb2.DeleteRequest(model="ctr", table="user", keys=keys.tobytes())
+    with grpc.insecure_channel(group.target) as channel:
+        return int(hps_pb2_grpc.LookupServiceStub(channel).Delete(request, timeout=30).rows)
+
+
+def test_an_upsert_through_one_worker_is_seen_by_every_worker_at_once(group: Group) -> None:
+    keys, vectors = group.truth["user"]
+    picked, original = keys[100:140], vectors[100:140]
+    for reply in _lookup_on_every_worker(group, "user", picked):  # both workers now hold the rows in L1
+        np.testing.assert_array_equal(_vectors(reply, len(picked)), original)
+    new = (original + 1000).astype(np.float32)
+    assert _upsert(group, picked, new) == len(picked)
+    try:
+        # Acknowledged means every worker's L1 and the shared levels hold it: no lookup sees the old rows.
+        for reply in _lookup_on_every_worker(group, "user", picked):
+            np.testing.assert_array_equal(_vectors(reply, len(picked)), new)
+    finally:
+        _upsert(group, picked, original)
+
+
+def test_a_delete_through_one_worker_is_seen_by_every_worker_at_once(group: Group) -> None:
+    keys, vectors = group.truth["user"]
+    picked, original = keys[200:220], vectors[200:220]
+    _lookup_on_every_worker(group, "user", picked)
+    assert _delete(group, picked) == len(picked)
+    try:
+        for reply in _lookup_on_every_worker(group, "user", picked):
+            assert not any(reply.found), "a worker answered a deleted key from a copy"
+    finally:
+        _upsert(group, picked, original)
+    for reply in _lookup_on_every_worker(group, "user", picked):
+        np.testing.assert_array_equal(_vectors(reply, len(picked)), original)
 
 
 def test_a_killed_worker_is_restarted(group: Group) -> None:

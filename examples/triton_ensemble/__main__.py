@@ -14,8 +14,9 @@ import tritonclient.grpc as triton_grpc
 
 from examples import torch_dlrm
 from examples.clicks import Comparison, synthetic_clicks
-from examples.triton_ensemble import client, repository
+from examples.triton_ensemble import client
 from examples.triton_ensemble.deployment import deployed
+from hps_bench.triton_ensemble import repository
 from hps_client.triton import setup
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import tritonclient.grpc as triton_grpc
 
 from examples.clicks import HISTORY_LENGTH, ONE_HOT, Clicks
-from examples.triton_ensemble.repository import ENSEMBLE
+from hps_bench.triton_ensemble.repository import ENSEMBLE
 
 # Per sample: one id for each one-hot table, then the history padded with -1 to HISTORY_LENGTH ids.
 NUMKEYS = [1] * len(ONE_HOT) + [HISTORY_LENGTH]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from examples import deploy, torch_dlrm
 from examples.clicks import DENSE_FEATURES, TABLES, synthetic_clicks
-from examples.triton_ensemble import dissect, repository
+from examples.triton_ensemble import dissect
+from hps_bench.triton_ensemble import repository
 from hps_client.triton import TritonEndpoint, TritonEnvironment, running
 
 HPS_MODEL = "dlrm"

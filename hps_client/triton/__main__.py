@@ -33,6 +33,7 @@ def _model(args: argparse.Namespace) -> int:
         queue_delay_us=args.queue_delay_us,
         instances=args.instances,
         reply_dtype=args.reply_dtype,
+        security={key: getattr(args, key) for key in repository.SECURITY_PARAMETERS if getattr(args, key)},
     )
     print(f"wrote {folder}")
     return 0
@@ -72,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching max queue delay")
     p.add_argument("--instances", type=int, default=1, help="model instances (processes) in Triton")
     p.add_argument("--reply-dtype", choices=("float32", "float16"), default="float32", help="vectors on the wire")
+    p.add_argument("--tls-ca-file", help="PEM CAs to trust for a TLS hps server (default: $HPS_TLS_CA_FILE in Triton)")
+    p.add_argument("--tls-cert-file", help="client certificate for mutual TLS (default: $HPS_TLS_CERT_FILE)")
+    p.add_argument("--tls-key-file", help="its private key (default: $HPS_TLS_KEY_FILE)")
+    p.add_argument("--tls-server-name", help="name to check in the server's certificate (default: the host)")
+    p.add_argument("--token-file", help="file holding the bearer token (default: $HPS_TOKEN in Triton)")
     p.set_defaults(run=_model)
 
     p = commands.add_parser("serve", help="run tritonserver over a model repository on loopback, free ports")

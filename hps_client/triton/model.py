@@ -2,18 +2,22 @@
 
 Copied into a model repository by `python -m hps_client.triton model`; it runs only inside Triton's Python
 backend stub. Its parameters (config.pbtxt): hps_address, hps_model, hps_tables (comma-separated, NUMKEYS order;
-all the model's tables when empty), hps_reply_dtype (float32 | float16 on the wire), hps_timeout_seconds.
+all the model's tables when empty), hps_reply_dtype (float32 | float16 on the wire), hps_timeout_seconds, and
+for a server with TLS or auth on hps_tls_ca_file, hps_tls_cert_file, hps_tls_key_file, hps_tls_server_name and
+hps_token_file (a file holding the token; the HPS_TLS_* and HPS_TOKEN environment variables otherwise).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import grpc
 import triton_python_backend_utils as pb_utils
 
-from hps_client import Client, HpsError
+from hps_client import TLS, Client, HpsError
+from hps_client.security import token_from_environment
 from hps_client.triton.batching import KeyLayoutError, LookupBatch, key_counts
 
 _TRITON_CODES = {
@@ -27,6 +31,21 @@ def _error(message: str, code: str = "INVALID_ARG") -> Any:
     return pb_utils.TritonError(message, getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL))
 
 
+def _tls(params: dict[str, str]) -> TLS | None:
+    files = [params.get(f"hps_tls_{name}") or None for name in ("ca_file", "cert_file", "key_file", "server_name")]
+    return TLS(*files) if any(files) else TLS.from_environment()
+
+
+def _token(params: dict[str, str]) -> str | None:
+    path = params.get("hps_token_file")
+    if not path:
+        return token_from_environment()
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as e:
+        raise pb_utils.TritonModelException(f"hps_token_file: cannot read it ({e.strerror})") from None
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -36,7 +55,12 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"config.pbtxt parameters: {', '.join(missing)} must be set")
         self.model = params["hps_model"]
         self.reply_dtype = params.get("hps_reply_dtype", "float32")
-        self.client = Client(params["hps_address"], timeout=float(params.get("hps_timeout_seconds", "30")))
+        self.client = Client(
+            params["hps_address"],
+            timeout=float(params.get("hps_timeout_seconds", "30")),
+            tls=_tls(params),
+            token=_token(params),
+        )
         try:
             info = self.client.describe(self.model)
         except HpsError as e:

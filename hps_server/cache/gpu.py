@@ -3,16 +3,19 @@
 Same algorithm and results as reference.py, several tables per structure included: one call, whatever
 its tables, is one host-to-device copy, one launch per kernel of the algorithm, one synchronization and
 (for a lookup) one device-to-host copy. Every operation on one cache runs on that cache's own stream in
-the order callers took its lock, so results are those of some serial order. Import only
-where CuPy is installed; nothing here knows of storage levels or the session.
+the order callers took its lock, so results are those of some serial order. A cache can also live in
+device memory that several processes share (gpu_sharing.py): their operations then hold a lock across
+processes until their GPU work is done. Import only where CuPy is installed; nothing here knows of
+storage levels or the session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hps_server.cache import CacheStats
+from hps_server.cache.gpu_sharing import SharedState
 from hps_server.cache.layout import (
     MAX_WAYS,
     TableSets,
@@ -125,11 +129,12 @@ class _OnDevice:
     dim: int
     num_tables: int
 
-    def __init__(self, device: int, num_tables: int) -> None:
+    def __init__(self, device: int, num_tables: int, shared: SharedState | None = None) -> None:
         if not available(device):
             raise ValueError(f"device: CUDA device {device} is not available")
         self.device = device
         self.num_tables = num_tables
+        self.shared = shared
         self._device = cp.cuda.Device(device)
         self._query_blocks = _QUERY_BLOCKS_PER_SM * self._device.attributes["MultiProcessorCount"]
         with self._device:
@@ -142,6 +147,26 @@ class _OnDevice:
         self.copies_to_device = 0
         self.copies_to_host = 0
         self.syncs = 0
+
+    def _state(self, shapes: Sequence[tuple[tuple[int, ...], Any]]) -> list[cp.ndarray]:
+        """The structure's state arrays, zeroed: this process's own, or the shared block (as its owner left it)."""
+        if self.shared is not None:
+            return self.shared.arrays(shapes, self.device)
+        return [cp.zeros(shape, dtype) for shape, dtype in shapes]
+
+    @contextlib.contextmanager
+    def _held(self, exclusive: bool) -> Iterator[None]:
+        """Around an operation, inside the lock: with shared state, the processes' lock too, kept until the
+        operation's GPU work is done."""
+        if self.shared is None:
+            yield
+            return
+        with self.shared.hold(exclusive, self._clear, self._stream.synchronize):
+            yield
+
+    def _clear(self) -> None:
+        """Empties the structure (on self._stream): a process died while writing it."""
+        raise NotImplementedError
 
     @property
     def stream(self) -> cp.cuda.Stream:
@@ -169,7 +194,7 @@ class _OnDevice:
         return array.get(stream=self._stream)
 
     def _table_stats(self, rows_per_table: cp.ndarray, capacities: Sequence[int]) -> list[CacheStats]:
-        with self._device, self._lock, self._stream:
+        with self._device, self._lock, self._held(False), self._stream:
             counts = self._get(cp.concatenate([self._counts.sum(axis=2).ravel(), rows_per_table.astype(cp.uint64)]))
         hits, queried = counts[: 2 * self.num_tables].reshape(self.num_tables, 2).T
         rows = counts[2 * self.num_tables :]
@@ -208,7 +233,7 @@ class _OnDevice:
         # The reply, vectors then hit flags, comes back in one copy into one pinned buffer.
         vector_bytes = n * self.dim * out.itemsize
         reply = pinned(vector_bytes + n)
-        with self._device, self._lock, self._stream:
+        with self._device, self._lock, self._held(False), self._stream:
             staged, (keys_d, tables_d) = self._upload((keys, tables))
             reply_d = cp.empty(reply.size, cp.uint8)
             vectors_d = reply_d[:vector_bytes].view(out).reshape(n, self.dim)
@@ -228,7 +253,7 @@ class _OnDevice:
         inputs = [keys, tables] if vectors is None else [keys, tables, as_vectors(vectors, keys.size, self.dim)]
         if not keys.size:
             return
-        with self._device, self._lock, self._stream:
+        with self._device, self._lock, self._held(True), self._stream:
             staged, on_device = self._upload(inputs)
             getattr(self, op)(*on_device)
             self.syncs += 1
@@ -238,7 +263,7 @@ class _OnDevice:
 
     def _device_call(self, op: str, *arrays: cp.ndarray) -> Any:
         caller = cp.cuda.get_current_stream()
-        with self._device, self._lock, self._stream:
+        with self._device, self._lock, self._held(op != "_query"), self._stream:
             self._enter(caller)
             result = getattr(self, op)(*arrays)
             self._leave(caller)
@@ -381,21 +406,28 @@ class GpuEmbeddingCache(_OnDevice):
         ways: int = MAX_WAYS,
         dtype: str = "float32",
         device: int = 0,
+        shared: SharedState | None = None,
     ) -> None:
+        """shared: keep the rows in this shared state (gpu_sharing.py) instead of this process's memory."""
         self.layout = TableSets(capacity, ways)
-        super().__init__(device, self.layout.num_tables)
+        super().__init__(device, self.layout.num_tables, shared)
         self.geometries = self.layout.geometries
         self.capacities = tuple(g.capacity for g in self.geometries)
         self.capacity = sum(self.capacities)
         self.dim = check_dim(dim)
         self.dtype = check_dtype(dtype)
-        self.clock = 0
+        # The LRU clock: shared by the processes of a shared cache (an increment lost to a race only makes
+        # two stamps equal).
+        self._clock = shared.words[:1] if shared is not None else np.zeros(1, np.int64)
         self._suffix = _SUFFIX[self.dtype.name]
         slots = self.layout.total_sets * self.layout.stride
         with self._device, self._stream:
-            self._fps = cp.zeros(self.layout.total_sets * _FP_LINE, cp.uint16)  # 16-byte aligned, as the pool's blocks
-            self._slots = cp.zeros((slots, 2), cp.int64)  # (key, stamp) per slot, as Slot in cache.cu
-            self._rows = cp.zeros((slots, self.dim), self.dtype)
+            # A fingerprint line of _FP_LINE per set (16-byte aligned: the block's arrays start at such
+            # boundaries); (key, stamp) per slot, as Slot in cache.cu.
+            fps = ((self.layout.total_sets * _FP_LINE,), cp.uint16)
+            self._fps, self._slots, self._rows = self._state(
+                [fps, ((slots, 2), cp.int64), ((slots, self.dim), self.dtype)]
+            )
             self._first_set = cp.asarray(self.layout.first_set.astype(np.uint32))
             self._num_sets = cp.asarray(self.layout.num_sets.astype(np.uint32))
             self._table_ways = cp.asarray(self.layout.ways.astype(np.int32))
@@ -403,6 +435,18 @@ class GpuEmbeddingCache(_OnDevice):
             self._set_ends = cp.asarray(self.layout.first_set + self.layout.num_sets - 1)
         self._stream.synchronize()
         _module(device)
+
+    @property
+    def clock(self) -> int:
+        return int(self._clock[0])
+
+    @clock.setter
+    def clock(self, value: int) -> None:
+        self._clock[0] = value
+
+    def _clear(self) -> None:
+        with self._stream:
+            self._fps.fill(0)
 
     @property
     def _table_args(self) -> tuple[cp.ndarray, cp.ndarray, np.int32]:
@@ -469,7 +513,7 @@ class GpuEmbeddingCache(_OnDevice):
         stride = self.layout.stride
         first = int(self.layout.first_set[table])
         end = first + int(self.layout.num_sets[table])
-        with self._device, self._lock, self._stream:
+        with self._device, self._lock, self._held(False), self._stream:
             held = cp.flatnonzero(self._fps.reshape(-1, _FP_LINE)[first:end, :stride]) + first * stride
             keys = self._slots[held, 0]
             order = cp.argsort(keys)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -31,12 +32,21 @@ def gpus_available(devices: Sequence[int]) -> bool:
     return all(gpu.available(device) for device in devices)
 
 
-def build_caches(model: ModelConfig, levels: Sequence[StorageLevel]) -> dict[str, TableL1]:
+class SharedGpuCaches(Protocol):
+    """Where a worker group's GPU caches come from (shared_l1.py): made once, mapped by every process."""
+
+    def cache(self, model: str, capacities: list[int], dim: int, dtype: str, device: int) -> EmbeddingCache: ...
+
+
+def build_caches(
+    model: ModelConfig, levels: Sequence[StorageLevel], shared: SharedGpuCaches | None = None
+) -> dict[str, TableL1]:
     """Each table's place in L1 ({} when gpucache is off): the model's tables of one dim share one cache
     per device in deployed_device_list, so a request's tables are answered in one call (one launch).
 
     Without GPUs there is one reference cache per dim: splitting host memory between pretend devices
-    would only lower the hit rate. Static tables are loaded whole from the lowest level.
+    would only lower the hit rate. Static tables are loaded whole from the lowest level. `shared` gives
+    the GPU caches (not static tables) of a worker group, one per device for all its processes.
     """
     if not model.gpucache or not levels:
         return {}
@@ -57,7 +67,12 @@ def build_caches(model: ModelConfig, levels: Sequence[StorageLevel]) -> dict[str
             capacities = [
                 _capacity(model, table, levels[-1].size(name)) for table, name in zip(tables, names, strict=True)
             ]
-            caches = tuple(_cache(capacities, dim, model.gpucache_dtype, device) for device in devices)
+            caches = tuple(
+                shared.cache(model.name, capacities, dim, model.gpucache_dtype, device)
+                if shared is not None and device is not None
+                else _cache(capacities, dim, model.gpucache_dtype, device)
+                for device in devices
+            )
         for index, table in enumerate(tables):
             placed[table.name] = TableL1(caches, index)
         log.info(

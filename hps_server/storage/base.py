@@ -128,6 +128,10 @@ class StorageLevel(ABC):
             raise ValueError(f"tables: must share one dim, got dims {dims}")
         return keys, index.astype(np.intp, copy=False), dims[tables[0]]
 
+    def follow_writes(self) -> None:  # noqa: B027 - levels every process writes itself need not override
+        """Makes what another process (a group's writer) committed to this level visible here: a
+        read-only view of a database catches up. Levels shared live (memory, Redis) need nothing."""
+
     def serve_as_cache(self) -> None:  # noqa: B027 - levels that never hold stale rows need not override
         """Tells the level that a level below holds every row (it is a cache of it). An insert or evict
         that raised LevelUnavailableError is then acknowledged all the same by the session once the level
@@ -142,11 +146,25 @@ class StorageLevel(ABC):
             rows += len(keys)
         return rows
 
+    def occupancy(self, table: str) -> tuple[int, int | None]:
+        """(rows held, bytes taken) of `table`, bytes an estimate where the level can only estimate and None
+        where it cannot tell; cheap enough for every metrics scrape, and never called on a request's path."""
+        return self.size(table), None
+
+    @property
+    def write_failure(self) -> str | None:
+        """Why the level's writes fail now (no server path in it), None while they work: a level that can
+        tell (RocksDB after a failed write, until it recovered) overrides this."""
+        return None
+
     @property
     def writes_failing(self) -> bool:
-        """Whether the level's writes fail now (a level that can tell: RocksDB after a failed write, until
-        it recovered); exported as hps_level_writes_failing."""
-        return False
+        """Whether write_failure is set; exported as hps_level_writes_failing."""
+        return self.write_failure is not None
+
+    def retry_writes(self) -> None:  # noqa: B027 - levels that cannot tell that writes fail need not override
+        """While writes fail: checks whether the fault is gone and writes work again (without a write
+        asking), so the state clients see recovers on its own. The server calls it about once a second."""
 
     def close(self) -> None:  # noqa: B027 - levels without resources need not override
         """Releases connections and files; the level is unusable afterwards."""

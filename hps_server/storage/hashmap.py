@@ -618,6 +618,9 @@ class HashMapLevel(StorageLevel):
                 return total * int(t.pool.counts[t.id]) // t.pool.rows
             return total // len(t.pool.names)
 
+    def occupancy(self, table: str) -> tuple[int, int | None]:
+        return self.size(table), self.memory_bytes(table)
+
     def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
         """Yields the table's rows in storage order, each chunk copied under the pool lock.
 

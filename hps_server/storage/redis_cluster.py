@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,6 +80,9 @@ _CHECK_INTERVAL_S = 2.0
 # Keys of one table remembered for invalidation; past it the whole table is flushed instead.
 STALE_KEYS_BOUND = 1 << 20
 _RUN_ID = re.compile(rb"run_id:(\w+)")
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: the certificate verified
+# but names another host.
+_NAME_MISMATCH = {62, 64}
 # Replies that mean "the cluster is moving or down", not "the command was wrong".
 _UNAVAILABLE_REPLIES = (
     redis.exceptions.ClusterDownError,
@@ -160,6 +165,55 @@ def _parse_address(address: str) -> set[tuple[str, int]]:
     return nodes
 
 
+def _tls_options(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None, check_hostname: bool
+) -> dict[str, Any]:
+    """redis-py's TLS options, once the files are known to make a TLS context (redis-py reads them again for
+    every new connection, so certificates renewed in place are picked up as connections are made)."""
+    context = ssl.create_default_context()
+    try:
+        if ca_file is not None:
+            context.load_verify_locations(cafile=ca_file)
+    except OSError as e:
+        raise ConfigError(f"volatile_db.tls_ca_file: cannot load it: {_unloadable(e)}") from e
+    try:
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+    except OSError as e:
+        raise ConfigError(f"volatile_db.tls_cert_file/tls_key_file: cannot load them: {_unloadable(e)}") from e
+    return {
+        "ssl": True,
+        "ssl_ca_certs": str(ca_file) if ca_file else None,
+        "ssl_certfile": str(cert_file) if cert_file else None,
+        "ssl_keyfile": str(key_file) if key_file else None,
+        "ssl_check_hostname": check_hostname,
+    }
+
+
+def _unloadable(error: OSError) -> str:
+    """Why a TLS file did not load, without its path: a missing file, no PEM, a key not matching its cert."""
+    reason = error.reason if isinstance(error, ssl.SSLError) else error.strerror
+    return str(reason or type(error).__name__)
+
+
+def _refused_certificate(error: BaseException | None) -> str:
+    """What a configuration error says of a node certificate that did not verify ("" for other errors)."""
+    while error is not None:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            if error.verify_code in _NAME_MISMATCH:
+                return (
+                    f"volatile_db.tls_check_hostname: a redis node's certificate does not name the address hps "
+                    f"connects to ({error.verify_message}); give the nodes certificates for the addresses they "
+                    f"announce, or set tls_check_hostname: false"
+                )
+            return (
+                f"volatile_db.tls_ca_file: a redis node's certificate does not verify against the CA "
+                f"(tls_ca_file, or the system's trust store when unset): {error.verify_message}"
+            )
+        error = error.__cause__ or error.__context__
+    return ""
+
+
 def _refused_credentials(error: BaseException | None) -> bool:
     """Whether an error, or one it was raised from, is Redis refusing the user or password."""
     while error is not None:
@@ -198,6 +252,10 @@ class RedisClusterLevel(StorageLevel):
         user_name: str = "default",
         password: str = "",
         tls: bool = False,
+        tls_ca_file: Path | None = None,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        tls_check_hostname: bool = True,
         num_partitions: int = 8,
         max_batch_size: int = 65536,
         timeout_ms: int = 100,
@@ -224,7 +282,7 @@ class RedisClusterLevel(StorageLevel):
         self._client_options: dict[str, Any] = {
             "username": user_name or None,
             "password": password or None,
-            "ssl": tls,
+            **(_tls_options(tls_ca_file, tls_cert_file, tls_key_file, tls_check_hostname) if tls else {}),
             "socket_timeout": self.timeout_s,
             "socket_connect_timeout": self.timeout_s,
             # RESP2, as HPS speaks it: replies are plain arrays whatever the redis-py default.
@@ -253,7 +311,7 @@ class RedisClusterLevel(StorageLevel):
             self._client = self._connect()
             self._healthy = True
         except LevelUnavailableError as e:
-            log.warning("redis cluster at %s unreachable at start; serving without it until it answers", address)
+            log.warning("redis cluster at %s unreachable at start; serving without it until it answers: %s", address, e)
             self._fail(self._generation, str(e))
         self._watch = threading.Thread(target=self._watch_run_ids, name="hps-redis-watch", daemon=True)
         self._watch.start()
@@ -270,6 +328,10 @@ class RedisClusterLevel(StorageLevel):
             user_name=config.user_name,
             password=config.password,
             tls=config.tls,
+            tls_ca_file=config.tls_ca_file,
+            tls_cert_file=config.tls_cert_file,
+            tls_key_file=config.tls_key_file,
+            tls_check_hostname=config.tls_check_hostname,
             num_partitions=config.num_partitions,
             max_batch_size=config.max_batch_size,
             timeout_ms=config.timeout_ms,
@@ -306,6 +368,9 @@ class RedisClusterLevel(StorageLevel):
                     f"volatile_db.user_name/password: the redis cluster refused user "
                     f"{self._client_options['username'] or 'default'!r}: {e}"
                 ) from e
+            certificate = _refused_certificate(e)
+            if certificate:
+                raise ConfigError(certificate) from e
             raise LevelUnavailableError(f"redis cluster: cannot connect: {e}") from e
         try:
             for node in client.get_primaries():
@@ -425,15 +490,21 @@ class RedisClusterLevel(StorageLevel):
         """False while the level is failing fast and probing the cluster in the background."""
         return self._healthy
 
-    def _execute(self, commands: Sequence[Command]) -> list[Any]:
+    def _execute(self, commands: Sequence[Command], *, read: bool = False) -> list[Any]:
         """Runs commands, pipelined per node (one write, then every reply), nodes in parallel; returns the
         raw replies in command order.
+
+        read: the replies are rows to serve, so what may be stale is dropped first (_repair), checked once
+        the client is taken: a reconnect marks what it found stale before its client is used, so a check
+        made before taking the client could miss it and read a restarted master's old rows.
 
         A slot being migrated (resharding) answers -ASK for a hash already moved: that command goes to the
         target node behind ASKING. A slot moved for good answers -MOVED: the slot map takes the new owner
         and the command is sent there. A MOVED to a node not verified as a master (a replica promoted by a
         failover, which may have missed writes) fails the call instead, so recovery checks it first."""
         client, generation = self._current()
+        if read:
+            self._repair()
         try:
             replies: list[Any] = [None] * len(commands)
             pending = [
@@ -608,11 +679,11 @@ class RedisClusterLevel(StorageLevel):
     def _hmget(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, list[Any]]:
         """(order, flat replies of HMGET on the value hashes, in `order`): one pipelined round per node for
         every table's partitions."""
-        self._repair()
         order, runs = self._split(keys, index)
         ordered = keys[order]
         replies = self._execute(
-            [(parts[t].slots[p], _command("HMGET", parts[t].values[p], keys=ordered[a:b])) for t, p, a, b in runs]
+            [(parts[t].slots[p], _command("HMGET", parts[t].values[p], keys=ordered[a:b])) for t, p, a, b in runs],
+            read=True,
         )
         return order, list(chain.from_iterable(replies))
 
@@ -768,11 +839,27 @@ class RedisClusterLevel(StorageLevel):
 
     def size(self, table: str) -> int:
         parts = self._table(table)
-        self._repair()
         replies = self._execute(
-            [(parts.slots[p], _command("HLEN", parts.values[p])) for p in range(self.num_partitions)]
+            [(parts.slots[p], _command("HLEN", parts.values[p])) for p in range(self.num_partitions)], read=True
         )
         return sum(int(n) for n in replies)
+
+    def occupancy(self, table: str) -> tuple[int, int | None]:
+        """HLEN and MEMORY USAGE (Redis's sampled estimate) of each partition's value and access-time hashes,
+        in one pipelined round; no repair first (a scrape must not write), so rows awaiting one still count."""
+        parts = self._table(table)
+        commands = [
+            (parts.slots[p], command)
+            for p in range(self.num_partitions)
+            for command in (
+                _command("HLEN", parts.values[p]),
+                _command("MEMORY", "USAGE", parts.values[p]),
+                _command("MEMORY", "USAGE", parts.times[p]),
+            )
+        ]
+        replies = self._execute(commands)
+        rows = sum(int(n) for n in replies[0::3])
+        return rows, sum(int(n or 0) for i, n in enumerate(replies) if i % 3)
 
     def dump(self, table: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[KeyChunk]:
         """Rows of every partition via HSCAN; rows written while dumping may be missed or repeated."""

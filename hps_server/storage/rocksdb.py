@@ -58,6 +58,8 @@ WARN_INTERVAL_SECONDS = 30
 RECOVER_SECONDS = 1.0
 # Written (to the metadata family) to check that writes reach the disk again after a failure.
 _PROBE_KEY = b"probe/writable"
+# A column family's bytes, as hps_level_bytes reports them: live data in SST files and the memtables.
+_SIZE_PROPERTIES = ("rocksdb.estimate-live-data-size", "rocksdb.cur-size-all-mem-tables")
 
 
 def _takes_files(folder: Path) -> bool:
@@ -134,7 +136,8 @@ class RocksDBLevel(StorageLevel):
     """Persistent level on a local RocksDB folder; read-only mode serves replicas of a prepared DB.
 
     Fetches run concurrently; writes are serialized by a lock so the stored row counts stay exact.
-    A read-only instance sees the database as it was when opened.
+    A read-only instance is a RocksDB secondary: it sees the database as it was when opened, and what a
+    writer process committed since once follow_writes() catches it up.
     """
 
     kind = "rocksdb"
@@ -164,6 +167,11 @@ class RocksDBLevel(StorageLevel):
         self._reopened = 0.0
         if read_only and not (self.path / "CURRENT").exists():
             raise StorageError(f"rocksdb: no database in the folder {self.path.name!r} to open read-only")
+        # A secondary keeps its own small log folder; a writer may delete files it still reads, so it keeps
+        # every file open (RocksDB's advice for secondaries).
+        self._secondary = Path(tempfile.mkdtemp(prefix="hps-rocksdb-secondary-")) if read_only else None
+        if read_only:
+            self._options.set_max_open_files(-1)
         self._open()
         # Which folder this is: writes stop once it is removed or replaced (they would be lost at restart).
         self._folder = _identity(self.path)
@@ -175,7 +183,11 @@ class RocksDBLevel(StorageLevel):
         exists = (self.path / "CURRENT").exists()
         names = rocksdict.Rdict.list_cf(str(self.path), self._options) if exists else [_META_CF]
         families = {name: rocksdict.Options(raw_mode=True) for name in names if name != _META_CF}
-        access = rocksdict.AccessType.read_only() if self.read_only else rocksdict.AccessType.read_write()
+        access = (
+            rocksdict.AccessType.secondary(str(self._secondary))
+            if self._secondary is not None
+            else rocksdict.AccessType.read_write()
+        )
         try:
             self._db = rocksdict.Rdict(str(self.path), self._options, column_families=families, access_type=access)
         except Exception as exc:
@@ -237,8 +249,30 @@ class RocksDBLevel(StorageLevel):
             raise LevelUnavailableError(f"rocksdb: write failed: {self._failure}") from None
 
     @property
-    def writes_failing(self) -> bool:
-        return self._failure is not None
+    def write_failure(self) -> str | None:
+        if _identity(self.path) != self._folder:
+            return "the data folder was removed or replaced while serving"
+        return None if self._failure is None else f"write failed: {self._failure}"
+
+    def retry_writes(self) -> None:
+        if self._failure is None or self.read_only:
+            return
+        with self._write_lock, contextlib.suppress(LevelUnavailableError):
+            if self._failure is not None:
+                self._recover()
+
+    def follow_writes(self) -> None:
+        """A read-only instance catches up with what the writer process committed (its tables' rows
+        included); LevelUnavailableError when RocksDB cannot."""
+        if self._secondary is None:
+            return
+        try:
+            self._db.try_catch_up_with_primary()
+            for name in self._dims:
+                rows = self._db.get(f"rows/{name}".encode())
+                self._rows[name] = int.from_bytes(rows, "little", signed=True) if rows else 0
+        except Exception as exc:
+            raise LevelUnavailableError(f"rocksdb: cannot catch up with the writer: {self._hidden(exc)}") from None
 
     def _recover(self) -> None:
         """After a failed write: RocksDB keeps refusing writes once one failed (its error is sticky), so once
@@ -313,6 +347,17 @@ class RocksDBLevel(StorageLevel):
     def size(self, table: str) -> int:
         self.dim(table)
         return self._rows[table]
+
+    def occupancy(self, table: str) -> tuple[int, int | None]:
+        """Rows counted exactly (as size()); bytes: RocksDB's estimate of the column family's live data in
+        SST files plus its memtables."""
+        rows = self.size(table)
+        try:
+            family = self._families[table]  # gone while a failed database is reopened
+            stored = sum(family.property_int_value(name) or 0 for name in _SIZE_PROPERTIES)
+        except Exception as e:
+            raise LevelUnavailableError(f"rocksdb: cannot read its size properties: {self._hidden(e)}") from None
+        return rows, stored
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -542,5 +587,7 @@ class RocksDBLevel(StorageLevel):
         if "_db" not in self.__dict__:  # a reopen after write failures did not succeed
             raise StorageError(f"rocksdb: closed with writes failing: {self._failure}")
         failure = self._shut(flush=not self.read_only)
+        if self._secondary is not None:
+            shutil.rmtree(self._secondary, ignore_errors=True)
         if failure is not None:
             raise StorageError(f"rocksdb: the final flush failed, writes since the last one may be lost: {failure}")

@@ -178,11 +178,13 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., default_value: _Optional[float] = ..., max_keys_per_request: _Optional[int] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("model", "tables", "levels")
+    __slots__ = ("model", "tables", "levels", "writes_refused")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     model: str
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     levels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., levels: _Optional[_Iterable[str]] = ...) -> None: ...
+    writes_refused: str
+    def __init__(self, model: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., levels: _Optional[_Iterable[str]] = ..., writes_refused: _Optional[str] = ...) -> None: ...

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import layers
+from hps_bench import layers
 
 
 def test_json_report_has_every_case_and_path(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,10 +18,12 @@ CASES = ["a:", "b:", "c:"]
 PROCESS_ROWS = [(clients, dtype) for clients in ("1 process", "2 processes") for dtype in ("float32", "float16")]
 
 
-def test_json_report_has_every_case_ratio_and_target(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("security", [[], ["--tls", "--token"]], ids=["plaintext", "tls-and-token"])
+def test_json_report_has_every_case_ratio_and_target(capsys: pytest.CaptureFixture[str], security: list[str]) -> None:
     argv = ["bench", "lookup", "--json", "--scale", "0.01", "--rows", "2000", "--clients", "1,2", "--l1", "cpu"]
-    assert main([*argv, "--server-option", "workers=4"]) == 0
+    assert main([*argv, "--server-option", "workers=4", *security]) == 0
     printed = json.loads(capsys.readouterr().out)
+    assert printed["tls"] is printed["token"] is bool(security)
     rows = printed["rows"]
     assert [r["case"][:2] for r in rows] == [*CASES, *["d:"] * len(PROCESS_ROWS)]
     assert [(r["clients"], r["dtype"]) for r in rows[3:]] == PROCESS_ROWS

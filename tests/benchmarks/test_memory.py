@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import memory
+from hps_bench import memory
 
 
 def test_json_report_has_every_figure(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from benchmarks import redis as redis_bench
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from hps_bench import redis as redis_bench
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses
 
 
 def test_json_report_has_every_figure(

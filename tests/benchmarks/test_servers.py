@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks import servers
+from hps_bench import servers
 from hps_server import config as config_module
 
 
@@ -39,3 +39,19 @@ def test_server_options_are_written_as_given_and_keep_the_address(tmp_path: Path
 def test_cpu_l1_hides_gpus_from_the_server_only() -> None:
     assert servers.server_env("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
     assert servers.server_env("gpu") == servers.server_env("none") == {}
+
+
+def test_throwaway_security_serves_tls_and_a_token(tmp_path: Path) -> None:
+    security = servers.throwaway_security(tmp_path, tls=True, token=True)
+    server = config_module.parse({"server": security.server_options, "models": []}, tmp_path).server
+    assert (
+        server.tls.enabled
+        and server.auth.enabled
+        and security.echo_files
+        == (
+            server.tls.cert_file,
+            server.tls.key_file,
+        )
+    )
+    assert security.credentials.tls is not None and security.credentials.token
+    assert servers.throwaway_security(tmp_path / "plain", tls=False, token=False).server_options == {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import triton
+from hps_bench import triton
 from hps_client.triton import TritonEnvironment
 
 

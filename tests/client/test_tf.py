@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from hps_client import TLS
 from hps_client import tf as hps
-from tests.conftest import TABLE_SPECS, ServedModel
+from tests.conftest import READER, TABLE_SPECS, SecuredModel, ServedModel
 
 USER, ITEM = 0, 1  # table_id: the model's tables in config order
 
@@ -180,3 +181,18 @@ def test_sparse_lookup_layer_in_a_functional_model(served: ServedModel, address:
     expected = _pooled(served.expected("item", ids.values.numpy()), ids.row_splits.numpy(), "sum", np.ones(6)).sum(1)
     got = model(ids.to_sparse() if form == "sparse" else ids)
     np.testing.assert_allclose(got.numpy()[:, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_reach_a_tls_server_with_a_token_and_save_no_token(secured: SecuredModel) -> None:
+    files = (secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+    layer = hps.LookupLayer("ctr", USER, 16, address=secured.target, tls=TLS(*files), token=READER)
+    keys = secured.truth["user"][0][:4]
+    np.testing.assert_array_equal(layer(tf.constant(keys)).numpy(), secured.expected("user", keys))
+    config = layer.get_config()
+    assert config["tls"]["root_ca_file"] == str(secured.ca.cert_file) and READER not in str(config)
+    clone = hps.LookupLayer.from_config(config)  # no token now: HPS_TOKEN is unset here
+    assert clone.tls == TLS(
+        *(str(p) for p in (secured.ca.cert_file, secured.client.cert_file, secured.client.key_file))
+    )
+    with pytest.raises(Exception, match="UNAUTHENTICATED"):
+        clone(tf.constant(keys))

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from hps_client import InvalidArgumentError, NotFoundError
+from hps_client import TLS, InvalidArgumentError, NotFoundError, UnauthenticatedError
+from hps_client.security import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV, TOKEN_ENV
 from hps_client.torch import LookupLayer, SparseLookupLayer
-from tests.conftest import TABLE_SPECS, ServedModel
+from tests.conftest import READER, TABLE_SPECS, SecuredModel, ServedModel
 
 
 @pytest.mark.parametrize("shape", [(10,), (2, 5), (2, 1, 3), (0,), (0, 4)])
@@ -101,3 +102,24 @@ def test_sparse_lookup_2d_bags_max_norm_and_empty_batch(served: ServedModel) -> 
         layer(torch.from_numpy(keys), torch.tensor([1, 5]))
     with pytest.raises(ValueError, match="combiner: must be sum, mean or sqrtn"):
         SparseLookupLayer(model_name="ctr", table_id=0, emb_vec_size=16, combiner="max", address=served.target)
+
+
+def test_tls_and_token_by_argument_or_from_the_environment(
+    secured: SecuredModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = secured.truth["user"][0][:5]
+    files = {CA_FILE_ENV: secured.ca.cert_file, CERT_FILE_ENV: secured.client.cert_file}
+    files[KEY_FILE_ENV] = secured.client.key_file
+    tls = TLS(*files.values())
+    layer = SparseLookupLayer(
+        model_name="ctr", table_id=0, emb_vec_size=16, address=secured.target, tls=tls, token=READER
+    )
+    pooled = layer(torch.from_numpy(keys.reshape(1, 5))).numpy()[0]
+    np.testing.assert_allclose(pooled, secured.expected("user", keys).mean(0), rtol=1e-5, atol=1e-6)
+    for name, path in files.items():
+        monkeypatch.setenv(name, str(path))
+    plain = LookupLayer(model_name="ctr", table_id=0, emb_vec_size=16, address=secured.target)
+    with pytest.raises(UnauthenticatedError):  # TLS from the environment, no token yet
+        plain(torch.from_numpy(keys))
+    monkeypatch.setenv(TOKEN_ENV, READER)
+    np.testing.assert_array_equal(plain(torch.from_numpy(keys)).numpy(), secured.expected("user", keys))

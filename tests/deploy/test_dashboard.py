@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hps_server.cache import CacheStats
-from hps_server.metrics import CacheOccupancy, ServerMetrics
+from hps_server.metrics import CacheOccupancy, LevelOccupancy, ServerMetrics
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def exported_series_names() -> set[str]:
     m.requests.labels("m", "Lookup", "OK").inc()
     m.request_seconds.labels("m", "Lookup").observe(0.001)
     m.in_flight.labels("Lookup").set(0)
-    m.watch_caches(lambda: [CacheOccupancy("m", "t", "0", CacheStats(1, 1, 1, 2))])
+    m.watch_caches(lambda: [CacheOccupancy("m", "t", "0", CacheStats(1, 1, 1, 2), 16)])
+    m.watch_level_occupancy(lambda: [LevelOccupancy("m", "t", "rocksdb", 1, 24)])
     return {sample.name for family in m.registry.collect() for sample in family.samples}
 
 

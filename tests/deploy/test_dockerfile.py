@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 
@@ -45,3 +47,27 @@ def test_dockerignore_keeps_the_build_context_small(repo_root: Path) -> None:
     copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (repo_root / "Dockerfile").read_text(), re.MULTILINE)
     for source in (s for group in copied for s in group.split()):
         assert f"!{source.rstrip('/')}" in lines or f"!{source.rstrip('/')}/" in lines, source
+
+
+def test_dependencies_are_installed_from_pyproject_before_the_sources_are_copied(repo_root: Path) -> None:
+    """A source change must not reinstall the dependencies (CuPy among them): their layer comes first and is
+    built from pyproject.toml alone, with the chosen extras."""
+    text = (repo_root / "Dockerfile").read_text()
+    steps = text.replace("\\\n", "").splitlines()
+    install_deps = next(i for i, step in enumerate(steps) if "pip install --no-cache-dir -r" in step)
+    copies = [i for i, step in enumerate(steps) if step.startswith("COPY ") and "--from" not in step]
+    assert steps[copies[0]] == "COPY pyproject.toml ./" and copies[0] < install_deps < copies[1]
+    assert steps[copies[-1] + 1] == "RUN /opt/hps/bin/pip install --no-cache-dir --no-deps ."
+    listing = re.search(r"(python3 -c '.*?' +\"\$\{HPS_EXTRAS\}\")", steps[install_deps])[1]
+    printed = subprocess.run(
+        ["bash", "-c", listing.replace("python3", sys.executable, 1)],
+        cwd=repo_root,
+        env={"HPS_EXTRAS": "cuda12,bench"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert printed.stdout.splitlines() == [*project["dependencies"], *extras["cuda12"], *extras["bench"]]

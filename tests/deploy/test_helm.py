@@ -15,7 +15,7 @@ from hps_server import config as hps_config
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
 KUBERNETES_VERSIONS = ("1.30.0", "1.33.0")
 VALUES = Path(__file__).parent / "values"
-SCENARIOS = ["default", "cpu", "gpu", "external-redis", "autoscaling"]
+SCENARIOS = ["default", "cpu", "gpu", "external-redis", "autoscaling", "extras"]
 
 
 def values_of(scenario: str) -> dict[str, Any]:
@@ -259,3 +259,125 @@ def test_devices_beyond_the_pods_gpus_are_refused(helm: ModuleType, chart: Path)
         render(helm, chart, values)
     values["gpu"]["count"] = 0  # CPU pods: the reference cache ignores device numbers
     assert by_kind(render(helm, chart, values), "ConfigMap")
+
+
+# ---------------------------------------------------------------- the "restricted" Pod Security Standard
+
+_RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What a namespace enforcing the "restricted" Pod Security level would reject in a pod spec."""
+    found = [f"spec.{key}" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {sorted(kinds - _RESTRICTED_VOLUMES)}")
+    pod_context = pod.get("securityContext", {})
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        name, context = container["name"], container.get("securityContext", {})
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []) or set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: capabilities must drop ALL and add at most NET_BIND_SERVICE")
+        if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+            found.append(f"{name}: runAsNonRoot must be true")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost, got {seccomp}")
+        if any("hostPort" in port for port in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_meet_the_restricted_pod_security_standard(helm: ModuleType, chart: Path, scenario: str) -> None:
+    pod = workload(render(helm, chart, values_of(scenario)))["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    if scenario == "gpu":
+        assert len(pod["initContainers"]) == 2  # the sync and import steps were checked too
+
+
+def test_the_restricted_check_catches_what_the_chart_lacked(helm: ModuleType, chart: Path) -> None:
+    pod = workload(render(helm, chart, {"podSecurityContext": {"seccompProfile": None}}))["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == ["hps: seccompProfile must be RuntimeDefault or Localhost, got None"]
+
+
+# ---------------------------------------------------------------- pass-through options and names
+
+
+def test_a_new_redis_password_rolls_the_pods(helm: ModuleType, chart: Path) -> None:
+    def annotations(password: str) -> dict[str, str]:
+        values = values_of("external-redis")
+        values["redis"]["password"] = password
+        return dict(workload(render(helm, chart, values))["spec"]["template"]["metadata"]["annotations"])
+
+    first, second = annotations("s3cret-pass"), annotations("rotated-pass")
+    assert first["checksum/secret"] != second["checksum/secret"]
+    assert first["checksum/config"] == second["checksum/config"]  # the password is not in the ConfigMap
+    assert "checksum/secret" not in workload(render(helm, chart, {}))["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_extra_volumes_env_from_and_a_private_redis_ca(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    manifests = render(helm, chart, values_of("extras"))
+    pod = workload(manifests)["spec"]["template"]["spec"]
+    container = hps_container(manifests)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["redis-ca"]["secret"] == {"secretName": "redis-ca"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["redis-ca"] == {"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}
+    assert {"name": "config", "mountPath": "/etc/hps", "readOnly": True} in container["volumeMounts"]
+    assert container["envFrom"] == [{"secretRef": {"name": "hps-extra-env"}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SSL_CERT_FILE"]["value"] == "/etc/redis-ca/ca.crt"
+    assert "HPS_REDIS_PASSWORD" in env
+    # The import step runs the same config, so it sees the same mounts.
+    values = values_of("extras") | {
+        "persistence": {"enabled": True, "perPod": True},
+        "tables": {"import": {"enabled": True}},
+    }
+    init = workload(render(helm, chart, values))["spec"]["template"]["spec"]["initContainers"]
+    assert any(m["name"] == "redis-ca" for m in init[0]["volumeMounts"])
+    assert "envFrom" not in hps_container(render(helm, chart, {}))
+
+
+def test_name_overrides(helm: ModuleType, chart: Path) -> None:
+    manifests = render(helm, chart, values_of("extras"))
+    names = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    assert ("Deployment", "hps-ranking") in names and ("ConfigMap", "hps-ranking") in names
+    assert ("Secret", "hps-ranking-redis") in names
+    renamed = render(helm, chart, {"nameOverride": "ranker"})
+    deployment = workload(renamed)
+    assert deployment["metadata"]["name"] == "rec-ranker"
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/name"] == "ranker"
+    service = next(s for s in by_kind(renamed, "Service") if s["spec"].get("clusterIP") != "None")
+    assert service["spec"]["selector"]["app.kubernetes.io/name"] == "ranker"
+
+
+def test_headless_service_and_connection_age_for_client_side_balancing(
+    helm: ModuleType, chart: Path, tmp_path: Path
+) -> None:
+    manifests = render(helm, chart, values_of("extras"))
+    headless = next(s for s in by_kind(manifests, "Service") if s["spec"].get("clusterIP") == "None")
+    assert headless["metadata"]["name"] == "hps-ranking-headless"
+    assert headless["spec"]["publishNotReadyAddresses"] is False  # only ready pods are resolved
+    assert headless["spec"]["selector"].items() <= workload(manifests)["spec"]["template"]["metadata"]["labels"].items()
+    assert all(s["spec"].get("clusterIP") != "None" for s in by_kind(render(helm, chart, values_of("cpu")), "Service"))
+    # Connections age out, so channels opened before a scale-out reach the new pods too.
+    assert served_config(manifests, tmp_path).server.max_connection_age_seconds == 300
+    tuned = render(helm, chart, {"server": {"max_connection_age_seconds": 0}})
+    assert served_config(tuned, tmp_path).server.max_connection_age_seconds == 0

@@ -14,8 +14,9 @@ from tritonclient.utils import InferenceServerException
 
 from examples import torch_dlrm
 from examples.clicks import Clicks, synthetic_clicks
-from examples.triton_ensemble import client, repository
+from examples.triton_ensemble import client
 from examples.triton_ensemble.deployment import deployed
+from hps_bench.triton_ensemble import repository
 from hps_client.triton import TritonEnvironment
 
 

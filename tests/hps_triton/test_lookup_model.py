@@ -16,16 +16,34 @@ from tritonclient.utils import InferenceServerException
 from hps_client.triton import TritonEndpoint, TritonEnvironment, TritonStartError, running, write_lookup_model
 from hps_client.triton.tritonserver import free_port
 from hps_server.server import HpsServer
-from tests.conftest import ServedModel, sample_config, write_sample_tables
+from tests.conftest import READER, SecuredModel, ServedModel, sample_config, write_sample_tables
 
 MODEL = "hps_embedding"
 
 
 @pytest.fixture(scope="module")
 def triton(
-    served: ServedModel, triton_environment: TritonEnvironment, tmp_path_factory: pytest.TempPathFactory
+    served: ServedModel,
+    secured: SecuredModel,
+    triton_environment: TritonEnvironment,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[TritonEndpoint]:
     repository = tmp_path_factory.mktemp("repository")
+    token_file = repository.parent / "hps-token"
+    token_file.write_text(READER + "\n")
+    write_lookup_model(
+        repository,
+        name="secured",
+        hps_address=secured.target,
+        hps_model="ctr",
+        tables=["user", "item"],
+        security={
+            "tls_ca_file": str(secured.ca.cert_file),
+            "tls_cert_file": str(secured.client.cert_file),
+            "tls_key_file": str(secured.client.key_file),
+            "token_file": str(token_file),
+        },
+    )
     write_lookup_model(
         repository,
         name=MODEL,
@@ -76,6 +94,13 @@ def test_vectors_come_back_in_key_order(served: ServedModel, triton: TritonEndpo
     with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
         output = client.infer(MODEL, _inputs(keys, numkeys)).as_numpy("OUTPUT0")
     assert output.dtype == np.float32
+    np.testing.assert_array_equal(output, expected)
+
+
+def test_the_model_reaches_an_mtls_server_with_a_token_file(secured: SecuredModel, triton: TritonEndpoint) -> None:
+    keys, numkeys, expected = _sample(secured, 8, seed=5)  # the same sample tables
+    with triton_grpc.InferenceServerClient(triton.grpc_target) as client:
+        output = client.infer("secured", _inputs(keys, numkeys)).as_numpy("OUTPUT0")
     np.testing.assert_array_equal(output, expected)
 
 

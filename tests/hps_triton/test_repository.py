@@ -27,7 +27,19 @@ def test_writes_config_model_and_client(tmp_path: Path) -> None:
         assert line in config
     assert "class TritonPythonModel" in (folder / "1" / "model.py").read_text()
     assert (folder / "1" / "hps_client" / "client.py").exists()
+    assert (folder / "1" / "hps_wire" / "response_codec.py").exists()  # the client imports it
     assert not list((folder / "1" / "hps_client").rglob("__pycache__"))
+    assert not list((folder / "1" / "hps_wire").rglob("__pycache__"))
+
+
+def test_security_parameters_are_paths_never_a_token(tmp_path: Path) -> None:
+    security = {"tls_ca_file": "/etc/hps/tls/ca.crt", "token_file": "/var/run/hps/token"}
+    folder = write_lookup_model(tmp_path, name="emb", hps_address="hps:8500", hps_model="ctr", security=security)
+    config = (folder / "config.pbtxt").read_text()
+    assert '{ key: "hps_tls_ca_file" value: { string_value: "/etc/hps/tls/ca.crt" } }' in config
+    assert '{ key: "hps_token_file" value: { string_value: "/var/run/hps/token" } }' in config
+    with pytest.raises(ValueError, match="security: unknown parameter 'token'"):
+        write_lookup_model(tmp_path, name="emb", hps_address="hps:8500", hps_model="ctr", security={"token": "x"})
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,18 @@ def test_tables_are_independent(level: StorageLevel) -> None:
     assert not level.contains("b.x", keys)[0]
 
 
+def test_occupancy_counts_rows_and_bytes_held(level: StorageLevel, table: str) -> None:
+    empty_rows, _ = level.occupancy(table)
+    keys = np.arange(2_000, dtype=np.int64)
+    level.insert(table, keys, rows(keys))
+    held, stored = level.occupancy(table)
+    assert (empty_rows, held) == (0, level.size(table)) == (0, 2_000)
+    # Every backend can tell its bytes; at least the raw keys and vectors, and not wildly more.
+    assert stored is not None and 2_000 * (8 + 4 * DIM) <= stored < 2_000 * (8 + 4 * DIM) * 20
+    level.evict(table, keys[:500])
+    assert level.occupancy(table)[0] == 1_500
+
+
 def test_fetch_mixes_hits_and_misses(level: StorageLevel, table: str) -> None:
     stored = np.array([10, 20, 30], dtype=np.int64)
     level.insert(table, stored, rows(stored))

@@ -5,18 +5,22 @@ Every test uses its own table names on the shared cluster; failure tests get a c
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from hps_bench.redis_cluster_launcher import NEW_KEY, RedisClusterProcesses
 from hps_server.config import ConfigError, VolatileDbConfig
+from hps_server.config import load as load_config
 from hps_server.storage import open_volatile
 from hps_server.storage.base import LevelUnavailableError, StorageError, UnknownTableError
 from hps_server.storage.redis_cluster import Command, RedisClusterLevel, hash_name, partition_of
@@ -81,9 +85,9 @@ def test_many_tables_go_in_one_round_per_node(redis_cluster: str, level: RedisCl
     rounds: list[int] = []
     execute = level._execute
 
-    def counted(commands: Sequence[Command]) -> list[Any]:
+    def counted(commands: Sequence[Command], *, read: bool = False) -> list[Any]:
         rounds.append(len(commands))
-        return execute(commands)
+        return execute(commands, read=read)
 
     level._execute = counted  # type: ignore[method-assign]
     level.insert_many(names, keys, index, vectors)
@@ -401,6 +405,49 @@ def test_acl_user_with_password(redis_cluster_acl: RedisClusterProcesses, table:
         lvl.close()
 
 
+# What docs/security.md tells operators to grant hps's Redis user: its own keys and the commands it uses.
+LEAST_PRIVILEGE_ACL = (
+    "~hps_et*",
+    "+hmget", "+hset", "+hdel", "+hgetall", "+hlen", "+hrandfield", "+hscan", "+del", "+expire",
+    "+info", "+cluster|info", "+cluster|slots", "+cluster|shards", "+asking", "+command", "+ping",
+)  # fmt: skip
+
+
+def test_acl_user_limited_to_hps_keys_and_commands(redis_cluster_acl: RedisClusterProcesses, table: str) -> None:
+    cluster = redis_cluster_acl
+    for port in cluster.ports:  # ACL users are per node
+        with cluster.client(port) as node:
+            node.execute_command("ACL", "SETUSER", "hps-least", "reset", "on", ">least-s3cret", *LEAST_PRIVILEGE_ACL)
+    lvl = RedisClusterLevel(
+        cluster.seed,
+        user_name="hps-least",
+        password="least-s3cret",
+        num_partitions=4,
+        ttl_seconds=3600,
+        overflow_margin=50,
+        overflow_policy="evict_oldest",
+        timeout_ms=2000,
+    )
+    try:
+        lvl.create_table(table, DIM)
+        keys = np.arange(200, dtype=np.int64)
+        lvl.insert(table, keys, rows(keys))  # overflow: HLEN, access times, eviction
+        vectors, found = lvl.fetch(table, keys)
+        assert 0 < found.sum() <= 4 * 50
+        np.testing.assert_array_equal(vectors[found], rows(keys[found]))
+        assert lvl.contains(table, keys).sum() == found.sum() == lvl.size(table)
+        assert sum(len(chunk[0]) for chunk in lvl.dump(table)) == lvl.size(table)
+        assert lvl.evict(table, keys) == found.sum() and lvl.size(table) == 0
+    finally:
+        lvl.close()
+    client = cluster_client(cluster.seed, username="hps-least", password="least-s3cret")
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.set("not-an-hps-key", b"1")
+    finally:
+        client.close()
+
+
 def test_wrong_password_is_a_configuration_error(redis_cluster_acl: RedisClusterProcesses) -> None:
     with pytest.raises(ConfigError, match=r"volatile_db\.user_name/password"):
         RedisClusterLevel(redis_cluster_acl.seed, user_name=redis_cluster_acl.user, password="wrong", timeout_ms=2000)
@@ -413,11 +460,8 @@ def test_bad_address_is_a_configuration_error() -> None:
         RedisClusterLevel("localhost")
 
 
-def test_tls_with_a_trusted_certificate(
-    redis_cluster_tls: RedisClusterProcesses, table: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(redis_cluster_tls.ca_file))  # how a deployment trusts a private CA
-    lvl = RedisClusterLevel(redis_cluster_tls.seed, tls=True, timeout_ms=2000)
+def _served(lvl: RedisClusterLevel, table: str) -> None:
+    """The level stores and returns rows (over whatever connection it was given)."""
     try:
         lvl.create_table(table, DIM)
         keys = np.arange(40, dtype=np.int64)
@@ -429,8 +473,66 @@ def test_tls_with_a_trusted_certificate(
         lvl.close()
 
 
-def test_tls_refuses_an_untrusted_certificate(redis_cluster_tls: RedisClusterProcesses, table: str) -> None:
-    lvl = RedisClusterLevel(redis_cluster_tls.seed, tls=True, timeout_ms=2000)
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA certificate that signed none of the clusters' certificates."""
+    folder = tmp_path_factory.mktemp("other-ca")
+    command = f"req -x509 {NEW_KEY} -keyout ca.key -out ca.crt -days 2 -subj /CN=not-the-redis-ca"
+    subprocess.run(["openssl", *command.split()], cwd=folder, check=True, capture_output=True, timeout=60)
+    return folder / "ca.crt"
+
+
+def test_tls_with_the_clusters_ca_and_hostname_check(redis_cluster_tls: RedisClusterProcesses, table: str) -> None:
+    lvl = RedisClusterLevel(redis_cluster_tls.seed, tls=True, tls_ca_file=redis_cluster_tls.ca_file, timeout_ms=2000)
+    assert lvl.available and lvl.failures == 0
+    _served(lvl, table)
+
+
+@pytest.mark.parametrize("ca", ["other", "system"])
+def test_tls_refuses_a_certificate_of_another_ca_as_a_configuration_error(
+    redis_cluster_tls: RedisClusterProcesses, other_ca: Path, ca: str
+) -> None:
+    ca_file = other_ca if ca == "other" else None  # None: the system's trust store, which lacks the test CA
+    with pytest.raises(ConfigError, match=r"^volatile_db\.tls_ca_file: .* does not verify") as error:
+        RedisClusterLevel(redis_cluster_tls.seed, tls=True, tls_ca_file=ca_file, password="pw-s3cret", timeout_ms=2000)
+    message = str(error.value)
+    assert "self-signed certificate" in message or "unable to get local issuer" in message
+    assert str(other_ca.parent) not in message and "pw-s3cret" not in message
+
+
+def test_tls_files_that_do_not_load_name_the_key_not_the_path(redis_cluster_mtls: RedisClusterProcesses) -> None:
+    cluster = redis_cluster_mtls
+    for options, key in [
+        ({"tls_ca_file": cluster.root / "missing.crt"}, "tls_ca_file: cannot load it: No such file"),
+        ({"tls_ca_file": cluster.client_key_file}, "tls_ca_file: cannot load it"),  # a key, not a certificate
+        ({"tls_cert_file": cluster.client_cert_file, "tls_key_file": cluster.root / "tls" / "node.key"}, "KEY_VALUES"),
+    ]:
+        with pytest.raises(ConfigError, match=key) as error:
+            RedisClusterLevel(cluster.seed, tls=True, timeout_ms=2000, **options)  # type: ignore[arg-type]
+        assert str(cluster.root) not in str(error.value)
+
+
+def test_mtls_with_the_client_certificate(redis_cluster_mtls: RedisClusterProcesses, table: str) -> None:
+    cluster = redis_cluster_mtls
+    lvl = RedisClusterLevel(
+        cluster.seed,
+        tls=True,
+        tls_ca_file=cluster.ca_file,
+        tls_cert_file=cluster.client_cert_file,
+        tls_key_file=cluster.client_key_file,
+        tls_check_hostname=False,  # the nodes' certificate names redis.hps.test, not 127.0.0.1
+        timeout_ms=2000,
+    )
+    _served(lvl, table)
+
+
+def test_mtls_without_a_client_certificate_is_refused_by_the_cluster(
+    redis_cluster_mtls: RedisClusterProcesses, table: str
+) -> None:
+    cluster = redis_cluster_mtls
+    lvl = RedisClusterLevel(
+        cluster.seed, tls=True, tls_ca_file=cluster.ca_file, tls_check_hostname=False, timeout_ms=2000
+    )
     try:
         assert not lvl.available and lvl.failures == 1
         lvl.create_table(table, DIM)
@@ -438,6 +540,42 @@ def test_tls_refuses_an_untrusted_certificate(redis_cluster_tls: RedisClusterPro
             lvl.fetch(table, np.array([1]))
     finally:
         lvl.close()
+
+
+def test_hostname_check_refuses_a_certificate_for_another_name(redis_cluster_mtls: RedisClusterProcesses) -> None:
+    cluster = redis_cluster_mtls
+    with pytest.raises(ConfigError, match=r"^volatile_db\.tls_check_hostname: .*not valid for '127\.0\.0\.1'"):
+        RedisClusterLevel(
+            cluster.seed,
+            tls=True,
+            tls_ca_file=cluster.ca_file,
+            tls_cert_file=cluster.client_cert_file,
+            tls_key_file=cluster.client_key_file,
+            timeout_ms=2000,
+        )
+
+
+def test_ps_json_tls_keys_reach_the_cluster(
+    redis_cluster_mtls: RedisClusterProcesses, table: str, tmp_path: Path
+) -> None:
+    cluster = redis_cluster_mtls
+    ps = {
+        "volatile_db": {
+            "type": "redis_cluster",
+            "address": cluster.seed,
+            "enable_tls": True,
+            "tls_ca_certificate": str(cluster.ca_file),
+            "tls_client_certificate": str(cluster.client_cert_file),
+            "tls_client_key": str(cluster.client_key_file),
+            "tls_check_hostname": False,
+            "timeout_ms": 2000,
+        },
+        "models": [{"model": "m", "sparse_files": ["t"], "embedding_vecsize_per_table": [DIM]}],
+    }
+    (tmp_path / "ps.json").write_text(json.dumps(ps))
+    level = open_volatile(load_config(tmp_path / "ps.json").volatile_db)
+    assert isinstance(level, RedisClusterLevel)
+    _served(level, table)
 
 
 # ---------------------------------------------------------------- failures

@@ -1,13 +1,18 @@
 {{/* Names and labels shared by every manifest of the chart. */}}
 {{- define "hps.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "hps.fullname" -}}
-{{- if contains .Chart.Name .Release.Name }}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -69,6 +74,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- else }}
 {{- $_ := set $persistent "type" "disabled" }}
 {{- end }}
+{{- $_ := include "hps.securityConfig" (dict "root" . "server" $server "volatile" $volatile) }}
 {{- $config := dict "server" $server "persistent_db" $persistent "models" .Values.models }}
 {{- if $volatile }}
 {{- $_ := set $config "volatile_db" $volatile }}

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from benchmarks import report
-from benchmarks.redis_cluster_launcher import RedisClusterProcesses
+from hps_bench import report
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses
 from hps_server.storage.redis_cluster import RedisClusterLevel
 
 TABLE = "bench.table"

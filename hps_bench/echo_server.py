@@ -1,8 +1,8 @@
 """A raw-bytes gRPC echo server: the baseline every lookup benchmark is divided by.
 
 It replies to each call with as many bytes (random, cached per size) as the request's first 8 bytes ask for,
-with no decoding, so a same-size exchange shows what Python gRPC alone costs on this machine.
-Run: python -m benchmarks.echo_server.
+with no decoding, so a same-size exchange shows what Python gRPC alone costs on this machine (over TLS too,
+given a certificate and key: the baseline of `hps bench lookup --tls`). Run: python -m hps_bench.echo_server.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import sys
 from concurrent import futures
 from functools import lru_cache
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -41,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--cert-file", type=Path, help="PEM certificate: serve TLS (with --key-file)")
+    parser.add_argument("--key-file", type=Path, help="its PEM private key")
     args = parser.parse_args(argv)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=OPTIONS)
     handler = grpc.method_handlers_generic_handler(
         "hps.bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(_call)}
     )
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    address = f"127.0.0.1:{args.port}"
+    if args.cert_file is None:
+        port = server.add_insecure_port(address)
+    else:
+        pair = (args.key_file.read_bytes(), args.cert_file.read_bytes())
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
     server.start()
     print(port, flush=True)
     server.wait_for_termination()

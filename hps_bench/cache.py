@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import emit
+from hps_bench.report import emit
 
 QUERY_BATCHES = (65_536, 1 << 20)
 DIMS = (16, 64, 128)
@@ -217,7 +217,7 @@ def rpc_rows(requests: int, rows_total: int = 200_000, dim: int = 128, batch: in
 
     import yaml
 
-    from benchmarks.servers import free_port, hps_server
+    from hps_bench.servers import free_port, hps_server
     from hps_client import Client
     from hps_server import tables
 

@@ -1,18 +1,21 @@
 """Starts the servers a benchmark measures as child processes, so client and server don't share a GIL.
 
-Process plumbing (free ports, readiness through gRPC health checks, clean shutdown) and the one model
-folder every server benchmark serves from.
+Process plumbing (free ports, readiness through gRPC health checks, clean shutdown), the one model folder
+every server benchmark serves from, and throwaway TLS certificates and a token for runs with --tls/--token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -21,6 +24,8 @@ import numpy as np
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hps_client import security
+from hps_client.security import TLS
 from hps_server import tables as table_files
 
 L1Choice = Literal["none", "cpu", "gpu"]
@@ -88,10 +93,59 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
+@dataclass(frozen=True)
+class Credentials:
+    """What the benchmark's clients connect with: TLS (None: plaintext) and a token (None: none). Picklable,
+    so client processes get it too."""
+
+    tls: TLS | None = None
+    token: str | None = None
+
+    def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        return security.channel(target, self.tls, options)
+
+    def unary(self, channel: grpc.Channel, method: str, **serializers: Any) -> Callable[..., Any]:
+        """`method` of `channel` as a callable sending this token (as the hps Client does)."""
+        return partial(channel.unary_unary(method, **serializers), metadata=security.call_metadata(self.token))
+
+
+@dataclass(frozen=True)
+class Security:
+    """A run's throwaway TLS files and token: the config keys the hps server gets, and its clients' credentials."""
+
+    server_options: dict[str, object]
+    echo_files: tuple[Path, Path] | None  # (cert, key) the echo baseline serves TLS with
+    credentials: Credentials
+
+
+def throwaway_security(directory: Path, tls: bool, token: bool) -> Security:
+    """A CA and a loopback server certificate (with `tls`) and a random token granted every model (with
+    `token`), written under `directory`."""
+    options: dict[str, object] = {}
+    client_tls = None
+    echo_files = None
+    if tls:
+        from hps_bench.certificates import Authority  # needs the cryptography package (bench extra)
+
+        ca = Authority(directory / "pki", "hps-bench")
+        pair = ca.issue("hps-bench-server", server=True)
+        options["tls"] = {"cert_file": str(pair.cert_file), "key_file": str(pair.key_file)}
+        client_tls = TLS(root_ca_file=str(ca.cert_file))
+        echo_files = (pair.cert_file, pair.key_file)
+    secret = None
+    if token:
+        secret = secrets.token_urlsafe(32)
+        tokens_file = directory / "tokens.yaml"
+        tokens_file.write_text(yaml.safe_dump({"tokens": [{"token": secret, "read": "*", "write": "*"}]}))
+        tokens_file.chmod(0o600)
+        options["auth"] = {"tokens_file": str(tokens_file)}
+    return Security(options, echo_files, Credentials(client_tls, secret))
+
+
+def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 300.0, tls: TLS | None = None) -> None:
     """Waits until the server at `target` reports SERVING; raises if the process dies first."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with security.channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -116,25 +170,34 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def hps_server(config: Path, port: int, env: Mapping[str, str] | None = None) -> Iterator[str]:
-    """`hps serve --config` in a child process (config must listen on 127.0.0.1:port); yields its target.
-
-    `env` is added to this process's environment for the server.
-    """
+def served_process(
+    config: Path, port: int, env: Mapping[str, str] | None = None, tls: TLS | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`hps serve --config` in a child process (config must listen on 127.0.0.1:port), yielded once it
+    serves. `env` is added to this process's environment for the server; `tls`: how to reach it when it
+    serves TLS."""
     process = subprocess.Popen(
         [sys.executable, "-m", "hps_server.cli", "--log-level", "WARNING", "serve", "--config", str(config)],
         env={**os.environ, **(env or {})},
     )
-    target = f"127.0.0.1:{port}"
     try:
-        wait_serving(target, process)
-        yield target
+        wait_serving(f"127.0.0.1:{port}", process, tls=tls)
+        yield process
     finally:
         _stop(process)
 
 
-def _start_echo(port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:
-    command = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(port), "--workers", str(workers)]
+@contextlib.contextmanager
+def hps_server(config: Path, port: int, env: Mapping[str, str] | None = None, tls: TLS | None = None) -> Iterator[str]:
+    """served_process(), yielding the server's target."""
+    with served_process(config, port, env, tls):
+        yield f"127.0.0.1:{port}"
+
+
+def _start_echo(port: int, workers: int, tls_files: tuple[Path, Path] | None) -> tuple[subprocess.Popen[bytes], int]:
+    command = [sys.executable, "-m", "hps_bench.echo_server", "--port", str(port), "--workers", str(workers)]
+    if tls_files is not None:
+        command += ["--cert-file", str(tls_files[0]), "--key-file", str(tls_files[1])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -145,15 +208,16 @@ def _start_echo(port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:
 
 
 @contextlib.contextmanager
-def echo_server(workers: int = 16, processes: int = 1) -> Iterator[str]:
+def echo_server(workers: int = 16, processes: int = 1, tls_files: tuple[Path, Path] | None = None) -> Iterator[str]:
     """The raw-bytes echo baseline: `processes` child processes of `workers` threads on one port (the
-    kernel spreads connections over them, as it does for hps's workers); yields its target."""
+    kernel spreads connections over them, as it does for hps's workers); yields its target. `tls_files`:
+    (certificate, key) to serve TLS with."""
     started: list[subprocess.Popen[bytes]] = []
     try:
-        first, port = _start_echo(0, workers)
+        first, port = _start_echo(0, workers, tls_files)
         started.append(first)
         for _ in range(processes - 1):
-            process, bound = _start_echo(port, workers)
+            process, bound = _start_echo(port, workers, tls_files)
             started.append(process)
             if bound != port:
                 raise RuntimeError(f"echo server bound port {bound}, not the shared port {port}")

@@ -3,7 +3,9 @@ raw-bytes gRPC echo with the same process layout and the same request and reply 
 
 Serves a generated model with `hps serve` (L1 per --l1, over a warm in-process hash map over RocksDB) and the
 echo server; hps and echo blocks alternate so both see the same machine load, and every 10th reply is checked
-against the tables' true rows. It asserts no speed and never states an absolute figure without its ratio.
+against the tables' true rows. With --tls both serve TLS (throwaway certificates made for the run), with --token
+hps checks a bearer token every call (the echo gets the same metadata). It asserts no speed and never states an
+absolute figure without its ratio.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
 import numpy as np
 import yaml
 
-from benchmarks import echo_server, report, servers
+from hps_bench import echo_server, report, servers
 from hps_client import Client, wire
 from hps_client.client import LOOKUP_METHOD
 from hps_client.wire import Dtype
@@ -217,6 +218,7 @@ class Block:
 def _client_process(
     index: int,
     targets: tuple[str, str],
+    credentials: servers.Credentials,
     rows: int,
     commands: multiprocessing.Queue[Block | None],
     results: multiprocessing.Queue[Outcome | str],
@@ -226,8 +228,11 @@ def _client_process(
     tables = _tables(rows, WIDE)
     batches = _batches(tables, dict.fromkeys(WIDE, 1024), np.random.default_rng([SEED, 1000 + index]))
     hps_target, echo_target = targets
-    with Client(hps_target) as client, grpc.insecure_channel(echo_target, options=echo_server.OPTIONS) as channel:
-        paths = Paths(client, channel.unary_unary(echo_server.METHOD), tables)
+    with (
+        Client(hps_target, tls=credentials.tls, token=credentials.token) as client,
+        credentials.channel(echo_target, echo_server.OPTIONS) as channel,
+    ):
+        paths = Paths(client, credentials.unary(channel, echo_server.METHOD), tables)
         results.put("ready")
         while (block := commands.get()) is not None:
             barrier.wait(TIMEOUT)
@@ -242,7 +247,7 @@ def _client_process(
 class ClientProcesses:
     """Client processes (spawned, so none inherits this process's gRPC state) started together by a barrier."""
 
-    def __init__(self, count: int, targets: tuple[str, str], rows: int) -> None:
+    def __init__(self, count: int, targets: tuple[str, str], credentials: servers.Credentials, rows: int) -> None:
         context = multiprocessing.get_context("spawn")
         self._results: multiprocessing.Queue[Outcome | str] = context.Queue()
         self._commands: list[multiprocessing.Queue[Block | None]] = [context.Queue() for _ in range(count)]
@@ -250,7 +255,7 @@ class ClientProcesses:
         self._processes = [
             context.Process(
                 target=_client_process,
-                args=(i, targets, rows, self._commands[i], self._results, self._barrier),
+                args=(i, targets, credentials, rows, self._commands[i], self._results, self._barrier),
                 daemon=True,
             )
             for i in range(count)
@@ -293,8 +298,10 @@ class ClientProcesses:
 
 
 @contextlib.contextmanager
-def client_processes(count: int, targets: tuple[str, str], rows: int) -> Iterator[ClientProcesses]:
-    pool = ClientProcesses(count, targets, rows)
+def client_processes(
+    count: int, targets: tuple[str, str], credentials: servers.Credentials, rows: int
+) -> Iterator[ClientProcesses]:
+    pool = ClientProcesses(count, targets, credentials, rows)
     try:
         pool.wait_ready()
         yield pool
@@ -416,37 +423,48 @@ def run(
     l1: servers.L1Choice = "none",
     clients: Sequence[int] = (1, 4, 8, 16),
     server_options: Mapping[str, Any] | None = None,
+    tls: bool = False,
+    token: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(rows of cases a-c, rows of case d) measured against one hps server and one echo baseline."""
+    """(rows of cases a-c, rows of case d) measured against one hps server and one echo baseline; `tls`: both
+    serve TLS, `token`: hps checks a bearer token on every call."""
     options = dict(server_options or {})
     tables = _tables(rows)
     with tempfile.TemporaryDirectory(prefix="hps-bench-") as tmp:
         port = servers.free_port()
+        security = servers.throwaway_security(Path(tmp), tls, token)
+        credentials = security.credentials
         served = {name: (t.keys, t.vectors, t.max_keys_per_sample) for name, t in tables.items()}
         config = servers.write_served_model(
-            Path(tmp), port, MODEL, served, max_batch_size=1024, l1=l1, server_options=options
+            Path(tmp),
+            port,
+            MODEL,
+            served,
+            max_batch_size=1024,
+            l1=l1,
+            server_options={**options, **security.server_options},
         )
         echo_layout = {
             "workers": int(options.get("workers", ServerConfig().workers)),
             "processes": int(options.get("processes", 1)),
         }
         with (
-            servers.hps_server(config, port, servers.server_env(l1)) as target,
-            servers.echo_server(**echo_layout) as echo_target,
-            Client(target) as client,
-            grpc.insecure_channel(echo_target, options=echo_server.OPTIONS) as echo_channel,
-            grpc.insecure_channel(target, options=echo_server.OPTIONS) as raw_channel,
+            servers.hps_server(config, port, servers.server_env(l1), credentials.tls) as target,
+            servers.echo_server(**echo_layout, tls_files=security.echo_files) as echo_target,
+            Client(target, tls=credentials.tls, token=credentials.token) as client,
+            credentials.channel(echo_target, echo_server.OPTIONS) as echo_channel,
+            credentials.channel(target, echo_server.OPTIONS) as raw_channel,
         ):
-            raw_lookup = raw_channel.unary_unary(
-                LOOKUP_METHOD, request_serializer=hps_pb2.LookupRequest.SerializeToString
+            raw_lookup: Callable[[hps_pb2.LookupRequest], bytes] = credentials.unary(
+                raw_channel, LOOKUP_METHOD, request_serializer=hps_pb2.LookupRequest.SerializeToString
             )
-            paths = Paths(client, echo_channel.unary_unary(echo_server.METHOD), tables)
+            paths = Paths(client, credentials.unary(echo_channel, echo_server.METHOD), tables)
             rng = np.random.default_rng([SEED, 999])
             single = [_measure_in_process(case, paths, raw_lookup, rng) for case in _cases(scale)]
             case = _process_case(scale)
             sample = _batches(tables, case.shape, rng)[0]
             sizes = {dtype: _sizes(raw_lookup, sample, dtype) for dtype in DTYPES}
-            with client_processes(max(clients), (target, echo_target), rows) as pool:
+            with client_processes(max(clients), (target, echo_target), credentials, rows) as pool:
                 return single, _measure_processes(case, pool, clients, sizes)
 
 
@@ -525,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         help="sets server.KEY in the served config (repeatable), e.g. workers=8",
     )
     parser.add_argument("--processes", type=int, help="server.processes of the served config (only if given)")
+    parser.add_argument(
+        "--tls", action="store_true", help="hps and the echo serve TLS (throwaway certificates made for the run)"
+    )
+    parser.add_argument("--token", action="store_true", help="hps checks a bearer token on every call (auth on)")
     args = parser.parse_args(argv)
     if args.l1 == "gpu":
         from hps_server.cache.placement import gpus_available
@@ -534,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(args.server_option)
     if args.processes is not None:
         options["processes"] = args.processes
-    single, processes = run(args.scale, args.rows, args.l1, args.clients, options)
+    single, processes = run(args.scale, args.rows, args.l1, args.clients, options, args.tls, args.token)
     every = [*single, *processes]
     report.emit(
         "Lookup vs raw gRPC echo of the same sizes and process layout (a-c: latency from one thread's sequential "
@@ -544,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         extra={
             "l1": args.l1,
             "server_options": options,
+            "tls": args.tls,
+            "token": args.token,
             "totals": {key: sum(r[key] for r in every) for key in ("checked_vectors", "wrong_vectors")},
             "targets": _targets(single, processes),
         },

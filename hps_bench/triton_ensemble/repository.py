@@ -1,4 +1,4 @@
-"""Writes the tutorial's Triton model repository: hps_embedding (the hps lookup model), dense (the NumPy dense
+"""Writes the ensemble's Triton model repository: hps_embedding (the hps lookup model), dense (the NumPy dense
 part) and dlrm, the ensemble that wires them as HugeCTR's HPS tutorial did. It only writes files.
 """
 

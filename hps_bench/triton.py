@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
-from benchmarks import report, servers
-from examples.triton_ensemble import repository
-from examples.triton_ensemble.dense_forward import DenseForward
+from hps_bench import report, servers
+from hps_bench.triton_ensemble import repository
+from hps_bench.triton_ensemble.dense_forward import DenseForward
 from hps_client import Client
 from hps_client.triton import running, setup
 

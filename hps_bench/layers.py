@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import report, servers
+from hps_bench import report, servers
 from hps_client import Client
 
 MODEL = "bench"

@@ -12,12 +12,15 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
 FORBIDDEN_PORTS = {6379, 16379}
+# openssl's options for a new key: P-256, which takes milliseconds where an RSA key takes up to seconds.
+NEW_KEY = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
 
 
 class RedisNotInstalledError(RuntimeError):
@@ -64,6 +67,8 @@ class RedisClusterProcesses:
     user: str = "hps"
     node_timeout_ms: int = 1000
     tls: bool = False
+    tls_auth_clients: bool = False
+    tls_names: str = "IP:127.0.0.1"
     ports: list[int] = field(default_factory=list)
     _procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -101,23 +106,36 @@ class RedisClusterProcesses:
 
     @property
     def ca_file(self) -> Path:
-        """The CA that signed the nodes' certificate (tls only)."""
+        """The CA that signed the nodes' certificate and `client_cert_file` (tls only)."""
         return self.root / "tls" / "ca.crt"
+
+    @property
+    def client_cert_file(self) -> Path:
+        """A client certificate signed by `ca_file`, as a cluster with tls_auth_clients requires (tls only)."""
+        return self.root / "tls" / "client.crt"
+
+    @property
+    def client_key_file(self) -> Path:
+        return self.root / "tls" / "client.key"
 
     def _make_certificates(self) -> None:
         folder = self.root / "tls"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        (folder / "san.ext").write_text(f"subjectAltName={self.tls_names}\n")
         for command in (
-            "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=hps-test-ca",
-            "req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=127.0.0.1",
+            f"req -x509 {NEW_KEY} -keyout ca.key -out ca.crt -days 2 -subj /CN=hps-test-ca",
+            f"req {NEW_KEY} -keyout node.key -out node.csr -subj /CN=hps-test-redis",
             "x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 2 -extfile san.ext",
+            f"req {NEW_KEY} -keyout client.key -out client.csr -subj /CN=hps-test-client",
+            "x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2",
         ):
             subprocess.run(["openssl", *command.split()], cwd=folder, check=True, capture_output=True, timeout=60)
 
     def _auth_args(self) -> list[str]:
         auth = ["--user", self.user, "--pass", self.password, "--no-auth-warning"] if self.password else []
-        return auth + (["--tls", "--cacert", str(self.ca_file)] if self.tls else [])
+        files = [str(self.ca_file), str(self.client_cert_file), str(self.client_key_file)]
+        tls = ["--tls", "--cacert", files[0], "--cert", files[1], "--key", files[2]] if self.tls else []
+        return auth + tls
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(
@@ -127,6 +145,9 @@ class RedisClusterProcesses:
             password=self.password or None,
             ssl=self.tls,
             ssl_ca_certs=str(self.ca_file) if self.tls else None,
+            ssl_certfile=str(self.client_cert_file) if self.tls else None,
+            ssl_keyfile=str(self.client_key_file) if self.tls else None,
+            ssl_check_hostname=False,  # the nodes' certificate may name other hosts (tls_names)
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
         )
@@ -161,7 +182,7 @@ class RedisClusterProcesses:
                 "--tls-cert-file", str(tls / "node.crt"),
                 "--tls-key-file", str(tls / "node.key"),
                 "--tls-ca-cert-file", str(tls / "ca.crt"),
-                "--tls-auth-clients", "no",
+                "--tls-auth-clients", "yes" if self.tls_auth_clients else "no",
             ]  # fmt: skip
         if self.password:
             args += [
@@ -226,6 +247,29 @@ class RedisClusterProcesses:
                 if c.info("replication")["role"] == "master":
                     found.append(port)
         return found
+
+    def reshard(self, slots: Sequence[int], timeout: float = 120.0) -> tuple[int, int]:
+        """Moves one of `slots` to another master with a live `redis-cli --cluster reshard` (keys migrated
+        while clients keep using them: ASK while a slot is half moved, MOVED after). redis-cli takes a
+        master's slots lowest first, so the slot with the fewest of its master's slots below it is moved,
+        those below it with it; returns (the slot, how many slots moved)."""
+        with self.client(self.ports[0]) as c:
+            ranges = [
+                (int(r[0]), int(r[1]), int(r[2][1]), r[2][2].decode()) for r in c.execute_command("CLUSTER SLOTS")
+            ]
+
+        def cost(slot: int) -> tuple[int, str]:
+            owner = next(node for start, end, _, node in ranges if start <= slot <= end)
+            below = sum(min(end, slot) - start + 1 for start, end, _, node in ranges if node == owner and start <= slot)
+            return below, owner
+
+        slot = min(slots, key=lambda s: cost(s)[0])
+        moved, source = cost(slot)
+        target = next(node for _, _, _, node in ranges if node != source)
+        command = ["--cluster", "reshard", self.seed, "--cluster-from", source, "--cluster-to", target]
+        command += ["--cluster-slots", str(moved), "--cluster-yes"]
+        subprocess.run(["redis-cli", *self._auth_args(), *command], check=True, capture_output=True, timeout=timeout)
+        return slot, moved
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every running node says cluster_state:ok and every master has its replicas in sync."""

@@ -1,0 +1,220 @@
+"""Tokens and grants on a real mTLS server: missing or unknown tokens UNAUTHENTICATED, writes without the grant
+PERMISSION_DENIED with the rows unchanged, certificate identities, refusals counted, reflection off, read-only."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import generate_latest
+
+from hps_client import (
+    TLS,
+    AsyncClient,
+    Client,
+    HpsError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
+from hps_client import security as client_security
+from hps_server import auth
+from hps_server import config as config_module
+from hps_server.server import HpsServer
+from hps_wire._proto import hps_pb2
+from tests.conftest import (
+    CERT_READER,
+    HASHED,
+    READER,
+    WRITER,
+    SecuredModel,
+    sample_config,
+    secured_entries,
+    write_sample_tables,
+    write_tokens_file,
+)
+
+
+def _client(secured: SecuredModel, token: str | None, **options: object) -> Client:
+    tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+    return Client(secured.target, tls=tls, token=token, timeout=10, **options)  # type: ignore[arg-type]
+
+
+def _refusals(secured: SecuredModel) -> dict[str, float]:
+    text = generate_latest(secured.server.metrics.registry).decode()
+    return {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("hps_auth_refusals_total{")
+    }
+
+
+def test_missing_and_unknown_tokens_are_unauthenticated_and_counted(secured: SecuredModel) -> None:
+    before = _refusals(secured)
+    assert set(before) == {"missing_credentials", "invalid_token", "permission_denied"}
+    keys = secured.truth["user"][0][:5]
+    with _client(secured, None) as anonymous, pytest.raises(UnauthenticatedError, match="Bearer"):
+        anonymous.lookup("ctr", "user", keys)
+    with _client(secured, "not-a-token") as stranger, pytest.raises(UnauthenticatedError) as refused:
+        stranger.lookup("ctr", "user", keys)
+    assert "not-a-token" not in refused.value.message
+    after = _refusals(secured)
+    assert after["missing_credentials"] == before["missing_credentials"] + 1
+    assert after["invalid_token"] == before["invalid_token"] + 1
+
+
+def test_a_token_without_write_is_denied_and_the_rows_stay(secured: SecuredModel) -> None:
+    keys = secured.truth["item"][0][:4]
+    before = _refusals(secured)["permission_denied"]
+    with _client(secured, READER) as reader:
+        with pytest.raises(PermissionDeniedError, match=r"tokens\[0\] has no write permission on model 'ctr'"):
+            reader.upsert("ctr", "item", keys, np.full((4, 8), 9.0, np.float32))
+        with pytest.raises(PermissionDeniedError):
+            reader.delete("ctr", "item", keys)
+        np.testing.assert_array_equal(reader.lookup("ctr", "item", keys), secured.expected("item", keys))
+    assert _refusals(secured)["permission_denied"] == before + 2
+
+
+def test_a_write_grant_writes_its_model(secured: SecuredModel) -> None:
+    keys = np.array([10**9 + 1, 10**9 + 2], np.int64)  # not in the sample tables
+    vectors = np.arange(16, dtype=np.float32).reshape(2, 8)
+    with _client(secured, WRITER) as writer:
+        assert writer.upsert("ctr", "item", keys, vectors) == 2
+        np.testing.assert_array_equal(writer.lookup("ctr", "item", keys), vectors)
+        assert writer.delete("ctr", "item", keys) == 2
+
+
+def test_grants_are_per_model_and_checked_before_admission(secured: SecuredModel) -> None:
+    with _client(secured, HASHED) as hashed:  # listed by its sha256: reads ctr only
+        assert hashed.list_models() == ["ctr"]
+        assert hashed.describe("ctr").name == "ctr"
+        with pytest.raises(PermissionDeniedError, match="no read permission on model 'other'"):
+            hashed.lookup("other", "user", [1])
+    with _client(secured, READER) as reader, pytest.raises(NotFoundError):  # "*": the model's absence shows
+        reader.lookup("other", "user", [1])
+    # A request over every limit is refused for its missing token, before its size is looked at.
+    huge = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=bytes(8))] * 5000)
+    with _client(secured, None) as anonymous, pytest.raises(UnauthenticatedError):
+        anonymous._call(anonymous._lookup, huge, None)
+    with _client(secured, READER) as reader, pytest.raises(ResourceExhaustedError):
+        reader._call(reader._lookup, huge, None)
+
+
+def test_stream_lookup_checks_each_request_model(secured: SecuredModel) -> None:
+    tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+    channel = client_security.channel(secured.target, tls)
+    stream = channel.stream_stream("/hps.v1.LookupService/StreamLookup", hps_pb2.LookupRequest.SerializeToString)
+    keys = secured.truth["user"][0][:3]
+    requests = [
+        hps_pb2.LookupRequest(model=model, queries=[hps_pb2.TableQuery(table="user", keys=keys.tobytes())])
+        for model in ("ctr", "other")
+    ]
+    replies = stream(iter(requests), metadata=client_security.call_metadata(HASHED), timeout=10)
+    next(replies)  # ctr: read
+    with pytest.raises(grpc.RpcError) as refused:
+        next(replies)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as anonymous:
+        next(stream(iter(requests), timeout=10))
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def test_a_verified_client_certificate_is_an_identity(secured: SecuredModel) -> None:
+    pair = secured.ca.issue(CERT_READER, server=False)
+    with Client(secured.target, tls=TLS(secured.ca.cert_file, pair.cert_file, pair.key_file)) as client:
+        keys = secured.truth["user"][0][:3]
+        np.testing.assert_array_equal(client.lookup("ctr", "user", keys), secured.expected("user", keys))
+        with pytest.raises(PermissionDeniedError):
+            client.upsert("ctr", "user", keys, np.zeros((3, 16), np.float32))
+
+
+def test_reflection_is_off_with_auth_on(secured: SecuredModel) -> None:
+    tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+    with client_security.channel(secured.target, tls) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_async_client_sends_tls_and_token(secured: SecuredModel) -> None:
+    async def lookups() -> tuple[list[str], BaseException | None]:
+        tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+        async with AsyncClient(secured.target, tls=tls, token=READER) as client:
+            models = await client.list_models()
+        async with AsyncClient(secured.target, tls=tls) as anonymous:
+            try:
+                await anonymous.list_models()
+            except HpsError as e:
+                return models, e
+        return models, None
+
+    models, refused = asyncio.run(lookups())
+    assert models == ["ctr"] and isinstance(refused, UnauthenticatedError)
+
+
+def test_a_changed_tokens_file_is_picked_up_without_a_restart(tmp_path: Path) -> None:
+    tokens = write_tokens_file(tmp_path / "tokens.yaml", [{"token": "first-token-0123", "read": "*"}])
+    authorizer = auth.Authorizer(tokens)
+    assert authorizer.enabled
+    write_tokens_file(tokens, [{"token": "second-token-0123", "read": ["ctr"]}])
+    os.utime(tokens, ns=(time.time_ns(), time.time_ns() + 10**9))  # mtime changes even on a coarse clock
+    time.sleep(auth.RELOAD_CHECK_SECONDS + 0.05)
+    digests = [grant.digest for grant in authorizer._current()]
+    assert digests == [hashlib.sha256(b"second-token-0123").digest()]
+
+
+def test_bad_tokens_files_name_the_entry_never_the_token(tmp_path: Path) -> None:
+    with pytest.raises(config_module.ConfigError, match=r"tokens\[0\]: give exactly one of"):
+        auth.parse_grants({"tokens": [{"read": "*"}]})
+    with pytest.raises(config_module.ConfigError, match=r"tokens\[1\]\.token_sha256: must be 64 hex") as bad:
+        auth.parse_grants({"tokens": [{"token": "a", "read": "*"}, {"token_sha256": "secret-ish"}]})
+    assert "secret-ish" not in str(bad.value)
+    with pytest.raises(config_module.ConfigError, match=r"tokens\[0\]\.write: must be a list"):
+        auth.parse_grants({"tokens": [{"token": "a", "write": "ctr"}]})
+
+
+def test_the_tokens_file_env_var_replaces_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = {"server": {"auth": {"tokens_file": "from-config.yaml"}}, "models": []}
+    assert config_module.parse(raw, tmp_path).server.auth.tokens_file == tmp_path / "from-config.yaml"
+    monkeypatch.setenv(config_module.TOKENS_FILE_ENV, "/etc/hps/tokens.yaml")
+    server = config_module.parse(raw, tmp_path).server
+    assert server.auth.tokens_file == Path("/etc/hps/tokens.yaml")
+    assert not server.reflection_served  # auth on: reflection off unless server.reflection says otherwise
+    raw["server"]["reflection"] = True
+    assert config_module.parse(raw, tmp_path).server.reflection_served
+
+
+def test_a_read_only_server_refuses_writes(tmp_path: Path) -> None:
+    truth = write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    hps = HpsServer(replace(config, server=replace(config.server, read_only=True)))
+    hps.start()
+    keys = truth["user"][0][:2]
+    try:
+        with Client(f"127.0.0.1:{hps.port}") as client:
+            with pytest.raises(HpsError, match=r"server\.read_only") as refused:
+                client.upsert("ctr", "user", keys, np.zeros((2, 16), np.float32))
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(HpsError, match=r"server\.read_only"):
+                client.delete("ctr", "user", keys)
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), truth["user"][1][:2])
+    finally:
+        hps.stop(grace=0)
+
+
+def test_entries_of_the_shared_fixture_parse(tmp_path: Path) -> None:
+    grants = auth.parse_grants({"tokens": secured_entries()})
+    assert [g.allows("write", "ctr") for g in grants] == [False, True, False, False]
+    assert grants[3].client_cert_name == CERT_READER and grants[3].digest is None
