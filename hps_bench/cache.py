@@ -1,7 +1,10 @@
 """Benchmark of the GPU embedding cache: query and replace throughput, and hit rate under Zipf traffic.
 
-Query speed is stated against a raw random-row gather of the same rows in the same run (the physical
-ceiling); hit rates against the best any fixed set of rows that size could do. Needs CuPy and a GPU.
+Query, static-table and replace speeds are stated against a raw random-row gather of as many rows of the
+same dim in the same run (the physical ceiling: each moves a batch's rows once in and once out); the
+cases match HierarchicalKV's find and insert_or_assign benchmarks (1M keys; dims 16, 64, 128; the cache
+filled to a load of 0.75). Hit rates are stated against the best any fixed set of rows that size could
+do. Needs CuPy and a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from hps_bench.report import emit
 
 QUERY_BATCHES = (65_536, 1 << 20)
 DIMS = (16, 64, 128)
+FILL_LOAD = 0.75  # keys offered to the cache before the query runs, per row it holds (HierarchicalKV's load)
 ZIPF_ALPHAS = (1.05, 1.2)
 ZIPF_ROWS = 10_000_000
 CACHE_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -54,14 +58,22 @@ def _wall(run: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
+def _gather_seconds(cp: Any, table: Any, batch: int, stream: Any, repeats: int) -> float:
+    """Seconds per raw gather of `batch` random rows of `table`: the same-run ceiling of every case."""
+    from hps_server.cache.gpu import gather
+
+    index = cp.random.default_rng(9).integers(0, table.shape[0], size=batch, dtype=cp.int64)
+    return _timed(cp, partial(gather, table, index), stream, repeats)
+
+
 def query_rows(cp: Any, capacity_rows: int, repeats: int) -> list[dict[str, Any]]:
-    from hps_server.cache.gpu import GpuEmbeddingCache, gather
+    from hps_server.cache.gpu import GpuEmbeddingCache
 
     rows = []
     rng = cp.random.default_rng(0)
     for dim in DIMS:
         cache = GpuEmbeddingCache(capacity_rows, dim)
-        fill = cp.unique(rng.integers(0, 2**62, size=capacity_rows // 2, dtype=cp.int64))
+        fill = cp.unique(rng.integers(0, 2**62, size=int(capacity_rows * FILL_LOAD), dtype=cp.int64))
         with cache.stream:
             cache.replace_device(fill, rng.standard_normal((fill.size, dim), dtype=cp.float32))
             present = cp.asarray(cache.dump()[0])
@@ -69,16 +81,16 @@ def query_rows(cp: Any, capacity_rows: int, repeats: int) -> list[dict[str, Any]
         for batch in QUERY_BATCHES:
             with cache.stream:
                 keys = present[rng.integers(0, present.size, size=batch)]
-                index = rng.integers(0, capacity_rows, size=batch, dtype=cp.int64)
                 _, hit = cache.query_device(keys)
                 assert bool(hit.all()), "every key queried was taken from the cache's own dump"
                 cached = _timed(cp, partial(cache.query_device, keys), cache.stream, repeats)
-                ceiling = _timed(cp, partial(gather, table, index), cache.stream, repeats)
+                ceiling = _gather_seconds(cp, table, batch, cache.stream, repeats)
             host = _wall(partial(cache.query, cp.asnumpy(keys)), max(3, repeats // 3))
             rows.append(
                 {
                     "dim": dim,
                     "batch": batch,
+                    "rows_held/capacity": present.size / cache.capacity,
                     "query_Mkeys_s": batch / cached / 1e6,
                     "gather_Mrows_s": batch / ceiling / 1e6,
                     "query/gather": ceiling / cached,
@@ -90,32 +102,73 @@ def query_rows(cp: Any, capacity_rows: int, repeats: int) -> list[dict[str, Any]
     return rows
 
 
+def static_rows(cp: Any, table_rows: int, repeats: int) -> list[dict[str, Any]]:
+    """Queries of the static table (use_static_table), all hits, against the gather over as many rows."""
+    from hps_server.cache.gpu import GpuStaticTable
+
+    rows = []
+    rng = np.random.default_rng(4)
+    keys = np.unique(rng.integers(0, 2**62, size=table_rows, dtype=np.int64))
+    for dim in DIMS:
+        vectors = (keys[:, None] % 1009 + np.arange(dim, dtype=np.float32)[None, :]).astype(np.float32)
+        static = GpuStaticTable(keys, vectors)
+        del vectors
+        with static.stream:
+            table = cp.random.default_rng(5).standard_normal((keys.size, dim), dtype=cp.float32)
+            for batch in QUERY_BATCHES:
+                asked = cp.asarray(keys[rng.integers(0, keys.size, size=batch)])
+                _, hit = static.query_device(asked)
+                assert bool(hit.all()), "every key queried is one the table holds"
+                looked_up = _timed(cp, partial(static.query_device, asked), static.stream, repeats)
+                ceiling = _gather_seconds(cp, table, batch, static.stream, repeats)
+                rows.append(
+                    {
+                        "dim": dim,
+                        "batch": batch,
+                        "table_rows": keys.size,
+                        "static_Mkeys_s": batch / looked_up / 1e6,
+                        "gather_Mrows_s": batch / ceiling / 1e6,
+                        "static/gather": ceiling / looked_up,
+                    }
+                )
+        del static, table
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
 def _replace_next(cache: Any, batches: Iterator[Any], vectors: Any) -> None:
     cache.replace_device(next(batches), vectors)
 
 
 def replace_rows(cp: Any, capacity_rows: int, repeats: int) -> list[dict[str, Any]]:
+    """Replace of all-new keys into a cache filled to FILL_LOAD (each batch evicts), and of present keys."""
     from hps_server.cache.gpu import GpuEmbeddingCache
 
     rows = []
     rng = cp.random.default_rng(1)
-    for dim in (16, 128):
+    for dim in DIMS:
         for batch in QUERY_BATCHES:
             cache = GpuEmbeddingCache(capacity_rows, dim)
             vectors = rng.standard_normal((batch, dim), dtype=cp.float32)
+            fill = rng.integers(0, 2**62, size=int(capacity_rows * FILL_LOAD), dtype=cp.int64)
             batches = [rng.integers(0, 2**62, size=batch, dtype=cp.int64) for _ in range(repeats + 1)]
+            table = rng.standard_normal((capacity_rows, dim), dtype=cp.float32)
             with cache.stream:
+                cache.replace_device(fill, cp.zeros((fill.size, dim), cp.float32))
                 fresh = _timed(cp, partial(_replace_next, cache, iter(batches), vectors), cache.stream, repeats)
                 again = _timed(cp, partial(cache.replace_device, batches[-1], vectors), cache.stream, repeats)
+                ceiling = _gather_seconds(cp, table, batch, cache.stream, repeats)
             rows.append(
                 {
                     "dim": dim,
                     "batch": batch,
                     "insert_Mkeys_s": batch / fresh / 1e6,
                     "overwrite_Mkeys_s": batch / again / 1e6,
+                    "gather_Mrows_s": batch / ceiling / 1e6,
+                    "insert/gather": ceiling / fresh,
                 }
             )
-            del cache
+            del cache, table
             cp.get_default_memory_pool().free_all_blocks()
     return rows
 
@@ -230,6 +283,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _case(rows: list[dict[str, Any]], dim: int, batch: int) -> dict[str, Any]:
+    return next(r for r in rows if r["dim"] == dim and r["batch"] == batch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hps bench cache", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
@@ -249,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     zipf_total = ZIPF_ROWS // 10 if args.quick else ZIPF_ROWS
     with device:
         queries = query_rows(cp, capacity, repeats)
+        statics = static_rows(cp, capacity // 4, repeats)
         replaces = replace_rows(cp, capacity, repeats)
         hit_rates = zipf_rows(cp, zipf_total, batch=ZIPF_BATCH, warm=30 if args.quick else 600, measured=100)
     rpcs = rpc_rows(requests=200 if args.quick else 1000)
@@ -258,15 +316,19 @@ def main(argv: list[str] | None = None) -> int:
         "device": name,
         "cache_rows": capacity,
         "query_vs_gather_1M_dim128": best,
-        "replace_1M_dim128_Mkeys_s": replaces[-1]["insert_Mkeys_s"],
+        "static_vs_gather_1M_dim128": _case(statics, 128, QUERY_BATCHES[-1])["static/gather"],
+        "replace_1M_dim128_Mkeys_s": _case(replaces, 128, QUERY_BATCHES[-1])["insert_Mkeys_s"],
+        "replace_64K_dim128_Mkeys_s": _case(replaces, 128, QUERY_BATCHES[0])["insert_Mkeys_s"],
         "rpc_gpu_vs_numpy_l1": rpcs[0]["vs_numpy"],
         "plot": str(args.plot),
     }
     if args.json:
-        emit("cache", [], True, {**summary, "query": queries, "replace": replaces, "hit_rate": hit_rates, "rpc": rpcs})
+        sections = {"query": queries, "static": statics, "replace": replaces, "hit_rate": hit_rates, "rpc": rpcs}
+        emit("cache", [], True, {**summary, **sections})
     else:
-        emit("L1 query at 100% hits vs a raw random-row gather of the same rows", queries, False, summary)
-        emit("L1 replace (insert: all keys new; overwrite: all present)", replaces, False)
+        emit("L1 query at 100% hits vs a raw random-row gather of as many rows", queries, False, summary)
+        emit("Static table (use_static_table) query at 100% hits vs the gather", statics, False)
+        emit("L1 replace (insert: new keys into a cache at load 0.75; overwrite: present keys)", replaces, False)
         emit(f"L1 hit rate, Zipf keys over {zipf_total:,} rows, {ZIPF_BATCH:,}-key lookups", hit_rates, False)
         emit("Lookup RPCs (one client thread, Zipf 1.2 keys) with the GPU L1 against the NumPy L1", rpcs, False)
     return 0 if math.isfinite(best) else 1

@@ -41,6 +41,13 @@ from hps_server.storage.base import as_keys, as_vectors
 _SOURCE = Path(__file__).with_name("kernels") / "cache.cu"
 _THREADS = 256
 _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
+_FP_LINE = 32  # FP_LINE in cache.cu: fingerprints per set, whatever its ways
+_GROUP_SPAN = 8  # GROUP_SPAN in cache.cu: batch positions per warp when new keys are inserted
+_GROUP_MEMBERS = 8  # GROUP_MEMBERS in cache.cu: keys a set's group of new keys holds in its own slots
+# Lookup blocks launched per multiprocessor, at most: a few waves, so that each warp of a large batch
+# takes several groups of keys and searches the next group while it copies this one's rows (device,
+# 1M keys: dims 64 and 128 gained 6-7 % over a warp per group).
+_QUERY_BLOCKS_PER_SM = 8
 _SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
 
 
@@ -68,6 +75,11 @@ def _kernel(device: int, name: str) -> Any:
 def _blocks(n: int) -> int:
     """Blocks for n threads: a thread per key, or a warp per 32 keys."""
     return (n + _THREADS - 1) // _THREADS
+
+
+def _warp_blocks(n: int, per_warp: int) -> int:
+    """Blocks for a warp per `per_warp` of n keys."""
+    return _blocks(-(-n // per_warp) * 32)
 
 
 def _aligned(array: cp.ndarray, dtype: Any) -> cp.ndarray:
@@ -124,10 +136,12 @@ class _OnDevice:
         self.num_tables = num_tables
         self.shared = shared
         self._device = cp.cuda.Device(device)
+        self._query_blocks = _QUERY_BLOCKS_PER_SM * self._device.attributes["MultiProcessorCount"]
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
             # [table][0: hits, 1: keys asked][counter], as in cache.cu
             self._counts = cp.zeros((num_tables, 2, _HIT_COUNTERS), cp.uint64)
+            self._zeros = cp.zeros(0, cp.int32)
         self._lock = threading.Lock()
         self.launches = 0
         self.copies_to_device = 0
@@ -263,7 +277,7 @@ class _OnDevice:
     def _device_tables(self, tables: cp.ndarray | None, rows: int) -> cp.ndarray:
         """int32 table indices on the device (zeros when None); values are checked by the kernels, not here."""
         if tables is None:
-            return cp.zeros(rows, cp.int32)
+            return self._zero_tables(rows)
         if tables.shape != (rows,) or tables.dtype.kind not in "iu":
             raise ValueError(
                 f"tables: must be a 1-D integer array of one index per key ({rows}), "
@@ -274,6 +288,16 @@ class _OnDevice:
         # Out of range before the narrowing, so that no index wraps around onto a real table.
         return cp.where((tables < 0) | (tables >= self.num_tables), -1, tables).astype(cp.int32)
 
+    def _zero_tables(self, rows: int) -> cp.ndarray:
+        """`rows` table indices 0 from one zeroed array kept and grown by doubling, so that a call without
+        tables allocates and launches nothing for them; only our kernels, on our stream, read it."""
+        zeros = self._zeros
+        if zeros.size < rows:
+            with self._device, self._stream:
+                zeros = cp.zeros(max(rows, 2 * zeros.size), cp.int32)
+            self._zeros = zeros
+        return zeros[:rows]
+
     def _device_vectors(self, vectors: cp.ndarray, rows: int) -> cp.ndarray:
         if vectors.shape != (rows, self.dim):
             raise ValueError(
@@ -281,15 +305,27 @@ class _OnDevice:
             )
         return _aligned(vectors, cp.float32)
 
-    def _dedupe(self, keys: cp.ndarray, tables: cp.ndarray) -> tuple[cp.ndarray, cp.ndarray]:
-        """(last, pos): key i is its (table, key) pair's last occurrence in the batch where last[pos[i]] == i."""
-        n = keys.size
+    def _work(
+        self, n: int, tables: int, per_entry: int = 0
+    ) -> tuple[list[cp.ndarray], cp.ndarray, list[cp.ndarray], np.uint32]:
+        """A write's scratch from one allocation and one memset: `tables` open-addressing tables of int32
+        entries, every bit set (-1, or NO_SET in cache.cu), at most half full with n keys; `per_entry`
+        int32 per entry, not set; three int32 arrays of n; and the tables' index mask. The tables have
+        fewer than 4n entries: replace's 5 tables and 8 per entry take under 220 bytes a key."""
         size = 1 << max(1, (2 * n - 1).bit_length())
-        claim = cp.full(size, -1, cp.int32)
-        last = cp.full(size, -1, cp.int32)
-        pos = cp.empty(n, cp.int32)
-        self._launch("dedupe", _blocks(n), (keys, tables, np.int64(n), claim, last, pos, np.uint32(size - 1)))
-        return last, pos
+        marked = tables * size
+        buffer = cp.empty(marked + per_entry * size + 3 * n, cp.int32)
+        cp.cuda.runtime.memsetAsync(buffer.data.ptr, 0xFF, marked * 4, self._stream.ptr)
+        spans = [buffer[k * size : (k + 1) * size] for k in range(tables)]
+        keyed = marked + per_entry * size
+        per_key = [buffer[keyed + k * n : keyed + (k + 1) * n] for k in range(3)]
+        return spans, buffer[marked:keyed], per_key, np.uint32(size - 1)
+
+    def _dedupe(
+        self, keys: cp.ndarray, tables: cp.ndarray, claim: cp.ndarray, last: cp.ndarray, pos: cp.ndarray, mask: Any
+    ) -> None:
+        """Fills last and pos: key i is its (table, key) pair's last occurrence in the batch where last[pos[i]] == i."""
+        self._launch("dedupe", _blocks(keys.size), (keys, tables, np.int64(keys.size), claim, last, pos, mask))
 
     # Subclasses implement these on device arrays, inside the lock, on self._stream.
     def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
@@ -386,9 +422,11 @@ class GpuEmbeddingCache(_OnDevice):
         self._suffix = _SUFFIX[self.dtype.name]
         slots = self.layout.total_sets * self.layout.stride
         with self._device, self._stream:
-            # (key, stamp) per slot, as Slot in cache.cu
+            # A fingerprint line of _FP_LINE per set (16-byte aligned: the block's arrays start at such
+            # boundaries); (key, stamp) per slot, as Slot in cache.cu.
+            fps = ((self.layout.total_sets * _FP_LINE,), cp.uint16)
             self._fps, self._slots, self._rows = self._state(
-                [((slots,), cp.uint16), ((slots, 2), cp.int64), ((slots, self.dim), self.dtype)]
+                [fps, ((slots, 2), cp.int64), ((slots, self.dim), self.dtype)]
             )
             self._first_set = cp.asarray(self.layout.first_set.astype(np.uint32))
             self._num_sets = cp.asarray(self.layout.num_sets.astype(np.uint32))
@@ -419,35 +457,43 @@ class GpuEmbeddingCache(_OnDevice):
         self.clock += 1
         self._launch(
             f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-            _blocks(n),
+            min(_blocks(n), self._query_blocks),
             (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
              np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
         )  # fmt: skip
 
-    def _write_present(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int) -> cp.ndarray:
-        """Pass 1 of replace and update; returns each key's global set where it is to be inserted, else NO_SET."""
+    def _write_present(
+        self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int
+    ) -> tuple[cp.ndarray, ...]:
+        """Pass 1 of replace (clock > 0) and update (clock 0), with no sort and no host synchronization.
+
+        Returns (group_sets, group_sizes, group_heads, members, leader, link): the sets of the keys to
+        insert, each with its keys, as pass 2 reads them (join_group in cache.cu).
+        """
         n = keys.size
-        last, pos = self._dedupe(keys, tables)
-        absent = cp.empty(n, cp.uint32)
+        (claim, last, *groups), members, (pos, leader, link), mask = self._work(n, 5, _GROUP_MEMBERS)
+        self._dedupe(keys, tables, claim, last, pos, mask)
         self._launch(
             f"write_present_{self._suffix}",
             _blocks(n),
             (keys, tables, vectors, np.int64(n), last, pos, *self._table_args, self._fps, self._slots, self._rows,
-             np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock), absent),
+             np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock), *groups, members, mask, leader,
+             link),
         )  # fmt: skip
-        return absent
+        return (*groups, members, leader, link)
 
     def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
         touched, inserted = self.clock + 1, self.clock + 2
         self.clock += 2
-        absent = self._write_present(keys, tables, vectors, touched)
-        order = cp.argsort(absent)  # a set's keys to insert become one run, for one warp
+        group_sets, group_sizes, group_heads, members, leader, link = self._write_present(
+            keys, tables, vectors, touched
+        )
         self._launch(
-            f"insert_absent_{self._suffix}",
-            _blocks(keys.size),
-            (keys, tables, vectors, np.int64(keys.size), absent[order], order, self._table_ways, self._fps,
-             self._slots, self._rows, np.int32(self.layout.stride), np.int32(self.dim), np.int64(touched),
-             np.int64(inserted)),
+            f"insert_groups_{self._suffix}",
+            _warp_blocks(keys.size, _GROUP_SPAN),
+            (keys, tables, vectors, np.int64(keys.size), leader, group_sets, group_sizes, group_heads, members,
+             link, self._table_ways, self._fps, self._slots, self._rows, np.int32(self.layout.stride),
+             np.int32(self.dim), np.int64(touched), np.int64(inserted)),
         )  # fmt: skip
 
     def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
@@ -465,10 +511,10 @@ class GpuEmbeddingCache(_OnDevice):
         """(keys ascending, vectors float32, stamps) of every row `table` holds, as reference.py's dump()."""
         table = check_table(table, self.num_tables)
         stride = self.layout.stride
-        first = int(self.layout.first_set[table]) * stride
-        end = first + int(self.layout.num_sets[table]) * stride
+        first = int(self.layout.first_set[table])
+        end = first + int(self.layout.num_sets[table])
         with self._device, self._lock, self._held(False), self._stream:
-            held = cp.flatnonzero(self._fps[first:end]) + first
+            held = cp.flatnonzero(self._fps.reshape(-1, _FP_LINE)[first:end, :stride]) + first * stride
             keys = self._slots[held, 0]
             order = cp.argsort(keys)
             held = held[order]
@@ -482,7 +528,7 @@ class GpuEmbeddingCache(_OnDevice):
     def table_stats(self) -> list[CacheStats]:
         """Hits, misses, rows held and capacity of each table, in table order (equal to the reference's)."""
         with self._device, self._stream:
-            held = cp.cumsum(cp.count_nonzero(self._fps.reshape(-1, self.layout.stride), axis=1))[self._set_ends]
+            held = cp.cumsum(cp.count_nonzero(self._fps.reshape(-1, _FP_LINE), axis=1))[self._set_ends]
             rows = cp.diff(cp.concatenate([cp.zeros(1, held.dtype), held]))
         return self._table_stats(rows, self.capacities)
 
@@ -523,41 +569,46 @@ class GpuStaticTable(_OnDevice):
             self._row_keys = cp.asarray(distinct)
             row_tables = cp.asarray(owners)
             self._rows = cp.asarray(vectors[last].astype(self.dtype))
-            self._live = cp.ones(distinct.size, cp.bool_)
-            self._slot_keys = cp.zeros(slots, cp.int64)
-            self._slot_tables = cp.zeros(slots, cp.int32)
-            self._slot_rows = cp.full(slots, -1, cp.int32)
+            # Entry in cache.cu, one per slot as 4 int32: key (2 words), table (top bit: dead), row (-1: empty).
+            self._entries = cp.zeros((slots, 4), cp.int32)
+            self._entries[:, 3] = -1
             if distinct.size:
                 self._launch(
                     "static_build",
                     _blocks(distinct.size),
-                    (self._row_keys, row_tables, np.int64(distinct.size), self._slot_keys, self._slot_tables,
-                     self._slot_rows, self._mask),
-                )  # fmt: skip
+                    (self._row_keys, row_tables, np.int64(distinct.size), self._entries, self._mask),
+                )
             # Live rows of table t: the cumulative count at bounds[t + 1] minus that at bounds[t].
             self._row_bounds = cp.asarray(self._bounds)
         self._stream.synchronize()
 
     @property
     def _index_args(self) -> tuple[Any, ...]:
-        return np.int32(self.num_tables), self._slot_keys, self._slot_tables, self._slot_rows
+        return np.int32(self.num_tables), self._entries, self._mask
+
+    def _live(self) -> cp.ndarray:
+        """Whether each row is live (not invalidated), from the entries; on our stream."""
+        held = self._entries[self._entries[:, 3] >= 0]
+        live = cp.zeros(self.capacity, cp.bool_)
+        live[held[:, 3]] = held[:, 2] >= 0
+        return live
 
     def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         n = keys.size
         self._launch(
             f"static_query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
             _blocks(n),
-            (keys, tables, np.int64(n), *self._index_args, self._live, self._mask, self._rows, np.int32(self.dim),
-             vectors, hit, self._counts),
-        )  # fmt: skip
+            (keys, tables, np.int64(n), *self._index_args, self._rows, np.int32(self.dim), vectors, hit, self._counts),
+        )
 
     def _write(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, revive: int) -> None:
-        last, pos = self._dedupe(keys, tables)
+        (claim, last), _, (pos, _, _), mask = self._work(keys.size, 2)
+        self._dedupe(keys, tables, claim, last, pos, mask)
         self._launch(
             f"static_write_{self._suffix}",
             _blocks(keys.size),
-            (keys, tables, vectors, np.int64(keys.size), last, pos, *self._index_args, self._live, self._mask,
-             self._rows, np.int32(self.dim), np.int32(revive)),
+            (keys, tables, vectors, np.int64(keys.size), last, pos, *self._index_args, self._rows,
+             np.int32(self.dim), np.int32(revive)),
         )  # fmt: skip
 
     def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
@@ -570,7 +621,7 @@ class GpuStaticTable(_OnDevice):
         self._launch(
             "static_invalidate",
             _blocks(keys.size),
-            (keys, tables, np.int64(keys.size), *self._index_args, self._live, self._mask),
+            (keys, tables, np.int64(keys.size), *self._index_args),
         )
 
     def dump(self, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -578,14 +629,14 @@ class GpuStaticTable(_OnDevice):
         table = check_table(table, self.num_tables)
         first, end = int(self._bounds[table]), int(self._bounds[table + 1])
         with self._device, self._lock, self._stream:
-            live = cp.flatnonzero(self._live[first:end]) + first
+            live = cp.flatnonzero(self._live()[first:end]) + first
             result = (self._get(self._row_keys[live]), self._get(self._rows[live].astype(cp.float32)))
         return result
 
     def table_stats(self) -> list[CacheStats]:
         """Hits, misses, live rows and rows held of each table, in table order (equal to the reference's)."""
         with self._device, self._stream:
-            live = cp.concatenate([cp.zeros(1, cp.int64), cp.cumsum(self._live, dtype=cp.int64)])
+            live = cp.concatenate([cp.zeros(1, cp.int64), cp.cumsum(self._live(), dtype=cp.int64)])
             rows = live[self._row_bounds[1:]] - live[self._row_bounds[:-1]]
         return self._table_stats(rows, self.capacities)
 

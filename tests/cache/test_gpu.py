@@ -115,6 +115,59 @@ def test_device_variants_match_the_host_ones() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def fingerprint_twins(num_sets: int, count: int) -> np.ndarray:
+    """[groups, count] keys: each row's keys share one set and one fingerprint (mix's low 16 bits, 0 read as
+    1, as fingerprint() in cache.cu), one row per set at most."""
+    candidates = np.arange(1, 3_000_000, dtype=np.int64)
+    hashes = mix(candidates)
+    fingerprints = np.maximum((hashes & np.uint64(0xFFFF)).astype(np.int64), 1)
+    buckets = set_of(hashes, num_sets) * 65_536 + fingerprints
+    order = np.argsort(buckets, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(buckets[order]) != 0])
+    sizes = np.diff(np.r_[starts, buckets.size])
+    rows = [candidates[order[a : a + count]] for a in starts[sizes >= count]]
+    sets = set_of(mix(np.array([row[0] for row in rows])), num_sets)
+    return np.array(rows)[np.unique(sets, return_index=True)[1]]
+
+
+def test_keys_sharing_a_set_and_a_fingerprint_are_told_apart() -> None:
+    """A query copies the row of the first way whose fingerprint matches while it reads that way's key:
+    where another key holds that way, the row must be copied again from the right way, or zeros for a miss."""
+    dim, sets = 8, 64
+    gpu, ref = GpuEmbeddingCache(sets * 32, dim), ReferenceEmbeddingCache(sets * 32, dim)
+    twins = fingerprint_twins(sets, 3)
+    assert twins.shape[0] > 30
+    held = twins[:, :2].ravel()
+    for cache in (gpu, ref):
+        cache.replace(held, rows_for(held, dim))
+        cache.replace(twins[::2, 1], rows_for(twins[::2, 1], dim) + 1)
+        cache.invalidate(twins[1::2, 0])
+    probe = np.concatenate([twins.ravel(), twins[::-1].ravel()])
+    for got, want in zip(gpu.query_misses(probe), ref.query_misses(probe), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert gpu.stats().hits == 2 * (held.size - twins[1::2].shape[0])
+    assert_same_state(gpu, ref)
+
+
+def test_a_lookup_larger_than_the_grid_matches_the_reference() -> None:
+    """A lookup launches a few waves of warps, each taking several groups of keys one after the other
+    (reading the next group's keys and fingerprints while it copies): a batch three times the grid's
+    keys goes through every step of that loop."""
+    from hps_server.cache import gpu as gpu_module
+
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    n = 3 * gpu_module._QUERY_BLOCKS_PER_SM * sms * 256 + 77
+    rng = np.random.default_rng(15)
+    gpu, ref = GpuEmbeddingCache(32_768, 4), ReferenceEmbeddingCache(32_768, 4)
+    stored = rng.integers(0, 80_000, size=40_000).astype(np.int64)
+    probe = rng.integers(0, 80_000, size=n).astype(np.int64)
+    for cache in (gpu, ref):
+        cache.replace(stored, rows_for(stored, 4))
+    for got, want in zip(gpu.query_misses(probe), ref.query_misses(probe), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert_same_state(gpu, ref)
+
+
 def thread_keys(num_sets: int, threads: int, per_thread: int) -> list[np.ndarray]:
     """Disjoint key pools whose sets are disjoint too: thread t owns the sets s with s % threads == t."""
     candidates = np.arange(1, 40 * threads * per_thread, dtype=np.int64)

@@ -1,5 +1,5 @@
-// L1 embedding cache kernels: a set-associative LRU cache (one warp compares a set's ways) and a static
-// table (open addressing). gpu.py drives them; reference.py states the algorithm they must reproduce.
+// L1 embedding cache kernels: a set-associative LRU cache and a static table (open addressing). gpu.py
+// drives them; reference.py states the algorithm they must reproduce.
 //
 // One structure holds one or several tables of the same dim; every key comes with its table's index
 // (qtables[i]). Cache: table t owns global sets [first_set[t], first_set[t] + num_sets[t]) and uses
@@ -8,11 +8,14 @@
 // outside [0, num_tables) makes the key a miss that is never written or counted (device callers'
 // arrays are not checked on the host).
 //
-// Layout of the cache: per slot a 16-bit fingerprint (0: empty), a Slot {int64 key, int64 stamp (the
-// logical clock of its last use; 0: empty)} and a row of `dim` elements of T (float, or float16 bits).
-// Slot index = set * stride + way. A query reads its set's fingerprints (2 bytes a way: a 32-way set is
-// one 64-byte line), checks the full key only where a fingerprint matched, and stamps the slot it
-// found: the stamp shares the key's 16 bytes, so the write lands in a sector the check just read.
+// Layout of the cache, kept apart so that a lookup reads only what it needs: per set a line of FP_LINE
+// 16-bit fingerprints (0: empty; 64 bytes whatever the set's ways, so one thread reads it in four
+// 16-byte loads), per slot a Slot {int64 key, int64 stamp (the logical clock of its last use; 0: empty)}
+// and a row of `dim` elements of T (float, or float16 bits). Slot index = set * stride + way. A query
+// thread compares its key's fingerprint with the whole line, and the warp then copies the row of the
+// first matching way while that slot's key is still being read: the key check costs no round trip of
+// its own, and the rare wrong guess (another key with the same fingerprint) is copied again. The stamp
+// shares the key's 16 bytes, so stamping a hit writes a sector the check just read.
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -23,6 +26,9 @@ typedef unsigned short f16;
 // Lookups are counted per table into counts[table][0: hits, 1: keys asked][HIT_COUNTERS] (gpu.py sums
 // them), so that one batch's warps do not all queue on a single address.
 #define HIT_COUNTERS 64
+// Fingerprints per set line (FP_LINE in gpu.py); ways past a table's own hold 0 and never match.
+#define FP_LINE 32
+#define NO_SET 0xffffffffu
 #define I64_MAX 0x7fffffffffffffffll
 #define I64_MIN (-I64_MAX - 1)
 
@@ -91,33 +97,48 @@ __device__ __forceinline__ float load1(const f16* row, int c) { return from_f16(
 __device__ __forceinline__ void store1(float* row, int c, float v) { row[c] = v; }
 __device__ __forceinline__ void store1(f16* row, int c, float v) { row[c] = to_f16(v); }
 
+// Row of element `idx` when every row has `width` elements: a shift where width is a power of two.
+__device__ __forceinline__ int row_of(int idx, int width, int shift) { return shift >= 0 ? idx >> shift : idx / width; }
+__device__ __forceinline__ int shift_of(int width) { return (width & (width - 1)) == 0 ? __ffs(width) - 1 : -1; }
+
+// 16-byte pieces each lane has in flight per round of a row copy: all loads of a round are issued
+// before its first store, so a warp keeps ROUND * 512 bytes moving instead of one load's worth.
+#define ROUND 8
+
 // The warp copies the rows of its `count` keys into `out` (float or float16 bits: O): key j of the
-// group (held by lane j) reads row `src` (-1: write zeros). All lanes share every row, so small dims
-// still keep the warp busy.
+// group (held by lane j) reads row `src` (-1: write zeros); only keys whose bit is set in `mask` are
+// read and written. All lanes share every row, so small dims still keep the warp busy.
 template <typename T, typename O>
 __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src, int count, int dim,
-                                            O* __restrict__ out, int lane) {
+                                            O* __restrict__ out, int lane, unsigned mask) {
     if ((dim & 3) == 0) {
         const int d4 = dim >> 2;
+        const int shift = shift_of(d4);
         const int total = count * d4;
-#pragma unroll 8
-        for (int base = 0; base < total; base += 32) {
-            const int idx = base + lane;
-            const int j = idx / d4;
-            const i64 r = __shfl_sync(FULL, src, j < 32 ? j : 31);
-            if (idx < total) {
-                const int c = idx - j * d4;
-                float4 v = r >= 0 ? load4(rows + r * dim, c) : make_float4(0.f, 0.f, 0.f, 0.f);
-                store4(out + (i64)j * dim, c, v);
+        for (int base = 0; base < total; base += 32 * ROUND) {
+            float4 v[ROUND];
+#pragma unroll
+            for (int u = 0; u < ROUND; ++u) {
+                const int idx = base + u * 32 + lane;
+                const int j = min(row_of(idx, d4, shift), 31);
+                const i64 r = __shfl_sync(FULL, src, j);
+                v[u] = idx < total && (mask >> j & 1u) && r >= 0 ? load4(rows + r * dim, idx - j * d4)
+                                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < ROUND; ++u) {
+                const int idx = base + u * 32 + lane;
+                const int j = min(row_of(idx, d4, shift), 31);
+                if (idx < total && (mask >> j & 1u)) store4(out + (i64)j * dim, idx - j * d4, v[u]);
             }
         }
     } else {
         const int total = count * dim;
         for (int base = 0; base < total; base += 32) {
             const int idx = base + lane;
-            const int j = idx / dim;
-            const i64 r = __shfl_sync(FULL, src, j < 32 ? j : 31);
-            if (idx < total) {
+            const int j = min(idx / dim, 31);
+            const i64 r = __shfl_sync(FULL, src, j);
+            if (idx < total && (mask >> j & 1u)) {
                 const int c = idx - j * dim;
                 store1(out + (i64)j * dim, c, r >= 0 ? load1(rows + r * dim, c) : 0.f);
             }
@@ -125,31 +146,40 @@ __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src,
     }
 }
 
-// The warp writes float32 rows `src` (row index into `in`) into slots `dst` of the table (-1: skip).
+// The warp writes float32 rows `src` (row index into `in`) into slots `dst` of the table (-1: skip),
+// for keys j < count of the group (held by lane j).
 template <typename T>
 __device__ __forceinline__ void scatter_rows(T* __restrict__ rows, i64 dst, const float* __restrict__ in, i64 src,
                                              int count, int dim, int lane) {
     if ((dim & 3) == 0) {
         const int d4 = dim >> 2;
+        const int shift = shift_of(d4);
         const int total = count * d4;
-#pragma unroll 8
-        for (int base = 0; base < total; base += 32) {
-            const int idx = base + lane;
-            const int j = idx / d4;
-            const i64 d = __shfl_sync(FULL, dst, j < 32 ? j : 31);
-            const i64 s = __shfl_sync(FULL, src, j < 32 ? j : 31);
-            if (idx < total && d >= 0) {
-                const int c = idx - j * d4;
-                store4(rows + d * dim, c, load4(in + s * dim, c));
+        for (int base = 0; base < total; base += 32 * ROUND) {
+            float4 v[ROUND];
+#pragma unroll
+            for (int u = 0; u < ROUND; ++u) {
+                const int idx = base + u * 32 + lane;
+                const int j = min(row_of(idx, d4, shift), 31);
+                const i64 d = __shfl_sync(FULL, dst, j);
+                const i64 s = __shfl_sync(FULL, src, j);
+                v[u] = idx < total && d >= 0 ? load4(in + s * dim, idx - j * d4) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < ROUND; ++u) {
+                const int idx = base + u * 32 + lane;
+                const int j = min(row_of(idx, d4, shift), 31);
+                const i64 d = __shfl_sync(FULL, dst, j);
+                if (idx < total && d >= 0) store4(rows + d * dim, idx - j * d4, v[u]);
             }
         }
     } else {
         const int total = count * dim;
         for (int base = 0; base < total; base += 32) {
             const int idx = base + lane;
-            const int j = idx / dim;
-            const i64 d = __shfl_sync(FULL, dst, j < 32 ? j : 31);
-            const i64 s = __shfl_sync(FULL, src, j < 32 ? j : 31);
+            const int j = min(idx / dim, 31);
+            const i64 d = __shfl_sync(FULL, dst, j);
+            const i64 s = __shfl_sync(FULL, src, j);
             if (idx < total && d >= 0) {
                 const int c = idx - j * dim;
                 store1(rows + d * dim, c, in[s * dim + c]);
@@ -174,41 +204,55 @@ __device__ __forceinline__ bool locate(i64 key, int t, bool valid, const unsigne
     return true;
 }
 
-// Each lane holds one key of the warp's group of 32, located in set `s` with fingerprint `f` (0: no
-// key); returns, in each lane, the slot of its key (-1: absent). For every key of the group the warp
-// reads that key's set, lane = way, and votes; a set holds one table's keys only, so the key compare
-// is the (table, key) compare. Ways a table does not use hold fingerprint 0 and never match. The
-// three passes are unrolled so that all 32 sets' fingerprint lines, then all key checks, are in flight
-// at once: the walk is bound by memory bandwidth, not by one set's latency after another.
-__device__ __forceinline__ i64 find_in_sets(i64 key, unsigned s, unsigned f, const fp16* __restrict__ fps,
-                                            const Slot* __restrict__ slots, int stride, int lane) {
-    const bool real = lane < stride;
-    unsigned line[32];
+__device__ __forceinline__ unsigned halves_equal(unsigned word, unsigned pair) {
+    const unsigned e = __vcmpeq2(word, pair);  // 0xffff in each 16-bit half that matched
+    return (e & 1u) | (e >> 15 & 2u);
+}
+
+// A set's fingerprint line as read, compared later (the read is issued a round ahead of its use).
+struct Line {
+    uint4 q[FP_LINE / 8];
+};
+__device__ __forceinline__ Line read_line(const fp16* __restrict__ fps, unsigned s, unsigned f) {
+    const uint4* line = reinterpret_cast<const uint4*>(fps + (i64)s * FP_LINE);
+    Line l;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        const unsigned sj = __shfl_sync(FULL, s, j);
-        line[j] = real ? (unsigned)__ldg(fps + (i64)sj * stride + lane) : 0u;
-    }
-    unsigned candidate = 0;  // bit j: this lane's way holds key j's fingerprint
+    for (int q = 0; q < FP_LINE / 8; ++q) l.q[q] = f ? line[q] : make_uint4(0, 0, 0, 0);
+    return l;
+}
+// Bit w: way w holds fingerprint f (never for f == 0, a lane without a key).
+__device__ __forceinline__ unsigned line_matches(const Line& l, unsigned f) {
+    if (!f) return 0;
+    const unsigned pair = f | (f << 16);
+    unsigned m = 0;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        const unsigned fj = __shfl_sync(FULL, f, j);
-        if (fj && line[j] == fj) candidate |= 1u << j;
+    for (int q = 0; q < FP_LINE / 8; ++q) {
+        const uint4 v = l.q[q];
+        m |= halves_equal(v.x, pair) << (8 * q) | halves_equal(v.y, pair) << (8 * q + 2) |
+             halves_equal(v.z, pair) << (8 * q + 4) | halves_equal(v.w, pair) << (8 * q + 6);
     }
-    unsigned confirmed = 0;  // bit j: ... and key j itself
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        const i64 kj = __shfl_sync(FULL, key, j);
-        const unsigned sj = __shfl_sync(FULL, s, j);
-        if ((candidate >> j & 1u) && slots[(i64)sj * stride + lane].key == kj) confirmed |= 1u << j;
+    return m;
+}
+
+__device__ __forceinline__ unsigned fp_matches(const fp16* __restrict__ fps, unsigned s, unsigned f) {
+    return line_matches(read_line(fps, s, f), f);
+}
+
+// The way among the candidates `m` of set s that holds `key`, -1 if none (a set holds one table's keys
+// only, so the key compare is the (table, key) compare).
+__device__ __forceinline__ int confirm(i64 key, unsigned s, unsigned m, const Slot* slots, int stride) {
+    for (; m; m &= m - 1) {
+        const int w = __ffs(m) - 1;
+        if (slots[(i64)s * stride + w].key == key) return w;
     }
-    i64 mine = -1;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        const unsigned m = __ballot_sync(FULL, confirmed >> j & 1u);
-        if (lane == j && m) mine = (i64)s * stride + (__ffs(m) - 1);
-    }
-    return mine;
+    return -1;
+}
+
+// Slot of a located key, -1 where absent.
+__device__ __forceinline__ i64 find_slot(i64 key, unsigned s, unsigned f, const fp16* __restrict__ fps,
+                                         const Slot* slots, int stride) {
+    const int w = confirm(key, s, fp_matches(fps, s, f), slots, stride);
+    return w >= 0 ? (i64)s * stride + w : -1;
 }
 
 // Adds the warp's lookups to `counts` (see HIT_COUNTERS): the lowest lane of each table present in the
@@ -227,46 +271,106 @@ __device__ __forceinline__ void count_lookups(int t, bool counted, bool found, u
 
 // ---------------------------------------------------------------- cache kernels
 
-// Warp per 32 keys: rows of hits into out (zeros for misses), hit flags, hit slots stamped `clock`,
-// lookups counted per table.
+// Warp per group of 32 keys, thread per key for the search, the warp's groups `step` keys apart (the
+// grid is a few waves, gpu.py's _QUERY_BLOCKS_PER_SM): rows of hits into out (zeros for misses), hit
+// flags, hit slots stamped `clock`, lookups counted per table. A group's keys are read two rounds and its
+// fingerprint lines one round before its rows are copied, so a warp's searches are in flight while it
+// copies. The row of the first way whose fingerprint matched is copied while its key is read; where that
+// guess was wrong the warp copies the rows of those keys again (the same lanes write the same elements,
+// so the second write wins).
 template <typename T, typename O>
 __device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
                            const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
                            int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots,
                            const T* __restrict__ rows, int stride, int dim, i64 clock, O* __restrict__ out,
                            bool* __restrict__ hit, u64* __restrict__ counts) {
-    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    const i64 base = warp * 32;
+    const i64 step = (i64)(gridDim.x * blockDim.x / 32) * 32;
+    i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
     if (base >= n) return;
-    const i64 i = base + lane;
-    const bool valid = i < n;
-    const i64 key = valid ? qkeys[i] : 0;
-    const int t = valid ? qtables[i] : 0;
+    const i64 i0 = base + lane;
+    i64 key = i0 < n ? qkeys[i0] : 0;
+    int t = i0 < n ? qtables[i0] : 0;
     unsigned s, f;
-    const bool known = locate(key, t, valid, first_set, num_sets, num_tables, s, f);
-    const i64 slot = find_in_sets(key, s, f, fps, slots, stride, lane);
-    if (valid) {
-        hit[i] = slot >= 0;
-        if (slot >= 0) slots[slot].stamp = clock;
+    bool known = locate(key, t, i0 < n, first_set, num_sets, num_tables, s, f);
+    Line line = read_line(fps, s, f);
+    i64 next_key = i0 + step < n ? qkeys[i0 + step] : 0;
+    int next_t = i0 + step < n ? qtables[i0 + step] : 0;
+    for (; base < n; base += step) {
+        const unsigned m = line_matches(line, f);
+        const i64 guess = m ? (i64)s * stride + (__ffs(m) - 1) : -1;
+        const i64 guess_key = guess >= 0 ? slots[guess].key : 0;  // in flight during the copy below
+        const i64 i1 = base + step + lane, i2 = i1 + step;
+        unsigned s1, f1;
+        const bool known1 = locate(next_key, next_t, i1 < n, first_set, num_sets, num_tables, s1, f1);
+        const Line line1 = read_line(fps, s1, f1);
+        const i64 key2 = i2 < n ? qkeys[i2] : 0;
+        const int t2 = i2 < n ? qtables[i2] : 0;
+        const int count = (int)min((i64)32, n - base);
+        O* const group_out = out + base * dim;
+        gather_rows(rows, guess, count, dim, group_out, lane, FULL);
+        i64 slot = guess >= 0 && guess_key == key ? guess : -1;
+        if (guess >= 0 && slot < 0) {
+            const int w = confirm(key, s, m & (m - 1), slots, stride);
+            slot = w >= 0 ? (i64)s * stride + w : -1;
+        }
+        const unsigned wrong = __ballot_sync(FULL, slot != guess);
+        if (wrong) gather_rows(rows, slot, count, dim, group_out, lane, wrong);
+        const i64 i = base + lane;
+        if (i < n) {
+            hit[i] = slot >= 0;
+            if (slot >= 0) slots[slot].stamp = clock;
+        }
+        count_lookups(t, known, slot >= 0, counts, lane);
+        key = next_key;
+        t = next_t;
+        s = s1;
+        f = f1;
+        known = known1;
+        line = line1;
+        next_key = key2;
+        next_t = t2;
     }
-    count_lookups(t, known, slot >= 0, counts, lane);
-    const int count = (int)min((i64)32, n - base);
-    gather_rows(rows, slot, count, dim, out + base * dim, lane);
+}
+
+// Batch positions a group keeps in its own slots (GROUP_MEMBERS in gpu.py); further keys of the set go on
+// a list through link[]. Pass 2 then reads a group's first members all at once instead of walking them.
+#define GROUP_MEMBERS 8
+
+// A key to insert joins the group of its set s: an entry of an open-addressing table over this batch's
+// sets (group_sets NO_SET, group_sizes and group_heads -1 at start). The entry's size counts its keys;
+// the first GROUP_MEMBERS are held in members[entry * GROUP_MEMBERS + rank], the others are listed from
+// group_heads[entry] through link[] (`next`). `lead` is the entry where this key opened the group (the
+// group's leader), else -1.
+__device__ __forceinline__ void join_group(unsigned s, i64 i, unsigned* group_sets, int* group_sizes,
+                                           int* group_heads, int* members, unsigned mask, int& lead, int& next) {
+    unsigned p = (unsigned)mix(s) & mask;
+    while (true) {
+        const unsigned c = atomicCAS(group_sets + p, NO_SET, s);
+        if (c == NO_SET) lead = (int)p;
+        if (c == NO_SET || c == s) break;
+        p = (p + 1) & mask;
+    }
+    const int rank = atomicAdd(group_sizes + p, 1) + 1;
+    if (rank < GROUP_MEMBERS)
+        members[(i64)p * GROUP_MEMBERS + rank] = (int)i;
+    else
+        next = atomicExch(group_heads + p, (int)i);
 }
 
 // Replace/update, pass 1. `last[pos[i]] == i` marks the last occurrence of each (table, key) pair in the
-// batch; only those act. Present: row overwritten, stamped `clock` when clock > 0. absent_set[i]: the
-// global set of a key to insert, NO_SET for the others.
-#define NO_SET 0xffffffffu
-
+// batch; only those act. Present: row overwritten. clock > 0 (replace): present keys stamped `clock`,
+// absent ones joined to their set's group for pass 2; clock == 0 (update): nothing else. Every key
+// writes leader[i] and link[i].
 template <typename T>
 __device__ void write_present_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
                                    const float* __restrict__ in, i64 n, const int* __restrict__ last,
                                    const int* __restrict__ pos, const unsigned* __restrict__ first_set,
                                    const unsigned* __restrict__ num_sets, int num_tables,
                                    const fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows,
-                                   int stride, int dim, i64 clock, unsigned* __restrict__ absent_set) {
+                                   int stride, int dim, i64 clock, unsigned* group_sets, int* group_sizes,
+                                   int* group_heads, int* members, unsigned group_mask, int* __restrict__ leader,
+                                   int* __restrict__ link) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
@@ -277,99 +381,159 @@ __device__ void write_present_impl(const i64* __restrict__ qkeys, const int* __r
     const int t = last_of_pair ? qtables[i] : 0;
     unsigned s, f;
     const bool known = locate(key, t, last_of_pair, first_set, num_sets, num_tables, s, f);
-    const i64 slot = find_in_sets(key, s, f, fps, slots, stride, lane);
-    if (i < n) absent_set[i] = known && slot < 0 ? s : NO_SET;
+    const i64 slot = find_slot(key, s, f, fps, slots, stride);
     if (slot >= 0 && clock > 0) slots[slot].stamp = clock;
+    if (i < n) {
+        int lead = -1, next = -1;
+        if (clock > 0 && known && slot < 0)
+            join_group(s, i, group_sets, group_sizes, group_heads, members, group_mask, lead, next);
+        leader[i] = lead;
+        link[i] = next;
+    }
     const int count = (int)min((i64)32, n - base);
     scatter_rows(rows, slot, in + base * dim, slot >= 0 ? (i64)lane : 0, count, dim, lane);
 }
 
-// Replace, pass 2. `sets` is absent_set sorted, `order` the batch positions in that order, so a set's
-// keys to insert are contiguous (and of one table, whose ways the run uses): the warp at the start of
-// each run inserts the whole run, holding the set's slots in registers (no locks, no atomics). Each key takes the least recently used slot not
-// touched by this batch (stamp < touched), ordered by (stamp, key, way); once none is left it displaces
-// the largest key this batch inserted, if smaller. So a set keeps the smallest of the keys competing
-// for it, in whatever order they come: the rule reference.py states without any order. Slots are
-// chosen first, from registers; then the rows of the keys that stayed are copied all at once.
+// What pass 2 reads of a group before inserting it, per lane: its slot of the set (key, stamp), and, for
+// lane r < the group's size (at most GROUP_MEMBERS), the batch position and key of member r.
+struct GroupView {
+    i64 k, st, key;
+    int pos;
+};
+
+__device__ __forceinline__ GroupView view_group(const i64* __restrict__ qkeys, const int* __restrict__ members,
+                                                const Slot* __restrict__ slots, int stride, unsigned s, int entry,
+                                                int size, int ways, int lane) {
+    GroupView v;
+    const longlong2 held =
+        lane < ways ? reinterpret_cast<const longlong2*>(slots)[(i64)s * stride + lane] : make_longlong2(0, 0);
+    v.k = held.x;
+    v.st = held.y;
+    const bool member = lane < min(size, GROUP_MEMBERS);
+    v.pos = member ? members[(i64)entry * GROUP_MEMBERS + lane] : 0;
+    v.key = member ? qkeys[v.pos] : 0;
+    return v;
+}
+
+// Replace, pass 2: the warp inserts the keys of set s (one table's, whose ways it uses): the group's
+// members (`v`), then those on its list from `head`, holding the set's slots in registers (no locks, no
+// atomics). Each key takes the least recently used slot not touched by this batch (stamp < touched),
+// ordered by (stamp, key, way); once none is left it displaces the largest key this batch inserted, if
+// smaller. So a set keeps the smallest of the keys competing for it, in whatever order they come (the
+// order depends on the atomics): the rule reference.py states without any order. Slots are chosen
+// first, from registers; then the rows of the keys that stayed are copied, those rows only.
 template <typename T>
-__device__ void insert_run(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
-                           const float* __restrict__ in, i64 n, const unsigned* __restrict__ sets,
-                           const i64* __restrict__ order, const int* __restrict__ table_ways, fp16* __restrict__ fps,
-                           Slot* __restrict__ slots, T* __restrict__ rows, int stride, int dim, i64 touched,
-                           i64 inserted, i64 p, unsigned s, int lane) {
-    const bool real = lane < __ldg(table_ways + qtables[order[p]]);
+__device__ void insert_group(const i64* __restrict__ qkeys, const float* __restrict__ in,
+                             const int* __restrict__ link, fp16* __restrict__ fps, Slot* __restrict__ slots,
+                             T* __restrict__ rows, int stride, int dim, i64 touched, i64 inserted, unsigned s,
+                             const GroupView& v, int size, int head, int ways, int lane) {
+    const bool real = lane < ways;
     const i64 slot = (i64)s * stride + lane;
-    const longlong2 held = real ? reinterpret_cast<const longlong2*>(slots)[slot] : make_longlong2(0, 0);
-    i64 k = held.x, st = held.y;
+    i64 k = v.k, st = v.st;
     i64 src = -1;  // batch position of the key this lane's slot ends up holding, -1: unchanged
-    for (i64 chunk = p; chunk < n; chunk += 32) {
-        const i64 q = chunk + lane;
-        const bool in_run = q < n && sets[q] == s;
-        const i64 my_i = in_run ? order[q] : 0;
-        const i64 my_key = in_run ? qkeys[my_i] : 0;
-        const int count = __popc(__ballot_sync(FULL, in_run));  // the run is contiguous: lanes 0..count-1
-        for (int j = 0; j < count; ++j) {
-            const i64 key = __shfl_sync(FULL, my_key, j);
-            const i64 i = __shfl_sync(FULL, my_i, j);
-            // Best free slot: least (stamp, key, lane) among stamp < touched.
-            const bool spare = real && st < touched;
-            i64 bs = spare ? st : I64_MAX, bk = spare ? k : I64_MAX;
-            int bl = spare ? lane : 32;
-            // Largest key inserted by this batch: the one to displace when no slot is free.
-            const bool mine = real && st == inserted;
-            i64 mk = mine ? k : I64_MIN;
-            int ml = mine ? lane : 32;
+    const int direct = min(size, GROUP_MEMBERS);
+    for (int r = 0, cur = head; r < direct || cur >= 0; ++r) {
+        i64 key, i;
+        if (r < direct) {
+            key = __shfl_sync(FULL, v.key, r);
+            i = __shfl_sync(FULL, v.pos, r);
+        } else {
+            key = qkeys[cur];
+            i = cur;
+            cur = link[cur];
+        }
+        // Best free slot: least (stamp, key, lane) among stamp < touched.
+        const bool spare = real && st < touched;
+        i64 bs = spare ? st : I64_MAX, bk = spare ? k : I64_MAX;
+        int bl = spare ? lane : 32;
+        // Largest key inserted by this batch: the one to displace when no slot is free.
+        const bool mine = real && st == inserted;
+        i64 mk = mine ? k : I64_MIN;
+        int ml = mine ? lane : 32;
 #pragma unroll
-            for (int off = 16; off; off >>= 1) {
-                const i64 os = __shfl_xor_sync(FULL, bs, off), ok = __shfl_xor_sync(FULL, bk, off);
-                const int ol = __shfl_xor_sync(FULL, bl, off);
-                if (os < bs || (os == bs && (ok < bk || (ok == bk && ol < bl)))) {
-                    bs = os;
-                    bk = ok;
-                    bl = ol;
-                }
-                const i64 omk = __shfl_xor_sync(FULL, mk, off);
-                const int oml = __shfl_xor_sync(FULL, ml, off);
-                if (omk > mk || (omk == mk && oml < ml)) {
-                    mk = omk;
-                    ml = oml;
-                }
+        for (int off = 16; off; off >>= 1) {
+            const i64 os = __shfl_xor_sync(FULL, bs, off), ok = __shfl_xor_sync(FULL, bk, off);
+            const int ol = __shfl_xor_sync(FULL, bl, off);
+            if (os < bs || (os == bs && (ok < bk || (ok == bk && ol < bl)))) {
+                bs = os;
+                bk = ok;
+                bl = ol;
             }
-            const int way = bl < 32 ? bl : (ml < 32 && key < mk ? ml : -1);
-            if (lane == way) {
-                k = key;
-                st = inserted;
-                src = i;
+            const i64 omk = __shfl_xor_sync(FULL, mk, off);
+            const int oml = __shfl_xor_sync(FULL, ml, off);
+            if (omk > mk || (omk == mk && oml < ml)) {
+                mk = omk;
+                ml = oml;
             }
         }
-        if (count < 32) break;
+        const int way = bl < 32 ? bl : (ml < 32 && key < mk ? ml : -1);
+        if (lane == way) {
+            k = key;
+            st = inserted;
+            src = i;
+        }
     }
     if (src >= 0) {
         slots[slot].key = k;
         slots[slot].stamp = st;
-        fps[slot] = fingerprint(mix((u64)k));
+        fps[(i64)s * FP_LINE + lane] = fingerprint(mix((u64)k));
     }
-    scatter_rows(rows, src >= 0 ? slot : -1, in, src >= 0 ? src : 0, 32, dim, lane);
+    // Lane j < moved copies the j-th changed slot's row.
+    const unsigned changed = __ballot_sync(FULL, src >= 0);
+    const int moved = __popc(changed);
+    const int from = lane < moved ? (int)__fns(changed, 0, lane + 1) : 0;
+    const i64 dst = __shfl_sync(FULL, slot, from);
+    const i64 row = __shfl_sync(FULL, src, from);
+    scatter_rows(rows, lane < moved ? dst : -1, in, row >= 0 ? row : 0, moved, dim, lane);
 }
 
-// Warp per 32 sorted positions: inserts the runs that start among them, one after the other. (A warp
-// per position would leave most warps idle and their blocks holding the SM.)
+// Batch positions per warp in pass 2 (_GROUP_SPAN in gpu.py): the groups whose leaders a warp holds are
+// inserted one after the other, so a warp takes few positions and the groups spread over many warps.
+#define GROUP_SPAN 8
+
+// Warp per GROUP_SPAN batch positions: inserts the groups whose leaders are among them. Each leader's
+// lane first reads its group's set, size, list head and ways, all lanes at once; the warp reads the
+// next group's slots and members while it inserts this one.
 template <typename T>
-__device__ void insert_absent_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
-                                   const float* __restrict__ in, i64 n, const unsigned* __restrict__ sets,
-                                   const i64* __restrict__ order, const int* __restrict__ table_ways,
+__device__ void insert_groups_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
+                                   const float* __restrict__ in, i64 n, const int* __restrict__ leader,
+                                   const unsigned* __restrict__ group_sets, const int* __restrict__ group_sizes,
+                                   const int* __restrict__ group_heads, const int* __restrict__ members,
+                                   const int* __restrict__ link, const int* __restrict__ table_ways,
                                    fp16* __restrict__ fps, Slot* __restrict__ slots, T* __restrict__ rows, int stride,
                                    int dim, i64 touched, i64 inserted) {
-    const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
+    const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * GROUP_SPAN;
     const int lane = threadIdx.x & 31;
     if (base >= n) return;
     const i64 q = base + lane;
-    const unsigned s = q < n ? sets[q] : NO_SET;
-    const bool starts_run = s != NO_SET && (q == 0 || sets[q - 1] != s);
-    for (unsigned starts = __ballot_sync(FULL, starts_run); starts; starts &= starts - 1) {
-        const int j = __ffs(starts) - 1;
-        insert_run(qkeys, qtables, in, n, sets, order, table_ways, fps, slots, rows, stride, dim, touched, inserted,
-                   base + j, __shfl_sync(FULL, s, j), lane);
+    const int entry = lane < GROUP_SPAN && q < n ? leader[q] : -1;
+    unsigned set = 0;
+    int size = 0, head = -1, ways = 0;
+    if (entry >= 0) {
+        set = group_sets[entry];
+        size = group_sizes[entry] + 1;
+        head = group_heads[entry];
+        ways = __ldg(table_ways + qtables[q]);
+    }
+    unsigned leads = __ballot_sync(FULL, entry >= 0);
+    if (!leads) return;
+    int j = __ffs(leads) - 1;
+    GroupView v = view_group(qkeys, members, slots, stride, __shfl_sync(FULL, set, j), __shfl_sync(FULL, entry, j),
+                             __shfl_sync(FULL, size, j), __shfl_sync(FULL, ways, j), lane);
+    while (true) {
+        const int now = j;
+        leads &= leads - 1;
+        GroupView after;
+        if (leads) {
+            j = __ffs(leads) - 1;
+            after = view_group(qkeys, members, slots, stride, __shfl_sync(FULL, set, j), __shfl_sync(FULL, entry, j),
+                               __shfl_sync(FULL, size, j), __shfl_sync(FULL, ways, j), lane);
+        }
+        insert_group(qkeys, in, link, fps, slots, rows, stride, dim, touched, inserted, __shfl_sync(FULL, set, now),
+                     v, __shfl_sync(FULL, size, now), __shfl_sync(FULL, head, now), __shfl_sync(FULL, ways, now),
+                     lane);
+        if (!leads) break;
+        v = after;
     }
 }
 
@@ -377,20 +541,15 @@ __device__ void insert_absent_impl(const i64* __restrict__ qkeys, const int* __r
 __device__ void invalidate_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
                                 const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
                                 int num_tables, fp16* fps, Slot* __restrict__ slots, int stride) {
-    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    const i64 base = warp * 32;
-    if (base >= n) return;
-    const i64 i = base + lane;
-    const bool valid = i < n;
-    const i64 key = valid ? qkeys[i] : 0;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const i64 key = qkeys[i];
     unsigned s, f;
-    locate(key, valid ? qtables[i] : 0, valid, first_set, num_sets, num_tables, s, f);
-    const i64 slot = find_in_sets(key, s, f, fps, slots, stride, lane);
-    __syncwarp();
-    if (slot >= 0) {
-        fps[slot] = 0;
-        slots[slot].stamp = 0;
+    locate(key, qtables[i], true, first_set, num_sets, num_tables, s, f);
+    const int w = confirm(key, s, fp_matches(fps, s, f), slots, stride);
+    if (w >= 0) {
+        fps[(i64)s * FP_LINE + w] = 0;
+        slots[(i64)s * stride + w].stamp = 0;
     }
 }
 
@@ -417,43 +576,53 @@ extern "C" __global__ void dedupe(const i64* __restrict__ qkeys, const int* __re
 
 // ---------------------------------------------------------------- static table
 
-// Open addressing with linear probing over (table, key) pairs: slot_rows[p] = row of the pair
-// (slot_tables[p], slot_keys[p]), -1 empty. Rows are dead (live 0) after invalidate until replaced.
-// A table index outside [0, num_tables) finds nothing.
-__device__ __forceinline__ i64 probe(i64 key, int t, int num_tables, const i64* __restrict__ slot_keys,
-                                     const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
-                                     unsigned mask) {
+// Open addressing with linear probing over (table, key) pairs, one 16-byte Entry a slot (one load per
+// probe): the pair, the row it names (-1: empty slot) and, in the table word's top bit (DEAD), whether
+// it was invalidated (its row is hidden until replaced). A table index outside [0, num_tables) finds
+// nothing.
+#define DEAD 0x80000000u
+
+struct __align__(16) Entry {
+    i64 key;
+    unsigned table;
+    int row;
+};
+
+// The slot of the pair (p, with its entry in `e`), -1 where not held.
+__device__ __forceinline__ i64 probe(i64 key, int t, int num_tables, const Entry* entries, unsigned mask, Entry& e) {
     if (t < 0 || t >= num_tables) return -1;
     unsigned p = (unsigned)pair_hash(key, t) & mask;
     while (true) {
-        const int r = slot_rows[p];
-        if (r < 0) return -1;
-        if (slot_keys[p] == key && slot_tables[p] == t) return r;
+        const longlong2 v = reinterpret_cast<const longlong2*>(entries)[p];
+        e.key = v.x;
+        e.table = (unsigned)v.y;
+        e.row = (int)(v.y >> 32);
+        if (e.row < 0) return -1;
+        if (e.key == key && (e.table & ~DEAD) == (unsigned)t) return p;
         p = (p + 1) & mask;
     }
 }
 
 // Thread per distinct pair (the host removed repeats): row i goes into the first free slot of its probe.
 extern "C" __global__ void static_build(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
-                                        i64* slot_keys, int* slot_tables, int* slot_rows, unsigned mask) {
+                                        Entry* entries, unsigned mask) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const i64 key = qkeys[i];
     const int t = qtables[i];
     unsigned p = (unsigned)pair_hash(key, t) & mask;
-    while (atomicCAS(slot_rows + p, -1, -2) != -1) p = (p + 1) & mask;
-    slot_keys[p] = key;
-    slot_tables[p] = t;
+    while (atomicCAS(&entries[p].row, -1, -2) != -1) p = (p + 1) & mask;
+    entries[p].key = key;
+    entries[p].table = (unsigned)t;
     __threadfence();
-    atomicExch(slot_rows + p, (int)i);
+    atomicExch(&entries[p].row, (int)i);
 }
 
 template <typename T, typename O>
 __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
-                                  int num_tables, const i64* __restrict__ slot_keys,
-                                  const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
-                                  const bool* __restrict__ live, unsigned mask, const T* __restrict__ rows, int dim,
-                                  O* __restrict__ out, bool* __restrict__ hit, u64* __restrict__ counts) {
+                                  int num_tables, const Entry* __restrict__ entries, unsigned mask,
+                                  const T* __restrict__ rows, int dim, O* __restrict__ out, bool* __restrict__ hit,
+                                  u64* __restrict__ counts) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
@@ -462,46 +631,45 @@ __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __re
     const int t = i < n ? qtables[i] : 0;
     i64 row = -1;
     if (i < n) {
-        row = probe(qkeys[i], t, num_tables, slot_keys, slot_tables, slot_rows, mask);
-        if (row >= 0 && !live[row]) row = -1;
+        Entry e;
+        if (probe(qkeys[i], t, num_tables, entries, mask, e) >= 0 && !(e.table & DEAD)) row = e.row;
         hit[i] = row >= 0;
     }
     count_lookups(t, i < n && t >= 0 && t < num_tables, row >= 0, counts, lane);
     const int count = (int)min((i64)32, n - base);
-    gather_rows(rows, row, count, dim, out + base * dim, lane);
+    gather_rows(rows, row, count, dim, out + base * dim, lane, FULL);
 }
 
-// revive = 1: replace (rows of known keys written, made live); 0: update (live rows only).
+// revive = 1: replace (rows of known pairs written, made live); 0: update (live rows only).
 template <typename T>
 __device__ void static_write_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables,
                                   const float* __restrict__ in, i64 n, const int* __restrict__ last,
-                                  const int* __restrict__ pos, int num_tables, const i64* __restrict__ slot_keys,
-                                  const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
-                                  bool* __restrict__ live, unsigned mask, T* __restrict__ rows, int dim, int revive) {
+                                  const int* __restrict__ pos, int num_tables, Entry* __restrict__ entries,
+                                  unsigned mask, T* __restrict__ rows, int dim, int revive) {
     const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const i64 base = warp * 32;
     if (base >= n) return;
     const i64 i = base + lane;
-    i64 row = -1;
+    i64 row = -1, p = -1;
     if (i < n && last[pos[i]] == (int)i) {
-        row = probe(qkeys[i], qtables[i], num_tables, slot_keys, slot_tables, slot_rows, mask);
-        if (row >= 0 && !revive && !live[row]) row = -1;
+        Entry e;
+        p = probe(qkeys[i], qtables[i], num_tables, entries, mask, e);
+        if (p >= 0 && (revive || !(e.table & DEAD))) row = e.row;
     }
     __syncwarp();
     const int count = (int)min((i64)32, n - base);
     scatter_rows(rows, row, in + base * dim, row >= 0 ? (i64)lane : 0, count, dim, lane);
-    if (row >= 0) live[row] = true;
+    if (row >= 0 && revive) entries[p].table = (unsigned)qtables[i];
 }
 
 extern "C" __global__ void static_invalidate(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
-                                             int num_tables, const i64* __restrict__ slot_keys,
-                                             const int* __restrict__ slot_tables, const int* __restrict__ slot_rows,
-                                             bool* live, unsigned mask) {
+                                             int num_tables, Entry* entries, unsigned mask) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const i64 row = probe(qkeys[i], qtables[i], num_tables, slot_keys, slot_tables, slot_rows, mask);
-    if (row >= 0) live[row] = false;
+    Entry e;
+    const i64 p = probe(qkeys[i], qtables[i], num_tables, entries, mask, e);
+    if (p >= 0) entries[p].table = e.table | DEAD;
 }
 
 // ---------------------------------------------------------------- the raw gather (benchmark ceiling)
@@ -514,7 +682,7 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
     if (base >= n) return;
     const i64 i = base + lane;
     const i64 row = i < n ? index[i] : -1;
-    gather_rows(table, row, (int)min((i64)32, n - base), dim, out + base * dim, lane);
+    gather_rows(table, row, (int)min((i64)32, n - base), dim, out + base * dim, lane, FULL);
 }
 
 // ---------------------------------------------------------------- entry points per storage and reply type
@@ -524,23 +692,24 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
     extern "C" __global__ void write_present_##SUFFIX(                                                            \
         const i64* qkeys, const int* qtables, const float* in, i64 n, const int* last, const int* pos,            \
         const unsigned* first_set, const unsigned* num_sets, int num_tables, const fp16* fps, Slot* slots,        \
-        T* rows, int stride, int dim, i64 clock, unsigned* absent_set) {                                          \
+        T* rows, int stride, int dim, i64 clock, unsigned* group_sets, int* group_sizes, int* group_heads,        \
+        int* members, unsigned group_mask, int* leader, int* link) {                                              \
         write_present_impl<T>(qkeys, qtables, in, n, last, pos, first_set, num_sets, num_tables, fps, slots,      \
-                              rows, stride, dim, clock, absent_set);                                              \
+                              rows, stride, dim, clock, group_sets, group_sizes, group_heads, members,            \
+                              group_mask, leader, link);                                                          \
     }                                                                                                             \
-    extern "C" __global__ void insert_absent_##SUFFIX(                                                            \
-        const i64* qkeys, const int* qtables, const float* in, i64 n, const unsigned* sets, const i64* order,     \
-        const int* table_ways, fp16* fps, Slot* slots, T* rows, int stride, int dim, i64 touched,                 \
-        i64 inserted) {                                                                                           \
-        insert_absent_impl<T>(qkeys, qtables, in, n, sets, order, table_ways, fps, slots, rows, stride, dim,      \
-                              touched, inserted);                                                                 \
+    extern "C" __global__ void insert_groups_##SUFFIX(                                                            \
+        const i64* qkeys, const int* qtables, const float* in, i64 n, const int* leader,                          \
+        const unsigned* group_sets, const int* group_sizes, const int* group_heads, const int* members,           \
+        const int* link, const int* table_ways, fp16* fps, Slot* slots, T* rows, int stride, int dim,             \
+        i64 touched, i64 inserted) {                                                                              \
+        insert_groups_impl<T>(qkeys, qtables, in, n, leader, group_sets, group_sizes, group_heads, members,       \
+                              link, table_ways, fps, slots, rows, stride, dim, touched, inserted);                \
     }                                                                                                             \
     extern "C" __global__ void static_write_##SUFFIX(                                                             \
         const i64* qkeys, const int* qtables, const float* in, i64 n, const int* last, const int* pos,            \
-        int num_tables, const i64* slot_keys, const int* slot_tables, const int* slot_rows, bool* live,           \
-        unsigned mask, T* rows, int dim, int revive) {                                                            \
-        static_write_impl<T>(qkeys, qtables, in, n, last, pos, num_tables, slot_keys, slot_tables, slot_rows,     \
-                             live, mask, rows, dim, revive);                                                      \
+        int num_tables, Entry* entries, unsigned mask, T* rows, int dim, int revive) {                            \
+        static_write_impl<T>(qkeys, qtables, in, n, last, pos, num_tables, entries, mask, rows, dim, revive);     \
     }
 
 // Storage type T (SUFFIX) replied as O (OUT): the lookups.
@@ -553,11 +722,9 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
                          clock, out, hit, counts);                                                                \
     }                                                                                                             \
     extern "C" __global__ void static_query_##SUFFIX##_##OUT(                                                     \
-        const i64* qkeys, const int* qtables, i64 n, int num_tables, const i64* slot_keys,                        \
-        const int* slot_tables, const int* slot_rows, const bool* live, unsigned mask, const T* rows, int dim,    \
-        O* out, bool* hit, u64* counts) {                                                                         \
-        static_query_impl<T, O>(qkeys, qtables, n, num_tables, slot_keys, slot_tables, slot_rows, live, mask,     \
-                                rows, dim, out, hit, counts);                                                     \
+        const i64* qkeys, const int* qtables, i64 n, int num_tables, const Entry* entries, unsigned mask,         \
+        const T* rows, int dim, O* out, bool* hit, u64* counts) {                                                 \
+        static_query_impl<T, O>(qkeys, qtables, n, num_tables, entries, mask, rows, dim, out, hit, counts);       \
     }
 
 WRITE_KERNELS(float, f32)
