@@ -32,7 +32,7 @@ import numpy as np
 from hps_server.cache.shared_l1 import CacheKey, OwnedGpuCaches, SharedCacheSpec
 from hps_server.config import Config
 from hps_server.models import GroupRole, HostedModels
-from hps_server.session import ServedTable
+from hps_server.session import ServedTable, WriteBack
 from hps_server.storage.base import LevelUnavailableError, StorageError
 from hps_server.storage.segments import unique_name
 from hps_server.write_epochs import WriteEpochs
@@ -273,17 +273,8 @@ class WriterLink:
     def write_refusal(self, model: str) -> str:
         return str(self._call("write_refusal", model))
 
-    def write_back(
-        self,
-        model: str,
-        level: int,
-        tables: list[str],
-        epochs: list[int],
-        keys: np.ndarray,
-        table_of: np.ndarray,
-        rows: np.ndarray,
-    ) -> None:
-        self._call("write_back", model, level, tables, epochs, keys, table_of, rows)
+    def write_back(self, model: str, rows: WriteBack) -> None:
+        self._call("write_back", model, rows)
 
     def close(self) -> None:
         self._listener.close()

@@ -72,6 +72,19 @@ class ServedTable:
         return self.epochs.of(self.epoch_slot)
 
 
+@dataclass(frozen=True)
+class WriteBack:
+    """Rows a group worker found below its `levels[level]`, for the group's writer to copy into that level
+    unless a write of their tables came since the worker read `epochs` (one per name in `tables`)."""
+
+    level: int
+    tables: list[str]
+    epochs: list[int]
+    keys: np.ndarray
+    table_of: np.ndarray  # index into `tables` per key
+    rows: np.ndarray
+
+
 class WriteRoute(Protocol):
     """Where a group worker sends its writes instead of writing its levels: the group's one writer
     (group_writes.py), which writes every level and refreshes every worker's L1 before it answers."""
@@ -84,18 +97,7 @@ class WriteRoute(Protocol):
         """The writer's LookupSession.write_refusal() of the model."""
         ...
 
-    def write_back(
-        self,
-        model: str,
-        level: int,
-        tables: list[str],
-        epochs: list[int],
-        keys: np.ndarray,
-        table_of: np.ndarray,
-        rows: np.ndarray,
-    ) -> None:
-        """Rows the worker found below its `levels[level]`, for the writer to copy into that level unless a
-        write of their tables came since the worker read `epochs`."""
+    def write_back(self, model: str, rows: WriteBack) -> None: ...
 
 
 WrittenHook = Callable[["ServedTable", np.ndarray, "np.ndarray | None"], None]
@@ -438,7 +440,7 @@ class LookupSession:
                 try:
                     if self.route is not None:
                         names = [table.name for table in batch.tables]
-                        self.route.write_back(self.name, index, names, epochs, keys, tables, rows)
+                        self.route.write_back(self.name, WriteBack(index, names, epochs, keys, tables, rows))
                         continue
 
                     def copy(keep: np.ndarray, level=level, keys=keys, rows=rows, tables=tables) -> None:  # type: ignore[no-untyped-def]
@@ -451,23 +453,16 @@ class LookupSession:
                     if self.metrics is not None:
                         self.metrics.record_level_failure(level.kind, "insert")
 
-    def write_back_from(
-        self,
-        level: int,
-        tables: list[str],
-        epochs: list[int],
-        keys: np.ndarray,
-        table_of: np.ndarray,
-        rows: np.ndarray,
-    ) -> None:
-        """The writer's side of WriteRoute.write_back: a worker's rows, copied into `levels[level]` unless a
-        write of their tables came since the worker read `epochs`."""
-        served = [self.table(name) for name in tables]
-        target = self.levels[level]
+    def write_back_from(self, found: WriteBack) -> None:
+        """The writer's side of WriteRoute.write_back: a worker's rows, copied in unless they may be stale."""
+        served = [self.table(name) for name in found.tables]
+        target = self.levels[found.level]
         names = [table.storage_name for table in served]
-        self._insert_unless_stale(
-            served, epochs, table_of, lambda keep: target.insert_many(names, keys[keep], table_of[keep], rows[keep])
-        )
+
+        def insert(keep: np.ndarray) -> None:
+            target.insert_many(names, found.keys[keep], found.table_of[keep], found.rows[keep])
+
+        self._insert_unless_stale(served, found.epochs, found.table_of, insert)
 
     @staticmethod
     def _insert_unless_stale(
