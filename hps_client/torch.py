@@ -17,8 +17,8 @@ from hps_client.client import Client
 from hps_client.security import TLS
 from hps_client.wire import Combiner
 
-# Tokens of this process's layers, by the random handle their ops carry: a traced or scripted module holds the
-# handle, never the token, and where the handle is unknown (another process) the op falls back to HPS_TOKEN.
+# Tokens of this process's layers, by the random handle their ops carry: a traced, scripted or exported module
+# holds the handle, never the token; where the handle is unknown (another process) the op uses HPS_TOKEN.
 _tokens: dict[str, str] = {}
 
 
