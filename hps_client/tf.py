@@ -1,7 +1,8 @@
 """TensorFlow (Keras 3) layers that look embeddings up in an hps server, with HugeCTR HPS's TF plugin API.
 
 Each layer call is one Lookup RPC through a tf.numpy_function bridge, eager or inside tf.function; the layers
-hold no weights and compute no gradients (inference only). Import it explicitly: `import hps_client` does not.
+hold no weights and compute no gradients (inference only), and refuse a SavedModel export, which cannot hold the
+bridge (a .keras file can). Import it explicitly: `import hps_client` does not.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from hps_client.wire import Combiner, Dtype
 
 _WIRE_DTYPES: dict[tf.DType, Dtype] = {tf.float32: "float32", tf.float16: "float16"}
 _COMBINERS = ("mean", "sum", "sqrtn")
+
+# Why a SavedModel export is refused, and what to do instead (README, "Exporting models with the layers").
+_NO_SAVED_MODEL = (
+    "{layer}: a SavedModel cannot hold this layer's lookup: it calls the hps server through a Python bridge "
+    "(tf.numpy_function) that is not serialized, so the export would fail when loaded in another process "
+    "('Could not find callback with key=pyfunc_...'). Save the Keras model as a .keras file instead "
+    "(model.save('model.keras'); keras.models.load_model rebuilds the layers, pointing at the same server), or "
+    "export a model without the lookup layers that takes the embedding vectors as inputs."
+)
 
 _defaults: dict[str, Any] = {"address": None, "global_batch_size": None, "tls": None, "token": None}
 
@@ -97,6 +107,14 @@ class _ServedTable(keras.layers.Layer):
     def _table(self) -> tuple[endpoint.TableRef, Client]:
         ref = endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size, self.tls, self._token)
         return ref, endpoint.shared_client(self.address, self.tls, self._token)
+
+    def _trackable_children(self, save_type: Any = "checkpoint", **kwargs: Any) -> dict[str, Any]:
+        # tf.saved_model.save and Keras model.export walk the objects they save with save_type "savedmodel"
+        # (checkpoints with "checkpoint"): refusing here fails the export before anything is written. Not a
+        # TypeError: Keras's export skips objects whose walk raises one.
+        if save_type == "savedmodel":
+            raise ValueError(_NO_SAVED_MODEL.format(layer=f"hps_client.tf.{type(self).__name__} {self.name!r}"))
+        return super()._trackable_children(save_type, **kwargs)  # type: ignore[no-any-return]
 
     def get_config(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,10 @@
-"""The TensorFlow layers against a real server: shapes, dtypes, defaults, combiners, graphs and errors."""
+"""The TensorFlow layers against a real server: shapes, dtypes, defaults, combiners, graphs, errors and exports."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +199,42 @@ def test_layers_reach_a_tls_server_with_a_token_and_save_no_token(secured: Secur
     )
     with pytest.raises(Exception, match="UNAUTHENTICATED"):
         clone(tf.constant(keys))
+
+
+def _run_python(code: str) -> str:
+    """`code` in a fresh interpreter (nothing of this process registered there): its stdout, or the failure."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_saved_model_exports_are_refused_at_save_time_and_a_keras_file_loads_elsewhere(
+    served: ServedModel, address: str, tmp_path: Path
+) -> None:
+    ids = tf.keras.Input(shape=(3,), dtype="int64")
+    pooled = tf.keras.layers.Flatten()(hps.LookupLayer("ctr", ITEM, 8, tf.float32)(ids))
+    model = tf.keras.Model(ids, tf.keras.layers.Dense(1, kernel_initializer="ones")(pooled))
+    module = tf.Module()
+    module.layer = hps.SparseLookupLayer("ctr", ITEM, 8, tf.float32)
+    refused = (
+        r"hps_client\.tf\.(Sparse)?LookupLayer '\w+': a SavedModel cannot hold .* Save the Keras model as a \.keras"
+    )
+    for name, export in {
+        "saved_model": lambda path: tf.saved_model.save(model, str(path)),
+        "export": lambda path: model.export(str(path), verbose=False),
+        "module": lambda path: tf.saved_model.save(module, str(path)),
+    }.items():
+        with pytest.raises(ValueError, match=refused):
+            export(tmp_path / name)
+        assert not (tmp_path / name / "saved_model.pb").exists()
+    tf.train.Checkpoint(model=model).write(str(tmp_path / "weights"))  # checkpoints still work: only weights
+    # The way to ship it: a .keras file, loaded in another process, reconnects its layers to the server.
+    model.save(tmp_path / "inference.keras")
+    keys = _item_keys(served, 12, seed=4).reshape(4, 3)
+    printed = _run_python(
+        "import keras, numpy as np, hps_client.tf\n"
+        f"model = keras.models.load_model({str(tmp_path / 'inference.keras')!r})\n"
+        f"print(model.predict(np.array({keys.tolist()}), verbose=0)[:, 0].tolist())"
+    )
+    expected = served.expected("item", keys.reshape(-1)).reshape(4, -1).sum(1)
+    np.testing.assert_allclose(json.loads(printed.strip().splitlines()[-1]), expected, rtol=1e-5, atol=1e-5)

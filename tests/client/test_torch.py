@@ -1,8 +1,12 @@
-"""The PyTorch layer against a real server: shapes, defaults, no_grad, device and errors."""
+"""The PyTorch layers against a real server: shapes, defaults, no_grad, device, errors, TorchScript and export."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +127,103 @@ def test_tls_and_token_by_argument_or_from_the_environment(
         plain(torch.from_numpy(keys))
     monkeypatch.setenv(TOKEN_ENV, READER)
     np.testing.assert_array_equal(plain(torch.from_numpy(keys)).numpy(), secured.expected("user", keys))
+
+
+class _TwoTables(torch.nn.Module):
+    """A model's lookup front: item vectors per key, and user keys pooled per bag (EmbeddingBag's offsets)."""
+
+    def __init__(self, target: str, tls: TLS | None = None, token: str | None = None) -> None:
+        super().__init__()
+        self.item = LookupLayer(model_name="ctr", table_id=1, emb_vec_size=8, address=target, tls=tls, token=token)
+        self.user = SparseLookupLayer(
+            model_name="ctr", table_id=0, emb_vec_size=16, combiner="sum", address=target, tls=tls, token=token
+        )
+
+    def forward(
+        self, items: torch.Tensor, users: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.item(items), self.user(users, offsets)
+
+
+def _two_table_inputs(served: ServedModel, seed: int, items_shape: tuple[int, ...], bags: int):
+    """Stored and unknown item keys, stored user keys in `bags` bags (the first one empty), and the outputs."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(items_shape))
+    items = np.concatenate([rng.choice(served.truth["item"][0], n - 1), [10**9]]).reshape(items_shape)
+    users = rng.choice(served.truth["user"][0], 2 * bags)
+    offsets = [0, 0, *range(2, 2 * bags, 2)][:bags]
+    expected_items = served.expected("item", items.reshape(-1)).reshape(*items_shape, 8)
+    expected_users = _bags(served.expected("user", users), offsets, "sum", np.ones(len(users)))
+    return (torch.from_numpy(items), torch.from_numpy(users), torch.tensor(offsets)), (expected_items, expected_users)
+
+
+def _assert_outputs(got: tuple[torch.Tensor, torch.Tensor], expected: tuple[np.ndarray, np.ndarray]) -> None:
+    assert got[0].shape == expected[0].shape and got[1].shape == expected[1].shape
+    np.testing.assert_array_equal(got[0].numpy(), expected[0])
+    np.testing.assert_allclose(got[1].numpy(), expected[1], rtol=1e-5, atol=1e-5)
+
+
+def _export(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """torch.export with every dimension dynamic (items 2-D, users and offsets 1-D)."""
+    dim = torch.export.Dim.AUTO
+    return torch.export.export(model, example, dynamic_shapes=({0: dim, 1: dim}, {0: dim}, {0: dim}))
+
+
+def test_trace_script_compile_and_export_record_the_lookup_not_its_result(served: ServedModel) -> None:
+    model = _TwoTables(served.target)
+    example, _ = _two_table_inputs(served, seed=1, items_shape=(2, 3), bags=3)
+    traced = torch.jit.trace(model, example)
+    assert "hps::lookup(" in str(traced.item.graph) and "hps::lookup_combined(" in str(traced.user.graph)
+    scripted = torch.jit.script(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    exported = _export(model, example).module()
+    for seed, shape, bags in ((2, (4, 5), 5), (3, (7,), 2)):  # new keys, new shapes, new bag counts
+        inputs, expected = _two_table_inputs(served, seed, shape, bags)
+        exports = [exported] if len(shape) == 2 else []  # an exported program keeps its inputs' ranks
+        for module in [traced, scripted, compiled, *exports]:
+            _assert_outputs(module(*inputs), expected)
+    # Inside TorchScript a server error is a RuntimeError carrying the server's message.
+    with pytest.raises(RuntimeError, match="no model 'nope'"):
+        torch.jit.script(LookupLayer(model_name="nope", table_id=0, emb_vec_size=8, address=served.target))(
+            torch.tensor([1])
+        )
+
+
+def test_saved_modules_keep_calling_the_server_in_another_process_with_no_token_inside(
+    secured: SecuredModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+    model = _TwoTables(secured.target, tls=tls, token=READER)
+    example, _ = _two_table_inputs(secured, seed=4, items_shape=(2, 2), bags=2)
+    inputs, expected = _two_table_inputs(secured, seed=5, items_shape=(3, 4), bags=4)
+    traced, scripted, exported = torch.jit.trace(model, example), torch.jit.script(model), _export(model, example)
+    for module in (traced, scripted, exported.module()):
+        _assert_outputs(module(*inputs), expected)  # in this process: the layers' own token
+    traced.save(tmp_path / "traced.pt")
+    scripted.save(tmp_path / "scripted.pt")
+    torch.export.save(exported, tmp_path / "exported.pt2")
+    paths = [str(tmp_path / name) for name in ("traced.pt", "scripted.pt", "exported.pt2")]
+    for path in paths:
+        with zipfile.ZipFile(path) as archive:
+            assert not any(READER.encode() in archive.read(member) for member in archive.namelist())
+    torch.save(inputs, tmp_path / "inputs.pt")
+    # Another process: the ops come with `import hps_client.torch`, the TLS files with the saved module, the
+    # token from HPS_TOKEN.
+    script = (
+        "import sys, torch, hps_client.torch\n"
+        "inputs = torch.load(sys.argv[1])\n"
+        "for path in sys.argv[2:]:\n"
+        "    model = torch.export.load(path).module() if path.endswith('.pt2') else torch.jit.load(path)\n"
+        "    torch.save(model(*inputs), path + '.out')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "inputs.pt"), *paths],
+        env={**os.environ, TOKEN_ENV: READER},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for path in paths:
+        _assert_outputs(torch.load(path + ".out"), expected)
