@@ -350,7 +350,7 @@ class HostedModels:
             for name, session in self.sessions.items()
             for table in session.tables.values()
             if table.l1 is not None
-            for cache in table.l1.caches
+            for cache in table.l1.device_caches()
         ]
 
     def level_occupancy(self) -> list[LevelOccupancy]:

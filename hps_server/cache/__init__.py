@@ -49,6 +49,10 @@ class TableL1:
         """This table's hits, misses, rows and capacity, summed over its devices."""
         return CacheStats.total(cache.table_stats()[self.index] for cache in self.caches)
 
+    def device_caches(self) -> tuple[EmbeddingCache, ...]:
+        """The cache on each device holding the table: a sharded cache's shards (sharded.py), else `caches`."""
+        return tuple(part for cache in self.caches for part in getattr(cache, "shards", (cache,)))
+
 
 class EmbeddingCache(Protocol):
     """A bounded key -> vector cache of one or several tables (same dim) on one device; safe to call from
