@@ -205,6 +205,9 @@ def test_server_serves_a_sharded_model_exactly_and_upserts_reach_its_shards(tmp_
         assert l1 is not None
         (cache,) = l1.caches
         assert isinstance(cache, ShardedCache) and all(s.table_stats()[l1.index].rows > 1_000 for s in cache.shards)
+        occupancy = [o for o in server.models.cache_occupancy() if o.table == "user"]
+        assert sorted(o.device for o in occupancy) == ["host:0", "host:1"]  # one series per shard
+        assert sum(o.stats.rows for o in occupancy) == cache.table_stats()[l1.index].rows
         keys, vectors = truth["user"]
         with Client(f"127.0.0.1:{port}") as client:
             asked = np.concatenate([keys[:200], [10**7], keys[:50]])  # a key no table has, repeats
