@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,8 +22,6 @@ from hps_server.storage.base import as_keys, as_vectors
 # Mixed into each key with its table before hashing, so a shard is not a function of the key's set hash
 # (mix(key) alone): the keys of one shard still spread over all of the shard's sets.
 _ROUTE_SEED = np.uint64(0x9E3779B97F4A7C15)
-
-Result = TypeVar("Result")
 
 
 def shard_of(keys: np.ndarray, tables: np.ndarray, shards: int) -> np.ndarray:
@@ -70,17 +67,20 @@ class ShardedCache:
         self.capacity = sum(self.capacities)
         self._pool = concurrent.futures.ThreadPoolExecutor(len(shards) - 1, "hps-l1-shard") if len(shards) > 1 else None
 
-    def _each(
-        self, route: Route, call: Callable[[EmbeddingCache, np.ndarray], Result]
-    ) -> list[tuple[np.ndarray, Result]]:
-        """(positions, call(shard, positions)) for every shard given keys; the first in this thread."""
+    def _each(self, route: Route, call: Callable[[EmbeddingCache, np.ndarray], None]) -> None:
+        """call(shard, its batch positions) for every shard given keys, at the same time; the first in this thread."""
         asked = [(shard, route.positions(i)) for i, shard in enumerate(self.shards)]
         asked = [(shard, positions) for shard, positions in asked if positions.size]
         if self._pool is None or len(asked) < 2:
-            return [(positions, call(shard, positions)) for shard, positions in asked]
-        later = [(positions, self._pool.submit(call, shard, positions)) for shard, positions in asked[1:]]
-        here = call(asked[0][0], asked[0][1])
-        return [(asked[0][1], here), *((positions, future.result()) for positions, future in later)]
+            for shard, positions in asked:
+                call(shard, positions)
+            return
+        later = [self._pool.submit(call, shard, positions) for shard, positions in asked[1:]]
+        try:
+            call(*asked[0])
+        finally:
+            for future in later:
+                future.result()
 
     # ------------------------------------------------------------ lookups
 
@@ -93,12 +93,13 @@ class ShardedCache:
         vectors = np.empty((keys.size, self.dim), out)
         hit = np.empty(keys.size, bool)
         route = Route.of(keys, tables, len(self.shards))
-        # Every position belongs to exactly one shard, whose reply (zero rows for misses) fills it.
-        for positions, (rows, found) in self._each(
-            route, lambda shard, at: shard.query(keys[at], tables[at], dtype=out)
-        ):
-            vectors[positions] = rows
-            hit[positions] = found
+
+        def answer(shard: EmbeddingCache, at: np.ndarray) -> None:
+            # Every position belongs to exactly one shard, whose reply (zero rows for misses) fills it; each
+            # shard's thread copies its own rows in (NumPy lets go of the GIL there), so copies overlap.
+            vectors[at], hit[at] = shard.query(keys[at], tables[at], dtype=out)
+
+        self._each(route, answer)
         return vectors, hit
 
     # ------------------------------------------------------------ writes
