@@ -298,7 +298,12 @@ def _devices_main(args: argparse.Namespace, name: str, available: int, capacity:
         "device": name,
         "gpus": available,
         "cache_rows_per_gpu": capacity,
-        "sharded_2gpu_vs_1gpu": by_count[2]["sharded_vs_1gpu"] if 2 in by_count else None,
+        **{
+            f"sharded_2gpu_{gather}_gather_vs_1gpu": by_count[2][f"sharded_{gather}_gather_vs_1gpu"]
+            if 2 in by_count
+            else None
+            for gather in cache_devices.GATHERS
+        },
         "replicated_2gpu_vs_1gpu_2_streams": by_count[2]["replicated_vs_1gpu_same_streams"] if 2 in by_count else None,
         "static_wrong_vectors": static["wrong_vectors"],
     }

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from hps_server.cache import EmbeddingCache
-from hps_server.cache.sharded import ShardedCache, split_rows
+from hps_server.cache.sharded import Gather, ShardedCache, split_rows
 
 DIM = 128
 BATCH = 1 << 20
+GATHERS: tuple[Gather, ...] = ("host", "device")  # ShardedCache's ways of gathering a reply
 
 
 def device_counts(available: int, asked: str) -> list[int]:
@@ -68,8 +69,8 @@ def _filled(cache: EmbeddingCache, keys: np.ndarray, rng: np.random.Generator) -
 
 
 def query_rows(counts: Sequence[int], capacity: int, repeats: int) -> list[dict[str, Any]]:
-    """Sharded (one stream) and replicated (one stream per device, at least two) keys/s per device count, and
-    the baseline: one plain cache on GPU 0 serving one stream and the same numbers of streams."""
+    """Sharded (one stream, each way of gathering) and replicated (one stream per device, at least two) keys/s per
+    device count, and the baseline: one plain cache on GPU 0 serving one stream and the same numbers of streams."""
     from hps_server.cache.gpu import GpuEmbeddingCache
 
     rng = np.random.default_rng(0)
@@ -91,8 +92,13 @@ def query_rows(counts: Sequence[int], capacity: int, repeats: int) -> list[dict[
         _filled(sharded, mine, rng)
         held_here = sharded.dump()[0]
         keys = held_here[rng.integers(0, held_here.size, size=BATCH)]
-        assert bool(sharded.query(keys)[1].all()), "every key queried is held by its shard"
-        sharded_rate = BATCH / _per_call(partial(sharded.query, keys), repeats)
+        sharded_rates = {}
+        for gather in GATHERS:
+            shards = ShardedCache(sharded.shards, gather=gather)
+            vectors, hit = shards.query(keys)
+            assert bool(hit.all()), "every key queried is held by its shard"
+            sharded_rates[gather] = BATCH / _per_call(partial(shards.query, keys), repeats)
+            del shards, vectors, hit
         del sharded
         replicas = [GpuEmbeddingCache(capacity, DIM, device=d) for d in range(count)]
         for replica in replicas:
@@ -107,8 +113,8 @@ def query_rows(counts: Sequence[int], capacity: int, repeats: int) -> list[dict[
                 "devices": count,
                 "batch": BATCH,
                 "dim": DIM,
-                "sharded_Mkeys_s": sharded_rate / 1e6,
-                "sharded_vs_1gpu": sharded_rate / single[1],
+                **{f"sharded_{g}_gather_Mkeys_s": rate / 1e6 for g, rate in sharded_rates.items()},
+                **{f"sharded_{g}_gather_vs_1gpu": rate / single[1] for g, rate in sharded_rates.items()},
                 "replicated_streams": streams,
                 "replicated_Mkeys_s": replicated_rate / 1e6,
                 "replicated_vs_1gpu_same_streams": replicated_rate / single[streams],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -50,16 +51,29 @@ class Route:
         return self.order[self.bounds[shard] : self.bounds[shard + 1]]
 
 
+Gather = Literal["host", "device"]
+
+
 class ShardedCache:
     """One EmbeddingCache over several shards of the same tables and dim, one per device; thread-safe as its
-    shards are. Shards with keys in a call are asked concurrently (a thread per extra shard)."""
+    shards are. Shards with keys in a call are asked concurrently (a thread per extra shard).
 
-    def __init__(self, shards: Sequence[EmbeddingCache]) -> None:
+    gather: how a query's rows reach the one reply. host: each shard replies into its own pinned buffer
+    and its thread copies the rows into place; device (GPU shards only, gpu_gather.py): each shard's
+    device writes its rows into place in the pinned reply itself. `hps bench cache --devices` measures both.
+    """
+
+    def __init__(self, shards: Sequence[EmbeddingCache], gather: Gather = "host") -> None:
         if not shards:
             raise ValueError("shards: needs at least one shard")
         first = shards[0]
         if any(s.dim != first.dim or s.num_tables != first.num_tables for s in shards):
             raise ValueError("shards: must all hold the same number of tables of the same dim")
+        if gather not in ("host", "device"):
+            raise ValueError(f"gather: must be host or device, got {gather!r}")
+        if gather == "device" and not all(hasattr(s, "query_device") for s in shards):
+            raise ValueError("gather: device needs GPU shards (a query_device on each)")
+        self.gather = gather
         self.shards = tuple(shards)
         self.dim = first.dim
         self.num_tables = first.num_tables
@@ -90,9 +104,15 @@ class ShardedCache:
         keys = as_keys(keys)
         tables = as_tables(tables, keys.size, self.num_tables)
         out = check_dtype(dtype)
+        route = Route.of(keys, tables, len(self.shards))
+        if self.gather == "device" and keys.size:
+            from hps_server.cache import gpu_gather
+
+            reply = gpu_gather.MappedReply(keys.size, self.dim, out)
+            self._each(route, lambda shard, at: gpu_gather.query_into(shard, reply, keys, tables, at))
+            return reply.vectors, reply.hit
         vectors = np.empty((keys.size, self.dim), out)
         hit = np.empty(keys.size, bool)
-        route = Route.of(keys, tables, len(self.shards))
 
         def answer(shard: EmbeddingCache, at: np.ndarray) -> None:
             # Every position belongs to exactly one shard, whose reply (zero rows for misses) fills it; each

@@ -14,7 +14,7 @@ import pytest
 from hps_client import Client
 from hps_server import config as config_module
 from hps_server.cache.reference import ReferenceEmbeddingCache, ReferenceStaticTable
-from hps_server.cache.sharded import ShardedCache, split_rows
+from hps_server.cache.sharded import Gather, ShardedCache, split_rows
 from hps_server.server import HpsServer
 from tests.conftest import sample_raw_config, write_sample_tables
 
@@ -40,10 +40,11 @@ def _rows(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.standard_normal((n, DIM), dtype=np.float32)
 
 
-def test_gpu_shards_match_reference_shards_op_for_op() -> None:
+@pytest.mark.parametrize("gather", ["host", "device"])
+def test_gpu_shards_match_reference_shards_op_for_op(gather: Gather) -> None:
     rng = np.random.default_rng(0)
     capacities = [2_048, 256]
-    gpu = ShardedCache([GpuEmbeddingCache(capacities, DIM, device=d) for d in DEVICES])
+    gpu = ShardedCache([GpuEmbeddingCache(capacities, DIM, device=d) for d in DEVICES], gather=gather)
     ref = ShardedCache([ReferenceEmbeddingCache(capacities, DIM) for _ in DEVICES])
     for step in range(8):
         keys = rng.integers(0, 20_000, size=3_000)
@@ -67,7 +68,8 @@ def test_gpu_shards_match_reference_shards_op_for_op() -> None:
     assert gpu.table_stats() == ref.table_stats()
 
 
-def test_gpu_sharded_static_table_serves_every_row_with_no_wrong_vector() -> None:
+@pytest.mark.parametrize("gather", ["host", "device"])
+def test_gpu_sharded_static_table_serves_every_row_with_no_wrong_vector(gather: Gather) -> None:
     rng = np.random.default_rng(1)
     keys = rng.choice(10**9, size=200_000, replace=False).astype(np.int64)
     vectors = _rows(rng, keys.size)
@@ -76,7 +78,8 @@ def test_gpu_sharded_static_table_serves_every_row_with_no_wrong_vector() -> Non
         [
             GpuStaticTable(k, v, tables=t, num_tables=1, device=d)
             for (k, v, t), d in zip(split_rows(keys, vectors, tables, len(DEVICES)), DEVICES, strict=True)
-        ]
+        ],
+        gather=gather,
     )
     whole = ReferenceStaticTable(keys, vectors)
     assert gpu.capacity == keys.size

@@ -153,6 +153,10 @@ def test_shards_must_agree_and_bad_arguments_name_the_field() -> None:
         ShardedCache([])
     with pytest.raises(ValueError, match="shards"):
         ShardedCache([ReferenceEmbeddingCache(64, 4), ReferenceEmbeddingCache(64, 5)])
+    with pytest.raises(ValueError, match="gather: must be host or device"):
+        ShardedCache([ReferenceEmbeddingCache(64, 4)], gather="peer")  # type: ignore[arg-type]  # a bad value on purpose
+    with pytest.raises(ValueError, match="gather: device needs GPU shards"):
+        ShardedCache([ReferenceEmbeddingCache(64, 4)], gather="device")
     cache = ShardedCache([ReferenceEmbeddingCache([64, 64], 4) for _ in range(2)])
     with pytest.raises(ValueError, match="tables"):
         cache.query(np.arange(3), np.array([0, 2, 1]))
