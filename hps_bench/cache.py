@@ -305,7 +305,8 @@ def _devices_main(args: argparse.Namespace, name: str, available: int, capacity:
             for gather in cache_devices.GATHERS
         },
         "replicated_2gpu_vs_1gpu_2_streams": by_count[2]["replicated_vs_1gpu_same_streams"] if 2 in by_count else None,
-        "static_wrong_vectors": static["wrong_vectors"],
+        "static_wrong_vectors": sum(static[f"{gather}_gather_wrong_vectors"] for gather in cache_devices.GATHERS),
+        "static_missed": sum(static[f"{gather}_gather_missed"] for gather in cache_devices.GATHERS),
     }
     if args.json:
         emit("cache devices", [], True, {**summary, "query": queries, "static": static})
@@ -316,8 +317,13 @@ def _devices_main(args: argparse.Namespace, name: str, available: int, capacity:
             False,
             summary,
         )
-        emit("Sharded static table of twice one GPU's budget: every row queried", [static], False)
-    return 0 if static["wrong_vectors"] == 0 and static["missed"] == 0 else 1
+        count = static["devices"]
+        emit(
+            f"Sharded static table of {count} x one GPU's budget over {count} GPU(s): every row queried",
+            [static],
+            False,
+        )
+    return 0 if summary["static_wrong_vectors"] == 0 and summary["static_missed"] == 0 else 1
 
 
 if __name__ == "__main__":

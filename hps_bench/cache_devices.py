@@ -124,26 +124,28 @@ def query_rows(counts: Sequence[int], capacity: int, repeats: int) -> list[dict[
 
 
 def static_check(count: int, budget_rows: int) -> dict[str, Any]:
-    """A static table of `count` x budget_rows rows sharded over `count` GPUs: every row queried, wrong vectors
-    counted against the rows written."""
+    """A static table of `count` x budget_rows rows sharded over `count` GPUs: every row queried with each way of
+    gathering, misses and wrong vectors counted against the rows written."""
     from hps_server.cache.gpu import GpuStaticTable
 
     rng = np.random.default_rng(1)
     keys = rng.choice(2**62, size=count * budget_rows, replace=False).astype(np.int64)
     vectors = rng.standard_normal((keys.size, DIM), dtype=np.float32)
     parts = split_rows(keys, vectors, np.zeros(keys.size, np.int32), count)
-    table = ShardedCache([GpuStaticTable(k, v, tables=t, num_tables=1, device=d) for d, (k, v, t) in enumerate(parts)])
+    shards = [GpuStaticTable(k, v, tables=t, num_tables=1, device=d) for d, (k, v, t) in enumerate(parts)]
     del parts
-    wrong = missed = 0
-    for start in range(0, keys.size, BATCH):
-        got, hit = table.query(keys[start : start + BATCH])
-        missed += int((~hit).sum())
-        wrong += int(np.count_nonzero(np.any(got != vectors[start : start + BATCH], axis=1)))
-    return {
+    found: dict[str, Any] = {
         "devices": count,
         "rows": int(keys.size),
         "rows_per_gpu_budget": budget_rows,
-        "largest_shard_rows": max(s.capacity for s in table.shards),
-        "missed": missed,
-        "wrong_vectors": wrong,
+        "largest_shard_rows": max(s.capacity for s in shards),
     }
+    for gather in GATHERS:
+        table = ShardedCache(shards, gather=gather)
+        wrong = missed = 0
+        for start in range(0, keys.size, BATCH):
+            got, hit = table.query(keys[start : start + BATCH])
+            missed += int((~hit).sum())
+            wrong += int(np.count_nonzero(np.any(got != vectors[start : start + BATCH], axis=1)))
+        found[f"{gather}_gather_missed"], found[f"{gather}_gather_wrong_vectors"] = missed, wrong
+    return found

@@ -241,10 +241,10 @@ class ModelConfig:
     gpucacheper: float = 0.5
     # Above this L1 hit rate, rows fetched from lower levels are inserted into L1 in the background.
     hit_rate_threshold: float = 0.9
-    # GPUs that each hold a cache of this model; requests are spread over them.
+    # GPUs holding this model's L1, each named once (how: gpu_placement).
     deployed_device_list: tuple[int, ...] = (0,)
-    # How L1 uses deployed_device_list: replicated (every device holds a whole cache of the model) or
-    # sharded (each table's rows split over the devices by a hash of the key, so L1 holds their sum).
+    # replicated: every device holds a whole cache of the model, requests are spread over them;
+    # sharded: each table's rows are split over the devices by a hash of the key, so L1 holds their sum.
     gpu_placement: GpuPlacement = "replicated"
     # Hold whole tables on the GPU (hash probe + gather) instead of a cache.
     use_static_table: bool = False
