@@ -40,7 +40,8 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class TableL1:
-    """Where a table lives in L1: the caches holding it (one per device) and its table index inside them."""
+    """Where a table lives in L1: the caches holding it (one per device; sharded: one ShardedCache over them) and
+    its table index inside them."""
 
     caches: tuple[EmbeddingCache, ...]
     index: int = 0
