@@ -1,4 +1,5 @@
-"""Benchmark of the GPU embedding cache: query and replace throughput, and hit rate under Zipf traffic.
+"""Benchmark of the GPU embedding cache: query and replace throughput, and hit rate under Zipf traffic
+(--devices: over several GPUs, replicated and sharded, see cache_devices.py).
 
 Query, static-table and replace speeds are stated against a raw random-row gather of as many rows of the
 same dim in the same run (the physical ceiling: each moves a batch's rows once in and once out); the
@@ -292,17 +293,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--plot", type=Path, default=Path("cache-hit-rate.png"), help="where the hit-rate PNG goes")
     parser.add_argument("--quick", action="store_true", help="smaller tables and fewer repeats (a smoke run)")
+    parser.add_argument(
+        "--devices",
+        help="instead: replicated and sharded query throughput over 1, 2, 4 ... GPUs ('all' or the most to use)",
+    )
+    parser.add_argument(
+        "--budget-rows",
+        type=int,
+        help="with --devices: one GPU's L1 budget in rows; the sharded static check holds twice that on 2 GPUs",
+    )
     args = parser.parse_args(argv)
+    if args.devices is not None and args.devices != "all" and not (args.devices.isdigit() and int(args.devices) >= 1):
+        parser.error(f"--devices: must be 'all' or a number of GPUs (1 or more), got {args.devices!r}")
     try:
         import cupy as cp
 
         device = cp.cuda.Device(0)
         name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        count = cp.cuda.runtime.getDeviceCount()
     except Exception as e:  # no CuPy, driver or device
-        print(f"hps bench cache needs an NVIDIA GPU with CuPy: {e}", file=sys.stderr)
+        print(f"hps bench cache needs an NVIDIA GPU with CuPy, and none is usable here: {e}", file=sys.stderr)
         return 2
     capacity = 1 << (20 if args.quick else 23)
     repeats = 5 if args.quick else 20
+    if args.devices is not None:
+        return _devices_main(args, name, count, capacity, repeats)
     zipf_total = ZIPF_ROWS // 10 if args.quick else ZIPF_ROWS
     with device:
         queries = query_rows(cp, capacity, repeats)
@@ -332,6 +347,45 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"L1 hit rate, Zipf keys over {zipf_total:,} rows, {ZIPF_BATCH:,}-key lookups", hit_rates, False)
         emit("Lookup RPCs (one client thread, Zipf 1.2 keys) with the GPU L1 against the NumPy L1", rpcs, False)
     return 0 if math.isfinite(best) else 1
+
+
+def _devices_main(args: argparse.Namespace, name: str, available: int, capacity: int, repeats: int) -> int:
+    from hps_bench import cache_devices
+
+    counts = cache_devices.device_counts(available, args.devices)
+    queries = cache_devices.query_rows(counts, capacity, repeats)
+    static = cache_devices.static_check(min(2, counts[-1]), args.budget_rows or capacity)
+    by_count = {row["devices"]: row for row in queries}
+    summary = {
+        "device": name,
+        "gpus": available,
+        "cache_rows_per_gpu": capacity,
+        **{
+            f"sharded_2gpu_{gather}_gather_vs_1gpu": by_count[2][f"sharded_{gather}_gather_vs_1gpu"]
+            if 2 in by_count
+            else None
+            for gather in cache_devices.GATHERS
+        },
+        "replicated_2gpu_vs_1gpu_2_streams": by_count[2]["replicated_vs_1gpu_same_streams"] if 2 in by_count else None,
+        "static_wrong_vectors": sum(static[f"{gather}_gather_wrong_vectors"] for gather in cache_devices.GATHERS),
+        "static_missed": sum(static[f"{gather}_gather_missed"] for gather in cache_devices.GATHERS),
+    }
+    if args.json:
+        emit("cache devices", [], True, {**summary, "query": queries, "static": static})
+    else:
+        emit(
+            f"L1 query, {cache_devices.BATCH:,}-key batches dim {cache_devices.DIM}, over devices",
+            queries,
+            False,
+            summary,
+        )
+        count = static["devices"]
+        emit(
+            f"Sharded static table of {count} x one GPU's budget over {count} GPU(s): every row queried",
+            [static],
+            False,
+        )
+    return 0 if summary["static_wrong_vectors"] == 0 and summary["static_missed"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ OverflowPolicy = Literal["evict_oldest", "evict_random"]
 VolatileType = Literal["hash_map", "redis_cluster", "disabled"]
 PersistentType = Literal["rocksdb", "disabled"]
 CacheDtype = Literal["float32", "float16"]
+GpuPlacement = Literal["replicated", "sharded"]
 
 
 # Environment variable that, when set, replaces volatile_db.password.
@@ -240,8 +241,11 @@ class ModelConfig:
     gpucacheper: float = 0.5
     # Above this L1 hit rate, rows fetched from lower levels are inserted into L1 in the background.
     hit_rate_threshold: float = 0.9
-    # GPUs that each hold a cache of this model; requests are spread over them.
+    # GPUs holding this model's L1, each named once (how: gpu_placement).
     deployed_device_list: tuple[int, ...] = (0,)
+    # replicated: every device holds a whole cache of the model, requests are spread over them;
+    # sharded: each table's rows are split over the devices by a hash of the key, so L1 holds their sum.
+    gpu_placement: GpuPlacement = "replicated"
     # Hold whole tables on the GPU (hash probe + gather) instead of a cache.
     use_static_table: bool = False
     # Above hit_rate_threshold, answer L1 misses with the default vector while the true rows are
@@ -413,6 +417,8 @@ def _devices(value: Any, name: str) -> tuple[int, ...]:
     devices = tuple(_int(0)(v, f"{name}[{i}]") for i, v in enumerate(_list(value, name)))
     if not devices:
         raise ConfigError(f"{name}: must name at least one device")
+    if len(set(devices)) != len(devices):
+        raise ConfigError(f"{name}: must not name a device twice, got {list(devices)}")
     return devices
 
 
@@ -626,6 +632,7 @@ _MODEL_OPTIONS = {
     "use_static_table",
     "answer_misses_with_default",
     "gpucache_dtype",
+    "gpu_placement",
 }
 _MODEL_KEYS = {"name", "tables"} | _MODEL_OPTIONS
 _TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample", "version"}
@@ -648,6 +655,7 @@ def _model_options(s: _Section, name: str, tables: tuple[TableConfig, ...], extr
         gpucacheper=s.get("gpucacheper", d.gpucacheper, _float(0, 1)),
         hit_rate_threshold=s.get("hit_rate_threshold", d.hit_rate_threshold, _float(0, 1)),
         deployed_device_list=s.get("deployed_device_list", d.deployed_device_list, _devices),
+        gpu_placement=s.get("gpu_placement", d.gpu_placement, _choice("replicated", "sharded")),
         use_static_table=s.get("use_static_table", d.use_static_table, _bool),
         answer_misses_with_default=s.get("answer_misses_with_default", d.answer_misses_with_default, _bool),
         gpucache_dtype=s.get("gpucache_dtype", d.gpucache_dtype, _choice("float32", "float16")),

@@ -338,19 +338,21 @@ class HostedModels:
         self.handover.retire(session, start)
 
     def cache_occupancy(self) -> list[CacheOccupancy]:
-        """Every L1 cache of every model, with the device it lives on."""
+        """Every L1 cache of every model (each shard of a sharded one), with the device it lives on: its GPU, or
+        `host` (`host:<shard>` for the reference shards of a sharded model without GPUs)."""
         return [
             CacheOccupancy(
                 name,
                 table.name,
-                str(getattr(cache, "device", "host")),
+                str(getattr(cache, "device", "host" if len(caches) == 1 else f"host:{shard}")),
                 cache.table_stats()[table.l1.index],
                 row_bytes=4 * table.dim,
             )
             for name, session in self.sessions.items()
             for table in session.tables.values()
             if table.l1 is not None
-            for cache in table.l1.caches
+            for caches in (table.l1.device_caches(),)
+            for shard, cache in enumerate(caches)
         ]
 
     def level_occupancy(self) -> list[LevelOccupancy]:

@@ -40,7 +40,8 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class TableL1:
-    """Where a table lives in L1: the caches holding it (one per device) and its table index inside them."""
+    """Where a table lives in L1: the caches holding it (one per device; sharded: one ShardedCache over them) and
+    its table index inside them."""
 
     caches: tuple[EmbeddingCache, ...]
     index: int = 0
@@ -48,6 +49,10 @@ class TableL1:
     def stats(self) -> CacheStats:
         """This table's hits, misses, rows and capacity, summed over its devices."""
         return CacheStats.total(cache.table_stats()[self.index] for cache in self.caches)
+
+    def device_caches(self) -> tuple[EmbeddingCache, ...]:
+        """The cache on each device holding the table: a sharded cache's shards (sharded.py), else `caches`."""
+        return tuple(part for cache in self.caches for part in getattr(cache, "shards", (cache,)))
 
 
 class EmbeddingCache(Protocol):

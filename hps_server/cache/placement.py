@@ -1,8 +1,8 @@
 """Builds a model's L1 from its config: per vector width, one cache (or static table) per device holding all of
-the model's tables of that width (warmup.py fills them).
+the model's tables of that width (replicated), or one shard of them per device behind a ShardedCache (sharded).
 
 The CUDA implementation where CuPy sees every device in deployed_device_list, the NumPy reference
-otherwise. It reads the storage levels once, at start, and never serves lookups itself.
+otherwise. It reads the storage levels once, at start, and never serves lookups itself (warmup.py fills them).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from hps_server.cache import EmbeddingCache, TableL1
 from hps_server.cache.layout import MAX_WAYS
 from hps_server.cache.reference import ReferenceEmbeddingCache, ReferenceStaticTable
+from hps_server.cache.sharded import ShardedCache, split_rows
 from hps_server.config import ModelConfig, TableConfig
 from hps_server.storage.base import StorageLevel
 
@@ -44,16 +45,21 @@ def build_caches(
     """Each table's place in L1 ({} when gpucache is off): the model's tables of one dim share one cache
     per device in deployed_device_list, so a request's tables are answered in one call (one launch).
 
-    Without GPUs there is one reference cache per dim: splitting host memory between pretend devices
-    would only lower the hit rate. Static tables are loaded whole from the lowest level. `shared` gives
-    the GPU caches (not static tables) of a worker group, one per device for all its processes.
+    Without GPUs a replicated model has one reference cache per dim: splitting host memory between pretend
+    devices would only lower the hit rate; a sharded one has a reference shard per listed device, routed
+    as the GPU shards would be. Static tables are loaded whole from the lowest level (split by the same
+    route when sharded). `shared` gives the GPU caches (not static tables) of a worker group, one per
+    device for all its processes. Sharded, each shard holds 1/N of the table's L1 capacity (rounded up).
     """
     if not model.gpucache or not levels:
         return {}
     on_gpu = gpus_available(model.deployed_device_list)
     if not on_gpu:
         log.info("model %s: no usable GPU among %s, L1 is the NumPy reference", model.name, model.deployed_device_list)
-    devices: Sequence[int | None] = model.deployed_device_list if on_gpu else (None,)
+    sharded = model.gpu_placement == "sharded"
+    devices: Sequence[int | None] = (
+        model.deployed_device_list if on_gpu else (None,) * (len(model.deployed_device_list) if sharded else 1)
+    )
     by_dim: dict[int, list[TableConfig]] = {}
     for table in model.tables:
         by_dim.setdefault(table.dim, []).append(table)
@@ -61,27 +67,35 @@ def build_caches(
     for dim, tables in by_dim.items():
         names = [model.storage_name(table) for table in tables]
         if model.use_static_table:
-            keys, vectors, table_of = _all_rows(levels[-1], names, dim)
-            caches = tuple(_static(keys, vectors, table_of, len(tables), model.gpucache_dtype, d) for d in devices)
+            rows = _all_rows(levels[-1], names, dim)
+            parts = split_rows(*rows, len(devices)) if sharded else [rows] * len(devices)
+            caches: tuple[EmbeddingCache, ...] = tuple(
+                _static(*part, len(tables), model.gpucache_dtype, d) for part, d in zip(parts, devices, strict=True)
+            )
         else:
             capacities = [
                 _capacity(model, table, levels[-1].size(name)) for table, name in zip(tables, names, strict=True)
             ]
+            if sharded:
+                capacities = [math.ceil(capacity / len(devices)) for capacity in capacities]
             caches = tuple(
                 shared.cache(model.name, capacities, dim, model.gpucache_dtype, device)
                 if shared is not None and device is not None
                 else _cache(capacities, dim, model.gpucache_dtype, device)
                 for device in devices
             )
+        if sharded:
+            caches = (ShardedCache(caches),)
         for index, table in enumerate(tables):
             placed[table.name] = TableL1(caches, index)
         log.info(
-            "model %s: L1 for %d tables of dim %d holds %s rows on %s%s",
+            "model %s: L1 for %d tables of dim %d holds %s rows on %s%s%s",
             model.name,
             len(tables),
             dim,
             caches[0].capacities,
             f"GPUs {list(model.deployed_device_list)}" if on_gpu else "the host",
+            f" (sharded over {len(devices)})" if sharded else "",
             " (static: whole tables)" if model.use_static_table else "",
         )
     return placed
