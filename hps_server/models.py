@@ -18,6 +18,7 @@ from hps_server.config import Config, ModelConfig, shown
 from hps_server.metrics import CacheOccupancy, ServerMetrics
 from hps_server.session import LookupSession
 from hps_server.storage.base import StorageError, StorageLevel
+from hps_server.updates import UpdateFeed
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class HostedModels:
     volatile: StorageLevel | None
     persistent: StorageLevel | None
     sessions: dict[str, LookupSession]
+    # The update stream shared with the other replicas (and a trainer's feed), when one is configured.
+    updates: UpdateFeed | None = None
 
     @classmethod
     def open(
@@ -84,7 +87,11 @@ class HostedModels:
                 if level is not None:
                     level.close()
             raise
-        return cls(config, volatile, persistent, sessions)
+        updates = None
+        if config.updates.stream_address(config.volatile_db):
+            updates = UpdateFeed(config.updates, config.volatile_db, sessions, metrics)
+            updates.start()
+        return cls(config, volatile, persistent, sessions, updates)
 
     def session(self, model: str) -> LookupSession:
         """The model's session; KeyError naming the model when it is not hosted."""
@@ -119,7 +126,10 @@ class HostedModels:
         )
 
     def close(self) -> None:
-        """Closes the sessions, then every level even when one fails; raises the first level's StorageError."""
+        """Stops the update stream, closes the sessions, then every level even when one fails; raises the
+        first level's StorageError."""
+        if self.updates is not None:
+            self.updates.close()
         for session in self.sessions.values():
             session.close()
         failures = []

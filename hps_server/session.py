@@ -24,6 +24,7 @@ from hps_server.config import ModelConfig, TableConfig, shown
 from hps_server.log_limits import RateLimitedWarning
 from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, ServerMetrics
 from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
+from hps_wire.update_message import Op
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ class TableLookup:
 
 Outcome = TableLookup | StorageError
 """What a batch gives each query: its vectors, or the storage error that stopped it (the others stand)."""
+
+Announce = Callable[[str, str, Op, np.ndarray, np.ndarray | None, bool], None]
+"""Called with (model, table, op, keys, vectors or None, whether every shared level took it) once a write is
+acknowledged, under the table's lock."""
 
 
 class _Batch:
@@ -174,6 +179,10 @@ class LookupSession:
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
         # L1 inserts above hit_rate_threshold run here, off the reply's path.
         self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.has_l1 else None
+        # Prefetches walk down here, one at a time, never on a reply's path.
+        self._prefetch = BackgroundFill(f"hps-prefetch-{model.name}")
+        # Told of every acknowledged Upsert and Delete, in the order they were written (the update stream).
+        self.announce: Announce | None = None
 
     @property
     def name(self) -> str:
@@ -217,9 +226,10 @@ class LookupSession:
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]  # every slot was filled above
 
-    def _walk(self, batch: _Batch, report: bool, through_l1: bool = True) -> list[Outcome]:
+    def _walk(self, batch: _Batch, report: bool, through_l1: bool = True, fill_now: bool = False) -> list[Outcome]:
         """Answers the batch from L1, then the levels below for what missed, then defaults; copies what
-        it fetched into the levels above. report: the walk answers replies, so it is counted."""
+        it fetched into the levels above. report: the walk answers replies, so it is counted; fill_now:
+        L1 takes the rows before the walk returns, whatever the hit rate (a prefetch)."""
         epochs = [table.epoch for table in batch.tables]  # read before any row is
         n = len(batch)
         counts = _PassCounts(self, batch)
@@ -235,7 +245,7 @@ class LookupSession:
             found |= hit
             counts.level(L1_LEVEL, None, hit, time.perf_counter() - started)
             missing = np.flatnonzero(~hit)
-            background = n - len(missing) >= self.model.hit_rate_threshold * n
+            background = not fill_now and n - len(missing) >= self.model.hit_rate_threshold * n
             if background and self.model.answer_misses_with_default and len(missing):
                 vectors[missing] = batch.defaults[batch.table_of[missing], None]
                 counts.defaults(missing)
@@ -316,6 +326,30 @@ class LookupSession:
             self._walk(batch, report=False, through_l1=False)
 
         self._fill.submit(fetch)
+
+    def prefetch(self, queries: Sequence[KeyQuery]) -> bool:
+        """Walks the queries' keys down in the background, so the rows are in L1 (and the levels above the
+        one holding them) for the lookup that follows; returns at once. False when the prefetch backlog is
+        full and the keys were dropped (a prefetch is a hint)."""
+        groups: dict[tuple[int, tuple[EmbeddingCache, ...]], list[KeyQuery]] = {}
+        for query in queries:
+            if len(query.keys):
+                groups.setdefault(query.group, []).append(query)
+        if not groups:
+            return True
+
+        def walk() -> None:
+            for group in groups.values():
+                try:
+                    self._walk(_Batch(group), report=False, fill_now=True)
+                except StorageError as e:
+                    self._warn_unavailable("a storage", "prefetch skipped", e)
+
+        return self._prefetch.submit(walk)
+
+    def wait_prefetched(self, timeout: float | None = None) -> bool:
+        """Blocks until every prefetch submitted so far has run; False on timeout."""
+        return self._prefetch.wait_idle(timeout)
 
     def _pick_cache(self, batch: _Batch) -> EmbeddingCache | None:
         if batch.l1 is None:
@@ -401,11 +435,7 @@ class LookupSession:
         keys = as_keys(keys)
         vectors = as_vectors(vectors, len(keys), table.dim)
         self._require_writable()
-        with self._writing(table, lambda cache, index: cache.update(keys, vectors, _same(index, keys))):
-            for authoritative, level in self._writable_levels():
-                self._write_level(
-                    authoritative, level, "insert", lambda lvl: lvl.insert(table.storage_name, keys, vectors)
-                )
+        self._write(table, "upsert", keys, vectors, announce=True)
         return len(keys)
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
@@ -415,12 +445,86 @@ class LookupSession:
         table = self.table(table_name)
         keys = np.unique(as_keys(keys))
         self._require_writable()
-        removed = 0
-        with self._writing(table, lambda cache, index: cache.invalidate(keys, _same(index, keys))):
+        return self._write(table, "delete", keys, None, announce=True)
+
+    def apply_update(
+        self, table_name: str, op: Op, keys: np.ndarray, vectors: np.ndarray | None, skip_shared: bool
+    ) -> None:
+        """Applies a batch of the update stream like an Upsert or Delete, without announcing it again.
+        skip_shared: another server wrote it into the shared levels already (Redis), so only this server's
+        own levels are written. "drop": every copy of the table's rows here is dropped. The lowest writable
+        level failing raises StorageError (the batch did not reach this server's authority)."""
+        table = self.table(table_name)
+        if op == "drop":
+            self._drop_copies(table)
+            return
+        keys = as_keys(keys)
+        rows = as_vectors(vectors, len(keys), table.dim) if op == "upsert" else None
+        self._write(table, op, keys, rows, announce=False, skip_shared=skip_shared)
+
+    def _write(
+        self,
+        table: ServedTable,
+        op: Op,
+        keys: np.ndarray,
+        vectors: np.ndarray | None,
+        *,
+        announce: bool,
+        skip_shared: bool = False,
+    ) -> int:
+        """An upsert (vectors given) or delete through the writable levels, the authority first, then L1;
+        announced (with whether every shared level took it) before the table's lock is released, so the
+        update stream carries one table's writes in the order they were made. Returns the rows the
+        authority held (delete)."""
+        if vectors is not None:
+            rows = vectors
+
+            def refresh(cache: EmbeddingCache, index: int) -> None:
+                cache.update(keys, rows, _same(index, keys))
+
+            def write(level: StorageLevel) -> int | None:
+                level.insert(table.storage_name, keys, rows)
+                return None
+        else:
+
+            def refresh(cache: EmbeddingCache, index: int) -> None:
+                cache.invalidate(keys, _same(index, keys))
+
+            def write(level: StorageLevel) -> int | None:
+                return level.evict(table.storage_name, keys)
+
+        removed, shared_written = 0, True
+        with self._writing(table, refresh):
             for authoritative, level in self._writable_levels():
-                held = self._write_level(authoritative, level, "evict", lambda lvl: lvl.evict(table.storage_name, keys))
-                removed = held if authoritative else removed
+                if skip_shared and level.shared:
+                    continue
+                held = self._write_level(authoritative, level, "insert" if vectors is not None else "evict", write)
+                if held is None:
+                    shared_written = shared_written and not level.shared
+                elif authoritative:
+                    removed = held
+            if announce and self.announce is not None:
+                self.announce(self.name, table.name, op, keys, vectors, shared_written)
         return removed
+
+    def drop_copies(self) -> None:
+        """Drops every row this server holds copies of (L1, and in-process levels above the lowest), for
+        every table: after update messages may have been missed, rows are read from below again."""
+        for table in self.tables.values():
+            self._drop_copies(table)
+
+    def _drop_copies(self, table: ServedTable) -> None:
+        copies = [level for level in self.levels[:-1] if not level.shared and not level.read_only]
+
+        def drop(cache: EmbeddingCache, index: int) -> None:
+            held = cache.dump(index)[0]
+            cache.invalidate(held, _same(index, held))
+
+        with self._writing(table, drop):
+            for level in copies:
+                chunks = [keys for keys, _ in level.dump(table.storage_name)]
+                if chunks:
+                    level.evict(table.storage_name, np.concatenate(chunks))
 
     def _writable_levels(self) -> Iterator[tuple[bool, StorageLevel]]:
         """(is it the authoritative one, level) for every writable level, lowest (the authority) first."""
@@ -430,9 +534,10 @@ class LookupSession:
 
     def _write_level(
         self, authoritative: bool, level: StorageLevel, operation: str, write: Callable[[StorageLevel], int | None]
-    ) -> int:
-        """Runs one level's share of a write; a level above the authority being unavailable is counted and
-        logged, not raised (the level drops those keys before serving them again)."""
+    ) -> int | None:
+        """Runs one level's share of a write: the rows it held (delete), or None when a level above the
+        authority was unavailable, which is counted and logged, not raised (the level drops those keys before
+        serving them again)."""
         try:
             return write(level) or 0
         except LevelUnavailableError as e:
@@ -441,7 +546,7 @@ class LookupSession:
             self._warn_unavailable(level.kind, "write acknowledged, its keys invalidated there before it is read", e)
             if self.metrics is not None:
                 self.metrics.record_level_failure(level.kind, operation)
-            return 0
+            return None
 
     def insert_if_unchanged(self, table: ServedTable, epoch: int, insert: Callable[[], None]) -> bool:
         """Runs `insert` (a copy of rows into a level above) unless an upsert or delete of the table came
@@ -476,7 +581,8 @@ class LookupSession:
         return {name: table.l1.stats() for name, table in self.tables.items() if table.l1 is not None}
 
     def close(self) -> None:
-        """Runs the L1 fills still queued; call before the levels close."""
+        """Runs the prefetches and L1 fills still queued; call before the levels close."""
+        self._prefetch.close()
         if self._fill is not None:
             self._fill.close()
 

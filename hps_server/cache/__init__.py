@@ -82,6 +82,10 @@ class EmbeddingCache(Protocol):
         """Drops the keys if present."""
         ...
 
+    def dump(self, table: int = 0) -> tuple[np.ndarray, ...]:
+        """(keys ascending, vectors float32, ...) of every row `table` holds."""
+        ...
+
     def stats(self) -> CacheStats:
         """The sum of table_stats()."""
         ...

@@ -190,6 +190,7 @@ class RedisClusterLevel(StorageLevel):
     """
 
     kind = "redis_cluster"
+    shared = True
 
     def __init__(
         self,

@@ -24,49 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hps/v1/hps.proto\x12\x06hps.v1\"\x96\x01\n\nTableQuery\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08key_list\x18\x03 \x03(\x03\x12\x12\n\nrow_splits\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\"\n\x08\x63ombiner\x18\x06 \x01(\x0e\x32\x10.hps.v1.Combiner\x12\x10\n\x08max_norm\x18\x07 \x01(\x02\";\n\x0bPackedQuery\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xa0\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x07queries\x18\x02 \x03(\x0b\x32\x12.hps.v1.TableQuery\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x06packed\x18\x05 \x01(\x0b\x32\x13.hps.v1.PackedQuery\"{\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x80\x01\n\x0cPackedResult\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x7f\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.hps.v1.TableResult\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06packed\x18\x04 \x01(\x0b\x32\x14.hps.v1.PackedResult\"L\n\rUpsertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\"\x1e\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44\x65leteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"i\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x15\n\rdefault_value\x18\x04 \x01(\x02\x12\x1c\n\x14max_keys_per_request\x18\x05 \x01(\x04\"Y\n\x15\x44\x65scribeModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06tables\x18\x02 \x03(\x0b\x32\x11.hps.v1.TableInfo\x12\x0e\n\x06levels\x18\x03 \x03(\t*_\n\x0bVectorDtype\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02*]\n\x08\x43ombiner\x12\x18\n\x14\x43OMBINER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43OMBINER_SUM\x10\x01\x12\x11\n\rCOMBINER_MEAN\x10\x02\x12\x12\n\x0e\x43OMBINER_SQRTN\x10\x03\x32\xfd\x01\n\rLookupService\x12\x37\n\x06Lookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse\x12\x41\n\x0cStreamLookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse(\x01\x30\x01\x12\x37\n\x06Upsert\x12\x15.hps.v1.UpsertRequest\x1a\x16.hps.v1.UpsertResponse\x12\x37\n\x06\x44\x65lete\x12\x15.hps.v1.DeleteRequest\x1a\x16.hps.v1.DeleteResponse2\xa1\x01\n\x0cModelService\x12\x43\n\nListModels\x12\x19.hps.v1.ListModelsRequest\x1a\x1a.hps.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\x1c.hps.v1.DescribeModelRequest\x1a\x1d.hps.v1.DescribeModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hps/v1/hps.proto\x12\x06hps.v1\"\x96\x01\n\nTableQuery\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08key_list\x18\x03 \x03(\x03\x12\x12\n\nrow_splits\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\"\n\x08\x63ombiner\x18\x06 \x01(\x0e\x32\x10.hps.v1.Combiner\x12\x10\n\x08max_norm\x18\x07 \x01(\x02\";\n\x0bPackedQuery\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\x0c\"\xc7\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x07queries\x18\x02 \x03(\x0b\x32\x12.hps.v1.TableQuery\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x06packed\x18\x05 \x01(\x0b\x32\x13.hps.v1.PackedQuery\x12%\n\x08prefetch\x18\x06 \x01(\x0b\x32\x13.hps.v1.PackedQuery\"{\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x80\x01\n\x0cPackedResult\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64ims\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.hps.v1.VectorDtype\x12\r\n\x05\x66ound\x18\x06 \x01(\x0c\"\x7f\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.hps.v1.TableResult\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06packed\x18\x04 \x01(\x0b\x32\x14.hps.v1.PackedResult\"L\n\rUpsertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0f\n\x07vectors\x18\x04 \x01(\x0c\"\x1e\n\x0eUpsertResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\";\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\"\x1e\n\x0e\x44\x65leteResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"i\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04rows\x18\x03 \x01(\x04\x12\x15\n\rdefault_value\x18\x04 \x01(\x02\x12\x1c\n\x14max_keys_per_request\x18\x05 \x01(\x04\"Y\n\x15\x44\x65scribeModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x06tables\x18\x02 \x03(\x0b\x32\x11.hps.v1.TableInfo\x12\x0e\n\x06levels\x18\x03 \x03(\t\"E\n\x0fPrefetchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06packed\x18\x02 \x01(\x0b\x32\x13.hps.v1.PackedQuery\" \n\x10PrefetchResponse\x12\x0c\n\x04keys\x18\x01 \x01(\x04*_\n\x0bVectorDtype\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02*]\n\x08\x43ombiner\x12\x18\n\x14\x43OMBINER_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43OMBINER_SUM\x10\x01\x12\x11\n\rCOMBINER_MEAN\x10\x02\x12\x12\n\x0e\x43OMBINER_SQRTN\x10\x03\x32\xbc\x02\n\rLookupService\x12\x37\n\x06Lookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse\x12\x41\n\x0cStreamLookup\x12\x15.hps.v1.LookupRequest\x1a\x16.hps.v1.LookupResponse(\x01\x30\x01\x12\x37\n\x06Upsert\x12\x15.hps.v1.UpsertRequest\x1a\x16.hps.v1.UpsertResponse\x12\x37\n\x06\x44\x65lete\x12\x15.hps.v1.DeleteRequest\x1a\x16.hps.v1.DeleteResponse\x12=\n\x08Prefetch\x12\x17.hps.v1.PrefetchRequest\x1a\x18.hps.v1.PrefetchResponse2\xa1\x01\n\x0cModelService\x12\x43\n\nListModels\x12\x19.hps.v1.ListModelsRequest\x1a\x1a.hps.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\x1c.hps.v1.DescribeModelRequest\x1a\x1d.hps.v1.DescribeModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hps.v1.hps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VECTORDTYPE']._serialized_start=1289
-  _globals['_VECTORDTYPE']._serialized_end=1384
-  _globals['_COMBINER']._serialized_start=1386
-  _globals['_COMBINER']._serialized_end=1479
+  _globals['_VECTORDTYPE']._serialized_start=1433
+  _globals['_VECTORDTYPE']._serialized_end=1528
+  _globals['_COMBINER']._serialized_start=1530
+  _globals['_COMBINER']._serialized_end=1623
   _globals['_TABLEQUERY']._serialized_start=29
   _globals['_TABLEQUERY']._serialized_end=179
   _globals['_PACKEDQUERY']._serialized_start=181
   _globals['_PACKEDQUERY']._serialized_end=240
   _globals['_LOOKUPREQUEST']._serialized_start=243
-  _globals['_LOOKUPREQUEST']._serialized_end=403
-  _globals['_TABLERESULT']._serialized_start=405
-  _globals['_TABLERESULT']._serialized_end=528
-  _globals['_PACKEDRESULT']._serialized_start=531
-  _globals['_PACKEDRESULT']._serialized_end=659
-  _globals['_LOOKUPRESPONSE']._serialized_start=661
-  _globals['_LOOKUPRESPONSE']._serialized_end=788
-  _globals['_UPSERTREQUEST']._serialized_start=790
-  _globals['_UPSERTREQUEST']._serialized_end=866
-  _globals['_UPSERTRESPONSE']._serialized_start=868
-  _globals['_UPSERTRESPONSE']._serialized_end=898
-  _globals['_DELETEREQUEST']._serialized_start=900
-  _globals['_DELETEREQUEST']._serialized_end=959
-  _globals['_DELETERESPONSE']._serialized_start=961
-  _globals['_DELETERESPONSE']._serialized_end=991
-  _globals['_LISTMODELSREQUEST']._serialized_start=993
-  _globals['_LISTMODELSREQUEST']._serialized_end=1012
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1014
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1050
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1052
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1089
-  _globals['_TABLEINFO']._serialized_start=1091
-  _globals['_TABLEINFO']._serialized_end=1196
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1198
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1287
-  _globals['_LOOKUPSERVICE']._serialized_start=1482
-  _globals['_LOOKUPSERVICE']._serialized_end=1735
-  _globals['_MODELSERVICE']._serialized_start=1738
-  _globals['_MODELSERVICE']._serialized_end=1899
+  _globals['_LOOKUPREQUEST']._serialized_end=442
+  _globals['_TABLERESULT']._serialized_start=444
+  _globals['_TABLERESULT']._serialized_end=567
+  _globals['_PACKEDRESULT']._serialized_start=570
+  _globals['_PACKEDRESULT']._serialized_end=698
+  _globals['_LOOKUPRESPONSE']._serialized_start=700
+  _globals['_LOOKUPRESPONSE']._serialized_end=827
+  _globals['_UPSERTREQUEST']._serialized_start=829
+  _globals['_UPSERTREQUEST']._serialized_end=905
+  _globals['_UPSERTRESPONSE']._serialized_start=907
+  _globals['_UPSERTRESPONSE']._serialized_end=937
+  _globals['_DELETEREQUEST']._serialized_start=939
+  _globals['_DELETEREQUEST']._serialized_end=998
+  _globals['_DELETERESPONSE']._serialized_start=1000
+  _globals['_DELETERESPONSE']._serialized_end=1030
+  _globals['_LISTMODELSREQUEST']._serialized_start=1032
+  _globals['_LISTMODELSREQUEST']._serialized_end=1051
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1053
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1089
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1091
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1128
+  _globals['_TABLEINFO']._serialized_start=1130
+  _globals['_TABLEINFO']._serialized_end=1235
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1237
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1326
+  _globals['_PREFETCHREQUEST']._serialized_start=1328
+  _globals['_PREFETCHREQUEST']._serialized_end=1397
+  _globals['_PREFETCHRESPONSE']._serialized_start=1399
+  _globals['_PREFETCHRESPONSE']._serialized_end=1431
+  _globals['_LOOKUPSERVICE']._serialized_start=1626
+  _globals['_LOOKUPSERVICE']._serialized_end=1942
+  _globals['_MODELSERVICE']._serialized_start=1945
+  _globals['_MODELSERVICE']._serialized_end=2106
 # @@protoc_insertion_point(module_scope)
