@@ -17,6 +17,7 @@ DEFAULT_STREAM = "hps_updates"
 DEFAULT_MAX_LEN = 10_000
 # Rows per stream entry: large enough to cost little per row, small enough for one Redis reply (dim 64: 1 MiB).
 DEFAULT_ROWS_PER_MESSAGE = 4096
+_MESSAGES_PER_ROUND = 8
 
 
 def _nodes(address: str) -> list[ClusterNode]:
@@ -84,12 +85,15 @@ class UpdatePublisher:
         )
 
     def _append(self, messages: Iterable[UpdateMessage]) -> int:
+        """XADDs the messages in order, pipelined a few at a time (a few MiB per round trip)."""
         pipe = self._client.pipeline(transaction=False)
         count = 0
         for message in messages:
             pipe.xadd(self.stream, encode(message), maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
             count += 1
-        if count:
+            if count % _MESSAGES_PER_ROUND == 0:
+                pipe.execute()
+        if count % _MESSAGES_PER_ROUND:
             pipe.execute()
         return count
 

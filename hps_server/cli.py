@@ -103,6 +103,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    # The trainer's side of the feed lives with the client; the CLI only reads the table folder for it.
+    from hps_client.feed import UpdatePublisher
+    from hps_server import tables
+
+    config = config_module.load(args.config)
+    address = config.updates.stream_address(config.volatile_db)
+    if not address:
+        raise config_module.ConfigError(
+            "updates: no stream to push to (set updates.address, or volatile_db.type redis_cluster, and enabled)"
+        )
+    model = config.model(args.model) if args.model else config.models[0]
+    table = model.table(args.table)
+    files = tables.read_table(args.source, table.dim)
+    volatile = config.volatile_db
+    publisher = UpdatePublisher(
+        address,
+        stream=config.updates.stream,
+        max_len=config.updates.max_len,
+        rows_per_message=args.rows_per_message,
+        username=volatile.user_name or None,
+        password=volatile.password or None,
+        tls=volatile.tls,
+    )
+    messages = 0
+    with publisher:
+        for keys, vectors in files.chunks(args.rows_per_message):
+            messages += publisher.upsert(model.name, table.name, keys, vectors)
+    print(f"{model.name}.{table.name}: pushed {files.rows} rows from {args.source} in {messages} messages")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from hps_server.demo import run_demo
 
@@ -150,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="folder to write")
     exp.add_argument("--format", choices=["hps", "npy"], default="hps")
     exp.set_defaults(run=_export)
+
+    push = commands.add_parser("push", help="append a table folder to the update stream (the servers apply it)")
+    push.add_argument("--config", required=True, help="the servers' config (its updates stream and tables)")
+    push.add_argument("--model", help="model of the table (default: the config's first)")
+    push.add_argument("--table", required=True)
+    push.add_argument("--source", required=True, help="table folder (HPS key/emb_vector or .npy pair)")
+    push.add_argument("--rows-per-message", type=int, default=4096, help="rows per stream message (default 4096)")
+    push.set_defaults(run=_push)
 
     demo = commands.add_parser("demo", help="make a sample model, serve it, run a skewed workload, keep serving")
     demo.add_argument("--dir", default="hps-demo", help="where the sample tables and database live")

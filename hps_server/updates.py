@@ -115,7 +115,18 @@ class UpdateFeed:
         self._sender = threading.Thread(target=self._send, name="hps-updates-send", daemon=True)
 
     def start(self) -> None:
-        """Announces the sessions' writes from now on and starts reading the stream."""
+        """Announces the sessions' writes from now on and starts reading the stream. The first contact is
+        made here when the stream answers, so every message appended after start() is applied; otherwise the
+        reader keeps trying in the background."""
+        try:
+            self._reader, node = self._connect_master(self.config.block_ms / 1000 + self._timeout_s)
+            self._contact(node)
+            self.connected.set()
+        except _ERRORS as e:
+            log.warning("update stream %s unreachable at start, retrying in the background: %s", self._stream, e)
+            if self._reader is not None:
+                self._reader.close()
+            self._reader = None
         for session in self._sessions.values():
             session.announce = self.publish
         for thread in (*self._threads, self._sender):
