@@ -27,6 +27,9 @@ BENCHMARKS = {
     "redis": "benchmarks.redis",
     "layers": "benchmarks.layers",
     "triton": "benchmarks.triton",
+    "replicas": "benchmarks.replicas",
+    "feed": "benchmarks.feed",
+    "prefetch": "benchmarks.prefetch",
 }
 
 

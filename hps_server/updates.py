@@ -75,7 +75,9 @@ class UpdateFeed:
         volatile: VolatileDbConfig,
         sessions: Mapping[str, LookupSession],
         metrics: ServerMetrics | None = None,
+        start_after: bytes | None = None,
     ) -> None:
+        """start_after: a stream id to read on from at first contact instead of the newest (a replay)."""
         self.config = config
         self.origin = uuid.uuid4().hex
         self._seeds = config.stream_address(volatile)
@@ -94,6 +96,7 @@ class UpdateFeed:
         # The stream's master as last read from: (host:port, run id), and the position read up to.
         self._node: tuple[str, str] | None = None
         self._position: bytes | None = None
+        self._start_after = start_after
         self._reader: redis.Redis | None = None
         self._outbox = threading.Condition()
         self._collapsed = 0  # times the pending messages were replaced by drop messages
@@ -280,9 +283,9 @@ class UpdateFeed:
         last = self._reader.xrevrange(self._stream, count=1)
         newest: bytes = last[0][0] if last else b"0-0"  # type: ignore[index,assignment]  # RESP2
         if self._position is None:
-            self._position, self._node = newest, node
+            self._position, self._node = self._start_after or newest, node
             with self._applied:
-                self._applied_position = newest
+                self._applied_position = self._position
                 self._applied.notify_all()
             return
         if node != self._node:
