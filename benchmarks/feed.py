@@ -118,7 +118,9 @@ def run(json_out: bool = False, messages: int = 100, rows_per_message: int = 409
             cluster.seed, stream=STREAM, max_len=messages * 2, rows_per_message=rows_per_message
         ) as publisher:
             publisher.upsert("bench", "table", keys, vectors)
-        last_id = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0]).xrevrange(STREAM, count=1)[0][0]
+        with redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as plain:
+            newest: Any = plain.xrevrange(STREAM, count=1)
+        last_id: bytes = newest[0][0]
         feed_s = plain_s = levels_s = 0.0
         for _ in range(repeats):  # interleaved, so drift on a shared machine hits all alike
             read_rows, seconds = _plain_xread(cluster.seed, config.updates.read_count)

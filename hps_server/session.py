@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 WARN_INTERVAL_SECONDS = 30
 FLOAT32 = np.dtype(np.float32)
+# A prefetch walks down in chunks of this many keys (a fraction of a millisecond each); before each, it waits
+# (at most PREFETCH_MAX_WAIT_S) for the lookups in flight, and after each it pauses half as long as the chunk took,
+# so it costs them little. Past PREFETCH_BACKLOG queued prefetches, more are dropped.
+PREFETCH_CHUNK_KEYS = 64
+PREFETCH_MAX_WAIT_S = 0.05
+PREFETCH_BACKLOG = 16
 
 
 class ServedTable:
@@ -179,8 +185,10 @@ class LookupSession:
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
         # L1 inserts above hit_rate_threshold run here, off the reply's path.
         self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.has_l1 else None
-        # Prefetches walk down here, one at a time, never on a reply's path.
-        self._prefetch = BackgroundFill(f"hps-prefetch-{model.name}")
+        # Prefetches walk down here, one at a time, in the gaps between lookups, never on a reply's path.
+        self._prefetch = BackgroundFill(f"hps-prefetch-{model.name}", max_pending=PREFETCH_BACKLOG)
+        self._lookups_running = 0
+        self._lookups_idle = threading.Condition()
         # Told of every acknowledged Upsert and Delete, in the order they were written (the update stream).
         self.announce: Announce | None = None
 
@@ -211,6 +219,16 @@ class LookupSession:
         """Answers every query in one pass per vector width (and L1 placement); outcomes in query order.
 
         A level failing for one width fails only the queries that needed it; the others are answered."""
+        with self._lookups_idle:
+            self._lookups_running += 1
+        try:
+            return self._lookup_groups(queries)
+        finally:
+            with self._lookups_idle:
+                self._lookups_running -= 1
+                self._lookups_idle.notify_all()
+
+    def _lookup_groups(self, queries: Sequence[KeyQuery]) -> list[Outcome]:
         groups: dict[tuple[int, tuple[EmbeddingCache, ...]], list[int]] = {}
         for i, query in enumerate(queries):
             groups.setdefault(query.group, []).append(i)
@@ -340,12 +358,24 @@ class LookupSession:
 
         def walk() -> None:
             for group in groups.values():
-                try:
-                    self._walk(_Batch(group), report=False, fill_now=True)
-                except StorageError as e:
-                    self._warn_unavailable("a storage", "prefetch skipped", e)
+                batch = _Batch(group)
+                for start in range(0, len(batch), PREFETCH_CHUNK_KEYS):
+                    self._wait_for_no_lookups(PREFETCH_MAX_WAIT_S)
+                    chunk = batch.subset(np.arange(start, min(start + PREFETCH_CHUNK_KEYS, len(batch))))
+                    started = time.perf_counter()
+                    try:
+                        self._walk(chunk, report=False, fill_now=True)
+                    except StorageError as e:
+                        self._warn_unavailable("a storage", "prefetch skipped", e)
+                    # Level calls hold the GIL (rocksdict does): half as long again for the threads serving lookups.
+                    time.sleep((time.perf_counter() - started) / 2)
 
         return self._prefetch.submit(walk)
+
+    def _wait_for_no_lookups(self, longest: float) -> None:
+        """Lets lookups in flight finish first (up to `longest` seconds): a prefetch runs in their gaps."""
+        with self._lookups_idle:
+            self._lookups_idle.wait_for(lambda: not self._lookups_running, longest)
 
     def wait_prefetched(self, timeout: float | None = None) -> bool:
         """Blocks until every prefetch submitted so far has run; False on timeout."""
