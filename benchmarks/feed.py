@@ -139,6 +139,12 @@ def run(json_out: bool = False, messages: int = 100, rows_per_message: int = 409
             "vs_xread": ratio,
         },
         {
+            "reader": "the same rows written straight into the levels",
+            "rows_per_s": repeats * rows / levels_s,
+            "seconds": levels_s / repeats,
+            "vs_xread": plain_s / levels_s,
+        },
+        {
             "reader": "redis-py XREAD",
             "rows_per_s": repeats * rows / plain_s,
             "seconds": plain_s / repeats,

@@ -107,7 +107,7 @@ def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds:
     extra = {
         "batch_keys": BATCH,
         "dim": DIM,
-        "rows": rows,
+        "table_rows": rows,
         "p99_ratio_with_prefetch": round(ratio, 3),
         "target_p99_ratio": TARGET_P99_RATIO,
         "target_met": ratio <= TARGET_P99_RATIO,
