@@ -64,9 +64,9 @@ class UpdateFeed:
 
     Position: the id of the last entry read; on first contact, the stream's newest id (a server starting
     has cold caches and reads what its levels hold). A gap, after which this server drops every cached copy
-    (L1 and in-process levels above the lowest) and reads on: the entry after the position was trimmed away
-    (it fell more than max_len messages behind), or the stream is shorter than the position or served by
-    another master than before (a restart or failover that may have lost messages).
+    (L1 and in-process levels above the lowest) and reads on: the position's own entry was trimmed away (it
+    fell about max_len messages behind), or on reconnecting the stream is shorter than the position or served
+    by another master than before (a restart or failover that may have lost messages).
     """
 
     def __init__(

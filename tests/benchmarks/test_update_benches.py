@@ -16,8 +16,8 @@ def test_feed_applies_every_published_row_and_reports_its_ratios(capsys: pytest.
     assert json.loads(capsys.readouterr().out) == result
     applied, alone, xread = result["rows"]
     assert result["dim"] == 64 and result["messages"] == 4
-    assert result["ratio"] == pytest.approx(applied["rows_per_s"] / xread["rows_per_s"], rel=1e-2)
-    assert result["feed_vs_levels_alone"] == pytest.approx(applied["rows_per_s"] / alone["rows_per_s"], rel=1e-2)
+    assert result["ratio"] == pytest.approx(applied["rows_per_s"] / xread["rows_per_s"], abs=1e-3)
+    assert result["feed_vs_levels_alone"] == pytest.approx(applied["rows_per_s"] / alone["rows_per_s"], abs=1e-3)
     assert result["target_met"] == (result["ratio"] >= 0.8)
 
 
