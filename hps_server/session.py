@@ -502,10 +502,10 @@ class LookupSession:
         announce: bool,
         skip_shared: bool = False,
     ) -> int:
-        """An upsert (vectors given) or delete through the writable levels, the authority first, then L1;
-        announced (with whether every shared level took it) before the table's lock is released, so the
-        update stream carries one table's writes in the order they were made. Returns the rows the
-        authority held (delete)."""
+        """An upsert (vectors given) or delete through the writable levels, the authority first, then L1
+        (L1 first for a write from the stream, which the writer's authority has already); announced (with
+        whether every shared level took it) before the table's lock is released, so the update stream
+        carries one table's writes in the order they were made. Returns the rows the authority held (delete)."""
         if vectors is not None:
             rows = vectors
 
@@ -524,7 +524,7 @@ class LookupSession:
                 return level.evict(table.storage_name, keys)
 
         removed, shared_written = 0, True
-        with self._writing(table, refresh):
+        with self._writing(table, refresh, l1_first=not announce):
             for authoritative, level in self._writable_levels():
                 if skip_shared and level.shared:
                     continue
@@ -588,17 +588,29 @@ class LookupSession:
             return True
 
     @contextlib.contextmanager
-    def _writing(self, table: ServedTable, refresh_l1: Callable[[EmbeddingCache, int], None]) -> Iterator[None]:
+    def _writing(
+        self, table: ServedTable, refresh_l1: Callable[[EmbeddingCache, int], None], l1_first: bool = False
+    ) -> Iterator[None]:
         """Holds the table against write-backs while the levels are written; L1 is refreshed even when
-        a level fails part-way, since the levels below it may already hold the new rows."""
+        a level fails part-way, since the levels below it may already hold the new rows. The epoch moves
+        last, so a walk that read any level before the write was done has its write-back dropped.
+        l1_first: L1 is refreshed before the levels are written (rows the authority elsewhere has already:
+        this server's readers get them without waiting for its own slower levels)."""
+
+        def refresh() -> None:
+            if table.l1 is not None:
+                for cache in table.l1.caches:
+                    refresh_l1(cache, table.l1.index)
+
         with table.lock:
-            table.epoch += 1
             try:
+                if l1_first:
+                    refresh()
                 yield
             finally:
-                if table.l1 is not None:
-                    for cache in table.l1.caches:
-                        refresh_l1(cache, table.l1.index)
+                if not l1_first:
+                    refresh()
+                table.epoch += 1
 
     def _require_writable(self) -> None:
         if self.writes_refused:
