@@ -97,6 +97,10 @@ def test_upsert_and_delete_on_one_replica_reach_the_others_l1_and_rocksdb(replic
         _until(lambda: not client_b.lookup_tables("ctr", {"user": keys[:10]})["user"].found.any())
         assert not persistent.fetch("ctr.user", keys[:10])[1].any()
         assert _answers(client_b, keys[10:], new[10:])
+    registry = b.server.metrics.registry
+    assert registry.get_sample_value("hps_update_rows_total", {"source": "replica"}) == len(keys) + 10
+    assert registry.get_sample_value("hps_update_lag_seconds_count") >= 2
+    assert registry.get_sample_value("hps_update_gaps_total") == 0
 
 
 def test_a_replica_paused_with_the_stream_node_catches_up_and_serves_no_stale_row(
