@@ -407,6 +407,7 @@ _HPS_VOLATILE_EXTRAS = {
     "max_batch_size_per_node",
     "max_set_size",
 }
+_HOST_PORT = re.compile(r"[^\s:,]+:\d{1,5}")
 _UPDATES_KEYS = {"enabled", "address", "stream", "max_len", "read_count", "block_ms"}
 _PERSISTENT_KEYS = {"type", "path", "read_only", "num_threads", "max_batch_size", "sync_writes"}
 _HPS_PERSISTENT_EXTRAS = {"update_filters", "max_get_batch_size", "max_set_batch_size", "num_partitions"}
@@ -473,9 +474,12 @@ def _updates(raw: Any) -> UpdatesConfig:
     stream = s.get("stream", d.stream, _str)
     if not stream:
         raise ConfigError("updates.stream: must not be empty")
+    address = s.get("address", d.address, _str)
+    if address and not all(_HOST_PORT.fullmatch(item.strip()) for item in address.split(",")):
+        raise ConfigError(f"updates.address: expected host:port[,host:port...], got {address!r}")
     return UpdatesConfig(
         enabled=s.get("enabled", d.enabled, _bool),
-        address=s.get("address", d.address, _str),
+        address=address,
         stream=stream,
         max_len=s.get("max_len", d.max_len, _int(1)),
         read_count=s.get("read_count", d.read_count, _int(1)),

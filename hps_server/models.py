@@ -51,6 +51,7 @@ class HostedModels:
         persistent = storage.open_persistent(config.persistent_db)
         volatile = None
         sessions: dict[str, LookupSession] = {}
+        updates = None
         try:
             volatile = storage.open_volatile(config.volatile_db)
             levels = [level for level in (volatile, persistent) if level is not None]
@@ -80,17 +81,18 @@ class HostedModels:
                     len(model.tables),
                     sessions[model.name].level_names(),
                 )
+            if config.updates.stream_address(config.volatile_db):
+                updates = UpdateFeed(config.updates, config.volatile_db, sessions, metrics)
+                updates.start()
         except BaseException:
+            if updates is not None:
+                updates.close()
             for session in sessions.values():
                 session.close()
             for level in (volatile, persistent):
                 if level is not None:
                     level.close()
             raise
-        updates = None
-        if config.updates.stream_address(config.volatile_db):
-            updates = UpdateFeed(config.updates, config.volatile_db, sessions, metrics)
-            updates.start()
         return cls(config, volatile, persistent, sessions, updates)
 
     def session(self, model: str) -> LookupSession:

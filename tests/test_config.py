@@ -199,6 +199,7 @@ def test_the_update_stream_follows_the_redis_cluster_unless_told_otherwise(tmp_p
         ({"stream": ""}, "updates.stream: must not be empty"),
         ({"max_len": 0}, "updates.max_len: must be >= 1"),
         ({"polling": 1}, "updates.polling: unknown option"),
+        ({"address": "redis-0"}, "updates.address: expected host:port"),
     ):
         with pytest.raises(ConfigError, match=message):
             config_module.parse({**raw, "updates": bad}, tmp_path)
