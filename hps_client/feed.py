@@ -69,6 +69,8 @@ class UpdatePublisher:
         rows = np.asarray(vectors, dtype=np.float32)
         if rows.ndim != 2 or len(rows) != len(keys_array):
             raise ValueError(f"vectors: expected [{len(keys_array)}, dim] for {len(keys_array)} keys, got {rows.shape}")
+        if not np.all(np.isfinite(rows)):
+            raise ValueError("vectors: contains NaN or infinity (the servers would skip the message)")
         step = self.rows_per_message
         return self._append(
             UpdateMessage(model, table, "upsert", keys_array[i : i + step], rows[i : i + step])

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from benchmarks.redis_cluster_launcher import RedisClusterProcesses
@@ -55,6 +56,10 @@ def test_published_rows_are_applied_in_l1_in_place(
             assert session.cache_stats()["item"].hits == hits + len(keys)
             feed.delete("ctr", "item", keys[:5])
             _until(lambda: not client.lookup_tables("ctr", {"item": keys[:5]})["item"].found.any())
+            with pytest.raises(ValueError, match="vectors: contains NaN"):
+                feed.upsert("ctr", "item", keys[:1], np.full((1, 8), np.nan, np.float32))
+            with pytest.raises(ValueError, match=r"vectors: expected \[2, dim\]"):
+                feed.upsert("ctr", "item", keys[:2], new[:1])
     finally:
         served.server.stop(grace=1)
 
