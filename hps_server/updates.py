@@ -80,7 +80,7 @@ class UpdateFeed:
         """start_after: a stream id to read on from at first contact instead of the newest (a replay)."""
         self.config = config
         self.origin = uuid.uuid4().hex
-        self._seeds = config.stream_address(volatile)
+        self._known_nodes = _nodes(config.stream_address(volatile))
         self._stream = config.stream
         self._sessions = dict(sessions)
         self._metrics = metrics
@@ -211,11 +211,15 @@ class UpdateFeed:
     def _connect_master(self, socket_timeout: float) -> tuple[redis.Redis, tuple[str, str]]:
         """A connection to the master serving the stream's slot, and its (host:port, run id). A plain
         connection without retries: a MOVED (failover, resharding) or a timeout is an error here, so a new or
-        frozen master is noticed at once."""
-        cluster = RedisCluster(startup_nodes=_nodes(self._seeds), socket_timeout=self._timeout_s, **self._options)
+        frozen master is noticed at once. Every node seen is remembered, so the configured seeds may die."""
+        cluster = RedisCluster(startup_nodes=list(self._known_nodes), socket_timeout=self._timeout_s, **self._options)
         try:
             node = cluster.get_node_from_key(self._stream)
             host, port = node.host, int(node.port)
+            seen = {(n.host, int(n.port)) for n in self._known_nodes}
+            self._known_nodes = self._known_nodes + [
+                ClusterNode(n.host, int(n.port)) for n in cluster.get_nodes() if (n.host, int(n.port)) not in seen
+            ]
         finally:
             cluster.close()
         connection = redis.Redis(
