@@ -214,6 +214,12 @@ class Client:
         request = hps_pb2.DeleteRequest(model=model, table=table, keys=wire.pack_keys(keys))
         return int(self._call(self._lookups.Delete, request, timeout).rows)
 
+    def prefetch(self, model: str, keys_by_table: Mapping[str, object], *, timeout: float | None = None) -> int:
+        """Asks the server to load these keys into L1 in the background, for lookups to come; returns at once
+        with the keys it took (0: its prefetch backlog was full and it dropped them)."""
+        request = hps_pb2.PrefetchRequest(model=model, packed=wire.packed_query(keys_by_table))
+        return int(self._call(self._lookups.Prefetch, request, timeout).keys)
+
     def list_models(self, *, timeout: float | None = None) -> list[str]:
         return list(self._call(self._models.ListModels, hps_pb2.ListModelsRequest(), timeout).models)
 
@@ -325,6 +331,10 @@ class AsyncClient:
     async def delete(self, model: str, table: str, keys: object, *, timeout: float | None = None) -> int:
         request = hps_pb2.DeleteRequest(model=model, table=table, keys=wire.pack_keys(keys))
         return int((await self._call(self._lookups.Delete, request, timeout)).rows)
+
+    async def prefetch(self, model: str, keys_by_table: Mapping[str, object], *, timeout: float | None = None) -> int:
+        request = hps_pb2.PrefetchRequest(model=model, packed=wire.packed_query(keys_by_table))
+        return int((await self._call(self._lookups.Prefetch, request, timeout)).keys)
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
         return list((await self._call(self._models.ListModels, hps_pb2.ListModelsRequest(), timeout)).models)

@@ -68,16 +68,19 @@ def lookup_request(
     return hps_pb2.LookupRequest(model=model, queries=list(queries), dtype=_wire_dtype(dtype), request_id=request_id)
 
 
-def tables_request(model: str, keys_by_table: Mapping[str, object], dtype: Dtype = "float32") -> hps_pb2.LookupRequest:
-    """Plain keys of several tables in packed form: one keys buffer and one counts buffer, however many
-    tables (the server answers with one PackedResult)."""
+def packed_query(keys_by_table: Mapping[str, object]) -> hps_pb2.PackedQuery:
+    """Plain keys of several tables in packed form: one keys buffer and one counts buffer, however many tables."""
     arrays = [np.asarray(keys) for keys in keys_by_table.values()]
     for table, array in zip(keys_by_table, arrays, strict=True):
         if array.size and not np.issubdtype(array.dtype, np.integer):
             raise TypeError(f"keys of {table}: must be integers, got dtype {array.dtype}")
     counts = np.fromiter((array.size for array in arrays), "<i8", len(arrays))
     keys = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.zeros(0, "<i8")
-    packed = hps_pb2.PackedQuery(
+    return hps_pb2.PackedQuery(
         tables=list(keys_by_table), keys=np.ascontiguousarray(keys, "<i8").tobytes(), counts=counts.tobytes()
     )
-    return hps_pb2.LookupRequest(model=model, packed=packed, dtype=_wire_dtype(dtype))
+
+
+def tables_request(model: str, keys_by_table: Mapping[str, object], dtype: Dtype = "float32") -> hps_pb2.LookupRequest:
+    """Plain keys of several tables in packed form (the server answers with one PackedResult)."""
+    return hps_pb2.LookupRequest(model=model, packed=packed_query(keys_by_table), dtype=_wire_dtype(dtype))

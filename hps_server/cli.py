@@ -40,6 +40,9 @@ BENCHMARKS = {
         "hps_bench.reload",
         "p99 while a model is reloaded to new versions under load; failed and mixed replies",
     ),
+    "replicas": ("hps_bench.replicas", "time until a second replica answers an upserted vector; stale answers"),
+    "feed": ("hps_bench.feed", "update-stream rows applied per second against a plain XREAD of the same stream"),
+    "prefetch": ("hps_bench.prefetch", "a lookup's p99 beside another client's prefetches; cold lookups prefetched"),
     "cache": ("hps_bench.cache", "the GPU L1 cache's query/replace speed and Zipf hit rate (needs CuPy and a GPU)"),
     "redis": ("hps_bench.redis", "the Redis Cluster level's fetch rows/s, against plain redis-py on the same cluster"),
     "layers": ("hps_bench.layers", "the TensorFlow and PyTorch layers' overhead over the Client call they make"),
@@ -154,6 +157,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    # The trainer's side of the feed lives with the client; the CLI only reads the table folder for it.
+    from hps_client.feed import UpdatePublisher
+    from hps_server import tables
+
+    config = config_module.load(args.config)
+    address = config.updates.stream_address(config.volatile_db)
+    if not address:
+        raise config_module.ConfigError(
+            "updates: no stream to push to (set updates.address, or volatile_db.type redis_cluster, and enabled)"
+        )
+    model = config.model(args.model) if args.model else config.models[0]
+    table = model.table(args.table)
+    files = tables.read_table(args.source, table.dim)
+    volatile = config.volatile_db
+    publisher = UpdatePublisher(
+        address,
+        stream=config.updates.stream,
+        max_len=config.updates.max_len,
+        rows_per_message=args.rows_per_message,
+        username=volatile.user_name or None,
+        password=volatile.password or None,
+        tls=volatile.tls,
+    )
+    messages = 0
+    with publisher:
+        for keys, vectors in files.chunks(args.rows_per_message):
+            messages += publisher.upsert(model.name, table.name, keys, vectors)
+    print(f"{model.name}.{table.name}: pushed {files.rows} rows from {args.source} in {messages} messages")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from hps_server.demo import run_demo
 
@@ -248,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="hps: key + emb_vector files; npy: keys.npy + vectors.npy",
     )
     exp.set_defaults(run=_export)
+
+    push = commands.add_parser("push", help="append a table folder to the update stream (the servers apply it)")
+    push.add_argument("--config", required=True, help="the servers' config (its updates stream and tables)")
+    push.add_argument("--model", help="model of the table (default: the config's first)")
+    push.add_argument("--table", required=True)
+    push.add_argument("--source", required=True, help="table folder (HPS key/emb_vector or .npy pair)")
+    push.add_argument("--rows-per-message", type=int, default=4096, help="rows per stream message (default 4096)")
+    push.set_defaults(run=_push)
 
     demo = _command(commands, "demo", "make a sample model, serve it, run a skewed workload, keep serving")
     demo.add_argument("--dir", default="hps-demo", help="where the sample tables and database live")

@@ -211,6 +211,33 @@ class PersistentDbConfig:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    """Online updates through one Redis Stream: this server publishes its Upserts and Deletes there, and
+    applies every other replica's and a trainer's batches (the feed) to its own levels and L1."""
+
+    # On where a Redis Cluster holds the stream: `address`, or volatile_db's cluster when volatile_db.type
+    # is redis_cluster. Off: writes reach this server only, and no feed is read.
+    enabled: bool = True
+    # Comma-separated host:port seed nodes of the cluster holding the stream (volatile_db's user, password
+    # and tls apply); empty: volatile_db.address.
+    address: str = ""
+    # The stream's key; it lives on one cluster slot (its master holds every message).
+    stream: str = "hps_updates"
+    # Messages the stream keeps (XADD MAXLEN ~): a replica that falls further behind drops its caches.
+    max_len: int = 10_000
+    # Most messages one XREAD returns (they are applied together, a run of one table in one write).
+    read_count: int = 64
+    # How long one XREAD waits for a message before asking again, in milliseconds.
+    block_ms: int = 1000
+
+    def stream_address(self, volatile: VolatileDbConfig) -> str:
+        """The seeds of the cluster holding the stream; empty when updates are off or no cluster is configured."""
+        if not self.enabled:
+            return ""
+        return self.address or (volatile.address if volatile.type == "redis_cluster" else "")
+
+
+@dataclass(frozen=True)
 class TableConfig:
     name: str
     # Elements per embedding vector.
@@ -280,6 +307,7 @@ class Config:
     volatile_db: VolatileDbConfig = VolatileDbConfig()
     persistent_db: PersistentDbConfig = PersistentDbConfig()
     models: tuple[ModelConfig, ...] = ()
+    updates: UpdatesConfig = UpdatesConfig()
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
@@ -483,6 +511,8 @@ _HPS_VOLATILE_ALIASES = {
     "tls_client_certificate": "tls_cert_file",
     "tls_client_key": "tls_key_file",
 }
+_HOST_PORT = re.compile(r"[^\s:,]+:\d{1,5}")
+_UPDATES_KEYS = {"enabled", "address", "stream", "max_len", "read_count", "block_ms"}
 _PERSISTENT_KEYS = {"type", "path", "read_only", "num_threads", "max_batch_size", "sync_writes"}
 _HPS_PERSISTENT_EXTRAS = {"update_filters", "max_get_batch_size", "max_set_batch_size", "num_partitions"}
 _VOLATILE_ALIASES = {"parallel_hash_map": "hash_map", "multi_process_hash_map": "hash_map"}
@@ -603,6 +633,25 @@ def _volatile(raw: Any, base: Path, hps: bool) -> VolatileDbConfig:
         timeout_ms=s.get("timeout_ms", d.timeout_ms, _int(1)),
         ttl_seconds=s.get("ttl_seconds", d.ttl_seconds, _int(0)),
         read_only=s.get("read_only", d.read_only, _bool),
+    )
+
+
+def _updates(raw: Any) -> UpdatesConfig:
+    s = _Section(raw, "updates", _UPDATES_KEYS)
+    d = UpdatesConfig()
+    stream = s.get("stream", d.stream, _str)
+    if not stream:
+        raise ConfigError("updates.stream: must not be empty")
+    address = s.get("address", d.address, _str)
+    if address and not all(_HOST_PORT.fullmatch(item.strip()) for item in address.split(",")):
+        raise ConfigError(f"updates.address: expected host:port[,host:port...], got {address!r}")
+    return UpdatesConfig(
+        enabled=s.get("enabled", d.enabled, _bool),
+        address=address,
+        stream=stream,
+        max_len=s.get("max_len", d.max_len, _int(1)),
+        read_count=s.get("read_count", d.read_count, _int(1)),
+        block_ms=s.get("block_ms", d.block_ms, _int(1)),
     )
 
 
@@ -758,7 +807,7 @@ def _hps_model(raw: Any, path: str, base: Path) -> ModelConfig:
     return _model_options(s, name, tables, extras)
 
 
-_TOP_KEYS = {"server", "volatile_db", "persistent_db", "models"}
+_TOP_KEYS = {"server", "volatile_db", "persistent_db", "models", "updates"}
 _HPS_TOP_EXTRAS = {"supportlonglong", "update_source", "fuse_embedding_table"}
 
 
@@ -778,6 +827,7 @@ def parse(raw: Any, base: Path, hps: bool = False) -> Config:
         volatile_db=_volatile(top.raw.get("volatile_db"), base, hps),
         persistent_db=_persistent(top.raw.get("persistent_db"), base, hps),
         models=models,
+        updates=_updates(top.raw.get("updates")),
     )
 
 

@@ -328,6 +328,24 @@ class ServerMetrics:
             registry=r,
         )
         self.waiting = Gauge("hps_requests_waiting", "Calls waiting for an RPC thread now.", registry=r)
+        self.update_rows = Counter(
+            "hps_update_rows",
+            "Rows of the update stream applied here, by source: replica (another server's Upsert or Delete) "
+            "or feed (a trainer's batch).",
+            ["source"],
+            registry=r,
+        )
+        self.update_lag_seconds = Histogram(
+            "hps_update_lag_seconds",
+            "Time from a message's append to the update stream to its rows being applied here.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.update_gaps = Counter(
+            "hps_update_gaps",
+            "Times this server found it may have missed update messages and dropped its cached rows.",
+            registry=r,
+        )
         self._caches = _CacheCollector()
         r.register(self._caches)
         self._tallies = _TallyCollector()

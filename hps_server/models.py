@@ -25,6 +25,7 @@ from hps_server.metrics import CacheOccupancy, LevelOccupancy, ServerMetrics
 from hps_server.session import LookupSession, ServedTable, WriteRoute, WrittenHook
 from hps_server.storage.base import StorageError, StorageLevel
 from hps_server.tables import TableFileError
+from hps_server.updates import UpdateFeed
 from hps_server.write_epochs import WriteEpochs
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class HostedModels:
     # One change of the model set at a time; requests never wait for it.
     _changes: threading.Lock = field(default_factory=threading.Lock)
     _retiring: list[threading.Thread] = field(default_factory=list)
+    # The update stream shared with the other replicas (and a trainer's feed), when one is configured.
+    updates: UpdateFeed | None = None
 
     @classmethod
     def open(
@@ -110,7 +113,13 @@ class HostedModels:
                 hosted.sessions[model.name] = hosted._open_session(model)
                 if metrics is not None:
                     metrics.record_model_event(model.name, "loaded")
+            if config.updates.stream_address(config.volatile_db):
+                served = hosted
+                hosted.updates = UpdateFeed(config.updates, config.volatile_db, lambda: served.sessions, metrics)
+                hosted.updates.start()
         except BaseException:
+            if hosted is not None and hosted.updates is not None:
+                hosted.updates.close()
             for session in hosted.sessions.values() if hosted is not None else ():
                 session.close()
             for level in (volatile, persistent):
@@ -146,6 +155,8 @@ class HostedModels:
             route=group.route if group else None,
             on_written=_written_hook(group, model.name),
         )
+        if self.updates is not None:  # the stream started before this model was loaded or reloaded
+            session.announce = self.updates.publish
         log.info(
             "model %s ready: %d tables%s, levels %s",
             model.name,
@@ -393,8 +404,10 @@ class HostedModels:
         )
 
     def close(self) -> None:
-        """Closes the sessions (waiting for those being retired), then every level even when one fails;
-        raises the first level's StorageError."""
+        """Stops the update stream, closes the sessions (waiting for those being retired), then every level
+        even when one fails; raises the first level's StorageError."""
+        if self.updates is not None:
+            self.updates.close()
         for thread in self._retiring:
             thread.join()
         for session in self.sessions.values():

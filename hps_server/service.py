@@ -109,6 +109,7 @@ class _Prepared:
     wire_dtype: np.dtype
     queries: list[_Query]
     packed: _Packed | None
+    prefetch: list[KeyQuery]
 
     def key_queries(self) -> list[KeyQuery]:
         """Its TableQueries, then its packed runs. Reductions need float32; plain queries get their reply
@@ -173,6 +174,8 @@ class Lookups:
                 outcomes = self.coalescer.submit(prepared)
             except QueueFullError as e:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            if prepared.prefetch and not any(isinstance(outcome, StorageError) for outcome in outcomes):
+                session.prefetch(prepared.prefetch)
         for outcome in outcomes:
             if isinstance(outcome, StorageError):
                 raise outcome
@@ -203,6 +206,7 @@ class Lookups:
             raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
         queries = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
         packed = self._decode_packed(session, request.packed, wire_dtype) if request.HasField("packed") else None
+        prefetch = self.prefetch_queries(session, request.prefetch, "prefetch") if request.HasField("prefetch") else []
         rows_by_dim = sum((len(q.row_splits) - 1 if q.combiner else len(q.keys)) * q.table.dim for q in queries)
         if packed is not None:
             rows_by_dim += int(np.dot(packed.counts, packed.dims))
@@ -214,7 +218,7 @@ class Lookups:
                 f"request: its reply would hold {reply_bytes / 2**20:.1f} MiB of vectors, over server.max_message_mb "
                 f"{self.limits.max_message_mb} (ask for fewer keys per request, or float16)",
             )
-        return _Prepared(session, wire_dtype, queries, packed)
+        return _Prepared(session, wire_dtype, queries, packed, prefetch)
 
     def _admit(self, request: hps_pb2.LookupRequest) -> None:
         """Refuses a request over the per-request limits from its declared sizes, before decoding any query."""
@@ -232,6 +236,22 @@ class Lookups:
                 f"request: {keys} keys exceed server.max_keys_per_request {self.limits.max_keys_per_request}",
             )
 
+    def prefetch_queries(self, session: LookupSession, packed: hps_pb2.PackedQuery, field: str) -> list[KeyQuery]:
+        """The keys of a prefetch, checked like a Lookup's packed keys (field names the request field)."""
+        keys = len(packed.keys) // 8
+        if keys > self.limits.max_keys_per_request:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{field}: {keys} keys exceed server.max_keys_per_request {self.limits.max_keys_per_request}",
+            )
+        if len(packed.tables) > self.limits.max_queries_per_request:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{field}: {len(packed.tables)} tables exceed server.max_queries_per_request "
+                f"{self.limits.max_queries_per_request}",
+            )
+        return self._decode_packed(session, packed, FLOAT32, field).runs
+
     def write_keys(self, data: bytes) -> np.ndarray:
         """The keys of an Upsert or Delete, within server.max_keys_per_write."""
         keys = _packed(data, "<i8", "keys")
@@ -242,21 +262,23 @@ class Lookups:
             )
         return keys
 
-    def _decode_packed(self, session: LookupSession, packed: hps_pb2.PackedQuery, dtype: np.dtype) -> _Packed:
-        keys = _packed(packed.keys, "<i8", "packed.keys")
-        counts = _packed(packed.counts, "<i8", "packed.counts")
+    def _decode_packed(
+        self, session: LookupSession, packed: hps_pb2.PackedQuery, dtype: np.dtype, field: str = "packed"
+    ) -> _Packed:
+        keys = _packed(packed.keys, "<i8", f"{field}.keys")
+        counts = _packed(packed.counts, "<i8", f"{field}.counts")
         if len(counts) != len(packed.tables):
-            raise _invalid(f"packed.counts: {len(counts)} counts for {len(packed.tables)} tables; give one per table")
+            raise _invalid(f"{field}.counts: {len(counts)} counts for {len(packed.tables)} tables; give one per table")
         if len(counts) and int(counts.min()) < 0:
-            raise _invalid("packed.counts: must be >= 0")
+            raise _invalid(f"{field}.counts: must be >= 0")
         if int(counts.sum()) != len(keys):
-            raise _invalid(f"packed.counts: they sum to {int(counts.sum())}, but packed.keys holds {len(keys)} keys")
+            raise _invalid(f"{field}.counts: they sum to {int(counts.sum())}, but {field}.keys holds {len(keys)} keys")
         tables = [self.table(session, name) for name in packed.tables]
         limits = np.fromiter((session.model.max_keys(t.config) for t in tables), np.int64, len(tables))
         over = np.flatnonzero(counts > limits)
         if len(over):
             i = int(over[0])
-            raise _too_many_keys(f"packed.counts[{i}]", int(counts[i]), session, tables[i])
+            raise _too_many_keys(f"{field}.counts[{i}]", int(counts[i]), session, tables[i])
         # Consecutive segments of one width and placement go down as one query: a split only where that changes.
         groups = [table.group for table in tables]
         cuts = [i for i in range(1, len(tables)) if groups[i] != groups[i - 1]]
@@ -449,6 +471,18 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
 
         return _guarded(context, "Delete", work)
 
+    def Prefetch(self, request: hps_pb2.PrefetchRequest, context: grpc.ServicerContext) -> hps_pb2.PrefetchResponse:
+        def work() -> hps_pb2.PrefetchResponse:
+            caller = self.lookups.caller(context)
+            _parsed(request)
+            caller.require("read", request.model)
+            with self.lookups.serving(request.model) as session:
+                queries = self.lookups.prefetch_queries(session, request.packed, "packed")
+                taken = session.prefetch(queries)
+            return hps_pb2.PrefetchResponse(keys=sum(len(q.keys) for q in queries) if taken else 0)
+
+        return _guarded(context, "Prefetch", work)
+
 
 def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.GenericRpcHandler, ...]:
     """Both services' handlers. Requests are parsed by _tolerant (a malformed one is INVALID_ARGUMENT);
@@ -481,6 +515,9 @@ def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.Generi
             ),
             "Upsert": method(unary, bounded(pool, servicer.Upsert), hps_pb2.UpsertRequest, hps_pb2.UpsertResponse),
             "Delete": method(unary, bounded(pool, servicer.Delete), hps_pb2.DeleteRequest, hps_pb2.DeleteResponse),
+            "Prefetch": method(
+                unary, bounded(pool, servicer.Prefetch), hps_pb2.PrefetchRequest, hps_pb2.PrefetchResponse
+            ),
         },
     )
     model_service = grpc.method_handlers_generic_handler(

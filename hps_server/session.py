@@ -9,6 +9,7 @@ per width, however many tables the batch names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -26,11 +27,18 @@ from hps_server.log_limits import RateLimitedWarning
 from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, ServerMetrics
 from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
 from hps_server.write_epochs import WriteEpochs
+from hps_wire.update_message import Op
 
 log = logging.getLogger(__name__)
 
 WARN_INTERVAL_SECONDS = 30
 FLOAT32 = np.dtype(np.float32)
+# A prefetch walks down in chunks of this many keys (a fraction of a millisecond each); before each, it waits
+# (at most PREFETCH_MAX_WAIT_S) for the lookups in flight, and after each it pauses half as long as the chunk took,
+# so it costs them little. Past PREFETCH_BACKLOG queued prefetches, more are dropped.
+PREFETCH_CHUNK_KEYS = 64
+PREFETCH_MAX_WAIT_S = 0.05
+PREFETCH_BACKLOG = 16
 
 
 class ServedTable:
@@ -135,6 +143,10 @@ class TableLookup:
 
 Outcome = TableLookup | StorageError
 """What a batch gives each query: its vectors, or the storage error that stopped it (the others stand)."""
+
+Announce = Callable[[str, str, Op, np.ndarray, np.ndarray | None, bool], None]
+"""Called with (model, table, op, keys, vectors or None, whether every shared level took it) once a write is
+acknowledged, under the table's lock."""
 
 
 class _Batch:
@@ -253,6 +265,12 @@ class LookupSession:
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
         # L1 inserts above hit_rate_threshold run here, off the reply's path.
         self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.has_l1 else None
+        # Prefetches walk down here, one at a time, in the gaps between lookups, never on a reply's path.
+        self._prefetch = BackgroundFill(f"hps-prefetch-{model.name}", max_pending=PREFETCH_BACKLOG)
+        self._lookups_running = 0
+        self._lookups_idle = threading.Condition()
+        # Told of every acknowledged Upsert and Delete, in the order they were written (the update stream).
+        self.announce: Announce | None = None
 
     @property
     def name(self) -> str:
@@ -281,6 +299,16 @@ class LookupSession:
         """Answers every query in one pass per vector width (and L1 placement); outcomes in query order.
 
         A level failing for one width fails only the queries that needed it; the others are answered."""
+        with self._lookups_idle:
+            self._lookups_running += 1
+        try:
+            return self._lookup_groups(queries)
+        finally:
+            with self._lookups_idle:
+                self._lookups_running -= 1
+                self._lookups_idle.notify_all()
+
+    def _lookup_groups(self, queries: Sequence[KeyQuery]) -> list[Outcome]:
         groups: dict[tuple[int, tuple[EmbeddingCache, ...]], list[int]] = {}
         for i, query in enumerate(queries):
             groups.setdefault(query.group, []).append(i)
@@ -296,9 +324,10 @@ class LookupSession:
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]  # every slot was filled above
 
-    def _walk(self, batch: _Batch, report: bool, through_l1: bool = True) -> list[Outcome]:
+    def _walk(self, batch: _Batch, report: bool, through_l1: bool = True, fill_now: bool = False) -> list[Outcome]:
         """Answers the batch from L1, then the levels below for what missed, then defaults; copies what
-        it fetched into the levels above. report: the walk answers replies, so it is counted."""
+        it fetched into the levels above. report: the walk answers replies, so it is counted; fill_now:
+        L1 takes the rows before the walk returns, whatever the hit rate (a prefetch)."""
         epochs = [table.epoch for table in batch.tables]  # read before any row is
         self.follow_writes()
         n = len(batch)
@@ -315,7 +344,7 @@ class LookupSession:
             found |= hit
             counts.level(L1_LEVEL, None, hit, time.perf_counter() - started)
             missing = np.flatnonzero(~hit)
-            background = n - len(missing) >= self.model.hit_rate_threshold * n
+            background = not fill_now and n - len(missing) >= self.model.hit_rate_threshold * n
             if background and self.model.answer_misses_with_default and len(missing):
                 vectors[missing] = batch.defaults[batch.table_of[missing], None]
                 counts.defaults(missing)
@@ -396,6 +425,42 @@ class LookupSession:
             self._walk(batch, report=False, through_l1=False)
 
         self._fill.submit(fetch)
+
+    def prefetch(self, queries: Sequence[KeyQuery]) -> bool:
+        """Walks the queries' keys down in the background, so the rows are in L1 (and the levels above the
+        one holding them) for the lookup that follows; returns at once. False when the prefetch backlog is
+        full and the keys were dropped (a prefetch is a hint)."""
+        groups: dict[tuple[int, tuple[EmbeddingCache, ...]], list[KeyQuery]] = {}
+        for query in queries:
+            if len(query.keys):
+                groups.setdefault(query.group, []).append(query)
+        if not groups:
+            return True
+
+        def walk() -> None:
+            for group in groups.values():
+                batch = _Batch(group)
+                for start in range(0, len(batch), PREFETCH_CHUNK_KEYS):
+                    self._wait_for_no_lookups(PREFETCH_MAX_WAIT_S)
+                    chunk = batch.subset(np.arange(start, min(start + PREFETCH_CHUNK_KEYS, len(batch))))
+                    started = time.perf_counter()
+                    try:
+                        self._walk(chunk, report=False, fill_now=True)
+                    except StorageError as e:
+                        self._warn_unavailable("a storage", "prefetch skipped", e)
+                    # Level calls hold the GIL (rocksdict does): half as long again for the threads serving lookups.
+                    time.sleep((time.perf_counter() - started) / 2)
+
+        return self._prefetch.submit(walk)
+
+    def _wait_for_no_lookups(self, longest: float) -> None:
+        """Lets lookups in flight finish first (up to `longest` seconds): a prefetch runs in their gaps."""
+        with self._lookups_idle:
+            self._lookups_idle.wait_for(lambda: not self._lookups_running, longest)
+
+    def wait_prefetched(self, timeout: float | None = None) -> bool:
+        """Blocks until every prefetch submitted so far has run; False on timeout."""
+        return self._prefetch.wait_idle(timeout)
 
     def _pick_cache(self, batch: _Batch) -> EmbeddingCache | None:
         if batch.l1 is None:
@@ -503,11 +568,7 @@ class LookupSession:
         if self.route is not None:
             return self.route.upsert(self.name, table.name, keys, vectors)
         self._require_writable()
-        with self._writing(table, keys, vectors):
-            for authoritative, level in self._writable_levels():
-                self._write_level(
-                    authoritative, level, "insert", lambda lvl: lvl.insert(table.storage_name, keys, vectors)
-                )
+        self._write(table, "upsert", keys, vectors, announce=True)
         return len(keys)
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
@@ -519,12 +580,85 @@ class LookupSession:
         if self.route is not None:
             return self.route.delete(self.name, table.name, keys)
         self._require_writable()
-        removed = 0
-        with self._writing(table, keys, None):
+        return self._write(table, "delete", keys, None, announce=True)
+
+    def apply_update(
+        self, table_name: str, op: Op, keys: np.ndarray, vectors: np.ndarray | None, skip_shared: bool
+    ) -> None:
+        """Applies a batch of the update stream like an Upsert or Delete, without announcing it again.
+        skip_shared: another server wrote it into the shared levels already (Redis), so only this server's
+        own levels are written. "drop": every copy of the table's rows here is dropped. The lowest writable
+        level failing raises StorageError (the batch did not reach this server's authority)."""
+        table = self.table(table_name)
+        if op == "drop":
+            self._drop_copies(table)
+            return
+        keys = as_keys(keys)
+        rows = as_vectors(vectors, len(keys), table.dim) if op == "upsert" else None
+        self._write(table, op, keys, rows, announce=False, skip_shared=skip_shared)
+
+    def _write(
+        self,
+        table: ServedTable,
+        op: Op,
+        keys: np.ndarray,
+        vectors: np.ndarray | None,
+        *,
+        announce: bool,
+        skip_shared: bool = False,
+    ) -> int:
+        """An upsert (vectors given) or delete through the writable levels, the authority first, then L1
+        (L1 first for a write from the stream, which the writer's authority has already); announced (with
+        whether every shared level took it) before the table's lock is released, so the update stream
+        carries one table's writes in the order they were made. Returns the rows the authority held (delete)."""
+        if vectors is not None:
+            rows = vectors
+
+            def write(level: StorageLevel) -> int | None:
+                level.insert(table.storage_name, keys, rows)
+                return None
+        else:
+
+            def write(level: StorageLevel) -> int | None:
+                return level.evict(table.storage_name, keys)
+
+        on_written = self._on_written
+        written = None if on_written is None else functools.partial(on_written, table, keys, vectors)
+        refresh = functools.partial(self._refresh_l1, table, keys, vectors)
+        removed, shared_written = 0, True
+        with self._writing(table, refresh, written, l1_first=not announce):
             for authoritative, level in self._writable_levels():
-                held = self._write_level(authoritative, level, "evict", lambda lvl: lvl.evict(table.storage_name, keys))
-                removed = held if authoritative else removed
+                if skip_shared and level.shared:
+                    continue
+                held = self._write_level(authoritative, level, "insert" if vectors is not None else "evict", write)
+                if held is None:
+                    shared_written = shared_written and not level.shared
+                elif authoritative:
+                    removed = held
+            if announce and self.announce is not None:
+                self.announce(self.name, table.name, op, keys, vectors, shared_written)
         return removed
+
+    def drop_copies(self) -> None:
+        """Drops every row this server holds copies of (L1, and in-process levels above the lowest), for
+        every table: after update messages may have been missed, rows are read from below again."""
+        for table in self.tables.values():
+            self._drop_copies(table)
+
+    def _drop_copies(self, table: ServedTable) -> None:
+        copies = [level for level in self.levels[:-1] if not level.shared and not level.read_only]
+
+        def drop() -> None:
+            if table.l1 is not None:
+                for cache in table.l1.caches:
+                    held = cache.dump(table.l1.index)[0]
+                    cache.invalidate(held, _same(table.l1.index, held))
+
+        with self._writing(table, drop):
+            for level in copies:
+                chunks = [keys for keys, _ in level.dump(table.storage_name)]
+                if chunks:
+                    level.evict(table.storage_name, np.concatenate(chunks))
 
     def _writable_levels(self) -> Iterator[tuple[bool, StorageLevel]]:
         """(is it the authoritative one, level) for every writable level, lowest (the authority) first."""
@@ -534,9 +668,10 @@ class LookupSession:
 
     def _write_level(
         self, authoritative: bool, level: StorageLevel, operation: str, write: Callable[[StorageLevel], int | None]
-    ) -> int:
-        """Runs one level's share of a write; a level above the authority being unavailable is counted and
-        logged, not raised (the level drops those keys before serving them again)."""
+    ) -> int | None:
+        """Runs one level's share of a write: the rows it held (delete), or None when a level above the
+        authority was unavailable, which is counted and logged, not raised (the level drops those keys before
+        serving them again)."""
         try:
             return write(level) or 0
         except LevelUnavailableError as e:
@@ -545,7 +680,7 @@ class LookupSession:
             self._warn_unavailable(level.kind, "write acknowledged, its keys invalidated there before it is read", e)
             if self.metrics is not None:
                 self.metrics.record_level_failure(level.kind, operation)
-            return 0
+            return None
 
     def insert_if_unchanged(self, table: ServedTable, epoch: int, insert: Callable[[], None]) -> bool:
         """Runs `insert` (a copy of rows into a level above) unless an upsert or delete of the table came
@@ -557,20 +692,32 @@ class LookupSession:
             return True
 
     @contextlib.contextmanager
-    def _writing(self, table: ServedTable, keys: np.ndarray, vectors: np.ndarray | None) -> Iterator[None]:
-        """Holds the table against write-backs while the levels are written (its epoch odd); L1 is
-        refreshed, and the writer's hook told, even when a level fails part-way, since the levels below
-        may already hold the new rows."""
+    def _writing(
+        self,
+        table: ServedTable,
+        refresh_l1: Callable[[], None],
+        written: Callable[[], None] | None = None,
+        l1_first: bool = False,
+    ) -> Iterator[None]:
+        """Holds the table against write-backs while the levels are written (its epoch odd until L1 is
+        refreshed and `written` has run: a walk that read any level before the write was done has its
+        write-back dropped); L1 is refreshed, and `written` (the group writer's refresh of its workers) runs,
+        even when a level fails part-way, since the levels below may already hold the new rows.
+        l1_first: L1 is refreshed before the levels are written (rows the authority elsewhere has already:
+        this server's readers get them without waiting for its own slower levels)."""
         with table.lock:
             table.epochs.begin(table.epoch_slot)
             try:
+                if l1_first:
+                    refresh_l1()
                 yield
             finally:
                 table.epochs.committed()
-                self._refresh_l1(table, keys, vectors)
                 try:
-                    if self._on_written is not None:
-                        self._on_written(table, keys, vectors)
+                    if not l1_first:
+                        refresh_l1()
+                    if written is not None:
+                        written()
                 finally:
                     table.epochs.end(table.epoch_slot)
 
@@ -634,7 +781,8 @@ class LookupSession:
         return {name: table.l1.stats() for name, table in self.tables.items() if table.l1 is not None}
 
     def close(self) -> None:
-        """Runs the L1 fills still queued; call before the levels close."""
+        """Runs the prefetches and L1 fills still queued; call before the levels close."""
+        self._prefetch.close()
         if self._fill is not None:
             self._fill.close()
 

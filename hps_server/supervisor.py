@@ -69,6 +69,12 @@ def serve_workers(config: Config, log_format: LogFormat) -> int:
     failed. OSError naming the address when another program holds it."""
     security(config)  # a bad certificate or tokens file stops the group here, not each worker at its start
     held, port = claim_address(config.server.address)
+    if config.updates.stream_address(config.volatile_db):
+        log.warning(
+            "updates: not read by the %d worker processes; this server does not see other replicas' writes "
+            "or a feed (serve with one process for that)",
+            config.server.processes,
+        )
     try:
         with shared_volatile(config) as config:
             writer = GroupWriter(config, config.server.processes)
@@ -151,14 +157,20 @@ def _metrics_address(address: str, index: int) -> str:
 
 
 def worker_config(config: Config, port: int, index: int) -> Config:
-    """A worker's config: the group's port, RocksDB read-only (the group's writer writes it), and its
-    own /metrics port."""
+    """A worker's config: the group's port, RocksDB read-only (the group's writer writes it), its own
+    /metrics port, and no update stream (workers applying it each to the one shared hash map would race;
+    docs/redis.md, "Updates reach every replica")."""
     server = replace(
         config.server,
         address=_worker_address(config.server.address, port),
         metrics_address=_metrics_address(config.server.metrics_address, index),
     )
-    return replace(config, server=server, persistent_db=replace(config.persistent_db, read_only=True))
+    return replace(
+        config,
+        server=server,
+        persistent_db=replace(config.persistent_db, read_only=True),
+        updates=replace(config.updates, enabled=False),
+    )
 
 
 def _exit_text(code: int | None) -> str:

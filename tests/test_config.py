@@ -198,3 +198,26 @@ def test_unsupported_int32_keys_and_unreadable_files(tmp_path: Path) -> None:
         config_module.load(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
         config_module.load(tmp_path / "missing.yaml")
+
+
+def test_the_update_stream_follows_the_redis_cluster_unless_told_otherwise(tmp_path: Path) -> None:
+    models = [{"name": "m", "tables": [{"name": "t", "dim": 2}]}]
+    plain = config_module.parse({"models": models}, tmp_path)
+    assert plain.updates.enabled and plain.updates.stream_address(plain.volatile_db) == ""  # hash_map: no stream
+    redis = config_module.parse(
+        {"volatile_db": {"type": "redis_cluster", "address": "h:1"}, "models": models}, tmp_path
+    )
+    assert redis.updates.stream_address(redis.volatile_db) == "h:1"
+    raw = {"volatile_db": {"type": "redis_cluster", "address": "h:1"}, "models": models}
+    own = config_module.parse({**raw, "updates": {"address": "u:2", "stream": "s", "max_len": 5}}, tmp_path)
+    assert own.updates.stream_address(own.volatile_db) == "u:2" and own.updates.max_len == 5
+    off = config_module.parse({**raw, "updates": {"enabled": False}}, tmp_path)
+    assert off.updates.stream_address(off.volatile_db) == ""
+    for bad, message in (
+        ({"stream": ""}, "updates.stream: must not be empty"),
+        ({"max_len": 0}, "updates.max_len: must be >= 1"),
+        ({"polling": 1}, "updates.polling: unknown option"),
+        ({"address": "redis-0"}, "updates.address: expected host:port"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            config_module.parse({**raw, "updates": bad}, tmp_path)

@@ -390,3 +390,38 @@ def test_a_replacing_session_shares_write_epochs_only_with_tables_of_the_same_st
     assert versioned.tables["a"].epoch == 2
     assert versioned.tables["b"].lock is not old.tables["b"].lock and versioned.tables["b"].epoch == 0
     assert same.tally is old.tally
+
+
+def test_the_epoch_moves_only_once_a_write_is_done(levels) -> None:  # type: ignore[no-untyped-def]
+    """A walk that read its epoch while a write was under way may have read the levels before the write
+    reached them: its write-back must be refused afterwards."""
+    session, _ = _l1_session(levels)
+    table = session.table("t")
+    keys = np.arange(8, dtype=np.int64)
+    seen_during: list[int] = []
+    session.announce = lambda *written: seen_during.append(table.epoch)  # runs inside the write, levels written
+    session.upsert("t", keys, _rows(keys))
+    (during,) = seen_during
+    assert not session.insert_if_unchanged(table, during, lambda: None)
+    assert session.insert_if_unchanged(table, table.epoch, lambda: None)
+    session.close()
+
+
+def test_a_write_from_the_stream_reaches_l1_in_place_and_the_levels(levels) -> None:  # type: ignore[no-untyped-def]
+    session, cache = _l1_session(levels, hit_rate_threshold=1.0)
+    volatile, persistent = levels
+    keys = np.arange(16, dtype=np.int64)
+    persistent.insert("m.t", keys, _rows(keys))
+    session.lookup("t", keys)  # into L1
+    announced: list[object] = []
+    session.announce = lambda *written: announced.append(written)
+    session.apply_update("t", "upsert", keys, _rows(keys) + 100, skip_shared=True)
+    hits = cache.stats().hits
+    np.testing.assert_array_equal(session.lookup("t", keys).vectors, _rows(keys) + 100)
+    assert cache.stats().hits == hits + len(keys)
+    np.testing.assert_array_equal(persistent.fetch("m.t", keys)[0], _rows(keys) + 100)
+    np.testing.assert_array_equal(volatile.fetch("m.t", keys)[0], _rows(keys) + 100)  # not shared: written
+    session.apply_update("t", "drop", keys[:0], None, skip_shared=True)
+    assert cache.stats().rows == 0 and volatile.size("m.t") == 0 and persistent.size("m.t") == len(keys)
+    assert not announced  # a write from the stream is not published again
+    session.close()

@@ -87,14 +87,14 @@ class EmbeddingCache(Protocol):
         """Drops the keys if present."""
         ...
 
+    def dump(self, table: int = 0) -> tuple[np.ndarray, ...]:
+        """(keys ascending, vectors float32, ...) of every row `table` holds."""
+        ...
+
     def stats(self) -> CacheStats:
         """The sum of table_stats()."""
         ...
 
     def table_stats(self) -> list[CacheStats]:
         """Hits, misses, rows held and capacity of each table, in table order."""
-        ...
-
-    def dump(self, table: int = 0) -> tuple[np.ndarray, ...]:
-        """(keys ascending, vectors float32, ...) of every row `table` holds."""
         ...

@@ -40,6 +40,9 @@ class StorageLevel(ABC):
     """Registry name of the backend, e.g. "hash_map"; also its level name in stats."""
 
     read_only: bool = False
+    shared: ClassVar[bool] = False
+    """Whether other hps servers read and write the same rows (Redis): a write one of them made there is
+    not made again by the others when they apply it from the update stream."""
 
     @abstractmethod
     def create_table(self, table: str, dim: int) -> None:

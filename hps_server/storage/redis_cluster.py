@@ -244,6 +244,7 @@ class RedisClusterLevel(StorageLevel):
     """
 
     kind = "redis_cluster"
+    shared = True
 
     def __init__(
         self,

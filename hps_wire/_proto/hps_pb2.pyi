@@ -56,18 +56,20 @@ class PackedQuery(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[str]] = ..., keys: _Optional[bytes] = ..., counts: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("model", "queries", "dtype", "request_id", "packed")
+    __slots__ = ("model", "queries", "dtype", "request_id", "packed", "prefetch")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     queries: _containers.RepeatedCompositeFieldContainer[TableQuery]
     dtype: VectorDtype
     request_id: str
     packed: PackedQuery
-    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[TableQuery, _Mapping]]] = ..., dtype: _Optional[_Union[VectorDtype, str]] = ..., request_id: _Optional[str] = ..., packed: _Optional[_Union[PackedQuery, _Mapping]] = ...) -> None: ...
+    prefetch: PackedQuery
+    def __init__(self, model: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[TableQuery, _Mapping]]] = ..., dtype: _Optional[_Union[VectorDtype, str]] = ..., request_id: _Optional[str] = ..., packed: _Optional[_Union[PackedQuery, _Mapping]] = ..., prefetch: _Optional[_Union[PackedQuery, _Mapping]] = ...) -> None: ...
 
 class TableResult(_message.Message):
     __slots__ = ("table", "vectors", "rows", "dim", "dtype", "found")
@@ -246,3 +248,17 @@ class ReloadModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: DescribeModelResponse
     def __init__(self, model: _Optional[_Union[DescribeModelResponse, _Mapping]] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("model", "packed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    packed: PackedQuery
+    def __init__(self, model: _Optional[str] = ..., packed: _Optional[_Union[PackedQuery, _Mapping]] = ...) -> None: ...
+
+class PrefetchResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: int
+    def __init__(self, keys: _Optional[int] = ...) -> None: ...

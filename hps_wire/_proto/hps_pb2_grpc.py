@@ -55,6 +55,11 @@ class LookupServiceStub:
                 request_serializer=hps_dot_v1_dot_hps__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=hps_dot_v1_dot_hps__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/hps.v1.LookupService/Prefetch',
+                request_serializer=hps_dot_v1_dot_hps__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=hps_dot_v1_dot_hps__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
 
 
 class LookupServiceServicer:
@@ -90,6 +95,13 @@ class LookupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Loads keys a client will look up next into L1 in the background; returns at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LookupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_LookupServiceServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=hps_dot_v1_dot_hps__pb2.DeleteRequest.FromString,
                     response_serializer=hps_dot_v1_dot_hps__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=hps_dot_v1_dot_hps__pb2.PrefetchRequest.FromString,
+                    response_serializer=hps_dot_v1_dot_hps__pb2.PrefetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class LookupService:
             '/hps.v1.LookupService/Delete',
             hps_dot_v1_dot_hps__pb2.DeleteRequest.SerializeToString,
             hps_dot_v1_dot_hps__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hps.v1.LookupService/Prefetch',
+            hps_dot_v1_dot_hps__pb2.PrefetchRequest.SerializeToString,
+            hps_dot_v1_dot_hps__pb2.PrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,

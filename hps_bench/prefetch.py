@@ -1,0 +1,133 @@
+"""Benchmark: Prefetch against an `hps serve` with an L1 over a hash map and RocksDB.
+
+(a) interference: p99 of lookups of rows already in L1, alone and while another client prefetches a batch
+of cold keys every PREFETCH_EVERY_S, as a client prefetching its next batch would (the target: at most
+1.2x); (b) benefit: p50 of lookups of cold batches, plain and with each batch prefetched one batch ahead
+(MODEL_WORK_S between batches). Both from the same run, interleaved. Prints a table (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hps_bench import report
+from hps_bench.servers import free_port, hps_server, server_env, write_served_model
+from hps_client import Client
+
+DIM = 64
+BATCH = 256
+TARGET_P99_RATIO = 1.2
+# The other client's pace, and the model's work between two batches of the prefetching-ahead client.
+PREFETCH_EVERY_S = 0.010
+MODEL_WORK_S = 0.010
+
+
+def _latencies(client: Client, batches: list[np.ndarray], ahead: bool = False) -> np.ndarray:
+    seconds = []
+    for i, batch in enumerate(batches):
+        if ahead and i + 1 < len(batches):
+            client.prefetch("bench", {"table": batches[i + 1]})
+        started = time.perf_counter()
+        client.lookup("bench", "table", batch)
+        seconds.append(time.perf_counter() - started)
+        if ahead:
+            time.sleep(MODEL_WORK_S)  # the model's own work between batches, while the next batch is prefetched
+    return np.array(seconds)
+
+
+def _prefetching(target: str, cold: np.ndarray, stop: threading.Event) -> None:
+    rng = np.random.default_rng(2)
+    with Client(target) as client:
+        while not stop.is_set():
+            client.prefetch("bench", {"table": rng.choice(cold, BATCH)})
+            time.sleep(PREFETCH_EVERY_S)
+
+
+def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds: int = 2) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    keys = rng.choice(2**40, size=rows, replace=False).astype(np.int64)
+    vectors = rng.standard_normal((rows, DIM), dtype=np.float32)
+    hot, cold = keys[: 4 * BATCH], keys[4 * BATCH :]
+    with tempfile.TemporaryDirectory(prefix="hps-bench-prefetch-") as root:
+        port = free_port()
+        config = write_served_model(Path(root), port, "bench", {"table": (keys, vectors, 16)}, BATCH, l1="cpu")
+        text = config.read_text().replace("initial_cache_rate: 1.0", "initial_cache_rate: 0.0")
+        config.write_text(text.replace("gpucacheper: 1.0", "gpucacheper: 0.5"))
+        with hps_server(config, port, server_env("cpu")) as target, Client(target) as client:
+            client.lookup("bench", "table", hot)
+            alone, loaded, plain, ahead = [], [], [], []
+            for _ in range(rounds):  # interleaved, so drift on a shared machine hits both alike
+                hot_batches = [rng.choice(hot, BATCH) for _ in range(lookups)]
+                alone.append(_latencies(client, hot_batches))
+                stop = threading.Event()
+                prefetcher = threading.Thread(target=_prefetching, args=(target, cold, stop))
+                prefetcher.start()
+                try:
+                    loaded.append(_latencies(client, hot_batches))
+                finally:
+                    stop.set()
+                    prefetcher.join()
+                plain.append(_latencies(client, [rng.choice(cold, BATCH) for _ in range(lookups // 5)]))
+                ahead.append(_latencies(client, [rng.choice(cold, BATCH) for _ in range(lookups // 5)], ahead=True))
+    p99 = {
+        name: 1000 * float(np.percentile(np.concatenate(v), 99)) for name, v in (("alone", alone), ("loaded", loaded))
+    }
+    p50 = {name: 1000 * float(np.percentile(np.concatenate(v), 50)) for name, v in (("plain", plain), ("ahead", ahead))}
+    ratio = p99["loaded"] / p99["alone"]
+    table = [
+        {
+            "case": "L1 rows, lookups alone",
+            "p50_ms": 1000 * float(np.median(np.concatenate(alone))),
+            "p99_ms": p99["alone"],
+        },
+        {
+            "case": "L1 rows, while another client prefetches",
+            "p50_ms": 1000 * float(np.median(np.concatenate(loaded))),
+            "p99_ms": p99["loaded"],
+        },
+        {
+            "case": "cold batches, plain",
+            "p50_ms": p50["plain"],
+            "p99_ms": 1000 * float(np.percentile(np.concatenate(plain), 99)),
+        },
+        {
+            "case": "cold batches, each prefetched one batch ahead",
+            "p50_ms": p50["ahead"],
+            "p99_ms": 1000 * float(np.percentile(np.concatenate(ahead), 99)),
+        },
+    ]
+    extra = {
+        "batch_keys": BATCH,
+        "dim": DIM,
+        "table_rows": rows,
+        "p99_ratio_with_prefetch": round(ratio, 3),
+        "target_p99_ratio": TARGET_P99_RATIO,
+        "target_met": ratio <= TARGET_P99_RATIO,
+        "cold_p50_ratio_prefetched_vs_plain": round(p50["ahead"] / p50["plain"], 3),
+    }
+    title = f"Prefetch: lookups of {BATCH} keys, dim {DIM}, L1 over hash map and RocksDB"
+    report.emit(title, table, json_out, extra)
+    return {"benchmark": title, "rows": table, **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hps bench prefetch", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows in the table")
+    parser.add_argument("--lookups", type=int, default=500, help="lookups per round and case")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the interleaved cases")
+    args = parser.parse_args(argv)
+    run(json_out=args.json, rows=args.rows, lookups=args.lookups, rounds=args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Cross-replica updates: two hps servers, each with its own RocksDB and L1, sharing a real Redis Cluster and
+its update stream; an Upsert or Delete on one reaches the other's L1 and RocksDB, also across a paused
+stream node and after a gap (messages trimmed away before a slow replica read them).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from hps_bench.redis_cluster_launcher import RedisClusterProcesses
+from hps_client import Client
+from hps_server import config as config_module
+from hps_server.server import HpsServer
+from tests.conftest import ServedModel, sample_raw_config, write_sample_tables
+
+MAX_KEYS = 256  # per request: max_batch_size 64 x max_keys_per_sample 4 in sample_raw_config
+
+
+def serve_replica(directory: Path, cluster: RedisClusterProcesses, stream: str, **updates: object) -> ServedModel:
+    """A server with an L1 holding every row, over the shared cluster and its own RocksDB."""
+    directory.mkdir(parents=True, exist_ok=True)
+    truth = write_sample_tables(directory)
+    raw = sample_raw_config(type="redis_cluster", address=cluster.seed, timeout_ms=300)
+    raw["models"][0].update(gpucache=True, gpucacheper=1.0, hit_rate_threshold=1.0)
+    raw["updates"] = {"stream": stream, "block_ms": 200, **updates}
+    config = config_module.parse(raw, directory)
+    server = HpsServer(config)
+    port = server.start()
+    assert server.wait_ready(30)
+    return ServedModel(server, f"127.0.0.1:{port}", config, truth)
+
+
+def _connected(served: ServedModel) -> None:
+    feed = served.server.models.updates
+    assert feed is not None
+    assert feed.connected.wait(10), "the update stream never answered"
+
+
+@pytest.fixture
+def stream() -> str:
+    return f"hps_updates_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def replicas(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
+) -> Iterator[list[ServedModel]]:
+    redis_cluster_processes.flush()  # rows other tests wrote under the same table names
+    served = [serve_replica(tmp_path / name, redis_cluster_processes, stream) for name in ("a", "b")]
+    for replica in served:
+        _connected(replica)
+    yield served
+    for replica in served:
+        replica.server.stop(grace=1)
+
+
+def _until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.01)
+
+
+def _answers(client: Client, keys: np.ndarray, vectors: np.ndarray) -> bool:
+    return bool(np.array_equal(client.lookup("ctr", "user", keys), vectors))
+
+
+def test_upsert_and_delete_on_one_replica_reach_the_others_l1_and_rocksdb(replicas: list[ServedModel]) -> None:
+    a, b = replicas
+    keys = a.truth["user"][0][:MAX_KEYS]
+    new = np.random.default_rng(1).standard_normal((len(keys), 16), dtype=np.float32)
+    with Client(a.target) as client_a, Client(b.target) as client_b:
+        assert _answers(client_b, keys, b.expected("user", keys))  # B's L1 now holds the old rows
+        assert _answers(client_b, keys, b.expected("user", keys))
+        session_b = b.server.models.sessions["ctr"]
+        assert session_b.cache_stats()["user"].rows >= len(keys)
+
+        client_a.upsert("ctr", "user", keys, new)
+        _until(lambda: _answers(client_b, keys, new))
+        hits = session_b.cache_stats()["user"].hits
+        assert _answers(client_b, keys, new)
+        assert session_b.cache_stats()["user"].hits == hits + len(keys)  # refreshed in B's L1, not dropped
+        persistent = b.server.models.persistent
+        assert persistent is not None
+        # B's own RocksDB gets the rows too (after its L1, which B's readers see first).
+        _until(lambda: np.array_equal(persistent.fetch("ctr.user", keys)[0], new))
+
+        client_a.delete("ctr", "user", keys[:10])
+        _until(lambda: not client_b.lookup_tables("ctr", {"user": keys[:10]})["user"].found.any())
+        _until(lambda: not persistent.fetch("ctr.user", keys[:10])[1].any())
+        assert _answers(client_b, keys[10:], new[10:])
+    registry = b.server.metrics.registry
+    assert registry.get_sample_value("hps_update_rows_total", {"source": "replica"}) == len(keys) + 10
+    assert registry.get_sample_value("hps_update_lag_seconds_count") >= 2
+    assert registry.get_sample_value("hps_update_gaps_total") == 0
+
+
+def test_a_replica_paused_with_the_stream_node_catches_up_and_serves_no_stale_row(
+    tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses, stream: str
+) -> None:
+    cluster = disposable_redis_cluster
+    a, b = (serve_replica(tmp_path / name, cluster, stream) for name in ("a", "b"))
+    try:
+        for replica in (a, b):
+            _connected(replica)
+        keys = a.truth["user"][0][:MAX_KEYS]
+        new = np.full((len(keys), 16), 7.0, np.float32)
+        owner = int(redis.RedisCluster("127.0.0.1", cluster.ports[0]).get_node_from_key(stream).port)
+        with Client(a.target) as client_a, Client(b.target) as client_b:
+            assert _answers(client_b, keys, b.expected("user", keys))
+            cluster.pause_node(owner)  # both replicas lose the stream; A's Upsert is acknowledged anyway
+            try:
+                t0 = time.monotonic()
+                client_a.upsert("ctr", "user", keys, new)
+                assert _answers(client_a, keys, new)
+                print("T upsert", time.monotonic() - t0)
+            finally:
+                cluster.resume_node(owner)
+            _until(lambda: _answers(client_b, keys, new), timeout=20)
+            print("T caught", time.monotonic() - t0)
+            for _ in range(5):  # and it stays so
+                assert _answers(client_b, keys, new)
+    finally:
+        for replica in (a, b):
+            replica.server.stop(grace=1)
+
+
+def test_a_replica_that_fell_behind_the_trimmed_stream_drops_its_copies(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
+) -> None:
+    redis_cluster_processes.flush()
+    a = serve_replica(tmp_path / "a", redis_cluster_processes, stream, max_len=8)
+    b = serve_replica(tmp_path / "b", redis_cluster_processes, stream, max_len=8, read_count=2)
+    try:
+        for replica in (a, b):
+            _connected(replica)
+        keys = a.truth["user"][0][:MAX_KEYS]
+        session_b = b.server.models.sessions["ctr"]
+        feed_b = b.server.models.updates
+        assert feed_b is not None
+        with Client(a.target) as client_a, Client(b.target) as client_b:
+            assert _answers(client_b, keys, b.expected("user", keys))
+            table_b = session_b.table("user")
+            with table_b.lock:  # B is slow: it cannot apply anything while A writes
+                for i in range(200):
+                    client_a.upsert("ctr", "user", keys[i % 4 : i % 4 + 1], np.full((1, 16), i, np.float32))
+                client_a.upsert("ctr", "user", keys, np.full((len(keys), 16), 9.0, np.float32))
+            _until(lambda: feed_b.gaps > 0, timeout=5)
+            _until(lambda: _answers(client_b, keys, np.full((len(keys), 16), 9.0, np.float32)))
+    finally:
+        for replica in (a, b):
+            replica.server.stop(grace=1)
+
+
+def test_a_failover_of_the_stream_master_drops_copies_and_updates_flow_again(
+    tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses
+) -> None:
+    cluster = disposable_redis_cluster
+    seed = redis.RedisCluster("127.0.0.1", cluster.ports[0])
+    # A stream on the seed node the servers are configured with: they must find the cluster without it.
+    stream = next(
+        name
+        for name in (f"hps_updates_{i}" for i in range(1000))
+        if seed.get_node_from_key(name).port == cluster.ports[0]
+    )
+    a, b = (serve_replica(tmp_path / name, cluster, stream) for name in ("a", "b"))
+    try:
+        for replica in (a, b):
+            _connected(replica)
+        keys = a.truth["user"][0][:MAX_KEYS]
+        feed_b = b.server.models.updates
+        assert feed_b is not None
+        with Client(a.target) as client_a, Client(b.target) as client_b:
+            assert _answers(client_b, keys, b.expected("user", keys))
+            cluster.kill_node(cluster.ports[0])
+            _until(lambda: feed_b.gaps > 0, timeout=30)  # B found the stream on the promoted replica
+            new = np.full((len(keys), 16), 3.0, np.float32)
+            client_a.upsert("ctr", "user", keys, new)
+            _until(lambda: _answers(client_b, keys, new), timeout=30)
+    finally:
+        for replica in (a, b):
+            replica.server.stop(grace=1)
