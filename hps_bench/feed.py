@@ -166,7 +166,7 @@ def run(json_out: bool = False, messages: int = 100, rows_per_message: int = 409
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hps bench feed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench feed", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--messages", type=int, default=100, help="messages in the stream")
     parser.add_argument("--rows-per-message", type=int, default=4096, help="rows per message")

@@ -119,7 +119,7 @@ def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hps bench prefetch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench prefetch", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--rows", type=int, default=100_000, help="rows in the table")
     parser.add_argument("--lookups", type=int, default=500, help="lookups per round and case")

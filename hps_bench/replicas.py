@@ -124,7 +124,7 @@ def run(json_out: bool = False, upserts: int = 2000) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hps bench replicas", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench replicas", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--upserts", type=int, default=2000, help="upserts on replica A (each of one key)")
     args = parser.parse_args(argv)
