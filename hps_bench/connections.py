@@ -211,7 +211,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hps bench connections", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench connections", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per case")
     parser.add_argument("--processes", type=int, default=2, help="client processes sharing the connections")

@@ -253,7 +253,7 @@ def run(json_out: bool, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hps bench faults", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench faults", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of load after each fault")
     args = parser.parse_args(argv)

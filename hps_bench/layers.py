@@ -155,7 +155,7 @@ def run(scale: float = 1.0, frameworks: list[str] | None = None) -> list[dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hps bench layers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench layers", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of requests")
     parser.add_argument("--frameworks", nargs="+", choices=["tf", "torch"], default=["tf", "torch"])

@@ -134,7 +134,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hps bench memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench memory", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows inserted per dim")
     parser.add_argument("--dims", type=int, nargs="+", default=list(DEFAULT_DIMS), help="vector sizes to measure")

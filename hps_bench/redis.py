@@ -133,7 +133,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hps bench redis", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench redis", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     parser.add_argument("--rows", type=int, default=100_000, help="rows loaded into the cluster")
     parser.add_argument("--batch", type=int, default=BATCH, help="keys per fetch")

@@ -187,7 +187,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hps bench reload", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hps bench reload", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the run")
     parser.add_argument("--reloads", type=int, default=5, help="reloads to a new version, spread over the run")
