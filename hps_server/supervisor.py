@@ -69,12 +69,6 @@ def serve_workers(config: Config, log_format: LogFormat) -> int:
     failed. OSError naming the address when another program holds it."""
     security(config)  # a bad certificate or tokens file stops the group here, not each worker at its start
     held, port = claim_address(config.server.address)
-    if config.updates.stream_address(config.volatile_db):
-        log.warning(
-            "updates: not read by the %d worker processes; this server does not see other replicas' writes "
-            "or a feed (serve with one process for that)",
-            config.server.processes,
-        )
     try:
         with shared_volatile(config) as config:
             writer = GroupWriter(config, config.server.processes)
@@ -158,8 +152,8 @@ def _metrics_address(address: str, index: int) -> str:
 
 def worker_config(config: Config, port: int, index: int) -> Config:
     """A worker's config: the group's port, RocksDB read-only (the group's writer writes it), its own
-    /metrics port, and no update stream (workers applying it each to the one shared hash map would race;
-    docs/redis.md, "Updates reach every replica")."""
+    /metrics port, and no update stream: the writer reads it for the group and applies its messages like
+    the workers' own writes (every level, then every worker's L1)."""
     server = replace(
         config.server,
         address=_worker_address(config.server.address, port),

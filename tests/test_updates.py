@@ -5,20 +5,25 @@ stream node and after a gap (messages trimmed away before a slow replica read th
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import redis
+import yaml
 
 from hps_bench.redis_cluster_launcher import RedisClusterProcesses
+from hps_bench.servers import free_port
 from hps_client import Client
 from hps_server import config as config_module
 from hps_server.server import HpsServer
-from tests.conftest import ServedModel, sample_raw_config, write_sample_tables
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
+from tests.conftest import ServedModel, sample_raw_config, serve_command, write_sample_tables
 
 MAX_KEYS = 256  # per request: max_batch_size 64 x max_keys_per_sample 4 in sample_raw_config
 
@@ -187,3 +192,56 @@ def test_a_failover_of_the_stream_master_drops_copies_and_updates_flow_again(
     finally:
         for replica in (a, b):
             replica.server.stop(grace=1)
+
+
+def test_a_worker_group_applies_other_replicas_writes_and_publishes_its_own(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
+) -> None:
+    """`hps serve --processes 2` beside a one-process replica: the group's writer reads the stream for its
+    workers (each worker's L1 refreshed), and publishes what its workers take."""
+    redis_cluster_processes.flush()
+    single = serve_replica(tmp_path / "single", redis_cluster_processes, stream)
+    _connected(single)
+    folder = tmp_path / "group"
+    folder.mkdir()
+    write_sample_tables(folder)
+    raw = sample_raw_config(type="redis_cluster", address=redis_cluster_processes.seed, timeout_ms=300)
+    raw["models"][0].update(gpucache=True, gpucacheper=1.0, hit_rate_threshold=1.0)
+    raw["updates"] = {"stream": stream, "block_ms": 200}
+    port = free_port()
+    raw["server"].update(address=f"127.0.0.1:{port}", shutdown_grace_seconds=2)
+    config = folder / "hps.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    log = folder / "group.log"
+    group = subprocess.Popen(serve_command(config, "--processes", "2"), stderr=log.open("w"))
+    try:
+        _until(lambda: "serving 2 workers" in log.read_text() or group.poll() is not None, timeout=120)
+        assert group.poll() is None, log.read_text()
+        target = f"127.0.0.1:{port}"
+        keys = single.truth["user"][0][:MAX_KEYS]
+        new = np.random.default_rng(7).standard_normal((len(keys), 16), dtype=np.float32)
+
+        request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys.tobytes())])
+
+        def every_worker_answers(vectors: np.ndarray) -> bool:
+            # Fresh connections, each with a subchannel of its own: the kernel spreads them over both workers.
+            for _ in range(8):
+                with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                    reply = hps_pb2_grpc.LookupServiceStub(channel).Lookup(request, timeout=30)
+                if not np.array_equal(np.frombuffer(reply.results[0].vectors, "<f4").reshape(vectors.shape), vectors):
+                    return False
+            return True
+
+        assert every_worker_answers(single.expected("user", keys))  # the workers' L1 hold the old rows
+        with Client(single.target) as client:
+            client.upsert("ctr", "user", keys, new)
+        _until(lambda: every_worker_answers(new))
+        back = new + 1
+        with Client(target) as client:
+            client.upsert("ctr", "user", keys, back)
+        with Client(single.target) as client:
+            _until(lambda: _answers(client, keys, back))
+    finally:
+        group.terminate()
+        group.wait(60)
+        single.server.stop(grace=1)
