@@ -284,10 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.set_defaults(run=_export)
 
-    push = commands.add_parser("push", help="append a table folder to the update stream (the servers apply it)")
+    push = _command(commands, "push", "append a table folder to the update stream (the servers apply it)")
     push.add_argument("--config", required=True, help="the servers' config (its updates stream and tables)")
     push.add_argument("--model", help="model of the table (default: the config's first)")
-    push.add_argument("--table", required=True)
+    push.add_argument("--table", required=True, help="the table the rows belong to")
     push.add_argument("--source", required=True, help="table folder (HPS key/emb_vector or .npy pair)")
     push.add_argument("--rows-per-message", type=int, default=4096, help="rows per stream message (default 4096)")
     push.set_defaults(run=_push)
