@@ -480,22 +480,34 @@ class LookupSession:
         levels above the one that held them."""
         fetched = [f for f in fetched if len(f.positions)]
         if cache is not None and batch.l1_tables is not None and fetched:
-            positions = np.concatenate([f.positions for f in fetched]) if len(fetched) > 1 else fetched[0].positions
-            rows = np.concatenate([f.found_rows() for f in fetched]) if len(fetched) > 1 else fetched[0].found_rows()
-            tables = batch.table_of[positions]
-            keys, l1_tables = batch.keys[positions], batch.l1_tables[tables]
+            self._fill_l1(batch, epochs, fetched, cache, background)
+        if self.write_back:
+            self._write_back(batch, epochs, fetched)
 
-            def fill() -> None:
-                self._insert_unless_stale(
-                    batch.tables, epochs, tables, lambda keep: cache.replace(keys[keep], rows[keep], l1_tables[keep])
-                )
+    def _fill_l1(
+        self, batch: _Batch, epochs: list[int], fetched: list[_Fetched], cache: EmbeddingCache, background: bool
+    ) -> None:
+        """One L1 insert of every row found below, now or (background) in the fill thread. Its arrays are
+        this call's own: the fill may run after the walk went on."""
+        assert batch.l1_tables is not None
+        positions = np.concatenate([f.positions for f in fetched]) if len(fetched) > 1 else fetched[0].positions
+        rows = np.concatenate([f.found_rows() for f in fetched]) if len(fetched) > 1 else fetched[0].found_rows()
+        tables = batch.table_of[positions]
+        keys, l1_tables = batch.keys[positions], batch.l1_tables[tables]
 
-            if background and self._fill is not None:
-                self._fill.submit(fill)
-            else:
-                fill()
-        if not self.write_back:
-            return
+        def fill() -> None:
+            self._insert_unless_stale(
+                batch.tables, epochs, tables, lambda keep: cache.replace(keys[keep], rows[keep], l1_tables[keep])
+            )
+
+        if background and self._fill is not None:
+            self._fill.submit(fill)
+        else:
+            fill()
+
+    def _write_back(self, batch: _Batch, epochs: list[int], fetched: list[_Fetched]) -> None:
+        """Copies each level's found rows into the writable levels above it (through the group's writer in a
+        worker); a level that cannot take them is counted and skipped."""
         for f in fetched:
             above = [(index, level) for index, level in enumerate(self.levels[: f.level]) if not level.read_only]
             if not above:

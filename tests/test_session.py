@@ -103,6 +103,24 @@ def _l1_session(levels, **options) -> tuple[LookupSession, ReferenceEmbeddingCac
     return LookupSession(model, list(levels), {"t": TableL1((cache,))}), cache
 
 
+def test_a_background_l1_fill_takes_the_rows_of_every_level_it_found_them_in(levels) -> None:  # type: ignore[no-untyped-def]
+    """Above the hit-rate threshold L1 is filled in the background, after the walk has gone on to write the
+    RocksDB rows back into the hash map: the fill still takes exactly the rows it was given, from both levels."""
+    volatile, persistent = levels
+    hot, warm, cold = np.arange(1, 9), np.arange(101, 105), np.arange(201, 207)  # L1, hash map, RocksDB only
+    every = np.concatenate([hot, warm, cold]).astype(np.int64)
+    persistent.insert("m.t", every, _rows(every))
+    volatile.insert("m.t", warm, _rows(warm))
+    session, cache = _l1_session(levels, hit_rate_threshold=0.3)
+    cache.replace(hot, _rows(hot))
+    session.lookup("t", every)  # 8 of 18 hits: above 0.3, so the fill of the other 10 runs in the background
+    session.close()  # runs the queued fill
+    missed = np.concatenate([warm, cold]).astype(np.int64)
+    vectors, hit = cache.query(missed)
+    assert hit.all()
+    np.testing.assert_array_equal(vectors, _rows(missed))
+
+
 def test_l1_below_the_threshold_is_filled_before_the_reply(levels) -> None:
     _, persistent = levels
     stored = np.arange(1, 9, dtype=np.int64)
