@@ -24,9 +24,9 @@ import numpy as np
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hps_client import security
-from hps_client.security import TLS
 from hps_server import tables as table_files
+from hps_wire import security
+from hps_wire.security import TLS
 
 L1Choice = Literal["none", "cpu", "gpu"]
 L1_CHOICES: tuple[str, ...] = get_args(L1Choice)

@@ -14,8 +14,8 @@ from hps_client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from hps_client.security import TLS
 from hps_wire.response_codec import LookupResult
+from hps_wire.security import TLS
 
 __all__ = [
     "TLS",

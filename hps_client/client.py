@@ -13,12 +13,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hps_client import security, wire
+from hps_client import wire
 from hps_client.errors import from_rpc_error
-from hps_client.security import TLS
 from hps_client.wire import Combiner, Dtype
+from hps_wire import security
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from hps_wire.response_codec import LookupResult, decode_lookup_response
+from hps_wire.security import TLS
 
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE_MB = 256

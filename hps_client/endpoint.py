@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from hps_client.client import Client
-from hps_client.security import TLS, token_from_environment
+from hps_wire.security import TLS, token_from_environment
 
 # What `hps serve` listens on when its config names no server.address.
 DEFAULT_ADDRESS = "127.0.0.1:8500"

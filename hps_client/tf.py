@@ -16,8 +16,8 @@ import tensorflow as tf
 
 from hps_client import endpoint
 from hps_client.client import Client
-from hps_client.security import TLS
 from hps_client.wire import Combiner, Dtype
+from hps_wire.security import TLS
 
 _WIRE_DTYPES: dict[tf.DType, Dtype] = {tf.float32: "float32", tf.float16: "float16"}
 _COMBINERS = ("mean", "sum", "sqrtn")

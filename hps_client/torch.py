@@ -14,8 +14,8 @@ import torch
 
 from hps_client import endpoint
 from hps_client.client import Client
-from hps_client.security import TLS
 from hps_client.wire import Combiner
+from hps_wire.security import TLS
 
 # Tokens of this process's layers, by the random handle their ops carry: a traced, scripted or exported module
 # holds the handle, never the token; where the handle is unknown (another process) the op uses HPS_TOKEN.

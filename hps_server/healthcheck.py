@@ -13,7 +13,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hps_client import security
+from hps_wire import security
 
 
 def check(address: str, service: str = "", timeout: float = 3.0, tls: security.TLS | None = None) -> str:

@@ -26,10 +26,10 @@ from hps_client import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from hps_client import security as client_security
 from hps_server import auth
 from hps_server import config as config_module
 from hps_server.server import HpsServer
+from hps_wire import security as client_security
 from hps_wire._proto import hps_pb2
 from tests.conftest import (
     CERT_READER,

@@ -15,8 +15,9 @@ import pytest
 
 from hps_bench.certificates import Authority
 from hps_bench.servers import free_port
-from hps_client import TLS, Client, UnavailableError, security
+from hps_client import TLS, Client, UnavailableError
 from hps_server.config import TOKENS_FILE_ENV
+from hps_wire import security
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import READER, secured_entries, serve_command, write_sample_config, write_tokens_file
 

@@ -17,8 +17,8 @@ import grpc
 import triton_python_backend_utils as pb_utils
 
 from hps_client import TLS, Client, HpsError
-from hps_client.security import token_from_environment
 from hps_client.triton.batching import KeyLayoutError, LookupBatch, key_counts
+from hps_wire.security import token_from_environment
 
 _TRITON_CODES = {
     grpc.StatusCode.NOT_FOUND: "NOT_FOUND",

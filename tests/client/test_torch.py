@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from hps_client import TLS, InvalidArgumentError, NotFoundError, UnauthenticatedError
-from hps_client.security import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV, TOKEN_ENV
 from hps_client.torch import LookupLayer, SparseLookupLayer
+from hps_wire.security import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV, TOKEN_ENV
 from tests.conftest import READER, TABLE_SPECS, SecuredModel, ServedModel
 
 
