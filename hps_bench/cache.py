@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hps_bench import report
 from hps_bench.report import emit
 
 QUERY_BATCHES = (65_536, 1 << 20)
@@ -45,17 +46,6 @@ def _timed(cp: Any, run: Callable[[], object], stream: Any, repeats: int) -> flo
         end.record(stream)
         end.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
-    return float(np.median(times))
-
-
-def _wall(run: Callable[[], object], repeats: int) -> float:
-    """Seconds per call of a host-synchronous call, median of `repeats` after one warm-up."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
@@ -86,7 +76,7 @@ def query_rows(cp: Any, capacity_rows: int, repeats: int) -> list[dict[str, Any]
                 assert bool(hit.all()), "every key queried was taken from the cache's own dump"
                 cached = _timed(cp, partial(cache.query_device, keys), cache.stream, repeats)
                 ceiling = _gather_seconds(cp, table, batch, cache.stream, repeats)
-            host = _wall(partial(cache.query, cp.asnumpy(keys)), max(3, repeats // 3))
+            host = report.median_seconds(partial(cache.query, cp.asnumpy(keys)), max(3, repeats // 3))
             rows.append(
                 {
                     "dim": dim,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from hps_bench import report
 from hps_server.cache import EmbeddingCache
 from hps_server.cache.sharded import Gather, ShardedCache, split_rows
 
@@ -28,17 +29,6 @@ def device_counts(available: int, asked: str) -> list[int]:
     most = available if asked == "all" else min(int(asked), available)
     counts = [1 << i for i in range(most.bit_length()) if 1 << i <= most]
     return counts if counts[-1] == most else [*counts, most]
-
-
-def _per_call(run: Callable[[], object], repeats: int) -> float:
-    """Median seconds of a host-synchronous call, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def _streams(calls: Sequence[Callable[[], object]], repeats: int) -> float:
@@ -81,7 +71,7 @@ def query_rows(counts: Sequence[int], capacity: int, repeats: int) -> list[dict[
     _filled(base, one_copy, rng)
     present = base.dump()[0]  # a few sets overflow at half load: query only what is held (every replica the same)
     stream_keys = [present[rng.integers(0, present.size, size=BATCH)] for _ in range(max(2, counts[-1]))]
-    single = {1: BATCH / _per_call(partial(base.query, stream_keys[0]), repeats)}  # streams -> keys/s
+    single = {1: BATCH / report.median_seconds(partial(base.query, stream_keys[0]), repeats)}  # streams -> keys/s
     for streams in sorted({max(2, count) for count in counts}):
         seconds = _streams([partial(base.query, k) for k in stream_keys[:streams]], repeats)
         single[streams] = streams * repeats * BATCH / seconds
@@ -97,7 +87,7 @@ def query_rows(counts: Sequence[int], capacity: int, repeats: int) -> list[dict[
             shards = ShardedCache(sharded.shards, gather=gather)
             vectors, hit = shards.query(keys)
             assert bool(hit.all()), "every key queried is held by its shard"
-            sharded_rates[gather] = BATCH / _per_call(partial(shards.query, keys), repeats)
+            sharded_rates[gather] = BATCH / report.median_seconds(partial(shards.query, keys), repeats)
             del shards, vectors, hit
         del sharded
         replicas = [GpuEmbeddingCache(capacity, DIM, device=d) for d in range(count)]

@@ -6,6 +6,7 @@ Benchmarks build rows of plain numbers; this module times and formats, it measur
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,12 @@ def timed(call: Callable[[], object], n: int) -> list[float]:
         call()
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Median seconds of a host-synchronous call over `repeats`, after one warm-up call."""
+    call()
+    return float(statistics.median(timed(call, repeats)))
 
 
 def emit(title: str, rows: Sequence[Mapping[str, Any]], as_json: bool, extra: Mapping[str, Any] | None = None) -> None:
