@@ -392,12 +392,13 @@ class HostedModels:
         """(kind, whether its writes fail now) of each level."""
         return [(level.kind, level.writes_failing) for level in (self.volatile, self.persistent) if level is not None]
 
-    def warm(self, stop: threading.Event, volatile: bool = True) -> None:
-        """Copies initial_cache_rate of each table into the volatile level (unless `volatile` is False) and
-        L1 (see warmup.py)."""
+    def warm(self, stop: threading.Event) -> None:
+        """Copies initial_cache_rate of each table into the volatile level and L1 (see warmup.py); a group's
+        worker warms only its L1 (its writer warmed the volatile level all of them share)."""
+        worker = self.group is not None and self.group.route is not None
         warmup.warm(
             list(self.sessions.values()),
-            self.volatile if volatile else None,
+            None if worker else self.volatile,
             self.persistent,
             self.config.volatile_db.initial_cache_rate,
             stop,

@@ -50,8 +50,8 @@ class HpsServer:
     grant allows (see auth.py; health checking stays open), with server.read_only no writes.
 
     As one worker of several (supervisor.py): `shared_port` lets the others bind the same address,
-    `group` sends its writes to the group's writer, `warm_volatile=False` leaves the volatile level
-    out of warm-up (the writer warmed the shared one), and `before_serving(stopped)` runs after warm-up
+    `group` sends its writes to the group's writer (which warmed the shared volatile level, so the worker
+    warms only its L1), and `before_serving(stopped)` runs after warm-up
     and before health reports SERVING (it may block until the others are warm, or `stopped` is set).
     """
 
@@ -63,11 +63,9 @@ class HpsServer:
         *,
         shared_port: bool = False,
         group: GroupRole | None = None,
-        warm_volatile: bool = True,
         before_serving: Callable[[threading.Event], None] | None = None,
     ) -> None:
         self.config = config
-        self._warm_volatile = warm_volatile
         self.health = health.HealthServicer()
         for name in ("", *SERVICE_NAMES, WRITES_HEALTH_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -146,7 +144,7 @@ class HpsServer:
     def _warm_then_serve(self) -> None:
         # Lookups are answered during warm-up (they fall through to the lower levels); readiness waits for it.
         try:
-            self.models.warm(self._stopped, volatile=self._warm_volatile)
+            self.models.warm(self._stopped)
         except Exception:
             log.exception("warm-up failed; serving with colder caches")
         if self._before_serving is not None:

@@ -362,8 +362,6 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
         OpenedGpuCaches(spec.group.l1).factory,
         shared_port=True,
         group=writer.role(),
-        # The writer warmed the volatile level every worker shares: N workers copying into it would repeat it.
-        warm_volatile=False,
         before_serving=wait_for_the_others,
     )
     writer.models = server.models
