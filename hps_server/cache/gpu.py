@@ -49,6 +49,8 @@ _GROUP_MEMBERS = 8  # GROUP_MEMBERS in cache.cu: keys a set's group of new keys 
 # 1M keys: dims 64 and 128 gained 6-7 % over a warp per group).
 _QUERY_BLOCKS_PER_SM = 8
 _SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
+# Bytes of staging a structure keeps between host calls, host and device each (see _Staging).
+_STAGING_KEPT = 32 << 20
 
 
 def available(device: int = 0) -> bool:
@@ -101,21 +103,40 @@ def pinned(size: int) -> np.ndarray:
     return cupyx.empty_pinned(-(-size // step) * step, np.uint8)[:size]
 
 
-def _stage(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
-    """The arrays end to end in one pinned buffer (each at a 16-byte boundary, for the row copies' loads)."""
+def _layout(arrays: Sequence[np.ndarray]) -> tuple[list[int], int]:
+    """Offsets of the arrays end to end (each at a 16-byte boundary, for the row copies' loads), and the total."""
     *offsets, size = itertools.accumulate((_round16(a.nbytes) for a in arrays), initial=0)
-    staged = pinned(size)
-    for array, offset in zip(arrays, offsets, strict=True):
-        staged[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)[...] = array
-    return staged, offsets
+    return offsets, size
 
 
-def _device_views(buffer: cp.ndarray, arrays: Sequence[np.ndarray], offsets: Sequence[int]) -> list[cp.ndarray]:
-    """Views of a device copy of a _stage() buffer, shaped as the staged arrays."""
-    return [
-        buffer[offset : offset + a.nbytes].view(a.dtype).reshape(a.shape)
-        for a, offset in zip(arrays, offsets, strict=True)
-    ]
+def _views(base: cp.ndarray, arrays: Sequence[np.ndarray], offsets: Sequence[int]) -> list[cp.ndarray]:
+    """Arrays shaped as `arrays`, at these byte offsets of the device buffer `base`."""
+    return [cp.ndarray(a.shape, a.dtype, base.data + offset) for a, offset in zip(arrays, offsets, strict=True)]
+
+
+class _Staging:
+    """A structure's buffers for host calls, reused call after call: pinned host memory the inputs are
+    gathered into, and device memory for the inputs and a query's reply. Creating them costs more than a
+    small call's GPU work, so they are kept, up to _STAGING_KEPT bytes each; a larger call gets its own.
+    Only used inside the structure's lock, by calls that synchronize before letting it go."""
+
+    def __init__(self) -> None:
+        self._host = np.zeros(0, np.uint8)
+        self._device = cp.zeros(0, cp.uint8)
+
+    def host(self, size: int) -> np.ndarray:
+        if size > _STAGING_KEPT:
+            return pinned(size)
+        if self._host.size < size:
+            self._host = pinned(max(size, min(2 * self._host.size, _STAGING_KEPT)))
+        return self._host
+
+    def device(self, size: int) -> cp.ndarray:
+        if size > _STAGING_KEPT:
+            return cp.empty(size, cp.uint8)
+        if self._device.size < size:
+            self._device = cp.empty(max(size, min(2 * self._device.size, _STAGING_KEPT)), cp.uint8)
+        return self._device
 
 
 class _OnDevice:
@@ -142,6 +163,7 @@ class _OnDevice:
             # [table][0: hits, 1: keys asked][counter], as in cache.cu
             self._counts = cp.zeros((num_tables, 2, _HIT_COUNTERS), cp.uint64)
             self._zeros = cp.zeros(0, cp.int32)
+            self._staging = _Staging()
         self._lock = threading.Lock()
         self.launches = 0
         self.copies_to_device = 0
@@ -209,17 +231,24 @@ class _OnDevice:
     def table_stats(self) -> list[CacheStats]:
         raise NotImplementedError
 
-    def _upload(self, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[cp.ndarray]]:
-        """One host-to-device copy of the arrays; inside the lock, on our stream.
-
-        Returns the pinned staging buffer, which the caller keeps until it has synchronized (the copy
-        reads it asynchronously), and device views shaped as the arrays.
-        """
-        staged, offsets = _stage(arrays)
-        buffer = cp.empty(staged.size, cp.uint8)
-        buffer.set(staged, stream=self._stream)
+    def _upload(self, arrays: Sequence[np.ndarray], reply_bytes: int = 0) -> tuple[list[cp.ndarray], cp.ndarray]:
+        """One host-to-device copy of the arrays, inside the lock, on our stream: device views shaped as
+        the arrays, and `reply_bytes` of device memory after them for a query's reply."""
+        offsets, size = _layout(arrays)
+        staged = self._staging.host(size)
+        for array, offset in zip(arrays, offsets, strict=True):
+            staged[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)[...] = array
+        buffer = self._staging.device(size + reply_bytes)
+        cp.cuda.runtime.memcpyAsync(
+            buffer.data.ptr, staged.ctypes.data, size, cp.cuda.runtime.memcpyHostToDevice, self._stream.ptr
+        )
         self.copies_to_device += 1
-        return staged, _device_views(buffer, arrays, offsets)
+        return _views(buffer, arrays, offsets), buffer[size : size + reply_bytes]
+
+    def _finish(self) -> None:
+        """Waits for our stream, inside the lock: the staging buffers are free again once it returns."""
+        self._stream.synchronize()
+        self.syncs += 1
 
     def _host_query(
         self, keys: np.ndarray, tables: np.ndarray | None, dtype: npt.DTypeLike
@@ -234,16 +263,14 @@ class _OnDevice:
         vector_bytes = n * self.dim * out.itemsize
         reply = pinned(vector_bytes + n)
         with self._device, self._lock, self._held(False), self._stream:
-            staged, (keys_d, tables_d) = self._upload((keys, tables))
-            reply_d = cp.empty(reply.size, cp.uint8)
-            vectors_d = reply_d[:vector_bytes].view(out).reshape(n, self.dim)
-            self._query(keys_d, tables_d, vectors_d, reply_d[vector_bytes:].view(cp.bool_))
-            reply_d.get(stream=self._stream, out=reply, blocking=False)
+            (keys_d, tables_d), reply_d = self._upload((keys, tables), reply.size)
+            vectors_d = cp.ndarray((n, self.dim), out, reply_d.data)
+            self._query(keys_d, tables_d, vectors_d, cp.ndarray((n,), cp.bool_, reply_d.data + vector_bytes))
+            cp.cuda.runtime.memcpyAsync(
+                reply.ctypes.data, reply_d.data.ptr, reply.size, cp.cuda.runtime.memcpyDeviceToHost, self._stream.ptr
+            )
             self.copies_to_host += 1
-            self.syncs += 1
-            done = self._stream.record()
-        done.synchronize()
-        del staged  # only now may the pool hand the staging buffer out again
+            self._finish()
         hit = reply[vector_bytes:].view(np.bool_)
         return reply[:vector_bytes].view(out).reshape(n, self.dim), hit, np.flatnonzero(~hit)
 
@@ -254,12 +281,9 @@ class _OnDevice:
         if not keys.size:
             return
         with self._device, self._lock, self._held(True), self._stream:
-            staged, on_device = self._upload(inputs)
+            on_device, _ = self._upload(inputs)
             getattr(self, op)(*on_device)
-            self.syncs += 1
-            done = self._stream.record()
-        done.synchronize()
-        del staged  # only now may the pool hand the staging buffer out again
+            self._finish()
 
     def _device_call(self, op: str, *arrays: cp.ndarray) -> Any:
         caller = cp.cuda.get_current_stream()
