@@ -2,7 +2,9 @@
 
 It replies to each call with as many bytes (random, cached per size) as the request's first 8 bytes ask for,
 with no decoding, so a same-size exchange shows what Python gRPC alone costs on this machine (over TLS too,
-given a certificate and key: the baseline of `hps bench lookup --tls`). Run: python -m hps_bench.echo_server.
+given a certificate and key: the baseline of `hps bench lookup --tls`). A request can ask for a fresh reply
+instead: the cached bytes copied once per call, the least any server that builds each reply must do (hps
+copies its vectors once, into the reply). Run: python -m hps_bench.echo_server.
 """
 
 from __future__ import annotations
@@ -29,13 +31,19 @@ def _reply(size: int) -> bytes:
     return np.random.default_rng(size).bytes(size)
 
 
+_FRESH = 1 << 63  # in the size word: copy the reply for this call
+
+
 def _call(request: bytes, context: grpc.ServicerContext) -> bytes:
-    return _reply(int.from_bytes(request[:8], "little"))
+    word = int.from_bytes(request[:8], "little")
+    reply = _reply(word & ~_FRESH)
+    return bytes(memoryview(reply)) if word & _FRESH else reply
 
 
-def request(reply_bytes: int, request_bytes: int) -> bytes:
-    """A request of `request_bytes` bytes asking for a reply of `reply_bytes` bytes."""
-    return reply_bytes.to_bytes(8, "little") + bytes(max(0, request_bytes - 8))
+def request(reply_bytes: int, request_bytes: int, fresh: bool = False) -> bytes:
+    """A request of `request_bytes` bytes asking for a reply of `reply_bytes` bytes (`fresh`: copied for it)."""
+    word = reply_bytes | (_FRESH if fresh else 0)
+    return word.to_bytes(8, "little") + bytes(max(0, request_bytes - 8))
 
 
 def main(argv: list[str] | None = None) -> int:

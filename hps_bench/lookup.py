@@ -3,9 +3,10 @@ raw-bytes gRPC echo with the same process layout and the same request and reply 
 
 Serves a generated model with `hps serve` (L1 per --l1, over a warm in-process hash map over RocksDB) and the
 echo server; hps and echo blocks alternate so both see the same machine load, and every 10th reply is checked
-against the tables' true rows. With --tls both serve TLS (throwaway certificates made for the run), with --token
-hps checks a bearer token every call (the echo gets the same metadata). It asserts no speed and never states an
-absolute figure without its ratio.
+against the tables' true rows. Case d also runs the echo copying each reply once (the least a server that
+builds its replies does) and gives hps's ratio to that too. With --tls both serve TLS (throwaway certificates
+made for the run), with --token hps checks a bearer token every call (the echo gets the same metadata). It
+asserts no speed and never states an absolute figure without its ratio.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def _threads(run: Callable[[], Outcome], threads: int) -> list[Outcome]:
 class Block:
     """What every client process does between two barriers; processes numbered `active` and up sit it out."""
 
-    path: Literal["hps", "echo"]
+    path: Literal["hps", "echo", "fresh"]  # fresh: the echo copying each reply (echo_server.request)
     dtype: Dtype
     calls: int
     active: int
@@ -241,7 +242,8 @@ def _client_process(
             if block.path == "hps":
                 results.put(paths.hps(batches, block.dtype, block.calls))
             else:
-                results.put(paths.echo(echo_server.request(*block.echo_sizes), block.calls))
+                request = echo_server.request(*block.echo_sizes, fresh=block.path == "fresh")
+                results.put(paths.echo(request, block.calls))
 
 
 class ClientProcesses:
@@ -401,19 +403,24 @@ def _measure_processes(
     clients: Sequence[int],
     sizes: Mapping[Dtype, tuple[int, int]],
 ) -> list[dict[str, Any]]:
-    """Case d: for each client count and dtype, ROUNDS alternating hps and echo blocks of every client."""
-    for dtype in DTYPES:  # warm every client's connections and both paths
-        for path in ("hps", "echo"):
+    """Case d: for each client count and dtype, ROUNDS alternating blocks of every client: hps, the echo, and
+    the echo copying each reply (the floor of a server that builds its replies, as a second ratio)."""
+    for dtype in DTYPES:  # warm every client's connections and every path
+        for path in ("hps", "echo", "fresh"):
             pool.run(Block(path, dtype, 2, max(clients), sizes[dtype]))
     rows = []
     for count in clients:
         for dtype in DTYPES:
-            hps, echo = Tally(), Tally()
+            hps, echo, fresh = Tally(), Tally(), Tally()
             for _ in range(ROUNDS):
                 hps.add(pool.run(Block("hps", dtype, case.calls, count, sizes[dtype])))
                 echo.add(pool.run(Block("echo", dtype, case.calls, count, sizes[dtype])))
+                fresh.add(pool.run(Block("fresh", dtype, case.calls, count, sizes[dtype])))
             clients_name = f"{count} process" if count == 1 else f"{count} processes"
-            rows.append(_row(case, clients_name, dtype, sizes[dtype][0], (hps, echo)))
+            row = _row(case, clients_name, dtype, sizes[dtype][0], (hps, echo))
+            row["fresh_echo_over_echo"] = fresh.calls_per_s() / echo.calls_per_s()
+            row["hps_over_fresh_echo"] = hps.calls_per_s() / fresh.calls_per_s()
+            rows.append(row)
     return rows
 
 

@@ -33,6 +33,10 @@ def test_json_report_has_every_case_ratio_and_target(capsys: pytest.CaptureFixtu
         assert row["p50_ratio"] == pytest.approx(row["hps_p50_ms"] / row["echo_p50_ms"], rel=1e-6)
         assert row["p99_ratio"] == pytest.approx(row["hps_p99_ms"] / row["echo_p99_ms"], rel=1e-6)
         assert row["checked_vectors"] > 0 and row["wrong_vectors"] == 0
+    for row in rows[3:]:  # case d also runs the echo that copies each reply
+        assert row["fresh_echo_over_echo"] > 0 and row["hps_over_fresh_echo"] > 0
+        fresh_over_hps = row["fresh_echo_over_echo"] / row["throughput_ratio"]
+        assert 1 / row["hps_over_fresh_echo"] == pytest.approx(fresh_over_hps, rel=1e-6)
     fp32, fp16 = rows[3], rows[4]
     assert fp16["reply_MB"] < fp32["reply_MB"]  # the echo stands in for each dtype's own reply size
     assert printed["l1"] == "cpu"
