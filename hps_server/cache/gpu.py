@@ -94,13 +94,18 @@ def _round16(size: int) -> int:
     return (size + 15) & ~15
 
 
+def _rounded(size: int) -> int:
+    """`size` rounded up to one of 8 sizes per power of two (at most 1/8 more)."""
+    step = 1 << max(9, size.bit_length() - 4)
+    return -(-size // step) * step
+
+
 def pinned(size: int) -> np.ndarray:
     """`size` bytes of pinned host memory from CuPy's pool. The pool reuses a freed block only for a request
-    of exactly its size, and batches vary in size from call to call: the block asked for is rounded up to
-    one of 8 sizes per power of two (at most 1/8 more), so a freed one serves the next call of about its
-    size instead of a fresh cudaHostAlloc (milliseconds for a large reply)."""
-    step = 1 << max(9, size.bit_length() - 4)
-    return cupyx.empty_pinned(-(-size // step) * step, np.uint8)[:size]
+    of exactly its size, and batches vary in size from call to call: the block asked for is _rounded, so a
+    freed one serves the next call of about its size instead of a fresh cudaHostAlloc (milliseconds for a
+    large reply)."""
+    return cupyx.empty_pinned(_rounded(size), np.uint8)[:size]
 
 
 def _layout(arrays: Sequence[np.ndarray]) -> tuple[list[int], int]:
@@ -128,14 +133,14 @@ class _Staging:
         if size > _STAGING_KEPT:
             return pinned(size)
         if self._host.size < size:
-            self._host = pinned(max(size, min(2 * self._host.size, _STAGING_KEPT)))
+            self._host = pinned(_rounded(size))
         return self._host
 
     def device(self, size: int) -> cp.ndarray:
         if size > _STAGING_KEPT:
             return cp.empty(size, cp.uint8)
         if self._device.size < size:
-            self._device = cp.empty(max(size, min(2 * self._device.size, _STAGING_KEPT)), cp.uint8)
+            self._device = cp.empty(_rounded(size), cp.uint8)
         return self._device
 
 
