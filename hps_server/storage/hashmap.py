@@ -276,19 +276,28 @@ class _Pool:
         return row, slot
 
     def place(self, first_row: int, last_row: int) -> None:
-        """Writes rows [first_row, last_row) (known absent from the index) into empty slots."""
+        """Writes rows [first_row, last_row) (known absent from the index) into empty slots: each into the
+        first empty slot of its chain, so find() reaches it. While many rows are pending a round reads one
+        slot per row; once few are, a window of slots per row (as find() does), so a write-back's few rows
+        take a few rounds rather than one per slot of the longest chain."""
         num_slots = len(self.slots)
         pending = np.arange(first_row, last_row)
         pos = home_slots(self.table_ids[first_row:last_row], self.keys[first_row:last_row], num_slots)
         while pending.size:
-            free = self.slots[pos] == EMPTY
-            # Several rows may claim one slot in a round: the scatter keeps one, the rest probe on.
-            self.slots[pos[free]] = pending[free]
+            width = SMALL_BATCH_WINDOW if pending.size <= SMALL_BATCH else 1
+            window = pos[:, None] + _WINDOW_OFFSETS[:width]
+            window[window >= num_slots] -= num_slots
+            empty = self.slots[window] == EMPTY
+            first = empty.argmax(axis=1)
+            free = empty[_rows(len(pending)), first]
+            target = window[_rows(len(pending)), first]
+            # Several rows may claim one slot in a round: the scatter keeps one, the rest probe on from it.
+            self.slots[target[free]] = pending[free]
             placed = np.zeros(pending.size, dtype=bool)
-            placed[free] = self.slots[pos[free]] == pending[free]
+            placed[free] = self.slots[target[free]] == pending[free]
+            pos = np.where(free, target + 1, pos + width)[~placed]
+            pos[pos >= num_slots] -= num_slots
             pending = pending[~placed]
-            pos = pos[~placed] + 1
-            pos[pos == num_slots] = 0
 
     def rebuild(self, rows: int) -> None:
         """Re-creates the slot index for `rows` rows, dropping tombstones; published once complete."""
