@@ -110,6 +110,8 @@ def test_invalid_values_are_rejected_by_the_schema(helm: ModuleType, chart: Path
         ({"models": [{"name": "ctr", "tables": [{"name": "item"}]}]}, "dim"),
         ({"redis": {"enabled": True}}, "/redis/addresses"),
         ({"gpus": 1}, "gpus"),
+        ({"updates": {"max_len": 0}}, "/updates/max_len"),
+        ({"updates": {"streams": "x"}}, "streams"),
     ]:
         with pytest.raises(helm.HelmValuesError, match=field):
             render(helm, chart, values)
@@ -365,6 +367,18 @@ def test_extra_volumes_env_from_and_a_private_redis_ca(helm: ModuleType, chart: 
     init = workload(render(helm, chart, values))["spec"]["template"]["spec"]["initContainers"]
     assert any(m["name"] == "redis-ca" for m in init[0]["volumeMounts"])
     assert "envFrom" not in hps_container(render(helm, chart, {}))
+
+
+def test_updates_between_replicas_reach_the_config(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    values = values_of("external-redis") | {"updates": {"stream": "ctr_updates", "max_len": 50000}}
+    updates = served_config(render(helm, chart, values), tmp_path).updates
+    assert (updates.enabled, updates.stream, updates.max_len) == (True, "ctr_updates", 50000)
+    # By default the pods share the stream on the Redis Cluster they use as L2.
+    default = served_config(render(helm, chart, values_of("external-redis")), tmp_path)
+    assert default.updates == hps_config.UpdatesConfig()
+    assert default.updates.stream_address(default.volatile_db) == default.volatile_db.address
+    off = render(helm, chart, values_of("external-redis") | {"updates": {"enabled": False}})
+    assert served_config(off, tmp_path).updates.enabled is False
 
 
 def test_name_overrides(helm: ModuleType, chart: Path) -> None:

@@ -90,5 +90,8 @@ a YAML list of {name, port}, the first named "metrics".
 {{- if $volatile }}
 {{- $_ := set $config "volatile_db" $volatile }}
 {{- end }}
+{{- if .Values.updates }}
+{{- $_ := set $config "updates" .Values.updates }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
