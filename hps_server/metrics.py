@@ -172,7 +172,11 @@ class _CacheCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "table", "device"]
-        rows = GaugeMetricFamily("hps_cache_rows", "Rows held by the L1 embedding cache.", labels=labels)
+        rows = GaugeMetricFamily(
+            "hps_cache_rows",
+            "Rows held by the L1 embedding cache (a worker group's one cache per device is reported by each worker).",
+            labels=labels,
+        )
         stored = GaugeMetricFamily(
             "hps_cache_bytes", "Bytes of the vectors the L1 embedding cache holds (rows x dim x 4).", labels=labels
         )
@@ -214,11 +218,16 @@ class _LevelCollector(Collector):
             for level, writes_failing in source():
                 failing.add_metric([level], 1 if writes_failing else 0)
         labels = ["model", "table", "level"]
-        rows = GaugeMetricFamily("hps_level_rows", "Rows a level below L1 holds of a table.", labels=labels)
+        rows = GaugeMetricFamily(
+            "hps_level_rows",
+            "Rows a level below L1 holds of a table, as this server sees it (every server sharing a level "
+            "reports it: aggregate with max, not sum).",
+            labels=labels,
+        )
         stored = GaugeMetricFamily(
             "hps_level_bytes",
             "Bytes a level below L1 takes for a table: the hash map's arrays, Redis's MEMORY USAGE estimate, "
-            "RocksDB's live data and memtables estimate.",
+            "RocksDB's live data and memtables estimate (every server sharing a level reports it).",
             labels=labels,
         )
         for occupancy in self._occupancy:
