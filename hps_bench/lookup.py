@@ -484,7 +484,11 @@ def _target(value: float, compare: str, bound: float) -> dict[str, Any]:
     return {"value": round(value, 3), "target": f"{compare} {bound:g}", "met": bool(_COMPARE[compare](value, bound))}
 
 
-def _targets(single: Sequence[Mapping[str, Any]], processes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _targets(
+    single: Sequence[Mapping[str, Any]], processes: Sequence[Mapping[str, Any]], group: bool = False
+) -> dict[str, Any]:
+    """The targets the figures are held to: one server process's, or, for a worker group (`group`), 0.8 of
+    the echo at the most clients too (the fresh-reply echo's own ratio shows how far a server can get)."""
     a, b, c = single
     targets = {
         "a_bytes_ratio": _target(a["throughput_ratio"], ">=", 0.8),
@@ -497,7 +501,7 @@ def _targets(single: Sequence[Mapping[str, Any]], processes: Sequence[Mapping[st
         fewest, most = rows[0], rows[-1]
         few, many = (r["clients"].split()[0] for r in (fewest, most))
         targets[f"d_{dtype}_samples_ratio_at_{few}"] = _target(fewest["throughput_ratio"], ">=", 0.8)
-        targets[f"d_{dtype}_samples_ratio_at_{many}"] = _target(most["throughput_ratio"], ">=", 0.6)
+        targets[f"d_{dtype}_samples_ratio_at_{many}"] = _target(most["throughput_ratio"], ">=", 0.8 if group else 0.6)
         if len(rows) > 1:
             rates = [r["hps_samples_per_s"] for r in rows]
             targets[f"d_{dtype}_samples_{many}_vs_{few}_clients"] = _target(rates[-1] / rates[0], ">=", 1)
@@ -576,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             "tls": args.tls,
             "token": args.token,
             "totals": {key: sum(r[key] for r in every) for key in ("checked_vectors", "wrong_vectors")},
-            "targets": _targets(single, processes),
+            "targets": _targets(single, processes, group=options.get("processes", 1) != 1),
         },
     )
     return 0

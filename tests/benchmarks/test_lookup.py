@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from hps_bench import lookup
 from hps_server.cache.placement import gpus_available
 from hps_server.cli import main
 
@@ -59,6 +60,20 @@ def test_json_report_has_every_case_ratio_and_target(capsys: pytest.CaptureFixtu
     assert targets["a_bytes_ratio"]["value"] == pytest.approx(rows[0]["throughput_ratio"], abs=1e-3)
     assert all(isinstance(t["met"], bool) and t["target"] for t in targets.values())
     assert targets["wrong_vectors"] == {"value": 0, "target": "== 0", "met": True}
+
+
+def test_a_worker_group_is_held_to_0_8_of_the_echo_at_the_most_clients() -> None:
+    single = [{"throughput_ratio": 1.0, "p50_ratio": 1.0, "p99_ratio": 1.0, "wrong_vectors": 0}] * 3
+    rows = [
+        {"dtype": dtype, "clients": f"{n} processes", "throughput_ratio": 0.7, "p99_ratio": 1.0}
+        | {"hps_samples_per_s": 1.0 * n, "wrong_vectors": 0}
+        for n in (1, 16)
+        for dtype in ("float32", "float16")
+    ]
+    alone, group = lookup._targets(single, rows), lookup._targets(single, rows, group=True)
+    assert alone["d_float32_samples_ratio_at_16"] == {"value": 0.7, "target": ">= 0.6", "met": True}
+    assert group["d_float32_samples_ratio_at_16"] == {"value": 0.7, "target": ">= 0.8", "met": False}
+    assert alone["d_float16_samples_ratio_at_1"] == group["d_float16_samples_ratio_at_1"]
 
 
 @pytest.mark.skipif(gpus_available([0]), reason="CuPy sees a GPU here: --l1 gpu is valid")
