@@ -83,6 +83,13 @@ def _rows(n: int) -> np.ndarray:
     return np.arange(n)
 
 
+def _window(start: np.ndarray, width: int, num_slots: int) -> np.ndarray:
+    """The `width` slots from each start slot on, wrapping at the end of the index: int64[len(start), width]."""
+    window = start[:, None] + _WINDOW_OFFSETS[:width]
+    window[window >= num_slots] -= num_slots
+    return window
+
+
 def home_slots(table_ids: np.ndarray, keys: np.ndarray, num_slots: int) -> np.ndarray:
     """First slot probed for each (table id, key): a 64-bit mix of both mapped onto [0, num_slots)."""
     # The golden-ratio multiple spreads table ids over all 64 bits; table id 0 leaves the key as it is.
@@ -254,8 +261,7 @@ class _Pool:
         active = np.arange(n)
         width = SMALL_BATCH_WINDOW if n <= SMALL_BATCH else FIRST_WINDOW
         while active.size:
-            window = start[:, None] + _WINDOW_OFFSETS[:width]
-            window[window >= num_slots] -= num_slots
+            window = _window(start, width, num_slots)
             entries = self.slots[window]
             stored = np.maximum(entries, 0)
             match = self.keys[stored] == keys[active][:, None]
@@ -285,8 +291,7 @@ class _Pool:
         pos = home_slots(self.table_ids[first_row:last_row], self.keys[first_row:last_row], num_slots)
         while pending.size:
             width = SMALL_BATCH_WINDOW if pending.size <= SMALL_BATCH else 1
-            window = pos[:, None] + _WINDOW_OFFSETS[:width]
-            window[window >= num_slots] -= num_slots
+            window = _window(pos, width, num_slots)
             empty = self.slots[window] == EMPTY
             first = empty.argmax(axis=1)
             free = empty[_rows(len(pending)), first]
