@@ -47,6 +47,11 @@ def _latencies(client: Client, batches: list[np.ndarray], ahead: bool = False) -
     return np.array(seconds)
 
 
+def _ms(runs: list[np.ndarray], percentile: float) -> float:
+    """The percentile of every round's call seconds, in milliseconds."""
+    return 1000 * float(np.percentile(np.concatenate(runs), percentile))
+
+
 def _prefetching(target: str, cold: np.ndarray, prefetching: Event, stop: Event) -> None:
     """The other client (a spawned process): prefetches until `stop`, `prefetching` set after its first call."""
     rng = np.random.default_rng(2)
@@ -87,33 +92,14 @@ def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds:
                     prefetcher.join(30)
                 plain.append(_latencies(client, [rng.choice(cold, BATCH) for _ in range(lookups // 5)]))
                 ahead.append(_latencies(client, [rng.choice(cold, BATCH) for _ in range(lookups // 5)], ahead=True))
-    p99 = {
-        name: 1000 * float(np.percentile(np.concatenate(v), 99)) for name, v in (("alone", alone), ("loaded", loaded))
-    }
-    p50 = {name: 1000 * float(np.percentile(np.concatenate(v), 50)) for name, v in (("plain", plain), ("ahead", ahead))}
-    ratio = p99["loaded"] / p99["alone"]
-    table = [
-        {
-            "case": "L1 rows, lookups alone",
-            "p50_ms": 1000 * float(np.median(np.concatenate(alone))),
-            "p99_ms": p99["alone"],
-        },
-        {
-            "case": "L1 rows, while another client prefetches",
-            "p50_ms": 1000 * float(np.median(np.concatenate(loaded))),
-            "p99_ms": p99["loaded"],
-        },
-        {
-            "case": "cold batches, plain",
-            "p50_ms": p50["plain"],
-            "p99_ms": 1000 * float(np.percentile(np.concatenate(plain), 99)),
-        },
-        {
-            "case": "cold batches, each prefetched one batch ahead",
-            "p50_ms": p50["ahead"],
-            "p99_ms": 1000 * float(np.percentile(np.concatenate(ahead), 99)),
-        },
+    cases = [
+        ("L1 rows, lookups alone", alone),
+        ("L1 rows, while another client prefetches", loaded),
+        ("cold batches, plain", plain),
+        ("cold batches, each prefetched one batch ahead", ahead),
     ]
+    table = [{"case": case, "p50_ms": _ms(runs, 50), "p99_ms": _ms(runs, 99)} for case, runs in cases]
+    ratio = _ms(loaded, 99) / _ms(alone, 99)
     extra = {
         "batch_keys": BATCH,
         "dim": DIM,
@@ -122,7 +108,7 @@ def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds:
         "p99_ratio_with_prefetch": round(ratio, 3),
         "target_p99_ratio": TARGET_P99_RATIO,
         "target_met": ratio <= TARGET_P99_RATIO,
-        "cold_p50_ratio_prefetched_vs_plain": round(p50["ahead"] / p50["plain"], 3),
+        "cold_p50_ratio_prefetched_vs_plain": round(_ms(ahead, 50) / _ms(plain, 50), 3),
     }
     title = f"Prefetch: lookups of {BATCH} keys, dim {DIM}, {l1} L1 over hash map and RocksDB"
     report.emit(title, table, json_out, extra)
