@@ -4,9 +4,10 @@ Same algorithm and results as reference.py, several tables per structure include
 its tables, is one host-to-device copy, one launch per kernel of the algorithm, one synchronization and
 (for a lookup) one device-to-host copy. Every operation on one cache runs on that cache's own stream in
 the order callers took its lock, so results are those of some serial order. A cache can also live in
-device memory that several processes share (gpu_sharing.py): their operations then hold a lock across
-processes until their GPU work is done. Import only where CuPy is installed; nothing here knows of
-storage levels or the session.
+device memory that several processes share (gpu_sharing.py): the kernels that read or write its state
+then hold a lock across processes until they are done (a lookup's upload and reply copy, a write's
+upload and de-duplication stay outside it), which costs a lookup a second synchronization. Import only
+where CuPy is installed; nothing here knows of storage levels or the session.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +185,14 @@ class _OnDevice:
 
     @contextlib.contextmanager
     def _held(self, exclusive: bool) -> Iterator[None]:
-        """Around an operation, inside the lock: with shared state, the processes' lock too, kept until the
-        operation's GPU work is done."""
+        """Around the part of an operation that reads (shared) or writes (exclusive) the structure's state,
+        inside the lock: with shared state, the processes' lock too, kept until that GPU work is done. What
+        touches only the call's own buffers (its inputs' upload, its scratch, its reply's copy back) stays
+        outside, so that other processes wait for the state's kernels alone."""
         if self.shared is None:
             yield
             return
-        with self.shared.hold(exclusive, self._clear, self._stream.synchronize):
+        with self.shared.hold(exclusive, self._clear, self._finish):
             yield
 
     def _clear(self) -> None:
@@ -267,7 +271,7 @@ class _OnDevice:
         # The reply, vectors then hit flags, comes back in one copy into one pinned buffer.
         vector_bytes = n * self.dim * out.itemsize
         reply = pinned(vector_bytes + n)
-        with self._device, self._lock, self._held(False), self._stream:
+        with self._device, self._lock, self._stream:
             (keys_d, tables_d), reply_d = self._upload((keys, tables), reply.size)
             vectors_d = cp.ndarray((n, self.dim), out, reply_d.data)
             self._query(keys_d, tables_d, vectors_d, cp.ndarray((n,), cp.bool_, reply_d.data + vector_bytes))
@@ -285,14 +289,14 @@ class _OnDevice:
         inputs = [keys, tables] if vectors is None else [keys, tables, as_vectors(vectors, keys.size, self.dim)]
         if not keys.size:
             return
-        with self._device, self._lock, self._held(True), self._stream:
+        with self._device, self._lock, self._stream:
             on_device, _ = self._upload(inputs)
             getattr(self, op)(*on_device)
             self._finish()
 
     def _device_call(self, op: str, *arrays: cp.ndarray) -> Any:
         caller = cp.cuda.get_current_stream()
-        with self._device, self._lock, self._held(op != "_query"), self._stream:
+        with self._device, self._lock, self._stream:
             self._enter(caller)
             result = getattr(self, op)(*arrays)
             self._leave(caller)
@@ -356,7 +360,8 @@ class _OnDevice:
         """Fills last and pos: key i is its (table, key) pair's last occurrence in the batch where last[pos[i]] == i."""
         self._launch("dedupe", _blocks(keys.size), (keys, tables, np.int64(keys.size), claim, last, pos, mask))
 
-    # Subclasses implement these on device arrays, inside the lock, on self._stream.
+    # Subclasses implement these on device arrays, inside the lock, on self._stream, holding _held around
+    # their work on the state.
     def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         raise NotImplementedError
 
@@ -424,6 +429,20 @@ class _OnDevice:
             self._device_call("_invalidate", keys, self._device_tables(tables, keys.size))
 
 
+@dataclass(frozen=True)
+class _Deduped:
+    """A replace's or update's batch prepared for the cache's passes (the names of write_present in cache.cu):
+    last/pos mark each (table, key) pair's last occurrence; groups are group_sets, group_sizes, group_heads
+    and members, with their table's index mask; leader and link are written by pass 1."""
+
+    last: cp.ndarray
+    pos: cp.ndarray
+    groups: tuple[cp.ndarray, ...]
+    mask: np.uint32
+    leader: cp.ndarray
+    link: cp.ndarray
+
+
 class GpuEmbeddingCache(_OnDevice):
     """A bounded LRU cache of one or several tables' rows on one GPU (see reference.py for the algorithm)."""
 
@@ -483,58 +502,62 @@ class GpuEmbeddingCache(_OnDevice):
 
     def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         n = keys.size
-        self.clock += 1
-        self._launch(
-            f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-            min(_blocks(n), self._query_blocks),
-            (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
-             np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
-        )  # fmt: skip
+        with self._held(False):
+            self.clock += 1
+            self._launch(
+                f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
+                min(_blocks(n), self._query_blocks),
+                (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
+                 np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
+            )  # fmt: skip
+
+    def _deduped(self, keys: cp.ndarray, tables: cp.ndarray) -> _Deduped:
+        """A write's scratch, its batch de-duplicated: work on the batch alone, so it runs before _held."""
+        (claim, last, *groups), members, (pos, leader, link), mask = self._work(keys.size, 5, _GROUP_MEMBERS)
+        self._dedupe(keys, tables, claim, last, pos, mask)
+        return _Deduped(last, pos, (*groups, members), mask, leader, link)
 
     def _write_present(
-        self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int
-    ) -> tuple[cp.ndarray, ...]:
-        """Pass 1 of replace (clock > 0) and update (clock 0), with no sort and no host synchronization.
-
-        Returns (group_sets, group_sizes, group_heads, members, leader, link): the sets of the keys to
-        insert, each with its keys, as pass 2 reads them (join_group in cache.cu).
-        """
-        n = keys.size
-        (claim, last, *groups), members, (pos, leader, link), mask = self._work(n, 5, _GROUP_MEMBERS)
-        self._dedupe(keys, tables, claim, last, pos, mask)
+        self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int, batch: _Deduped
+    ) -> None:
+        """Pass 1 of replace (clock > 0) and update (clock 0), with no sort and no host synchronization:
+        fills batch's groups (the sets of the keys to insert, each with its keys, as pass 2 reads them:
+        join_group in cache.cu), leader and link. Inside _held."""
         self._launch(
             f"write_present_{self._suffix}",
-            _blocks(n),
-            (keys, tables, vectors, np.int64(n), last, pos, *self._table_args, self._fps, self._slots, self._rows,
-             np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock), *groups, members, mask, leader,
-             link),
+            _blocks(keys.size),
+            (keys, tables, vectors, np.int64(keys.size), batch.last, batch.pos, *self._table_args, self._fps,
+             self._slots, self._rows, np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock),
+             *batch.groups, batch.mask, batch.leader, batch.link),
         )  # fmt: skip
-        return (*groups, members, leader, link)
 
     def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
-        touched, inserted = self.clock + 1, self.clock + 2
-        self.clock += 2
-        group_sets, group_sizes, group_heads, members, leader, link = self._write_present(
-            keys, tables, vectors, touched
-        )
-        self._launch(
-            f"insert_groups_{self._suffix}",
-            _warp_blocks(keys.size, _GROUP_SPAN),
-            (keys, tables, vectors, np.int64(keys.size), leader, group_sets, group_sizes, group_heads, members,
-             link, self._table_ways, self._fps, self._slots, self._rows, np.int32(self.layout.stride),
-             np.int32(self.dim), np.int64(touched), np.int64(inserted)),
-        )  # fmt: skip
+        batch = self._deduped(keys, tables)
+        with self._held(True):
+            touched, inserted = self.clock + 1, self.clock + 2
+            self.clock += 2
+            self._write_present(keys, tables, vectors, touched, batch)
+            self._launch(
+                f"insert_groups_{self._suffix}",
+                _warp_blocks(keys.size, _GROUP_SPAN),
+                (keys, tables, vectors, np.int64(keys.size), batch.leader, *batch.groups,
+                 batch.link, self._table_ways, self._fps, self._slots, self._rows, np.int32(self.layout.stride),
+                 np.int32(self.dim), np.int64(touched), np.int64(inserted)),
+            )  # fmt: skip
 
     def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
-        self._write_present(keys, tables, vectors, 0)
+        batch = self._deduped(keys, tables)
+        with self._held(True):
+            self._write_present(keys, tables, vectors, 0, batch)
 
     def _invalidate(self, keys: cp.ndarray, tables: cp.ndarray) -> None:
-        self._launch(
-            "invalidate",
-            _blocks(keys.size),
-            (keys, tables, np.int64(keys.size), *self._table_args, self._fps, self._slots,
-             np.int32(self.layout.stride)),
-        )  # fmt: skip
+        with self._held(True):
+            self._launch(
+                "invalidate",
+                _blocks(keys.size),
+                (keys, tables, np.int64(keys.size), *self._table_args, self._fps, self._slots,
+                 np.int32(self.layout.stride)),
+            )  # fmt: skip
 
     def dump(self, table: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys ascending, vectors float32, stamps) of every row `table` holds, as reference.py's dump()."""
