@@ -1,5 +1,6 @@
 """gRPC servicers for hps.v1: decode and check requests, coalesce concurrent Lookups into one pass of the
-models' sessions, encode the replies; the model admin calls (behind one gate, ModelServicer._admin).
+models' sessions (a reply large enough for a reply buffer is laid out first and its request walks alone,
+writing its vectors in place), encode the replies; the model admin calls (behind one gate, ModelServicer._admin).
 
 Every bad input becomes a status code with a message naming the field, before any level work; nothing here
 touches a level directly, and no per-key Python runs (a packed request costs O(1) NumPy calls, a request of
@@ -13,7 +14,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -30,12 +31,19 @@ from hps_server.config import version as version_str
 from hps_server.handover import ModelChangingError
 from hps_server.log_limits import RateLimitedWarning
 from hps_server.models import HostedModels, ModelExistsError, VersionMissingError
+from hps_server.reply_buffers import ReplyBuffers
 from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable, TableLookup
 from hps_server.storage.base import LevelUnavailableError, StorageError
 from hps_server.streams import StreamGuard, StreamsFullError
 from hps_server.tables import TableFileError
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
-from hps_wire.response_codec import WIRE_NUMPY, LookupResult, PackedLookup, encode_lookup_response
+from hps_wire.response_codec import (
+    WIRE_NUMPY,
+    LookupResult,
+    PackedLookup,
+    PackedReplyLayout,
+    encode_lookup_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,22 @@ class _Packed:
 
 
 @dataclass(frozen=True)
+class _Reply:
+    """A reply laid out in a reply buffer before its lookup (reply_buffers.py, PackedReplyLayout): the
+    packed runs' vectors are written into it by the request's own pass, their found flags once it is done."""
+
+    data: bytes
+    found: np.ndarray  # the reply's found flags, all segments end to end
+
+    def filled(self, runs: Sequence[TableLookup]) -> bytes:
+        at = 0
+        for run in runs:
+            self.found[at : at + len(run.found)] = run.found
+            at += len(run.found)
+        return self.data
+
+
+@dataclass(frozen=True)
 class _Prepared:
     """A LookupRequest ready for a pass: nothing left in it can be refused for its content."""
 
@@ -110,6 +134,7 @@ class _Prepared:
     queries: list[_Query]
     packed: _Packed | None
     prefetch: list[KeyQuery]
+    reply: _Reply | None = None
 
     def key_queries(self) -> list[KeyQuery]:
         """Its TableQueries, then its packed runs. Reductions need float32; plain queries get their reply
@@ -136,6 +161,7 @@ class Lookups:
             self.limits.max_queued_requests,
             "server.max_queued_requests",
         )
+        self.replies = ReplyBuffers()
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
         """Who makes this call: AuthRefusedError (UNAUTHENTICATED) when its credentials are missing or bad. A
@@ -170,10 +196,15 @@ class Lookups:
         self._admit(request)
         with self.serving(request.model) as session:
             prepared = self.prepare(request, session)
-            try:
-                outcomes = self.coalescer.submit(prepared)
-            except QueueFullError as e:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            if prepared.reply is not None:
+                # Its own pass, in this thread: in a pass of several requests its vectors would be copied
+                # into its reply once more, and batching a request this large saves little else.
+                outcomes = self._pass([prepared])[0]
+            else:
+                try:
+                    outcomes = self.coalescer.submit(prepared)
+                except QueueFullError as e:
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             if prepared.prefetch and not any(isinstance(outcome, StorageError) for outcome in outcomes):
                 session.prefetch(prepared.prefetch)
         for outcome in outcomes:
@@ -193,6 +224,8 @@ class Lookups:
         if packed is None:
             return encode_lookup_response(request.model, results, request.request_id)
         runs = [outcome for outcome in outcomes[len(results) :] if isinstance(outcome, TableLookup)]
+        if prepared.reply is not None:
+            return prepared.reply.filled(runs)
         reply = PackedLookup(
             packed.names, packed.counts, packed.dims, [r.vectors for r in runs], [r.found for r in runs]
         )
@@ -218,7 +251,33 @@ class Lookups:
                 f"request: its reply would hold {reply_bytes / 2**20:.1f} MiB of vectors, over server.max_message_mb "
                 f"{self.limits.max_message_mb} (ask for fewer keys per request, or float16)",
             )
-        return _Prepared(session, wire_dtype, queries, packed, prefetch)
+        if packed is None or queries:
+            return _Prepared(session, wire_dtype, queries, packed, prefetch)
+        reply, packed = self._laid_out(request, session, packed, wire_dtype)
+        return _Prepared(session, wire_dtype, queries, packed, prefetch, reply)
+
+    def _laid_out(
+        self, request: hps_pb2.LookupRequest, session: LookupSession, packed: _Packed, dtype: np.dtype
+    ) -> tuple[_Reply | None, _Packed]:
+        """A packed-only request's reply in a reply buffer, each run given its region of the vectors to fill;
+        (None, packed) for a reply too small to be worth one."""
+        layout = PackedReplyLayout.of(
+            request.model, request.request_id, packed.names, packed.counts, packed.dims, dtype
+        )
+        taken = self.replies.take(layout.size, session.pin_host)
+        if taken is None:
+            return None, packed
+        data, buffer = taken
+        layout.write_frame(buffer)
+        vectors = buffer[layout.vectors_at : layout.vectors_at + layout.vector_bytes]
+        runs, at = [], 0
+        for run in packed.runs:
+            rows, dim = len(run.keys), run.tables[0].dim
+            size = rows * dim * dtype.itemsize
+            runs.append(replace(run, out=vectors[at : at + size].view(dtype).reshape(rows, dim)))
+            at += size
+        found = buffer[layout.found_at : layout.found_at + layout.keys].view(np.bool_)
+        return _Reply(data, found), replace(packed, runs=runs)
 
     def _admit(self, request: hps_pb2.LookupRequest) -> None:
         """Refuses a request over the per-request limits from its declared sizes, before decoding any query."""

@@ -25,6 +25,7 @@ from hps_server.cache.background import BackgroundFill
 from hps_server.config import ModelConfig, TableConfig, shown
 from hps_server.log_limits import RateLimitedWarning
 from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, ServerMetrics
+from hps_server.reply_buffers import Pin
 from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
 from hps_server.write_epochs import WriteEpochs
 from hps_wire.update_message import Op
@@ -115,12 +116,15 @@ WrittenHook = Callable[["ServedTable", np.ndarray, "np.ndarray | None"], None]
 @dataclass(frozen=True)
 class KeyQuery:
     """Keys to look up: segment i holds counts[i] keys of tables[i], segments end to end (all of one width
-    and one L1 placement); `dtype` is the element type the caller wants the vectors in."""
+    and one L1 placement); `dtype` is the element type the caller wants the vectors in. `out`, when given,
+    is where the vectors go ([keys, dim] of `dtype`: a region of the reply); a walk writes into it directly
+    when the query walks alone, else its vectors are copied there."""
 
     tables: tuple[ServedTable, ...]
     keys: np.ndarray
     counts: np.ndarray
     dtype: np.dtype = FLOAT32
+    out: np.ndarray | None = None
 
     @classmethod
     def of(cls, table: ServedTable, keys: np.ndarray, dtype: np.dtype = FLOAT32) -> KeyQuery:
@@ -178,6 +182,8 @@ class _Batch:
         # float16 straight from L1 when every query wants it; a mixed batch is cast per query at the end.
         wanted = {q.dtype for q in queries}
         self.dtype = wanted.pop() if len(wanted) == 1 else FLOAT32
+        # Where the walk writes the batch's vectors: a lone query's own destination, else arrays of its own.
+        self.out = queries[0].out if len(queries) == 1 else None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -187,6 +193,15 @@ class _Batch:
         positions = positions[np.argsort(self.table_of[positions], kind="stable")]
         counts = np.bincount(self.table_of[positions], minlength=len(self.tables))
         return _Batch([KeyQuery(tuple(self.tables), self.keys[positions], counts)])
+
+
+def _first_rows(rows: np.ndarray, batch: _Batch) -> np.ndarray:
+    """The batch's vectors from the first level's reply (no L1 answered): in batch.out when it has one,
+    else the reply itself where it can be written and has the batch's dtype."""
+    if batch.out is not None:
+        batch.out[...] = rows
+        return batch.out
+    return rows if rows.flags.writeable and rows.dtype == batch.dtype else rows.astype(batch.dtype)
 
 
 @dataclass(frozen=True)
@@ -252,6 +267,16 @@ class LookupSession:
             for index, config in enumerate(model.tables)
         }
         self.has_l1 = bool(caches)
+        # How reply buffers get page-locked for its GPU caches' copies (gpu.pin_host); None off the GPU.
+        self.pin_host: Pin | None = next(
+            (
+                pin
+                for l1 in caches.values()
+                for cache in l1.device_caches()
+                if (pin := getattr(cache, "pin_host", None)) is not None
+            ),
+            None,
+        )
         self.write_back = write_back
         self.metrics = metrics
         level_names = [*self.level_names(), DEFAULT_LEVEL]
@@ -340,7 +365,7 @@ class LookupSession:
         if cache is not None and through_l1 and n:
             assert batch.l1_tables is not None
             started = time.perf_counter()
-            vectors, hit = cache.query(batch.keys, batch.l1_tables[batch.table_of], dtype=batch.dtype)
+            vectors, hit = cache.query(batch.keys, batch.l1_tables[batch.table_of], dtype=batch.dtype, out=batch.out)
             found |= hit
             counts.level(L1_LEVEL, None, hit, time.perf_counter() - started)
             missing = np.flatnonzero(~hit)
@@ -373,7 +398,7 @@ class LookupSession:
             seconds = time.perf_counter() - started
             if missing is None:
                 positions, missing = np.flatnonzero(hit), np.flatnonzero(~hit)
-                vectors = rows if rows.flags.writeable and rows.dtype == batch.dtype else rows.astype(batch.dtype)
+                vectors = _first_rows(rows, batch)
             else:
                 assert vectors is not None
                 positions = missing[hit]
@@ -384,7 +409,7 @@ class LookupSession:
             fetched.append(_Fetched(index, positions, rows, hit))
 
         if vectors is None or missing is None:  # no level could be asked
-            vectors = np.empty((n, batch.dim), dtype=batch.dtype)
+            vectors = batch.out if batch.out is not None else np.empty((n, batch.dim), dtype=batch.dtype)
             missing = np.arange(n)
         unanswered = np.zeros(len(batch.queries), np.int64)
         if len(missing) and authoritative_down:
@@ -414,7 +439,13 @@ class LookupSession:
                 )
                 continue
             start, stop = batch.starts[i], batch.starts[i + 1]
-            outcomes.append(TableLookup(vectors[start:stop].astype(query.dtype, copy=False), found[start:stop]))
+            if query.out is None:
+                answer = vectors[start:stop].astype(query.dtype, copy=False)
+            else:
+                answer = query.out
+                if answer is not batch.out:
+                    answer[...] = vectors[start:stop]
+            outcomes.append(TableLookup(answer, found[start:stop]))
         return outcomes
 
     def _fetch_later(self, batch: _Batch) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -105,21 +106,45 @@ def _table_result(result: LookupResult) -> list[bytes | memoryview]:
     return [_length_delimited(2, sum(len(piece) for piece in body)), *body]
 
 
-def _bytes_field(field: int, pieces: Sequence[np.ndarray]) -> list[bytes | memoryview]:
+class Hole:
+    """`size` bytes of a reply left for its caller to fill (a PackedReplyLayout's vectors or found flags)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+Piece = bytes | memoryview | Hole
+
+
+def _bytes_field(field: int, pieces: Sequence[np.ndarray | Hole]) -> list[Piece]:
     """One length-delimited field whose value is the pieces' bytes end to end (each copied once, by the join)."""
-    views = [np.ascontiguousarray(piece).data.cast("B") for piece in pieces if piece.nbytes]
+    views = [
+        piece if isinstance(piece, Hole) else np.ascontiguousarray(piece).data.cast("B")
+        for piece in pieces
+        if (piece.size if isinstance(piece, Hole) else piece.nbytes)
+    ]
     size = sum(len(view) for view in views)
     return [_length_delimited(field, size), *views] if size else []
 
 
-def _packed_result(packed: PackedLookup, dtype: np.dtype) -> list[bytes | memoryview]:
-    body: list[bytes | memoryview] = [_encoded_string(1, table) for table in packed.tables if table]
+def _packed_result(
+    tables: Sequence[str],
+    counts: np.ndarray,
+    dims: np.ndarray,
+    vectors: Sequence[np.ndarray | Hole],
+    found: Sequence[np.ndarray | Hole],
+    dtype: np.dtype,
+) -> list[Piece]:
+    body: list[Piece] = [_encoded_string(1, table) for table in tables if table]
     body += [
-        *_buffer_field(2, np.ascontiguousarray(packed.counts, "<i8")),
-        *_buffer_field(3, np.ascontiguousarray(packed.dims, "<i8")),
-        *_bytes_field(4, packed.vectors),
+        *_buffer_field(2, np.ascontiguousarray(counts, "<i8")),
+        *_buffer_field(3, np.ascontiguousarray(dims, "<i8")),
+        *_bytes_field(4, vectors),
         *_varint_field(5, _WIRE_DTYPE[dtype]),
-        *_bytes_field(6, [found.view(np.uint8) for found in packed.found]),
+        *_bytes_field(6, found),
     ]
     return [_length_delimited(4, sum(len(piece) for piece in body)), *body]
 
@@ -138,8 +163,53 @@ def encode_lookup_response(
         pieces.extend(_table_result(result))
     pieces.extend(_string_field(3, request_id))
     if packed is not None:
-        pieces.extend(_packed_result(packed, packed_dtype))
+        found = [found.view(np.uint8) for found in packed.found]
+        body = _packed_result(packed.tables, packed.counts, packed.dims, packed.vectors, found, packed_dtype)
+        pieces.extend(cast(list[bytes | memoryview], body))  # no Hole: every piece was given
     return b"".join(pieces)
+
+
+@dataclass(frozen=True)
+class PackedReplyLayout:
+    """A LookupResponse holding only a PackedResult, laid out before its lookup: `size` bytes in all, the
+    vectors of every segment end to end at [vectors_at, vectors_at + vector_bytes), one found flag per key
+    at [found_at, found_at + keys). write_frame() writes everything else; the reply is then byte-identical
+    to encode_lookup_response's for the same results."""
+
+    size: int
+    vectors_at: int
+    vector_bytes: int
+    found_at: int
+    keys: int
+    _pieces: tuple[Piece, ...]
+
+    @classmethod
+    def of(
+        cls, model: str, request_id: str, tables: Sequence[str], counts: np.ndarray, dims: np.ndarray, dtype: np.dtype
+    ) -> PackedReplyLayout:
+        keys = int(np.sum(counts))
+        vectors, found = Hole(int(np.dot(counts, dims)) * dtype.itemsize), Hole(keys)
+        pieces = (
+            *_string_field(1, model),
+            *_string_field(3, request_id),
+            *_packed_result(tables, counts, dims, [vectors], [found], dtype),
+        )
+        at = vectors_at = found_at = 0
+        for piece in pieces:
+            if piece is vectors:
+                vectors_at = at
+            elif piece is found:
+                found_at = at
+            at += len(piece)
+        return cls(at, vectors_at, vectors.size, found_at, keys, pieces)
+
+    def write_frame(self, buffer: np.ndarray) -> None:
+        """Writes the reply's bytes other than vectors and found flags into `buffer` (uint8, `size` long)."""
+        at = 0
+        for piece in self._pieces:
+            if not isinstance(piece, Hole):
+                buffer[at : at + len(piece)] = np.frombuffer(piece, np.uint8)
+            at += len(piece)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from hps_wire._proto import hps_pb2
-from hps_wire.response_codec import LookupResult, PackedLookup, decode_lookup_response, encode_lookup_response
+from hps_wire.response_codec import (
+    LookupResult,
+    PackedLookup,
+    PackedReplyLayout,
+    decode_lookup_response,
+    encode_lookup_response,
+)
 
 
 def _results(rng: np.random.Generator) -> list[LookupResult]:
@@ -117,6 +123,28 @@ def test_packed_results_are_byte_identical_to_protobuf_and_decode_to_views(dtype
         assert got.vectors.dtype == np.dtype(dtype) and got.vectors.shape == want.vectors.shape
         np.testing.assert_array_equal(got.vectors, want.vectors)
         np.testing.assert_array_equal(got.found, want.found)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<f2"])
+@pytest.mark.parametrize("request_id", ["", "req-7"])
+def test_a_reply_laid_out_before_its_lookup_is_byte_identical_once_filled(dtype: str, request_id: str) -> None:
+    rng = np.random.default_rng(4)
+    shapes = [(300, 128), (0, 16), (7, 16), (1000, 8)]
+    segments = [
+        LookupResult(f"table-{i}", rng.standard_normal((n, dim)).astype(dtype), rng.random(n) < 0.7)
+        for i, (n, dim) in enumerate(shapes)
+    ]
+    counts, dims = np.array([n for n, _ in shapes]), np.array([dim for _, dim in shapes])
+    layout = PackedReplyLayout.of("ctr", request_id, [s.table for s in segments], counts, dims, np.dtype(dtype))
+    buffer = np.full(layout.size, 0xAB, np.uint8)  # whatever a reused buffer held before
+    layout.write_frame(buffer)
+    buffer[layout.vectors_at : layout.vectors_at + layout.vector_bytes] = np.concatenate(
+        [s.vectors.ravel() for s in segments]
+    ).view(np.uint8)
+    buffer[layout.found_at : layout.found_at + layout.keys] = np.concatenate([s.found for s in segments])
+    packed = PackedLookup([s.table for s in segments], counts, dims, [s.vectors for s in segments],
+                          [s.found for s in segments])  # fmt: skip
+    assert buffer.tobytes() == encode_lookup_response("ctr", [], request_id, packed, np.dtype(dtype))
 
 
 def test_a_packed_result_whose_bytes_disagree_with_its_counts_is_refused() -> None:

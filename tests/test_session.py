@@ -265,9 +265,9 @@ class _CountingCache(ReferenceEmbeddingCache):
         super().__init__(capacities, dim)
         self.calls: Counter[str] = Counter()
 
-    def query(self, keys, tables=None, dtype=np.float32):  # type: ignore[no-untyped-def]
+    def query(self, keys, tables=None, dtype=np.float32, out=None):  # type: ignore[no-untyped-def]
         self.calls["query"] += 1
-        return super().query(keys, tables, dtype=dtype)
+        return super().query(keys, tables, dtype=dtype, out=out)
 
     def replace(self, keys, vectors, tables=None):  # type: ignore[no-untyped-def]
         self.calls["replace"] += 1

@@ -69,10 +69,16 @@ class EmbeddingCache(Protocol):
     num_tables: int
 
     def query(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(float32 or float16 [n, dim] host array with zero rows for misses, hit mask bool[n]); bumps hit rows'
-        recency."""
+        recency. `out` (a writable C-contiguous [n, dim] array of `dtype`, such as a region of a reply
+        buffer) receives the vectors and is returned as them."""
         ...
 
     def replace(self, keys: np.ndarray, vectors: np.ndarray, tables: np.ndarray | None = None) -> None:

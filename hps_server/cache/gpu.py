@@ -2,12 +2,13 @@
 
 Same algorithm and results as reference.py, several tables per structure included: one call, whatever
 its tables, is one host-to-device copy, one launch per kernel of the algorithm, one synchronization and
-(for a lookup) one device-to-host copy. Every operation on one cache runs on that cache's own stream in
-the order callers took its lock, so results are those of some serial order. A cache can also live in
-device memory that several processes share (gpu_sharing.py): the kernels that read or write its state
-then hold a lock across processes until they are done (a lookup's upload and reply copy, a write's
-upload and de-duplication stay outside it), which costs a lookup a second synchronization. Import only
-where CuPy is installed; nothing here knows of storage levels or the session.
+(for a lookup) one device-to-host copy (two when its vectors go into the caller's buffer). Every
+operation on one cache runs on that cache's own stream in the order callers took its lock, so results
+are those of some serial order. A cache can also live in device memory that several processes share
+(gpu_sharing.py): the kernels that read or write its state then hold a lock across processes until they
+are done (a lookup's upload and reply copy, a write's upload and de-duplication stay outside it), which
+costs a lookup a second synchronization. Import only where CuPy is installed; nothing here knows of
+storage levels or the session.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import functools
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from hps_server.cache.layout import (
     check_dtype,
     check_table,
     last_occurrences,
+    query_destination,
     static_table_count,
 )
 from hps_server.storage.base import as_keys, as_vectors
@@ -53,6 +55,7 @@ _QUERY_BLOCKS_PER_SM = 8
 _SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
 # Bytes of staging a structure keeps between host calls, host and device each (see _Staging).
 _STAGING_KEPT = 32 << 20
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 
 
 def available(device: int = 0) -> bool:
@@ -100,6 +103,13 @@ def _rounded(size: int) -> int:
     """`size` rounded up to one of 8 sizes per power of two (at most 1/8 more)."""
     step = 1 << max(9, size.bit_length() - 4)
     return -(-size // step) * step
+
+
+def pin_host(address: int, size: int) -> Callable[[], None]:
+    """Page-locks `size` bytes of host memory at `address` for every context's copies (a reply buffer the
+    device copies into by DMA); returns what unlocks them."""
+    cp.cuda.runtime.hostRegister(address, size, _HOST_REGISTER_PORTABLE)
+    return functools.partial(cp.cuda.runtime.hostUnregister, address)
 
 
 def pinned(size: int) -> np.ndarray:
@@ -156,6 +166,8 @@ class _OnDevice:
 
     dim: int
     num_tables: int
+    # Page-locks a caller's buffer this structure's lookups copy into (a reply buffer: reply_buffers.py).
+    pin_host = staticmethod(pin_host)
 
     def __init__(self, device: int, num_tables: int, shared: SharedState | None = None) -> None:
         if not available(device):
@@ -260,28 +272,37 @@ class _OnDevice:
         self.syncs += 1
 
     def _host_query(
-        self, keys: np.ndarray, tables: np.ndarray | None, dtype: npt.DTypeLike
+        self, keys: np.ndarray, tables: np.ndarray | None, dtype: npt.DTypeLike, out: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys = as_keys(keys)
         tables = as_tables(tables, keys.size, self.num_tables)
-        out = check_dtype(dtype)
+        wanted = check_dtype(dtype)
         n = keys.size
+        if out is not None:
+            query_destination(out, n, self.dim, wanted)  # checks it
         if not n:
-            return np.zeros((0, self.dim), out), np.zeros(0, bool), np.zeros(0, np.int64)
-        # The reply, vectors then hit flags, comes back in one copy into one pinned buffer.
-        vector_bytes = n * self.dim * out.itemsize
-        reply = pinned(vector_bytes + n)
+            return np.zeros((0, self.dim), wanted) if out is None else out, np.zeros(0, bool), np.zeros(0, np.int64)
+        # The reply, vectors then hit flags, comes back in one copy into one pinned buffer; with `out`, the
+        # vectors go there (by DMA where it is page-locked) and the flags into the pinned buffer.
+        vector_bytes = n * self.dim * wanted.itemsize
+        reply = pinned(n if out is not None else vector_bytes + n)
         with self._device, self._lock, self._stream:
-            (keys_d, tables_d), reply_d = self._upload((keys, tables), reply.size)
-            vectors_d = cp.ndarray((n, self.dim), out, reply_d.data)
+            (keys_d, tables_d), reply_d = self._upload((keys, tables), vector_bytes + n)
+            vectors_d = cp.ndarray((n, self.dim), wanted, reply_d.data)
             self._query(keys_d, tables_d, vectors_d, cp.ndarray((n,), cp.bool_, reply_d.data + vector_bytes))
-            cp.cuda.runtime.memcpyAsync(
-                reply.ctypes.data, reply_d.data.ptr, reply.size, cp.cuda.runtime.memcpyDeviceToHost, self._stream.ptr
-            )
-            self.copies_to_host += 1
+            if out is not None:
+                self._copy_to_host(out.ctypes.data, reply_d.data.ptr, vector_bytes)
+                self._copy_to_host(reply.ctypes.data, reply_d.data.ptr + vector_bytes, n)
+            else:
+                self._copy_to_host(reply.ctypes.data, reply_d.data.ptr, reply.size)
             self._finish()
-        hit = reply[vector_bytes:].view(np.bool_)
-        return reply[:vector_bytes].view(out).reshape(n, self.dim), hit, np.flatnonzero(~hit)
+        hit = reply[-n:].view(np.bool_)
+        vectors = out if out is not None else reply[:vector_bytes].view(wanted).reshape(n, self.dim)
+        return vectors, hit, np.flatnonzero(~hit)
+
+    def _copy_to_host(self, host: int, device: int, size: int) -> None:
+        cp.cuda.runtime.memcpyAsync(host, device, size, cp.cuda.runtime.memcpyDeviceToHost, self._stream.ptr)
+        self.copies_to_host += 1
 
     def _host_write(self, keys: np.ndarray, vectors: np.ndarray | None, tables: np.ndarray | None, op: str) -> None:
         keys = as_keys(keys)
@@ -377,17 +398,28 @@ class _OnDevice:
     # ------------------------------------------------------------ the public surface
 
     def query(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors [n, dim] of `dtype`, zero rows for misses, hit bool[n]): views of one pinned host buffer."""
-        vectors, hit, _ = self._host_query(keys, tables, dtype)
+        """(vectors [n, dim] of `dtype`, zero rows for misses, hit bool[n]): views of one pinned host buffer,
+        or the vectors in `out` when given."""
+        vectors, hit, _ = self._host_query(keys, tables, dtype, out)
         return vectors, hit
 
     def query_misses(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """query() plus the indices of the misses (int64, ascending)."""
-        return self._host_query(keys, tables, dtype)
+        return self._host_query(keys, tables, dtype, out)
 
     def replace(self, keys: np.ndarray, vectors: np.ndarray, tables: np.ndarray | None = None) -> None:
         self._host_write(keys, vectors, tables, "_replace")

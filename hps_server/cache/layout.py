@@ -149,6 +149,18 @@ def check_dtype(dtype: npt.DTypeLike) -> np.dtype:
     return resolved
 
 
+def query_destination(out: np.ndarray | None, rows: int, dim: int, dtype: np.dtype) -> np.ndarray:
+    """Where a query writes its vectors: `out` when given (a writable C-contiguous [rows, dim] array of
+    `dtype`, such as a region of a reply buffer), else a new zeroed array."""
+    if out is None:
+        return np.zeros((rows, dim), dtype)
+    if out.shape != (rows, dim) or out.dtype != dtype or not out.flags.writeable or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out: must be a writable C-contiguous {dtype} array of shape ({rows}, {dim}), got {out.dtype} {out.shape}"
+        )
+    return out
+
+
 def last_occurrences(keys: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(distinct keys, their tables, index of each (table, key) pair's last occurrence), ordered by (table, key).
 

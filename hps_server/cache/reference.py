@@ -41,6 +41,7 @@ from hps_server.cache.layout import (
     check_dtype,
     check_table,
     last_occurrences,
+    query_destination,
     static_table_count,
 )
 from hps_server.storage.base import as_keys, as_vectors
@@ -81,18 +82,29 @@ class ReferenceEmbeddingCache:
     # ------------------------------------------------------------ lookups
 
     def query(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        vectors, hit, _ = self.query_misses(keys, tables, dtype=dtype)
+        vectors, hit, _ = self.query_misses(keys, tables, dtype=dtype, out=out)
         return vectors, hit
 
     def query_misses(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(vectors [n, dim] of `dtype` with zero rows for misses, hit bool[n], indices of the misses int64)."""
+        """(vectors [n, dim] of `dtype` with zero rows for misses, in `out` when given; hit bool[n]; indices of
+        the misses int64)."""
         keys = as_keys(keys)
         tables = as_tables(tables, keys.size, self.num_tables)
-        vectors = np.zeros((keys.size, self.dim), check_dtype(dtype))
+        vectors = query_destination(out, keys.size, self.dim, check_dtype(dtype))
         if not keys.size:
             return vectors, np.zeros(0, bool), np.zeros(0, np.int64)
         sets = self.layout.sets_of(keys, tables)
@@ -103,6 +115,8 @@ class ReferenceEmbeddingCache:
             found = slots[hit]
             self._stamps.reshape(-1)[found] = self.clock
             vectors[hit] = self._rows[found]
+            if out is not None:
+                vectors[~hit] = 0
             self._hits += np.bincount(tables[hit], minlength=self.num_tables)
             self._queried += np.bincount(tables, minlength=self.num_tables)
         return vectors, hit, np.flatnonzero(~hit)
@@ -252,22 +266,34 @@ class ReferenceStaticTable:
         return np.where((self._values[rank] == keys) & (self._pairs[at] == pairs), at, -1)
 
     def query(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        vectors, hit, _ = self.query_misses(keys, tables, dtype=dtype)
+        vectors, hit, _ = self.query_misses(keys, tables, dtype=dtype, out=out)
         return vectors, hit
 
     def query_misses(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys = as_keys(keys)
         tables = as_tables(tables, keys.size, self.num_tables)
-        vectors = np.zeros((keys.size, self.dim), check_dtype(dtype))
+        vectors = query_destination(out, keys.size, self.dim, check_dtype(dtype))
         rows = self._find(keys, tables)
         with self._lock:
             hit = rows >= 0
             hit[hit] = self._live[rows[hit]]
             vectors[hit] = self._rows[rows[hit]]
+            if out is not None:
+                vectors[~hit] = 0
             self._hits += np.bincount(tables[hit], minlength=self.num_tables)
             self._queried += np.bincount(tables, minlength=self.num_tables)
         return vectors, hit, np.flatnonzero(~hit)

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hps_server.cache import CacheStats, EmbeddingCache
-from hps_server.cache.layout import as_tables, check_dtype, check_table, mix
+from hps_server.cache.layout import as_tables, check_dtype, check_table, mix, query_destination
 from hps_server.storage.base import as_keys, as_vectors
 
 # Mixed into each key with its table before hashing, so a shard is not a function of the key's set hash
@@ -99,25 +99,33 @@ class ShardedCache:
     # ------------------------------------------------------------ lookups
 
     def query(
-        self, keys: np.ndarray, tables: np.ndarray | None = None, *, dtype: npt.DTypeLike = np.float32
+        self,
+        keys: np.ndarray,
+        tables: np.ndarray | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         keys = as_keys(keys)
         tables = as_tables(tables, keys.size, self.num_tables)
-        out = check_dtype(dtype)
+        wanted = check_dtype(dtype)
+        vectors = query_destination(out, keys.size, self.dim, wanted)
         route = Route.of(keys, tables, len(self.shards))
         if self.gather == "device" and keys.size:
             from hps_server.cache import gpu_gather
 
-            reply = gpu_gather.MappedReply(keys.size, self.dim, out)
+            reply = gpu_gather.MappedReply(keys.size, self.dim, wanted)
             self._each(route, lambda shard, at: gpu_gather.query_into(shard, reply, keys, tables, at))
-            return reply.vectors, reply.hit
-        vectors = np.empty((keys.size, self.dim), out)
+            if out is None:
+                return reply.vectors, reply.hit
+            vectors[...] = reply.vectors
+            return vectors, reply.hit
         hit = np.empty(keys.size, bool)
 
         def answer(shard: EmbeddingCache, at: np.ndarray) -> None:
             # Every position belongs to exactly one shard, whose reply (zero rows for misses) fills it; each
             # shard's thread copies its own rows in (NumPy lets go of the GIL there), so copies overlap.
-            vectors[at], hit[at] = shard.query(keys[at], tables[at], dtype=out)
+            vectors[at], hit[at] = shard.query(keys[at], tables[at], dtype=wanted)
 
         self._each(route, answer)
         return vectors, hit

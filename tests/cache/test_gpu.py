@@ -531,3 +531,35 @@ def test_a_request_of_26_tables_costs_the_gpu_what_one_of_1_table_does(tmp_path:
         spent.append(costs)
     assert spent[0] == spent[1]
     assert spent[0][1] == (1, 1, 1)  # all hits: one launch, one copy back, one sync for the whole batch
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_query_into_a_reply_buffer_gives_what_a_plain_query_does(static: bool) -> None:
+    """Vectors copied into a caller's buffer (a reply buffer, page-locked on its second use, and pageable
+    before) equal those of a query into the cache's own pinned reply, hits and misses alike."""
+    from hps_server.cache.gpu import pin_host
+    from hps_server.reply_buffers import ReplyBuffers
+
+    rng = np.random.default_rng(11)
+    keys = np.arange(5000, dtype=np.int64)
+    vectors = rows_for(keys, 64)
+    if static:
+        cache: Any = GpuStaticTable(keys, vectors)
+    else:
+        cache = GpuEmbeddingCache(4096, 64)
+        cache.replace(keys, vectors)
+    replies = ReplyBuffers(min_bytes=1)
+    for _ in range(3):
+        asked = rng.integers(-1000, 6000, 3000).astype(np.int64)
+        want_vectors, want_hit = cache.query(asked, dtype=np.float16)
+        taken = replies.take(3 + asked.size * 64 * 2, pin_host)
+        assert taken is not None
+        data, buffer = taken
+        out = buffer[3:].view(np.float16).reshape(asked.size, 64)  # not aligned, as inside a reply
+        got_vectors, got_hit = cache.query(asked, dtype=np.float16, out=out)
+        assert got_vectors is out
+        np.testing.assert_array_equal(got_hit, want_hit)
+        np.testing.assert_array_equal(np.frombuffer(data, np.float16, offset=3).reshape(-1, 64), want_vectors)
+        del taken, data, buffer, out, got_vectors
+    assert replies.made == 1
+    replies.close()
