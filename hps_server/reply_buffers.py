@@ -17,12 +17,15 @@ its lookup); the least recently used sizes are dropped past a byte budget, and a
 from __future__ import annotations
 
 import ctypes
+import logging
 import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MIN_BYTES = 1 << 20
 """Replies below this are joined as before: a pass over them costs less than a buffer's bookkeeping."""
@@ -54,6 +57,10 @@ class _Buffer:
             self.unpin()
             self.unpin = None
 
+    # A buffer let go of with its pool (a server stopped) must not leave its pages locked: memory reused
+    # later could then not be locked again.
+    __del__ = drop
+
 
 class ReplyBuffers:
     """A process's reply buffers; thread-safe."""
@@ -83,8 +90,11 @@ class ReplyBuffers:
                 self._held += size
                 self.made += 1
             buffer.uses += 1
-            if pin is not None and buffer.unpin is None and buffer.uses >= 2:
-                buffer.unpin = pin(buffer.view.ctypes.data, size)
+            if pin is not None and buffer.unpin is None and buffer.uses == 2:
+                try:
+                    buffer.unpin = pin(buffer.view.ctypes.data, size)
+                except Exception as e:  # the copies still land in it, staged by the driver
+                    log.warning("a reply buffer of %d bytes could not be page-locked: %s", size, e)
             return buffer.data, buffer.view
 
     def held_bytes(self) -> int:

@@ -192,6 +192,7 @@ class HpsServer:
         for thread in (self._warming, self._writes_watch):
             if thread is not None:
                 thread.join()  # each sees the stop soon (warm-up between chunks); the levels must outlive them
+        self.lookups.replies.close()
         try:
             self.models.close()
         except StorageError as e:

@@ -79,6 +79,17 @@ def test_a_buffer_is_page_locked_on_its_second_use_and_unlocked_when_dropped() -
     replies.close()
 
 
+def test_a_buffer_that_cannot_be_page_locked_still_serves(caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(address: int, size: int) -> Callable[[], None]:
+        raise RuntimeError("out of lockable memory")
+
+    replies = ReplyBuffers(min_bytes=1)
+    replies.take(MIB, refuse)
+    taken = replies.take(MIB, refuse)
+    assert taken is not None and len(taken[0]) == MIB
+    assert "could not be page-locked: out of lockable memory" in caplog.text
+
+
 # ---------------------------------------------------------------- through a server
 
 
