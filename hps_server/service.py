@@ -251,7 +251,7 @@ class Lookups:
                 f"request: its reply would hold {reply_bytes / 2**20:.1f} MiB of vectors, over server.max_message_mb "
                 f"{self.limits.max_message_mb} (ask for fewer keys per request, or float16)",
             )
-        if packed is None or queries:
+        if packed is None or queries or reply_bytes < self.replies.min_bytes:
             return _Prepared(session, wire_dtype, queries, packed, prefetch)
         reply, packed = self._laid_out(request, session, packed, wire_dtype)
         return _Prepared(session, wire_dtype, queries, packed, prefetch, reply)
@@ -260,7 +260,7 @@ class Lookups:
         self, request: hps_pb2.LookupRequest, session: LookupSession, packed: _Packed, dtype: np.dtype
     ) -> tuple[_Reply | None, _Packed]:
         """A packed-only request's reply in a reply buffer, each run given its region of the vectors to fill;
-        (None, packed) for a reply too small to be worth one."""
+        (None, packed) where the pool gives none (over its budget)."""
         layout = PackedReplyLayout.of(
             request.model, request.request_id, packed.names, packed.counts, packed.dims, dtype
         )
