@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -38,6 +38,15 @@ class _Hold:
             self.entered.set()
             assert self.release.wait(30)
         return self._pass(items)
+
+    def wait_entered(self, first: Future[Any]) -> None:
+        """Until `first`'s pass is held; a first call that ended instead (it failed) fails the test with its error."""
+        for _ in range(6000):
+            if self.entered.wait(0.01):
+                return
+            if first.done():
+                raise AssertionError(f"the first call ended before its pass was held: {first.exception()!r}")
+        raise AssertionError("the first call's pass never started")
 
     def wait_queued(self, n: int) -> None:
         for _ in range(3000):
@@ -121,7 +130,7 @@ def test_concurrent_requests_of_models_tables_dtypes_and_combiners_share_one_pas
     hold = _Hold(server)
     with Client(served.target) as client, ThreadPoolExecutor(len(calls) + 1) as pool:
         first = pool.submit(plain("ctr", "user", "float32"), client)
-        assert hold.entered.wait(30)  # the first call's pass is held: the others queue behind it
+        hold.wait_entered(first)  # the first call's pass is held: the others queue behind it
         rest = [pool.submit(call, client) for call in calls]
         hold.wait_queued(len(calls))
         hold.release.set()
@@ -137,7 +146,7 @@ def test_a_bad_request_fails_alone_while_the_others_are_answered(two_models) -> 
     hold = _Hold(server)
     with Client(served.target) as client, ThreadPoolExecutor(8) as pool:
         first = pool.submit(client.lookup, "ctr", "user", keys)
-        assert hold.entered.wait(30)
+        hold.wait_entered(first)
         good = [pool.submit(client.lookup, model, "user", keys) for model in ("ctr", "ads", "ctr")]
         hold.wait_queued(3)
         bad_table = pool.submit(client.lookup, "ctr", "nope", keys)
@@ -164,7 +173,7 @@ def test_over_the_queue_limit_a_lookup_is_refused_at_once(tmp_path) -> None:  # 
         hold = _Hold(server)
         with Client(f"127.0.0.1:{port}") as client, ThreadPoolExecutor(4) as pool:
             running = pool.submit(client.lookup, "ctr", "user", [1])
-            assert hold.entered.wait(30)
+            hold.wait_entered(running)
             queued = [pool.submit(client.lookup, "ctr", "user", [2]) for _ in range(2)]
             hold.wait_queued(2)
             with pytest.raises(ResourceExhaustedError, match=r"server.max_queued_requests 2"):
