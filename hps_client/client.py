@@ -91,6 +91,10 @@ def _channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
+        # Each client its own connections: gRPC otherwise shares one connection per address among a
+        # process's channels, so a client made after its server restarted on the same address would
+        # inherit an older client's failed connection and fail at once until that one's backoff ends.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,8 +16,9 @@ import numpy as np
 import pytest
 
 from hps_client import AsyncClient, Client, DeadlineExceededError, NotFoundError, UnavailableError
+from hps_server.server import HpsServer
 from hps_wire._proto import hps_pb2
-from tests.conftest import ServedModel
+from tests.conftest import TABLE_SPECS, ServedModel, sample_config, write_sample_tables
 
 
 def test_async_client_matches_sync_results(served: ServedModel) -> None:
@@ -58,6 +61,37 @@ def test_timeout_and_unreachable_server_raise_typed_errors() -> None:
             client.lookup("ctr", "user", np.arange(10), timeout=0.5)
     with Client("127.0.0.1:1", timeout=2) as client, pytest.raises(UnavailableError):
         client.list_models()
+
+
+def test_a_new_client_reaches_a_server_restarted_on_the_same_address_while_an_old_client_backs_off(
+    tmp_path: Path,
+) -> None:
+    write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    first = HpsServer(config)
+    port = first.start()
+    target = f"127.0.0.1:{port}"
+    with Client(target) as old:
+        assert first.wait_ready(30)
+        old.lookup("ctr", "user", [1])
+        first.stop(grace=1)
+        with pytest.raises(UnavailableError):
+            old.lookup("ctr", "user", [1])  # its connection is now failing, and backing off
+        address = dataclasses.replace(config.server, address=target)
+        second = HpsServer(dataclasses.replace(config, server=address))
+        second.start()
+        try:
+            assert second.wait_ready(30)
+            with Client(target) as new:
+                assert new.lookup("ctr", "user", [1]).shape == (1, TABLE_SPECS["user"][1])
+
+            async def lookup() -> tuple[int, ...]:
+                async with AsyncClient(target) as new:
+                    return (await new.lookup("ctr", "user", [1])).shape
+
+            assert asyncio.run(lookup()) == (1, TABLE_SPECS["user"][1])
+        finally:
+            second.stop(grace=1)
 
 
 def test_bad_arguments_are_rejected_before_sending(served: ServedModel) -> None:
