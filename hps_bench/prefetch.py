@@ -4,7 +4,8 @@ over a hash map and RocksDB.
 (a) interference: p99 of lookups of rows already in L1, alone and while another client process prefetches a
 batch of cold keys every PREFETCH_EVERY_S, as a client prefetching its next batch would (the target: at most
 1.2x; a process of its own, so that its calls do not take the measuring client's GIL); (b) benefit: p50 of
-lookups of cold batches, plain and with each batch prefetched one batch ahead (MODEL_WORK_S between batches).
+lookups of cold batches, plain and with each batch prefetched one batch ahead (MODEL_WORK_S of the model's
+work between two batches in both).
 Both from the same run, interleaved. Prints a table (or --json).
 """
 
@@ -34,7 +35,10 @@ PREFETCH_EVERY_S = 0.010
 MODEL_WORK_S = 0.010
 
 
-def _latencies(client: Client, batches: list[np.ndarray], ahead: bool = False) -> np.ndarray:
+def _latencies(client: Client, batches: list[np.ndarray], ahead: bool = False, model_work: float = 0.0) -> np.ndarray:
+    """Seconds of each batch's lookup; `ahead`: each batch prefetched while the one before it is served;
+    `model_work`: seconds of the model's own work between two batches (both cold cases pause alike: a
+    process idle that long answers its next call slower, prefetched or not)."""
     seconds = []
     for i, batch in enumerate(batches):
         if ahead and i + 1 < len(batches):
@@ -42,8 +46,7 @@ def _latencies(client: Client, batches: list[np.ndarray], ahead: bool = False) -
         started = time.perf_counter()
         client.lookup("bench", "table", batch)
         seconds.append(time.perf_counter() - started)
-        if ahead:
-            time.sleep(MODEL_WORK_S)  # the model's own work between batches, while the next batch is prefetched
+        time.sleep(model_work)  # while the next batch is prefetched, when it is
     return np.array(seconds)
 
 
@@ -90,8 +93,9 @@ def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds:
                 finally:
                     stop.set()
                     prefetcher.join(30)
-                plain.append(_latencies(client, [rng.choice(cold, BATCH) for _ in range(lookups // 5)]))
-                ahead.append(_latencies(client, [rng.choice(cold, BATCH) for _ in range(lookups // 5)], ahead=True))
+                cold_batches = [[rng.choice(cold, BATCH) for _ in range(lookups // 5)] for _ in range(2)]
+                plain.append(_latencies(client, cold_batches[0], model_work=MODEL_WORK_S))
+                ahead.append(_latencies(client, cold_batches[1], ahead=True, model_work=MODEL_WORK_S))
     cases = [
         ("L1 rows, lookups alone", alone),
         ("L1 rows, while another client prefetches", loaded),
