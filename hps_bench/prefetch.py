@@ -46,7 +46,8 @@ def _latencies(client: Client, batches: list[np.ndarray], ahead: bool = False, m
         started = time.perf_counter()
         client.lookup("bench", "table", batch)
         seconds.append(time.perf_counter() - started)
-        time.sleep(model_work)  # while the next batch is prefetched, when it is
+        if model_work:
+            time.sleep(model_work)  # while the next batch is prefetched, when it is
     return np.array(seconds)
 
 

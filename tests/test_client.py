@@ -1,4 +1,5 @@
-"""The client libraries against a real server: asyncio twin, timeouts, dtype and argument errors."""
+"""The client libraries against a real server: asyncio twin, timeouts, dtype and argument errors, a server
+restarted on the same address."""
 
 from __future__ import annotations
 
@@ -72,9 +73,11 @@ def test_a_new_client_reaches_a_server_restarted_on_the_same_address_while_an_ol
     port = first.start()
     target = f"127.0.0.1:{port}"
     with Client(target) as old:
-        assert first.wait_ready(30)
-        old.lookup("ctr", "user", [1])
-        first.stop(grace=1)
+        try:
+            assert first.wait_ready(30)
+            old.lookup("ctr", "user", [1])
+        finally:
+            first.stop(grace=1)
         with pytest.raises(UnavailableError):
             old.lookup("ctr", "user", [1])  # its connection is now failing, and backing off
         address = dataclasses.replace(config.server, address=target)
