@@ -479,7 +479,8 @@ class LookupSession:
                         self._walk(chunk, report=False, fill_now=True)
                     except StorageError as e:
                         self._warn_unavailable("a storage", "prefetch skipped", e)
-                    # Level calls hold the GIL (rocksdict does): half as long again for the threads serving lookups.
+                    # A walk holds the GIL for most of its time (NumPy, the L1's calls; rocksdict lets it go only
+                    # inside RocksDB's reads): half as long again for the threads serving lookups.
                     time.sleep((time.perf_counter() - started) / 2)
 
         return self._prefetch.submit(walk)
