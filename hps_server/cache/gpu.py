@@ -48,11 +48,8 @@ _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 _FP_LINE = 32  # FP_LINE in cache.cu: fingerprints per set, whatever its ways
 _GROUP_SPAN = 8  # GROUP_SPAN in cache.cu: batch positions per warp when new keys are inserted
 _GROUP_MEMBERS = 8  # GROUP_MEMBERS in cache.cu: keys a set's group of new keys holds in its own slots
-# Lookup blocks launched per multiprocessor, at most: a few waves, so that each warp of a large batch
-# takes several groups of keys and searches the next group while it copies this one's rows (device,
-# 1M keys: dims 64 and 128 gained 6-7 % over a warp per group).
-_QUERY_BLOCKS_PER_SM = 8
-_SUFFIX = {"float32": "f32", "float16": "f16"}  # kernel name suffixes per element type (rows held, rows replied)
+# Kernel name suffixes per element type (rows held, rows replied), keyed by dtype (its .name costs microseconds).
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 # Bytes of staging a structure keeps between host calls, host and device each (see _Staging).
 _STAGING_KEPT = 32 << 20
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
@@ -75,6 +72,7 @@ def _module(device: int) -> cp.RawModule:
         return module
 
 
+@functools.cache
 def _kernel(device: int, name: str) -> Any:
     return _module(device).get_function(name)
 
@@ -90,8 +88,10 @@ def _warp_blocks(n: int, per_warp: int) -> int:
 
 
 def _aligned(array: cp.ndarray, dtype: Any) -> cp.ndarray:
-    """C-contiguous, of `dtype`, 16-byte aligned (the row copies use 16-byte loads)."""
-    array = cp.ascontiguousarray(array, dtype=dtype)
+    """C-contiguous, of `dtype`, 16-byte aligned (the row copies use 16-byte loads): `array` itself where it is
+    (a conversion that copies nothing still costs microseconds before the launch)."""
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        array = cp.ascontiguousarray(array, dtype=dtype)
     return array if array.data.ptr % 16 == 0 else array.copy()
 
 
@@ -176,7 +176,6 @@ class _OnDevice:
         self.num_tables = num_tables
         self.shared = shared
         self._device = cp.cuda.Device(device)
-        self._query_blocks = _QUERY_BLOCKS_PER_SM * self._device.attributes["MultiProcessorCount"]
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
             # [table][0: hits, 1: keys asked][counter], as in cache.cu
@@ -329,7 +328,8 @@ class _OnDevice:
         return _aligned(keys, cp.int64)
 
     def _device_tables(self, tables: cp.ndarray | None, rows: int) -> cp.ndarray:
-        """int32 table indices on the device (zeros when None); values are checked by the kernels, not here."""
+        """int32 table indices on the device for `rows` keys (when None: zeros, at least `rows` of them, which
+        only our kernels read); values are checked by the kernels, not here."""
         if tables is None:
             return self._zero_tables(rows)
         if tables.shape != (rows,) or tables.dtype.kind not in "iu":
@@ -343,14 +343,13 @@ class _OnDevice:
         return cp.where((tables < 0) | (tables >= self.num_tables), -1, tables).astype(cp.int32)
 
     def _zero_tables(self, rows: int) -> cp.ndarray:
-        """`rows` table indices 0 from one zeroed array kept and grown by doubling, so that a call without
-        tables allocates and launches nothing for them; only our kernels, on our stream, read it."""
-        zeros = self._zeros
-        if zeros.size < rows:
+        """At least `rows` table indices 0: one zeroed array kept and grown by doubling, whole (a slice costs
+        microseconds), so that a call without tables allocates and launches nothing for them; only our
+        kernels, on our stream, read it, each its first `rows`."""
+        if self._zeros.size < rows:
             with self._device, self._stream:
-                zeros = cp.zeros(max(rows, 2 * zeros.size), cp.int32)
-            self._zeros = zeros
-        return zeros[:rows]
+                self._zeros = cp.zeros(max(rows, 2 * self._zeros.size), cp.int32)
+        return self._zeros
 
     def _device_vectors(self, vectors: cp.ndarray, rows: int) -> cp.ndarray:
         if vectors.shape != (rows, self.dim):
@@ -499,7 +498,7 @@ class GpuEmbeddingCache(_OnDevice):
         # The LRU clock: shared by the processes of a shared cache (an increment lost to a race only makes
         # two stamps equal).
         self._clock = shared.words[:1] if shared is not None else np.zeros(1, np.int64)
-        self._suffix = _SUFFIX[self.dtype.name]
+        self._suffix = _SUFFIX[self.dtype]
         slots = self.layout.total_sets * self.layout.stride
         with self._device, self._stream:
             # A fingerprint line of _FP_LINE per set (16-byte aligned: the block's arrays start at such
@@ -534,14 +533,24 @@ class GpuEmbeddingCache(_OnDevice):
 
     def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         n = keys.size
+        found = cp.empty(n, cp.int64)
         with self._held(False):
             self.clock += 1
             self._launch(
-                f"query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
-                min(_blocks(n), self._query_blocks),
-                (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._rows,
-                 np.int32(self.layout.stride), np.int32(self.dim), np.int64(self.clock), vectors, hit, self._counts),
+                "find",
+                _blocks(n),
+                (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, np.int32(self.layout.stride),
+                 np.int64(self.clock), found, hit, self._counts),
             )  # fmt: skip
+            self._copy_rows(found, vectors)
+
+    def _copy_rows(self, found: cp.ndarray, vectors: cp.ndarray) -> None:
+        """A lookup's second pass: vectors[i] = our rows[found[i]], zeros where found[i] is -1."""
+        self._launch(
+            f"copy_rows_{self._suffix}_{_SUFFIX[vectors.dtype]}",
+            _blocks(found.size),
+            (self._rows, found, np.int64(found.size), np.int32(self.dim), vectors),
+        )
 
     def _deduped(self, keys: cp.ndarray, tables: cp.ndarray) -> _Deduped:
         """A write's scratch, its batch de-duplicated: work on the batch alone, so it runs before _held."""
@@ -641,7 +650,7 @@ class GpuStaticTable(_OnDevice):
         super().__init__(device, count)
         self.dim = dim
         self.dtype = check_dtype(dtype)
-        self._suffix = _SUFFIX[self.dtype.name]
+        self._suffix = _SUFFIX[self.dtype]
         # Rows in (table, key) order, as the reference holds them: table t's rows are [bounds[t], bounds[t + 1]).
         distinct, owners, last = last_occurrences(keys, tables)
         self._bounds = np.searchsorted(owners, np.arange(count + 1))
@@ -680,7 +689,7 @@ class GpuStaticTable(_OnDevice):
     def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
         n = keys.size
         self._launch(
-            f"static_query_{self._suffix}_{_SUFFIX[vectors.dtype.name]}",
+            f"static_query_{self._suffix}_{_SUFFIX[vectors.dtype]}",
             _blocks(n),
             (keys, tables, np.int64(n), *self._index_args, self._rows, np.int32(self.dim), vectors, hit, self._counts),
         )
@@ -730,7 +739,7 @@ def gather(table: cp.ndarray, index: cp.ndarray) -> cp.ndarray:
     n, dim = index.size, table.shape[1]
     out = cp.empty((n, dim), cp.float32)
     device = cp.cuda.Device().id
-    _kernel(device, "gather_f32")(
+    _kernel(device, "copy_rows_f32_f32")(
         (_blocks(n),), (_THREADS,), (_aligned(table, cp.float32), _aligned(index, cp.int64), np.int64(n),
                                          np.int32(dim), out),
     )  # fmt: skip

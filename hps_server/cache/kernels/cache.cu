@@ -11,11 +11,10 @@
 // Layout of the cache, kept apart so that a lookup reads only what it needs: per set a line of FP_LINE
 // 16-bit fingerprints (0: empty; 64 bytes whatever the set's ways, so one thread reads it in four
 // 16-byte loads), per slot a Slot {int64 key, int64 stamp (the logical clock of its last use; 0: empty)}
-// and a row of `dim` elements of T (float, or float16 bits). Slot index = set * stride + way. A query
-// thread compares its key's fingerprint with the whole line, and the warp then copies the row of the
-// first matching way while that slot's key is still being read: the key check costs no round trip of
-// its own, and the rare wrong guess (another key with the same fingerprint) is copied again. The stamp
-// shares the key's 16 bytes, so stamping a hit writes a sector the check just read.
+// and a row of `dim` elements of T (float, or float16 bits). Slot index = set * stride + way. A lookup
+// finds its slots first (a thread per key: the fingerprint line, then the matching slot's key), then
+// copies their rows (a warp per 32 rows). The stamp shares the key's 16 bytes, so stamping a hit writes
+// a sector the check just read.
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -106,11 +105,11 @@ __device__ __forceinline__ int shift_of(int width) { return (width & (width - 1)
 #define ROUND 8
 
 // The warp copies the rows of its `count` keys into `out` (float or float16 bits: O): key j of the
-// group (held by lane j) reads row `src` (-1: write zeros); only keys whose bit is set in `mask` are
-// read and written. All lanes share every row, so small dims still keep the warp busy.
+// group (held by lane j) reads row `src` (-1: write zeros). All lanes share every row, so small dims
+// still keep the warp busy.
 template <typename T, typename O>
 __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src, int count, int dim,
-                                            O* __restrict__ out, int lane, unsigned mask) {
+                                            O* __restrict__ out, int lane) {
     if ((dim & 3) == 0) {
         const int d4 = dim >> 2;
         const int shift = shift_of(d4);
@@ -122,14 +121,13 @@ __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src,
                 const int idx = base + u * 32 + lane;
                 const int j = min(row_of(idx, d4, shift), 31);
                 const i64 r = __shfl_sync(FULL, src, j);
-                v[u] = idx < total && (mask >> j & 1u) && r >= 0 ? load4(rows + r * dim, idx - j * d4)
-                                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+                v[u] = idx < total && r >= 0 ? load4(rows + r * dim, idx - j * d4) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
             for (int u = 0; u < ROUND; ++u) {
                 const int idx = base + u * 32 + lane;
                 const int j = min(row_of(idx, d4, shift), 31);
-                if (idx < total && (mask >> j & 1u)) store4(out + (i64)j * dim, idx - j * d4, v[u]);
+                if (idx < total) store4(out + (i64)j * dim, idx - j * d4, v[u]);
             }
         }
     } else {
@@ -138,7 +136,7 @@ __device__ __forceinline__ void gather_rows(const T* __restrict__ rows, i64 src,
             const int idx = base + lane;
             const int j = min(idx / dim, 31);
             const i64 r = __shfl_sync(FULL, src, j);
-            if (idx < total && (mask >> j & 1u)) {
+            if (idx < total) {
                 const int c = idx - j * dim;
                 store1(out + (i64)j * dim, c, r >= 0 ? load1(rows + r * dim, c) : 0.f);
             }
@@ -209,33 +207,19 @@ __device__ __forceinline__ unsigned halves_equal(unsigned word, unsigned pair) {
     return (e & 1u) | (e >> 15 & 2u);
 }
 
-// A set's fingerprint line as read, compared later (the read is issued a round ahead of its use).
-struct Line {
-    uint4 q[FP_LINE / 8];
-};
-__device__ __forceinline__ Line read_line(const fp16* __restrict__ fps, unsigned s, unsigned f) {
-    const uint4* line = reinterpret_cast<const uint4*>(fps + (i64)s * FP_LINE);
-    Line l;
-#pragma unroll
-    for (int q = 0; q < FP_LINE / 8; ++q) l.q[q] = f ? line[q] : make_uint4(0, 0, 0, 0);
-    return l;
-}
-// Bit w: way w holds fingerprint f (never for f == 0, a lane without a key).
-__device__ __forceinline__ unsigned line_matches(const Line& l, unsigned f) {
+// Bit w: way w of set s holds fingerprint f (never for f == 0, a lane without a key, which reads nothing).
+__device__ __forceinline__ unsigned fp_matches(const fp16* __restrict__ fps, unsigned s, unsigned f) {
     if (!f) return 0;
+    const uint4* line = reinterpret_cast<const uint4*>(fps + (i64)s * FP_LINE);
     const unsigned pair = f | (f << 16);
     unsigned m = 0;
 #pragma unroll
     for (int q = 0; q < FP_LINE / 8; ++q) {
-        const uint4 v = l.q[q];
+        const uint4 v = line[q];
         m |= halves_equal(v.x, pair) << (8 * q) | halves_equal(v.y, pair) << (8 * q + 2) |
              halves_equal(v.z, pair) << (8 * q + 4) | halves_equal(v.w, pair) << (8 * q + 6);
     }
     return m;
-}
-
-__device__ __forceinline__ unsigned fp_matches(const fp16* __restrict__ fps, unsigned s, unsigned f) {
-    return line_matches(read_line(fps, s, f), f);
 }
 
 // The way among the candidates `m` of set s that holds `key`, -1 if none (a set holds one table's keys
@@ -271,66 +255,31 @@ __device__ __forceinline__ void count_lookups(int t, bool counted, bool found, u
 
 // ---------------------------------------------------------------- cache kernels
 
-// Warp per group of 32 keys, thread per key for the search, the warp's groups `step` keys apart (the
-// grid is a few waves, gpu.py's _QUERY_BLOCKS_PER_SM): rows of hits into out (zeros for misses), hit
-// flags, hit slots stamped `clock`, lookups counted per table. A group's keys are read two rounds and its
-// fingerprint lines one round before its rows are copied, so a warp's searches are in flight while it
-// copies. The row of the first way whose fingerprint matched is copied while its key is read; where that
-// guess was wrong the warp copies the rows of those keys again (the same lanes write the same elements,
-// so the second write wins).
-template <typename T, typename O>
-__device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
-                           const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
-                           int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots,
-                           const T* __restrict__ rows, int stride, int dim, i64 clock, O* __restrict__ out,
-                           bool* __restrict__ hit, u64* __restrict__ counts) {
+// Lookup, pass 1, thread per key: found[i] = the slot holding key i (-1: a miss), hit flags, hit slots
+// stamped `clock`, lookups counted per table. The thread compares its key's fingerprint with the set's
+// whole line, then reads the key of each matching way (one, but where another key of the set has the same
+// fingerprint: about 1 lookup in 2,000). Pass 2 (copy_rows) copies the rows found. Apart, each pass keeps
+// its multiprocessors full: a kernel doing both held its search state and its copy's loads in registers,
+// which left room for a quarter of the warps.
+extern "C" __global__ void find(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                                const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
+                                int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots, int stride,
+                                i64 clock, i64* __restrict__ found, bool* __restrict__ hit, u64* __restrict__ counts) {
     const int lane = threadIdx.x & 31;
-    const i64 step = (i64)(gridDim.x * blockDim.x / 32) * 32;
-    i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
-    if (base >= n) return;
-    const i64 i0 = base + lane;
-    i64 key = i0 < n ? qkeys[i0] : 0;
-    int t = i0 < n ? qtables[i0] : 0;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i - lane >= n) return;  // whole warps only: count_lookups needs every lane
+    const bool valid = i < n;
+    const i64 key = valid ? qkeys[i] : 0;
+    const int t = valid ? qtables[i] : 0;
     unsigned s, f;
-    bool known = locate(key, t, i0 < n, first_set, num_sets, num_tables, s, f);
-    Line line = read_line(fps, s, f);
-    i64 next_key = i0 + step < n ? qkeys[i0 + step] : 0;
-    int next_t = i0 + step < n ? qtables[i0 + step] : 0;
-    for (; base < n; base += step) {
-        const unsigned m = line_matches(line, f);
-        const i64 guess = m ? (i64)s * stride + (__ffs(m) - 1) : -1;
-        const i64 guess_key = guess >= 0 ? slots[guess].key : 0;  // in flight during the copy below
-        const i64 i1 = base + step + lane, i2 = i1 + step;
-        unsigned s1, f1;
-        const bool known1 = locate(next_key, next_t, i1 < n, first_set, num_sets, num_tables, s1, f1);
-        const Line line1 = read_line(fps, s1, f1);
-        const i64 key2 = i2 < n ? qkeys[i2] : 0;
-        const int t2 = i2 < n ? qtables[i2] : 0;
-        const int count = (int)min((i64)32, n - base);
-        O* const group_out = out + base * dim;
-        gather_rows(rows, guess, count, dim, group_out, lane, FULL);
-        i64 slot = guess >= 0 && guess_key == key ? guess : -1;
-        if (guess >= 0 && slot < 0) {
-            const int w = confirm(key, s, m & (m - 1), slots, stride);
-            slot = w >= 0 ? (i64)s * stride + w : -1;
-        }
-        const unsigned wrong = __ballot_sync(FULL, slot != guess);
-        if (wrong) gather_rows(rows, slot, count, dim, group_out, lane, wrong);
-        const i64 i = base + lane;
-        if (i < n) {
-            hit[i] = slot >= 0;
-            if (slot >= 0) slots[slot].stamp = clock;
-        }
-        count_lookups(t, known, slot >= 0, counts, lane);
-        key = next_key;
-        t = next_t;
-        s = s1;
-        f = f1;
-        known = known1;
-        line = line1;
-        next_key = key2;
-        next_t = t2;
+    const bool known = locate(key, t, valid, first_set, num_sets, num_tables, s, f);
+    const i64 slot = find_slot(key, s, f, fps, slots, stride);
+    if (valid) {
+        found[i] = slot;
+        hit[i] = slot >= 0;
+        if (slot >= 0) slots[slot].stamp = clock;
     }
+    count_lookups(t, known, slot >= 0, counts, lane);
 }
 
 // Batch positions a group keeps in its own slots (GROUP_MEMBERS in gpu.py); further keys of the set go on
@@ -618,6 +567,8 @@ extern "C" __global__ void static_build(const i64* __restrict__ qkeys, const int
     atomicExch(&entries[p].row, (int)i);
 }
 
+// Static lookup, a warp per 32 keys: each thread probes for its key, then the warp copies the rows found
+// (one kernel: its probe holds few registers, unlike the cache's search, so copies keep the warps busy).
 template <typename T, typename O>
 __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
                                   int num_tables, const Entry* __restrict__ entries, unsigned mask,
@@ -637,7 +588,7 @@ __device__ void static_query_impl(const i64* __restrict__ qkeys, const int* __re
     }
     count_lookups(t, i < n && t >= 0 && t < num_tables, row >= 0, counts, lane);
     const int count = (int)min((i64)32, n - base);
-    gather_rows(rows, row, count, dim, out + base * dim, lane, FULL);
+    gather_rows(rows, row, count, dim, out + base * dim, lane);
 }
 
 // revive = 1: replace (rows of known pairs written, made live); 0: update (live rows only).
@@ -672,17 +623,18 @@ extern "C" __global__ void static_invalidate(const i64* __restrict__ qkeys, cons
     if (p >= 0) entries[p].table = e.table | DEAD;
 }
 
-// ---------------------------------------------------------------- the raw gather (benchmark ceiling)
+// ---------------------------------------------------------------- row copies by index
 
-extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64* __restrict__ index, i64 n, int dim,
-                                      float* __restrict__ out) {
-    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    const i64 base = warp * 32;
+// Lookup pass 2, and the raw gather the benchmarks hold lookups against: warp per 32 rows, out[i] =
+// rows[index[i]] (zeros where index[i] is -1).
+template <typename T, typename O>
+__device__ void copy_rows_impl(const T* __restrict__ rows, const i64* __restrict__ index, i64 n, int dim,
+                               O* __restrict__ out) {
+    const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * 32;
     if (base >= n) return;
+    const int lane = threadIdx.x & 31;
     const i64 i = base + lane;
-    const i64 row = i < n ? index[i] : -1;
-    gather_rows(table, row, (int)min((i64)32, n - base), dim, out + base * dim, lane, FULL);
+    gather_rows(rows, i < n ? index[i] : -1, (int)min((i64)32, n - base), dim, out + base * dim, lane);
 }
 
 // ---------------------------------------------------------------- entry points per storage and reply type
@@ -712,19 +664,16 @@ extern "C" __global__ void gather_f32(const float* __restrict__ table, const i64
         static_write_impl<T>(qkeys, qtables, in, n, last, pos, num_tables, entries, mask, rows, dim, revive);     \
     }
 
-// Storage type T (SUFFIX) replied as O (OUT): the lookups.
+// Rows of storage type T (SUFFIX) copied out as O (OUT): a cache lookup's second pass, a static lookup.
 #define QUERY_KERNELS(T, SUFFIX, O, OUT)                                                                          \
-    extern "C" __global__ void query_##SUFFIX##_##OUT(                                                            \
-        const i64* qkeys, const int* qtables, i64 n, const unsigned* first_set, const unsigned* num_sets,         \
-        int num_tables, const fp16* fps, Slot* slots, const T* rows, int stride, int dim, i64 clock, O* out,      \
-        bool* hit, u64* counts) {                                                                                 \
-        query_impl<T, O>(qkeys, qtables, n, first_set, num_sets, num_tables, fps, slots, rows, stride, dim,       \
-                         clock, out, hit, counts);                                                                \
-    }                                                                                                             \
-    extern "C" __global__ void static_query_##SUFFIX##_##OUT(                                                     \
-        const i64* qkeys, const int* qtables, i64 n, int num_tables, const Entry* entries, unsigned mask,         \
-        const T* rows, int dim, O* out, bool* hit, u64* counts) {                                                 \
-        static_query_impl<T, O>(qkeys, qtables, n, num_tables, entries, mask, rows, dim, out, hit, counts);       \
+    extern "C" __global__ void copy_rows_##SUFFIX##_##OUT(const T* rows, const i64* index, i64 n, int dim,     \
+                                                          O* out) {                                           \
+        copy_rows_impl<T, O>(rows, index, n, dim, out);                                                       \
+    }                                                                                                         \
+    extern "C" __global__ void static_query_##SUFFIX##_##OUT(                                                 \
+        const i64* qkeys, const int* qtables, i64 n, int num_tables, const Entry* entries, unsigned mask,     \
+        const T* rows, int dim, O* out, bool* hit, u64* counts) {                                             \
+        static_query_impl<T, O>(qkeys, qtables, n, num_tables, entries, mask, rows, dim, out, hit, counts);   \
     }
 
 WRITE_KERNELS(float, f32)
