@@ -17,7 +17,7 @@ import contextlib
 import functools
 import itertools
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,17 +194,14 @@ class _OnDevice:
             return self.shared.arrays(shapes, self.device)
         return [cp.zeros(shape, dtype) for shape, dtype in shapes]
 
-    @contextlib.contextmanager
-    def _held(self, exclusive: bool) -> Iterator[None]:
+    def _held(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
         """Around the part of an operation that reads (shared) or writes (exclusive) the structure's state,
         inside the lock: with shared state, the processes' lock too, kept until that GPU work is done. What
         touches only the call's own buffers (its inputs' upload, its scratch, its reply's copy back) stays
         outside, so that other processes wait for the state's kernels alone."""
         if self.shared is None:
-            yield
-            return
-        with self.shared.hold(exclusive, self._clear, self._finish):
-            yield
+            return contextlib.nullcontext()
+        return self.shared.hold(exclusive, self._clear, self._finish)
 
     def _clear(self) -> None:
         """Empties the structure (on self._stream): a process died while writing it."""
@@ -360,22 +357,25 @@ class _OnDevice:
 
     def _work(
         self, n: int, tables: int, per_entry: int = 0
-    ) -> tuple[list[cp.ndarray], cp.ndarray, list[cp.ndarray], np.uint32]:
+    ) -> tuple[cp.ndarray, list[np.uint64], np.uint64, list[np.uint64], np.uint32]:
         """A write's scratch from one allocation and one memset: `tables` open-addressing tables of int32
         entries, every bit set (-1, or NO_SET in cache.cu), at most half full with n keys; `per_entry`
         int32 per entry, not set; three int32 arrays of n; and the tables' index mask. The tables have
-        fewer than 4n entries: replace's 5 tables and 8 per entry take under 220 bytes a key."""
+        fewer than 4n entries: replace's 5 tables and 8 per entry take under 220 bytes a key. Returned as
+        the buffer, then the arrays' device addresses, which the kernels take as pointers (a CuPy view of
+        the buffer costs microseconds, nine of them a replace): keep the buffer until they are launched."""
         size = 1 << max(1, (2 * n - 1).bit_length())
         marked = tables * size
-        buffer = cp.empty(marked + per_entry * size + 3 * n, cp.int32)
-        cp.cuda.runtime.memsetAsync(buffer.data.ptr, 0xFF, marked * 4, self._stream.ptr)
-        spans = [buffer[k * size : (k + 1) * size] for k in range(tables)]
         keyed = marked + per_entry * size
-        per_key = [buffer[keyed + k * n : keyed + (k + 1) * n] for k in range(3)]
-        return spans, buffer[marked:keyed], per_key, np.uint32(size - 1)
+        buffer = cp.empty(keyed + 3 * n, cp.int32)
+        base = buffer.data.ptr
+        cp.cuda.runtime.memsetAsync(base, 0xFF, marked * 4, self._stream.ptr)
+        spans = [np.uint64(base + 4 * k * size) for k in range(tables)]
+        per_key = [np.uint64(base + 4 * (keyed + k * n)) for k in range(3)]
+        return buffer, spans, np.uint64(base + 4 * marked), per_key, np.uint32(size - 1)
 
     def _dedupe(
-        self, keys: cp.ndarray, tables: cp.ndarray, claim: cp.ndarray, last: cp.ndarray, pos: cp.ndarray, mask: Any
+        self, keys: cp.ndarray, tables: cp.ndarray, claim: np.uint64, last: np.uint64, pos: np.uint64, mask: Any
     ) -> None:
         """Fills last and pos: key i is its (table, key) pair's last occurrence in the batch where last[pos[i]] == i."""
         self._launch("dedupe", _blocks(keys.size), (keys, tables, np.int64(keys.size), claim, last, pos, mask))
@@ -464,14 +464,16 @@ class _OnDevice:
 class _Deduped:
     """A replace's or update's batch prepared for the cache's passes (the names of write_present in cache.cu):
     last/pos mark each (table, key) pair's last occurrence; groups are group_sets, group_sizes, group_heads
-    and members, with their table's index mask; leader and link are written by pass 1."""
+    and members, with their table's index mask; leader and link are written by pass 1. All of them live in
+    `scratch`, given by their device addresses (see _OnDevice._work)."""
 
-    last: cp.ndarray
-    pos: cp.ndarray
-    groups: tuple[cp.ndarray, ...]
+    scratch: cp.ndarray
+    last: np.uint64
+    pos: np.uint64
+    groups: tuple[np.uint64, ...]
     mask: np.uint32
-    leader: cp.ndarray
-    link: cp.ndarray
+    leader: np.uint64
+    link: np.uint64
 
 
 class GpuEmbeddingCache(_OnDevice):
@@ -554,9 +556,9 @@ class GpuEmbeddingCache(_OnDevice):
 
     def _deduped(self, keys: cp.ndarray, tables: cp.ndarray) -> _Deduped:
         """A write's scratch, its batch de-duplicated: work on the batch alone, so it runs before _held."""
-        (claim, last, *groups), members, (pos, leader, link), mask = self._work(keys.size, 5, _GROUP_MEMBERS)
+        scratch, (claim, last, *groups), members, (pos, leader, link), mask = self._work(keys.size, 5, _GROUP_MEMBERS)
         self._dedupe(keys, tables, claim, last, pos, mask)
-        return _Deduped(last, pos, (*groups, members), mask, leader, link)
+        return _Deduped(scratch, last, pos, (*groups, members), mask, leader, link)
 
     def _write_present(
         self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int, batch: _Deduped
@@ -695,7 +697,7 @@ class GpuStaticTable(_OnDevice):
         )
 
     def _write(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, revive: int) -> None:
-        (claim, last), _, (pos, _, _), mask = self._work(keys.size, 2)
+        _scratch, (claim, last), _, (pos, _, _), mask = self._work(keys.size, 2)  # kept until both launches
         self._dedupe(keys, tables, claim, last, pos, mask)
         self._launch(
             f"static_write_{self._suffix}",
