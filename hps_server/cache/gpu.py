@@ -14,13 +14,14 @@ storage levels or the session.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import cupy as cp
 import cupyx
@@ -52,7 +53,12 @@ _GROUP_MEMBERS = 8  # GROUP_MEMBERS in cache.cu: keys a set's group of new keys 
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 # Bytes of staging a structure keeps between host calls, host and device each (see _Staging).
 _STAGING_KEPT = 32 << 20
+# Bytes of a host query's reply (beside an `out`) it copies out of the staging; a larger one gets pinned memory.
+_COPIED_REPLY = 64 << 10
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
+
+Address: TypeAlias = cp.ndarray | np.uint64
+"""Device memory as a kernel argument: an array, or its address (a CuPy view of a buffer costs microseconds)."""
 
 
 def available(device: int = 0) -> bool:
@@ -126,11 +132,6 @@ def _layout(arrays: Sequence[np.ndarray]) -> tuple[list[int], int]:
     return offsets, size
 
 
-def _views(base: cp.ndarray, arrays: Sequence[np.ndarray], offsets: Sequence[int]) -> list[cp.ndarray]:
-    """Arrays shaped as `arrays`, at these byte offsets of the device buffer `base`."""
-    return [cp.ndarray(a.shape, a.dtype, base.data + offset) for a, offset in zip(arrays, offsets, strict=True)]
-
-
 class _Staging:
     """A structure's buffers for host calls, reused call after call: pinned host memory the inputs are
     gathered into, and device memory for the inputs and a query's reply. Creating them costs more than a
@@ -154,6 +155,19 @@ class _Staging:
         if self._device.size < size:
             self._device = cp.empty(_rounded(size), cp.uint8)
         return self._device
+
+
+@dataclass(frozen=True)
+class _Uploaded:
+    """A host call's inputs on the device (_OnDevice._upload): the staging buffers, to keep until the call has
+    synchronized; the inputs' device addresses (kernels take them as pointers: a CuPy view of the buffer costs
+    microseconds); the address of the reply's device memory; and the host staging the reply may come back to."""
+
+    host: np.ndarray
+    device: cp.ndarray
+    addresses: list[np.uint64]
+    reply: int
+    staged_reply: np.ndarray
 
 
 class _OnDevice:
@@ -248,19 +262,21 @@ class _OnDevice:
     def table_stats(self) -> list[CacheStats]:
         raise NotImplementedError
 
-    def _upload(self, arrays: Sequence[np.ndarray], reply_bytes: int = 0) -> tuple[list[cp.ndarray], cp.ndarray]:
-        """One host-to-device copy of the arrays, inside the lock, on our stream: device views shaped as
-        the arrays, and `reply_bytes` of device memory after them for a query's reply."""
+    def _upload(self, arrays: Sequence[np.ndarray], reply_bytes: int = 0, staged_reply: int = 0) -> _Uploaded:
+        """One host-to-device copy of the arrays (C-contiguous), inside the lock, on our stream, with
+        `reply_bytes` of device memory after them for a query's reply and `staged_reply` bytes of pinned
+        host staging after them to copy (some of) that reply back into."""
         offsets, size = _layout(arrays)
-        staged = self._staging.host(size)
+        host = self._staging.host(size + staged_reply)
+        at = host.ctypes.data
         for array, offset in zip(arrays, offsets, strict=True):
-            staged[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)[...] = array
-        buffer = self._staging.device(size + reply_bytes)
-        cp.cuda.runtime.memcpyAsync(
-            buffer.data.ptr, staged.ctypes.data, size, cp.cuda.runtime.memcpyHostToDevice, self._stream.ptr
-        )
+            ctypes.memmove(at + offset, array.ctypes.data, array.nbytes)
+        device = self._staging.device(size + reply_bytes)
+        base = device.data.ptr
+        cp.cuda.runtime.memcpyAsync(base, at, size, cp.cuda.runtime.memcpyHostToDevice, self._stream.ptr)
         self.copies_to_device += 1
-        return _views(buffer, arrays, offsets), buffer[size : size + reply_bytes]
+        addresses = [np.uint64(base + offset) for offset in offsets]
+        return _Uploaded(host, device, addresses, base + size, host[size : size + staged_reply])
 
     def _finish(self) -> None:
         """Waits for our stream, inside the lock: the staging buffers are free again once it returns."""
@@ -278,20 +294,26 @@ class _OnDevice:
             query_destination(out, n, self.dim, wanted)  # checks it
         if not n:
             return np.zeros((0, self.dim), wanted) if out is None else out, np.zeros(0, bool), np.zeros(0, np.int64)
-        # The reply, vectors then hit flags, comes back in one copy into one pinned buffer; with `out`, the
-        # vectors go there (by DMA where it is page-locked) and the flags into the pinned buffer.
+        # The reply, vectors then hit flags, comes back in one copy into pinned memory: a small one into the
+        # staging, after the inputs, copied out before the next call reuses it (cheaper than pinned memory of
+        # its own), a larger one into pinned memory of its own. With `out`, the vectors go there (by DMA
+        # where it is page-locked) and only the flags into pinned memory.
         vector_bytes = n * self.dim * wanted.itemsize
-        reply = pinned(n if out is not None else vector_bytes + n)
+        back = n if out is not None else vector_bytes + n
+        own = pinned(back) if back > _COPIED_REPLY else None
         with self._device, self._lock, self._stream:
-            (keys_d, tables_d), reply_d = self._upload((keys, tables), vector_bytes + n)
-            vectors_d = cp.ndarray((n, self.dim), wanted, reply_d.data)
-            self._query(keys_d, tables_d, vectors_d, cp.ndarray((n,), cp.bool_, reply_d.data + vector_bytes))
+            uploaded = self._upload((keys, tables), vector_bytes + n, back if own is None else 0)
+            reply = uploaded.staged_reply if own is None else own
+            (keys_at, tables_at), reply_at, hit_at = uploaded.addresses, uploaded.reply, uploaded.reply + vector_bytes
+            self._query(n, keys_at, tables_at, np.uint64(reply_at), np.uint64(hit_at), wanted)
             if out is not None:
-                self._copy_to_host(out.ctypes.data, reply_d.data.ptr, vector_bytes)
-                self._copy_to_host(reply.ctypes.data, reply_d.data.ptr + vector_bytes, n)
+                self._copy_to_host(out.ctypes.data, reply_at, vector_bytes)
+                self._copy_to_host(reply.ctypes.data, hit_at, n)
             else:
-                self._copy_to_host(reply.ctypes.data, reply_d.data.ptr, reply.size)
+                self._copy_to_host(reply.ctypes.data, reply_at, vector_bytes + n)
             self._finish()
+            if own is None:  # the next call reuses the staging
+                reply = reply.copy()
         hit = reply[-n:].view(np.bool_)
         vectors = out if out is not None else reply[:vector_bytes].view(wanted).reshape(n, self.dim)
         return vectors, hit, np.flatnonzero(~hit)
@@ -307,15 +329,15 @@ class _OnDevice:
         if not keys.size:
             return
         with self._device, self._lock, self._stream:
-            on_device, _ = self._upload(inputs)
-            getattr(self, op)(*on_device)
+            uploaded = self._upload(inputs)
+            getattr(self, op)(keys.size, *uploaded.addresses)
             self._finish()
 
-    def _device_call(self, op: str, *arrays: cp.ndarray) -> Any:
+    def _device_call(self, op: str, n: int, *arrays: Any) -> Any:
         caller = cp.cuda.get_current_stream()
         with self._device, self._lock, self._stream:
             self._enter(caller)
-            result = getattr(self, op)(*arrays)
+            result = getattr(self, op)(n, *arrays)
             self._leave(caller)
         return result
 
@@ -375,23 +397,23 @@ class _OnDevice:
         return buffer, spans, np.uint64(base + 4 * marked), per_key, np.uint32(size - 1)
 
     def _dedupe(
-        self, keys: cp.ndarray, tables: cp.ndarray, claim: np.uint64, last: np.uint64, pos: np.uint64, mask: Any
+        self, n: int, keys: Address, tables: Address, claim: np.uint64, last: np.uint64, pos: np.uint64, mask: Any
     ) -> None:
         """Fills last and pos: key i is its (table, key) pair's last occurrence in the batch where last[pos[i]] == i."""
-        self._launch("dedupe", _blocks(keys.size), (keys, tables, np.int64(keys.size), claim, last, pos, mask))
+        self._launch("dedupe", _blocks(n), (keys, tables, np.int64(n), claim, last, pos, mask))
 
-    # Subclasses implement these on device arrays, inside the lock, on self._stream, holding _held around
-    # their work on the state.
-    def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
+    # Subclasses implement these on n keys in device memory, inside the lock, on self._stream, holding _held
+    # around their work on the state. vectors are [n, dim] (of dtype for a query's reply, else float32).
+    def _query(self, n: int, keys: Address, tables: Address, vectors: Address, hit: Address, dtype: np.dtype) -> None:
         raise NotImplementedError
 
-    def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
+    def _replace(self, n: int, keys: Address, tables: Address, vectors: Address) -> None:
         raise NotImplementedError
 
-    def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
+    def _update(self, n: int, keys: Address, tables: Address, vectors: Address) -> None:
         raise NotImplementedError
 
-    def _invalidate(self, keys: cp.ndarray, tables: cp.ndarray) -> None:
+    def _invalidate(self, n: int, keys: Address, tables: Address) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------ the public surface
@@ -404,8 +426,8 @@ class _OnDevice:
         dtype: npt.DTypeLike = np.float32,
         out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors [n, dim] of `dtype`, zero rows for misses, hit bool[n]): views of one pinned host buffer,
-        or the vectors in `out` when given."""
+        """(vectors [n, dim] of `dtype`, zero rows for misses, hit bool[n]), arrays of their own (a large reply:
+        views of one pinned host buffer), or the vectors in `out` when given."""
         vectors, hit, _ = self._host_query(keys, tables, dtype, out)
         return vectors, hit
 
@@ -439,25 +461,25 @@ class _OnDevice:
         vectors = cp.empty((keys.size, self.dim), check_dtype(dtype))
         hit = cp.empty(keys.size, cp.bool_)
         if keys.size:
-            self._device_call("_query", keys, tables, vectors, hit)
+            self._device_call("_query", keys.size, keys, tables, vectors, hit, vectors.dtype)
         return vectors, hit
 
     def replace_device(self, keys: cp.ndarray, vectors: cp.ndarray, tables: cp.ndarray | None = None) -> None:
         keys = self._device_keys(keys)
         if keys.size:
             vectors = self._device_vectors(vectors, keys.size)
-            self._device_call("_replace", keys, self._device_tables(tables, keys.size), vectors)
+            self._device_call("_replace", keys.size, keys, self._device_tables(tables, keys.size), vectors)
 
     def update_device(self, keys: cp.ndarray, vectors: cp.ndarray, tables: cp.ndarray | None = None) -> None:
         keys = self._device_keys(keys)
         if keys.size:
             vectors = self._device_vectors(vectors, keys.size)
-            self._device_call("_update", keys, self._device_tables(tables, keys.size), vectors)
+            self._device_call("_update", keys.size, keys, self._device_tables(tables, keys.size), vectors)
 
     def invalidate_device(self, keys: cp.ndarray, tables: cp.ndarray | None = None) -> None:
         keys = self._device_keys(keys)
         if keys.size:
-            self._device_call("_invalidate", keys, self._device_tables(tables, keys.size))
+            self._device_call("_invalidate", keys.size, keys, self._device_tables(tables, keys.size))
 
 
 @dataclass(frozen=True)
@@ -514,6 +536,10 @@ class GpuEmbeddingCache(_OnDevice):
             self._table_ways = cp.asarray(self.layout.ways.astype(np.int32))
             # Table t's sets end where this cumulative count of sets reaches first_set[t] + num_sets[t].
             self._set_ends = cp.asarray(self.layout.first_set + self.layout.num_sets - 1)
+        # Kernel arguments every call passes, built once (each costs a fraction of a microsecond per launch).
+        self._table_args = (self._first_set, self._num_sets, np.int32(self.num_tables))
+        self._stride = np.int32(self.layout.stride)
+        self._dim = np.int32(self.dim)
         self._stream.synchronize()
         _module(device)
 
@@ -529,77 +555,71 @@ class GpuEmbeddingCache(_OnDevice):
         with self._stream:
             self._fps.fill(0)
 
-    @property
-    def _table_args(self) -> tuple[cp.ndarray, cp.ndarray, np.int32]:
-        return self._first_set, self._num_sets, np.int32(self.num_tables)
-
-    def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
-        n = keys.size
+    def _query(self, n: int, keys: Address, tables: Address, vectors: Address, hit: Address, dtype: np.dtype) -> None:
         found = cp.empty(n, cp.int64)
         with self._held(False):
             self.clock += 1
             self._launch(
                 "find",
                 _blocks(n),
-                (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, np.int32(self.layout.stride),
+                (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._stride,
                  np.int64(self.clock), found, hit, self._counts),
             )  # fmt: skip
-            self._copy_rows(found, vectors)
+            self._copy_rows(n, found, vectors, dtype)
 
-    def _copy_rows(self, found: cp.ndarray, vectors: cp.ndarray) -> None:
-        """A lookup's second pass: vectors[i] = our rows[found[i]], zeros where found[i] is -1."""
+    def _copy_rows(self, n: int, found: cp.ndarray, vectors: Address, dtype: np.dtype) -> None:
+        """A lookup's second pass: vectors[i] = our rows[found[i]] as `dtype`, zeros where found[i] is -1."""
         self._launch(
-            f"copy_rows_{self._suffix}_{_SUFFIX[vectors.dtype]}",
-            _blocks(found.size),
-            (self._rows, found, np.int64(found.size), np.int32(self.dim), vectors),
+            f"copy_rows_{self._suffix}_{_SUFFIX[dtype]}",
+            _blocks(n),
+            (self._rows, found, np.int64(n), self._dim, vectors),
         )
 
-    def _deduped(self, keys: cp.ndarray, tables: cp.ndarray) -> _Deduped:
+    def _deduped(self, n: int, keys: Address, tables: Address) -> _Deduped:
         """A write's scratch, its batch de-duplicated: work on the batch alone, so it runs before _held."""
-        scratch, (claim, last, *groups), members, (pos, leader, link), mask = self._work(keys.size, 5, _GROUP_MEMBERS)
-        self._dedupe(keys, tables, claim, last, pos, mask)
+        scratch, (claim, last, *groups), members, (pos, leader, link), mask = self._work(n, 5, _GROUP_MEMBERS)
+        self._dedupe(n, keys, tables, claim, last, pos, mask)
         return _Deduped(scratch, last, pos, (*groups, members), mask, leader, link)
 
     def _write_present(
-        self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, clock: int, batch: _Deduped
+        self, n: int, keys: Address, tables: Address, vectors: Address, clock: int, batch: _Deduped
     ) -> None:
         """Pass 1 of replace (clock > 0) and update (clock 0), with no sort and no host synchronization:
         fills batch's groups (the sets of the keys to insert, each with its keys, as pass 2 reads them:
         join_group in cache.cu), leader and link. Inside _held."""
         self._launch(
             f"write_present_{self._suffix}",
-            _blocks(keys.size),
-            (keys, tables, vectors, np.int64(keys.size), batch.last, batch.pos, *self._table_args, self._fps,
-             self._slots, self._rows, np.int32(self.layout.stride), np.int32(self.dim), np.int64(clock),
+            _blocks(n),
+            (keys, tables, vectors, np.int64(n), batch.last, batch.pos, *self._table_args, self._fps,
+             self._slots, self._rows, self._stride, self._dim, np.int64(clock),
              *batch.groups, batch.mask, batch.leader, batch.link),
         )  # fmt: skip
 
-    def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
-        batch = self._deduped(keys, tables)
+    def _replace(self, n: int, keys: Address, tables: Address, vectors: Address) -> None:
+        batch = self._deduped(n, keys, tables)
         with self._held(True):
             touched, inserted = self.clock + 1, self.clock + 2
             self.clock += 2
-            self._write_present(keys, tables, vectors, touched, batch)
+            self._write_present(n, keys, tables, vectors, touched, batch)
             self._launch(
                 f"insert_groups_{self._suffix}",
-                _warp_blocks(keys.size, _GROUP_SPAN),
-                (keys, tables, vectors, np.int64(keys.size), batch.leader, *batch.groups,
-                 batch.link, self._table_ways, self._fps, self._slots, self._rows, np.int32(self.layout.stride),
-                 np.int32(self.dim), np.int64(touched), np.int64(inserted)),
+                _warp_blocks(n, _GROUP_SPAN),
+                (keys, tables, vectors, np.int64(n), batch.leader, *batch.groups,
+                 batch.link, self._table_ways, self._fps, self._slots, self._rows, self._stride,
+                 self._dim, np.int64(touched), np.int64(inserted)),
             )  # fmt: skip
 
-    def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
-        batch = self._deduped(keys, tables)
+    def _update(self, n: int, keys: Address, tables: Address, vectors: Address) -> None:
+        batch = self._deduped(n, keys, tables)
         with self._held(True):
-            self._write_present(keys, tables, vectors, 0, batch)
+            self._write_present(n, keys, tables, vectors, 0, batch)
 
-    def _invalidate(self, keys: cp.ndarray, tables: cp.ndarray) -> None:
+    def _invalidate(self, n: int, keys: Address, tables: Address) -> None:
         with self._held(True):
             self._launch(
                 "invalidate",
-                _blocks(keys.size),
-                (keys, tables, np.int64(keys.size), *self._table_args, self._fps, self._slots,
-                 np.int32(self.layout.stride)),
+                _blocks(n),
+                (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._stride),
             )  # fmt: skip
 
     def dump(self, table: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -675,11 +695,9 @@ class GpuStaticTable(_OnDevice):
                 )
             # Live rows of table t: the cumulative count at bounds[t + 1] minus that at bounds[t].
             self._row_bounds = cp.asarray(self._bounds)
+        self._index_args = (np.int32(count), self._entries, self._mask)
+        self._dim = np.int32(dim)
         self._stream.synchronize()
-
-    @property
-    def _index_args(self) -> tuple[Any, ...]:
-        return np.int32(self.num_tables), self._entries, self._mask
 
     def _live(self) -> cp.ndarray:
         """Whether each row is live (not invalidated), from the entries; on our stream."""
@@ -688,36 +706,30 @@ class GpuStaticTable(_OnDevice):
         live[held[:, 3]] = held[:, 2] >= 0
         return live
 
-    def _query(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, hit: cp.ndarray) -> None:
-        n = keys.size
+    def _query(self, n: int, keys: Address, tables: Address, vectors: Address, hit: Address, dtype: np.dtype) -> None:
         self._launch(
-            f"static_query_{self._suffix}_{_SUFFIX[vectors.dtype]}",
+            f"static_query_{self._suffix}_{_SUFFIX[dtype]}",
             _blocks(n),
-            (keys, tables, np.int64(n), *self._index_args, self._rows, np.int32(self.dim), vectors, hit, self._counts),
+            (keys, tables, np.int64(n), *self._index_args, self._rows, self._dim, vectors, hit, self._counts),
         )
 
-    def _write(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray, revive: int) -> None:
-        _scratch, (claim, last), _, (pos, _, _), mask = self._work(keys.size, 2)  # kept until both launches
-        self._dedupe(keys, tables, claim, last, pos, mask)
+    def _write(self, n: int, keys: Address, tables: Address, vectors: Address, revive: int) -> None:
+        _scratch, (claim, last), _, (pos, _, _), mask = self._work(n, 2)  # kept until both launches
+        self._dedupe(n, keys, tables, claim, last, pos, mask)
         self._launch(
             f"static_write_{self._suffix}",
-            _blocks(keys.size),
-            (keys, tables, vectors, np.int64(keys.size), last, pos, *self._index_args, self._rows,
-             np.int32(self.dim), np.int32(revive)),
-        )  # fmt: skip
-
-    def _replace(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
-        self._write(keys, tables, vectors, 1)
-
-    def _update(self, keys: cp.ndarray, tables: cp.ndarray, vectors: cp.ndarray) -> None:
-        self._write(keys, tables, vectors, 0)
-
-    def _invalidate(self, keys: cp.ndarray, tables: cp.ndarray) -> None:
-        self._launch(
-            "static_invalidate",
-            _blocks(keys.size),
-            (keys, tables, np.int64(keys.size), *self._index_args),
+            _blocks(n),
+            (keys, tables, vectors, np.int64(n), last, pos, *self._index_args, self._rows, self._dim, np.int32(revive)),
         )
+
+    def _replace(self, n: int, keys: Address, tables: Address, vectors: Address) -> None:
+        self._write(n, keys, tables, vectors, 1)
+
+    def _update(self, n: int, keys: Address, tables: Address, vectors: Address) -> None:
+        self._write(n, keys, tables, vectors, 0)
+
+    def _invalidate(self, n: int, keys: Address, tables: Address) -> None:
+        self._launch("static_invalidate", _blocks(n), (keys, tables, np.int64(n), *self._index_args))
 
     def dump(self, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(keys ascending, vectors float32) of `table`'s live rows."""

@@ -560,3 +560,30 @@ def test_a_query_into_a_reply_buffer_gives_what_a_plain_query_does(static: bool)
         del taken, data, buffer, out, got_vectors
     assert replies.made == 1
     replies.close()
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["cache", "static"])
+def test_a_reply_stays_as_it_was_after_later_queries(static: bool) -> None:
+    """A host query's vectors and hit flags are its own: small replies come back through the staging the
+    next call reuses, larger ones through pinned memory of their own; either way a later query (and one
+    into an `out`) leaves an earlier reply as the reference gave it."""
+    keys = np.arange(40_000, dtype=np.int64)
+    vectors = rows_for(keys, 32)
+    tables = (keys % 2).astype(np.int32)
+    ref: Any = (
+        ReferenceStaticTable(keys, vectors, tables=tables) if static else ReferenceEmbeddingCache([30_000] * 2, 32)
+    )
+    cache: Any = GpuStaticTable(keys, vectors, tables=tables) if static else GpuEmbeddingCache([30_000] * 2, 32)
+    if not static:
+        ref.replace(keys, vectors, tables)
+        cache.replace(keys, vectors, tables)
+    rng = np.random.default_rng(12)
+    replies = []
+    for n in (26, 500, 520, 3000, 26, 3000):  # replies of 3.4 KB up to 387 KB, each side of 64 KiB
+        asked = rng.integers(-100, 41_000, n).astype(np.int64)
+        asked_tables = rng.integers(0, 2, n).astype(np.int32)
+        replies.append((cache.query(asked, asked_tables), ref.query(asked, asked_tables)))
+    cache.query(keys[:3000], tables[:3000], out=np.empty((3000, 32), np.float32))
+    for (got_vectors, got_hit), (want_vectors, want_hit) in replies:
+        np.testing.assert_array_equal(got_vectors, want_vectors)
+        np.testing.assert_array_equal(got_hit, want_hit)
