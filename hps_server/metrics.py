@@ -59,6 +59,24 @@ class LevelCounts:
     unavailable: int = 0
 
 
+@dataclass(frozen=True)
+class PassShape:
+    """What a pass adds to a tally whatever its keys held: its tables' tally columns, keys per table, the
+    histogram counts of its table queries' sizes and its key total; built once per shape of pass."""
+
+    columns: np.ndarray
+    keys_per_table: np.ndarray
+    size_buckets: np.ndarray
+    keys: int
+
+    @classmethod
+    def of(cls, columns: np.ndarray, table_of: np.ndarray, query_sizes: np.ndarray) -> PassShape:
+        """columns[i]: the tally column of the pass's table i; table_of: each key's table; query_sizes: the keys
+        of each table query."""
+        buckets = np.bincount(np.searchsorted(_BATCH_BOUNDS, query_sizes), minlength=len(_BATCH_BUCKETS) + 1)
+        return cls(columns, np.bincount(table_of, minlength=len(columns)), buckets, len(table_of))
+
+
 class LookupTally:
     """One model's lookup counts as arrays: keys per table, keys asked of and answered by each level per
     table, the histogram of keys per table query. A pass adds to them in a few array operations however
@@ -78,26 +96,20 @@ class LookupTally:
         self._batch_keys = 0
 
     def add(
-        self,
-        columns: np.ndarray,
-        table_of: np.ndarray,
-        query_sizes: np.ndarray,
-        per_level: Iterable[tuple[int, np.ndarray, np.ndarray]],
-        unavailable: np.ndarray,
+        self, shape: PassShape, per_level: Iterable[tuple[int, np.ndarray, np.ndarray]], unavailable: np.ndarray | None
     ) -> None:
-        """One pass: columns[i] is the tally column of the pass's table i, table_of each key's table,
-        query_sizes the keys of each table query, per_level (level row, keys asked per table, keys
-        answered per table), unavailable the failed level calls per table."""
-        keys = np.bincount(table_of, minlength=len(columns))
-        buckets = np.bincount(np.searchsorted(_BATCH_BOUNDS, query_sizes), minlength=len(self._batches))
+        """One pass of this `shape`: per_level (level row, keys asked per table, keys answered per table),
+        unavailable the failed level calls per table (None: none failed); tables in the shape's order."""
+        columns = shape.columns
         with self._lock:
-            self._keys[columns] += keys
+            self._keys[columns] += shape.keys_per_table
             for row, asked, answered in per_level:
                 self._asked[row, columns] += asked
                 self._answered[row, columns] += answered
-            self._unavailable[columns] += unavailable
-            self._batches += buckets
-            self._batch_keys += int(query_sizes.sum())
+            if unavailable is not None:
+                self._unavailable[columns] += unavailable
+            self._batches += shape.size_buckets
+            self._batch_keys += shape.keys
 
     def counts(self) -> dict[str, LevelCounts]:
         """Keys answered per level (levels that answered none left out), per table."""

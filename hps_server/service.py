@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WARN_INTERVAL_SECONDS = 30
+# Packed table lists a Lookups keeps resolved per session (distinct lists its clients send).
+SPLITS_KEPT = 256
 
 _COMBINERS: dict[int, CombinerName] = {
     hps_pb2.COMBINER_SUM: "sum",
@@ -96,6 +99,27 @@ class _Query:
     weights: np.ndarray | None
     combiner: CombinerName | None
     max_norm: float
+
+
+@dataclass(frozen=True)
+class _TableSplit:
+    """A packed query's tables as one session serves them: each one's key limit and width, and the runs of
+    consecutive tables of one width and L1 placement ([a, b) ranges), each of which goes down as one query
+    (one for a DLRM-shaped request)."""
+
+    tables: tuple[ServedTable, ...]
+    limits: np.ndarray
+    dims: np.ndarray
+    runs: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, session: LookupSession, tables: Sequence[ServedTable]) -> _TableSplit:
+        limits = np.fromiter((session.model.max_keys(t.config) for t in tables), np.int64, len(tables))
+        dims = np.fromiter((table.dim for table in tables), np.int64, len(tables))
+        groups = [table.group for table in tables]
+        cuts = [i for i in range(1, len(tables)) if groups[i] != groups[i - 1]]
+        runs = [(a, b) for a, b in itertools.pairwise([0, *cuts, len(tables)]) if a < b]
+        return cls(tuple(tables), limits, dims, runs)
 
 
 @dataclass(frozen=True)
@@ -162,6 +186,9 @@ class Lookups:
             "server.max_queued_requests",
         )
         self.replies = ReplyBuffers()
+        self._splits: weakref.WeakKeyDictionary[LookupSession, dict[tuple[str, ...], _TableSplit]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
         """Who makes this call: AuthRefusedError (UNAUTHENTICATED) when its credentials are missing or bad. A
@@ -332,23 +359,28 @@ class Lookups:
             raise _invalid(f"{field}.counts: must be >= 0")
         if int(counts.sum()) != len(keys):
             raise _invalid(f"{field}.counts: they sum to {int(counts.sum())}, but {field}.keys holds {len(keys)} keys")
-        tables = [self.table(session, name) for name in packed.tables]
-        limits = np.fromiter((session.model.max_keys(t.config) for t in tables), np.int64, len(tables))
-        over = np.flatnonzero(counts > limits)
+        split = self._split_of(session, tuple(packed.tables))
+        over = np.flatnonzero(counts > split.limits)
         if len(over):
             i = int(over[0])
-            raise _too_many_keys(f"{field}.counts[{i}]", int(counts[i]), session, tables[i])
-        # Consecutive segments of one width and placement go down as one query: a split only where that changes.
-        groups = [table.group for table in tables]
-        cuts = [i for i in range(1, len(tables)) if groups[i] != groups[i - 1]]
-        bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
-        runs = [
-            KeyQuery(tuple(tables[a:b]), keys[bounds[a] : bounds[b]], counts[a:b], dtype)
-            for a, b in itertools.pairwise([0, *cuts, len(tables)])
-            if a < b
-        ]
-        dims = np.fromiter((table.dim for table in tables), np.int64, len(tables))
-        return _Packed(packed.tables, counts, dims, runs)
+            raise _too_many_keys(f"{field}.counts[{i}]", int(counts[i]), session, split.tables[i])
+        if len(split.runs) == 1:
+            runs = [KeyQuery(split.tables, keys, counts, dtype)]
+        else:
+            bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+            runs = [KeyQuery(split.tables[a:b], keys[bounds[a] : bounds[b]], counts[a:b], dtype) for a, b in split.runs]
+        return _Packed(packed.tables, counts, split.dims, runs)
+
+    def _split_of(self, session: LookupSession, names: tuple[str, ...]) -> _TableSplit:
+        """A packed query's table list resolved for `session` (NOT_FOUND naming a table it lacks), kept per
+        session for the next request naming the same list (at most SPLITS_KEPT, the oldest dropped first)."""
+        kept = self._splits.setdefault(session, {})
+        split = kept.get(names)
+        if split is None:
+            split = kept[names] = _TableSplit.of(session, [self.table(session, name) for name in names])
+            if len(kept) > SPLITS_KEPT:
+                kept.pop(next(iter(kept)), None)
+        return split
 
     @staticmethod
     def _pass(batch: Sequence[_Prepared]) -> list[list[Outcome]]:

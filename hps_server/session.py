@@ -24,7 +24,7 @@ from hps_server.cache import CacheStats, EmbeddingCache, TableL1
 from hps_server.cache.background import BackgroundFill
 from hps_server.config import ModelConfig, TableConfig, shown
 from hps_server.log_limits import RateLimitedWarning
-from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, ServerMetrics
+from hps_server.metrics import DEFAULT_LEVEL, L1_LEVEL, LevelCounts, LookupTally, PassShape, ServerMetrics
 from hps_server.reply_buffers import Pin
 from hps_server.storage.base import LevelUnavailableError, StorageError, StorageLevel, as_keys, as_vectors
 from hps_server.write_epochs import WriteEpochs
@@ -40,6 +40,8 @@ FLOAT32 = np.dtype(np.float32)
 PREFETCH_CHUNK_KEYS = 64
 PREFETCH_MAX_WAIT_S = 0.05
 PREFETCH_BACKLOG = 16
+# Batch shapes of lone queries a session keeps (distinct table lists and key counts its clients send).
+SHAPES_KEPT = 256
 
 
 class ServedTable:
@@ -153,32 +155,45 @@ Announce = Callable[[str, str, Op, np.ndarray, np.ndarray | None, bool], None]
 acknowledged, under the table's lock."""
 
 
-class _Batch:
-    """The keys of several queries of one width laid end to end, with each key's table (an index into
-    `tables`) and query; everything the walk needs, resolved once."""
+class _Shape:
+    """What a batch's walk needs that depends on its queries' tables and key counts, not on their keys:
+    each key's table (an index into `tables`) and query, the tables' names, tally columns, defaults and
+    L1 indices. A lone query's is kept by the session (a client asks the same shape call after call)."""
 
     def __init__(self, queries: Sequence[KeyQuery]) -> None:
-        self.queries = queries
         local: dict[ServedTable, int] = {}
         segment_tables = [local.setdefault(table, len(local)) for q in queries for table in q.tables]
         self.tables = tables = list(local)
-        if len(queries) == 1:
-            self.keys, self.segment_counts = queries[0].keys, queries[0].counts
-        else:
-            self.keys = np.concatenate([q.keys for q in queries])
-            self.segment_counts = np.concatenate([q.counts for q in queries])
+        self.segment_counts = queries[0].counts if len(queries) == 1 else np.concatenate([q.counts for q in queries])
         self.table_of = np.repeat(np.array(segment_tables, np.int64), self.segment_counts)
         lengths = np.fromiter((len(q.keys) for q in queries), np.int64, len(queries))
         self.starts = np.concatenate(([0], np.cumsum(lengths)))
         self.query_of = np.repeat(np.arange(len(queries)), lengths)
         self.names = [table.storage_name for table in tables]
-        self.columns = np.fromiter((table.index for table in tables), np.int64, len(tables))
+        self.tally = PassShape.of(
+            np.fromiter((table.index for table in tables), np.int64, len(tables)), self.table_of, self.segment_counts
+        )
         self.defaults = np.fromiter((table.config.default_value for table in tables), np.float32, len(tables))
         self.dim = tables[0].dim
         self.l1 = tables[0].l1
         self.l1_tables = (
             None if self.l1 is None else np.fromiter((t.l1.index for t in tables if t.l1), np.int32, len(tables))
         )
+        # Each key's table index in L1.
+        self.l1_table_of = None if self.l1_tables is None else self.l1_tables[self.table_of]
+
+
+class _Batch:
+    """The keys of several queries of one width laid end to end, with their shape (_Shape: each key's table
+    and query, resolved once); everything the walk needs."""
+
+    def __init__(self, queries: Sequence[KeyQuery], shape: _Shape | None = None) -> None:
+        self.queries = queries
+        self.shape = shape = shape or _Shape(queries)
+        self.keys = queries[0].keys if len(queries) == 1 else np.concatenate([q.keys for q in queries])
+        # The shape's fields the walk reads most, at hand.
+        self.tables, self.table_of, self.names = shape.tables, shape.table_of, shape.names
+        self.defaults, self.dim, self.l1, self.l1_tables = shape.defaults, shape.dim, shape.l1, shape.l1_tables
         # float16 straight from L1 when every query wants it; a mixed batch is cast per query at the end.
         wanted = {q.dtype for q in queries}
         self.dtype = wanted.pop() if len(wanted) == 1 else FLOAT32
@@ -287,6 +302,7 @@ class LookupSession:
         self.tally: LookupTally = tally
         self._level_rows = {name: row for row, name in enumerate(level_names)}
         self._device_turn = itertools.count()
+        self._shapes: dict[tuple[tuple[ServedTable, ...], bytes], _Shape] = {}
         self._outages = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
         # L1 inserts above hit_rate_threshold run here, off the reply's path.
         self._fill = BackgroundFill(f"hps-l1-{model.name}") if self.has_l1 else None
@@ -340,7 +356,7 @@ class LookupSession:
         outcomes: list[Outcome | None] = [None] * len(queries)
         for members in groups.values():
             group = [queries[i] for i in members]
-            batch = _Batch(group)
+            batch = _Batch(group, self._shape(group))
             try:
                 answered = self._walk(batch, report=True)
             except StorageError as e:
@@ -348,6 +364,20 @@ class LookupSession:
             for i, outcome in zip(members, answered, strict=True):
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]  # every slot was filled above
+
+    def _shape(self, queries: Sequence[KeyQuery]) -> _Shape:
+        """The batch shape of these queries: a lone query's from the kept ones (at most SHAPES_KEPT, the
+        oldest dropped first), several queries' (coalesced, each pass its own mix) made anew."""
+        if len(queries) > 1:
+            return _Shape(queries)
+        query = queries[0]
+        key = (query.tables, query.counts.tobytes())
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(queries)
+            if len(self._shapes) > SHAPES_KEPT:
+                self._shapes.pop(next(iter(self._shapes)), None)
+        return shape
 
     def _walk(self, batch: _Batch, report: bool, through_l1: bool = True, fill_now: bool = False) -> list[Outcome]:
         """Answers the batch from L1, then the levels below for what missed, then defaults; copies what
@@ -363,9 +393,8 @@ class LookupSession:
         cache = self._pick_cache(batch)
         background = False
         if cache is not None and through_l1 and n:
-            assert batch.l1_tables is not None
             started = time.perf_counter()
-            vectors, hit = cache.query(batch.keys, batch.l1_tables[batch.table_of], dtype=batch.dtype, out=batch.out)
+            vectors, hit = cache.query(batch.keys, batch.shape.l1_table_of, dtype=batch.dtype, out=batch.out)
             found |= hit
             counts.level(L1_LEVEL, None, hit, time.perf_counter() - started)
             missing = np.flatnonzero(~hit)
@@ -414,8 +443,9 @@ class LookupSession:
         unanswered = np.zeros(len(batch.queries), np.int64)
         if len(missing) and authoritative_down:
             # Only the lowest level can say a key is absent; without it a default could be wrong.
-            unanswered = np.bincount(batch.query_of[missing], minlength=len(batch.queries))
-            missing = missing[unanswered[batch.query_of[missing]] == 0]
+            query_of = batch.shape.query_of
+            unanswered = np.bincount(query_of[missing], minlength=len(batch.queries))
+            missing = missing[unanswered[query_of[missing]] == 0]
         if len(missing):
             vectors[missing] = batch.defaults[batch.table_of[missing], None]
             counts.defaults(missing)
@@ -438,7 +468,7 @@ class LookupSession:
                     )
                 )
                 continue
-            start, stop = batch.starts[i], batch.starts[i + 1]
+            start, stop = batch.shape.starts[i], batch.shape.starts[i + 1]
             if query.out is None:
                 answer = vectors[start:stop].astype(query.dtype, copy=False)
             else:
@@ -851,9 +881,11 @@ class _PassCounts:
         self._tables = len(batch.tables)
         self._asked: list[tuple[int, np.ndarray, np.ndarray]] = []  # (level row, asked per table, hits per table)
         self._timings: list[tuple[str, float]] = []
-        self._unavailable = np.zeros(self._tables, np.int64)
+        self._unavailable: np.ndarray | None = None
 
     def _per_table(self, positions: np.ndarray | None, mask: np.ndarray | None = None) -> np.ndarray:
+        if positions is None and mask is None:
+            return self._batch.shape.tally.keys_per_table
         table_of = self._batch.table_of if positions is None else self._batch.table_of[positions]
         if mask is not None:
             table_of = table_of[mask]
@@ -869,11 +901,11 @@ class _PassCounts:
         self._asked.append((self._session._level_rows[DEFAULT_LEVEL], per_table, per_table))
 
     def unavailable(self, positions: np.ndarray | None) -> None:
-        self._unavailable += self._per_table(positions) > 0
+        failed = np.minimum(self._per_table(positions), 1)  # one failed call per table it asked
+        self._unavailable = failed if self._unavailable is None else self._unavailable + failed
 
     def commit(self, metrics: ServerMetrics | None) -> None:
-        batch = self._batch
-        self._session.tally.add(batch.columns, batch.table_of, batch.segment_counts, self._asked, self._unavailable)
+        self._session.tally.add(self._batch.shape.tally, self._asked, self._unavailable)
         if metrics is not None:
             for name, seconds in self._timings:
                 metrics.record_level_seconds(self._session.model.name, name, seconds)

@@ -19,7 +19,7 @@ from hps_client import Client, NotFoundError, ResourceExhaustedError
 from hps_server import config as config_module
 from hps_server import healthcheck
 from hps_server.cache import CacheStats
-from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, ServerMetrics, serve_metrics
+from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, PassShape, ServerMetrics, serve_metrics
 from hps_server.server import HpsServer
 from tests.conftest import sample_config, sample_raw_config, write_sample_tables
 
@@ -59,7 +59,7 @@ def test_bad_address_names_the_field() -> None:
 def test_two_servers_in_one_process_keep_separate_counts() -> None:
     a, b = ServerMetrics(models=["m"]), ServerMetrics(models=["m"])
     tally = a.tally("m", ["t"], ["default"])
-    tally.add(np.zeros(1, np.int64), np.zeros(5, np.int64), np.array([5]), [], np.zeros(1, np.int64))
+    tally.add(PassShape.of(np.zeros(1, np.int64), np.zeros(5, np.int64), np.array([5])), [], None)
     assert a.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) == 5
     assert b.registry.get_sample_value("hps_lookup_keys_total", {"model": "m", "table": "t"}) is None
 
@@ -75,7 +75,7 @@ def test_lookup_and_level_counts(metrics: tuple[ServerMetrics, int]) -> None:
         (1, np.array([40, 0]), np.array([37, 0])),
         (2, np.array([3, 0]), np.array([3, 0])),
     ]
-    tally.add(columns, table_of, np.array([100, 3]), per_level, np.zeros(2, np.int64))
+    tally.add(PassShape.of(columns, table_of, np.array([100, 3])), per_level, np.zeros(2, np.int64))
     m.record_level_seconds("ads", "l1_cache", 0.0002)
     m.record_level_seconds("ads", "redis_cluster", 0.003)
     m.record_level_failure("redis_cluster", "fetch")

@@ -15,7 +15,7 @@ from hps_server.cache import CacheStats, TableL1
 from hps_server.cache.reference import ReferenceEmbeddingCache
 from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig, VolatileDbConfig
 from hps_server.metrics import ServerMetrics
-from hps_server.session import KeyQuery, LookupSession, TableLookup
+from hps_server.session import SHAPES_KEPT, KeyQuery, LookupSession, TableLookup
 from hps_server.storage.base import LevelUnavailableError
 from hps_server.storage.hashmap import HashMapLevel
 from hps_server.storage.rocksdb import RocksDBLevel
@@ -367,6 +367,38 @@ def test_a_batch_of_tables_of_several_widths_and_dtypes_is_answered_exactly(leve
     np.testing.assert_array_equal(second.vectors, np.hstack([_rows(keys[::-1]), -_rows(keys[::-1])]).astype(np.float16))
     np.testing.assert_array_equal(third.vectors, _rows(keys[3:]).astype(np.float16))
     assert session.counts()["t"].by_level["rocksdb"] == 4 and session.counts()["wide"].by_level["rocksdb"] == 5
+
+
+def test_queries_of_a_kept_shape_are_answered_for_their_own_keys_and_counted(levels) -> None:  # type: ignore[no-untyped-def]
+    """A lone query's batch shape (its tables and key counts) is kept for the next query of that shape: a
+    second query of the same shape with other keys gets its own rows and counts, and the session keeps no
+    more than SHAPES_KEPT shapes however many its clients send."""
+    volatile, persistent = levels
+    model = ModelConfig(
+        name="m", tables=(TableConfig(name="t", dim=DIM), TableConfig(name="u", dim=DIM, default_value=-1.0)),
+        gpucache=False,
+    )  # fmt: skip
+    persistent.create_table("m.u", DIM)
+    volatile.create_table("m.u", DIM)
+    keys = np.arange(1, 1001, dtype=np.int64)
+    persistent.insert("m.t", keys, _rows(keys))
+    persistent.insert("m.u", keys, -_rows(keys))
+    session = LookupSession(model, [volatile, persistent])
+    tables = (session.table("t"), session.table("u"))
+    for start in (0, 10):  # the same shape twice: 3 keys of t, then 2 of u (one of them absent)
+        asked = np.array([start + 1, start + 2, start + 3, start + 4, 5000 + start], np.int64)
+        (result,) = session.lookup_many([KeyQuery(tables, asked, np.array([3, 2]))])
+        assert isinstance(result, TableLookup)
+        expected = np.vstack([_rows(asked[:3]), -_rows(asked[3:4]), np.full((1, DIM), -1.0, np.float32)])
+        np.testing.assert_array_equal(result.vectors, expected)
+        np.testing.assert_array_equal(result.found, [True, True, True, True, False])
+    counts = session.counts()
+    assert counts["t"].by_level == {"hash_map": 0, "rocksdb": 6}
+    assert counts["u"].by_level == {"hash_map": 0, "rocksdb": 2, "default": 2}
+    for n in range(1, SHAPES_KEPT + 20):
+        (result,) = session.lookup_many([KeyQuery.of(tables[0], keys[:n])])
+        assert isinstance(result, TableLookup) and result.found.all()
+    assert len(session._shapes) == SHAPES_KEPT
 
 
 class _UnreachableRocksDB(RocksDBLevel):

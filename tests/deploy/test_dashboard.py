@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hps_server.cache import CacheStats
-from hps_server.metrics import CacheOccupancy, LevelOccupancy, ServerMetrics
+from hps_server.metrics import CacheOccupancy, LevelOccupancy, PassShape, ServerMetrics
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def exported_series_names() -> set[str]:
     m = ServerMetrics(models=["m"])
     tally = m.tally("m", ["t"], ["rocksdb", "default"])
     one = np.ones(1, np.int64)
-    tally.add(np.zeros(1, np.int64), np.zeros(1, np.int64), one, [(0, one, one)], np.zeros(1, np.int64))
+    tally.add(PassShape.of(np.zeros(1, np.int64), np.zeros(1, np.int64), one), [(0, one, one)], np.zeros(1, np.int64))
     m.record_level_seconds("m", "rocksdb", 0.001)
     m.record_level_failure("redis_cluster", "fetch")
     m.record_model_event("m", "loaded")
