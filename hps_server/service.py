@@ -373,13 +373,14 @@ class Lookups:
 
     def _split_of(self, session: LookupSession, names: tuple[str, ...]) -> _TableSplit:
         """A packed query's table list resolved for `session` (NOT_FOUND naming a table it lacks), kept per
-        session for the next request naming the same list (at most SPLITS_KEPT, the oldest dropped first)."""
+        session for the next request naming the same list (the first SPLITS_KEPT lists seen; past them a
+        list is resolved per request)."""
         kept = self._splits.setdefault(session, {})
         split = kept.get(names)
         if split is None:
-            split = kept[names] = _TableSplit.of(session, [self.table(session, name) for name in names])
-            if len(kept) > SPLITS_KEPT:
-                kept.pop(next(iter(kept)), None)
+            split = _TableSplit.of(session, [self.table(session, name) for name in names])
+            if len(kept) < SPLITS_KEPT:
+                kept[names] = split
         return split
 
     @staticmethod

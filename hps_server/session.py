@@ -366,17 +366,17 @@ class LookupSession:
         return outcomes  # type: ignore[return-value]  # every slot was filled above
 
     def _shape(self, queries: Sequence[KeyQuery]) -> _Shape:
-        """The batch shape of these queries: a lone query's from the kept ones (at most SHAPES_KEPT, the
-        oldest dropped first), several queries' (coalesced, each pass its own mix) made anew."""
+        """The batch shape of these queries: a lone query's from the kept ones (the first SHAPES_KEPT seen;
+        past them a shape is made per call), several queries' (coalesced, each pass its own mix) made anew."""
         if len(queries) > 1:
             return _Shape(queries)
         query = queries[0]
         key = (query.tables, query.counts.tobytes())
         shape = self._shapes.get(key)
         if shape is None:
-            shape = self._shapes[key] = _Shape(queries)
-            if len(self._shapes) > SHAPES_KEPT:
-                self._shapes.pop(next(iter(self._shapes)), None)
+            shape = _Shape(queries)
+            if len(self._shapes) < SHAPES_KEPT:
+                self._shapes[key] = shape
         return shape
 
     def _walk(self, batch: _Batch, report: bool, through_l1: bool = True, fill_now: bool = False) -> list[Outcome]:

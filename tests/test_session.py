@@ -372,7 +372,7 @@ def test_a_batch_of_tables_of_several_widths_and_dtypes_is_answered_exactly(leve
 def test_queries_of_a_kept_shape_are_answered_for_their_own_keys_and_counted(levels) -> None:  # type: ignore[no-untyped-def]
     """A lone query's batch shape (its tables and key counts) is kept for the next query of that shape: a
     second query of the same shape with other keys gets its own rows and counts, and the session keeps no
-    more than SHAPES_KEPT shapes however many its clients send."""
+    more than SHAPES_KEPT shapes however many its clients send (the others are still answered)."""
     volatile, persistent = levels
     model = ModelConfig(
         name="m", tables=(TableConfig(name="t", dim=DIM), TableConfig(name="u", dim=DIM, default_value=-1.0)),
