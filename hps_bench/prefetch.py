@@ -6,7 +6,8 @@ batch of cold keys every PREFETCH_EVERY_S, as a client prefetching its next batc
 1.2x; a process of its own, so that its calls do not take the measuring client's GIL); (b) benefit: p50 of
 lookups of cold batches, plain and with each batch prefetched one batch ahead (MODEL_WORK_S of the model's
 work between two batches in both).
-Both from the same run, interleaved. Prints a table (or --json).
+Both from the same run, interleaved. --processes N serves with a worker group (the clients' connections land
+on workers as the kernel spreads them). Prints a table (or --json).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def _prefetching(target: str, cold: np.ndarray, prefetching: Event, stop: Event)
             time.sleep(PREFETCH_EVERY_S)
 
 
-def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds: int = 2) -> dict[str, Any]:
+def run(
+    json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds: int = 2, processes: int = 1
+) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     keys = rng.choice(2**40, size=rows, replace=False).astype(np.int64)
     vectors = rng.standard_normal((rows, DIM), dtype=np.float32)
@@ -75,7 +78,9 @@ def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds:
     with tempfile.TemporaryDirectory(prefix="hps-bench-prefetch-") as root:
         port = free_port()
         l1: L1Choice = "gpu" if gpus_available([0]) else "cpu"  # the L1 a server on this host picks
-        config = write_served_model(Path(root), port, "bench", {"table": (keys, vectors, 16)}, BATCH, l1=l1)
+        served = {"table": (keys, vectors, 16)}
+        options = {"processes": processes} if processes > 1 else None
+        config = write_served_model(Path(root), port, "bench", served, BATCH, l1=l1, server_options=options)
         text = config.read_text().replace("initial_cache_rate: 1.0", "initial_cache_rate: 0.0")
         config.write_text(text.replace("gpucacheper: 1.0", "gpucacheper: 0.5"))
         with hps_server(config, port, server_env(l1)) as target, Client(target) as client:
@@ -110,12 +115,14 @@ def run(json_out: bool = False, rows: int = 100_000, lookups: int = 500, rounds:
         "dim": DIM,
         "table_rows": rows,
         "l1": l1,
+        "server_processes": processes,
         "p99_ratio_with_prefetch": round(ratio, 3),
         "target_p99_ratio": TARGET_P99_RATIO,
         "target_met": ratio <= TARGET_P99_RATIO,
         "cold_p50_ratio_prefetched_vs_plain": round(_ms(ahead, 50) / _ms(plain, 50), 3),
     }
-    title = f"Prefetch: lookups of {BATCH} keys, dim {DIM}, {l1} L1 over hash map and RocksDB"
+    layout = "1 server process" if processes == 1 else f"{processes} server processes"
+    title = f"Prefetch: lookups of {BATCH} keys, dim {DIM}, {l1} L1 over hash map and RocksDB, {layout}"
     report.emit(title, table, json_out, extra)
     return {"benchmark": title, "rows": table, **extra}
 
@@ -126,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="rows in the table")
     parser.add_argument("--lookups", type=int, default=500, help="lookups per round and case")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the interleaved cases")
+    parser.add_argument("--processes", type=int, default=1, help="server.processes of the served config")
     args = parser.parse_args(argv)
-    run(json_out=args.json, rows=args.rows, lookups=args.lookups, rounds=args.rounds)
+    run(json_out=args.json, rows=args.rows, lookups=args.lookups, rounds=args.rounds, processes=args.processes)
     return 0
 
 

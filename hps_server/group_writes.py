@@ -32,7 +32,7 @@ import numpy as np
 from hps_server.cache.shared_l1 import CacheKey, OwnedGpuCaches, SharedCacheSpec
 from hps_server.config import Config
 from hps_server.models import GroupRole, HostedModels
-from hps_server.session import ServedTable, WriteBack
+from hps_server.session import PrefetchKeys, ServedTable, WriteBack
 from hps_server.storage.base import LevelUnavailableError, StorageError
 from hps_server.storage.segments import unique_name
 from hps_server.write_epochs import WriteEpochs
@@ -143,6 +143,8 @@ class GroupWriter:
             return session.write_back_from(*arguments)
         if operation == "write_refusal":
             return session.write_refusal()
+        if operation == "prefetch":
+            return session.prefetch_from(*arguments)
         raise ValueError(f"group writer: unknown operation {operation!r}")
 
     def _refresh_workers(self, model: str, table: ServedTable, keys: np.ndarray, vectors: np.ndarray | None) -> None:
@@ -275,6 +277,12 @@ class WriterLink:
 
     def write_back(self, model: str, rows: WriteBack) -> None:
         self._call("write_back", model, rows)
+
+    def holds_l1(self, model: str) -> bool:
+        return any(key[0] == model for key in self.address.l1)
+
+    def prefetch(self, model: str, keys: list[PrefetchKeys]) -> None:
+        self._call("prefetch", model, keys)
 
     def close(self) -> None:
         self._listener.close()

@@ -96,6 +96,15 @@ class WriteBack:
     rows: np.ndarray
 
 
+@dataclass(frozen=True)
+class PrefetchKeys:
+    """A prefetch's keys for the group's writer, by table name: segment i holds counts[i] keys of tables[i]."""
+
+    tables: list[str]
+    keys: np.ndarray
+    counts: np.ndarray
+
+
 class WriteRoute(Protocol):
     """Where a group worker sends its writes instead of writing its levels: the group's one writer
     (group_writes.py), which writes every level and refreshes every worker's L1 before it answers."""
@@ -109,6 +118,16 @@ class WriteRoute(Protocol):
         ...
 
     def write_back(self, model: str, rows: WriteBack) -> None: ...
+
+    def holds_l1(self, model: str) -> bool:
+        """Whether the writer holds the model's L1, the one cache every worker maps (GPUs); else each
+        worker's L1 is its own."""
+        ...
+
+    def prefetch(self, model: str, keys: list[PrefetchKeys]) -> None:
+        """Queues a prefetch in the writer (where it holds_l1): its walk fills the shared L1 there, off the
+        GIL of the workers serving lookups."""
+        ...
 
 
 WrittenHook = Callable[["ServedTable", np.ndarray, "np.ndarray | None"], None]
@@ -489,14 +508,18 @@ class LookupSession:
 
     def prefetch(self, queries: Sequence[KeyQuery]) -> bool:
         """Walks the queries' keys down in the background, so the rows are in L1 (and the levels above the
-        one holding them) for the lookup that follows; returns at once. False when the prefetch backlog is
-        full and the keys were dropped (a prefetch is a hint)."""
+        one holding them) for the lookup that follows; returns at once. In a group worker whose writer holds
+        L1, the writer walks them. False when the prefetch backlog is full and the keys were dropped (a
+        prefetch is a hint)."""
         groups: dict[tuple[int, tuple[EmbeddingCache, ...]], list[KeyQuery]] = {}
         for query in queries:
             if len(query.keys):
                 groups.setdefault(query.group, []).append(query)
         if not groups:
             return True
+        if self.route is not None and self.route.holds_l1(self.name):
+            sent = [PrefetchKeys([t.name for t in q.tables], q.keys, q.counts) for g in groups.values() for q in g]
+            return self._prefetch.submit(functools.partial(self._prefetch_in_writer, self.route, sent))
 
         def walk() -> None:
             for group in groups.values():
@@ -515,13 +538,25 @@ class LookupSession:
 
         return self._prefetch.submit(walk)
 
+    def _prefetch_in_writer(self, route: WriteRoute, sent: list[PrefetchKeys]) -> None:
+        """Hands a prefetch to the group's writer (from this session's prefetch thread, off the reply's path)."""
+        try:
+            route.prefetch(self.name, sent)
+        except StorageError as e:
+            self._warn_unavailable("a storage", "prefetch skipped", e)
+
+    def prefetch_from(self, sent: list[PrefetchKeys]) -> bool:
+        """The writer's side of WriteRoute.prefetch: a worker's prefetch, walked here."""
+        return self.prefetch([KeyQuery(tuple(self.table(n) for n in p.tables), p.keys, p.counts) for p in sent])
+
     def _wait_for_no_lookups(self, longest: float) -> None:
         """Lets lookups in flight finish first (up to `longest` seconds): a prefetch runs in their gaps."""
         with self._lookups_idle:
             self._lookups_idle.wait_for(lambda: not self._lookups_running, longest)
 
     def wait_prefetched(self, timeout: float | None = None) -> bool:
-        """Blocks until every prefetch submitted so far has run; False on timeout."""
+        """Blocks until every prefetch submitted so far has run (in a group worker whose writer holds L1: has
+        been handed to the writer); False on timeout."""
         return self._prefetch.wait_idle(timeout)
 
     def _pick_cache(self, batch: _Batch) -> EmbeddingCache | None:

@@ -1,7 +1,7 @@
 """`hps serve --processes 2` as people run it: real worker processes on one loopback port, a real supervisor.
 
-Lookups from both workers, writes through either seen by both, a killed worker restarted, a drain on SIGTERM,
-a held address refused.
+Lookups from both workers, writes through either seen by both, prefetches filling the L1 lookups read, a
+killed worker restarted, a drain on SIGTERM, a held address refused.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import pytest
 import yaml
 
 from hps_bench.servers import free_port
+from hps_client import wire
+from hps_server.cache.placement import gpus_available
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import serve_command, write_sample_config
 
@@ -238,6 +240,27 @@ def test_a_delete_through_one_worker_is_seen_by_every_worker_at_once(group: Grou
         _upsert(group, picked, original)
     for reply in _lookup_on_every_worker(group, "user", picked):
         np.testing.assert_array_equal(_vectors(reply, len(picked)), original)
+
+
+def test_a_prefetch_through_one_worker_fills_the_l1_its_lookups_read(group: Group) -> None:
+    keys, _ = group.truth["user"]
+    picked = keys[[p for p in range(4600, 5000) if p % 78 >= 64][:30]]  # rows no other test looks up
+    prefetches = [group.metric(w, "hps_requests_total", 'method="Prefetch"') for w in (0, 1)]
+    request = hps_pb2.PrefetchRequest(model="ctr", packed=wire.packed_query({"user": picked}))
+    with grpc.insecure_channel(group.target) as channel:
+        assert hps_pb2_grpc.LookupServiceStub(channel).Prefetch(request, timeout=30).keys == len(picked)
+    (received,) = [w for w in (0, 1) if group.metric(w, "hps_requests_total", 'method="Prefetch"') > prefetches[w]]
+    time.sleep(2)  # its walk (30 keys: milliseconds) has run, in the worker or, on a GPU, in the writer
+    # One CUDA cache on a GPU host: the writer walked it into the L1 both workers read. Each worker's own
+    # NumPy cache elsewhere: the worker that took the prefetch holds them.
+    readers = (0, 1) if gpus_available([0]) else (received,)
+    hits = [group.metric(w, "hps_level_hits", 'level="l1_cache"') for w in (0, 1)]
+    answered = [group.lookups_answered(w) for w in (0, 1)]
+    _lookup_on_every_worker(group, "user", picked)
+    for worker in readers:
+        lookups = group.lookups_answered(worker) - answered[worker]
+        l1_hits = group.metric(worker, "hps_level_hits", 'level="l1_cache"') - hits[worker]
+        assert l1_hits == lookups * len(picked), f"worker {worker}: a prefetched key missed its L1"
 
 
 def test_a_killed_worker_is_restarted(group: Group) -> None:
