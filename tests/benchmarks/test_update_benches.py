@@ -33,8 +33,10 @@ def test_replicas_reports_propagation_and_stale_answers(capsys: pytest.CaptureFi
     )
 
 
-def test_prefetch_reports_both_cases(capsys: pytest.CaptureFixture[str]) -> None:
-    result = prefetch.run(True, rows=5000, lookups=20, rounds=1)
+@pytest.mark.parametrize("processes", [1, 2])
+def test_prefetch_reports_both_cases(capsys: pytest.CaptureFixture[str], processes: int) -> None:
+    result = prefetch.run(True, rows=5000, lookups=20, rounds=1, processes=processes)
     assert json.loads(capsys.readouterr().out) == result
     assert len(result["rows"]) == 4 and all(row["p99_ms"] > 0 for row in result["rows"])
+    assert result["server_processes"] == processes
     assert result["target_met"] == (result["p99_ratio_with_prefetch"] <= 1.2)
