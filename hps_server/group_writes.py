@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from hps_server.cache.shared_l1 import CacheKey, OwnedGpuCaches, SharedCacheSpec
+from hps_server.cache.shared_l1 import CacheKey, OwnedGpuCaches, SharedCacheSpec, shares_l1
 from hps_server.config import Config
 from hps_server.models import GroupRole, HostedModels
 from hps_server.session import PrefetchKeys, ServedTable, WriteBack
@@ -279,7 +279,7 @@ class WriterLink:
         self._call("write_back", model, rows)
 
     def holds_l1(self, model: str) -> bool:
-        return any(key[0] == model for key in self.address.l1)
+        return shares_l1(self.address.l1, model)
 
     def prefetch(self, model: str, keys: list[PrefetchKeys]) -> None:
         self._call("prefetch", model, keys)

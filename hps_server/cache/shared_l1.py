@@ -29,6 +29,11 @@ class SharedCacheSpec:
     state: Any  # gpu_sharing.SharedStateSpec (kept untyped here: that module imports CuPy)
 
 
+def shares_l1(specs: dict[CacheKey, SharedCacheSpec], model: str) -> bool:
+    """Whether the writer made shared caches for `model` (then every worker maps them; else each has its own)."""
+    return any(key[0] == model for key in specs)
+
+
 class OwnedGpuCaches:
     """The writer's side: makes each shared cache and remembers how to open it."""
 
@@ -70,4 +75,4 @@ class OpenedGpuCaches:
 
     def factory(self, model: ModelConfig, levels: Sequence[StorageLevel]) -> dict[str, TableL1]:
         """A worker's L1 (a CacheFactory): the shared caches where the writer made them, its own elsewhere."""
-        return build_caches(model, levels, self if any(key[0] == model.name for key in self.specs) else None)
+        return build_caches(model, levels, self if shares_l1(self.specs, model.name) else None)
