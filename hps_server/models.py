@@ -82,6 +82,8 @@ class HostedModels:
     # One change of the model set at a time; requests never wait for it.
     _changes: threading.Lock = field(default_factory=threading.Lock)
     _retiring: list[threading.Thread] = field(default_factory=list)
+    # Storage names of table versions being dropped now (under _changes): no reload may switch to them.
+    _dropping: set[str] = field(default_factory=set)
     # The update stream shared with the other replicas (and a trainer's feed), when one is configured.
     updates: UpdateFeed | None = None
 
@@ -284,6 +286,11 @@ class HostedModels:
         for after in model.tables:
             name = model.storage_name(after)
             switched = served_versions.get(after.name, after.version) != after.version
+            if switched and name in self._dropping:
+                raise VersionMissingError(
+                    f"table {after.name}: version {after.version or '(unversioned)'} is being dropped (it was "
+                    "replaced and its last request is done); import it again once the drop is logged"
+                )
             if switched and after.source is None and (name not in present or authoritative.size(name) == 0):
                 command = f"hps import --model {model.name} --table {after.name}"
                 raise VersionMissingError(
@@ -323,23 +330,23 @@ class HostedModels:
         return replaced
 
     def _retire(self, session: LookupSession, dropped: Sequence[str]) -> None:
-        """Once no request uses `session`: closes it (its L1 goes with it) and drops the table versions
-        `dropped` from every writable level, in a thread of its own."""
+        """Once no request uses `session`: closes it (its L1 goes with it) and drops from every writable
+        level those of the table versions `dropped` that no served model uses by then (a reload back to a
+        version before its drop keeps it), in a thread of its own."""
 
         def close() -> None:
             session.close()
-            for level in self._levels():
-                if level.read_only:
-                    continue
-                for table in dropped:
-                    try:
-                        level.drop_table(table, CHANGE_PACE.chunk_rows)
-                    except StorageError as e:
-                        log.warning(
-                            "could not drop %s from %s (it stays until dropped by hand): %s", table, level.kind, e
-                        )
-            if dropped:
-                log.info("model %s: dropped %s, no longer served", session.name, ", ".join(dropped))
+            with self._changes:
+                served = {table.storage_name for other in self.sessions.values() for table in other.tables.values()}
+                doomed = [table for table in dropped if table not in served]
+                self._dropping.update(doomed)
+            try:
+                self._drop(doomed)
+            finally:
+                with self._changes:
+                    self._dropping.difference_update(doomed)
+            if doomed:
+                log.info("model %s: dropped %s, no longer served", session.name, ", ".join(doomed))
 
         def start() -> None:
             thread = threading.Thread(target=close, name=f"hps-retire-{session.name}", daemon=True)
@@ -347,6 +354,17 @@ class HostedModels:
             thread.start()
 
         self.handover.retire(session, start)
+
+    def _drop(self, tables: Sequence[str]) -> None:
+        """Drops the table versions from every writable level; one that fails is logged and stays."""
+        for level in self._levels():
+            if level.read_only:
+                continue
+            for table in tables:
+                try:
+                    level.drop_table(table, CHANGE_PACE.chunk_rows)
+                except StorageError as e:
+                    log.warning("could not drop %s from %s (it stays until dropped by hand): %s", table, level.kind, e)
 
     def cache_occupancy(self) -> list[CacheOccupancy]:
         """Every L1 cache of every model (each shard of a sharded one), with the device it lives on: its GPU, or

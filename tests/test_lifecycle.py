@@ -161,6 +161,21 @@ def test_reload_to_a_new_version_serves_it_describes_it_and_drops_the_old(admin:
     assert {"ctr.user@v2", "ctr.item"} <= set(persistent.tables())
 
 
+def test_a_reload_back_before_the_old_version_is_dropped_keeps_it_served(admin: Admin) -> None:
+    keys, vectors = admin.truth["user"]
+    models = admin.server.models
+    unversioned = models.sessions["ctr"].model
+    with models.serving("ctr"):  # a request still on the unversioned rows across both reloads
+        models.reload("ctr", {"user": "v2"})
+        models.reload("ctr", model=unversioned)
+    _retired(admin.server)
+    # The first reload's drop of ctr.user came once its last request was done: it is served again by then.
+    np.testing.assert_array_equal(admin.vectors("ctr", "user", keys[:16]), vectors[:16])
+    persistent = admin.server.models.persistent
+    assert persistent is not None and persistent.size("ctr.user") == len(keys)
+    assert "ctr.user@v2" not in persistent.tables()
+
+
 def test_a_failed_reload_leaves_the_old_version_served(admin: Admin) -> None:
     keys, vectors = admin.truth["user"]
     missing = _refused(
