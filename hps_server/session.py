@@ -85,10 +85,12 @@ class ServedTable:
 
 @dataclass(frozen=True)
 class WriteBack:
-    """Rows a group worker found below its `levels[level]`, for the group's writer to copy into that level
-    unless a write of their tables came since the worker read `epochs` (one per name in `tables`)."""
+    """Rows a group worker found in its `levels[source]`, below `levels[level]`, for the group's writer to
+    copy into that level unless a write of their tables came since the worker read `epochs` (one per name
+    in `tables`)."""
 
     level: int
+    source: int
     tables: list[str]
     epochs: list[int]
     keys: np.ndarray
@@ -606,7 +608,11 @@ class LookupSession:
         """Copies each level's found rows into the writable levels above it (through the group's writer in a
         worker); a level that cannot take them is counted and skipped."""
         for f in fetched:
-            above = [(index, level) for index, level in enumerate(self.levels[: f.level]) if not level.read_only]
+            above = [
+                (index, level)
+                for index, level in enumerate(self.levels[: f.level])
+                if self._copies_into(f.level, index)
+            ]
             if not above:
                 continue
             keys, tables, rows = batch.keys[f.positions], batch.table_of[f.positions], f.found_rows()
@@ -614,7 +620,7 @@ class LookupSession:
                 try:
                     if self.route is not None:
                         names = [table.name for table in batch.tables]
-                        self.route.write_back(self.name, WriteBack(index, names, epochs, keys, tables, rows))
+                        self.route.write_back(self.name, WriteBack(index, f.level, names, epochs, keys, tables, rows))
                         continue
 
                     def copy(keep: np.ndarray, level=level, keys=keys, rows=rows, tables=tables) -> None:  # type: ignore[no-untyped-def]
@@ -627,8 +633,17 @@ class LookupSession:
                     if self.metrics is not None:
                         self.metrics.record_level_failure(level.kind, "insert")
 
+    def _copies_into(self, source: int, target: int) -> bool:
+        """Whether rows found in levels[source] are written back into levels[target]: a writable level, and
+        not a shared one where the source missed update messages (its rows may be older than what other
+        servers wrote there, and every server would then read them)."""
+        level = self.levels[target]
+        return not level.read_only and not (level.shared and self.levels[source].missed_updates)
+
     def write_back_from(self, found: WriteBack) -> None:
         """The writer's side of WriteRoute.write_back: a worker's rows, copied in unless they may be stale."""
+        if not self._copies_into(found.source, found.level):
+            return
         served = [self.table(name) for name in found.tables]
         target = self.levels[found.level]
         names = [table.storage_name for table in served]
@@ -750,7 +765,17 @@ class LookupSession:
 
     def drop_copies(self) -> None:
         """Drops every row this server holds copies of (L1, and in-process levels above the lowest), for
-        every table: after update messages may have been missed, rows are read from below again."""
+        every table: after update messages may have been missed, rows are read from below again. The lowest
+        level may have missed them too: from now on its rows are not copied into shared levels."""
+        authority = self.levels[-1] if self.levels else None
+        if authority is not None and not authority.shared and not authority.missed_updates:
+            authority.missed_updates = True
+            log.warning(
+                "model %s: %s may have missed updates; its rows are no longer copied into the shared levels "
+                "(import its tables again, then restart, to resync)",
+                self.name,
+                authority.kind,
+            )
         for table in self.tables.values():
             self._drop_copies(table)
 
