@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 from redis.cluster import ClusterNode, RedisCluster
 
+from hps_client.wire import int64_keys
 from hps_wire.update_message import UpdateMessage, encode
 
 DEFAULT_STREAM = "hps_updates"
@@ -65,7 +66,7 @@ class UpdatePublisher:
 
     def upsert(self, model: str, table: str, keys: object, vectors: object) -> int:
         """Publishes rows to be written; returns the messages appended."""
-        keys_array = _keys(keys)
+        keys_array = int64_keys(keys)
         rows = np.asarray(vectors, dtype=np.float32)
         if rows.ndim != 2 or len(rows) != len(keys_array):
             raise ValueError(f"vectors: expected [{len(keys_array)}, dim] for {len(keys_array)} keys, got {rows.shape}")
@@ -79,7 +80,7 @@ class UpdatePublisher:
 
     def delete(self, model: str, table: str, keys: object) -> int:
         """Publishes keys to be removed; returns the messages appended."""
-        keys_array = _keys(keys)
+        keys_array = int64_keys(keys)
         step = self.rows_per_message
         return self._append(
             UpdateMessage(model, table, "delete", keys_array[i : i + step], None)
@@ -107,13 +108,6 @@ class UpdatePublisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _keys(keys: object) -> np.ndarray:
-    array = np.asarray(keys)
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"keys: must be integers, got dtype {array.dtype}")
-    return np.ascontiguousarray(array.reshape(-1), dtype="<i8")
 
 
 __all__ = ["DEFAULT_MAX_LEN", "DEFAULT_STREAM", "UpdatePublisher"]

@@ -26,11 +26,24 @@ _COMBINERS: dict[str, hps_pb2.Combiner] = {
 }
 
 
-def pack_keys(keys: object, field: str = "keys") -> bytes:
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def int64_keys(keys: object, field: str = "keys") -> np.ndarray:
+    """Keys of any shape and integer dtype as a flat little-endian int64 array: TypeError for values that are
+    not integers, ValueError for integers int64 cannot hold (never wrapped around onto other keys)."""
     array = np.asarray(keys)
+    if array.size and array.dtype == object:  # Python integers past uint64
+        raise ValueError(f"{field}: must be integers that fit int64 (NumPy made them dtype object)")
     if array.size and not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{field}: must be integers, got dtype {array.dtype}")
-    return np.ascontiguousarray(array.reshape(-1), dtype="<i8").tobytes()
+    if array.size and array.dtype.kind == "u" and array.itemsize == 8 and int(array.max()) > _INT64_MAX:
+        raise ValueError(f"{field}: {int(array.max())} does not fit int64 (keys are signed 64-bit)")
+    return np.ascontiguousarray(array.reshape(-1), dtype="<i8")
+
+
+def pack_keys(keys: object, field: str = "keys") -> bytes:
+    return int64_keys(keys, field).tobytes()
 
 
 def table_query(
@@ -70,15 +83,10 @@ def lookup_request(
 
 def packed_query(keys_by_table: Mapping[str, object]) -> hps_pb2.PackedQuery:
     """Plain keys of several tables in packed form: one keys buffer and one counts buffer, however many tables."""
-    arrays = [np.asarray(keys) for keys in keys_by_table.values()]
-    for table, array in zip(keys_by_table, arrays, strict=True):
-        if array.size and not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"keys of {table}: must be integers, got dtype {array.dtype}")
+    arrays = [int64_keys(keys, f"keys of {table}") for table, keys in keys_by_table.items()]
     counts = np.fromiter((array.size for array in arrays), "<i8", len(arrays))
-    keys = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.zeros(0, "<i8")
-    return hps_pb2.PackedQuery(
-        tables=list(keys_by_table), keys=np.ascontiguousarray(keys, "<i8").tobytes(), counts=counts.tobytes()
-    )
+    keys = np.concatenate(arrays) if arrays else np.zeros(0, "<i8")
+    return hps_pb2.PackedQuery(tables=list(keys_by_table), keys=keys.tobytes(), counts=counts.tobytes())
 
 
 def tables_request(model: str, keys_by_table: Mapping[str, object], dtype: Dtype = "float32") -> hps_pb2.LookupRequest:

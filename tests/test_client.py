@@ -103,6 +103,15 @@ def test_bad_arguments_are_rejected_before_sending(served: ServedModel) -> None:
             client.lookup("ctr", "user", np.ones(3))
         with pytest.raises(ValueError, match="dtype"):
             client.lookup("ctr", "user", [1], dtype="int8")  # type: ignore[arg-type]
+        # Keys int64 cannot hold are refused, never wrapped onto other keys (2**64 - 1 would be key -1).
+        for beyond in (np.array([2**64 - 1], np.uint64), [2**63], [2**64]):
+            with pytest.raises(ValueError, match="fit int64"):
+                client.lookup("ctr", "user", beyond)
+            with pytest.raises(ValueError, match="fit int64"):
+                client.upsert("ctr", "user", beyond, np.zeros((1, TABLE_SPECS["user"][1]), np.float32))
+            with pytest.raises(ValueError, match="fit int64"):
+                client.lookup_tables("ctr", {"user": beyond})
+        assert client.lookup("ctr", "user", np.array([2**63 - 1], np.uint64)).shape == (1, TABLE_SPECS["user"][1])
 
 
 def test_max_norm_clips_each_vector_before_the_combiner(served: ServedModel) -> None:
