@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 import grpc
 import yaml
 
-from hps_server.config import ConfigError, shown
+from hps_server.config import ConfigError, shown, shown_value
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,19 @@ class Caller:
 
     def require(self, permission: Permission, model: str) -> None:
         """Raises AuthRefusedError (PERMISSION_DENIED) unless the caller may `permission` on `model`."""
-        if self.allows(permission, model):
-            return
+        if not self.allows(permission, model):
+            self._refuse(f"no {permission} permission on model {shown(model)}")
+
+    def require_some(self, permission: Permission) -> None:
+        """As require(), on some model: before a request's content names the model (LoadModel's config), so
+        that a caller who may do it on none gets no further."""
+        if self.grant is not None and not self.grant.models[permission]:
+            self._refuse(f"no {permission} permission on any model")
+
+    def _refuse(self, what: str) -> None:
         assert self.grant is not None
         self.refused("permission_denied")
-        raise AuthRefusedError(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"{self.grant.name} has no {permission} permission on model {shown(model)}",
-        )
+        raise AuthRefusedError(grpc.StatusCode.PERMISSION_DENIED, f"{self.grant.name} has {what}")
 
 
 def _models(value: Any, field: str) -> frozenset[str]:
@@ -85,7 +90,7 @@ def _models(value: Any, field: str) -> frozenset[str]:
     if value == ANY_MODEL:
         return frozenset({ANY_MODEL})
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f'{field}: must be a list of model names or "*", got {value!r}')
+        raise ConfigError(f'{field}: must be a list of model names or "*", got {shown_value(value)}')
     return frozenset(value)
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -288,7 +289,7 @@ class ModelConfig:
             if table.name == name:
                 return table
         raise UnknownNameError(
-            f"model {self.name} has no table {name!r}; its tables: {_names([t.name for t in self.tables])}"
+            f"model {self.name} has no table {shown(name)}; its tables: {_names([t.name for t in self.tables])}"
         )
 
     def max_keys(self, table: TableConfig) -> int:
@@ -313,7 +314,8 @@ class Config:
         for model in self.models:
             if model.name == name:
                 return model
-        raise UnknownNameError(f"no model {name!r} in the config; its models: {_names([m.name for m in self.models])}")
+        models = _names([m.name for m in self.models])
+        raise UnknownNameError(f"no model {shown(name)} in the config; its models: {models}")
 
 
 # ---------------------------------------------------------------- value readers
@@ -353,13 +355,13 @@ class _Section:
 def _bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
-    raise ConfigError(f"{name}: must be true or false, got {value!r}")
+    raise ConfigError(f"{name}: must be true or false, got {shown_value(value)}")
 
 
 def _int(minimum: int | None = None) -> Callable[[Any, str], int]:
     def convert(value: Any, name: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+            raise ConfigError(f"{name}: must be an integer, got {shown_value(value)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
         return value
@@ -370,7 +372,7 @@ def _int(minimum: int | None = None) -> Callable[[Any, str], int]:
 def _float(low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable[[Any, str], float]:
     def convert(value: Any, name: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{name}: must be a finite number, got {shown_value(value)}")
         if low is not None and (value < low or (low_open and value == low)):
             raise ConfigError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value}")
         if high is not None and value > high:
@@ -382,7 +384,7 @@ def _float(low: float | None = None, high: float | None = None, low_open: bool =
 
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise ConfigError(f"{name}: must be a string, got {value!r}")
+        raise ConfigError(f"{name}: must be a string, got {shown_value(value)}")
     return value
 
 
@@ -398,6 +400,18 @@ VERSION_MARK = "@"
 def shown(name: str) -> str:
     """`name` quoted for a message, cut to SHOWN_NAME_CHARS characters."""
     return repr(name) if len(name) <= SHOWN_NAME_CHARS else repr(name[:SHOWN_NAME_CHARS]) + f"... ({len(name)} chars)"
+
+
+_SHOWN_VALUE = reprlib.Repr()
+_SHOWN_VALUE.maxlevel = 2
+_SHOWN_VALUE.maxstring = _SHOWN_VALUE.maxother = _SHOWN_VALUE.maxlong = SHOWN_NAME_CHARS
+_SHOWN_VALUE.maxlist = _SHOWN_VALUE.maxtuple = _SHOWN_VALUE.maxdict = _SHOWN_VALUE.maxset = 4
+
+
+def shown_value(value: Any) -> str:
+    """A config value for a message, at most about SHOWN_NAME_CHARS characters however large or nested it is
+    (a LoadModel request's config is the caller's, and its status and log line must stay small)."""
+    return _SHOWN_VALUE.repr(value)
 
 
 def _name_str(value: Any, name: str) -> str:
@@ -421,7 +435,7 @@ def _choice(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable
     def convert(value: Any, name: str) -> str:
         text = aliases.get(value, value) if isinstance(value, str) else value
         if text not in choices:
-            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {shown_value(value)}")
         return str(text)
 
     return convert
@@ -437,7 +451,7 @@ def _path(base: Path) -> Callable[[Any, str], Path]:
 
 def _list(value: Any, name: str) -> list[Any]:
     if not isinstance(value, list | tuple):
-        raise ConfigError(f"{name}: must be a list, got {value!r}")
+        raise ConfigError(f"{name}: must be a list, got {shown_value(value)}")
     return list(value)
 
 
@@ -455,7 +469,7 @@ def processes(value: Any, name: str) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0))
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: must be an integer >= 1 or auto, got {value!r}")
+        raise ConfigError(f"{name}: must be an integer >= 1 or auto, got {shown_value(value)}")
     return value
 
 
@@ -644,7 +658,7 @@ def _updates(raw: Any) -> UpdatesConfig:
         raise ConfigError("updates.stream: must not be empty")
     address = s.get("address", d.address, _str)
     if address and not all(_HOST_PORT.fullmatch(item.strip()) for item in address.split(",")):
-        raise ConfigError(f"updates.address: expected host:port[,host:port...], got {address!r}")
+        raise ConfigError(f"updates.address: expected host:port[,host:port...], got {shown_value(address)}")
     return UpdatesConfig(
         enabled=s.get("enabled", d.enabled, _bool),
         address=address,
@@ -733,11 +747,20 @@ def _model(raw: Any, path: str, base: Path) -> ModelConfig:
 def parse_model(text: str, base: Path, path: str = "model") -> ModelConfig:
     """One model entry (the keys of an item of `models:`) from YAML or JSON text, e.g. a LoadModel request's;
     relative paths resolve against `base`."""
+    return _model(_loaded(text, path, "YAML or JSON", yaml.safe_load), path, base)
+
+
+def _loaded(text: str, path: str, kind: str, load: Callable[[str], Any]) -> Any:
+    """`text` parsed by `load`; ConfigError naming `path` when it is not valid `kind` (nesting past
+    Python's recursion limit and integers past its digit limit included)."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML or JSON: {e}") from None
-    return _model(raw, path, base)
+        return load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid {kind}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than int() takes
+        raise ConfigError(f"{path}: {str(e)[:200]}") from None
 
 
 # HPS model keys hps maps onto its own options (the rest of _HPS_MODEL_EXTRAS is kept, unused).
@@ -839,8 +862,5 @@ def load(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
     hps = path.suffix == ".json"
-    try:
-        raw = json.loads(text) if hps else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if hps else 'YAML'}: {e}") from e
+    raw = _loaded(text, str(path), "JSON" if hps else "YAML", json.loads if hps else yaml.safe_load)
     return parse(raw, path.resolve().parent, hps=hps)

@@ -197,14 +197,17 @@ class Lookups:
         return self.authorizer.identify(context)
 
     @contextlib.contextmanager
-    def serving(self, model: str, write: bool = False) -> Iterator[LookupSession]:
+    def serving(self, model: str, caller: Caller, write: bool = False) -> Iterator[LookupSession]:
         """The model's session for one request, held to its end (one table version per reply); NOT_FOUND for
-        a model not hosted, and for a write UNAVAILABLE while the model changes."""
+        a model not hosted (naming the hosted models `caller` may read), and for a write UNAVAILABLE while
+        the model changes."""
         with contextlib.ExitStack() as held:
             try:
                 session = held.enter_context(self.models.writing(model) if write else self.models.serving(model))
-            except KeyError as e:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+            except KeyError:
+                readable = sorted(name for name in self.models.sessions if caller.allows("read", name))
+                message = f"no model {shown(model)} (hosted: {', '.join(readable) or 'none'})"
+                raise RequestError(grpc.StatusCode.NOT_FOUND, message) from None
             except ModelChangingError as e:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
             yield session
@@ -221,7 +224,7 @@ class Lookups:
         _parsed(request)
         caller.require("read", request.model)
         self._admit(request)
-        with self.serving(request.model) as session:
+        with self.serving(request.model, caller) as session:
             prepared = self.prepare(request, session)
             if prepared.reply is not None:
                 # Its own pass, in this thread: in a pass of several requests its vectors would be copied
@@ -266,6 +269,7 @@ class Lookups:
             raise _invalid(f"dtype: unknown VectorDtype value {request.dtype}")
         queries = [self._decode(session, query, f"queries[{i}]") for i, query in enumerate(request.queries)]
         packed = self._decode_packed(session, request.packed, wire_dtype) if request.HasField("packed") else None
+        _check_repeated_tables(session, queries, packed)
         prefetch = self.prefetch_queries(session, request.prefetch, "prefetch") if request.HasField("prefetch") else []
         rows_by_dim = sum((len(q.row_splits) - 1 if q.combiner else len(q.keys)) * q.table.dim for q in queries)
         if packed is not None:
@@ -357,6 +361,9 @@ class Lookups:
             raise _invalid(f"{field}.counts: {len(counts)} counts for {len(packed.tables)} tables; give one per table")
         if len(counts) and int(counts.min()) < 0:
             raise _invalid(f"{field}.counts: must be >= 0")
+        if len(counts) and int(counts.max()) > len(keys):  # and so their sum cannot wrap around
+            i = int(counts.argmax())
+            raise _invalid(f"{field}.counts[{i}]: {int(counts[i])} keys, but {field}.keys holds {len(keys)}")
         if int(counts.sum()) != len(keys):
             raise _invalid(f"{field}.counts: they sum to {int(counts.sum())}, but {field}.keys holds {len(keys)} keys")
         split = self._split_of(session, tuple(packed.tables))
@@ -433,6 +440,35 @@ class Lookups:
 
 
 _NO_SPLITS = np.empty(0, np.int64)
+
+
+def _check_repeated_tables(session: LookupSession, queries: Sequence[_Query], packed: _Packed | None) -> None:
+    """A table a request names more than once (several queries, a packed list repeating it) stays within its
+    per-request limits in total: its keys within max_batch_size x max_keys_per_sample, its pooled samples
+    within max_batch_size. Each query was checked alone as it was decoded."""
+    names = [query.table.name for query in queries] + (list(packed.names) if packed is not None else [])
+    if len(set(names)) == len(names):
+        return
+    keys: dict[str, int] = {}
+    samples: dict[str, int] = {}
+    for query in queries:
+        keys[query.table.name] = keys.get(query.table.name, 0) + len(query.keys)
+        if query.combiner is not None:
+            samples[query.table.name] = samples.get(query.table.name, 0) + len(query.row_splits) - 1
+    if packed is not None:
+        for name, count in zip(packed.names, packed.counts.tolist(), strict=True):
+            keys[name] = keys.get(name, 0) + count
+    for name, total in keys.items():
+        table = session.table(name)
+        if total > session.model.max_keys(table.config):
+            raise _too_many_keys(f"request (table {table.name} named {names.count(name)} times)", total, session, table)
+    for name, total in samples.items():
+        if total > session.model.max_batch_size:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request (table {name} named {names.count(name)} times): {total} pooled samples exceed "
+                f"max_batch_size {session.model.max_batch_size}",
+            )
 
 
 def _too_many_keys(field: str, keys: int, session: LookupSession, table: ServedTable) -> RequestError:
@@ -533,7 +569,7 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
             vectors = _packed(request.vectors, "<f4", "vectors")
             if not np.all(np.isfinite(vectors)):
                 raise _invalid("vectors: contains NaN or infinity")
-            with self.lookups.serving(request.model, write=True) as session:
+            with self.lookups.serving(request.model, caller, write=True) as session:
                 table = self.lookups.table(session, request.table)
                 if len(vectors) != len(keys) * table.dim:
                     raise _invalid(
@@ -554,7 +590,7 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
             _parsed(request)
             caller.require("write", request.model)
             keys = self.lookups.write_keys(request.keys)
-            with self.lookups.serving(request.model, write=True) as session:
+            with self.lookups.serving(request.model, caller, write=True) as session:
                 table = self.lookups.table(session, request.table)
                 try:
                     return hps_pb2.DeleteResponse(rows=session.delete(table.name, keys))
@@ -568,7 +604,7 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
             caller = self.lookups.caller(context)
             _parsed(request)
             caller.require("read", request.model)
-            with self.lookups.serving(request.model) as session:
+            with self.lookups.serving(request.model, caller) as session:
                 queries = self.lookups.prefetch_queries(session, request.packed, "packed")
                 taken = session.prefetch(queries)
             return hps_pb2.PrefetchResponse(keys=sum(len(q.keys) for q in queries) if taken else 0)
@@ -649,7 +685,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
             caller = self.lookups.caller(context)
             _parsed(request)
             caller.require("read", request.model)
-            with self.lookups.serving(request.model) as session:
+            with self.lookups.serving(request.model, caller) as session:
                 return described(session)
 
         return _guarded(context, "DescribeModel", work)
@@ -660,7 +696,9 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
         def work() -> hps_pb2.LoadModelResponse:
             caller = self.lookups.caller(context)
             _parsed(request)
-            self._admin_calls_on("LoadModel")  # before the config is read: a server without admin reads none
+            # Before the config is read: a server without admin calls, or a caller with no admin grant, reads none.
+            self._admin_calls_on("LoadModel")
+            caller.require_some("admin")
             model = self._model_config(request.model_config)
             self._admin(caller, "LoadModel", model.name)
             session = self._changing(lambda: self.lookups.models.load(model))

@@ -682,7 +682,8 @@ class LookupSession:
     # ---------------------------------------------------------------- online updates
 
     def upsert(self, table_name: str, keys: np.ndarray, vectors: np.ndarray) -> int:
-        """Writes rows into every writable level, lowest (authoritative) first, then refreshes L1.
+        """Writes rows into every writable level, lowest (authoritative) first, then refreshes L1; returns
+        how many distinct keys it wrote (a key repeated keeps its last row).
 
         Acknowledged once the authoritative level has them: a level above that is unavailable has the
         keys invalidated before it is read again (StorageLevel.serve_as_cache), so it does not fail the call."""
@@ -693,7 +694,7 @@ class LookupSession:
             return self.route.upsert(self.name, table.name, keys, vectors)
         self._require_writable()
         self._write(table, "upsert", keys, vectors, announce=True)
-        return len(keys)
+        return len(np.unique(keys))
 
     def delete(self, table_name: str, keys: np.ndarray) -> int:
         """Removes keys from every writable level and L1; returns how many distinct keys the lowest

@@ -69,6 +69,49 @@ def test_a_lookup_over_a_request_limit_is_refused_naming_it(limited: ServedModel
     _still_serving(limited)
 
 
+def _queries(keys: np.ndarray, pooled: bool = False) -> hps_pb2.TableQuery:
+    if not pooled:
+        return hps_pb2.TableQuery(table="user", keys=keys.astype("<i8").tobytes())
+    splits = np.arange(len(keys) + 1, dtype="<i8").tobytes()
+    return hps_pb2.TableQuery(
+        table="user", keys=keys.astype("<i8").tobytes(), row_splits=splits, combiner=hps_pb2.COMBINER_SUM
+    )
+
+
+@pytest.mark.parametrize("shape", ["queries", "packed", "pooled"])
+def test_a_table_named_twice_is_held_to_its_limits_in_total(limited: ServedModel, shape: str) -> None:
+    # user takes 256 keys (max_batch_size 64 x max_keys_per_sample 4) and 64 pooled samples a request; each
+    # half below is within them, and the whole within server.max_keys_per_request 300.
+    keys = limited.truth["user"][0]
+    if shape == "queries":
+        request = hps_pb2.LookupRequest(model="ctr", queries=[_queries(keys[:150]), _queries(keys[150:300])])
+    elif shape == "packed":
+        packed = hps_pb2.PackedQuery(
+            tables=["user", "user"],
+            keys=keys[:300].astype("<i8").tobytes(),
+            counts=np.array([150, 150], "<i8").tobytes(),
+        )
+        request = hps_pb2.LookupRequest(model="ctr", packed=packed)
+    else:
+        request = hps_pb2.LookupRequest(model="ctr", queries=[_queries(keys[:40], True), _queries(keys[40:80], True)])
+    error = _raw(limited, "/hps.v1.LookupService/Lookup", request.SerializeToString())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = error.details() or ""
+    assert "table user named 2 times" in details
+    assert ("80 pooled samples exceed max_batch_size 64" if shape == "pooled" else "300 keys") in details
+    _still_serving(limited)
+
+
+def test_packed_counts_past_the_keys_are_invalid_even_where_their_sum_wraps_around(limited: ServedModel) -> None:
+    huge = 2**63 - 1
+    packed = hps_pb2.PackedQuery(tables=["user", "item", "user"], counts=np.array([huge, huge, 2], "<i8").tobytes())
+    request = hps_pb2.LookupRequest(model="ctr", packed=packed)
+    error = _raw(limited, "/hps.v1.LookupService/Lookup", request.SerializeToString())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"packed.counts[0]: {huge} keys, but packed.keys holds 0" in (error.details() or "")
+    _still_serving(limited)
+
+
 def test_a_reply_larger_than_max_message_mb_is_refused_naming_it(tmp_path: Path) -> None:
     write_sample_tables(tmp_path)
     config = sample_config(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import time
 from dataclasses import replace
@@ -210,6 +211,46 @@ def test_a_read_only_server_refuses_writes(tmp_path: Path) -> None:
             with pytest.raises(HpsError, match=r"server\.read_only"):
                 client.delete("ctr", "user", keys)
             np.testing.assert_array_equal(client.lookup("ctr", "user", keys), truth["user"][1][:2])
+    finally:
+        hps.stop(grace=0)
+
+
+def test_load_model_checks_the_admin_grant_before_reading_the_config_and_bounds_what_it_echoes(
+    tmp_path: Path,
+) -> None:
+    write_sample_tables(tmp_path)
+    admin, reader = "admin-token-for-tests", "ctr-reader-token"
+    tokens = write_tokens_file(
+        tmp_path / "tokens.yaml",
+        [{"token": admin, "read": "*", "admin": "*"}, {"token": reader, "read": ["ctr", "ghost"]}],
+    )
+    config = sample_config(tmp_path)
+    hps = HpsServer(replace(config, server=replace(config.server, admin=True, auth=config_module.AuthConfig(tokens))))
+    hps.start()
+    target = f"127.0.0.1:{hps.port}"
+    # A YAML alias bomb: a few hundred bytes that build a value whose repr() is gigabytes.
+    levels = ["&a [" + ", ".join("x" * 10) + "]"]
+    levels += [f"&{b} [" + ", ".join([f"*{a}"] * 10) + "]" for a, b in itertools.pairwise("abcdefghi")]
+    bomb = f"name: m\ntables: [{{name: t, dim: [{', '.join(levels)}]}}]"
+    try:
+        with Client(target, token=reader, timeout=10) as client:
+            for config_text in ("name: m\ntables: [{name: t, dim: 0}]", "a: " + "[" * 5000, bomb):
+                with pytest.raises(PermissionDeniedError, match="no admin permission on any model"):
+                    client.load_model(config_text)
+            # A model it may read but that is not hosted: the hosted ones it may not read stay unnamed.
+            with pytest.raises(NotFoundError) as missing:
+                client.lookup("ghost", "user", [1])
+            assert "(hosted: ctr)" in str(missing.value)
+        with Client(target, token=admin, timeout=10) as client:
+            with pytest.raises(HpsError, match="model_config: nested too deeply") as deep:
+                client.load_model("a: " + "[" * 5000)
+            assert deep.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(HpsError, match=r"model_config\.tables\[0\]\.dim: must be an integer") as bombed:
+                client.load_model(bomb)
+            assert bombed.value.code == grpc.StatusCode.INVALID_ARGUMENT and len(str(bombed.value)) < 400
+            with pytest.raises(HpsError, match="dim: must be an integer") as long_value:
+                client.load_model({"name": "m", "tables": [{"name": "t", "dim": "9" * 100_000}]})
+            assert long_value.value.code == grpc.StatusCode.INVALID_ARGUMENT and len(str(long_value.value)) < 400
     finally:
         hps.stop(grace=0)
 
