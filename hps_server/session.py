@@ -764,16 +764,17 @@ class LookupSession:
                 self.announce(self.name, table.name, op, keys, vectors, shared_written)
         return removed
 
-    def drop_copies(self) -> None:
+    def drop_copies(self, missed: bool = False) -> None:
         """Drops every row this server holds copies of (L1, and in-process levels above the lowest), for
-        every table: after update messages may have been missed, rows are read from below again. The lowest
-        level may have missed them too: from now on its rows are not copied into shared levels."""
+        every table: after update messages may have been missed, rows are read from below again. `missed`:
+        the lowest level missed messages the other servers applied (this server fell behind a trimmed
+        stream), so from now on its rows are not copied into shared levels."""
         authority = self.levels[-1] if self.levels else None
-        if authority is not None and not authority.shared and not authority.missed_updates:
+        if missed and authority is not None and not authority.shared and not authority.missed_updates:
             authority.missed_updates = True
             log.warning(
                 "model %s: %s may have missed updates; its rows are no longer copied into the shared levels "
-                "(import its tables again, then restart, to resync)",
+                "(stop the server and import its tables again to resync)",
                 self.name,
                 authority.kind,
             )

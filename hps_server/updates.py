@@ -39,6 +39,7 @@ _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 _ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 _GAP = object()  # in the applier's queue: drop every cached copy before the entries that follow
+_FELL_BEHIND = object()  # as _GAP, and this server's own levels missed messages the others applied (trimmed)
 _STOP = object()
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -268,7 +269,10 @@ class UpdateFeed:
         pipe.xread({self._stream: position}, count=self.config.read_count)
         held, reply = pipe.execute()
         if not held and _id(position) != (0, 0):
-            self._gap("messages after this server's position were trimmed (it fell over updates.max_len behind)")
+            self._gap(
+                "messages after this server's position were trimmed (it fell over updates.max_len behind)",
+                fell_behind=True,
+            )
         return reply[0][1] if reply else []
 
     def _read_blocking(self) -> list[Entry]:
@@ -301,21 +305,21 @@ class UpdateFeed:
         if _id(newest) < _id(self._position):
             self._position = newest
 
-    def _gap(self, reason: str) -> None:
+    def _gap(self, reason: str, fell_behind: bool = False) -> None:
         log.warning("update stream: %s; dropping every cached copy of this server's tables", reason)
-        self._batches.put(_GAP)
+        self._batches.put(_FELL_BEHIND if fell_behind else _GAP)
 
     # ------------------------------------------------------------ applying what was read
 
     def _apply(self) -> None:
         while (item := self._batches.get()) is not _STOP:
-            if item is _GAP:
+            if item is _GAP or item is _FELL_BEHIND:
                 self.gaps += 1
                 if self._metrics is not None:
                     self._metrics.update_gaps.inc()
                 for session in self._sessions().values():
                     try:
-                        session.drop_copies()
+                        session.drop_copies(missed=item is _FELL_BEHIND)
                     except StorageError as e:
                         log.error("update stream: dropping the copies of model %s failed: %s", session.name, e)
                 continue

@@ -44,9 +44,9 @@ class StorageLevel(ABC):
     """Whether other hps servers read and write the same rows (Redis): a write one of them made there is
     not made again by the others when they apply it from the update stream."""
     missed_updates: bool = False
-    """Set on this server's authoritative level when its update stream had a gap: it may hold rows older
-    than those other servers wrote, so rows read from it are no longer copied into shared levels (where
-    every server would read them)."""
+    """Set on this server's authoritative level when it fell behind its trimmed update stream: it may hold
+    rows older than those other servers wrote, so rows read from it are no longer copied into shared levels
+    (where every server would read them)."""
 
     @abstractmethod
     def create_table(self, table: str, dim: int) -> None:
