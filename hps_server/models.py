@@ -182,7 +182,12 @@ class HostedModels:
         try:
             return self.sessions[model]
         except KeyError:
-            raise KeyError(f"no model {shown(model)} (hosted: {', '.join(sorted(self.sessions)) or 'none'})") from None
+            raise KeyError(self.not_hosted(model)) from None
+
+    def not_hosted(self, model: str, visible: Callable[[str], bool] = lambda name: True) -> str:
+        """What a call naming `model`, which is not hosted, is told: the hosted models it may see."""
+        hosted = sorted(name for name in self.sessions if visible(name))
+        return f"no model {shown(model)} (hosted: {', '.join(hosted) or 'none'})"
 
     def serving(self, model: str) -> contextlib.AbstractContextManager[LookupSession]:
         """The model's session for one request, kept (with its table versions) until the block ends."""

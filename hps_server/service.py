@@ -10,6 +10,7 @@ TableQueries a few per query).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -205,8 +206,7 @@ class Lookups:
             try:
                 session = held.enter_context(self.models.writing(model) if write else self.models.serving(model))
             except KeyError:
-                readable = sorted(name for name in self.models.sessions if caller.allows("read", name))
-                message = f"no model {shown(model)} (hosted: {', '.join(readable) or 'none'})"
+                message = self.models.not_hosted(model, functools.partial(caller.allows, "read"))
                 raise RequestError(grpc.StatusCode.NOT_FOUND, message) from None
             except ModelChangingError as e:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None

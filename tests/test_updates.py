@@ -137,62 +137,62 @@ def test_a_replica_paused_with_the_stream_node_catches_up_and_serves_no_stale_ro
             replica.server.stop(grace=1)
 
 
-def test_a_replica_that_fell_behind_the_trimmed_stream_drops_its_copies(
+@pytest.fixture
+def short_stream(
     tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
-) -> None:
+) -> Iterator[list[ServedModel]]:
+    """Replicas A and B over a stream trimmed to 8 messages, B reading 2 at a time: held up, B falls behind
+    the trimmed stream (a gap)."""
     redis_cluster_processes.flush()
-    a = serve_replica(tmp_path / "a", redis_cluster_processes, stream, max_len=8)
-    b = serve_replica(tmp_path / "b", redis_cluster_processes, stream, max_len=8, read_count=2)
-    try:
-        for replica in (a, b):
-            _connected(replica)
-        keys = a.truth["user"][0][:MAX_KEYS]
-        session_b = b.server.models.sessions["ctr"]
-        feed_b = b.server.models.updates
-        assert feed_b is not None
-        with Client(a.target) as client_a, Client(b.target) as client_b:
-            assert _answers(client_b, keys, b.expected("user", keys))
-            table_b = session_b.table("user")
-            with table_b.lock:  # B is slow: it cannot apply anything while A writes
-                for i in range(200):
-                    client_a.upsert("ctr", "user", keys[i % 4 : i % 4 + 1], np.full((1, 16), i, np.float32))
-                client_a.upsert("ctr", "user", keys, np.full((len(keys), 16), 9.0, np.float32))
-            _until(lambda: feed_b.gaps > 0, timeout=5)
-            _until(lambda: _answers(client_b, keys, np.full((len(keys), 16), 9.0, np.float32)))
-    finally:
-        for replica in (a, b):
-            replica.server.stop(grace=1)
+    served = [
+        serve_replica(tmp_path / "a", redis_cluster_processes, stream, max_len=8),
+        serve_replica(tmp_path / "b", redis_cluster_processes, stream, max_len=8, read_count=2),
+    ]
+    for replica in served:
+        _connected(replica)
+    yield served
+    for replica in served:
+        replica.server.stop(grace=1)
+
+
+def test_a_replica_that_fell_behind_the_trimmed_stream_drops_its_copies(short_stream: list[ServedModel]) -> None:
+    a, b = short_stream
+    keys = a.truth["user"][0][:MAX_KEYS]
+    session_b = b.server.models.sessions["ctr"]
+    feed_b = b.server.models.updates
+    assert feed_b is not None
+    with Client(a.target) as client_a, Client(b.target) as client_b:
+        assert _answers(client_b, keys, b.expected("user", keys))
+        table_b = session_b.table("user")
+        with table_b.lock:  # B is slow: it cannot apply anything while A writes
+            for i in range(200):
+                client_a.upsert("ctr", "user", keys[i % 4 : i % 4 + 1], np.full((1, 16), i, np.float32))
+            client_a.upsert("ctr", "user", keys, np.full((len(keys), 16), 9.0, np.float32))
+        _until(lambda: feed_b.gaps > 0, timeout=5)
+        _until(lambda: _answers(client_b, keys, np.full((len(keys), 16), 9.0, np.float32)))
 
 
 def test_a_replica_that_missed_a_delete_copies_none_of_its_rocksdb_rows_into_the_shared_redis(
-    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
+    short_stream: list[ServedModel],
 ) -> None:
-    redis_cluster_processes.flush()
-    a = serve_replica(tmp_path / "a", redis_cluster_processes, stream, max_len=8)
-    b = serve_replica(tmp_path / "b", redis_cluster_processes, stream, max_len=8, read_count=2)
-    try:
-        for replica in (a, b):
-            _connected(replica)
-        keys = a.truth["user"][0]
-        deleted, filler = keys[:64], keys[-4:]
-        feed_b = b.server.models.updates
-        assert feed_b is not None
-        with Client(a.target) as client_a, Client(b.target) as client_b:
-            with b.server.models.sessions["ctr"].table("user").lock:  # B is slow: the delete is trimmed away
-                for i in range(300):
-                    if i == 100:
-                        client_a.delete("ctr", "user", deleted)
-                    client_a.upsert("ctr", "user", filler[i % 4 : i % 4 + 1], np.full((1, 16), i, np.float32))
-            _until(lambda: feed_b.gaps > 0, timeout=5)
-            # B's own RocksDB never saw the delete (the documented limit of a gap) ...
-            assert _answers(client_b, deleted, b.expected("user", deleted))
-            time.sleep(0.3)  # any write-back of B's has landed
-            # ... but it wrote none of those rows into the Redis A reads: A still answers the delete.
-            absent = client_a.lookup("ctr", "user", np.array([2**62 + 5]))
-            assert _answers(client_a, deleted, np.repeat(absent, len(deleted), axis=0))
-    finally:
-        for replica in (a, b):
-            replica.server.stop(grace=1)
+    a, b = short_stream
+    keys = a.truth["user"][0]
+    deleted, filler = keys[:64], keys[-4:]
+    feed_b = b.server.models.updates
+    assert feed_b is not None
+    with Client(a.target) as client_a, Client(b.target) as client_b:
+        with b.server.models.sessions["ctr"].table("user").lock:  # B is slow: the delete is trimmed away
+            for i in range(300):
+                if i == 100:
+                    client_a.delete("ctr", "user", deleted)
+                client_a.upsert("ctr", "user", filler[i % 4 : i % 4 + 1], np.full((1, 16), i, np.float32))
+        _until(lambda: feed_b.gaps > 0, timeout=5)
+        # B's own RocksDB never saw the delete (the documented limit of a gap) ...
+        assert _answers(client_b, deleted, b.expected("user", deleted))
+        time.sleep(0.3)  # any write-back of B's has landed
+        # ... but it wrote none of those rows into the Redis A reads: A still answers the delete.
+        absent = client_a.lookup("ctr", "user", np.array([2**62 + 5]))
+        assert _answers(client_a, deleted, np.repeat(absent, len(deleted), axis=0))
 
 
 def test_a_failover_of_the_stream_master_drops_copies_and_updates_flow_again(
