@@ -54,12 +54,14 @@ class ModelInfo:
 
 # The channels' gRPC service config. round_robin: a target naming several addresses (dns:/// of a headless
 # Service) gets its calls spread over all of them, not only the first. Retries, by gRPC itself with backoff,
-# on UNAVAILABLE (a replica restarting or draining, a level briefly down) for the calls that change
-# nothing: Lookup and the model service's reads. StreamLookup is left out (a stream that already got
-# replies is not replayed). Upsert and Delete are not retried: a repeat of a write the server applied
-# before failing could land after another client's newer write of the same keys and undo it, and a
-# repeated Delete would report 0 rows; callers that know their writes are alone may retry them. Nor are the
-# model admin calls (a repeated LoadModel that landed would answer ALREADY_EXISTS).
+# on UNAVAILABLE (a replica restarting or draining, a level briefly down) and CANCELLED (a call that reached
+# a server just as its shutdown began, before its GOAWAY reached the client: gRPC's server cancels those
+# without running them) for the calls that change nothing: Lookup and the model service's reads.
+# StreamLookup is left out (a stream that already got replies is not replayed). Upsert and Delete are not
+# retried: a repeat of a write the server applied before failing could land after another client's newer
+# write of the same keys and undo it, and a repeated Delete would report 0 rows; callers that know their
+# writes are alone may retry them. Nor are the model admin calls (a repeated LoadModel that landed would
+# answer ALREADY_EXISTS).
 SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
@@ -74,7 +76,7 @@ SERVICE_CONFIG: dict[str, Any] = {
                 "initialBackoff": "0.05s",
                 "maxBackoff": "0.5s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],

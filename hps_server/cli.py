@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hps_server import __version__, logs
 from hps_server import config as config_module
+from hps_server.stop_signals import StartInterrupted
 from hps_server.storage.base import StorageError
 
 log = logging.getLogger("hps")
@@ -58,8 +59,6 @@ def _serve(args: argparse.Namespace) -> int:
         config = replace(config, server=replace(config.server, address=args.address))
     if args.processes is not None:
         config = replace(config, server=replace(config.server, processes=args.processes))
-    if args.address is not None:
-        config = replace(config, server=replace(config.server, address=args.address))
     if config.server.processes > 1:
         from hps_server.supervisor import serve_workers
 
@@ -319,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.run(args))
+    except StartInterrupted as e:  # asked to stop before serving: not an error
+        log.info("%s", e)
+        return 0
     except (config_module.ConfigError, KeyError, OSError, ValueError, StorageError) as e:
         if args.log_format == "json":  # stderr stays all JSON lines
             log.error("hps %s: error: %s", args.command, e)

@@ -26,6 +26,7 @@ from hps_server.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from hps_server.models import CacheFactory, GroupRole, HostedModels
 from hps_server.reflection import enable_reflection
 from hps_server.service import Lookups, service_handlers
+from hps_server.stop_signals import STOP_SIGNALS, StartSignals
 from hps_server.storage.base import StorageError
 from hps_wire._proto import hps_pb2
 
@@ -252,15 +253,18 @@ def connection_age_options(server: ServerConfig) -> list[tuple[str, int]]:
 
 def serve(config: Config, cache_factory: CacheFactory | None = None, config_path: Path | None = None) -> int:
     """Runs a server in the foreground until SIGTERM or SIGINT, then drains; the exit code (see below).
-    config_path: the file `config` was read from, read again on SIGHUP to load, unload and reload models."""
+    config_path: the file `config` was read from, read again on SIGHUP to load, unload and reload models.
+    A stop signal while the models are opened or ingested raises StartInterrupted once they are closed."""
     keep_large_blocks_in_heap()
-    return serve_until_signalled(HpsServer(config, cache_factory, progress=True), config_path)
+    signals = StartSignals()
+    return serve_until_signalled(HpsServer(config, cache_factory, progress=True), signals, config_path)
 
 
-def serve_until_signalled(server: HpsServer, config_path: Path | None = None) -> int:
+def serve_until_signalled(server: HpsServer, signals: StartSignals, config_path: Path | None = None) -> int:
     """Starts `server` and serves until SIGTERM or SIGINT, then drains; returns 0, or 1 when closing the
-    levels failed (writes may be lost). A failed start closes it and raises. With `config_path`, SIGHUP
-    reads that file again and applies its models (HostedModels.apply), one SIGHUP at a time."""
+    levels failed (writes may be lost). A failed or interrupted start closes it and raises. With
+    `config_path`, SIGHUP (one that came while starting too) reads that file again and applies its models
+    (HostedModels.apply), one SIGHUP at a time."""
     try:
         server.start()
     except BaseException:
@@ -271,8 +275,8 @@ def serve_until_signalled(server: HpsServer, config_path: Path | None = None) ->
         log.info("received %s, draining", signal.Signals(signum).name)
         threading.Thread(target=server.stop, name="hps-drain").start()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     if config_path is not None:
         reloading = threading.Lock()
 
@@ -287,8 +291,11 @@ def serve_until_signalled(server: HpsServer, config_path: Path | None = None) ->
                     return
                 log.info("config reload: %s", "; ".join(done) or "no model changed")
 
-        signal.signal(
-            signal.SIGHUP, lambda signum, frame: threading.Thread(target=reload_config, name="hps-sighup").start()
-        )
+        def on_hangup() -> None:
+            threading.Thread(target=reload_config, name="hps-sighup").start()
+
+        signal.signal(signal.SIGHUP, lambda signum, frame: on_hangup())
+        if signals.hangup_pending:
+            on_hangup()
     server.wait()
     return 0 if server.close_failure is None else 1

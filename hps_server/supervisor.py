@@ -35,6 +35,7 @@ from hps_server.config import Config
 from hps_server.group_writes import GroupAddress, GroupWriter, WriterLink
 from hps_server.logs import LogFormat
 from hps_server.server import HpsServer, security, serve_until_signalled
+from hps_server.stop_signals import STOP_SIGNALS, StartInterrupted, StartSignals
 from hps_server.storage.base import StorageError
 from hps_server.storage.hashmap import HashMapLevel
 
@@ -66,7 +67,9 @@ class WorkerSpec:
 def serve_workers(config: Config, log_format: LogFormat) -> int:
     """Runs config.server.processes workers on config.server.address until SIGTERM or SIGINT; the exit code:
     0 after a drain, 1 when a worker exited before every worker was serving or the writer's final flush
-    failed. OSError naming the address when another program holds it."""
+    failed. OSError naming the address when another program holds it; StartInterrupted after a stop signal
+    that came before the workers were started (the levels closed, the shared memory unlinked)."""
+    signals = StartSignals()
     security(config)  # a bad certificate or tokens file stops the group here, not each worker at its start
     held, port = claim_address(config.server.address)
     try:
@@ -76,7 +79,7 @@ def serve_workers(config: Config, log_format: LogFormat) -> int:
                 writer.warm(threading.Event())
                 group = WorkerGroup(config, port, log_format, writer.address)
                 writer.on_unresponsive = group.kill
-                code = group.run()
+                code = group.run(hangup_pending=signals.hangup_pending)
             finally:
                 try:
                     writer.close()
@@ -211,12 +214,27 @@ class WorkerGroup:
         # Set by the signal handler; a plain attribute, since a handler must not take locks the loop may hold.
         self._stop_signal = 0
         self._hangup = False  # SIGHUP came: told in the loop that it is refused
+        # Signals wake the loop at once (signal.set_wakeup_fd writes to it): a drain starts without a poll's delay.
+        self._wakeup, self._wakeup_write = socket.socketpair()
+        for end in (self._wakeup, self._wakeup_write):
+            end.setblocking(False)
 
-    def run(self) -> int:
-        """Serves until a signal or a failed start, then drains every worker; returns the exit code."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+    def run(self, hangup_pending: bool = False) -> int:
+        """Serves until a signal or a failed start, then drains every worker; returns the exit code.
+        hangup_pending: a SIGHUP came while the group was starting."""
+        self._hangup = hangup_pending
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hangup)
+        previous_wakeup = signal.set_wakeup_fd(self._wakeup_write.fileno())
+        try:
+            return self._serve()
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            self._wakeup.close()
+            self._wakeup_write.close()
+
+    def _serve(self) -> int:
         for index in range(self.size):
             self._start(index)
         failed = False
@@ -272,7 +290,11 @@ class WorkerGroup:
         """Takes what the workers say within POLL_SECONDS (returning early when one says something or exits)."""
         pipes = {worker.pipe: index for index, worker in enumerate(self._workers) if worker is not None}
         sentinels = [worker.process.sentinel for worker in self._workers if worker is not None]
-        for ready in wait_for_handles([*pipes, *sentinels], timeout=POLL_SECONDS):
+        for ready in wait_for_handles([*pipes, *sentinels, self._wakeup], timeout=POLL_SECONDS):
+            if ready is self._wakeup:
+                with contextlib.suppress(BlockingIOError):
+                    self._wakeup.recv(64)  # the signals' numbers: the handlers have noted them already
+                continue
             if not isinstance(ready, Connection):
                 continue  # a sentinel: _watch sees the exit
             index = pipes[ready]
@@ -345,8 +367,20 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     """A worker process: serves its config on the shared port until SIGTERM, SIGINT or the supervisor's end."""
     logs.configure(spec.log_level, spec.log_format)
     keep_large_blocks_in_heap()
+    signals = StartSignals()  # a drain while this worker starts stops it cleanly
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP to the group is the supervisor's to refuse
+    writer = WriterLink(spec.group, spec.index)
+    try:
+        code = _serve_as_worker(spec, supervisor, writer, signals)
+    except StartInterrupted:
+        code = 0
+    finally:
+        writer.close()
+    if code:
+        sys.exit(1)  # closing the levels failed: the supervisor logs the exit code
 
+
+def _serve_as_worker(spec: WorkerSpec, supervisor: Connection, writer: WriterLink, signals: StartSignals) -> int:
     def wait_for_the_others(stopped: threading.Event) -> None:
         supervisor.send("warm")
         # Health stays NOT_SERVING until every worker is warm: a probe answered by any of them then
@@ -356,7 +390,6 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
                 supervisor.recv()  # "serve"
                 return
 
-    writer = WriterLink(spec.group, spec.index)
     server = HpsServer(
         spec.config,
         OpenedGpuCaches(spec.group.l1).factory,
@@ -380,7 +413,4 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
 
     threading.Thread(target=report_serving, name="hps-report", daemon=True).start()
     threading.Thread(target=leave_with_the_supervisor, name="hps-orphan", daemon=True).start()
-    code = serve_until_signalled(server)
-    writer.close()
-    if code:
-        sys.exit(1)  # closing the levels failed: the supervisor logs the exit code
+    return serve_until_signalled(server, signals)
