@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hps_server import addresses
 from hps_server.cache import CacheStats
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ AUTH_REFUSAL_REASONS: Final = ("missing_credentials", "invalid_token", "permissi
 # Label value standing for model names the server does not host, so clients cannot grow the series count.
 UNKNOWN_MODEL: Final = "_unknown"
 
+# server.metrics_address with no host: loopback only; exposing /metrics beyond the machine takes a host
+# (0.0.0.0:9100).
+METRICS_DEFAULT_HOST = "127.0.0.1"
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Keys per table query: powers of four from 1 to about a million.
 _BATCH_BUCKETS = tuple(float(4**i) for i in range(11))
@@ -540,12 +544,12 @@ class MetricsEndpoint:
     """The HTTP server answering GET /metrics from one registry, on a daemon thread."""
 
     def __init__(self, address: str, registry: CollectorRegistry) -> None:
-        host, sep, port = address.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"server.metrics_address: must be host:port, got {address!r}")
-        # No host: loopback only; exposing /metrics beyond the machine takes a host (0.0.0.0:9100).
-        host = host.strip("[]") or "127.0.0.1"
-        self._server, self._thread = start_http_server(int(port), addr=host, registry=registry)
+        _, _, _, where = addresses.resolve(address, "server.metrics_address", METRICS_DEFAULT_HOST)
+        host = where[0]
+        try:
+            self._server, self._thread = start_http_server(where[1], addr=host, registry=registry)
+        except OSError as e:
+            raise addresses.cannot_bind("server.metrics_address", address, e.strerror) from e
         self.port: int = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.port)
 

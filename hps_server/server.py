@@ -16,7 +16,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hps_server import tls
+from hps_server import addresses, tls
 from hps_server.admission import AdmissionPool
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.auth import Authorizer
@@ -131,7 +131,7 @@ class HpsServer:
             else:
                 self.port = self._grpc.add_secure_port(address, self._credentials)
         except RuntimeError as e:
-            raise OSError(f"server.address: cannot bind {address} (already in use by another program?)") from e
+            raise addresses.cannot_bind("server.address", address) from e
         self._grpc.start()
         log.info(
             "listening on port %d (%s); warming up before reporting SERVING",
@@ -257,6 +257,8 @@ def serve(config: Config, cache_factory: CacheFactory | None = None, config_path
     A stop signal while the models are opened or ingested raises StartInterrupted once they are closed."""
     keep_large_blocks_in_heap()
     signals = StartSignals()
+    # Busy addresses stop the start before the tables are ingested (the metrics endpoint binds first thing).
+    addresses.check_free(config.server.address, "server.address")
     return serve_until_signalled(HpsServer(config, cache_factory, progress=True), signals, config_path)
 
 

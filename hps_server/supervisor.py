@@ -28,12 +28,13 @@ from multiprocessing.connection import wait as wait_for_handles
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from hps_server import logs
+from hps_server import addresses, logs
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.cache.shared_l1 import OpenedGpuCaches
 from hps_server.config import Config
 from hps_server.group_writes import GroupAddress, GroupWriter, WriterLink
 from hps_server.logs import LogFormat
+from hps_server.metrics import METRICS_DEFAULT_HOST
 from hps_server.server import HpsServer, security, serve_until_signalled
 from hps_server.stop_signals import STOP_SIGNALS, StartInterrupted, StartSignals
 from hps_server.storage.base import StorageError
@@ -71,6 +72,7 @@ def serve_workers(config: Config, log_format: LogFormat) -> int:
     that came before the workers were started (the levels closed, the shared memory unlinked)."""
     signals = StartSignals()
     security(config)  # a bad certificate or tokens file stops the group here, not each worker at its start
+    check_metrics_addresses(config)  # so do busy addresses, before the tables are ingested
     held, port = claim_address(config.server.address)
     try:
         with shared_volatile(config) as config:
@@ -110,24 +112,8 @@ def shared_volatile(config: Config) -> Iterator[Config]:
 def claim_address(address: str) -> tuple[socket.socket, int]:
     """Checks that no other program holds `address` and holds it for the workers; returns the held
     socket (bound, not listening: it takes no connections) and the port (port 0 picks a free one)."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"server.address: must be host:port, got {address!r}")
-    try:
-        family, kind, proto, _, where = socket.getaddrinfo(
-            host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as e:
-        raise OSError(f"server.address: cannot resolve {address} ({e.strerror})") from e
-    # A bind without SO_REUSEPORT fails while any socket holds the address, also one that lets others share
-    # it (another gRPC server: they all do by default), which a bind with SO_REUSEPORT would join silently.
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no holder
-        try:
-            probe.bind(where)
-        except OSError as e:
-            raise OSError(f"server.address: cannot bind {address} ({e.strerror}: held by another program?)") from e
-        port = int(probe.getsockname()[1])
+    port = addresses.check_free(address, "server.address")
+    family, kind, proto, where = addresses.resolve(address, "server.address")
     # Then the group holds the port for its lifetime, with SO_REUSEPORT so its workers can bind it too: a
     # program that does not share ports cannot take it, even while every worker is being restarted.
     held = socket.socket(family, kind, proto)
@@ -136,8 +122,16 @@ def claim_address(address: str) -> tuple[socket.socket, int]:
         held.bind((where[0], port, *where[2:]))
     except OSError as e:
         held.close()
-        raise OSError(f"server.address: cannot bind {address} ({e.strerror}: held by another program?)") from e
+        raise addresses.cannot_bind("server.address", address, e.strerror) from e
     return held, port
+
+
+def check_metrics_addresses(config: Config) -> None:
+    """Checks every worker's /metrics address free before the group's start (OSError naming the field)."""
+    for index in range(config.server.processes):
+        address = _metrics_address(config.server.metrics_address, index)
+        if address:
+            addresses.check_free(address, "server.metrics_address", METRICS_DEFAULT_HOST)
 
 
 def _worker_address(address: str, port: int) -> str:

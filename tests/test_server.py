@@ -7,6 +7,7 @@ import json
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,11 +120,31 @@ def test_a_second_server_on_a_served_address_is_refused(served: ServedModel, tmp
         timeout=120,
     )
     assert process.returncode != 0
-    assert f"cannot bind {served.target}" in process.stderr
+    assert f"server.address: cannot bind {served.target} (Address already in use: held by another program?)" in (
+        process.stderr
+    )
+    assert "ingesting" not in process.stderr  # refused before the slow part of the start
     # The first server was not disturbed.
     with grpc.insecure_channel(served.target) as channel:
         reply = hps_pb2_grpc.ModelServiceStub(channel).ListModels(hps_pb2.ListModelsRequest(), timeout=10)
     assert list(reply.models) == ["ctr"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_busy_metrics_address_is_refused_before_the_tables_are_ingested(tmp_path: Path, processes: int) -> None:
+    base = free_port()
+    busy = base + processes - 1  # the last worker's port (worker i serves /metrics on the port + i)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", busy))
+        held.listen()
+        config, _ = write_sample_config(
+            tmp_path, f"127.0.0.1:{free_port()}", metrics_address=f":{base}", processes=processes
+        )
+        refused = subprocess.run(serve_command(config), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert f"server.metrics_address: cannot bind :{busy} (Address already in use: held by" in refused.stderr
+    assert "ingesting" not in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def _connection_states_after_a_call(server: HpsServer, seconds: float) -> list[grpc.ChannelConnectivity]:
