@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes",
         type=_processes,
         metavar="N|auto",
-        help="server processes on the one port (default: server.processes of the config; auto: one per core)",
+        help="server processes on the one port (default: server.processes of the config; auto: one per usable core)",
     )
     serve.set_defaults(run=_serve)
 

@@ -20,6 +20,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from hps_server.cores import usable_cores
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -115,9 +117,10 @@ class ServerConfig:
     max_streams: int = 0
     stream_idle_seconds: float = 60.0
     # Server processes sharing `address`: 1 serves in this process and binds the port alone; N > 1 starts
-    # a supervisor and N worker processes (see supervisor.py: they share one hash map in shared memory,
-    # each holds its own L1, and writes are refused). `auto` in the file or on the command line: one per usable core,
-    # len(os.sched_getaffinity(0)). `hps serve --processes` overrides it.
+    # a supervisor and N worker processes (see supervisor.py: one hash map in shared memory and one L1 per
+    # GPU for all of them, writes through the supervisor). `auto` in the file or on the command line: one
+    # per usable core (cores.py: the CPU affinity, fewer under a container's CPU limit). `hps serve
+    # --processes` overrides it.
     processes: int = 1
     # Clients' connections are closed (GOAWAY, in-flight calls get shutdown_grace_seconds to finish) once
     # this old, so long-lived channels reconnect and spread over replicas added since; a StreamLookup still
@@ -467,7 +470,7 @@ def _devices(value: Any, name: str) -> tuple[int, ...]:
 def processes(value: Any, name: str) -> int:
     """A process count: an integer >= 1, or `auto` for one per core this process may run on."""
     if value == "auto":
-        return len(os.sched_getaffinity(0))
+        return usable_cores()
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}: must be an integer >= 1 or auto, got {shown_value(value)}")
     return value

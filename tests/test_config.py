@@ -10,6 +10,7 @@ import pytest
 
 from hps_server import config as config_module
 from hps_server.config import ConfigError
+from hps_server.cores import cpu_quota, usable_cores
 
 # The shape of the ps.json in HugeCTR's HPS documentation (two tables of a wide-and-deep model).
 HPS_PS_JSON = {
@@ -99,7 +100,37 @@ def test_yaml_config_with_defaults(tmp_path: Path) -> None:
 
 def test_processes_auto_is_one_per_usable_core() -> None:
     raw = {"server": {"processes": "auto"}, "models": [_model()]}
-    assert config_module.parse(raw, Path(".")).server.processes == len(os.sched_getaffinity(0))
+    assert config_module.parse(raw, Path(".")).server.processes == usable_cores()
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def _cgroups(directory: Path, text: str) -> Path:
+    path = directory / "cgroup"
+    path.write_text(text)
+    return path
+
+
+def test_a_cgroup_v2_cpu_limit_on_the_process_or_a_parent_bounds_usable_cores(tmp_path: Path) -> None:
+    own = _cgroups(tmp_path, "0::/kubepods/pod1/hps\n")
+    leaf = tmp_path / "kubepods" / "pod1" / "hps"
+    leaf.mkdir(parents=True)
+    (leaf / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(tmp_path, {"": "/kubepods/pod1/hps"}) is None
+    assert usable_cores(tmp_path, own) == len(os.sched_getaffinity(0))
+    (leaf.parent / "cpu.max").write_text("150000 100000\n")  # the pod's limit: 1.5 CPUs
+    assert cpu_quota(tmp_path, {"": "/kubepods/pod1/hps"}) == 1.5
+    assert usable_cores(tmp_path, own) == min(2, len(os.sched_getaffinity(0)))
+
+
+def test_a_cgroup_v1_cfs_quota_bounds_usable_cores_and_minus_one_means_none(tmp_path: Path) -> None:
+    own = _cgroups(tmp_path, "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n")
+    folder = tmp_path / "cpu,cpuacct" / "docker" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "cpu.cfs_period_us").write_text("100000\n")
+    (folder / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cores(tmp_path, own) == len(os.sched_getaffinity(0))
+    (folder / "cpu.cfs_quota_us").write_text("50000\n")  # half a CPU: one process still
+    assert usable_cores(tmp_path, own) == 1
 
 
 def test_every_server_option_is_read_from_the_file() -> None:
