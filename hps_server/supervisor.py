@@ -359,7 +359,7 @@ class WorkerGroup:
 
 def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     """A worker process: serves its config on the shared port until SIGTERM, SIGINT or the supervisor's end."""
-    logs.configure(spec.log_level, spec.log_format)
+    logs.configure(spec.log_level, spec.log_format, worker=spec.index)
     keep_large_blocks_in_heap()
     signals = StartSignals()  # a drain while this worker starts stops it cleanly
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP to the group is the supervisor's to refuse

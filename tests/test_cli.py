@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import redis
 import yaml
 
 from hps_bench.servers import free_port, wait_serving
-from hps_server import demo, tables
+from hps_server import demo, logs, tables
 from hps_server.cli import BENCHMARKS, build_parser, main
 from tests.conftest import TABLE_SPECS, ServedModel, write_sample_config, write_sample_tables
 
@@ -169,6 +170,12 @@ def test_serve_address_overrides_the_config_and_json_logs_are_json_lines(tmp_pat
     assert records and all(set(r) == {"time", "level", "logger", "message"} for r in records)
     assert any(r["level"] == "INFO" and f"serving ctr on port {port}" in r["message"] for r in records), err
     assert password not in err
+
+
+def test_a_workers_log_lines_carry_its_index() -> None:
+    record = logging.LogRecord("hps_server.server", logging.INFO, __file__, 1, "serving %s", ("ctr",), None)
+    assert json.loads(logs.JsonFormatter(worker=3).format(record))["worker"] == 3
+    assert "worker" not in json.loads(logs.JsonFormatter().format(record))
 
 
 @pytest.mark.parametrize("policy", ["evict_random", "evict_oldest"])
