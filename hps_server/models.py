@@ -61,6 +61,27 @@ class VersionMissingError(ValueError):
 
 
 @dataclass
+class ConfigApplied:
+    """What applying a config file did: `done` says "loaded m1", "reloaded m2", ..., `failed`
+    "load m3", ..., one change each."""
+
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def run(self, what: tuple[str, str, str], change: Callable[[], object]) -> None:
+        """Runs `change`, one of `what` = (verb, model, what a failure leaves), logging a failure and why."""
+        verb, model, outcome = what
+        try:
+            change()
+        except Exception as e:
+            reason = e.without_path() if isinstance(e, TableFileError) else str(e)
+            log.error("config reload: %sing %s failed, %s: %s", verb, model, outcome, reason)
+            self.failed.append(f"{verb} {model}")
+            return
+        self.done.append(f"{verb}ed {model}")
+
+
+@dataclass
 class HostedModels:
     """The models served now and the levels under them. Models change while serving (load, unload, reload
     to new table versions): each change builds a whole new session beside the served one (its own tables,
@@ -251,34 +272,25 @@ class HostedModels:
             log.info("model %s reloaded%s", name, _versions_shown(model))
             return session
 
-    def apply(self, config: Config) -> list[str]:
+    def apply(self, config: Config) -> ConfigApplied:
         """Brings the served models in line with `config` (a config file read again): models it lacks are
-        unloaded, new ones loaded, changed ones reloaded; one failing does not stop the others. Returns
-        what was done, one line each. Only `models` is applied; other sections need a restart."""
+        unloaded, new ones loaded, changed ones reloaded; one failing (logged) does not stop the others.
+        Only `models` is applied; other sections need a restart."""
         for section in ("server", "volatile_db", "persistent_db"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("config reload: %s changed; only models are reloaded, restart to apply it", section)
         wanted = {model.name: model for model in config.models}
-        done: list[str] = []
+        applied = ConfigApplied()
         for name in sorted(set(self.sessions) - set(wanted)):
-            self._applying(done, f"unloaded {name}", functools.partial(self.unload, name))
+            applied.run(("unload", name, "it is still served"), functools.partial(self.unload, name))
         for name, model in wanted.items():
             served = self.sessions.get(name)
             if served is None:
-                self._applying(done, f"loaded {name}", functools.partial(self.load, model))
+                applied.run(("load", name, "it is not served"), functools.partial(self.load, model))
             elif served.model != model:
-                self._applying(done, f"reloaded {name}", functools.partial(self.reload, name, model=model))
-        return done
-
-    @staticmethod
-    def _applying(done: list[str], what: str, change: Callable[[], object]) -> None:
-        try:
-            change()
-            done.append(what)
-        except Exception as e:
-            reason = e.without_path() if isinstance(e, TableFileError) else str(e)
-            log.error("config reload: %s failed, it is served as before: %s", what.split()[1], reason)
-            done.append(f"{what} failed")
+                change = functools.partial(self.reload, name, model=model)
+                applied.run(("reload", name, "it is served as before"), change)
+        return applied
 
     def _check_versions(self, served: ModelConfig, model: ModelConfig) -> None:
         """Every table version a reload switches to holds rows in the authoritative level, or has source files

@@ -286,12 +286,16 @@ def serve_until_signalled(server: HpsServer, signals: StartSignals, config_path:
             with reloading:
                 log.info("received SIGHUP, reading the config file %r again", config_path.name)
                 try:
-                    done = server.models.apply(load_config(config_path))
+                    applied = server.models.apply(load_config(config_path))
                 except ConfigError as e:  # its message starts with the file's path: the log names the file
                     reason = str(e).replace(str(config_path), config_path.name)
                     log.error("config reload refused, models served as before: %s", reason)
                     return
-                log.info("config reload: %s", "; ".join(done) or "no model changed")
+                done = "; ".join(applied.done) or "no model changed"
+                if applied.failed:
+                    log.warning("config reload: %s; failed (see above): %s", done, "; ".join(applied.failed))
+                else:
+                    log.info("config reload: %s", done)
 
         def on_hangup() -> None:
             threading.Thread(target=reload_config, name="hps-sighup").start()

@@ -380,6 +380,18 @@ def test_sighup_applies_a_changed_config_file(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
             assert list(models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr", "other"]
+            # A change that fails leaves its model as it was; the others are applied.
+            raw["models"][0]["tables"][0].update(version="v9", source=None)
+            raw["models"].pop()
+            path.write_text(yaml.safe_dump(raw))
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while "failed (see above)" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            assert list(models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr"]
+            described = models.DescribeModel(hps_pb2.DescribeModelRequest(model="ctr"))
+            assert dict(described.table_versions) == {"user": "v2"}
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
@@ -388,6 +400,8 @@ def test_sighup_applies_a_changed_config_file(tmp_path: Path) -> None:
             process.wait()
     text = log.read_text()
     assert "config reload: reloaded ctr; loaded other" in text
+    assert "ERROR hps_server.models: config reload: reloading ctr failed, it is served as before: table user" in text
+    assert "WARNING hps_server.server: config reload: unloaded other; failed (see above): reload ctr" in text
     assert str(tmp_path) not in text
 
 
