@@ -446,7 +446,10 @@ def _choice(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable
 
 def _path(base: Path) -> Callable[[Any, str], Path]:
     def convert(value: Any, name: str) -> Path:
-        path = Path(_str(value, name)).expanduser()
+        text = _str(value, name)
+        if not text.strip():  # Path("") is the config's own folder
+            raise ConfigError(f"{name}: must be a path, got an empty string")
+        path = Path(text).expanduser()
         return path if path.is_absolute() else base / path
 
     return convert

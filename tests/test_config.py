@@ -173,6 +173,10 @@ def _model(**fields: object) -> dict:
         ({"models": [_model(deployed_device_list=[])]}, "models[0].deployed_device_list: must name at least one"),
         ({"models": [_model(colour=1)]}, "models[0].colour: unknown option"),
         (
+            {"models": [_model()], "persistent_db": {"type": "rocksdb", "path": " "}},
+            "persistent_db.path: must be a path, got an empty string",
+        ),
+        (
             {"models": [_model()], "volatile_db": {"overflow_policy": "lru"}},
             "volatile_db.overflow_policy: must be one of evict_oldest, evict_random, got 'lru'",
         ),

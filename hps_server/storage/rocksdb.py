@@ -191,7 +191,8 @@ class RocksDBLevel(StorageLevel):
         try:
             self._db = rocksdict.Rdict(str(self.path), self._options, column_families=families, access_type=access)
         except Exception as exc:
-            raise LevelUnavailableError(f"rocksdb: cannot open the database: {self._hidden(exc)}") from None
+            reason = self._hidden(exc)
+            raise LevelUnavailableError(f"rocksdb: cannot open the database at persistent_db.path: {reason}") from None
         self._meta = self._db.get_column_family_handle(_META_CF)
         self._dims: dict[str, int] = {}
         self._rows: dict[str, int] = {}
