@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
-_VALID = datetime.timedelta(days=2)
+_VALID = datetime.timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,21 @@ class Authority:
         self.cert_file = directory / f"{name}-ca.pem"
         self.cert_file.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool, names: tuple[str, ...] = LOOPBACK_NAMES) -> Pair:
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server: bool,
+        names: tuple[str, ...] = LOOPBACK_NAMES,
+        expires_in: datetime.timedelta = _VALID,
+    ) -> Pair:
         """A leaf certificate for `common_name` (a server's: `names` as subject alternative names; a client's:
-        `common_name` as its DNS name), written beside the CA as <common_name>.pem and <common_name>-key.pem."""
+        `common_name` as its DNS name), written beside the CA as <common_name>.pem and <common_name>-key.pem;
+        valid until `expires_in` from now (negative: expired already, valid for a day before that)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
+        not_after = now + expires_in
+        not_before = min(now - datetime.timedelta(minutes=5), not_after - datetime.timedelta(days=1))
         alternative: list[x509.GeneralName] = []
         for name in names if server else (common_name,):
             try:
@@ -81,8 +91,8 @@ class Authority:
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALID)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

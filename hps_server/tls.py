@@ -11,15 +11,19 @@ import logging
 import os
 import ssl
 import threading
+from datetime import UTC, datetime, timedelta
 
 import grpc
 
+from hps_server import cert_validity
 from hps_server.config import ConfigError, TlsConfig
 from hps_server.log_limits import RateLimitedWarning
 
 log = logging.getLogger(__name__)
 
 WARN_INTERVAL_SECONDS = 30
+# A served certificate this close to its end is warned about at start and at each rotation.
+EXPIRY_WARNING_DAYS = 7
 _Stamp = tuple[tuple[int, int, int], ...]
 
 
@@ -67,6 +71,7 @@ class CertificateFiles:
             raise ConfigError(f"server.tls: cannot read the files ({e.strerror})") from None
         if self._stamps() != before:
             raise ConfigError("server.tls: the files changed while they were read")
+        _warn_about_dates(contents[0])
         return before, grpc.ssl_server_certificate_configuration(
             [(contents[1], contents[0])], root_certificates=contents[2] if len(contents) > 2 else None
         )
@@ -83,6 +88,29 @@ class CertificateFiles:
             return None
         log.info("TLS certificate files changed: new connections get the new certificate")
         return self.current
+
+
+def _warn_about_dates(certificate: bytes) -> None:
+    """Warns when the served certificate is expired, not valid yet or expires within EXPIRY_WARNING_DAYS:
+    clients refuse it (the server starts all the same, so a rotation can bring a valid one)."""
+    try:
+        not_before, not_after = cert_validity.validity(certificate)
+    except cert_validity.CertificateFormatError:
+        return  # ssl loaded it; its dates are for the clients to judge
+    now = datetime.now(UTC)
+    if now >= not_after:
+        log.warning("server.tls.cert_file: the certificate expired at %s; clients refuse it", _shown(not_after))
+    elif now < not_before:
+        log.warning(
+            "server.tls.cert_file: the certificate is not valid before %s; clients refuse it", _shown(not_before)
+        )
+    elif not_after - now < timedelta(days=EXPIRY_WARNING_DAYS):
+        days = (not_after - now) / timedelta(days=1)
+        log.warning("server.tls.cert_file: the certificate expires at %s, in %.1f days", _shown(not_after), days)
+
+
+def _shown(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -3,6 +3,8 @@ certificates rotated on disk picked up by new connections while an open one keep
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import threading
 import time
@@ -12,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography import x509
 
 from hps_bench.certificates import Authority, Pair
 from hps_client import TLS, Client, HpsError, UnavailableError
 from hps_server import config as config_module
+from hps_server.cert_validity import validity
 from hps_server.healthcheck import check
 from hps_server.metrics import ServerMetrics, serve_metrics
 from hps_server.server import HpsServer
@@ -140,6 +144,30 @@ def test_a_mismatched_key_fails_the_start_naming_the_fields(tmp_path: Path) -> N
     with pytest.raises(config_module.ConfigError, match=r"server\.tls\.cert_file, key_file") as refused:
         _serve(tmp_path, Pair(one.cert_file, other.key_file))
     assert str(tmp_path) not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "warning"),
+    [
+        (datetime.timedelta(days=-1), "the certificate expired at"),
+        (datetime.timedelta(days=3), "the certificate expires at"),
+        (datetime.timedelta(days=30), None),
+    ],
+)
+def test_a_certificate_clients_will_refuse_soon_or_now_is_warned_about_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, expires_in: datetime.timedelta, warning: str | None
+) -> None:
+    pair = Authority(tmp_path / "pki", "ca").issue("server", server=True, expires_in=expires_in)
+    certificate = x509.load_pem_x509_certificate(pair.cert_file.read_bytes())
+    assert validity(pair.cert_file.read_bytes()) == (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+    with caplog.at_level(logging.WARNING, logger="hps_server.tls"):
+        _serve(tmp_path, pair).stop(grace=0)  # an expired certificate still serves: a rotation can replace it
+    warned = [record.getMessage() for record in caplog.records if record.name == "hps_server.tls"]
+    if warning is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warned[0].startswith(f"server.tls.cert_file: {warning}")
+        assert str(tmp_path) not in warned[0]
 
 
 def test_tls_keys_are_parsed_relative_to_the_config_and_checked_together(tmp_path: Path) -> None:
