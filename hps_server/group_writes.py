@@ -285,7 +285,8 @@ class WriterLink:
         self._call("prefetch", model, keys)
 
     def close(self) -> None:
-        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):  # the group's folder is gone with a supervisor that failed
+            self._listener.close()
         with self._lock:
             for connection in self._idle:
                 connection.close()

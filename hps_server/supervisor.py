@@ -51,6 +51,11 @@ RESTART_BACKOFF_MAX = 30.0
 CLOSE_SECONDS = 5.0
 # How often the supervisor looks at its workers between their messages.
 POLL_SECONDS = 0.2
+# A serving worker is asked for a sign of life this often, and killed (then restarted) when it has answered
+# none for UNRESPONSIVE_SECONDS: a stopped or wedged worker would otherwise keep its share of the port's
+# connections unanswered while nothing else notices it (writes notice only when there are writes).
+HEARTBEAT_SECONDS = 1.0
+UNRESPONSIVE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -178,11 +183,14 @@ class _Worker:
     pipe: Connection
     warm: bool = False
     serving: bool = False
+    # When it last answered a heartbeat (or started serving), and when it was last asked (monotonic).
+    answered: float = 0.0
+    asked: float = 0.0
 
 
-def _tell_to_serve(worker: _Worker) -> None:
+def _tell(worker: _Worker, message: str) -> None:
     with contextlib.suppress(OSError):  # it exited meanwhile: _watch sees it
-        worker.pipe.send("serve")
+        worker.pipe.send(message)
 
 
 class WorkerGroup:
@@ -243,6 +251,7 @@ class WorkerGroup:
                 )
             failed = not self._watch()
             now = time.monotonic()
+            self._check_heartbeats(now)
             for index, due in list(self._restart_at.items()):
                 if due <= now:
                     del self._restart_at[index]
@@ -294,24 +303,27 @@ class WorkerGroup:
             index = pipes[ready]
             try:
                 said = ready.recv()
-            except EOFError:
+            except (EOFError, OSError):  # it exited (reset: killed with our messages unread); _watch sees it
                 continue
             worker = self._workers[index]
             assert worker is not None
             if said == "warm":
                 worker.warm = True
                 if self._all_warm:
-                    _tell_to_serve(worker)
+                    _tell(worker, "serve")
                 elif all(w is not None and w.warm for w in self._workers):
                     self._all_warm = True
                     for w in self._workers:
                         assert w is not None
-                        _tell_to_serve(w)
+                        _tell(w, "serve")
             elif said == "serving":
                 self._serving(index, worker)
+            elif said == "alive":
+                worker.answered = time.monotonic()
 
     def _serving(self, index: int, worker: _Worker) -> None:
         worker.serving = True
+        worker.answered = time.monotonic()
         self._backoff[index] = RESTART_BACKOFF_FIRST
         if self._group_serving:
             log.info("worker %d (pid %d) serving again", index, worker.process.pid)
@@ -320,6 +332,24 @@ class WorkerGroup:
         if all(w is not None and w.serving for w in self._workers):
             self._group_serving = True
             log.info("serving %d workers on port %d", self.size, self.port)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """Asks each serving worker for a sign of life; kills one silent for UNRESPONSIVE_SECONDS."""
+        for index, worker in enumerate(self._workers):
+            if worker is None or not worker.serving:
+                continue
+            if now - worker.answered > UNRESPONSIVE_SECONDS:
+                log.error(
+                    "worker %d (pid %d) answered no heartbeat for %.0f s; killing it",
+                    index,
+                    worker.process.pid,
+                    UNRESPONSIVE_SECONDS,
+                )
+                worker.process.kill()
+                worker.serving = False  # _watch restarts it once it has exited
+            elif now - worker.asked >= HEARTBEAT_SECONDS:
+                worker.asked = now
+                _tell(worker, "alive?")
 
     def _watch(self) -> bool:
         """Schedules the restart of each worker that exited; False when one exited before the group served."""
@@ -375,8 +405,14 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
 
 
 def _serve_as_worker(spec: WorkerSpec, supervisor: Connection, writer: WriterLink, signals: StartSignals) -> int:
+    sending = threading.Lock()  # the warm-up, the serving report and the heartbeats share the pipe
+
+    def send(message: str) -> None:
+        with sending, contextlib.suppress(OSError):  # the supervisor is gone: leave_with_the_supervisor drains
+            supervisor.send(message)
+
     def wait_for_the_others(stopped: threading.Event) -> None:
-        supervisor.send("warm")
+        send("warm")
         # Health stays NOT_SERVING until every worker is warm: a probe answered by any of them then
         # means the whole group serves. A restarted worker is told to serve at once.
         while not stopped.is_set():
@@ -393,9 +429,15 @@ def _serve_as_worker(spec: WorkerSpec, supervisor: Connection, writer: WriterLin
     )
     writer.models = server.models
 
-    def report_serving() -> None:
+    def report_serving_then_answer_heartbeats() -> None:
         server.wait_ready()
-        supervisor.send("serving")
+        send("serving")
+        # From now on only heartbeats come ("alive?"). This thread answers as long as the process runs
+        # Python code at all, so a worker that is stopped or holds the GIL for long is found out.
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                supervisor.recv()
+                send("alive")
 
     def leave_with_the_supervisor() -> None:
         # A supervisor killed outright cannot drain its workers: they stop themselves rather than linger.
@@ -405,6 +447,6 @@ def _serve_as_worker(spec: WorkerSpec, supervisor: Connection, writer: WriterLin
             log.warning("worker %d: the supervisor is gone, draining", spec.index)
             server.stop()
 
-    threading.Thread(target=report_serving, name="hps-report", daemon=True).start()
+    threading.Thread(target=report_serving_then_answer_heartbeats, name="hps-report", daemon=True).start()
     threading.Thread(target=leave_with_the_supervisor, name="hps-orphan", daemon=True).start()
     return serve_until_signalled(server, signals)

@@ -6,6 +6,7 @@ killed worker restarted, a drain on SIGTERM, a held address refused.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -273,6 +274,20 @@ def test_a_killed_worker_is_restarted(group: Group) -> None:
     assert restarted != killed
     group.check_lookups()
     assert group.lookups_answered(0) > 0, "the restarted worker answered no lookup"
+
+
+def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
+    stopped = group.worker_pids()[1]
+    os.kill(stopped, signal.SIGSTOP)  # alive but answering nothing, as a wedged worker
+    try:
+        group.wait_for_log(rf"worker 1 \(pid {stopped}\) answered no heartbeat for 10 s; killing it")
+        group.wait_for_log(rf"worker 1 \(pid {stopped}\) exited with code -9 \(SIGKILL\); restarting it")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    restarted = int(group.wait_for_log(r"worker 1 \(pid (\d+)\) serving again").group(1))
+    assert restarted != stopped
+    group.check_lookups()
 
 
 def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
