@@ -267,18 +267,18 @@ def serve_until_signalled(server: HpsServer, signals: StartSignals, config_path:
     levels failed (writes may be lost). A failed or interrupted start closes it and raises. With
     `config_path`, SIGHUP (one that came while starting too) reads that file again and applies its models
     (HostedModels.apply), one SIGHUP at a time."""
-    try:
-        server.start()
-    except BaseException:
-        server.stop(grace=0)  # closes the levels it opened
-        raise
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, draining", signal.Signals(signum).name)
         threading.Thread(target=server.stop, name="hps-drain").start()
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, on_signal)
+    try:
+        server.start()
+        for signum in STOP_SIGNALS:  # until here a stop signal raises StartInterrupted
+            signal.signal(signum, on_signal)
+    except BaseException:
+        server.stop(grace=0)  # closes the levels it opened
+        raise
     if config_path is not None:
         reloading = threading.Lock()
 
