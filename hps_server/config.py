@@ -24,6 +24,12 @@ from hps_server.cores import usable_cores
 
 log = logging.getLogger(__name__)
 
+# The widest table: rows of 256 KB (float32). HPS's tables are far narrower; the bound keeps a config (or a
+# LoadModel) from asking the levels for memory no host has.
+MAX_DIM = 65_536
+# The most keys one request may ask of one table (max_batch_size x max_keys_per_sample): its L1 holds them.
+MAX_KEYS_PER_QUERY = 2**31
+
 T = TypeVar("T")
 
 OverflowPolicy = Literal["evict_oldest", "evict_random"]
@@ -361,12 +367,14 @@ def _bool(value: Any, name: str) -> bool:
     raise ConfigError(f"{name}: must be true or false, got {shown_value(value)}")
 
 
-def _int(minimum: int | None = None) -> Callable[[Any, str], int]:
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any, str], int]:
     def convert(value: Any, name: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name}: must be an integer, got {shown_value(value)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name}: must be <= {maximum}, got {shown_value(value)}")
         return value
 
     return convert
@@ -716,10 +724,18 @@ def _model_options(s: _Section, name: str, tables: tuple[TableConfig, ...], extr
         seen.add(table.name)
     if not tables:
         raise ConfigError(f"{s.path}.tables: a model needs at least one table")
+    max_batch_size = s.get("max_batch_size", d.max_batch_size, _int(1))
+    for i, table in enumerate(tables):
+        if max_batch_size * table.max_keys_per_sample > MAX_KEYS_PER_QUERY:
+            raise ConfigError(
+                f"{s.path}.tables[{i}]: max_batch_size x max_keys_per_sample (the keys one request may ask of "
+                f"the table, which its L1 must hold) must be <= {MAX_KEYS_PER_QUERY}, got "
+                f"{max_batch_size} x {table.max_keys_per_sample}"
+            )
     return ModelConfig(
         name=name,
         tables=tables,
-        max_batch_size=s.get("max_batch_size", d.max_batch_size, _int(1)),
+        max_batch_size=max_batch_size,
         gpucache=s.get("gpucache", d.gpucache, _bool),
         gpucacheper=s.get("gpucacheper", d.gpucacheper, _float(0, 1)),
         hit_rate_threshold=s.get("hit_rate_threshold", d.hit_rate_threshold, _float(0, 1)),
@@ -740,7 +756,7 @@ def _model(raw: Any, path: str, base: Path) -> ModelConfig:
         tables.append(
             TableConfig(
                 name=t.require("name", _name_str),
-                dim=t.require("dim", _int(1)),
+                dim=t.require("dim", _int(1, MAX_DIM)),
                 default_value=t.get("default_value", 0.0, _float()),
                 source=t.get("source", None, _path(base)),
                 max_keys_per_sample=t.get("max_keys_per_sample", 1, _int(1)),
@@ -825,7 +841,7 @@ def _hps_model(raw: Any, path: str, base: Path) -> ModelConfig:
     tables = tuple(
         TableConfig(
             name=_name_str(names[i], f"{path}.embedding_table_names[{i}]"),
-            dim=_int(1)(dims[i], f"{path}.embedding_vecsize_per_table[{i}]"),
+            dim=_int(1, MAX_DIM)(dims[i], f"{path}.embedding_vecsize_per_table[{i}]"),
             default_value=_float()(defaults[i], f"{path}.default_value_for_each_table[{i}]"),
             source=_path(base)(files[i], f"{path}.sparse_files[{i}]"),
             max_keys_per_sample=_int(1)(per_sample[i], f"{path}.maxnum_catfeature_query_per_table_per_sample[{i}]"),

@@ -469,7 +469,22 @@ def _written_hook(group: GroupRole | None, model: str) -> WrittenHook | None:
 def _prepare_tables(
     model: ModelConfig, volatile: StorageLevel | None, persistent: StorageLevel | None, progress: bool
 ) -> None:
-    """Creates each table in the levels and ingests its source files on first start."""
+    """Creates each table in the levels and ingests its source files on first start. A failure drops the
+    tables it created, so a corrected config (another dim, a source that reads) starts afresh."""
+    levels = [level for level in (volatile, persistent) if level is not None]
+    before = {id(level): set(level.tables()) for level in levels}
+    try:
+        _create_and_ingest(model, volatile, persistent, progress)
+    except BaseException:
+        for level in levels:
+            for name in sorted(set(level.tables()) - before[id(level)]):
+                level.drop_table(name)
+        raise
+
+
+def _create_and_ingest(
+    model: ModelConfig, volatile: StorageLevel | None, persistent: StorageLevel | None, progress: bool
+) -> None:
     for table in model.tables:
         name = model.storage_name(table)
         authoritative = persistent or volatile

@@ -537,6 +537,29 @@ def test_load_model_with_unreadable_table_files_names_no_server_path(admin: Admi
     assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr"]
 
 
+def test_a_failed_load_model_leaves_nothing_behind_so_the_corrected_one_loads(admin: Admin) -> None:
+    keys, vectors = admin.truth["item"]  # dim 8
+    source = str(admin.directory / "item")
+    for wrong in ({"dim": 5, "source": source}, {"dim": 100_000}):
+        entry = {"name": "fixed", "tables": [{"name": "u", "dim": 8, "source": source}, {"name": "t", **wrong}]}
+        code = grpc.StatusCode.FAILED_PRECONDITION if "source" in wrong else grpc.StatusCode.INVALID_ARGUMENT
+        _refused(admin.models.LoadModel, hps_pb2.LoadModelRequest(model_config=yaml.safe_dump(entry)), code)
+    persistent = admin.server.models.persistent
+    assert persistent is not None and {"fixed.t", "fixed.u"}.isdisjoint(persistent.tables())
+    entry = {"name": "fixed", "tables": [{"name": "t", "dim": 8, "source": source}]}
+    admin.models.LoadModel(hps_pb2.LoadModelRequest(model_config=yaml.safe_dump(entry)))
+    np.testing.assert_array_equal(admin.vectors("fixed", "t", keys[:8]), vectors[:8])
+    # A bound too wide for any host is refused before the levels are asked for it, and later loads work.
+    huge = {"name": "huge", "tables": [{"name": "t", "dim": 10**11}]}
+    details = _refused(
+        admin.models.LoadModel,
+        hps_pb2.LoadModelRequest(model_config=yaml.safe_dump(huge)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details.startswith("model_config.tables[0].dim: must be <= 65536")
+    assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr", "fixed"]
+
+
 def test_import_version_into_a_rocksdb_a_server_holds_is_one_clear_error(admin: Admin, capsys) -> None:
     path = admin.directory / "hps.yaml"
     path.write_text(yaml.safe_dump(sample_raw_config()))

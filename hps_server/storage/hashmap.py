@@ -516,9 +516,14 @@ class HashMapLevel(StorageLevel):
             if len([name for name, d in entries if d == dim]) > np.iinfo(TABLE_ID).max + 1:
                 raise StorageError(f"hash_map: at most {np.iinfo(TABLE_ID).max + 1} tables of dim {dim}")
             # Registered first, then its pool made: a process killed in between leaves a table whose pool
-            # the next process to read the registry makes.
+            # the next process to read the registry makes. A pool that cannot be made (no memory for it)
+            # takes its table out again, so no later call trips over it.
             self._arena.set_registry(entries)
-            self._sync_registry()
+            try:
+                self._sync_registry()
+            except BaseException:
+                self._arena.set_registry(entries[:-1])
+                raise
 
     def dim(self, table: str) -> int:
         return self._table(table).pool.dim
