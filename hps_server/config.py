@@ -112,8 +112,7 @@ class ServerConfig:
     max_queued_requests: int = 256
     # Per request, checked before any level work (over a limit: RESOURCE_EXHAUSTED naming it): table
     # queries of a Lookup (TableQueries plus packed segments), keys of a Lookup over all its queries, and
-    # keys of one Upsert or Delete. With max_message_mb they also bound the bytes a request may carry,
-    # so an oversized one is refused by gRPC before it is read into memory.
+    # keys of one Upsert or Delete. A request over max_message_mb is refused by gRPC before it is read.
     max_queries_per_request: int = 4096
     max_keys_per_request: int = 4_194_304
     max_keys_per_write: int = 262_144

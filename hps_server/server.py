@@ -97,7 +97,10 @@ class HpsServer:
             futures.ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="hps-control"),
             interceptors=[self.metrics.interceptor()],
             options=[
-                ("grpc.max_receive_message_length", min(message_bytes, largest_request_bytes(config))),
+                # gRPC refuses a larger request itself (RESOURCE_EXHAUSTED) before reading it into memory.
+                # Not narrowed to what the key limits allow for the widest table: models loaded while
+                # serving may have wider ones, and gRPC's limit is fixed at start.
+                ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
                 # gRPC shares ports by default (SO_REUSEPORT): a second server on a served address would
                 # start without error and take part of its connections. One process binds alone; the
@@ -220,23 +223,6 @@ def security(config: Config, metrics: ServerMetrics | None = None) -> tuple[Auth
     if authorizer.enabled and credentials is None:
         log.warning("server.auth is on without server.tls: tokens cross the network in plaintext")
     return authorizer, credentials
-
-
-# Bytes a request may carry beyond its arrays: names, tags and lengths per query, and the message's own.
-_QUERY_OVERHEAD_BYTES = 256
-_REQUEST_OVERHEAD_BYTES = 1 << 20
-
-
-def largest_request_bytes(config: Config) -> int:
-    """The most bytes a request within the server's limits can hold: a Lookup of max_keys_per_request
-    keys (8 bytes each, a 4-byte weight and an 8-byte row split each at most) in max_queries_per_request
-    queries, or a write of max_keys_per_write keys with vectors of the widest table. gRPC refuses a
-    larger message itself (RESOURCE_EXHAUSTED), before reading it into the process."""
-    server = config.server
-    widest = max((table.dim for model in config.models for table in model.tables), default=1)
-    lookup = server.max_keys_per_request * 20 + server.max_queries_per_request * _QUERY_OVERHEAD_BYTES
-    write = server.max_keys_per_write * (8 + 4 * widest)
-    return max(lookup, write) + _REQUEST_OVERHEAD_BYTES
 
 
 def connection_age_options(server: ServerConfig) -> list[tuple[str, int]]:

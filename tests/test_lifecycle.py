@@ -560,6 +560,22 @@ def test_a_failed_load_model_leaves_nothing_behind_so_the_corrected_one_loads(ad
     assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr", "fixed"]
 
 
+def test_a_model_loaded_with_wider_tables_than_at_start_takes_writes_within_the_limits(tmp_path: Path) -> None:
+    write_sample_tables(tmp_path)
+    raw = sample_raw_config()
+    raw["server"].update(admin=True, max_keys_per_write=1000, max_keys_per_request=1000)
+    server = HpsServer(config_module.parse(raw, tmp_path))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            client.load_model({"name": "wide", "tables": [{"name": "w", "dim": 2048}]})
+            keys, vectors = np.arange(1000), np.random.default_rng(0).standard_normal((1000, 2048), np.float32)
+            client.upsert("wide", "w", keys, vectors)  # 8 MB: wider than any table the server started with
+            np.testing.assert_array_equal(client.lookup("wide", "w", keys), vectors)
+    finally:
+        server.stop(grace=1)
+
+
 def test_import_version_into_a_rocksdb_a_server_holds_is_one_clear_error(admin: Admin, capsys) -> None:
     path = admin.directory / "hps.yaml"
     path.write_text(yaml.safe_dump(sample_raw_config()))

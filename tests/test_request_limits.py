@@ -15,7 +15,7 @@ import pytest
 
 from hps_client import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from hps_server import config as config_module
-from hps_server.server import HpsServer, largest_request_bytes
+from hps_server.server import HpsServer
 from hps_wire._proto import hps_pb2
 from tests.conftest import ServedModel, sample_config, write_sample_tables
 
@@ -140,8 +140,8 @@ def test_writes_over_max_keys_per_write_are_refused_and_store_nothing(limited: S
     _still_serving(limited)
 
 
-def test_a_request_larger_than_any_within_the_limits_is_refused_by_grpc(limited: ServedModel) -> None:
-    size = largest_request_bytes(limited.config)
+def test_a_request_over_max_message_mb_is_refused_by_grpc(limited: ServedModel) -> None:
+    size = limited.config.server.max_message_mb * 1024 * 1024
     error = _raw(limited, "/hps.v1.LookupService/Lookup", bytes(size + 1024))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     _still_serving(limited)
