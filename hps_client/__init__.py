@@ -5,7 +5,9 @@
 
 from hps_client.client import AsyncClient, Client, ModelInfo, TableInfo
 from hps_client.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
+    FailedPreconditionError,
     HpsError,
     InvalidArgumentError,
     NotFoundError,
@@ -19,9 +21,11 @@ from hps_wire.security import TLS
 
 __all__ = [
     "TLS",
+    "AlreadyExistsError",
     "AsyncClient",
     "Client",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "HpsError",
     "InvalidArgumentError",
     "LookupResult",

@@ -25,6 +25,15 @@ class InvalidArgumentError(HpsError, ValueError):
     """Malformed keys, shapes, dtypes or options."""
 
 
+class AlreadyExistsError(HpsError):
+    """LoadModel of a model the server serves already (ReloadModel changes it)."""
+
+
+class FailedPreconditionError(HpsError):
+    """The server is not in a state for the call: writes on a read-only server, a model change in a worker
+    group, a table version not imported, table files that do not read."""
+
+
 class ResourceExhaustedError(HpsError):
     """The request exceeds a server limit (keys per request, message size)."""
 
@@ -49,6 +58,8 @@ _BY_CODE: dict[grpc.StatusCode, type[HpsError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,

@@ -183,6 +183,11 @@ class Authorizer:
             return self._open
         grants = self._current()
         token = _bearer_token(context.invocation_metadata())
+        if token == "":
+            self._refused("invalid_token")
+            raise AuthRefusedError(
+                grpc.StatusCode.UNAUTHENTICATED, "authorization: expected `authorization: Bearer <token>` metadata"
+            )
         if token is not None:
             digest = hashlib.sha256(token.encode()).digest()
             found = None
@@ -230,7 +235,12 @@ class Authorizer:
 
 
 def _bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the call's `authorization: Bearer <token>`; None without authorization metadata, "" when
+    it is there but not a bearer token (another scheme, no token): a credential the caller got wrong is
+    refused rather than ignored in favour of its client certificate."""
     for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value[: len(_BEARER)].lower() == _BEARER:
-            return value[len(_BEARER) :].strip()
+        if key == "authorization":
+            if isinstance(value, str) and value[: len(_BEARER)].lower() == _BEARER:
+                return value[len(_BEARER) :].strip()
+            return ""
     return None

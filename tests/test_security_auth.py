@@ -21,6 +21,7 @@ from hps_client import (
     TLS,
     AsyncClient,
     Client,
+    FailedPreconditionError,
     HpsError,
     NotFoundError,
     PermissionDeniedError,
@@ -31,7 +32,7 @@ from hps_server import auth
 from hps_server import config as config_module
 from hps_server.server import HpsServer
 from hps_wire import security as client_security
-from hps_wire._proto import hps_pb2
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import (
     CERT_READER,
     HASHED,
@@ -139,6 +140,26 @@ def test_a_verified_client_certificate_is_an_identity(secured: SecuredModel) -> 
             client.upsert("ctr", "user", keys, np.zeros((3, 16), np.float32))
 
 
+@pytest.mark.parametrize("authorization", ["Basic YWxhZGRpbjpvcGVu", "Bearer", "Bearer  "])
+def test_authorization_metadata_that_is_no_bearer_token_is_refused_not_ignored(
+    secured: SecuredModel, authorization: str
+) -> None:
+    """A client certificate that is an identity does not cover a credential the caller got wrong."""
+    pair = secured.ca.issue(CERT_READER, server=False)
+    credentials = grpc.ssl_channel_credentials(
+        secured.ca.cert_file.read_bytes(), pair.key_file.read_bytes(), pair.cert_file.read_bytes()
+    )
+    keys = secured.truth["user"][0][:3]
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys.tobytes())])
+    with grpc.secure_channel(secured.target, credentials) as channel:
+        stub = hps_pb2_grpc.LookupServiceStub(channel)
+        stub.Lookup(request, timeout=10)  # the certificate alone is an identity
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Lookup(request, metadata=[("authorization", authorization)], timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expected `authorization: Bearer <token>`" in refused.value.details()
+
+
 def test_reflection_is_off_with_auth_on(secured: SecuredModel) -> None:
     tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
     with client_security.channel(secured.target, tls) as channel:
@@ -205,9 +226,8 @@ def test_a_read_only_server_refuses_writes(tmp_path: Path) -> None:
     keys = truth["user"][0][:2]
     try:
         with Client(f"127.0.0.1:{hps.port}") as client:
-            with pytest.raises(HpsError, match=r"server\.read_only") as refused:
+            with pytest.raises(FailedPreconditionError, match=r"server\.read_only"):
                 client.upsert("ctr", "user", keys, np.zeros((2, 16), np.float32))
-            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
             with pytest.raises(HpsError, match=r"server\.read_only"):
                 client.delete("ctr", "user", keys)
             np.testing.assert_array_equal(client.lookup("ctr", "user", keys), truth["user"][1][:2])
