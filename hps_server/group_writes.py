@@ -20,6 +20,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ REFRESH_TIMEOUT_SECONDS = 10.0
 WRITER_TIMEOUT_SECONDS = 60.0
 # How often the writer lets failed levels retry their writes.
 WRITES_CHECK_SECONDS = 1.0
+# After a failed accept (a peer gone mid-handshake), the next is tried this much later.
+ACCEPT_RETRY_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -83,19 +86,32 @@ def _answer(connection: Connection, handle: Callable[..., Any]) -> None:
     connection.close()
 
 
-def _accept_forever(listener: Listener, handle: Callable[..., Any], name: str) -> None:
-    def accept() -> None:
+class _Accepting:
+    """A Unix socket's peers (with the group's key), each answered by `handle` on a thread of its own,
+    until close(). A peer that fails its handshake (killed while connecting, or without the key) is
+    logged and the socket goes on accepting: one dying worker must not stop the group's writes."""
+
+    def __init__(self, path: str, authkey: bytes, handle: Callable[..., Any], name: str) -> None:
+        self._listener = Listener(path, "AF_UNIX", authkey=authkey)
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, args=(handle, name), name=name, daemon=True).start()
+
+    def _accept(self, handle: Callable[..., Any], name: str) -> None:
         while True:
             try:
-                connection = listener.accept()
-            except OSError:  # closed
-                return
-            except Exception as e:  # a peer without the key: refused, keep listening
-                log.warning("%s: refused a connection: %s", name, e)
+                connection = self._listener.accept()
+            except Exception as e:
+                if self._closed.is_set():
+                    return
+                log.warning("%s: refused a connection: %s", name, e or type(e).__name__)
+                time.sleep(ACCEPT_RETRY_SECONDS)  # no busy loop where accepting itself fails (no fds left)
                 continue
             threading.Thread(target=_answer, args=(connection, handle), name=f"{name}-peer", daemon=True).start()
 
-    threading.Thread(target=accept, name=name, daemon=True).start()
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(FileNotFoundError):  # the group's folder is gone with a supervisor that failed
+            self._listener.close()
 
 
 class GroupWriter:
@@ -122,8 +138,7 @@ class GroupWriter:
             raise
         self.address = GroupAddress(self.folder, secrets.token_bytes(32), self.epochs.shared_name, tables, l1.specs)
         self._peers = [_Peer(self.address.worker(index), self.address.authkey) for index in range(workers)]
-        self._listener = Listener(self.address.writer, "AF_UNIX", authkey=self.address.authkey)
-        _accept_forever(self._listener, self._handle, "hps-writer")
+        self._listener = _Accepting(self.address.writer, self.address.authkey, self._handle, "hps-writer")
         self._closed = threading.Event()
         self._retrying = threading.Thread(target=self._retry_writes, name="hps-writer-retry", daemon=True)
         self._retrying.start()
@@ -227,8 +242,7 @@ class WriterLink:
             os.unlink(path)  # left by the worker this one replaces
         # Listening before the levels open: a write made meanwhile is refreshed here (or found by
         # follow_writes), never missed.
-        self._listener = Listener(path, "AF_UNIX", authkey=address.authkey)
-        _accept_forever(self._listener, self._refresh, f"hps-refresh-{index}")
+        self._listener = _Accepting(path, address.authkey, self._refresh, f"hps-refresh-{index}")
 
     def role(self) -> GroupRole:
         return GroupRole(self.epochs, route=self)
@@ -285,8 +299,7 @@ class WriterLink:
         self._call("prefetch", model, keys)
 
     def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):  # the group's folder is gone with a supervisor that failed
-            self._listener.close()
+        self._listener.close()
         with self._lock:
             for connection in self._idle:
                 connection.close()

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from hps_bench.servers import free_port
-from hps_client import wire
+from hps_client import Client, wire
 from hps_server.cache.placement import gpus_available
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import serve_command, write_sample_config
@@ -274,6 +274,36 @@ def test_a_killed_worker_is_restarted(group: Group) -> None:
     assert restarted != killed
     group.check_lookups()
     assert group.lookups_answered(0) > 0, "the restarted worker answered no lookup"
+
+
+def _writer_socket(supervisor: int) -> str:
+    """The path of the group writer's Unix socket, among the sockets process `supervisor` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{supervisor}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes and fields[7].endswith("/writer"):
+            return fields[7]
+    raise AssertionError("no writer socket found")
+
+
+def test_peers_that_hang_up_while_connecting_leave_the_writer_accepting(group: Group) -> None:
+    path = _writer_socket(group.process.pid)
+    for _ in range(3):  # as a worker killed while it connects
+        with socket.socket(socket.AF_UNIX) as peer:
+            peer.connect(path)
+    killed = group.worker_pids()[0]
+    os.kill(killed, signal.SIGKILL)
+    group.wait_for_log(rf"worker 0 \(pid {killed}\) exited")
+    group.wait_for_log(rf"worker 0 \(pid {killed}\) exited[\s\S]*worker 0 \(pid \d+\) serving again")
+    keys = np.arange(10**8, 10**8 + 8)
+    with Client(group.target) as client:  # through whichever worker: all reach the writer
+        for _ in range(8):
+            client.upsert("ctr", "user", keys, np.full((8, 16), 3.0, np.float32), timeout=30)
 
 
 def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
