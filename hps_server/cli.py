@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hps_server import __version__, logs
 from hps_server import config as config_module
-from hps_server.stop_signals import StartInterrupted
+from hps_server.stop_signals import StartInterrupted, ignore_stop_signals
 from hps_server.storage.base import StorageError
 
 log = logging.getLogger("hps")
@@ -59,13 +59,16 @@ def _serve(args: argparse.Namespace) -> int:
         config = replace(config, server=replace(config.server, address=args.address))
     if args.processes is not None:
         config = replace(config, server=replace(config.server, processes=args.processes))
-    if config.server.processes > 1:
-        from hps_server.supervisor import serve_workers
+    try:
+        if config.server.processes > 1:
+            from hps_server.supervisor import serve_workers
 
-        return serve_workers(config, args.log_format)
-    from hps_server.server import serve
+            return serve_workers(config, args.log_format)
+        from hps_server.server import serve
 
-    return serve(config, config_path=Path(args.config))
+        return serve(config, config_path=Path(args.config))
+    finally:
+        ignore_stop_signals()
 
 
 def _processes(text: str) -> int:

@@ -2,7 +2,8 @@
 
 Until the process serves, a stop signal raises StartInterrupted in the main thread, so the start unwinds
 through its cleanups (levels closed, shared memory unlinked, workers not started) instead of dying at
-once, and a SIGHUP is held until the process serves. Once serving, the server's own handlers take over.
+once, and a SIGHUP is held until the process serves. Once serving, the server's own handlers take over;
+once stopped, later stop signals are ignored.
 """
 
 from __future__ import annotations
@@ -28,12 +29,23 @@ class StartSignals:
 
     def __init__(self) -> None:
         self.hangup_pending = False
+        self._stopping = False
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._stop)
         signal.signal(signal.SIGHUP, self._hangup)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping:
+            return  # the start is unwinding already: a second raise would cut its cleanup short
+        self._stopping = True
         raise StartInterrupted(signum)
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
         self.hangup_pending = True
+
+
+def ignore_stop_signals() -> None:
+    """For the rest of a process that has stopped: later stop signals are ignored, where Python's exit would
+    restore their default action and a late one would kill it on its way out (exit code -15, not 0)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

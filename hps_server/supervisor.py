@@ -36,7 +36,7 @@ from hps_server.group_writes import GroupAddress, GroupWriter, WriterLink
 from hps_server.logs import LogFormat
 from hps_server.metrics import METRICS_DEFAULT_HOST
 from hps_server.server import HpsServer, security, serve_until_signalled
-from hps_server.stop_signals import STOP_SIGNALS, StartInterrupted, StartSignals
+from hps_server.stop_signals import STOP_SIGNALS, StartInterrupted, StartSignals, ignore_stop_signals
 from hps_server.storage.base import StorageError
 from hps_server.storage.hashmap import HashMapLevel
 
@@ -56,6 +56,9 @@ POLL_SECONDS = 0.2
 # connections unanswered while nothing else notices it (writes notice only when there are writes).
 HEARTBEAT_SECONDS = 1.0
 UNRESPONSIVE_SECONDS = 10.0
+# A gap this long between two of the supervisor's own rounds (it runs one every POLL_SECONDS) means it was
+# not running itself: its workers' silence over that gap is not counted.
+STALL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ def claim_address(address: str) -> tuple[socket.socket, int]:
     # Then the group holds the port for its lifetime, with SO_REUSEPORT so its workers can bind it too: a
     # program that does not share ports cannot take it, even while every worker is being restarted.
     held = socket.socket(family, kind, proto)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections of a server before in TIME_WAIT
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         held.bind((where[0], port, *where[2:]))
@@ -216,6 +220,7 @@ class WorkerGroup:
         # Set by the signal handler; a plain attribute, since a handler must not take locks the loop may hold.
         self._stop_signal = 0
         self._hangup = False  # SIGHUP came: told in the loop that it is refused
+        self._heartbeats_checked = time.monotonic()
         # Signals wake the loop at once (signal.set_wakeup_fd writes to it): a drain starts without a poll's delay.
         self._wakeup, self._wakeup_write = socket.socketpair()
         for end in (self._wakeup, self._wakeup_write):
@@ -334,10 +339,16 @@ class WorkerGroup:
             log.info("serving %d workers on port %d", self.size, self.port)
 
     def _check_heartbeats(self, now: float) -> None:
-        """Asks each serving worker for a sign of life; kills one silent for UNRESPONSIVE_SECONDS."""
+        """Asks each serving worker for a sign of life; kills one silent for UNRESPONSIVE_SECONDS. Time the
+        supervisor itself did not run (stopped, starved of CPU) is no worker's silence: after such a gap
+        every worker gets a fresh UNRESPONSIVE_SECONDS."""
+        stalled = now - self._heartbeats_checked > STALL_SECONDS
+        self._heartbeats_checked = now
         for index, worker in enumerate(self._workers):
             if worker is None or not worker.serving:
                 continue
+            if stalled:
+                worker.answered = now
             if now - worker.answered > UNRESPONSIVE_SECONDS:
                 log.error(
                     "worker %d (pid %d) answered no heartbeat for %.0f s; killing it",
@@ -399,6 +410,7 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     except StartInterrupted:
         code = 0
     finally:
+        ignore_stop_signals()
         writer.close()
     if code:
         sys.exit(1)  # closing the levels failed: the supervisor logs the exit code

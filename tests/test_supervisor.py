@@ -27,6 +27,7 @@ import yaml
 from hps_bench.servers import free_port
 from hps_client import Client, wire
 from hps_server.cache.placement import gpus_available
+from hps_server.supervisor import claim_address
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import serve_command, write_sample_config
 
@@ -306,6 +307,20 @@ def test_peers_that_hang_up_while_connecting_leave_the_writer_accepting(group: G
             client.upsert("ctr", "user", keys, np.full((8, 16), 3.0, np.float32), timeout=30)
 
 
+def test_a_supervisor_stopped_for_a_while_kills_no_worker(group: Group) -> None:
+    workers = group.worker_pids()
+    os.kill(group.process.pid, signal.SIGSTOP)  # swapped out, CPU-throttled, a paused VM
+    try:
+        time.sleep(12)  # more than UNRESPONSIVE_SECONDS
+    finally:
+        os.kill(group.process.pid, signal.SIGCONT)
+    time.sleep(3)  # a few rounds of heartbeats
+    log = group.log.read_text()
+    assert not any(f"(pid {pid}) answered no heartbeat" in log for pid in workers.values()), log
+    assert group.worker_pids() == workers
+    group.check_lookups(calls=8)
+
+
 def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
     stopped = group.worker_pids()[1]
     os.kill(stopped, signal.SIGSTOP)  # alive but answering nothing, as a wedged worker
@@ -337,6 +352,22 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not list(Path("/dev/shm").glob(f"hps{started.process.pid}_*")), "the shared hash map was not unlinked"
+
+
+def test_a_port_whose_last_connections_are_in_time_wait_is_claimed() -> None:
+    """A server restarted on its port finds connections of the one before in TIME_WAIT: no holder."""
+    port = free_port()
+    with socket.socket() as listening:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(("127.0.0.1", port))
+        listening.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listening.accept()
+            accepted.close()  # the server's side closes first: its end of the connection stays in TIME_WAIT
+            client.recv(1)
+    held, claimed = claim_address(f"127.0.0.1:{port}")
+    held.close()
+    assert claimed == port
 
 
 @pytest.mark.parametrize("holder", ["plain socket", "gRPC server sharing its port"])
