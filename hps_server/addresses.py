@@ -7,6 +7,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+# server.metrics_address with no host: loopback only; exposing /metrics beyond the machine takes a host
+# (0.0.0.0:9100).
+METRICS_DEFAULT_HOST = "127.0.0.1"
 # A resolved address: what socket.socket takes, and the socket address bind takes ((host, port, ...)).
 Resolved = tuple[socket.AddressFamily, socket.SocketKind, int, tuple[Any, ...]]
 
@@ -46,3 +49,26 @@ def check_free(address: str, field: str, default_host: str | None = None) -> int
         except OSError as e:
             raise cannot_bind(field, address, e.strerror) from e
         return int(probe.getsockname()[1])
+
+
+# Hosts that take every interface: a port bound on one of them is taken on every host address too.
+_EVERY_INTERFACE = {"", "0.0.0.0", "::", "[::]"}
+
+
+def check_apart(address: str, metrics_address: str, processes: int) -> None:
+    """ValueError naming server.metrics_address when one of its ports (port + i for worker i of
+    `processes`) is server.address's own on an overlapping host: the server would take its own port."""
+    if not metrics_address:
+        return
+    host, _, port = address.rpartition(":")
+    metrics_host, _, metrics_port = metrics_address.rpartition(":")
+    metrics_host = metrics_host or METRICS_DEFAULT_HOST
+    if int(port) == 0 or int(metrics_port) == 0:
+        return
+    overlapping = host == metrics_host or {host, metrics_host} & _EVERY_INTERFACE
+    if overlapping and int(metrics_port) <= int(port) < int(metrics_port) + processes:
+        ports = metrics_port if processes == 1 else f"{metrics_port} to {int(metrics_port) + processes - 1}"
+        raise ValueError(
+            f"server.metrics_address: its port{'s' if processes > 1 else ''} ({ports}, one per process) "
+            f"include server.address's port {port}"
+        )

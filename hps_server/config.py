@@ -567,15 +567,24 @@ def _auth(raw: Any, base: Path) -> AuthConfig:
     return AuthConfig(tokens_file=tokens_file)
 
 
+def _listen_address(value: Any, name: str) -> str:
+    """host:port (host may be empty) with a port from 0 to 65535, or "" (off: only metrics_address)."""
+    text = _str(value, name)
+    _, sep, port = text.rpartition(":")
+    if text and not (sep and port.isdigit() and int(port) <= 65535):
+        raise ConfigError(f"{name}: must be HOST:PORT with a port from 0 to 65535, got {shown_value(text)}")
+    return text
+
+
 def _server(raw: Any, base: Path) -> ServerConfig:
     s = _Section(raw, "server", _SERVER_KEYS)
     d = ServerConfig()
     server = ServerConfig(
-        address=s.get("address", d.address, _str),
+        address=s.get("address", d.address, _listen_address),
         max_message_mb=s.get("max_message_mb", d.max_message_mb, _int(1)),
         workers=s.get("workers", d.workers, _int(1)),
         shutdown_grace_seconds=s.get("shutdown_grace_seconds", d.shutdown_grace_seconds, _float(0)),
-        metrics_address=s.get("metrics_address", d.metrics_address, _str),
+        metrics_address=s.get("metrics_address", d.metrics_address, _listen_address),
         batch_window_us=s.get("batch_window_us", d.batch_window_us, _int(0)),
         max_queued_requests=s.get("max_queued_requests", d.max_queued_requests, _int(1)),
         max_queries_per_request=s.get("max_queries_per_request", d.max_queries_per_request, _int(1)),
@@ -591,6 +600,8 @@ def _server(raw: Any, base: Path) -> ServerConfig:
         reflection=s.get("reflection", d.reflection, _bool),
         admin=s.get("admin", d.admin, _bool),
     )
+    if not server.address:
+        raise ConfigError("server.address: must be HOST:PORT, got an empty string")
     if server.max_streams and server.max_streams >= server.workers:
         raise ConfigError(
             f"server.max_streams: must be below server.workers ({server.workers}), so that Lookups and health "

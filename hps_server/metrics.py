@@ -39,9 +39,6 @@ AUTH_REFUSAL_REASONS: Final = ("missing_credentials", "invalid_token", "permissi
 # Label value standing for model names the server does not host, so clients cannot grow the series count.
 UNKNOWN_MODEL: Final = "_unknown"
 
-# server.metrics_address with no host: loopback only; exposing /metrics beyond the machine takes a host
-# (0.0.0.0:9100).
-METRICS_DEFAULT_HOST = "127.0.0.1"
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Keys per table query: powers of four from 1 to about a million.
 _BATCH_BUCKETS = tuple(float(4**i) for i in range(11))
@@ -544,7 +541,7 @@ class MetricsEndpoint:
     """The HTTP server answering GET /metrics from one registry, on a daemon thread."""
 
     def __init__(self, address: str, registry: CollectorRegistry) -> None:
-        _, _, _, where = addresses.resolve(address, "server.metrics_address", METRICS_DEFAULT_HOST)
+        _, _, _, where = addresses.resolve(address, "server.metrics_address", addresses.METRICS_DEFAULT_HOST)
         host = where[0]
         try:
             self._server, self._thread = start_http_server(where[1], addr=host, registry=registry)

@@ -244,6 +244,7 @@ def serve(config: Config, cache_factory: CacheFactory | None = None, config_path
     keep_large_blocks_in_heap()
     signals = StartSignals()
     # Busy addresses stop the start before the tables are ingested (the metrics endpoint binds first thing).
+    addresses.check_apart(config.server.address, config.server.metrics_address, 1)
     addresses.check_free(config.server.address, "server.address")
     return serve_until_signalled(HpsServer(config, cache_factory, progress=True), signals, config_path)
 

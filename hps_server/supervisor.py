@@ -34,7 +34,6 @@ from hps_server.cache.shared_l1 import OpenedGpuCaches
 from hps_server.config import Config
 from hps_server.group_writes import GroupAddress, GroupWriter, WriterLink
 from hps_server.logs import LogFormat
-from hps_server.metrics import METRICS_DEFAULT_HOST
 from hps_server.server import HpsServer, security, serve_until_signalled
 from hps_server.stop_signals import STOP_SIGNALS, StartInterrupted, StartSignals, ignore_stop_signals
 from hps_server.storage.base import StorageError
@@ -136,11 +135,14 @@ def claim_address(address: str) -> tuple[socket.socket, int]:
 
 
 def check_metrics_addresses(config: Config) -> None:
-    """Checks every worker's /metrics address free before the group's start (OSError naming the field)."""
+    """Checks every worker's /metrics address free, and none the group's own port, before the group's
+    start (OSError or ValueError naming the field)."""
+    server = config.server
+    addresses.check_apart(server.address, server.metrics_address, server.processes)
     for index in range(config.server.processes):
         address = _metrics_address(config.server.metrics_address, index)
         if address:
-            addresses.check_free(address, "server.metrics_address", METRICS_DEFAULT_HOST)
+            addresses.check_free(address, "server.metrics_address", addresses.METRICS_DEFAULT_HOST)
 
 
 def _worker_address(address: str, port: int) -> str:

@@ -177,6 +177,14 @@ def _model(**fields: object) -> dict:
             "persistent_db.path: must be a path, got an empty string",
         ),
         (
+            {"models": [_model()], "server": {"address": "127.0.0.1:70000"}},
+            "server.address: must be HOST:PORT with a port from 0 to 65535, got '127.0.0.1:70000'",
+        ),
+        (
+            {"models": [_model()], "server": {"metrics_address": ":99999"}},
+            "server.metrics_address: must be HOST:PORT with a port from 0 to 65535",
+        ),
+        (
             {"models": [_model()], "volatile_db": {"overflow_policy": "lru"}},
             "volatile_db.overflow_policy: must be one of evict_oldest, evict_random, got 'lru'",
         ),

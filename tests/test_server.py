@@ -147,6 +147,18 @@ def test_a_busy_metrics_address_is_refused_before_the_tables_are_ingested(tmp_pa
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_metrics_port_that_is_the_grpc_port_is_refused_naming_both(tmp_path: Path, processes: int) -> None:
+    port = free_port()
+    metrics = f"127.0.0.1:{port - processes + 1}"  # the last worker's /metrics would be the gRPC port
+    config, _ = write_sample_config(tmp_path, f"0.0.0.0:{port}", metrics_address=metrics, processes=processes)
+    refused = subprocess.run(serve_command(config), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "server.metrics_address: its port" in refused.stderr
+    assert f"include server.address's port {port}" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def _connection_states_after_a_call(server: HpsServer, seconds: float) -> list[grpc.ChannelConnectivity]:
     """The channel's connectivity states from one health check until `seconds` later (or until it went idle)."""
     states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
