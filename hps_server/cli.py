@@ -17,6 +17,7 @@ from hps_server import __version__, logs
 from hps_server import config as config_module
 from hps_server.stop_signals import StartInterrupted, ignore_stop_signals
 from hps_server.storage.base import StorageError
+from hps_server.tables import TableFileError
 
 log = logging.getLogger("hps")
 
@@ -325,10 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%s", e)
         return 0
     except (config_module.ConfigError, KeyError, OSError, ValueError, StorageError) as e:
+        # A table file's error names the file, not its path: what `hps serve` prints is a server's log.
+        message = e.without_path() if isinstance(e, TableFileError) else str(e)
         if args.log_format == "json":  # stderr stays all JSON lines
-            log.error("hps %s: error: %s", args.command, e)
+            log.error("hps %s: error: %s", args.command, message)
         else:
-            print(f"hps {args.command}: error: {e}", file=sys.stderr)
+            print(f"hps {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -75,7 +75,7 @@ class TableFiles:
 def detect_format(path: Path) -> TableFormat:
     """Which format the folder holds, or TableFileError naming the files that are missing."""
     if not path.is_dir():
-        raise TableFileError(f"{path}: table folder does not exist")
+        raise TableFileError(f"{path}: {'not a folder' if path.exists() else 'table folder does not exist'}")
     for table_format, names in FILES.items():
         present = [(path / name).is_file() for name in names]
         if all(present):

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hps_server.storage.base import DEFAULT_CHUNK_ROWS, KeyChunk, StorageLevel
-from hps_server.tables import TableFormat, read_table, write_table
+from hps_server.tables import TableFileError, TableFormat, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def import_table(
     Returns rows loaded. `chunk_rows` None: about IMPORT_CHUNK_BYTES of rows per chunk.
     """
     files = read_table(source, dim)
+    if files.rows == 0 and table in level.tables() and (held := level.size(table)):
+        # An empty folder is an accident far more often than a wish to drop every row.
+        raise TableFileError(f"{files.path}: holds no rows; importing it would empty {table} ({held} rows)")
     level.create_table(table, dim)
     chunk_rows = chunk_rows or max(1, IMPORT_CHUNK_BYTES // (dim * 4 + 8))
     chunks = _counted(files.chunks(chunk_rows), files.rows, f"import {table}", progress)

@@ -56,6 +56,18 @@ def test_import_then_export_round_trip(tmp_path: Path, capsys) -> None:
     np.testing.assert_array_equal(vectors[order], expected_vectors[expected_order])
 
 
+def test_an_import_of_table_files_that_do_not_read_names_the_folder_not_its_path(tmp_path: Path, capsys) -> None:
+    write_sample_tables(tmp_path)
+    config = _config_file(tmp_path, with_sources=True)
+    (tmp_path / "plain_file").write_text("not a table folder")
+    for source, problem in (("missing_folder", "table folder does not exist"), ("plain_file", "not a folder")):
+        command = ["import", "--config", str(config), "--model", "ctr", "--table", "user"]
+        assert main([*command, "--source", str(tmp_path / source)]) == 2
+        err = capsys.readouterr().err
+        assert f"hps import: error: {source}: {problem}" in err
+        assert str(tmp_path) not in err
+
+
 def test_bad_config_is_one_clear_error(tmp_path: Path, capsys) -> None:
     path = tmp_path / "hps.yaml"
     path.write_text("models:\n  - name: m\n    tables: [{name: t, dim: -1}]\n")

@@ -40,6 +40,18 @@ def test_import_loads_every_row_in_chunks(level: RocksDBLevel, tmp_path: Path, t
     np.testing.assert_array_equal(got, vectors)
 
 
+def test_an_empty_folder_does_not_replace_a_table_that_has_rows(level: RocksDBLevel, tmp_path: Path) -> None:
+    keys, vectors = source(tmp_path / "src", 200, 4)
+    import_table(level, TABLE, tmp_path / "src", 4, progress=False)
+    write_table(tmp_path / "empty", [(np.zeros(0, np.int64), np.zeros((0, 4), np.float32))], 4)
+    with pytest.raises(TableFileError, match=rf"empty: holds no rows; importing it would empty {TABLE} \(200 rows\)"):
+        import_table(level, TABLE, tmp_path / "empty", 4, progress=False)
+    got, found = level.fetch(TABLE, keys)
+    assert found.all()
+    np.testing.assert_array_equal(got, vectors)
+    assert import_table(level, "model.fresh", tmp_path / "empty", 4, progress=False) == 0  # nothing to lose
+
+
 def test_export_then_import_is_byte_identical(level: RocksDBLevel, tmp_path: Path) -> None:
     keys, vectors = source(tmp_path / "src", 300, 3)
     import_table(level, TABLE, tmp_path / "src", 3, progress=False)
