@@ -135,21 +135,31 @@ def _warm_volatile(
 def _warm_l1(
     session: LookupSession, table: ServedTable, l1: TableL1, rate: float, stop: threading.Event, pace: Pace
 ) -> None:
-    """Fills each device's cache with up to `rate` of the table's rows (never more than it holds)."""
+    """Fills each device's cache with up to `rate` of the table's rows (never more than it holds), from the
+    first level that holds rows; a level that is down (or goes down meanwhile) is passed over for the next."""
     name = table.storage_name
     levels = session.levels
-    source = next((level for level in levels if level.size(name) > 0), None)
-    if source is None:
-        return
     held = l1.caches[0].table_stats()[l1.index]
-    budget = min(int(levels[-1].size(name) * rate), held.capacity - held.rows)
+    try:
+        budget = min(int(levels[-1].size(name) * rate), held.capacity - held.rows)
+    except LevelUnavailableError as e:
+        log.warning("not warming %s in L1: %s unavailable: %s", name, levels[-1].kind, e)
+        return
     copied = 0
-    for epoch, (keys, vectors) in _copies(session, table, source, budget, pace):
-        if stop.is_set():
-            return
-        if session.insert_if_unchanged(table, epoch, functools.partial(_replace_all, l1, keys, vectors)):
-            copied += len(keys)
-    log.info("warmed %s: %d rows in L1 (from %s)", name, copied, source.kind)
+    for source in levels:
+        try:
+            if copied >= budget or source.size(name) == 0:
+                continue
+            for epoch, (keys, vectors) in _copies(session, table, source, budget - copied, pace):
+                if stop.is_set():
+                    return
+                if session.insert_if_unchanged(table, epoch, functools.partial(_replace_all, l1, keys, vectors)):
+                    copied += len(keys)
+        except LevelUnavailableError as e:
+            log.warning("warming %s in L1: %s unavailable, trying the next level: %s", name, source.kind, e)
+            continue
+        log.info("warmed %s: %d rows in L1 (from %s)", name, copied, source.kind)
+        return
 
 
 def _replace_all(l1: TableL1, keys: np.ndarray, vectors: np.ndarray) -> None:

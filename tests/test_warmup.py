@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hps_server import warmup
+from hps_bench.servers import free_port
+from hps_server import storage, warmup
 from hps_server.cache.placement import build_caches
-from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig
+from hps_server.config import ModelConfig, PersistentDbConfig, TableConfig, VolatileDbConfig
 from hps_server.server import HpsServer
 from hps_server.session import LookupSession
 from hps_server.storage.hashmap import HashMapLevel
@@ -53,6 +56,28 @@ def test_warm_fills_the_volatile_level_and_l1_to_the_rate(tmp_path: Path) -> Non
     assert volatile.contains("m.t", keys).all()  # L1 was filled from the volatile level, the highest with rows
     np.testing.assert_array_equal(vectors, np.repeat(keys[:, None], 4, axis=1))
     session.close()
+    persistent.close()
+
+
+def test_a_volatile_level_that_is_down_is_passed_over_and_l1_warms_from_rocksdb(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, persistent = _levels(tmp_path, 1000)
+    down = storage.open_volatile(VolatileDbConfig(type="redis_cluster", address=f"127.0.0.1:{free_port()}"))
+    assert down is not None
+    down.create_table("m.t", 4)
+    session = LookupSession(MODEL, [down, persistent], build_caches(MODEL, [down, persistent]))
+    with caplog.at_level(logging.INFO, logger="hps_server.warmup"):
+        warmup.warm([session], down, persistent, 0.5, threading.Event())
+    l1 = session.table("t").l1
+    assert l1 is not None
+    keys, vectors, _ = l1.caches[0].dump()
+    assert keys.size > 0
+    np.testing.assert_array_equal(vectors, np.repeat(keys[:, None], 4, axis=1))
+    assert "warmed m.t: " in caplog.text and "rows in L1 (from rocksdb)" in caplog.text
+    assert not any(record.exc_info for record in caplog.records)
+    session.close()
+    down.close()
     persistent.close()
 
 
