@@ -19,6 +19,7 @@ import multiprocessing
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -406,6 +407,9 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     keep_large_blocks_in_heap()
     signals = StartSignals()  # a drain while this worker starts stops it cleanly
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP to the group is the supervisor's to refuse
+    # Its temporary folders (RocksDB's secondary log) inside the group's, which the supervisor removes at
+    # exit: a worker that is killed cannot remove its own.
+    tempfile.tempdir = str(spec.group.folder)
     writer = WriterLink(spec.group, spec.index)
     try:
         code = _serve_as_worker(spec, supervisor, writer, signals)

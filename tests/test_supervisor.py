@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -335,9 +336,17 @@ def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
     group.check_lookups()
 
 
+def _secondary_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("hps-rocksdb-secondary-*"))
+
+
 def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
+    before = _secondary_folders()
     started = _start_group(tmp_path)
     try:
+        killed = started.worker_pids()[1]  # its RocksDB secondary's folder is left for the supervisor to remove
+        os.kill(killed, signal.SIGKILL)
+        started.wait_for_log(rf"worker 1 \(pid {killed}\) exited[\s\S]*worker 1 \(pid \d+\) serving again")
         workers = started.worker_pids().values()
         started.process.send_signal(signal.SIGTERM)
         assert started.process.wait(timeout=60) == 0
@@ -352,6 +361,7 @@ def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not list(Path("/dev/shm").glob(f"hps{started.process.pid}_*")), "the shared hash map was not unlinked"
+    assert _secondary_folders() <= before
 
 
 def test_a_port_whose_last_connections_are_in_time_wait_is_claimed() -> None:
