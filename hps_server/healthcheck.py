@@ -8,6 +8,7 @@ HPS_TLS_CA_FILE), mTLS a client certificate.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import grpc
@@ -23,15 +24,28 @@ def check(address: str, service: str = "", timeout: float = 3.0, tls: security.T
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:
-            return f"{e.code().name}: {e.details()}"  # type: ignore[attr-defined]
+            code = e.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.NOT_FOUND:  # the health service answers it with no details
+                return f"NOT_FOUND: the server has no service {service!r}"
+            return f"{code.name}: {e.details()}"  # type: ignore[attr-defined]
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hps_server.healthcheck", description=__doc__)
     parser.add_argument("address", nargs="?", default="127.0.0.1:8500", help="host:port of the gRPC server")
     parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    parser.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer")
     env = security.TLS.from_environment() or security.TLS()
     parser.add_argument("--tls", action="store_true", help="connect with TLS (implied by any --tls-* option)")
     parser.add_argument("--tls-ca-file", default=env.root_ca_file, help="PEM CAs to trust (env HPS_TLS_CA_FILE)")

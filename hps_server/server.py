@@ -163,7 +163,8 @@ class HpsServer:
             self._writes_watch.start()
             self.metrics.set_ready(True)
             self.ready.set()
-        log.info("serving %s on port %d", ", ".join(self.models.sessions), self.port)
+        served = ", ".join(self.models.sessions) or "no model yet (LoadModel or a SIGHUP adds them)"
+        log.info("serving %s on port %d", served, self.port)
 
     def _watch_writes(self) -> None:
         """Until stop: lets failed levels retry their writes, and keeps WRITES_HEALTH_NAME in step."""

@@ -65,7 +65,10 @@ def warm(
                 _warm_volatile(session, table, volatile, persistent, rate, stop, pace)
             if table.l1 is not None:
                 _warm_l1(session, table, table.l1, rate, stop, pace)
-    log.info("warm-up done in %.1f s", time.monotonic() - started)
+    if stop.is_set():
+        log.info("warm-up stopped after %.1f s", time.monotonic() - started)
+    else:
+        log.info("warm-up done in %.1f s", time.monotonic() - started)
 
 
 def carry_hot_keys(previous: LookupSession, session: LookupSession, stop: threading.Event, pace: Pace) -> None:

@@ -310,6 +310,9 @@ def test_health_serving_only_when_started_and_not_serving_while_draining(tmp_pat
     try:
         assert healthcheck.check(target) == "SERVING"
         assert healthcheck.main([target]) == 0
+        assert healthcheck.check(target, "hps.v1.Nope") == "NOT_FOUND: the server has no service 'hps.v1.Nope'"
+        with pytest.raises(SystemExit):  # argparse: the option's error, exit code 2
+            healthcheck.main([target, "--timeout", "-1"])
         assert value(scrape(server.metrics_port or 0), "hps_ready") == 1
         with grpc.insecure_channel(target) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
