@@ -128,6 +128,12 @@ class HostedModels:
             volatile = storage.open_volatile(config.volatile_db)
             if volatile is not None and persistent is not None:
                 volatile.serve_as_cache()
+                if group is not None:  # the writer records what may be stale; its workers wait for its repair
+                    epochs = group.epochs
+                    if group.route is None:
+                        volatile.share_staleness(None, epochs.mark_volatile_stale)
+                    else:
+                        volatile.share_staleness(epochs.volatile_stale, None)
             refused = READ_ONLY_REASON if config.server.read_only else ""
             hosted = cls(
                 config, volatile, persistent, {}, cache_factory or build_caches, metrics, refused, progress, group

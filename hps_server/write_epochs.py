@@ -4,8 +4,10 @@ A copy of rows read before a write began must not land in a level above after it
 the table's epoch read before its rows with the epoch at insert time, and drops the rows when it moved
 or is odd (a write is under way: it bumps once when it starts and once when every copy has been
 refreshed). The counters live in this process, or in a shared-memory file that every worker of one
-supervisor maps, written by the group's one writer alone; a last word counts committed writes, so a
-worker knows when its read-only view of the persistent level must catch up. It holds no rows.
+supervisor maps, written by the group's one writer alone; a word counts committed writes, so a worker
+knows when its read-only view of the persistent level must catch up, and a last one says whether the
+volatile level holds rows a failed write of the writer may have left stale (workers read below until the
+writer has dropped them). It holds no rows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class WriteEpochs:
         """shared_name: the shared-memory file (under /dev/shm) holding them, created when `create`; empty
         keeps them in this process."""
         self.shared_name = shared_name
-        words = size + 1
+        words = size + 2
         self._owner = create
         if not shared_name:
             self._values = np.zeros(words, np.int64)
@@ -57,10 +59,17 @@ class WriteEpochs:
     @property
     def commits(self) -> int:
         """Writes committed to the authoritative level so far."""
-        return int(self._values[-1])
+        return int(self._values[-2])
 
     def committed(self) -> None:
-        self._values[-1] += 1
+        self._values[-2] += 1
+
+    def volatile_stale(self) -> bool:
+        """Whether the writer's volatile level may hold stale rows it has not dropped yet."""
+        return bool(self._values[-1])
+
+    def mark_volatile_stale(self, stale: bool) -> None:
+        self._values[-1] = int(stale)
 
     def close(self) -> None:
         """Unmaps them; the creator also removes the shared file (workers keep their mappings)."""

@@ -7,7 +7,7 @@ sessions, gRPC or each other, and never loop over keys in Python.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -144,6 +144,14 @@ class StorageLevel(ABC):
         that raised LevelUnavailableError is then acknowledged all the same by the session once the level
         below has it, so the level must not serve those keys again until it has dropped them; nor rows it
         may have lost writes of (a restart). Dropped rows are fetched from below again."""
+
+    def share_staleness(  # noqa: B027 - levels that never hold stale rows need not override
+        self, marked: Callable[[], bool] | None, mark: Callable[[bool], None] | None
+    ) -> None:
+        """In a worker group sharing this level: the writer's level calls `mark` whenever it starts or stops
+        holding rows a failed write may have left stale (serve_as_cache); a worker's level refuses to serve
+        rows (LevelUnavailableError: reads go below) while `marked()` says so, since the record of which
+        keys are stale is the writer's."""
 
     def load(self, table: str, chunks: Iterable[KeyChunk]) -> int:
         """Bulk-inserts chunks (faster paths may override); returns rows written."""

@@ -43,7 +43,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
@@ -300,6 +300,10 @@ class RedisClusterLevel(StorageLevel):
         # past STALE_KEYS_BOUND).
         self._stale_keys: dict[str, list[np.ndarray]] = {}
         self._stale_partitions: set[tuple[str, int]] = set()
+        # In a worker group (share_staleness): the writer publishes whether it holds such a record; a
+        # worker, which has none of it, reads nothing here while the writer does.
+        self._group_marked: Callable[[], bool] | None = None
+        self._group_mark: Callable[[bool], None] | None = None
         self._repair_lock = threading.Lock()
         self._closed = threading.Event()
         self._recovery: threading.Thread | None = None
@@ -321,6 +325,21 @@ class RedisClusterLevel(StorageLevel):
         """A level below holds every row: from now on, writes that may not have reached Redis and masters
         that restarted (or were promoted) are invalidated here before Redis is read again."""
         self._cache = True
+
+    def share_staleness(self, marked: Callable[[], bool] | None, mark: Callable[[bool], None] | None) -> None:
+        self._group_marked, self._group_mark = marked, mark
+
+    def _publish_stale(self) -> None:
+        """Tells the group whether this (the writer's) level has stale rows to drop. Holds _lock."""
+        if self._group_mark is not None:
+            self._group_mark(bool(self._stale_keys or self._stale_partitions))
+
+    def _check_group_fresh(self) -> None:
+        """A worker's read: refused while the group's writer has rows here to drop that may be stale."""
+        if self._group_marked is not None and self._group_marked():
+            raise LevelUnavailableError(
+                "redis cluster: the group's writer is dropping rows a failed write may have left stale"
+            )
 
     @classmethod
     def from_config(cls, config: VolatileDbConfig) -> RedisClusterLevel:
@@ -414,6 +433,7 @@ class RedisClusterLevel(StorageLevel):
                 for p, slot in enumerate(parts.slots):
                     if client.nodes_manager.get_node_from_slot(slot).name in changed:
                         self._stale_partitions.add((parts.table, p))
+            self._publish_stale()
         self._run_ids = run_ids
 
     def _verify(self, connection: redis.Connection) -> None:
@@ -506,6 +526,7 @@ class RedisClusterLevel(StorageLevel):
         client, generation = self._current()
         if read:
             self._repair()
+            self._check_group_fresh()
         try:
             replies: list[Any] = [None] * len(commands)
             pending = [
@@ -595,6 +616,7 @@ class RedisClusterLevel(StorageLevel):
                 if sum(map(len, pending)) > STALE_KEYS_BOUND:
                     del self._stale_keys[table]
                     self._stale_partitions |= {(table, p) for p in range(self.num_partitions)}
+            self._publish_stale()
 
     def _repair(self) -> None:
         """Drops from Redis what may be stale (HDEL of recorded keys, DEL of flagged partitions); what was
@@ -632,6 +654,7 @@ class RedisClusterLevel(StorageLevel):
                         del pending[: len(arrays)]
                         if not pending:
                             del self._stale_keys[table]
+                self._publish_stale()
             log.info(
                 "redis cluster: dropped %d partitions and the keys of %d tables that may be stale",
                 len(partitions),
@@ -866,6 +889,7 @@ class RedisClusterLevel(StorageLevel):
         """Rows of every partition via HSCAN; rows written while dumping may be missed or repeated."""
         parts = self._table(table)
         self._repair()
+        self._check_group_fresh()
         for p in range(self.num_partitions):
             cursor = b"0"
             while True:

@@ -24,6 +24,7 @@ from hps_server.config import load as load_config
 from hps_server.storage import open_volatile
 from hps_server.storage.base import LevelUnavailableError, StorageError, UnknownTableError
 from hps_server.storage.redis_cluster import Command, RedisClusterLevel, hash_name, partition_of
+from hps_server.write_epochs import WriteEpochs
 
 DIM = 8
 
@@ -692,6 +693,48 @@ def test_a_paused_node_costs_one_timeout_then_recovers(disposable_redis_cluster:
         cluster.resume_node(port)
     _wait_until_serving(lvl, table, keys)
     lvl.close()
+
+
+def test_a_group_worker_reads_nothing_a_failed_write_of_the_writer_may_have_left_stale(
+    disposable_redis_cluster: RedisClusterProcesses,
+) -> None:
+    """The record of which keys a failed write may have left stale is the writer's: a worker's level (its
+    own connections to the same cluster) serves none of Redis's rows until the writer has dropped them."""
+    cluster = disposable_redis_cluster
+    epochs = WriteEpochs(1)  # as the group's shared ones, in this process
+    writer, worker = (RedisClusterLevel(cluster.seed, num_partitions=4, timeout_ms=200) for _ in range(2))
+    for lvl in (writer, worker):
+        lvl.serve_as_cache()
+        lvl.create_table("m.t", DIM)
+    writer.share_staleness(None, epochs.mark_volatile_stale)
+    worker.share_staleness(epochs.volatile_stale, None)
+    keys = np.arange(50, dtype=np.int64)
+    try:
+        writer.insert("m.t", keys, rows(keys))
+        masters = cluster.masters_ports()
+        for port in masters:
+            cluster.pause_node(port)
+        try:
+            with pytest.raises(LevelUnavailableError):  # the session acknowledges it once RocksDB has it
+                writer.insert("m.t", keys, rows(keys) + 1)
+        finally:
+            for port in masters:
+                cluster.resume_node(port)
+        assert epochs.volatile_stale()
+        deadline = time.monotonic() + 30
+        while epochs.volatile_stale():  # until the writer's repair (its watch, or its next read)
+            try:
+                _, found = worker.fetch("m.t", keys)
+                assert not found.any(), "a worker served a row the writer's failed write may have left stale"
+            except LevelUnavailableError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _, found = worker.fetch("m.t", keys)
+        assert not found.any()  # dropped: the next lookup refills from the level below
+    finally:
+        writer.close()
+        worker.close()
 
 
 def test_unreachable_at_start_serves_once_the_cluster_answers(disposable_redis_cluster: RedisClusterProcesses) -> None:
