@@ -148,7 +148,7 @@ def _warm_l1(
     except LevelUnavailableError as e:
         log.warning("not warming %s in L1: %s unavailable: %s", name, levels[-1].kind, e)
         return
-    copied = 0
+    copied = skipped = 0
     for source in levels:
         try:
             if copied >= budget or source.size(name) == 0:
@@ -158,10 +158,14 @@ def _warm_l1(
                     return
                 if session.insert_if_unchanged(table, epoch, functools.partial(_replace_all, l1, keys, vectors)):
                     copied += len(keys)
+                else:
+                    skipped += len(keys)
         except LevelUnavailableError as e:
             log.warning("warming %s in L1: %s unavailable, trying the next level: %s", name, source.kind, e)
             continue
-        log.info("warmed %s: %d rows in L1 (from %s)", name, copied, source.kind)
+        # Rows read while the table was written may be older than the write: left for lookups to fill.
+        written = f"; {skipped} skipped, the table was written meanwhile" if skipped else ""
+        log.info("warmed %s: %d rows in L1 (from %s)%s", name, copied, source.kind, written)
         return
 
 
