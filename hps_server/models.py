@@ -484,7 +484,10 @@ def _prepare_tables(
     except BaseException:
         for level in levels:
             for name in sorted(set(level.tables()) - before[id(level)]):
-                level.drop_table(name)
+                try:
+                    level.drop_table(name)
+                except StorageError as e:  # the failure that brought us here is the one to report
+                    log.warning("could not drop %s from %s after its preparation failed: %s", name, level.kind, e)
         raise
 
 
