@@ -164,7 +164,7 @@ class HostedModels:
         """A session of `model` over the levels, its tables created (and ingested from their source files
         when empty) and its L1 placed; not warmed, not served yet. previous: the session it will replace."""
         try:
-            _prepare_tables(model, self.volatile, self.persistent, self.progress)
+            self._prepare_tables(model)
             caches = self.cache_factory(model, self._levels())
         except Exception:
             if self.metrics is not None:
@@ -378,9 +378,22 @@ class HostedModels:
 
         self.handover.retire(session, start)
 
-    def _drop(self, tables: Sequence[str]) -> None:
-        """Drops the table versions from every writable level; one that fails is logged and stays."""
-        for level in self._levels():
+    def _prepare_tables(self, model: ModelConfig) -> None:
+        """Creates each table of `model` in the levels and ingests its source files on first start. A failure
+        drops the tables it created, so a corrected config (another dim, a source that reads) starts afresh."""
+        levels = self._levels()
+        before = [set(level.tables()) for level in levels]
+        try:
+            _create_and_ingest(model, self.volatile, self.persistent, self.progress)
+        except BaseException:
+            for level, held in zip(levels, before, strict=True):
+                self._drop(sorted(set(level.tables()) - held), [level])
+            raise
+
+    def _drop(self, tables: Sequence[str], levels: Sequence[StorageLevel] | None = None) -> None:
+        """Drops the table versions from every writable level (of `levels`; default: all); one that fails is
+        logged and stays."""
+        for level in self._levels() if levels is None else levels:
             if level.read_only:
                 continue
             for table in tables:
@@ -472,28 +485,10 @@ def _written_hook(group: GroupRole | None, model: str) -> WrittenHook | None:
     return functools.partial(group.on_written, model)
 
 
-def _prepare_tables(
-    model: ModelConfig, volatile: StorageLevel | None, persistent: StorageLevel | None, progress: bool
-) -> None:
-    """Creates each table in the levels and ingests its source files on first start. A failure drops the
-    tables it created, so a corrected config (another dim, a source that reads) starts afresh."""
-    levels = [level for level in (volatile, persistent) if level is not None]
-    before = {id(level): set(level.tables()) for level in levels}
-    try:
-        _create_and_ingest(model, volatile, persistent, progress)
-    except BaseException:
-        for level in levels:
-            for name in sorted(set(level.tables()) - before[id(level)]):
-                try:
-                    level.drop_table(name)
-                except StorageError as e:  # the failure that brought us here is the one to report
-                    log.warning("could not drop %s from %s after its preparation failed: %s", name, level.kind, e)
-        raise
-
-
 def _create_and_ingest(
     model: ModelConfig, volatile: StorageLevel | None, persistent: StorageLevel | None, progress: bool
 ) -> None:
+    """Creates each table in the levels and ingests its source files where the authority holds no row."""
     for table in model.tables:
         name = model.storage_name(table)
         authoritative = persistent or volatile
