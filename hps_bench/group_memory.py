@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 2, 8], help="e.g. 1,2,8"
     )
     args = parser.parse_args(argv)
-    context = bare_context_bytes() if args.l1 == "gpu" else 0
+    context = bare_context_bytes() if servers.uses_gpu(args.l1) else 0
     results = [measure(n, args.rows, args.l1, context) for n in args.processes]
     first = results[0]
     for result in results:

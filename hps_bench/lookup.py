@@ -542,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "--l1",
         choices=servers.L1_CHOICES,
         default="none",
-        help="none: warm hash map over RocksDB; cpu: NumPy reference L1; gpu: CUDA L1 on device 0",
+        help="none: warm hash map over RocksDB; cpu: NumPy reference L1; gpu: CUDA L1 on device 0; "
+        "static: every table held whole on device 0 (use_static_table)",
     )
     parser.add_argument("--clients", type=_client_counts, default=[1, 4, 8, 16], help="client process counts of case d")
     parser.add_argument(
@@ -559,11 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--token", action="store_true", help="hps checks a bearer token on every call (auth on)")
     args = parser.parse_args(argv)
-    if args.l1 == "gpu":
+    if servers.uses_gpu(args.l1):
         from hps_server.cache.placement import gpus_available
 
         if not gpus_available([0]):
-            parser.error("--l1 gpu: CuPy sees no GPU 0 on this host (install the cuda12 or cuda13 extra, or use cpu)")
+            parser.error(f"--l1 {args.l1}: CuPy sees no GPU 0 on this host (install the cuda12 or cuda13 extra, or use cpu)")
     options = dict(args.server_option)
     if args.processes is not None:
         options["processes"] = args.processes

@@ -28,19 +28,27 @@ from hps_server import tables as table_files
 from hps_wire import security
 from hps_wire.security import TLS
 
-L1Choice = Literal["none", "cpu", "gpu"]
+L1Choice = Literal["none", "cpu", "gpu", "static"]
 L1_CHOICES: tuple[str, ...] = get_args(L1Choice)
 
 
+def uses_gpu(l1: L1Choice) -> bool:
+    """Whether the served L1 is on CUDA device 0 (the cache or the static table)."""
+    return l1 in ("gpu", "static")
+
+
 def _l1_options(l1: L1Choice) -> dict[str, Any]:
-    """The model keys for an L1 choice: a cache with a slot for every row (gpucacheper 1). Being set-associative,
-    it keeps about 93 % of uniformly hashed rows (the rest fall in sets already full), so a warm server answers
-    most keys from L1 and fills the rest on each miss."""
+    """The model keys for an L1 choice: a cache with a slot for every row (gpucacheper 1), or (static) every
+    table held whole on device 0. Being set-associative, the cache keeps about 93 % of uniformly hashed rows
+    (the rest fall in sets already full), so a warm server answers most keys from L1 and fills the rest on
+    each miss; the static table answers every key."""
     if l1 == "none":
         return {"gpucache": False}
     options: dict[str, Any] = {"gpucache": True, "gpucacheper": 1.0}
-    if l1 == "gpu":
+    if uses_gpu(l1):
         options["deployed_device_list"] = [0]
+    if l1 == "static":
+        options["use_static_table"] = True
     return options
 
 

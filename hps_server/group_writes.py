@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from hps_server.cache.shared_l1 import CacheKey, OwnedGpuCaches, SharedCacheSpec, shares_l1
+from hps_server.cache.shared_l1 import OwnedGpuCaches, Specs, shares_l1
 from hps_server.config import Config
 from hps_server.models import GroupRole, HostedModels
 from hps_server.session import PrefetchKeys, ServedTable, WriteBack
@@ -58,7 +58,7 @@ class GroupAddress:
     authkey: bytes
     epochs: str  # the write epochs' shared-memory name
     tables: int  # how many epochs it holds
-    l1: dict[CacheKey, SharedCacheSpec]  # the GPU caches every worker maps
+    l1: Specs  # the GPU caches and static tables every worker maps
 
     @property
     def writer(self) -> str:

@@ -108,14 +108,15 @@ class Group:
             np.testing.assert_array_equal(got, vectors[picked])
 
 
-def _start_group(directory: Path) -> Group:
+def _start_group(directory: Path, **l1: object) -> Group:
+    """A group of 2 workers; `l1`: the model's L1 keys (default: a cache of half the rows)."""
     port, metrics_port = free_port(), _free_port_pair()
     config, truth = write_sample_config(
         directory, f"127.0.0.1:{port}", metrics_address=f"127.0.0.1:{metrics_port}", shutdown_grace_seconds=5
     )
     # With L1 on: each worker's NumPy cache on this host, one CUDA cache all workers share on a GPU host.
     raw = yaml.safe_load(config.read_text())
-    raw["models"][0].update(gpucache=True, gpucacheper=0.5)
+    raw["models"][0].update(l1 or {"gpucache": True, "gpucacheper": 0.5})
     config.write_text(yaml.safe_dump(raw))
     log = directory / "supervisor.log"
     process = subprocess.Popen(serve_command(config, "--processes", "2"), stderr=log.open("w"))
@@ -264,6 +265,30 @@ def test_a_prefetch_through_one_worker_fills_the_l1_its_lookups_read(group: Grou
         lookups = group.lookups_answered(worker) - answered[worker]
         l1_hits = group.metric(worker, "hps_level_hits", 'level="l1_cache"') - hits[worker]
         assert l1_hits == lookups * len(picked), f"worker {worker}: a prefetched key missed its L1"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpus_available([0]), reason="needs an NVIDIA GPU with CuPy (a static table the workers share)")
+def test_workers_read_one_shared_static_table_and_see_upserts_in_it(tmp_path: Path) -> None:
+    group = _start_group(tmp_path, gpucache=True, use_static_table=True)
+    try:
+        group.check_lookups()
+        keys, vectors = group.truth["user"]
+        picked, original = keys[300:340], vectors[300:340]
+        hits = [group.metric(w, "hps_level_hits", 'level="l1_cache"') for w in (0, 1)]
+        answered = [group.lookups_answered(w) for w in (0, 1)]
+        for reply in _lookup_on_every_worker(group, "user", picked):
+            np.testing.assert_array_equal(_vectors(reply, len(picked)), original)
+        for worker in (0, 1):  # every key from the static table, in both workers
+            lookups = group.lookups_answered(worker) - answered[worker]
+            l1_hits = group.metric(worker, "hps_level_hits", 'level="l1_cache"') - hits[worker]
+            assert l1_hits == lookups * len(picked), f"worker {worker}: a key missed the static table"
+        new = (original + 1000).astype(np.float32)
+        assert _upsert(group, picked, new) == len(picked)
+        for reply in _lookup_on_every_worker(group, "user", picked):
+            np.testing.assert_array_equal(_vectors(reply, len(picked)), new)
+    finally:
+        _stop(group.process)
 
 
 def test_a_killed_worker_is_restarted(group: Group) -> None:

@@ -648,8 +648,28 @@ class GpuEmbeddingCache(_OnDevice):
         return self._table_stats(rows, self.capacities)
 
 
+@dataclass(frozen=True)
+class StaticLayout:
+    """What sizes a static table's device arrays: each table's row range in (table, key) order (table t's rows
+    are [bounds[t], bounds[t + 1])), the hash slots, the vector width and the dtype held. Picklable: another
+    process opens a shared static table from it."""
+
+    bounds: tuple[int, ...]
+    slots: int
+    dim: int
+    dtype: str
+
+    @property
+    def rows(self) -> int:
+        return self.bounds[-1]
+
+
 class GpuStaticTable(_OnDevice):
-    """Fixed key sets of one or several tables held whole on one GPU; same behaviour as ReferenceStaticTable."""
+    """Fixed key sets of one or several tables held whole on one GPU; same behaviour as ReferenceStaticTable.
+
+    With `shared` (gpu_sharing.py) its arrays live in that state, once per device for a worker group:
+    the owner builds them, other processes open them (GpuStaticTable.open) and query and write them under
+    the state's lock, as a shared cache is."""
 
     def __init__(
         self,
@@ -660,6 +680,7 @@ class GpuStaticTable(_OnDevice):
         num_tables: int | None = None,
         dtype: str = "float32",
         device: int = 0,
+        shared: SharedState | None = None,
     ) -> None:
         keys = as_keys(keys)
         array = np.asarray(vectors)
@@ -669,35 +690,57 @@ class GpuStaticTable(_OnDevice):
         vectors = as_vectors(array, keys.size, dim)
         count = static_table_count(tables, num_tables)
         tables = as_tables(tables, keys.size, count)
-        super().__init__(device, count)
-        self.dim = dim
-        self.dtype = check_dtype(dtype)
-        self._suffix = _SUFFIX[self.dtype]
-        # Rows in (table, key) order, as the reference holds them: table t's rows are [bounds[t], bounds[t + 1]).
+        # Rows in (table, key) order, as the reference holds them.
         distinct, owners, last = last_occurrences(keys, tables)
-        self._bounds = np.searchsorted(owners, np.arange(count + 1))
-        self.capacities = tuple(int(c) for c in np.diff(self._bounds))
-        self.capacity = int(distinct.size)
         slots = 1 << max(1, (2 * max(1, distinct.size) - 1).bit_length())
-        self._mask = np.uint32(slots - 1)
+        bounds = tuple(int(b) for b in np.searchsorted(owners, np.arange(count + 1)))
+        self._allocate(StaticLayout(bounds, slots, dim, check_dtype(dtype).name), device, shared)
         with self._device, self._stream:
-            self._row_keys = cp.asarray(distinct)
-            row_tables = cp.asarray(owners)
-            self._rows = cp.asarray(vectors[last].astype(self.dtype))
-            # Entry in cache.cu, one per slot as 4 int32: key (2 words), table (top bit: dead), row (-1: empty).
-            self._entries = cp.zeros((slots, 4), cp.int32)
+            self._row_keys[...] = cp.asarray(distinct)
+            self._rows[...] = cp.asarray(vectors[last].astype(self.dtype))
             self._entries[:, 3] = -1
             if distinct.size:
                 self._launch(
                     "static_build",
                     _blocks(distinct.size),
-                    (self._row_keys, row_tables, np.int64(distinct.size), self._entries, self._mask),
+                    (self._row_keys, cp.asarray(owners), np.int64(distinct.size), self._entries, self._mask),
                 )
+        self._stream.synchronize()
+
+    @classmethod
+    def open(cls, layout: StaticLayout, device: int, shared: SharedState) -> GpuStaticTable:
+        """The static table another process built in `shared` with this layout, as that process left it."""
+        table = cls.__new__(cls)
+        table._allocate(layout, device, shared)
+        return table
+
+    def _allocate(self, layout: StaticLayout, device: int, shared: SharedState | None) -> None:
+        """The device arrays for `layout`: this process's own (zeroed) or the shared state's."""
+        count = len(layout.bounds) - 1
+        super().__init__(device, count, shared)
+        self.layout = layout
+        self.dim = layout.dim
+        self.dtype = check_dtype(layout.dtype)
+        self._suffix = _SUFFIX[self.dtype]
+        self._bounds = np.array(layout.bounds, np.int64)
+        self.capacities = tuple(int(c) for c in np.diff(self._bounds))
+        self.capacity = layout.rows
+        self._mask = np.uint32(layout.slots - 1)
+        with self._device, self._stream:
+            # Entry in cache.cu, one per slot as 4 int32: key (2 words), table (top bit: dead), row (-1: empty).
+            self._row_keys, self._rows, self._entries = self._state(
+                [((layout.rows,), cp.int64), ((layout.rows, layout.dim), self.dtype), ((layout.slots, 4), cp.int32)]
+            )
             # Live rows of table t: the cumulative count at bounds[t + 1] minus that at bounds[t].
             self._row_bounds = cp.asarray(self._bounds)
         self._index_args = (np.int32(count), self._entries, self._mask)
-        self._dim = np.int32(dim)
-        self._stream.synchronize()
+        self._dim = np.int32(layout.dim)
+        _module(device)
+
+    def _clear(self) -> None:
+        """Every row dead (a process died writing some): each key misses, and is revived by the next fill."""
+        with self._stream:
+            self._entries[:, 2] |= np.int32(-(2**31))
 
     def _live(self) -> cp.ndarray:
         """Whether each row is live (not invalidated), from the entries; on our stream."""
@@ -707,20 +750,23 @@ class GpuStaticTable(_OnDevice):
         return live
 
     def _query(self, n: int, keys: Address, tables: Address, vectors: Address, hit: Address, dtype: np.dtype) -> None:
-        self._launch(
-            f"static_query_{self._suffix}_{_SUFFIX[dtype]}",
-            _blocks(n),
-            (keys, tables, np.int64(n), *self._index_args, self._rows, self._dim, vectors, hit, self._counts),
-        )
+        with self._held(False):
+            self._launch(
+                f"static_query_{self._suffix}_{_SUFFIX[dtype]}",
+                _blocks(n),
+                (keys, tables, np.int64(n), *self._index_args, self._rows, self._dim, vectors, hit, self._counts),
+            )
 
     def _write(self, n: int, keys: Address, tables: Address, vectors: Address, revive: int) -> None:
         _scratch, (claim, last), _, (pos, _, _), mask = self._work(n, 2)  # kept until both launches
         self._dedupe(n, keys, tables, claim, last, pos, mask)
-        self._launch(
-            f"static_write_{self._suffix}",
-            _blocks(n),
-            (keys, tables, vectors, np.int64(n), last, pos, *self._index_args, self._rows, self._dim, np.int32(revive)),
-        )
+        with self._held(True):
+            self._launch(
+                f"static_write_{self._suffix}",
+                _blocks(n),
+                (keys, tables, vectors, np.int64(n), last, pos, *self._index_args, self._rows, self._dim,
+                 np.int32(revive)),
+            )  # fmt: skip
 
     def _replace(self, n: int, keys: Address, tables: Address, vectors: Address) -> None:
         self._write(n, keys, tables, vectors, 1)
@@ -729,13 +775,14 @@ class GpuStaticTable(_OnDevice):
         self._write(n, keys, tables, vectors, 0)
 
     def _invalidate(self, n: int, keys: Address, tables: Address) -> None:
-        self._launch("static_invalidate", _blocks(n), (keys, tables, np.int64(n), *self._index_args))
+        with self._held(True):
+            self._launch("static_invalidate", _blocks(n), (keys, tables, np.int64(n), *self._index_args))
 
     def dump(self, table: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(keys ascending, vectors float32) of `table`'s live rows."""
         table = check_table(table, self.num_tables)
         first, end = int(self._bounds[table]), int(self._bounds[table + 1])
-        with self._device, self._lock, self._stream:
+        with self._device, self._lock, self._held(False), self._stream:
             live = cp.flatnonzero(self._live()[first:end]) + first
             result = (self._get(self._row_keys[live]), self._get(self._rows[live].astype(cp.float32)))
         return result

@@ -7,9 +7,10 @@ otherwise. It reads the storage levels once, at start, and never serves lookups 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -33,10 +34,20 @@ def gpus_available(devices: Sequence[int]) -> bool:
     return all(gpu.available(device) for device in devices)
 
 
+Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # keys, vectors, each row's table index
+
+
 class SharedGpuCaches(Protocol):
-    """Where a worker group's GPU caches come from (shared_l1.py): made once, mapped by every process."""
+    """Where a worker group's GPU caches and static tables come from (shared_l1.py): made once, mapped by
+    every process."""
 
     def cache(self, model: str, capacities: list[int], dim: int, dtype: str, device: int) -> EmbeddingCache: ...
+
+    def static(
+        self, model: str, rows: Callable[[], Rows], tables: int, dim: int, dtype: str, device: int
+    ) -> EmbeddingCache:
+        """The static table of `rows` (called only where the table is built, not where it is opened)."""
+        ...
 
 
 def build_caches(
@@ -48,8 +59,9 @@ def build_caches(
     Without GPUs a replicated model has one reference cache per dim: splitting host memory between pretend
     devices would only lower the hit rate; a sharded one has a reference shard per listed device, routed
     as the GPU shards would be. Static tables are loaded whole from the lowest level (split by the same
-    route when sharded). `shared` gives the GPU caches (not static tables) of a worker group, one per
-    device for all its processes. Sharded, each shard holds 1/N of the table's L1 capacity (rounded up).
+    route when sharded), once, and only where they are built. `shared` gives the GPU caches and static
+    tables of a worker group, one per device for all its processes. Sharded, each shard holds 1/N of the
+    table's L1 capacity (rounded up).
     """
     if not model.gpucache or not levels:
         return {}
@@ -67,10 +79,12 @@ def build_caches(
     for dim, tables in by_dim.items():
         names = [model.storage_name(table) for table in tables]
         if model.use_static_table:
-            rows = _all_rows(levels[-1], names, dim)
-            parts = split_rows(*rows, len(devices)) if sharded else [rows] * len(devices)
+            every = functools.cache(functools.partial(_all_rows, levels[-1], names, dim))
             caches: tuple[EmbeddingCache, ...] = tuple(
-                _static(*part, len(tables), model.gpucache_dtype, d) for part, d in zip(parts, devices, strict=True)
+                shared.static(model.name, part, len(tables), dim, model.gpucache_dtype, device)
+                if shared is not None and device is not None
+                else _static(*part(), len(tables), model.gpucache_dtype, device)
+                for part, device in zip(_parts(every, len(devices), sharded), devices, strict=True)
             )
         else:
             capacities = [
@@ -99,6 +113,15 @@ def build_caches(
             " (static: whole tables)" if model.use_static_table else "",
         )
     return placed
+
+
+def _parts(every: Callable[[], Rows], count: int, sharded: bool) -> list[Callable[[], Rows]]:
+    """Each device's rows of a static table, read when first asked for: all of them (replicated) or the
+    device's share (sharded, by ShardedCache's route)."""
+    if not sharded:
+        return [every] * count
+    split = functools.cache(lambda: split_rows(*every(), count))
+    return [functools.partial(lambda i: split()[i], i) for i in range(count)]
 
 
 def _capacity(model: ModelConfig, table: TableConfig, rows: int) -> int:
