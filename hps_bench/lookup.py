@@ -564,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         from hps_server.cache.placement import gpus_available
 
         if not gpus_available([0]):
-            parser.error(f"--l1 {args.l1}: CuPy sees no GPU 0 on this host (install the cuda12 or cuda13 extra, or use cpu)")
+            parser.error(
+                f"--l1 {args.l1}: CuPy sees no GPU 0 on this host (install the cuda12 or cuda13 extra, or use cpu)"
+            )
     options = dict(args.server_option)
     if args.processes is not None:
         options["processes"] = args.processes

@@ -460,14 +460,17 @@ class HostedModels:
 
     def close(self) -> None:
         """Stops the update stream, closes the sessions (waiting for those being retired), then every level
-        even when one fails; raises the first level's StorageError."""
+        even when one fails; raises the first StorageError (the stream's unpublished writes, then the levels')."""
+        failures = []
         if self.updates is not None:
-            self.updates.close()
+            try:
+                self.updates.close()
+            except StorageError as e:
+                failures.append(e)
         for thread in self._retiring:
             thread.join()
         for session in self.sessions.values():
             session.close()
-        failures = []
         for level in (self.volatile, self.persistent):
             if level is not None:
                 try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ WARN_INTERVAL_SECONDS = 30
 PENDING_ROWS_BOUND = 1 << 20
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
+# After close(), the sender keeps trying to publish what is pending for this long.
+FINAL_PUBLISH_SECONDS = 10.0
 _ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 _GAP = object()  # in the applier's queue: drop every cached copy before the entries that follow
 _FELL_BEHIND = object()  # as _GAP, and this server's own levels missed messages the others applied (trimmed)
@@ -44,6 +47,39 @@ _STOP = object()
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as redis-py returns it: (id, fields)."""
+
+
+def _printable(error: BaseException, longest: int = 300) -> str:
+    """An error as one short line of printable text: redis-py's pipeline errors quote the commands, raw row
+    bytes included."""
+    text = re.sub(r" \(XADD .*\) of pipeline", " (XADD ...) of pipeline", str(error), flags=re.S)
+    printable = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
+    return printable if len(printable) <= longest else printable[: longest - 3] + "..."
+
+
+def single_connection(host: str, port: int, socket_timeout: float, **options: Any) -> redis.Redis:
+    """A connection to one Redis node that fails rather than reconnects: one socket (for pipelines too), no
+    retries, and a socket opened again after the first (redis-py reopens a closed one on the next command,
+    which could be a restarted, empty server) raises ConnectionError, so the caller re-checks which server
+    it talks to. For one thread at a time."""
+    opened = 0
+
+    def on_connect(connection: redis.connection.AbstractConnection) -> None:
+        nonlocal opened
+        opened += 1
+        if opened > 1:
+            raise redis.ConnectionError(f"the connection to {host}:{port} was lost")
+        connection.on_connect()
+
+    return redis.Redis(
+        host,
+        port,
+        socket_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+        redis_connect_func=on_connect,  # type: ignore[arg-type]  # redis-py calls it with the connection
+        max_connections=1,  # pipelines too: one socket, so any second one is a reconnection
+        **options,
+    )
 
 
 def _id(entry_id: bytes | str) -> tuple[int, int]:
@@ -106,6 +142,7 @@ class UpdateFeed:
         self._pending_rows = 0
         self._batches: queue.Queue[object] = queue.Queue(maxsize=4)
         self._closed = threading.Event()
+        self._final_deadline: float | None = None  # set by close(): the sender's last attempts end then
         self.connected = threading.Event()  # set while the stream answers; cleared on a failure
         self.applied_rows = 0
         self.gaps = 0
@@ -188,13 +225,18 @@ class UpdateFeed:
                 pipe.execute()
             except Exception as e:  # whatever went wrong, the messages stay pending
                 pending = len(batch)
-                self._warnings.warn("update stream %s: %d messages wait to be published: %s", self._stream, pending, e)
+                self._warnings.warn(
+                    "update stream %s: %d messages wait to be published: %s", self._stream, pending, _printable(e)
+                )
                 if writer is not None:
                     writer.close()
                 writer = None
                 if self._closed.is_set():
-                    break
-                self._closed.wait(backoff)
+                    if self._final_deadline is None or time.monotonic() >= self._final_deadline:
+                        break
+                    time.sleep(min(backoff, max(0.0, self._final_deadline - time.monotonic())))
+                else:
+                    self._closed.wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
             backoff = _FIRST_BACKOFF_S
@@ -203,8 +245,6 @@ class UpdateFeed:
                     for _ in batch:
                         _, rows, _ = self._pending.popleft()
                         self._pending_rows -= rows
-        if self._pending:
-            log.warning("update stream: %d messages of this server's writes never published", len(self._pending))
         if writer is not None:
             writer.close()
 
@@ -213,7 +253,8 @@ class UpdateFeed:
     def _connect_master(self, socket_timeout: float) -> tuple[redis.Redis, tuple[str, str]]:
         """A connection to the master serving the stream's slot, and its (host:port, run id). A plain
         connection without retries: a MOVED (failover, resharding) or a timeout is an error here, so a new or
-        frozen master is noticed at once. Every node seen is remembered, so the configured seeds may die."""
+        frozen master is noticed at once, and so is a lost socket (the master may have restarted). Every node
+        seen is remembered, so the configured seeds may die."""
         cluster = RedisCluster(startup_nodes=list(self._known_nodes), socket_timeout=self._timeout_s, **self._options)
         try:
             node = cluster.get_node_from_key(self._stream)
@@ -224,9 +265,7 @@ class UpdateFeed:
             ]
         finally:
             cluster.close()
-        connection = redis.Redis(
-            host, port, socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0), **self._options
-        )
+        connection = single_connection(host, port, socket_timeout, **self._options)
         run_id = str(connection.info("server")["run_id"])
         return connection, (f"{host}:{port}", run_id)
 
@@ -393,7 +432,10 @@ class UpdateFeed:
             )
 
     def close(self) -> None:
-        """Stops reading and applying (what was read is applied first); pending messages are sent once more."""
+        """Stops reading and applying (what was read is applied first); pending messages are sent, retried for
+        up to FINAL_PUBLISH_SECONDS. Raises StorageError when some were never published: acknowledged writes
+        the other replicas will not see."""
+        self._final_deadline = time.monotonic() + FINAL_PUBLISH_SECONDS
         self._closed.set()
         for session in self._sessions().values():
             session.announce = None
@@ -402,9 +444,16 @@ class UpdateFeed:
                 thread.join(timeout=self.config.block_ms / 1000 + self._timeout_s + 5)
         with self._outbox:
             self._outbox.notify()
-        self._sender.join(timeout=5 * self._timeout_s + 5)
+        self._sender.join(timeout=FINAL_PUBLISH_SECONDS + 5 * self._timeout_s + 5)
         if self._reader is not None:
             self._reader.close()
+        with self._outbox:
+            unpublished = len(self._pending)
+        if unpublished:
+            raise StorageError(
+                f"update stream {self._stream}: {unpublished} messages of this server's acknowledged writes were "
+                f"never published; the other replicas do not have them"
+            )
 
 
 def _run_key(message: UpdateMessage) -> tuple[str, str, str, bool, bool]:

@@ -21,7 +21,9 @@ from hps_bench.redis_cluster_launcher import RedisClusterProcesses
 from hps_bench.servers import free_port
 from hps_client import Client
 from hps_server import config as config_module
+from hps_server import updates as updates_module
 from hps_server.server import HpsServer
+from hps_server.updates import single_connection
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import ServedModel, sample_raw_config, serve_command, write_sample_tables
 
@@ -276,3 +278,45 @@ def test_a_worker_group_applies_other_replicas_writes_and_publishes_its_own(
         group.terminate()
         group.wait(60)
         single.server.stop(grace=1)
+
+
+def test_a_stream_connection_whose_socket_was_lost_fails_instead_of_reconnecting(
+    redis_cluster_processes: RedisClusterProcesses,
+) -> None:
+    port = redis_cluster_processes.ports[0]
+    connection = single_connection("127.0.0.1", port, 2.0)
+    assert connection.ping()
+    redis_cluster_processes.client(port).client_kill_filter(_id=connection.client_id())
+    with pytest.raises(redis.ConnectionError):  # it may be a restarted, empty server: the reader re-checks
+        connection.ping()
+    with pytest.raises(redis.ConnectionError):
+        connection.ping()
+    connection.close()
+
+
+def test_writes_never_published_by_shutdown_fail_the_servers_close(
+    tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses, stream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = disposable_redis_cluster
+    monkeypatch.setattr(updates_module, "FINAL_PUBLISH_SECONDS", 1.0)
+    served = serve_replica(tmp_path, cluster, stream)
+    _connected(served)
+    keys = served.truth["user"][0][:8]
+    for port in cluster.ports:  # the stream answers no one; the Upsert is acknowledged anyway
+        cluster.pause_node(port)
+    try:
+        with Client(served.target) as client:
+            client.upsert("ctr", "user", keys, np.full((len(keys), 16), 5.0, np.float32))
+        served.server.stop(grace=1)
+    finally:
+        for port in cluster.ports:
+            cluster.resume_node(port)
+    assert served.server.close_failure is not None
+    assert "1 messages of this server's acknowledged writes were never published" in served.server.close_failure
+
+
+def test_a_publishing_failure_is_logged_without_the_rows_raw_bytes() -> None:
+    quoted = redis.ConnectionError(
+        "Command # 1 (XADD s * keys \x00\x07)\xff\n origin o) of pipeline caused error: Timeout"
+    )
+    assert updates_module._printable(quoted) == "Command # 1 (XADD ...) of pipeline caused error: Timeout"
