@@ -98,6 +98,11 @@ def _import(args: argparse.Namespace) -> int:
 
     config = config_module.load(args.config)
     _check_names(config, args.model, args.table)
+    if args.source is not None:
+        selected = [m for m in config.models if args.model in (None, m.name)]
+        if len(selected) != 1 or (args.table is None and len(selected[0].tables) != 1):
+            # One folder holds one table's rows: imported into several tables it would replace them all.
+            raise config_module.ConfigError("--source: is one table's folder; name the table with --model and --table")
     if args.to == "redis":
         if config.volatile_db.type != "redis_cluster":
             raise config_module.ConfigError(

@@ -491,15 +491,17 @@ def _written_hook(group: GroupRole | None, model: str) -> WrittenHook | None:
 def _create_and_ingest(
     model: ModelConfig, volatile: StorageLevel | None, persistent: StorageLevel | None, progress: bool
 ) -> None:
-    """Creates each table in the levels and ingests its source files where the authority holds no row."""
+    """Creates each table in the levels and ingests its source files into the tables the authority did not
+    hold yet (a table emptied by deletes stays empty: its source is not ingested again)."""
     for table in model.tables:
         name = model.storage_name(table)
         authoritative = persistent or volatile
         if authoritative is None:
             raise ValueError(f"model {model.name}: both volatile_db and persistent_db are disabled")
+        held = name in authoritative.tables()
         if not authoritative.read_only:
             authoritative.create_table(name, table.dim)
-        if table.source is not None and authoritative.size(name) == 0:
+        if table.source is not None and not held:
             log.info("ingesting %s from the folder %r", name, table.source.name)
             rows = transfer.import_table(authoritative, name, table.source, table.dim, progress=progress)
             log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)

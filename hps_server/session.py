@@ -911,6 +911,11 @@ class LookupSession:
             raise PermissionError(f"model {self.model.name} is served read-only: {self.writes_refused}")
         if not any(not level.read_only for level in self.levels):
             raise PermissionError(f"model {self.model.name} is served read-only: no level accepts writes")
+        if self.levels[-1].read_only:  # a write only the levels above took would be lost, or undone
+            raise PermissionError(
+                f"model {self.model.name} is served read-only: its {self.levels[-1].kind} level, which holds "
+                "the rows, is read-only"
+            )
 
     def cache_stats(self) -> dict[str, CacheStats]:
         """L1 hits, misses, rows held and capacity per table, summed over the table's devices."""

@@ -266,3 +266,17 @@ def test_readme_grpcurl_lookup_asks_for_a_key_the_demo_holds_and_one_it_does_not
     held = np.isin(np.array([int(k) for k in query["key_list"]]), demo.sample_keys(table))
     assert held.tolist() == [True, False]
     assert f'"dim": {table.dim}' in readme and '"found": "AQA="' in readme
+
+
+def test_an_import_of_one_folder_into_several_tables_is_refused_and_changes_nothing(tmp_path: Path, capsys) -> None:
+    truth = write_sample_tables(tmp_path)
+    config = _config_file(tmp_path, with_sources=True)
+    assert main(["import", "--config", str(config)]) == 0
+    capsys.readouterr()
+    for scope in ([], ["--model", "ctr"]):  # the sample model has two tables
+        assert main(["import", "--config", str(config), *scope, "--source", str(tmp_path / "item")]) == 2
+        assert "--source: is one table's folder; name the table with --model and --table" in capsys.readouterr().err
+    out = tmp_path / "exported"
+    assert main(["export", "--config", str(config), "--model", "ctr", "--table", "user", "--out", str(out)]) == 0
+    keys = np.concatenate([k for k, _ in tables.read_table(out, TABLE_SPECS["user"][1]).chunks(10_000)])
+    np.testing.assert_array_equal(np.sort(keys), np.sort(truth["user"][0]))  # the user table kept its rows

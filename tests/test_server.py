@@ -20,12 +20,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hps_bench.servers import free_port, wait_serving
+from hps_client import Client
+from hps_client.errors import FailedPreconditionError
+from hps_server import config as config_module
 from hps_server.server import HpsServer
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import (
     TABLE_SPECS,
     ServedModel,
     sample_config,
+    sample_raw_config,
     serve_command,
     write_sample_config,
     write_sample_tables,
@@ -191,3 +195,54 @@ def test_max_connection_age_makes_clients_reconnect(tmp_path: Path) -> None:
         assert grpc.ChannelConnectivity.READY in states
         went_idle = grpc.ChannelConnectivity.IDLE in states[states.index(grpc.ChannelConnectivity.READY) :]
         assert went_idle is closed, states
+
+
+def _serve(config: config_module.Config) -> tuple[HpsServer, str]:
+    server = HpsServer(config)
+    port = server.start()
+    assert server.wait_ready(30)
+    return server, f"127.0.0.1:{port}"
+
+
+def test_rows_deleted_until_a_table_is_empty_stay_deleted_after_a_restart(tmp_path: Path) -> None:
+    truth = write_sample_tables(tmp_path)
+    config = sample_config(tmp_path)
+    keys = truth["item"][0]
+    server, target = _serve(config)
+    try:
+        with Client(target) as client:
+            for start in range(0, len(keys), 256):
+                client.delete("ctr", "item", keys[start : start + 256])
+    finally:
+        server.stop(grace=1)
+    server, target = _serve(config)  # the table's source folder is still configured
+    try:
+        with Client(target) as client:
+            assert not client.lookup_tables("ctr", {"item": keys[:256]})["item"].found.any()
+            assert client.describe("ctr").tables[1].rows == 0
+    finally:
+        server.stop(grace=1)
+
+
+def test_writes_to_a_model_whose_rocksdb_is_read_only_are_refused(tmp_path: Path) -> None:
+    truth = write_sample_tables(tmp_path)
+    server, _ = _serve(sample_config(tmp_path))  # imports the tables
+    server.stop(grace=1)
+    raw = sample_raw_config()
+    raw["persistent_db"]["read_only"] = True
+    server, target = _serve(config_module.parse(raw, tmp_path))
+    keys, vectors = truth["user"][0][:4], truth["user"][1][:4]
+    try:
+        with Client(target) as client:
+            for write in (
+                lambda: client.upsert("ctr", "user", keys, vectors + 1),
+                lambda: client.delete("ctr", "user", keys),
+            ):
+                with pytest.raises(
+                    FailedPreconditionError, match="its rocksdb level, which holds the rows, is read-only"
+                ):
+                    write()
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), vectors)
+            assert "read-only" in client.describe("ctr").writes_refused
+    finally:
+        server.stop(grace=1)

@@ -564,17 +564,20 @@ class RocksDBLevel(StorageLevel):
         self._drop_family(family)
 
     def _discard_unfinished_load(self, table: str) -> None:
-        """A bulk load into the empty table stopped part-way (the process died): empty the table again so
-        its next import starts afresh instead of serving a partial table as complete."""
+        """A bulk load into the empty table stopped part-way (the process died): the table is dropped, as if
+        never created, so that its next import (a server's ingest of a new table) starts afresh instead of
+        serving a partial table as complete."""
         if self.read_only:
             log.warning("rocksdb: table %s holds an unfinished import; opened read-only, it is served as is", table)
             return
-        log.warning("rocksdb: table %s holds an unfinished import; emptying it for a fresh import", table)
-        self._families.pop(table)
-        self._db.drop_column_family(table)
-        self._families[table] = self._db.create_column_family(table, rocksdict.Options(raw_mode=True))
-        self._store_rows(table, 0)
-        self._db.delete(_loading_key(table), self._write_options)
+        log.warning("rocksdb: table %s holds an unfinished import; dropping it for a fresh import", table)
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        for key in (f"dim/{table}".encode(), f"rows/{table}".encode(), _family_key(table), _loading_key(table)):
+            batch.delete(key, self._meta)
+        self._db.write(batch, self._write_options)
+        physical = self._physical.pop(table)
+        del self._dims[table], self._rows[table], self._families[table]
+        self._drop_family(physical)
 
     def _store_rows(self, table: str, rows: int) -> None:
         self._db.put(f"rows/{table}".encode(), _int_bytes(rows), self._write_options)
