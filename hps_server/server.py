@@ -68,6 +68,7 @@ class HpsServer:
     ) -> None:
         self.config = config
         self.health = health.HealthServicer()
+        self._writes_status: int | None = None  # what WRITES_HEALTH_NAME was last set to
         for name in ("", *SERVICE_NAMES, WRITES_HEALTH_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics = ServerMetrics(models=[model.name for model in config.models])
@@ -175,9 +176,12 @@ class HpsServer:
                     self._report_writes()
 
     def _report_writes(self) -> None:
+        """Sets WRITES_HEALTH_NAME when it changes (each set sends every Watch of it a message)."""
         refused = any(session.write_refusal() for session in self.models.sessions.values())
         status = health_pb2.HealthCheckResponse.NOT_SERVING if refused else health_pb2.HealthCheckResponse.SERVING
-        self.health.set(WRITES_HEALTH_NAME, status)
+        if status != self._writes_status:
+            self._writes_status = status
+            self.health.set(WRITES_HEALTH_NAME, status)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Blocks until warm-up is done and health reports SERVING; False on timeout."""

@@ -48,6 +48,9 @@ from hps_wire.response_codec import (
 )
 
 log = logging.getLogger(__name__)
+# Bytes a reply spends per table result (and once per reply) on fields and framing beside its arrays: a bound,
+# names included (each at most a few hundred bytes).
+REPLY_FRAMING_BYTES = 512
 
 T = TypeVar("T")
 
@@ -272,15 +275,21 @@ class Lookups:
         _check_repeated_tables(session, queries, packed)
         prefetch = self.prefetch_queries(session, request.prefetch, "prefetch") if request.HasField("prefetch") else []
         rows_by_dim = sum((len(q.row_splits) - 1 if q.combiner else len(q.keys)) * q.table.dim for q in queries)
+        keys = sum(len(q.keys) for q in queries)
+        segments = len(queries)
         if packed is not None:
             rows_by_dim += int(np.dot(packed.counts, packed.dims))
+            keys, segments = keys + int(packed.counts.sum()), segments + len(packed.counts)
         reply_bytes = rows_by_dim * wire_dtype.itemsize
+        # The whole message: vectors, one found byte per key, and the fields and framing around them.
+        message_bytes = reply_bytes + keys + REPLY_FRAMING_BYTES * (1 + segments) + len(request.request_id)
         limit = self.limits.max_message_mb * 1024 * 1024
-        if reply_bytes > limit:
+        if message_bytes > limit:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request: its reply would hold {reply_bytes / 2**20:.1f} MiB of vectors, over server.max_message_mb "
-                f"{self.limits.max_message_mb} (ask for fewer keys per request, or float16)",
+                f"request: its reply would take {message_bytes / 2**20:.2f} MiB ({reply_bytes / 2**20:.2f} MiB of "
+                f"vectors), over server.max_message_mb {self.limits.max_message_mb} (ask for fewer keys per "
+                "request, or float16)",
             )
         if packed is None or queries or reply_bytes < self.replies.min_bytes:
             return _Prepared(session, wire_dtype, queries, packed, prefetch)

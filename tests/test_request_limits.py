@@ -125,6 +125,10 @@ def test_a_reply_larger_than_max_message_mb_is_refused_naming_it(tmp_path: Path)
             with pytest.raises(ResourceExhaustedError, match=r"over server.max_message_mb 1"):
                 client.lookup("ctr", "user", keys)
             assert client.lookup("ctr", "user", keys, dtype="float16").shape == (20_000, 16)  # 0.6 MiB
+            # 16,320 keys: 0.996 MiB of vectors, but with a found byte per key the reply is over 1 MiB.
+            with pytest.raises(ResourceExhaustedError, match=r"over server.max_message_mb 1"):
+                client.lookup("ctr", "user", keys[:16_320])
+            assert client.lookup("ctr", "user", keys[:16_000]).shape == (16_000, 16)  # 0.99 MiB in all: sent
     finally:
         server.stop(grace=1)
 

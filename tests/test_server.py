@@ -3,6 +3,7 @@ refuses an address another server already holds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -23,7 +24,7 @@ from hps_bench.servers import free_port, wait_serving
 from hps_client import Client
 from hps_client.errors import FailedPreconditionError
 from hps_server import config as config_module
-from hps_server.server import HpsServer
+from hps_server.server import WRITES_CHECK_SECONDS, WRITES_HEALTH_NAME, HpsServer
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import (
     TABLE_SPECS,
@@ -246,3 +247,13 @@ def test_writes_to_a_model_whose_rocksdb_is_read_only_are_refused(tmp_path: Path
             assert "read-only" in client.describe("ctr").writes_refused
     finally:
         server.stop(grace=1)
+
+
+def test_a_watch_of_the_writes_health_gets_a_message_only_when_it_changes(served: ServedModel) -> None:
+    request = health_pb2.HealthCheckRequest(service=WRITES_HEALTH_NAME)
+    statuses = []
+    with grpc.insecure_channel(served.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=3.5 * WRITES_CHECK_SECONDS)
+        with contextlib.suppress(grpc.RpcError):  # the deadline ends it
+            statuses.extend(reply.status for reply in watch)
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING]  # not once more per check
