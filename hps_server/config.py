@@ -392,6 +392,17 @@ def _float(low: float | None = None, high: float | None = None, low_open: bool =
     return convert
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+
+
+def _float32(value: Any, name: str) -> float:
+    """A finite number a float32 vector can hold (a default value): 1e39 would be served as inf."""
+    number = _float()(value, name)
+    if abs(number) > FLOAT32_MAX:
+        raise ConfigError(f"{name}: must fit a float32 (|value| <= {FLOAT32_MAX:.6g}), got {shown_value(value)}")
+    return number
+
+
 def _str(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{name}: must be a string, got {shown_value(value)}")
@@ -638,6 +649,10 @@ def _password(s: _Section, from_file: Path | None, default: str) -> str:
     return password
 
 
+# HPS's least-frequently-used policy: served by the nearest hps has, least recently used.
+_HPS_POLICY_ALIASES = {"evict_least_used": "evict_oldest"}
+
+
 def _volatile(raw: Any, base: Path, hps: bool) -> VolatileDbConfig:
     known = _VOLATILE_KEYS | (_HPS_VOLATILE_EXTRAS if hps else set())
     s = _Section(_hps_aliased(raw) if hps else raw, "volatile_db", known, strict=not hps)
@@ -645,6 +660,13 @@ def _volatile(raw: Any, base: Path, hps: bool) -> VolatileDbConfig:
     batch = s.get("max_batch_size", d.max_batch_size, _int(1))
     if hps:  # HPS splits the batch limit in two; the smaller is the safe bound for both directions.
         batch = min(s.get("max_get_batch_size", batch, _int(1)), s.get("max_set_batch_size", batch, _int(1)))
+    policies = _HPS_POLICY_ALIASES if hps else None
+    if hps and s.raw.get("overflow_policy") in _HPS_POLICY_ALIASES:
+        log.warning(
+            "volatile_db.overflow_policy: %s is served as %s (hps has no least-frequently-used eviction)",
+            s.raw["overflow_policy"],
+            _HPS_POLICY_ALIASES[s.raw["overflow_policy"]],
+        )
     tls_cert_file = s.get("tls_cert_file", None, _path(base))
     tls_key_file = s.get("tls_key_file", None, _path(base))
     if tls_key_file is not None and tls_cert_file is None:
@@ -652,7 +674,9 @@ def _volatile(raw: Any, base: Path, hps: bool) -> VolatileDbConfig:
     return VolatileDbConfig(
         type=s.get("type", d.type, _choice("hash_map", "redis_cluster", "disabled", aliases=_VOLATILE_ALIASES)),
         overflow_margin=s.get("overflow_margin", d.overflow_margin, _int(1)),
-        overflow_policy=s.get("overflow_policy", d.overflow_policy, _choice("evict_oldest", "evict_random")),
+        overflow_policy=s.get(
+            "overflow_policy", d.overflow_policy, _choice("evict_oldest", "evict_random", aliases=policies)
+        ),
         overflow_resolution_target=s.get(
             "overflow_resolution_target", d.overflow_resolution_target, _float(0, 1, low_open=True)
         ),
@@ -748,7 +772,8 @@ def _model_options(s: _Section, name: str, tables: tuple[TableConfig, ...], extr
         max_batch_size=max_batch_size,
         gpucache=s.get("gpucache", d.gpucache, _bool),
         gpucacheper=s.get("gpucacheper", d.gpucacheper, _float(0, 1)),
-        hit_rate_threshold=s.get("hit_rate_threshold", d.hit_rate_threshold, _float(0, 1)),
+        # Above 1 (as in HPS), L1 inserts are never deferred: the hit rate never reaches it.
+        hit_rate_threshold=s.get("hit_rate_threshold", d.hit_rate_threshold, _float(0)),
         deployed_device_list=s.get("deployed_device_list", d.deployed_device_list, _devices),
         gpu_placement=s.get("gpu_placement", d.gpu_placement, _choice("replicated", "sharded")),
         use_static_table=s.get("use_static_table", d.use_static_table, _bool),
@@ -767,7 +792,7 @@ def _model(raw: Any, path: str, base: Path) -> ModelConfig:
             TableConfig(
                 name=t.require("name", _name_str),
                 dim=t.require("dim", _int(1, MAX_DIM)),
-                default_value=t.get("default_value", 0.0, _float()),
+                default_value=t.get("default_value", 0.0, _float32),
                 source=t.get("source", None, _path(base)),
                 max_keys_per_sample=t.get("max_keys_per_sample", 1, _int(1)),
                 version=t.get("version", "", version),
@@ -852,7 +877,7 @@ def _hps_model(raw: Any, path: str, base: Path) -> ModelConfig:
         TableConfig(
             name=_name_str(names[i], f"{path}.embedding_table_names[{i}]"),
             dim=_int(1, MAX_DIM)(dims[i], f"{path}.embedding_vecsize_per_table[{i}]"),
-            default_value=_float()(defaults[i], f"{path}.default_value_for_each_table[{i}]"),
+            default_value=_float32(defaults[i], f"{path}.default_value_for_each_table[{i}]"),
             source=_path(base)(files[i], f"{path}.sparse_files[{i}]"),
             max_keys_per_sample=_int(1)(per_sample[i], f"{path}.maxnum_catfeature_query_per_table_per_sample[{i}]"),
         )
@@ -871,6 +896,11 @@ def parse(raw: Any, base: Path, hps: bool = False) -> Config:
     top = _Section(raw, "", _TOP_KEYS | (_HPS_TOP_EXTRAS if hps else set()), strict=not hps)
     if hps and top.get("supportlonglong", True, _bool) is False:
         raise ConfigError("supportlonglong: hps keys are always int64; false (int32 keys) is not supported")
+    if hps and "update_source" in top.raw:
+        log.warning(
+            "update_source: ignored; hps does not read Kafka: a trainer publishes to the Redis stream the "
+            "`updates` section names (hps_client.feed, hps push)"
+        )
     model_reader = _hps_model if hps else _model
     models = tuple(model_reader(m, f"models[{i}]", base) for i, m in enumerate(top.require("models", _list)))
     names = [m.name for m in models]

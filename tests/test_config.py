@@ -219,6 +219,7 @@ def test_invalid_yaml_config_names_the_field(raw: dict, message: str) -> None:
         ({"embedding_vecsize_per_table": [1, -2]}, "models[0].embedding_vecsize_per_table[1]: must be >= 1"),
         ({"model": None}, "models[0].model: required"),
         ({"gpucacheper": "a lot"}, "models[0].gpucacheper: must be a finite number"),
+        ({"default_value_for_each_table": [0.0, 1e39]}, "default_value_for_each_table[1]: must fit a float32"),
     ],
 )
 def test_invalid_ps_json_names_the_field(tmp_path: Path, change: dict, message: str) -> None:
@@ -264,3 +265,27 @@ def test_the_update_stream_follows_the_redis_cluster_unless_told_otherwise(tmp_p
     ):
         with pytest.raises(ConfigError, match=message):
             config_module.parse({**raw, "updates": bad}, tmp_path)
+
+
+def test_ps_json_values_hps_documents_are_taken(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    document = json.loads(json.dumps(HPS_PS_JSON))
+    document["volatile_db"]["overflow_policy"] = "evict_least_used"
+    document["models"][0].update(hit_rate_threshold=1.1, default_value_for_each_table=[-3.4e38, 3.4e38])
+    document["update_source"] = {"type": "kafka_message_queue", "brokers": "127.0.0.1:9092"}
+    path = tmp_path / "ps.json"
+    path.write_text(json.dumps(document))
+    with caplog.at_level("WARNING", logger="hps_server.config"):
+        config = config_module.load(path)
+    assert config.volatile_db.overflow_policy == "evict_oldest"
+    assert config.models[0].hit_rate_threshold == 1.1  # above 1: L1 inserts are never deferred
+    assert [t.default_value for t in config.models[0].tables] == [-3.4e38, 3.4e38]
+    warned = caplog.text
+    assert "evict_least_used is served as evict_oldest" in warned
+    assert "update_source: ignored; hps does not read Kafka" in warned
+
+
+def test_a_yaml_default_value_past_float32_is_refused() -> None:
+    raw = {"models": [_model()]}
+    raw["models"][0]["tables"][0]["default_value"] = -1e39
+    with pytest.raises(ConfigError, match=r"models\[0\].tables\[0\].default_value: must fit a float32"):
+        config_module.parse(raw, Path("."))
