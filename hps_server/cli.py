@@ -154,7 +154,8 @@ def _export(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
     model = config.model(args.model)
     table = model.table(args.table)
-    level = storage.open_persistent(config.persistent_db)
+    # Read-only: an export reads, so it works beside a server holding the database.
+    level = storage.open_persistent(replace(config.persistent_db, read_only=True))
     if level is None:
         raise config_module.ConfigError("persistent_db: disabled; nothing to export from")
     try:

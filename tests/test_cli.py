@@ -17,8 +17,10 @@ import redis
 import yaml
 
 from hps_bench.servers import free_port, wait_serving
+from hps_server import config as config_module
 from hps_server import demo, logs, tables
 from hps_server.cli import BENCHMARKS, build_parser, main
+from hps_server.server import HpsServer
 from tests.conftest import TABLE_SPECS, ServedModel, write_sample_config, write_sample_tables
 
 
@@ -280,3 +282,27 @@ def test_an_import_of_one_folder_into_several_tables_is_refused_and_changes_noth
     assert main(["export", "--config", str(config), "--model", "ctr", "--table", "user", "--out", str(out)]) == 0
     keys = np.concatenate([k for k, _ in tables.read_table(out, TABLE_SPECS["user"][1]).chunks(10_000)])
     np.testing.assert_array_equal(np.sort(keys), np.sort(truth["user"][0]))  # the user table kept its rows
+
+
+def test_beside_a_running_server_export_reads_and_import_says_a_server_holds_the_database(
+    tmp_path: Path, capsys
+) -> None:
+    truth = write_sample_tables(tmp_path)
+    config_path = _config_file(tmp_path, with_sources=True)
+    server = HpsServer(config_module.load(config_path))  # ingests the sources and holds RocksDB read-write
+    server.start()
+    try:
+        assert server.wait_ready(30)
+        out = tmp_path / "exported"
+        assert (
+            main(["export", "--config", str(config_path), "--model", "ctr", "--table", "user", "--out", str(out)]) == 0
+        )
+        keys = np.concatenate([k for k, _ in tables.read_table(out, TABLE_SPECS["user"][1]).chunks(10_000)])
+        np.testing.assert_array_equal(np.sort(keys), np.sort(truth["user"][0]))
+        capsys.readouterr()
+        assert main(["import", "--config", str(config_path), "--model", "ctr", "--table", "user"]) == 2
+        err = capsys.readouterr().err
+        assert "is held by another opener (a running hps serve?)" in err
+        assert str(tmp_path) not in err
+    finally:
+        server.stop(grace=1)

@@ -192,6 +192,11 @@ class RocksDBLevel(StorageLevel):
             self._db = rocksdict.Rdict(str(self.path), self._options, column_families=families, access_type=access)
         except Exception as exc:
             reason = self._hidden(exc)
+            if "/LOCK:" in reason:  # RocksDB's lock file: another process (or this one) holds it read-write
+                raise LevelUnavailableError(
+                    "rocksdb: the database at persistent_db.path is held by another opener (a running hps serve?):"
+                    " stop it first, or open it read-only (persistent_db.read_only)"
+                ) from None
             raise LevelUnavailableError(f"rocksdb: cannot open the database at persistent_db.path: {reason}") from None
         self._meta = self._db.get_column_family_handle(_META_CF)
         self._dims: dict[str, int] = {}
