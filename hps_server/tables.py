@@ -23,6 +23,7 @@ HPS_KEY_FILE = "key"
 HPS_VECTOR_FILE = "emb_vector"
 NPY_KEY_FILE = "keys.npy"
 NPY_VECTOR_FILE = "vectors.npy"
+_FILES = frozenset((HPS_KEY_FILE, HPS_VECTOR_FILE, NPY_KEY_FILE, NPY_VECTOR_FILE))
 FILES: dict[TableFormat, tuple[str, str]] = {
     "hps": (HPS_KEY_FILE, HPS_VECTOR_FILE),
     "npy": (NPY_KEY_FILE, NPY_VECTOR_FILE),
@@ -36,9 +37,16 @@ class TableFileError(ValueError):
     """A table file is missing or malformed; the message names the file and what is wrong."""
 
     def without_path(self) -> str:
-        """The message with the file's name in place of its path (for clients and logs of a server)."""
+        """The message with the folder's name (and the file's, for a file of it) in place of its path (for
+        clients and logs of a server)."""
         where, _, what = str(self).partition(": ")
-        return f"{Path(where).name}: {what}"
+        path = Path(where)
+        shown = f"{path.parent.name}/{path.name}" if path.name in _FILES else path.name
+        return f"{shown}: {what}"
+
+    def of_table(self, table: str) -> TableFileError:
+        """The same error, saying which table's files they are."""
+        return TableFileError(f"{self} (table {table})")
 
 
 @dataclass(frozen=True)

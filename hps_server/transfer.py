@@ -50,7 +50,10 @@ def import_table(
 
     Returns rows loaded. `chunk_rows` None: about IMPORT_CHUNK_BYTES of rows per chunk.
     """
-    files = read_table(source, dim)
+    try:
+        files = read_table(source, dim)
+    except TableFileError as e:
+        raise e.of_table(table) from None
     if files.rows == 0 and table in level.tables() and (held := level.size(table)):
         # An empty folder is an accident far more often than a wish to drop every row.
         raise TableFileError(f"{files.path}: holds no rows; importing it would empty {table} ({held} rows)")

@@ -306,3 +306,17 @@ def test_beside_a_running_server_export_reads_and_import_says_a_server_holds_the
         assert str(tmp_path) not in err
     finally:
         server.stop(grace=1)
+
+
+def test_a_bad_table_file_of_an_import_names_the_table_and_the_file(tmp_path: Path, capsys) -> None:
+    write_sample_tables(tmp_path)
+    config = _config_file(tmp_path, with_sources=True)
+    keys, vectors = np.array([1, 2, 2], np.int64), np.zeros((3, TABLE_SPECS["item"][1]), np.float32)
+    (tmp_path / "item").rename(tmp_path / "item_old")
+    tables.write_table(tmp_path / "item", [(keys, vectors)], TABLE_SPECS["item"][1])
+    assert main(["import", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "hps import: error: item/key: 1 duplicate key rows (1 distinct keys repeat), e.g. key 2 (table ctr.item)" in err
+    )
+    assert str(tmp_path) not in err

@@ -580,5 +580,5 @@ def test_import_version_into_a_rocksdb_a_server_holds_is_one_clear_error(admin: 
     path.write_text(yaml.safe_dump(sample_raw_config()))
     assert main(["import", "--config", str(path), "--model", "ctr", "--table", "user", "--version", "v7"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hps import: error: rocksdb: cannot open the database at persistent_db.path")
+    assert err.startswith("hps import: error: rocksdb: the database at persistent_db.path is held by another opener")
     assert str(admin.directory) not in err
