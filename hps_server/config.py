@@ -747,24 +747,35 @@ _MODEL_OPTIONS = {
 }
 _MODEL_KEYS = {"name", "tables"} | _MODEL_OPTIONS
 _TABLE_KEYS = {"name", "dim", "default_value", "source", "max_keys_per_sample", "version"}
+# How a model's errors name a table's fields: in hps's YAML, and in a ps.json (one list per field).
+_TABLE_FIELDS = {"tables": "tables", "name": "tables[{}].name", "max_keys_per_sample": "tables[{}].max_keys_per_sample"}
+_HPS_TABLE_FIELDS = {
+    "tables": "sparse_files",
+    "name": "embedding_table_names[{}]",
+    "max_keys_per_sample": "maxnum_catfeature_query_per_table_per_sample[{}]",
+}
 
 
-def _model_options(s: _Section, name: str, tables: tuple[TableConfig, ...], extras: Mapping[str, Any]) -> ModelConfig:
+def _model_options(
+    s: _Section, name: str, tables: tuple[TableConfig, ...], extras: Mapping[str, Any], hps: bool = False
+) -> ModelConfig:
+    """The model's options around its tables; `hps`: errors name a ps.json's fields (lists per table)."""
     d = ModelConfig(name=name, tables=())
+    field = _HPS_TABLE_FIELDS if hps else _TABLE_FIELDS
     seen: set[str] = set()
     for i, table in enumerate(tables):
         if table.name in seen:
-            raise ConfigError(f"{s.path}.tables[{i}].name: duplicate table {table.name!r}")
+            raise ConfigError(f"{s.path}.{field['name'].format(i)}: duplicate table {table.name!r}")
         seen.add(table.name)
     if not tables:
-        raise ConfigError(f"{s.path}.tables: a model needs at least one table")
+        raise ConfigError(f"{s.path}.{field['tables']}: a model needs at least one table")
     max_batch_size = s.get("max_batch_size", d.max_batch_size, _int(1))
     for i, table in enumerate(tables):
         if max_batch_size * table.max_keys_per_sample > MAX_KEYS_PER_QUERY:
             raise ConfigError(
-                f"{s.path}.tables[{i}]: max_batch_size x max_keys_per_sample (the keys one request may ask of "
-                f"the table, which its L1 must hold) must be <= {MAX_KEYS_PER_QUERY}, got "
-                f"{max_batch_size} x {table.max_keys_per_sample}"
+                f"{s.path}.{field['max_keys_per_sample'].format(i)}: max_batch_size x max_keys_per_sample (the "
+                f"keys one request may ask of the table, which its L1 must hold) must be <= {MAX_KEYS_PER_QUERY}, "
+                f"got {max_batch_size} x {table.max_keys_per_sample}"
             )
     return ModelConfig(
         name=name,
@@ -884,7 +895,7 @@ def _hps_model(raw: Any, path: str, base: Path) -> ModelConfig:
         for i in range(len(files))
     )
     extras = {k: v for k, v in s.raw.items() if k in _HPS_MODEL_EXTRAS}
-    return _model_options(s, name, tables, extras)
+    return _model_options(s, name, tables, extras, hps=True)
 
 
 _TOP_KEYS = {"server", "volatile_db", "persistent_db", "models", "updates"}

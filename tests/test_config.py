@@ -220,6 +220,21 @@ def test_invalid_yaml_config_names_the_field(raw: dict, message: str) -> None:
         ({"model": None}, "models[0].model: required"),
         ({"gpucacheper": "a lot"}, "models[0].gpucacheper: must be a finite number"),
         ({"default_value_for_each_table": [0.0, 1e39]}, "default_value_for_each_table[1]: must fit a float32"),
+        ({"embedding_table_names": ["a", "a"]}, "models[0].embedding_table_names[1]: duplicate table 'a'"),
+        (
+            {
+                "sparse_files": [],
+                "embedding_vecsize_per_table": [],
+                "embedding_table_names": [],
+                "default_value_for_each_table": [],
+                "maxnum_catfeature_query_per_table_per_sample": [],
+            },
+            "models[0].sparse_files: a model needs at least one table",
+        ),
+        (
+            {"max_batch_size": 2**20, "maxnum_catfeature_query_per_table_per_sample": [2, 2**12]},
+            "models[0].maxnum_catfeature_query_per_table_per_sample[1]: max_batch_size x max_keys_per_sample",
+        ),
     ],
 )
 def test_invalid_ps_json_names_the_field(tmp_path: Path, change: dict, message: str) -> None:
