@@ -467,6 +467,10 @@ def _path(base: Path) -> Callable[[Any, str], Path]:
         text = _str(value, name)
         if not text.strip():  # Path("") is the config's own folder
             raise ConfigError(f"{name}: must be a path, got an empty string")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):  # HPS reads HDFS, S3, GCS; hps reads local files only
+            raise ConfigError(
+                f"{name}: {text.split('://')[0]}:// is not read, only local files: copy the folder to this host"
+            )
         path = Path(text).expanduser()
         return path if path.is_absolute() else base / path
 

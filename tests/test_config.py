@@ -222,6 +222,10 @@ def test_invalid_yaml_config_names_the_field(raw: dict, message: str) -> None:
         ({"default_value_for_each_table": [0.0, 1e39]}, "default_value_for_each_table[1]: must fit a float32"),
         ({"embedding_table_names": ["a", "a"]}, "models[0].embedding_table_names[1]: duplicate table 'a'"),
         (
+            {"sparse_files": ["hdfs://namenode:9000/wdl/0.model", "b"]},
+            "models[0].sparse_files[0]: hdfs:// is not read, only local files",
+        ),
+        (
             {
                 "sparse_files": [],
                 "embedding_vecsize_per_table": [],
