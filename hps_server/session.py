@@ -624,7 +624,7 @@ class LookupSession:
                         continue
 
                     def copy(keep: np.ndarray, level=level, keys=keys, rows=rows, tables=tables) -> None:  # type: ignore[no-untyped-def]
-                        level.insert_many(batch.names, keys[keep], tables[keep], rows[keep])
+                        level.copy_many(batch.names, keys[keep], tables[keep], rows[keep])
 
                     self._insert_unless_stale(batch.tables, epochs, tables, copy)
                 except StorageError as e:
@@ -649,7 +649,7 @@ class LookupSession:
         names = [table.storage_name for table in served]
 
         def insert(keep: np.ndarray) -> None:
-            target.insert_many(names, found.keys[keep], found.table_of[keep], found.rows[keep])
+            target.copy_many(names, found.keys[keep], found.table_of[keep], found.rows[keep])
 
         self._insert_unless_stale(served, found.epochs, found.table_of, insert)
 

@@ -125,7 +125,8 @@ def _warm_volatile(
         for epoch, (keys, vectors) in _copies(session, table, persistent, budget, pace):
             if stop.is_set():
                 return
-            if session.insert_if_unchanged(table, epoch, functools.partial(volatile.insert, name, keys, vectors)):
+            copy = functools.partial(volatile.copy_many, [name], keys, np.zeros(len(keys), np.intp), vectors)
+            if session.insert_if_unchanged(table, epoch, copy):
                 copied += len(keys)
             log.debug("warming %s in %s: %d of %d rows", name, volatile.kind, copied, budget)
     except LevelUnavailableError as e:

@@ -320,3 +320,35 @@ def test_a_publishing_failure_is_logged_without_the_rows_raw_bytes() -> None:
         "Command # 1 (XADD s * keys \x00\x07)\xff\n origin o) of pipeline caused error: Timeout"
     )
     assert updates_module._printable(quoted) == "Command # 1 (XADD ...) of pipeline caused error: Timeout"
+
+
+def test_a_replica_started_later_from_older_files_does_not_overwrite_newer_rows_in_the_shared_redis(
+    tmp_path: Path, replicas: list[ServedModel], redis_cluster_processes: RedisClusterProcesses, stream: str
+) -> None:
+    a, _ = replicas
+    keys = a.truth["user"][0][:MAX_KEYS]
+    new = np.full((len(keys), 16), 9.0, np.float32)
+    with Client(a.target) as client_a:
+        client_a.upsert("ctr", "user", keys, new)  # into A's RocksDB and the shared Redis
+    # A new replica: its own RocksDB ingested from the same (now older) files, warming all of Redis.
+    directory = tmp_path / "late"
+    directory.mkdir()
+    write_sample_tables(directory)
+    raw = sample_raw_config(type="redis_cluster", address=redis_cluster_processes.seed, timeout_ms=300)
+    raw["volatile_db"]["initial_cache_rate"] = 1.0
+    raw["updates"] = {"stream": stream, "block_ms": 200}
+    late = HpsServer(config_module.parse(raw, directory))
+    late.start()
+    try:
+        assert late.wait_ready(30)
+        volatile = late.models.volatile
+        assert volatile is not None
+        rows, found = volatile.fetch("ctr.user", keys)
+        assert found.all()
+        np.testing.assert_array_equal(rows, new)  # the warm-up copied only the keys Redis did not hold
+        others = a.truth["user"][0][MAX_KEYS : 2 * MAX_KEYS]
+        rows, found = volatile.fetch("ctr.user", others)
+        assert found.all()
+        np.testing.assert_array_equal(rows, a.truth["user"][1][MAX_KEYS : 2 * MAX_KEYS])
+    finally:
+        late.stop(grace=1)

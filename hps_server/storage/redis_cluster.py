@@ -114,6 +114,18 @@ def _bulk(arg: bytes | str | int) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
+# A copy into a partition (copy_many): each (key, row) pair is set only where the key is absent, with its
+# access time; one script per partition and batch, so no other client's write lands between test and set.
+_KEEP_HELD = """
+for i = 2, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
+  end
+end
+return 0
+"""
+
+
 def _command(*args: bytes | str | int, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> Packed:
     """One command in the Redis protocol: `args`, then each key's 8 bytes, each followed by its row of
     `values` (uint8 [n, width]) when given. NumPy lays out every key's bytes in one pass; redis-py would
@@ -777,28 +789,51 @@ class RedisClusterLevel(StorageLevel):
         vectors = as_vectors(vectors, len(keys), dim)
         self._insert([self._writable(table) for table in tables], keys, index, vectors)
 
-    def _insert(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
+    def copy_many(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        keys, index, dim = self._table_batch(tables, keys, table_index)
+        vectors = as_vectors(vectors, len(keys), dim)
+        self._insert([self._writable(table) for table in tables], keys, index, vectors, keep_held=True)
+
+    def _insert(
+        self,
+        parts: Sequence[_Partitions],
+        keys: np.ndarray,
+        index: np.ndarray,
+        vectors: np.ndarray,
+        keep_held: bool = False,
+    ) -> None:
         """Writes the rows (_write); a write that failed may or may not have reached Redis, so its keys are
         recorded to be dropped before Redis is read again."""
         if not len(keys):
             return
         try:
-            self._write(parts, keys, index, vectors)
+            self._write(parts, keys, index, vectors, keep_held)
         except StorageError:
             self._record_stale(parts, keys, index)
             raise
 
-    def _write(self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
+    def _write(
+        self, parts: Sequence[_Partitions], keys: np.ndarray, index: np.ndarray, vectors: np.ndarray, keep_held: bool
+    ) -> None:
         """HSETs of every table's partitions (the last row of a repeated key wins: HSET applies fields in
-        order) with access times, TTLs and each touched partition's HLEN, in one round per node."""
+        order) with access times, TTLs and each touched partition's HLEN, in one round per node. keep_held:
+        a key the partition holds keeps its row and time (one script per partition, _KEEP_HELD)."""
         order, runs = self._split(keys, index)
         ordered = keys[order]
         rows = vectors[order].view(np.uint8)
-        now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
+        stamp = _now()
+        now = np.full(len(keys), stamp, dtype="<i8").view(np.uint8).reshape(-1, 8)
         commands: list[Command] = []
         touched = sorted({(t, p) for t, p, _, _ in runs})
         for t, p, a, b in runs:
             slot = parts[t].slots[p]
+            if keep_held:
+                at = np.array([stamp], "<i8").tobytes()
+                script = ("EVAL", _KEEP_HELD, 2, parts[t].values[p], parts[t].times[p], at)
+                commands.append((slot, _command(*script, keys=ordered[a:b], values=rows[a:b])))
+                continue
             commands.append((slot, _command("HSET", parts[t].values[p], keys=ordered[a:b], values=rows[a:b])))
             # Under both policies: HPS's overflow handling and dumps read every row's access time.
             commands.append((slot, _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b])))

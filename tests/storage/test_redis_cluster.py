@@ -262,6 +262,31 @@ def test_rows_sit_in_the_hps_hashes(redis_cluster: str, table: str) -> None:
         lvl.close()
 
 
+def test_a_copy_keeps_the_rows_redis_holds_and_adds_the_others_with_their_times(
+    redis_cluster: str, level: RedisClusterLevel, table: str
+) -> None:
+    written = np.arange(0, 300, 3, dtype=np.int64)  # another server's writes: newer than any copy
+    level.insert(table, written, rows(written) + 1000)
+    copied = np.arange(300, dtype=np.int64)
+    before = time.time_ns() // 1000
+    level.copy_many([table], copied, np.zeros(len(copied), np.intp), rows(copied))
+    vectors, found = level.fetch(table, copied)
+    assert found.all()
+    kept = np.isin(copied, written)
+    np.testing.assert_array_equal(vectors[kept], rows(copied[kept]) + 1000)
+    np.testing.assert_array_equal(vectors[~kept], rows(copied[~kept]))
+    assert level.size(table) == 300
+    client = cluster_client(redis_cluster)
+    try:
+        parts = partition_of(copied, 4)
+        for p in range(4):
+            added = copied[(parts == p) & ~kept].astype("<i8").view("V8").tolist()
+            times = np.frombuffer(b"".join(client.hmget(hash_name(table, p, "t"), added)), "<i8")
+            assert len(times) == len(added) and (times >= before).all()
+    finally:
+        client.close()
+
+
 def test_serves_a_cluster_filled_in_the_hps_layout(redis_cluster: str, table: str) -> None:
     """Rows written by another HPS implementation (plain HSET in the documented layout) are served."""
     client = cluster_client(redis_cluster)
