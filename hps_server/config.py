@@ -817,9 +817,12 @@ def _model(raw: Any, path: str, base: Path) -> ModelConfig:
 
 
 def parse_model(text: str, base: Path, path: str = "model") -> ModelConfig:
-    """One model entry (the keys of an item of `models:`) from YAML or JSON text, e.g. a LoadModel request's;
-    relative paths resolve against `base`."""
-    return _model(_loaded(text, path, "YAML or JSON", yaml.safe_load), path, base)
+    """One model entry from YAML or JSON text, e.g. a LoadModel request's: the keys of an item of `models:`,
+    or of a ps.json's `models` (told apart by its `model` and `sparse_files` keys); relative paths resolve
+    against `base`."""
+    raw = _loaded(text, path, "YAML or JSON", yaml.safe_load)
+    hps = isinstance(raw, dict) and "sparse_files" in raw and "name" not in raw
+    return (_hps_model if hps else _model)(raw, path, base)
 
 
 def _loaded(text: str, path: str, kind: str, load: Callable[[str], Any]) -> Any:

@@ -3,6 +3,7 @@ admin gate, `hps import --version`, and reloads under concurrent lookups (no fai
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -18,7 +19,7 @@ import redis
 import yaml
 
 from hps_bench.servers import free_port, wait_serving
-from hps_client import AlreadyExistsError, Client
+from hps_client import AlreadyExistsError, Client, InvalidArgumentError
 from hps_server import config as config_module
 from hps_server import storage, tables, transfer
 from hps_server.cli import main
@@ -102,6 +103,27 @@ def test_admin_calls_are_off_by_default(served: ServedModel) -> None:
         ):
             assert "server.admin: true" in _refused(call, request, grpc.StatusCode.PERMISSION_DENIED)
         assert list(models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr"]
+
+
+def test_load_model_takes_a_ps_json_model_entry(admin: Admin) -> None:
+    keys, vectors = admin.truth["item"]
+    entry = {
+        "model": "from_hps",
+        "sparse_files": [str(admin.directory / "item")],
+        "embedding_vecsize_per_table": [8],
+        "embedding_table_names": ["t"],
+        "maxnum_catfeature_query_per_table_per_sample": [2],
+        "max_batch_size": 8,
+        "gpucache": False,
+        "dense_file": "kept.model",
+    }
+    with Client(admin.target) as client:
+        described = client.load_model(json.dumps(entry))
+        assert (described.name, described.tables[0].name, described.tables[0].rows) == ("from_hps", "t", len(keys))
+        np.testing.assert_array_equal(client.lookup("from_hps", "t", keys[:8]), vectors[:8])
+        bad = {**entry, "model": "broken", "embedding_vecsize_per_table": [8, 8]}
+        with pytest.raises(InvalidArgumentError, match=r"model_config.embedding_vecsize_per_table: has 2 entries"):
+            client.load_model(json.dumps(bad))
 
 
 def test_load_model_serves_it_and_unload_makes_it_not_found(admin: Admin) -> None:
