@@ -116,6 +116,31 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     server.stop(grace=1)
 
 
+@pytest.fixture(scope="module")
+def admin_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    """The sample model on a server with server.admin on, for tests that load and reload models of their own."""
+    directory = tmp_path_factory.mktemp("admin-served")
+    truth = write_sample_tables(directory)
+    raw = sample_raw_config()
+    raw["server"]["admin"] = True
+    config = config_module.parse(raw, directory)
+    server = HpsServer(config)
+    port = server.start()
+    yield ServedModel(server, f"127.0.0.1:{port}", config, truth)
+    server.stop(grace=1)
+
+
+CONSTANT_KEYS = np.arange(4)
+
+
+def write_constant_table(directory: Path, name: str, dim: int, value: float) -> dict[str, Any]:
+    """Table files whose CONSTANT_KEYS all hold `value` (which table a lookup read shows in any vector), as a
+    model config's table entry."""
+    source = directory / f"{name}-{dim}-{value}"
+    tables.write_table(source, [(CONSTANT_KEYS, np.full((len(CONSTANT_KEYS), dim), value, np.float32))], dim)
+    return {"name": name, "dim": dim, "source": str(source)}
+
+
 # ---------------------------------------------------------------- TLS and tokens
 
 # The tokens of the `secured` server: READER may read every model, WRITER read and write ctr, HASHED (listed by
