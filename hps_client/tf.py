@@ -99,14 +99,16 @@ class _ServedTable(keras.layers.Layer):
                 f"{type(self).__name__}: no server; call hps_client.tf.Init(...) first or pass ps_config_file/address"
             )
         self.address: str = target
+        endpoint.forget(target, model_name)
         # A saved model keeps its TLS files (get_config) but never its token: that comes from Init,
         # the argument or HPS_TOKEN again where it is loaded.
         self.tls: TLS | None = TLS(**tls) if isinstance(tls, dict) else tls or _defaults["tls"]
         self._token: str | None = token or _defaults["token"]
 
-    def _table(self) -> tuple[endpoint.TableRef, Client]:
-        ref = endpoint.table_ref(self.address, self.model_name, self.table_id, self.emb_vec_size, self.tls, self._token)
-        return ref, endpoint.shared_client(self.address, self.tls, self._token)
+    def _served(self, fetch: endpoint.Fetch) -> np.ndarray:
+        return endpoint.lookup(
+            self.address, self.model_name, self.table_id, self.emb_vec_size, fetch, self.tls, self._token
+        )
 
     def _trackable_children(self, save_type: Any = "checkpoint", **kwargs: Any) -> dict[str, Any]:
         # tf.saved_model.save and Keras model.export walk the objects they save with save_type "savedmodel"
@@ -138,8 +140,9 @@ class LookupLayer(_ServedTable):
     """
 
     def _lookup(self, keys: np.ndarray) -> np.ndarray:
-        ref, client = self._table()
-        return _writable(client.lookup(ref.model, ref.table, keys, dtype=self._wire_dtype))
+        return _writable(
+            self._served(lambda client, table: client.lookup(self.model_name, table, keys, dtype=self._wire_dtype))
+        )
 
     def call(self, inputs: Any) -> tf.Tensor:
         ids = tf.convert_to_tensor(inputs)
@@ -166,18 +169,20 @@ class SparseLookupLayer(_ServedTable):
     def _combined(
         self, keys: np.ndarray, row_splits: np.ndarray, weights: np.ndarray, combiner: Combiner, max_norm: float
     ) -> np.ndarray:
-        ref, client = self._table()
-        vectors = client.lookup_combined(
-            ref.model,
-            ref.table,
-            keys,
-            row_splits,
-            combiner=combiner,
-            weights=weights if weights.size else None,
-            max_norm=max_norm or None,
-            dtype=self._wire_dtype,
-        )
-        return _writable(vectors)
+
+        def fetch(client: Client, table: str) -> np.ndarray:
+            return client.lookup_combined(
+                self.model_name,
+                table,
+                keys,
+                row_splits,
+                combiner=combiner,
+                weights=weights if weights.size else None,
+                max_norm=max_norm or None,
+                dtype=self._wire_dtype,
+            )
+
+        return _writable(self._served(fetch))
 
     def call(
         self,

@@ -44,20 +44,21 @@ def _tls_text(tls: TLS | None) -> str:
 
 
 def _served(
-    address: str, model_name: str, table_id: int, emb_vec_size: int, tls: str, token_handle: str
-) -> tuple[endpoint.TableRef, Client]:
+    address: str, model_name: str, table_id: int, emb_vec_size: int, tls: str, token_handle: str, fetch: endpoint.Fetch
+) -> np.ndarray:
     tls_config = TLS(*json.loads(tls)) if tls else None
-    token = _tokens.get(token_handle)
-    ref = endpoint.table_ref(address, model_name, table_id, emb_vec_size, tls_config, token)
-    return ref, endpoint.shared_client(address, tls_config, token)
+    return endpoint.lookup(address, model_name, table_id, emb_vec_size, fetch, tls_config, _tokens.get(token_handle))
 
 
 def _lookup(
     keys: torch.Tensor, address: str, model_name: str, table_id: int, emb_vec_size: int, tls: str, token_handle: str
 ) -> torch.Tensor:
     host_keys = _check_keys(keys)
-    ref, client = _served(address, model_name, table_id, emb_vec_size, tls, token_handle)
-    return _on_device_of(client.lookup(ref.model, ref.table, host_keys), keys)
+
+    def fetch(client: Client, table: str) -> np.ndarray:
+        return client.lookup(model_name, table, host_keys)
+
+    return _on_device_of(_served(address, model_name, table_id, emb_vec_size, tls, token_handle, fetch), keys)
 
 
 def _lookup_combined(
@@ -82,11 +83,13 @@ def _lookup_combined(
     else:
         raise ValueError(f"keys: give 1-D keys with offsets or 2-D keys without, got {host_keys.ndim}-D keys")
     weights = None if per_sample_weights is None else per_sample_weights.detach().to("cpu", torch.float32).numpy()
-    ref, client = _served(address, model_name, table_id, emb_vec_size, tls, token_handle)
-    vectors = client.lookup_combined(
-        ref.model, ref.table, host_keys, row_splits, combiner=combiner, weights=weights, max_norm=max_norm
-    )
-    return _on_device_of(vectors, keys)
+
+    def fetch(client: Client, table: str) -> np.ndarray:
+        return client.lookup_combined(
+            model_name, table, host_keys, row_splits, combiner=combiner, weights=weights, max_norm=max_norm
+        )
+
+    return _on_device_of(_served(address, model_name, table_id, emb_vec_size, tls, token_handle, fetch), keys)
 
 
 def _lookup_shape(
@@ -156,6 +159,7 @@ class LookupLayer(torch.nn.Module):
             raise ValueError("model_name: required")
         if int(emb_vec_size) < 1:
             raise ValueError(f"emb_vec_size: must be >= 1, got {emb_vec_size}")
+        endpoint.forget(target, model_name)
         self.address = target
         self.model_name = model_name
         self.table_id = int(table_id)

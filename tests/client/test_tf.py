@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hps_client import TLS
+from hps_client import TLS, Client
 from hps_client import tf as hps
-from tests.conftest import READER, TABLE_SPECS, SecuredModel, ServedModel
+from tests.conftest import CONSTANT_KEYS, READER, TABLE_SPECS, SecuredModel, ServedModel, write_constant_table
 
 USER, ITEM = 0, 1  # table_id: the model's tables in config order
 
@@ -148,6 +148,19 @@ def test_server_errors_surface_with_the_server_message_inside_a_graph(served: Se
     # The server is still serving afterwards.
     keys = served.truth["item"][0][:3]
     np.testing.assert_array_equal(hps.LookupLayer("ctr", ITEM, 8, tf.float32)(keys), served.expected("item", keys))
+
+
+def test_table_id_follows_a_reload_that_reorders_the_tables(admin_served: ServedModel, tmp_path: Path) -> None:
+    a, b = write_constant_table(tmp_path, "a", 8, 1.0), write_constant_table(tmp_path, "b", 8, 2.0)
+    keys = tf.constant(CONSTANT_KEYS)
+    with Client(admin_served.target) as client:
+        client.load_model({"name": "reordered", "tables": [a, b]})
+        before = tf.function(hps.LookupLayer("reordered", 0, 8, tf.float32, address=admin_served.target))
+        np.testing.assert_array_equal(before(keys), np.full((4, 8), 1.0))
+        client.reload_model("reordered", model_config={"name": "reordered", "tables": [b, a]})
+    after = hps.SparseLookupLayer("reordered", 0, 8, tf.float32, address=admin_served.target)
+    np.testing.assert_array_equal(after(tf.RaggedTensor.from_row_lengths(keys, [2, 2]), combiner="sum"), 4.0)
+    np.testing.assert_array_equal(before(keys), np.full((4, 8), 2.0))  # a graph traced earlier follows too
 
 
 def test_keras_model_with_the_layers_predicts_saves_and_loads(

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from hps_client import TLS, InvalidArgumentError, NotFoundError, UnauthenticatedError
+from hps_client import TLS, Client, InvalidArgumentError, NotFoundError, UnauthenticatedError
 from hps_client.torch import LookupLayer, SparseLookupLayer
 from hps_wire.security import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV, TOKEN_ENV
-from tests.conftest import READER, TABLE_SPECS, SecuredModel, ServedModel
+from tests.conftest import CONSTANT_KEYS, READER, TABLE_SPECS, SecuredModel, ServedModel, write_constant_table
 
 
 @pytest.mark.parametrize("shape", [(10,), (2, 5), (2, 1, 3), (0,), (0, 4)])
@@ -60,6 +60,27 @@ def test_errors_carry_the_server_message(served: ServedModel) -> None:
         LookupLayer(model_name="ctr", table_id=0, emb_vec_size=16, address=served.target)(torch.tensor([1.0]))
     with pytest.raises(ValueError, match="give ps_config_file or address"):
         LookupLayer(model_name="ctr", table_id=0, emb_vec_size=16)
+
+
+def test_table_id_follows_a_reload_that_reorders_the_tables(admin_served: ServedModel, tmp_path: Path) -> None:
+    a, b = write_constant_table(tmp_path, "a", 8, 1.0), write_constant_table(tmp_path, "b", 8, 2.0)
+    keys = torch.from_numpy(CONSTANT_KEYS)
+    with Client(admin_served.target) as client:
+        client.load_model({"name": "reordered", "tables": [a, b]})
+        before = LookupLayer(model_name="reordered", table_id=0, emb_vec_size=8, address=admin_served.target)
+        assert torch.equal(before(keys), torch.full((4, 8), 1.0))
+        client.reload_model("reordered", model_config={"name": "reordered", "tables": [b, a]})
+    after = SparseLookupLayer(
+        model_name="reordered", table_id=0, emb_vec_size=8, combiner="sum", address=admin_served.target
+    )
+    assert torch.equal(after(keys.reshape(2, 2)), torch.full((2, 8), 4.0))  # two of b's vectors per bag
+    assert torch.equal(before(keys), torch.full((4, 8), 2.0))  # built earlier, it follows too
+    # Table 0 resized: refused, never a tensor of another shape than the one the op declares to torch.compile.
+    narrow_b = {**write_constant_table(tmp_path, "b", 4, 3.0), "version": "v4"}
+    with Client(admin_served.target) as client:
+        client.reload_model("reordered", model_config={"name": "reordered", "tables": [narrow_b, a]})
+    with pytest.raises(ValueError, match=r"emb_vec_size: table 0 \('b'\) of model 'reordered' has dim 4, got 8"):
+        before(keys)
 
 
 def _bags(vectors: np.ndarray, starts: list[int], combiner: str, weights: np.ndarray, max_norm=None) -> np.ndarray:
