@@ -111,9 +111,7 @@ class StorageLevel(ABC):
         for position, rows in _rows_by_table(index, len(tables)):
             self.insert(tables[position], keys[rows], vectors[rows])
 
-    def copy_many(
-        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray
-    ) -> None:
+    def copy_many(self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray) -> None:
         """Copies rows read from a level below (a warm-up, a write-back) into this one: insert_many, except
         that a shared level keeps the rows it holds, which another server may have written since (a copy
         never overwrites a write). This default, for levels no other server writes, is insert_many."""

@@ -789,9 +789,7 @@ class RedisClusterLevel(StorageLevel):
         vectors = as_vectors(vectors, len(keys), dim)
         self._insert([self._writable(table) for table in tables], keys, index, vectors)
 
-    def copy_many(
-        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray
-    ) -> None:
+    def copy_many(self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray) -> None:
         keys, index, dim = self._table_batch(tables, keys, table_index)
         vectors = as_vectors(vectors, len(keys), dim)
         self._insert([self._writable(table) for table in tables], keys, index, vectors, keep_held=True)
