@@ -188,9 +188,10 @@ class _Worker:
 
     process: BaseProcess
     pipe: Connection
+    talking: bool = False  # it said "started": from then on it answers heartbeats, starting or serving
     warm: bool = False
     serving: bool = False
-    # When it last answered a heartbeat (or started serving), and when it was last asked (monotonic).
+    # When it last answered a heartbeat (or said it started), and when it was last asked (monotonic).
     answered: float = 0.0
     asked: float = 0.0
 
@@ -315,7 +316,11 @@ class WorkerGroup:
                 continue
             worker = self._workers[index]
             assert worker is not None
-            if said == "warm":
+            if said == "started":
+                worker.talking = True
+                worker.answered = time.monotonic()
+                log.info("worker %d (pid %d) loading its models", index, worker.process.pid)
+            elif said == "warm":
                 worker.warm = True
                 if self._all_warm:
                     _tell(worker, "serve")
@@ -342,13 +347,14 @@ class WorkerGroup:
             log.info("serving %d workers on port %d", self.size, self.port)
 
     def _check_heartbeats(self, now: float) -> None:
-        """Asks each serving worker for a sign of life; kills one silent for UNRESPONSIVE_SECONDS. Time the
-        supervisor itself did not run (stopped, starved of CPU) is no worker's silence: after such a gap
-        every worker gets a fresh UNRESPONSIVE_SECONDS."""
+        """Asks each worker that started (warming or serving) for a sign of life; kills one silent for
+        UNRESPONSIVE_SECONDS (before the group first served, that fails its start rather than wait forever).
+        Time the supervisor itself did not run (stopped, starved of CPU) is no worker's silence: after such
+        a gap every worker gets a fresh UNRESPONSIVE_SECONDS."""
         stalled = now - self._heartbeats_checked > STALL_SECONDS
         self._heartbeats_checked = now
         for index, worker in enumerate(self._workers):
-            if worker is None or not worker.serving:
+            if worker is None or not worker.talking:
                 continue
             if stalled:
                 worker.answered = now
@@ -360,7 +366,7 @@ class WorkerGroup:
                     UNRESPONSIVE_SECONDS,
                 )
                 worker.process.kill()
-                worker.serving = False  # _watch restarts it once it has exited
+                worker.talking = worker.serving = False  # _watch restarts it once it has exited
             elif now - worker.asked >= HEARTBEAT_SECONDS:
                 worker.asked = now
                 _tell(worker, "alive?")
@@ -424,19 +430,32 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
 
 def _serve_as_worker(spec: WorkerSpec, supervisor: Connection, writer: WriterLink, signals: StartSignals) -> int:
     sending = threading.Lock()  # the warm-up, the serving report and the heartbeats share the pipe
+    told_to_serve = threading.Event()
 
     def send(message: str) -> None:
         with sending, contextlib.suppress(OSError):  # the supervisor is gone: leave_with_the_supervisor drains
             supervisor.send(message)
 
+    def answer_the_supervisor() -> None:
+        # Heartbeats ("alive?") from the start on, and "serve" once every worker is warm. This thread answers
+        # as long as the process runs Python code at all, so a worker that is stopped or holds the GIL for
+        # long is found out, while it warms up too.
+        send("started")
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                if supervisor.recv() == "serve":
+                    told_to_serve.set()
+                else:
+                    send("alive")
+
     def wait_for_the_others(stopped: threading.Event) -> None:
         send("warm")
         # Health stays NOT_SERVING until every worker is warm: a probe answered by any of them then
         # means the whole group serves. A restarted worker is told to serve at once.
-        while not stopped.is_set():
-            if supervisor.poll(POLL_SECONDS):
-                supervisor.recv()  # "serve"
-                return
+        while not stopped.is_set() and not told_to_serve.wait(POLL_SECONDS):
+            pass
+
+    threading.Thread(target=answer_the_supervisor, name="hps-heartbeats", daemon=True).start()
 
     server = HpsServer(
         spec.config,
@@ -447,15 +466,9 @@ def _serve_as_worker(spec: WorkerSpec, supervisor: Connection, writer: WriterLin
     )
     writer.models = server.models
 
-    def report_serving_then_answer_heartbeats() -> None:
+    def report_serving() -> None:
         server.wait_ready()
         send("serving")
-        # From now on only heartbeats come ("alive?"). This thread answers as long as the process runs
-        # Python code at all, so a worker that is stopped or holds the GIL for long is found out.
-        with contextlib.suppress(EOFError, OSError):
-            while True:
-                supervisor.recv()
-                send("alive")
 
     def leave_with_the_supervisor() -> None:
         # A supervisor killed outright cannot drain its workers: they stop themselves rather than linger.
@@ -465,6 +478,6 @@ def _serve_as_worker(spec: WorkerSpec, supervisor: Connection, writer: WriterLin
             log.warning("worker %d: the supervisor is gone, draining", spec.index)
             server.stop()
 
-    threading.Thread(target=report_serving_then_answer_heartbeats, name="hps-report", daemon=True).start()
+    threading.Thread(target=report_serving, name="hps-report", daemon=True).start()
     threading.Thread(target=leave_with_the_supervisor, name="hps-orphan", daemon=True).start()
     return serve_until_signalled(server, signals)

@@ -361,6 +361,32 @@ def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
     group.check_lookups()
 
 
+def test_a_worker_stopped_while_it_starts_is_found_out_instead_of_stalling_the_start(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), _free_port_pair()
+    config, _ = write_sample_config(
+        tmp_path, f"127.0.0.1:{port}", metrics_address=f"127.0.0.1:{metrics_port}", shutdown_grace_seconds=5
+    )
+    log = tmp_path / "supervisor.log"
+    process = subprocess.Popen(serve_command(config, "--processes", "2"), stderr=log.open("w"))
+    group = Group(process, f"127.0.0.1:{port}", log, metrics_port, {})
+    try:
+        loading = int(group.wait_for_log(r"worker 0 \(pid (\d+)\) loading its models").group(1))
+        os.kill(loading, signal.SIGSTOP)  # before it is serving: warming up, or waiting for the other
+        deadline = time.monotonic() + 60
+        while f"worker 0 (pid {loading}) answered no heartbeat" not in log.read_text():
+            assert time.monotonic() < deadline, f"the stopped worker was never found out:\n{log.read_text()}"
+            time.sleep(0.2)
+        # Killed, it either fails the start (it exited before every worker was warm) or is restarted.
+        while process.poll() is None and "serving 2 workers" not in log.read_text():
+            assert time.monotonic() < deadline, f"the start neither failed nor completed:\n{log.read_text()}"
+            time.sleep(0.2)
+        assert process.poll() in (None, 1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(loading, signal.SIGCONT)
+        _stop(process)
+
+
 def _secondary_folders() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("hps-rocksdb-secondary-*"))
 
