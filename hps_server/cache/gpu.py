@@ -706,6 +706,8 @@ class GpuStaticTable(_OnDevice):
                     (self._row_keys, cp.asarray(owners), np.int64(distinct.size), self._entries, self._mask),
                 )
         self._stream.synchronize()
+        with self._device:  # the build's copies of the rows went back to CuPy's pool: hand them back
+            cp.get_default_memory_pool().free_all_blocks()
 
     @classmethod
     def open(cls, layout: StaticLayout, device: int, shared: SharedState) -> GpuStaticTable:
