@@ -18,12 +18,12 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
+from hps_server import malformed
 from hps_server.admission import AdmissionPool, bounded
 from hps_server.auth import Authorizer, AuthRefusedError, Caller
 from hps_server.coalescing import Coalescer, QueueFullError
@@ -489,38 +489,14 @@ def _too_many_keys(field: str, keys: int, session: LookupSession, table: ServedT
     )
 
 
-class _Malformed:
-    """Stands for a request whose bytes do not parse as its message; the handler refuses it."""
-
-    model = ""  # what the metrics interceptor reads of a request
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-def _tolerant(message: Any) -> Callable[[bytes], object]:
-    """A request deserializer that never raises: gRPC would answer a parse failure with INTERNAL and a
-    traceback in the log per request; this hands the handler a _Malformed to refuse with INVALID_ARGUMENT."""
-    name = message.DESCRIPTOR.full_name
-
-    def parse(data: bytes) -> object:
-        try:
-            return message.FromString(data)
-        except DecodeError:
-            return _Malformed(name)
-
-    return parse
-
-
-_malformed_warning = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
 _storage_failures = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
 
 
 def _parsed(request: object) -> None:
-    """Refuses a request whose bytes did not parse (logged at most once per interval, with a count)."""
-    if isinstance(request, _Malformed):
-        _malformed_warning.warn("refused malformed requests (not valid %s messages)", request.message)
-        raise _invalid(f"request: not a valid {request.message} message")
+    """Refuses a request whose bytes did not parse (see malformed.py)."""
+    refused = malformed.refusal(request)
+    if refused is not None:
+        raise _invalid(refused)
 
 
 def _abort(context: grpc.ServicerContext, error: RequestError) -> NoReturn:
@@ -622,7 +598,7 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
 
 
 def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.GenericRpcHandler, ...]:
-    """Both services' handlers. Requests are parsed by _tolerant (a malformed one is INVALID_ARGUMENT);
+    """Both services' handlers. Requests are parsed by malformed.tolerant (a malformed one is INVALID_ARGUMENT);
     Lookup and StreamLookup send the bytes response_codec already encoded. LookupService's calls run on
     `pool` (bounded queueing), ModelService's on the server's own pool with the health checks."""
     servicer, models = LookupServicer(lookups), ModelServicer(lookups)
@@ -635,7 +611,7 @@ def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.Generi
     ) -> grpc.RpcMethodHandler:
         return kind(
             behaviour,
-            request_deserializer=_tolerant(request),
+            request_deserializer=malformed.tolerant(request),
             response_serializer=None if response is None else response.SerializeToString,  # type: ignore[attr-defined]
         )
 

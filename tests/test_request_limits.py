@@ -163,7 +163,7 @@ def test_a_request_over_max_message_mb_is_refused_by_grpc(limited: ServedModel) 
 def test_malformed_protobuf_is_invalid_argument_and_logged_once(
     limited: ServedModel, method: str, message: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="hps_server.service")
+    caplog.set_level(logging.WARNING, logger="hps_server.malformed")
     garbage = bytes([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]) + b"\x01" * 10  # a length running past the end
     for _ in range(20):
         error = _raw(limited, method, garbage)
