@@ -14,9 +14,9 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hps_server import addresses, tls
+from hps_server import addresses, health, tls
 from hps_server.admission import AdmissionPool
 from hps_server.allocator import keep_large_blocks_in_heap
 from hps_server.auth import Authorizer

@@ -1,0 +1,75 @@
+"""The standard gRPC health service (grpc.health.v1) as hps serves it: grpcio-health-checking's servicer, with
+Watch streams that end once the server drains. It reports the statuses the server sets and decides none.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+SERVICE_NAME: Final = health.SERVICE_NAME
+
+Send = Callable[[health_pb2.HealthCheckResponse | None], None]
+
+
+class _Watch:
+    """One open Watch stream: its messages pass through; None (or end()) ends it with status OK, once."""
+
+    def __init__(self, send: Send, ended: Callable[[_Watch], None]) -> None:
+        self._send = send
+        self._ended = ended
+        self._lock = threading.Lock()
+        self._open = True
+
+    def send(self, response: health_pb2.HealthCheckResponse | None) -> None:
+        if response is None:
+            self.end()
+        else:
+            self._send(response)
+
+    def end(self) -> None:
+        with self._lock:
+            if not self._open:
+                return  # gRPC's servicer sends None once more when the call is over
+            self._open = False
+        self._ended(self)
+        self._send(None)
+
+
+class HealthServicer(health.HealthServicer):
+    """grpcio-health-checking's servicer, whose Watch streams end (after their NOT_SERVING) once
+    enter_graceful_shutdown() is called: an open stream would otherwise hold the server's stop for all
+    its grace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches_lock = threading.Lock()
+        self._watches: set[_Watch] = set()
+        self._draining = False
+
+    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Send) -> None:
+        # gRPC passes send_response_callback: the stock __init__ marks Watch non-blocking.
+        watch = _Watch(send_response_callback, self._forget)
+        super().Watch(request, context, watch.send)
+        with self._watches_lock:
+            if not self._draining:
+                self._watches.add(watch)
+                return
+        watch.end()  # opened while the drain began: it was sent NOT_SERVING (or SERVICE_UNKNOWN)
+
+    def _forget(self, watch: _Watch) -> None:
+        with self._watches_lock:
+            self._watches.discard(watch)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Sets every status NOT_SERVING for good (each watcher is told), then ends the Watch streams."""
+        super().enter_graceful_shutdown()
+        with self._watches_lock:
+            self._draining = True
+            watches = list(self._watches)
+        for watch in watches:
+            watch.end()
