@@ -1,5 +1,5 @@
 """The standard gRPC health service (grpc.health.v1) as hps serves it: grpcio-health-checking's servicer, with
-Watch streams that end once the server drains. It reports the statuses the server sets and decides none.
+List, and Watch streams that end once the server drains. It reports the statuses the server sets, deciding none.
 """
 
 from __future__ import annotations
@@ -41,15 +41,38 @@ class _Watch:
 
 
 class HealthServicer(health.HealthServicer):
-    """grpcio-health-checking's servicer, whose Watch streams end (after their NOT_SERVING) once
-    enter_graceful_shutdown() is called: an open stream would otherwise hold the server's stop for all
-    its grace."""
+    """grpcio-health-checking's servicer, with List (which it leaves UNIMPLEMENTED), and whose Watch streams
+    end (after their NOT_SERVING) once enter_graceful_shutdown() is called: an open stream would otherwise
+    hold the server's stop for all its grace."""
 
     def __init__(self) -> None:
         super().__init__()
+        # Held while watchers are sent a status, as the stock servicer's lock is; reentrant: the stock
+        # enter_graceful_shutdown() calls set() for every name.
+        self._state = threading.RLock()
+        # What set() set, for List; "" starts SERVING, as in the stock servicer (which keeps its own).
+        self._statuses = {health.OVERALL_HEALTH: health_pb2.HealthCheckResponse.SERVING}
+        # Guards the open streams alone and is never held while sending: a stream ending (gRPC's thread
+        # calls its callback) must not wait for a status being sent, which waits for that thread.
         self._watches_lock = threading.Lock()
         self._watches: set[_Watch] = set()
-        self._draining = False
+        self._draining = False  # set under both locks
+
+    def set(self, service: str, status: int) -> None:
+        """Sets the status of `service` (ignored once draining), telling its watchers."""
+        with self._state:
+            if self._draining:
+                return
+            self._statuses[service] = status
+            super().set(service, status)
+
+    def List(self, request: Any, context: grpc.ServicerContext) -> health_pb2.HealthListResponse:
+        """Every name's status (the protocol's List: a snapshot of all that were set)."""
+        with self._state:
+            statuses = dict(self._statuses)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()}
+        )
 
     def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Send) -> None:
         # gRPC passes send_response_callback: the stock __init__ marks Watch non-blocking.
@@ -67,9 +90,10 @@ class HealthServicer(health.HealthServicer):
 
     def enter_graceful_shutdown(self) -> None:
         """Sets every status NOT_SERVING for good (each watcher is told), then ends the Watch streams."""
-        super().enter_graceful_shutdown()
-        with self._watches_lock:
-            self._draining = True
-            watches = list(self._watches)
+        with self._state:
+            super().enter_graceful_shutdown()
+            with self._watches_lock:
+                self._draining = True
+                watches = list(self._watches)
         for watch in watches:
             watch.end()

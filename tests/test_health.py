@@ -1,11 +1,12 @@
 """The standard health service on a real server: Watch streams end once it drains (so watchers never hold up
-a stop)."""
+a stop), and List reports every name to a caller without a token."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hps_server.server import WRITES_HEALTH_NAME, HpsServer
-from tests.conftest import sample_config, write_sample_tables
+from hps_client import TLS
+from hps_server.server import SERVICE_NAMES, WRITES_HEALTH_NAME, HpsServer
+from hps_wire import security as client_security
+from tests.conftest import SecuredModel, ServedModel, sample_config, write_sample_tables
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -49,4 +52,28 @@ def test_a_drain_ends_health_watches_at_once_after_not_serving(
     assert rest == [[NOT_SERVING], [NOT_SERVING], []]
     assert all(watch.code() == grpc.StatusCode.OK for watch in watches)  # type: ignore[attr-defined]
     assert not stopping.is_alive() and stopped < 5
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture(params=["plaintext", "mtls"])
+def health_channel(request: pytest.FixtureRequest) -> Iterator[grpc.Channel]:
+    """A channel with no token to a serving server: `served`, or `secured` over TLS with its client certificate."""
+    if request.param == "plaintext":
+        served: ServedModel = request.getfixturevalue("served")
+        channel = grpc.insecure_channel(served.target)
+    else:
+        secured: SecuredModel = request.getfixturevalue("secured")
+        tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+        served, channel = secured, client_security.channel(secured.target, tls)
+    assert served.server.wait_ready(30)
+    with channel:
+        yield channel
+
+
+def test_list_reports_every_name_without_a_token(
+    health_channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    listed = health_pb2_grpc.HealthStub(health_channel).List(health_pb2.HealthListRequest(), timeout=10)
+    statuses = {name: reply.status for name, reply in listed.statuses.items()}
+    assert statuses == dict.fromkeys(("", *SERVICE_NAMES, WRITES_HEALTH_NAME), SERVING)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
