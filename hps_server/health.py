@@ -1,5 +1,6 @@
 """The standard gRPC health service (grpc.health.v1) as hps serves it: grpcio-health-checking's servicer, with
-List, and Watch streams that end once the server drains. It reports the statuses the server sets, deciding none.
+List, Watch streams that end once the server drains, and malformed requests refused as hps.v1 refuses them.
+It reports the statuses the server sets, deciding none, and needs no credentials.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2
+
+from hps_server import malformed
 
 SERVICE_NAME: Final = health.SERVICE_NAME
 
@@ -66,8 +69,13 @@ class HealthServicer(health.HealthServicer):
             self._statuses[service] = status
             super().set(service, status)
 
+    def Check(self, request: Any, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        _parsed(request, context)
+        return super().Check(request, context)
+
     def List(self, request: Any, context: grpc.ServicerContext) -> health_pb2.HealthListResponse:
         """Every name's status (the protocol's List: a snapshot of all that were set)."""
+        _parsed(request, context)
         with self._state:
             statuses = dict(self._statuses)
         return health_pb2.HealthListResponse(
@@ -76,6 +84,7 @@ class HealthServicer(health.HealthServicer):
 
     def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Send) -> None:
         # gRPC passes send_response_callback: the stock __init__ marks Watch non-blocking.
+        _parsed(request, context)
         watch = _Watch(send_response_callback, self._forget)
         super().Watch(request, context, watch.send)
         with self._watches_lock:
@@ -97,3 +106,36 @@ class HealthServicer(health.HealthServicer):
                 watches = list(self._watches)
         for watch in watches:
             watch.end()
+
+
+def _parsed(request: object, context: grpc.ServicerContext) -> None:
+    """Ends the call with INVALID_ARGUMENT when the request's bytes did not parse (see malformed.py)."""
+    refused = malformed.refusal(request)
+    if refused is not None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
+
+
+def add_to_server(servicer: HealthServicer, server: grpc.Server) -> None:
+    """Serves `servicer` as grpc.health.v1.Health, as the generated add_HealthServicer_to_server does, but with
+    requests parsed by malformed.tolerant: gRPC would answer bytes that do not parse with INTERNAL and log
+    a traceback."""
+    check, listing = malformed.tolerant(health_pb2.HealthCheckRequest), malformed.tolerant(health_pb2.HealthListRequest)
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check,
+            request_deserializer=check,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+        "List": grpc.unary_unary_rpc_method_handler(
+            servicer.List,
+            request_deserializer=listing,
+            response_serializer=health_pb2.HealthListResponse.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch,
+            request_deserializer=check,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from hps_server import addresses, health, tls
 from hps_server.admission import AdmissionPool
@@ -112,7 +112,7 @@ class HpsServer:
         )
         self.lookups = Lookups(self.models, config.server, authorizer)
         self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups, self.admission))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        health.add_to_server(self.health, self._grpc)
         if config.server.reflection_served:
             enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))
         self.port = 0

@@ -1,5 +1,5 @@
 """The standard health service on a real server: Watch streams end once it drains (so watchers never hold up
-a stop), and List reports every name to a caller without a token."""
+a stop), List reports every name, and malformed requests are INVALID_ARGUMENT; none of it needs a token."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from hps_wire import security as client_security
 from tests.conftest import SecuredModel, ServedModel, sample_config, write_sample_tables
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+GARBAGE = b"\xff\xff"  # not a valid protobuf message of any type
 
 
 def test_a_drain_ends_health_watches_at_once_after_not_serving(
@@ -77,3 +78,29 @@ def test_list_reports_every_name_without_a_token(
     statuses = {name: reply.status for name, reply in listed.statuses.items()}
     assert statuses == dict.fromkeys(("", *SERVICE_NAMES, WRITES_HEALTH_NAME), SERVING)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("method", "message", "call"),
+    [
+        ("Check", "grpc.health.v1.HealthCheckRequest", "unary_unary"),
+        ("List", "grpc.health.v1.HealthListRequest", "unary_unary"),
+        ("Watch", "grpc.health.v1.HealthCheckRequest", "unary_stream"),
+    ],
+)
+def test_a_malformed_health_request_is_invalid_argument_and_logged_once(
+    health_channel: grpc.Channel, method: str, message: str, call: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    raw = getattr(health_channel, call)(f"/grpc.health.v1.Health/{method}")
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError) as raised:
+            reply = raw(GARBAGE, timeout=10)
+            if call == "unary_stream":
+                next(reply)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert f"request: not a valid {message} message" in (raised.value.details() or "")  # type: ignore[attr-defined]
+    check = health_pb2_grpc.HealthStub(health_channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert check.status == SERVING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([r for r in caplog.records if "malformed" in r.getMessage()]) <= 1
