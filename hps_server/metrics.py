@@ -2,7 +2,7 @@
 
 Lookup counts are NumPy arrays a pass adds to in a few operations (LookupTally), read when Prometheus
 scrapes; nothing here touches keys one by one or is updated once per table, and label values are bounded
-(configured models and tables, fixed level names).
+(models served, their tables, fixed level names).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -380,6 +381,7 @@ class ServerMetrics:
         self._level_seconds = _Children(self.level_seconds)
 
     def model_label(self, model: str) -> str:
+        """`model` if it is served now, else UNKNOWN_MODEL."""
         return model if model in self._models else UNKNOWN_MODEL
 
     # ------------------------------------------------------------ reported by the session
@@ -448,11 +450,51 @@ class ServerMetrics:
     def rpc_started(self, method: str) -> None:
         self._in_flight(method).inc()
 
-    def rpc_finished(self, model: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        label = self.model_label(model)
-        self._requests(label, method, code.name).inc()
-        self._request_seconds(label, method).observe(seconds)
+    def rpc_finished(self, model_label: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self._requests(model_label, method, code.name).inc()
+        self._request_seconds(model_label, method).observe(seconds)
         self._in_flight(method).dec()
+
+
+class _Call:
+    """One RPC being counted: when it came, and the model it names with the label that model had when named."""
+
+    def __init__(self, metrics: ServerMetrics, method: str) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.model = ""
+        self._label = UNKNOWN_MODEL
+        metrics.rpc_started(method)
+        self.started = time.perf_counter()
+
+    def name(self, model: str) -> None:
+        self.model = model
+        self._label = self.metrics.model_label(model)
+
+    def finish(self, context: grpc.ServicerContext, failed: bool) -> None:
+        code = context.code()  # set by abort()/set_code(); None means the handler returned normally
+        if code is None and failed:
+            code = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
+        code = code or grpc.StatusCode.OK
+        # A model served when named (UnloadModel's) or at the end (LoadModel's) counts under its name. A call
+        # refused for its credentials counts before anything of it is read (a stream's first request is never
+        # received), so unary and streaming ones alike count under UNKNOWN_MODEL.
+        label = self._label if self._label != UNKNOWN_MODEL else self.metrics.model_label(self.model)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            label = UNKNOWN_MODEL
+        self.metrics.rpc_finished(label, self.method, code, time.perf_counter() - self.started)
+
+
+# The call the interceptor counts in this context (the handler's thread), for name_call_model.
+_current_call: ContextVar[_Call | None] = ContextVar("hps_current_call", default=None)
+
+
+def name_call_model(model: str) -> None:
+    """Names the model of the RPC handled here, where its request has no `model` field (LoadModel names it in
+    its config): it counts under that name if the model is served now or when the call ends."""
+    call = _current_call.get()
+    if call is not None:
+        call.name(model)
 
 
 class _RpcInterceptor(grpc.ServerInterceptor):
@@ -493,38 +535,32 @@ class _RpcInterceptor(grpc.ServerInterceptor):
         self._wrapped[path] = wrapped
         return wrapped
 
-    def _finish(self, model: str, method: str, context: grpc.ServicerContext, started: float, failed: bool) -> None:
-        code = context.code()  # set by abort()/set_code(); None means the handler returned normally
-        if code is None and failed:
-            code = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
-        self._metrics.rpc_finished(model, method, code or grpc.StatusCode.OK, time.perf_counter() - started)
-
     def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
         @functools.wraps(behavior)  # keeps what gRPC reads off a behavior: its thread pool (admission.py)
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            self._metrics.rpc_started(method)
-            started = time.perf_counter()
+            call = _Call(self._metrics, method)
+            call.name(getattr(request, "model", ""))
+            _current_call.set(call)
             failed = True
             try:
                 reply = behavior(request, context)
                 failed = False
                 return reply
             finally:
-                self._finish(getattr(request, "model", ""), method, context, started, failed)
+                _current_call.set(None)
+                call.finish(context, failed)
 
         return handle
 
     def _stream(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
         @functools.wraps(behavior)
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            self._metrics.rpc_started(method)
-            started = time.perf_counter()
-            first_model = ""
+            call = _Call(self._metrics, method)
 
             def remember_model(items: Iterator[Any]) -> Iterator[Any]:
-                nonlocal first_model
                 for item in items:
-                    first_model = first_model or getattr(item, "model", "")
+                    if not call.model:  # the first request naming a model names the call's
+                        call.name(getattr(item, "model", ""))
                     yield item
 
             failed = True
@@ -532,7 +568,7 @@ class _RpcInterceptor(grpc.ServerInterceptor):
                 yield from behavior(remember_model(requests), context)
                 failed = False
             finally:
-                self._finish(first_model, method, context, started, failed)
+                call.finish(context, failed)
 
         return handle
 

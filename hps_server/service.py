@@ -32,6 +32,7 @@ from hps_server.config import ConfigError, ModelConfig, ServerConfig, parse_mode
 from hps_server.config import version as version_str
 from hps_server.handover import ModelChangingError
 from hps_server.log_limits import RateLimitedWarning
+from hps_server.metrics import name_call_model
 from hps_server.models import HostedModels, ModelExistsError, VersionMissingError
 from hps_server.reply_buffers import ReplyBuffers
 from hps_server.session import FLOAT32, KeyQuery, LookupSession, Outcome, ServedTable, TableLookup
@@ -685,6 +686,7 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
             self._admin_calls_on("LoadModel")
             caller.require_some("admin")
             model = self._model_config(request.model_config)
+            name_call_model(model.name)  # its request has no `model` field to count the call under
             self._admin(caller, "LoadModel", model.name)
             session = self._changing(lambda: self.lookups.models.load(model))
             return hps_pb2.LoadModelResponse(model=described(session))

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from hps_client import Client, NotFoundError, ResourceExhaustedError
+from hps_client import AlreadyExistsError, Client, HpsError, NotFoundError, ResourceExhaustedError
 from hps_server import config as config_module
 from hps_server import healthcheck
 from hps_server.cache import CacheStats
@@ -250,6 +250,52 @@ def test_scrape_after_a_known_workload(metered: tuple[HpsServer, dict]) -> None:
     assert value(after, "hps_model_events_total", model="ctr", event="loaded") == 1
     assert value(after, "hps_models_loaded") == 1
     assert value(after, "hps_ready") == 1
+
+
+def test_model_admin_calls_count_under_the_model_they_load_unload_or_find_served(tmp_path: Path) -> None:
+    truth = write_sample_tables(tmp_path)
+    raw = sample_raw_config()
+    raw["server"]["admin"] = True
+    server = HpsServer(config_module.parse(raw, tmp_path))
+    server.start()
+    get = server.metrics.registry.get_sample_value
+
+    def counted(model: str, method: str, code: str) -> float:
+        return get("hps_requests_total", {"model": model, "method": method, "code": code}) or 0
+
+    entry = {"name": "m4", "max_batch_size": 8, "tables": [{"name": "t", "dim": 8, "source": str(tmp_path / "item")}]}
+    try:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            assert client.load_model(entry).name == "m4"
+            with pytest.raises(AlreadyExistsError):
+                client.load_model(entry)
+            client.reload_model("m4")
+            client.unload_model("m4")
+            with pytest.raises(NotFoundError):
+                client.unload_model("m4")
+            with pytest.raises(NotFoundError):
+                client.unload_model("never-served")
+            with pytest.raises(HpsError):  # no such table files: it loads nothing
+                client.load_model({**entry, "name": "m5", "tables": [{**entry["tables"][0], "source": "nowhere"}]})
+            np.testing.assert_array_equal(client.lookup("ctr", "item", truth["item"][0][:2]), truth["item"][1][:2])
+    finally:
+        server.stop(grace=1)
+    # The call that loaded m4, the one refused for it being served, the one that unloaded it: under m4.
+    assert counted("m4", "LoadModel", "OK") == 1
+    assert counted("m4", "LoadModel", "ALREADY_EXISTS") == 1
+    assert counted("m4", "ReloadModel", "OK") == 1
+    assert counted("m4", "UnloadModel", "OK") == 1
+    assert get("hps_request_duration_seconds_count", {"model": "m4", "method": "UnloadModel"}) == 1
+    # m4 was no longer served, and the others never were: unknown names stay bounded.
+    assert counted(UNKNOWN_MODEL, "UnloadModel", "NOT_FOUND") == 2
+    assert not [labels for labels in _request_labels(server) if labels["model"] not in ("ctr", "m4", UNKNOWN_MODEL)]
+    assert counted(UNKNOWN_MODEL, "LoadModel", "OK") == counted(UNKNOWN_MODEL, "UnloadModel", "OK") == 0
+
+
+def _request_labels(server: HpsServer) -> list[dict[str, str]]:
+    """The labels of every hps_requests_total series of `server`."""
+    (family,) = [f for f in server.metrics.registry.collect() if f.name == "hps_requests"]
+    return [sample.labels for sample in family.samples if sample.name == "hps_requests_total"]
 
 
 def test_process_metrics_failures_at_zero_and_what_each_level_holds(metered: tuple[HpsServer, dict]) -> None:

@@ -28,7 +28,7 @@ from hps_client import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from hps_server import auth
+from hps_server import auth, metrics
 from hps_server import config as config_module
 from hps_server.server import HpsServer
 from hps_wire import security as client_security
@@ -129,6 +129,41 @@ def test_stream_lookup_checks_each_request_model(secured: SecuredModel) -> None:
         next(stream(iter(requests), timeout=10))
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
     channel.close()
+
+
+def _requests_counted(secured: SecuredModel) -> dict[tuple[str, str, str], float]:
+    """hps_requests_total by (model, method, code)."""
+    (family,) = [f for f in secured.server.metrics.registry.collect() if f.name == "hps_requests"]
+    return {
+        (s.labels["model"], s.labels["method"], s.labels["code"]): s.value
+        for s in family.samples
+        if s.name == "hps_requests_total"
+    }
+
+
+def test_refused_calls_count_under_the_model_once_the_caller_is_known(secured: SecuredModel) -> None:
+    """An UNAUTHENTICATED call is counted before anything of it is read (a stream's first request is never
+    received): under the unknown model, whatever it names; a known caller without the grant, under the model."""
+    tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+    keys = secured.truth["user"][0][:3]
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys.tobytes())])
+    before = _requests_counted(secured)
+    with client_security.channel(secured.target, tls) as channel:
+        stub = hps_pb2_grpc.LookupServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.Lookup(request, timeout=10)
+        with pytest.raises(grpc.RpcError) as stream:
+            next(stub.StreamLookup(iter([request]), timeout=10))
+    assert unary.value.code() == stream.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with _client(secured, READER) as reader, pytest.raises(PermissionDeniedError):
+        reader.upsert("ctr", "user", keys, np.zeros((3, 16), np.float32))
+    after = _requests_counted(secured)
+    moved = {labels: count - before.get(labels, 0) for labels, count in after.items() if count != before.get(labels)}
+    assert moved == {
+        (metrics.UNKNOWN_MODEL, "Lookup", "UNAUTHENTICATED"): 1,
+        (metrics.UNKNOWN_MODEL, "StreamLookup", "UNAUTHENTICATED"): 1,
+        ("ctr", "Upsert", "PERMISSION_DENIED"): 1,
+    }
 
 
 def test_a_verified_client_certificate_is_an_identity(secured: SecuredModel) -> None:
