@@ -40,6 +40,9 @@ AUTH_REFUSAL_REASONS: Final = ("missing_credentials", "invalid_token", "permissi
 # Label value standing for model names the server does not host, so clients cannot grow the series count.
 UNKNOWN_MODEL: Final = "_unknown"
 
+# How far the server's copy of a call's deadline may trail the client's (by the time the call took to arrive):
+# a call its client ended this close to the deadline was ended by it, not cancelled.
+_DEADLINE_LAG_SECONDS: Final = 0.01
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Keys per table query: powers of four from 1 to about a million.
 _BATCH_BUCKETS = tuple(float(4**i) for i in range(11))
@@ -472,10 +475,16 @@ class _Call:
         self._label = self.metrics.model_label(model)
 
     def finish(self, context: grpc.ServicerContext, failed: bool) -> None:
-        code = context.code()  # set by abort()/set_code(); None means the handler returned normally
-        if code is None and failed:
-            code = grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
-        code = code or grpc.StatusCode.OK
+        """Counts the call with the status its client got: DEADLINE_EXCEEDED once its deadline passed, CANCELLED
+        once the client cancelled (whatever the handler did after), else the handler's own (context.code() is
+        None when it returned normally)."""
+        active, remaining = context.is_active(), context.time_remaining()
+        if remaining == 0 or (not active and remaining < _DEADLINE_LAG_SECONDS):
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+        elif not active:
+            code = grpc.StatusCode.CANCELLED
+        else:
+            code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
         # A model served when named (UnloadModel's) or at the end (LoadModel's) counts under its name. A call
         # refused for its credentials counts before anything of it is read (a stream's first request is never
         # received), so unary and streaming ones alike count under UNKNOWN_MODEL.

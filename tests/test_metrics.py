@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
@@ -21,6 +22,7 @@ from hps_server import healthcheck
 from hps_server.cache import CacheStats
 from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, PassShape, ServerMetrics, serve_metrics
 from hps_server.server import HpsServer
+from hps_wire._proto import hps_pb2
 from tests.conftest import sample_config, sample_raw_config, write_sample_tables
 
 
@@ -133,16 +135,24 @@ def _echo_server(metrics: ServerMetrics) -> tuple[grpc.Server, int]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
         if request == b"boom":
             raise RuntimeError("boom")
+        if request == b"slow":
+            time.sleep(0.5)  # past the caller's deadline: its reply is never seen
         return request
 
     def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from requests
+
+    def held(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield next(requests)
+        while context.is_active():  # until the client cancels; then it ends as if nothing happened
+            time.sleep(0.01)
 
     handlers = grpc.method_handlers_generic_handler(
         "hps.v1.Echo",
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
+            "Held": grpc.stream_stream_rpc_method_handler(held),
         },
     )
     other = grpc.method_handlers_generic_handler("other.Probe", {"Unary": grpc.unary_unary_rpc_method_handler(unary)})
@@ -182,6 +192,35 @@ def test_interceptor_counts_rpcs_by_method_and_code() -> None:
     assert get("hps_requests_total", {**labels, "code": "OK"}) == 3
     assert m.model_label("ads") == "ads"
     assert m.model_label("nope") == UNKNOWN_MODEL
+
+
+def test_calls_over_for_the_client_before_their_handler_returned_count_as_the_client_saw_them() -> None:
+    m = ServerMetrics()
+    server, port = _echo_server(m)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as late:
+                channel.unary_unary("/hps.v1.Echo/Unary")(b"slow", timeout=0.1)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            cancelled = channel.stream_stream("/hps.v1.Echo/Held")(iter([b"a", b"b"]), timeout=10)
+            assert next(cancelled) == b"a"
+            cancelled.cancel()
+            _finished(m, "Unary")
+            _finished(m, "Held")
+    finally:
+        server.stop(None)
+    get = m.registry.get_sample_value
+    for method, code in (("Unary", "DEADLINE_EXCEEDED"), ("Held", "CANCELLED")):
+        assert get("hps_requests_total", {"model": UNKNOWN_MODEL, "method": method, "code": code}) == 1
+        assert get("hps_requests_total", {"model": UNKNOWN_MODEL, "method": method, "code": "OK"}) is None
+
+
+def _finished(m: ServerMetrics, method: str, timeout: float = 10) -> None:
+    """Waits until no `method` call is in flight: the server counts a call after its client has seen the end."""
+    give_up = time.monotonic() + timeout
+    while m.registry.get_sample_value("hps_requests_in_flight", {"method": method}) != 0:
+        assert time.monotonic() < give_up, f"{method} calls still in flight"
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- a running server
@@ -250,6 +289,52 @@ def test_scrape_after_a_known_workload(metered: tuple[HpsServer, dict]) -> None:
     assert value(after, "hps_model_events_total", model="ctr", event="loaded") == 1
     assert value(after, "hps_models_loaded") == 1
     assert value(after, "hps_ready") == 1
+
+
+def _stream_request(truth: dict) -> hps_pb2.LookupRequest:
+    keys = truth["user"][0][:3].astype("<i8").tobytes()
+    return hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys)])
+
+
+def test_stream_lookups_that_end_by_their_deadline_count_as_deadline_exceeded(
+    metered: tuple[HpsServer, dict],
+) -> None:
+    server, truth = metered
+    keys = truth["user"][0][:3].astype("<i8").tobytes()
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys)])
+    codes = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN")
+
+    def counted(code: str) -> float:
+        labels = {"model": "ctr", "method": "StreamLookup", "code": code}
+        return server.metrics.registry.get_sample_value("hps_requests_total", labels) or 0
+
+    before = {code: counted(code) for code in codes}
+    released = threading.Event()
+
+    def one_then_wait() -> Iterator[hps_pb2.LookupRequest]:
+        yield request
+        released.wait(10)  # the stream stays open, the server waiting for a next request
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = channel.stream_stream("/hps.v1.LookupService/StreamLookup", hps_pb2.LookupRequest.SerializeToString)
+        expired = stream(one_then_wait(), timeout=0.5)
+        next(expired)  # answered; then the deadline passes while the server waits for the next request
+        with pytest.raises(grpc.RpcError) as late:
+            next(expired)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The outside client's repro: deadlines of 1 ms, which pass at any point of a call (or not at all).
+        for _ in range(50):
+            try:
+                list(stream(iter([request]), timeout=0.001))
+            except grpc.RpcError as short:
+                assert short.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        _finished(server.metrics, "StreamLookup")
+        released.set()
+    moved = {code: counted(code) - before[code] for code in codes}
+    # None is counted as cancelled (a 1 ms call may also end before the server starts it: not counted at all).
+    assert moved["CANCELLED"] == moved["UNKNOWN"] == 0, moved
+    assert moved["DEADLINE_EXCEEDED"] >= 1, moved
+    assert sum(moved.values()) <= 51, moved
 
 
 def test_model_admin_calls_count_under_the_model_they_load_unload_or_find_served(tmp_path: Path) -> None:
