@@ -13,6 +13,7 @@ import math
 import os
 import re
 import reprlib
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -392,14 +393,13 @@ def _float(low: float | None = None, high: float | None = None, low_open: bool =
     return convert
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
-
-
 def _float32(value: Any, name: str) -> float:
     """A finite number a float32 vector can hold (a default value): 1e39 would be served as inf."""
     number = _float()(value, name)
-    if abs(number) > FLOAT32_MAX:
-        raise ConfigError(f"{name}: must fit a float32 (|value| <= {FLOAT32_MAX:.6g}), got {shown_value(value)}")
+    try:
+        struct.pack("<f", number)  # rounds to float32; OverflowError where that is infinite
+    except OverflowError:
+        raise ConfigError(f"{name}: must fit a float32 (|value| <= 3.4028235e38), got {shown_value(value)}") from None
     return number
 
 
@@ -665,7 +665,7 @@ def _volatile(raw: Any, base: Path, hps: bool) -> VolatileDbConfig:
     if hps:  # HPS splits the batch limit in two; the smaller is the safe bound for both directions.
         batch = min(s.get("max_get_batch_size", batch, _int(1)), s.get("max_set_batch_size", batch, _int(1)))
     policies = _HPS_POLICY_ALIASES if hps else None
-    if hps and s.raw.get("overflow_policy") in _HPS_POLICY_ALIASES:
+    if hps and isinstance(s.raw.get("overflow_policy"), str) and s.raw["overflow_policy"] in _HPS_POLICY_ALIASES:
         log.warning(
             "volatile_db.overflow_policy: %s is served as %s (hps has no least-frequently-used eviction)",
             s.raw["overflow_policy"],

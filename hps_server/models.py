@@ -148,7 +148,10 @@ class HostedModels:
                 hosted.updates.start()
         except BaseException:
             if hosted is not None and hosted.updates is not None:
-                hosted.updates.close()
+                try:
+                    hosted.updates.close()
+                except (StorageError, RuntimeError) as e:  # what failed the start stays the error raised
+                    log.warning("closing the update stream after a failed start: %s", e)
             for session in hosted.sessions.values() if hosted is not None else ():
                 session.close()
             for level in (volatile, persistent):
@@ -498,13 +501,17 @@ def _create_and_ingest(
         authoritative = persistent or volatile
         if authoritative is None:
             raise ValueError(f"model {model.name}: both volatile_db and persistent_db are disabled")
-        held = name in authoritative.tables()
-        if not authoritative.read_only:
+        if persistent is None and not authoritative.read_only:
             authoritative.create_table(name, table.dim)
-        if table.source is not None and not held:
+        # RocksDB lists the tables it holds on disk; other levels only those this process made, so there a
+        # table holding no row is taken as never ingested.
+        held = name in persistent.tables() if persistent is not None else authoritative.size(name) > 0
+        if table.source is not None and not held:  # the ingest creates the table once its files are valid
             log.info("ingesting %s from the folder %r", name, table.source.name)
             rows = transfer.import_table(authoritative, name, table.source, table.dim, progress=progress)
             log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)
+        elif not authoritative.read_only:
+            authoritative.create_table(name, table.dim)
         if volatile is not None and volatile is not authoritative:
             # Read-only volatile levels still need the table's dim to serve it (Redis: nothing is written).
             volatile.create_table(name, table.dim)

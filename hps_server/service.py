@@ -283,7 +283,7 @@ class Lookups:
             keys, segments = keys + int(packed.counts.sum()), segments + len(packed.counts)
         reply_bytes = rows_by_dim * wire_dtype.itemsize
         # The whole message: vectors, one found byte per key, and the fields and framing around them.
-        message_bytes = reply_bytes + keys + REPLY_FRAMING_BYTES * (1 + segments) + len(request.request_id)
+        message_bytes = reply_bytes + keys + REPLY_FRAMING_BYTES * (1 + segments) + len(request.request_id.encode())
         limit = self.limits.max_message_mb * 1024 * 1024
         if message_bytes > limit:
             raise RequestError(

@@ -56,6 +56,8 @@ POLL_SECONDS = 0.2
 # connections unanswered while nothing else notices it (writes notice only when there are writes).
 HEARTBEAT_SECONDS = 1.0
 UNRESPONSIVE_SECONDS = 10.0
+# A worker still loading its models is given longer: a long NumPy call or CUDA's set-up holds its GIL a while.
+STARTING_UNRESPONSIVE_SECONDS = 30.0
 # A gap this long between two of the supervisor's own rounds (it runs one every POLL_SECONDS) means it was
 # not running itself: its workers' silence over that gap is not counted.
 STALL_SECONDS = 2.0
@@ -348,9 +350,10 @@ class WorkerGroup:
 
     def _check_heartbeats(self, now: float) -> None:
         """Asks each worker that started (warming or serving) for a sign of life; kills one silent for
-        UNRESPONSIVE_SECONDS (before the group first served, that fails its start rather than wait forever).
-        Time the supervisor itself did not run (stopped, starved of CPU) is no worker's silence: after such
-        a gap every worker gets a fresh UNRESPONSIVE_SECONDS."""
+        UNRESPONSIVE_SECONDS, STARTING_UNRESPONSIVE_SECONDS while it is not serving yet (before the group
+        first served, that fails its start rather than wait forever). Time the supervisor itself did not
+        run (stopped, starved of CPU) is no worker's silence: after such a gap every worker gets a fresh
+        allowance."""
         stalled = now - self._heartbeats_checked > STALL_SECONDS
         self._heartbeats_checked = now
         for index, worker in enumerate(self._workers):
@@ -358,12 +361,13 @@ class WorkerGroup:
                 continue
             if stalled:
                 worker.answered = now
-            if now - worker.answered > UNRESPONSIVE_SECONDS:
+            allowed = UNRESPONSIVE_SECONDS if worker.serving else STARTING_UNRESPONSIVE_SECONDS
+            if now - worker.answered > allowed:
                 log.error(
                     "worker %d (pid %d) answered no heartbeat for %.0f s; killing it",
                     index,
                     worker.process.pid,
-                    UNRESPONSIVE_SECONDS,
+                    allowed,
                 )
                 worker.process.kill()
                 worker.talking = worker.serving = False  # _watch restarts it once it has exited

@@ -39,7 +39,7 @@ PENDING_ROWS_BOUND = 1 << 20
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 # After close(), the sender keeps trying to publish what is pending for this long.
-FINAL_PUBLISH_SECONDS = 10.0
+FINAL_PUBLISH_SECONDS = 5.0
 _ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 _GAP = object()  # in the applier's queue: drop every cached copy before the entries that follow
 _FELL_BEHIND = object()  # as _GAP, and this server's own levels missed messages the others applied (trimmed)

@@ -18,7 +18,7 @@ import numpy as np
 
 from hps_server.cache import TableL1
 from hps_server.session import LookupSession, ServedTable
-from hps_server.storage.base import DEFAULT_CHUNK_ROWS, KeyChunk, LevelUnavailableError, StorageLevel
+from hps_server.storage.base import DEFAULT_CHUNK_ROWS, KeyChunk, LevelUnavailableError, StorageError, StorageLevel
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ def _warm_volatile(
             if session.insert_if_unchanged(table, epoch, copy):
                 copied += len(keys)
             log.debug("warming %s in %s: %d of %d rows", name, volatile.kind, copied, budget)
-    except LevelUnavailableError as e:
-        # A cache that is down is no reason not to serve: lookups fall through until it is back.
-        log.warning("warming %s stopped after %d rows, %s unavailable: %s", name, copied, volatile.kind, e)
+    except StorageError as e:
+        # A cache that is down (or refuses the copy) is no reason not to serve: lookups fall through to below.
+        log.warning("warming %s stopped after %d rows, %s failing: %s", name, copied, volatile.kind, e)
         return
     log.info("warmed %s: %d rows in %s", name, copied, volatile.kind)
 

@@ -289,7 +289,7 @@ def test_the_update_stream_follows_the_redis_cluster_unless_told_otherwise(tmp_p
 def test_ps_json_values_hps_documents_are_taken(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     document = json.loads(json.dumps(HPS_PS_JSON))
     document["volatile_db"]["overflow_policy"] = "evict_least_used"
-    document["models"][0].update(hit_rate_threshold=1.1, default_value_for_each_table=[-3.4e38, 3.4e38])
+    document["models"][0].update(hit_rate_threshold=1.1, default_value_for_each_table=[-3.4e38, 3.4028235e38])
     document["update_source"] = {"type": "kafka_message_queue", "brokers": "127.0.0.1:9092"}
     path = tmp_path / "ps.json"
     path.write_text(json.dumps(document))
@@ -297,7 +297,7 @@ def test_ps_json_values_hps_documents_are_taken(tmp_path: Path, caplog: pytest.L
         config = config_module.load(path)
     assert config.volatile_db.overflow_policy == "evict_oldest"
     assert config.models[0].hit_rate_threshold == 1.1  # above 1: L1 inserts are never deferred
-    assert [t.default_value for t in config.models[0].tables] == [-3.4e38, 3.4e38]
+    assert [t.default_value for t in config.models[0].tables] == [-3.4e38, 3.4028235e38]  # NumPy's float32 max
     warned = caplog.text
     assert "evict_least_used is served as evict_oldest" in warned
     assert "update_source: ignored; hps does not read Kafka" in warned
@@ -308,3 +308,12 @@ def test_a_yaml_default_value_past_float32_is_refused() -> None:
     raw["models"][0]["tables"][0]["default_value"] = -1e39
     with pytest.raises(ConfigError, match=r"models\[0\].tables\[0\].default_value: must fit a float32"):
         config_module.parse(raw, Path("."))
+
+
+def test_a_ps_json_overflow_policy_that_is_no_string_is_one_clear_error(tmp_path: Path) -> None:
+    document = json.loads(json.dumps(HPS_PS_JSON))
+    document["volatile_db"]["overflow_policy"] = ["evict_oldest"]
+    path = tmp_path / "ps.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=r"volatile_db.overflow_policy: must be one of"):
+        config_module.load(path)

@@ -257,3 +257,24 @@ def test_a_watch_of_the_writes_health_gets_a_message_only_when_it_changes(served
         with contextlib.suppress(grpc.RpcError):  # the deadline ends it
             statuses.extend(reply.status for reply in watch)
     assert statuses == [health_pb2.HealthCheckResponse.SERVING]  # not once more per check
+
+
+def test_upserts_into_a_redis_only_model_survive_a_restart(tmp_path: Path, redis_cluster_processes) -> None:  # type: ignore[no-untyped-def]
+    redis_cluster_processes.flush()
+    truth = write_sample_tables(tmp_path)
+    raw = sample_raw_config(type="redis_cluster", address=redis_cluster_processes.seed, timeout_ms=2000)
+    raw["persistent_db"] = {"type": "disabled"}
+    config = config_module.parse(raw, tmp_path)
+    keys = truth["user"][0][:4]
+    server, target = _serve(config)  # ingests the sources into Redis, the model's authority here
+    try:
+        with Client(target) as client:
+            client.upsert("ctr", "user", keys, np.full((4, 16), 7.0, np.float32))
+    finally:
+        server.stop(grace=1)
+    server, target = _serve(config)  # its sources are still configured: they must not be ingested again
+    try:
+        with Client(target) as client:
+            np.testing.assert_array_equal(client.lookup("ctr", "user", keys), np.full((4, 16), 7.0, np.float32))
+    finally:
+        server.stop(grace=1)

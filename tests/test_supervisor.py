@@ -372,7 +372,7 @@ def test_a_worker_stopped_while_it_starts_is_found_out_instead_of_stalling_the_s
     try:
         loading = int(group.wait_for_log(r"worker 0 \(pid (\d+)\) loading its models").group(1))
         os.kill(loading, signal.SIGSTOP)  # before it is serving: warming up, or waiting for the other
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while f"worker 0 (pid {loading}) answered no heartbeat" not in log.read_text():
             assert time.monotonic() < deadline, f"the stopped worker was never found out:\n{log.read_text()}"
             time.sleep(0.2)

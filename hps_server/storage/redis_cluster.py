@@ -114,13 +114,12 @@ def _bulk(arg: bytes | str | int) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-# A copy into a partition (copy_many): each (key, row) pair is set only where the key is absent, with its
-# access time; one script per partition and batch, so no other client's write lands between test and set.
+# A copy into a partition's rows (copy_many): each (key, row) pair is set only where the key is absent; one
+# script per partition and batch, so no other client's write lands between test and set. One key, so a slot
+# being migrated answers it -ASK like any other command, never -TRYAGAIN.
 _KEEP_HELD = """
-for i = 2, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
-  end
+for i = 1, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 return 0
 """
@@ -817,23 +816,22 @@ class RedisClusterLevel(StorageLevel):
     ) -> None:
         """HSETs of every table's partitions (the last row of a repeated key wins: HSET applies fields in
         order) with access times, TTLs and each touched partition's HLEN, in one round per node. keep_held:
-        a key the partition holds keeps its row and time (one script per partition, _KEEP_HELD)."""
+        a key the partition holds keeps its row (one script per partition, _KEEP_HELD)."""
         order, runs = self._split(keys, index)
         ordered = keys[order]
         rows = vectors[order].view(np.uint8)
-        stamp = _now()
-        now = np.full(len(keys), stamp, dtype="<i8").view(np.uint8).reshape(-1, 8)
+        now = np.full(len(keys), _now(), dtype="<i8").view(np.uint8).reshape(-1, 8)
         commands: list[Command] = []
         touched = sorted({(t, p) for t, p, _, _ in runs})
         for t, p, a, b in runs:
             slot = parts[t].slots[p]
             if keep_held:
-                at = np.array([stamp], "<i8").tobytes()
-                script = ("EVAL", _KEEP_HELD, 2, parts[t].values[p], parts[t].times[p], at)
+                script = ("EVAL", _KEEP_HELD, 1, parts[t].values[p])
                 commands.append((slot, _command(*script, keys=ordered[a:b], values=rows[a:b])))
-                continue
-            commands.append((slot, _command("HSET", parts[t].values[p], keys=ordered[a:b], values=rows[a:b])))
-            # Under both policies: HPS's overflow handling and dumps read every row's access time.
+            else:
+                commands.append((slot, _command("HSET", parts[t].values[p], keys=ordered[a:b], values=rows[a:b])))
+            # Under both policies: HPS's overflow handling and dumps read every row's access time (a copy's
+            # keys are refreshed as accessed, those Redis kept included).
             commands.append((slot, _command("HSET", parts[t].times[p], keys=ordered[a:b], values=now[a:b])))
         if self.ttl_seconds:
             for t, p in touched:

@@ -434,7 +434,7 @@ def test_acl_user_with_password(redis_cluster_acl: RedisClusterProcesses, table:
 # What docs/security.md tells operators to grant hps's Redis user: its own keys and the commands it uses.
 LEAST_PRIVILEGE_ACL = (
     "~hps_et*",
-    "+hmget", "+hset", "+hdel", "+hgetall", "+hlen", "+hrandfield", "+hscan", "+del", "+expire",
+    "+hmget", "+hset", "+hsetnx", "+eval", "+hdel", "+hgetall", "+hlen", "+hrandfield", "+hscan", "+del", "+expire",
     "+info", "+cluster|info", "+cluster|slots", "+cluster|shards", "+asking", "+command", "+ping",
 )  # fmt: skip
 
@@ -464,6 +464,8 @@ def test_acl_user_limited_to_hps_keys_and_commands(redis_cluster_acl: RedisClust
         assert lvl.contains(table, keys).sum() == found.sum() == lvl.size(table)
         assert sum(len(chunk[0]) for chunk in lvl.dump(table)) == lvl.size(table)
         assert lvl.evict(table, keys) == found.sum() and lvl.size(table) == 0
+        lvl.copy_many([table], keys[:10], np.zeros(10, np.intp), rows(keys[:10]))  # a warm-up's, a write-back's
+        np.testing.assert_array_equal(lvl.fetch(table, keys[:10])[0], rows(keys[:10]))
     finally:
         lvl.close()
     client = cluster_client(cluster.seed, username="hps-least", password="least-s3cret")
