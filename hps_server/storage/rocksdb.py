@@ -71,6 +71,21 @@ def _takes_files(folder: Path) -> bool:
         return False
 
 
+def _writable(folder: Path) -> bool:
+    """Whether files can be made in `folder` (not a read-only mount, and this user may write it)."""
+    return not os.statvfs(folder).f_flag & os.ST_RDONLY and os.access(folder, os.W_OK)
+
+
+def _view(folder: Path, view: Path) -> Path:
+    """A folder of links to the database files in `folder`, for opening it read-only where `folder` takes no
+    file: rocksdict writes its config file at every open, and RocksDB its LOG (both made anew in the view)."""
+    view.mkdir()
+    for entry in folder.iterdir():
+        if entry.name not in ("rocksdict-config.json", "LOCK") and not entry.name.startswith("LOG"):
+            (view / entry.name).symlink_to(entry)
+    return view
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the folder, None when it is gone."""
     try:
@@ -170,8 +185,12 @@ class RocksDBLevel(StorageLevel):
         # A secondary keeps its own small log folder; a writer may delete files it still reads, so it keeps
         # every file open (RocksDB's advice for secondaries).
         self._secondary = Path(tempfile.mkdtemp(prefix="hps-rocksdb-secondary-")) if read_only else None
-        if read_only:
+        # The folder RocksDB opens: the database's own, or a view of it where it cannot be written to.
+        self._opened = self.path
+        if self._secondary is not None:
             self._options.set_max_open_files(-1)
+            if not _writable(self.path):
+                self._opened = _view(self.path, self._secondary / "view")
         self._open()
         # Which folder this is: writes stop once it is removed or replaced (they would be lost at restart).
         self._folder = _identity(self.path)
@@ -180,8 +199,8 @@ class RocksDBLevel(StorageLevel):
 
     def _open(self) -> None:
         """Opens the database and reads every table's dim, row count and column family."""
-        exists = (self.path / "CURRENT").exists()
-        names = rocksdict.Rdict.list_cf(str(self.path), self._options) if exists else [_META_CF]
+        exists = (self._opened / "CURRENT").exists()
+        names = rocksdict.Rdict.list_cf(str(self._opened), self._options) if exists else [_META_CF]
         families = {name: rocksdict.Options(raw_mode=True) for name in names if name != _META_CF}
         access = (
             rocksdict.AccessType.secondary(str(self._secondary))
@@ -189,7 +208,7 @@ class RocksDBLevel(StorageLevel):
             else rocksdict.AccessType.read_write()
         )
         try:
-            self._db = rocksdict.Rdict(str(self.path), self._options, column_families=families, access_type=access)
+            self._db = rocksdict.Rdict(str(self._opened), self._options, column_families=families, access_type=access)
         except Exception as exc:
             reason = self._hidden(exc)
             if "/LOCK:" in reason:  # RocksDB's lock file: another process (or this one) holds it read-write
@@ -229,7 +248,7 @@ class RocksDBLevel(StorageLevel):
     def _hidden(self, error: BaseException) -> str:
         """RocksDB's message without the server's folder path in it (clients and logs never see paths)."""
         text = str(error)
-        for path in {str(self.path.resolve()), str(self.path)}:
+        for path in sorted({str(self._opened), str(self.path.resolve()), str(self.path)}, key=len, reverse=True):
             text = text.replace(path, FOLDER_IN_MESSAGES)
         return text
 

@@ -13,6 +13,7 @@ import pytest
 
 from hps_server.config import PersistentDbConfig
 from hps_server.storage import open_persistent
+from hps_server.storage import rocksdb as rocksdb_module
 from hps_server.storage.base import StorageError, UnknownTableError
 from hps_server.storage.rocksdb import RocksDBLevel
 
@@ -280,3 +281,25 @@ def test_a_load_that_never_finished_is_undone_at_the_next_open(db_path: Path) ->
     again = RocksDBLevel(db_path)
     assert again.size("m.t") == 300  # ...and is kept at the next open
     again.close()
+
+
+def test_a_database_in_a_folder_that_takes_no_file_opens_read_only_through_a_view(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = RocksDBLevel(db_path)
+    writer.create_table("m.t", 4)
+    writer.insert("m.t", *rows(range(50), 4))
+    writer.close()
+    before = {entry.name: entry.stat().st_mtime_ns for entry in db_path.iterdir()}
+    # As on a read-only mount (a ReadOnlyMany volume): rocksdict and RocksDB write nothing into the folder.
+    monkeypatch.setattr(rocksdb_module, "_writable", lambda folder: False)
+    reader = RocksDBLevel(db_path, read_only=True)
+    try:
+        vectors, found = reader.fetch("m.t", np.arange(60))
+        assert found[:50].all() and not found[50:].any()
+        np.testing.assert_array_equal(vectors[:50], rows(range(50), 4)[1])
+        reader.follow_writes()
+        assert reader.size("m.t") == 50
+    finally:
+        reader.close()
+    assert {entry.name: entry.stat().st_mtime_ns for entry in db_path.iterdir()} == before
