@@ -32,6 +32,7 @@ import itertools
 import json
 import mmap
 import os
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,11 +56,15 @@ _POOLS_OFFSET = _REGISTRY_OFFSET + REGISTRY_BYTES
 HEADER_BYTES = _POOLS_OFFSET + MAX_POOLS * _RECORD_WORDS * 8
 
 _names = itertools.count()
+# This process's own part of its names: a supervisor killed outright leaves its segments behind, and in a
+# container its successor has the same pid (1), so the pid alone would name them again.
+_INCARNATION = secrets.token_hex(3)
 
 
 def unique_name() -> str:
-    """A level name no other supervisor (its pid) nor other level of this process (a counter) uses."""
-    return f"hps{os.getpid()}_{next(_names)}"
+    """A level name no other supervisor (its pid, and a random part) nor other level of this process (a
+    counter) uses."""
+    return f"hps{os.getpid()}_{_INCARNATION}{next(_names)}"
 
 
 @dataclass

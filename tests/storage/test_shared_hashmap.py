@@ -9,6 +9,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -207,3 +209,12 @@ def test_segments_are_unlinked_when_the_owner_closes() -> None:
 
 def _gen(level: HashMapLevel, table: str) -> int:
     return int(level._table(table).pool.state[segments.ROWS_GEN])
+
+
+def test_names_are_not_the_pid_alone() -> None:
+    """A supervisor killed outright leaves its segments; in a container its successor has the same pid (1),
+    and must not find its new names taken."""
+    command = [sys.executable, "-c", "from hps_server.storage.segments import unique_name; print(unique_name())"]
+    names = [subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)]
+    parts = [name.partition("_")[2] for name in names]  # what follows "hps<pid>_"
+    assert parts[0] != parts[1]
