@@ -214,7 +214,7 @@ class RocksDBLevel(StorageLevel):
             if "/LOCK:" in reason:  # RocksDB's lock file: another process (or this one) holds it read-write
                 raise LevelUnavailableError(
                     "rocksdb: the database at persistent_db.path is held by another opener (a running hps serve?):"
-                    " stop it first, or open it read-only (persistent_db.read_only)"
+                    " stop it first (only reading opens beside it: hps export, persistent_db.read_only)"
                 ) from None
             raise LevelUnavailableError(f"rocksdb: cannot open the database at persistent_db.path: {reason}") from None
         self._meta = self._db.get_column_family_handle(_META_CF)

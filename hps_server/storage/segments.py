@@ -210,6 +210,7 @@ def _map(path: Path, size: int, create: bool) -> mmap.mmap:
     if create:
         # A segment of a generation never published: left by a process killed while growing the pool.
         _unlink(path)
+        _check_room(path.parent, size)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     else:
         try:
@@ -224,6 +225,18 @@ def _map(path: Path, size: int, create: bool) -> mmap.mmap:
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
+
+
+def _check_room(folder: Path, size: int) -> None:
+    """StorageError unless `folder` (tmpfs: its pages are taken as they are written) has `size` bytes free; a
+    full /dev/shm is then an error here, not a SIGBUS at the first write past it."""
+    stat = os.statvfs(folder)
+    if stat.f_bavail * stat.f_frsize < size:
+        raise StorageError(
+            f"hash_map: /dev/shm has {stat.f_bavail * stat.f_frsize >> 20} MiB free, the shared hash map needs "
+            f"{size >> 20} MiB more: give it room (a memory-backed emptyDir's sizeLimit) or lower "
+            "volatile_db.overflow_margin"
+        )
 
 
 def _unlink(path: Path) -> None:

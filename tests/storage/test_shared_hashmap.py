@@ -22,6 +22,7 @@ import pytest
 
 from hps_server.config import VolatileDbConfig
 from hps_server.storage import segments
+from hps_server.storage.base import StorageError
 from hps_server.storage.hashmap import HashMapLevel
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -218,3 +219,10 @@ def test_names_are_not_the_pid_alone() -> None:
     names = [subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)]
     parts = [name.partition("_")[2] for name in names]  # what follows "hps<pid>_"
     assert parts[0] != parts[1]
+
+
+def test_a_dev_shm_without_room_for_the_shared_hash_map_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    full = os.statvfs_result((4096, 4096, 100, 0, 0, 0, 0, 0, 0, 255))  # a tmpfs with no block free
+    monkeypatch.setattr(segments.os, "statvfs", lambda folder: full)
+    with pytest.raises(StorageError, match=r"/dev/shm has 0 MiB free, the shared hash map needs"):
+        HashMapLevel.create_shared(VolatileDbConfig())
