@@ -258,6 +258,28 @@ def test_each_server_process_gets_a_metrics_port(helm: ModuleType, chart: Path, 
     assert wanted <= {(p["name"], p["port"]) for p in service["spec"]["ports"]}
     monitor = one(manifests, "ServiceMonitor")
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {name for name, _ in wanted}
+    # The shared hash map's /dev/shm: memory-backed and sized (a runtime's own is 64 MiB).
+    mounts = {m["name"]: m["mountPath"] for m in hps_container(manifests)["volumeMounts"]}
+    volumes = {v["name"]: v for v in workload(manifests)["spec"]["template"]["spec"]["volumes"]}
+    assert mounts["shm"] == "/dev/shm"
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4Gi"}
+    single = render(helm, chart, values_of("gpu"))
+    assert "shm" not in {v["name"] for v in workload(single)["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_every_server_option_of_hps_is_a_value(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
+    options = {
+        "batch_window_us": 200, "max_queued_requests": 64, "max_queries_per_request": 512,
+        "max_keys_per_request": 100_000, "max_keys_per_write": 5_000, "max_streams": 4,
+        "stream_idle_seconds": 30.0, "admin": True,
+    }  # fmt: skip
+    values = {**values_of("gpu"), "server": options, "persistentDb": {"options": {"sync_writes": True}}}
+    values["models"][0]["tables"][0]["version"] = "v2"
+    values["models"][0]["hit_rate_threshold"] = 1.1
+    config = served_config(render(helm, chart, values), tmp_path)
+    assert {name: getattr(config.server, name) for name in options} == options
+    assert config.persistent_db.sync_writes
+    assert config.models[0].tables[0].version == "v2"
 
 
 def test_by_default_the_server_ingests_tables_itself(helm: ModuleType, chart: Path, tmp_path: Path) -> None:
