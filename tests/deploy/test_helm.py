@@ -218,7 +218,7 @@ def test_autoscaling(helm: ModuleType, chart: Path) -> None:
     assert pdb["spec"]["minAvailable"] == 1 and "maxUnavailable" not in pdb["spec"]
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     claim = one(manifests, "PersistentVolumeClaim")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]  # the prepared database every pod reads
 
 
 def test_service_monitor_selects_the_metrics_port(helm: ModuleType, chart: Path) -> None:
@@ -429,3 +429,18 @@ def test_headless_service_and_connection_age_for_client_side_balancing(
     assert served_config(manifests, tmp_path).server.max_connection_age_seconds == 300
     tuned = render(helm, chart, {"server": {"max_connection_age_seconds": 0}})
     assert served_config(tuned, tmp_path).server.max_connection_age_seconds == 0
+
+
+def test_pods_sharing_one_writable_rocksdb_are_refused_and_one_is_recreated(helm: ModuleType, chart: Path) -> None:
+    shared = {"persistence": {"enabled": True, "perPod": False}, "replicaCount": 2}
+    with pytest.raises(helm.HelmRenderError, match=r"persistence.perPod: false shares one RocksDB between the pods"):
+        render(helm, chart, shared)
+    one_pod = workload(render(helm, chart, {**shared, "replicaCount": 1}))
+    assert one_pod["kind"] == "Deployment" and one_pod["spec"]["strategy"] == {"type": "Recreate"}
+    read_only = {
+        **shared,
+        "persistentDb": {"readOnly": True},
+        "persistence": {**shared["persistence"], "accessModes": ["ReadOnlyMany"]},
+    }
+    replicas = workload(render(helm, chart, read_only))
+    assert replicas["spec"]["replicas"] == 2 and replicas["spec"]["strategy"]["type"] == "RollingUpdate"
