@@ -444,3 +444,22 @@ def test_pods_sharing_one_writable_rocksdb_are_refused_and_one_is_recreated(helm
     }
     replicas = workload(render(helm, chart, read_only))
     assert replicas["spec"]["replicas"] == 2 and replicas["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
+def test_the_network_policy_lets_pods_reach_an_update_stream_on_a_cluster_of_its_own(
+    helm: ModuleType, chart: Path
+) -> None:
+    values = values_of("external-redis")
+    values["networkPolicy"] = {"enabled": True, "egress": {"enabled": True}}
+    values["updates"] = {"address": "stream-0:7001, stream-1:7002"}
+    policy = one(render(helm, chart, values), "NetworkPolicy")
+    ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {7001, 7002} <= ports
+
+
+def test_the_notes_health_check_speaks_tls_where_the_server_does(helm: ModuleType, chart: Path) -> None:
+    for scenario, wanted in (("default", "healthcheck localhost:8500\n"), ("secure", "--tls-ca-file ca.crt")):
+        with helm.Chart.load(str(chart)) as loaded:
+            files = loaded.render(values_of(scenario), name="rec", namespace="ml", is_install=True)
+        notes = next(text for path, text in files.items() if path.endswith("NOTES.txt"))
+        assert wanted in notes, notes
