@@ -1,11 +1,12 @@
 #!/bin/sh
-# Development certificates and a tokens file for `compose.secure.yaml`, written to deploy/secrets/ (or $1):
+# Development certificates and a tokens file for `compose.secure.yaml`, written to deploy/secrets/ (or $1, or
+# $HPS_DEV_SECRETS, the folder compose.secure.yaml reads):
 # a throwaway CA, the server's certificate (hps, localhost, 127.0.0.1), a client certificate for callers,
 # the Redis nodes' certificate (redis-1..3) and hps's client certificate for Redis, and two tokens.
 # Keys are left readable by everyone so the containers' users can read the bind-mounted files: never use
 # these outside a development machine. Needs openssl; an existing folder is left as it is.
 set -eu
-out="${1:-$(dirname "$0")/secrets}"
+out="${1:-${HPS_DEV_SECRETS:-$(dirname "$0")/secrets}}"
 if [ -e "$out/ca.crt" ]; then echo "$out already holds certificates"; exit 0; fi
 mkdir -p "$out"
 cd "$out"

@@ -215,6 +215,9 @@ def _bench(args: argparse.Namespace) -> int:
             "(the bench, tf and torch extras hold what the benchmarks use)",
             file=sys.stderr,
         )
+        if {"-h", "--help"} & set(args.bench_args):  # what it measures is still said
+            print(f"hps bench {args.what}: {BENCHMARKS[args.what][1]}")
+            return 0
         return 2
     return int(module.main(args.bench_args) or 0)
 

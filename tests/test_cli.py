@@ -320,3 +320,15 @@ def test_a_bad_table_file_of_an_import_names_the_table_and_the_file(tmp_path: Pa
         "hps import: error: item/key: 1 duplicate key rows (1 distinct keys repeat), e.g. key 2 (table ctr.item)" in err
     )
     assert str(tmp_path) not in err
+
+
+def test_a_benchmark_whose_extras_are_missing_still_says_what_it_measures(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    def missing(name: str) -> None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name="tritonclient")
+
+    monkeypatch.setattr("hps_server.cli.importlib.import_module", missing)
+    assert main(["bench", "triton", "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"hps bench triton: {BENCHMARKS['triton'][1]}\n"
+    assert "needs the module tritonclient" in err
+    assert main(["bench", "triton"]) == 2
