@@ -463,3 +463,11 @@ def test_the_notes_health_check_speaks_tls_where_the_server_does(helm: ModuleTyp
             files = loaded.render(values_of(scenario), name="rec", namespace="ml", is_install=True)
         notes = next(text for path, text in files.items() if path.endswith("NOTES.txt"))
         assert wanted in notes, notes
+
+
+def test_values_that_would_be_ignored_are_refused(helm: ModuleType, chart: Path) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"persistence.existingClaim: a StatefulSet \(perPod: true\)"):
+        render(helm, chart, {"persistence": {"enabled": True, "perPod": True, "existingClaim": "mine"}})
+    redis = {**values_of("external-redis")["redis"], "tls": True, "tlsClientCert": True, "tlsSecretName": ""}
+    with pytest.raises(helm.HelmRenderError, match=r"redis.tlsClientCert: the client certificate comes from"):
+        render(helm, chart, {**values_of("external-redis"), "redis": redis})

@@ -93,7 +93,7 @@ def test_secure_redis_tls_config_is_valid_for_the_server(helm: ModuleType, chart
     )
     # Without a Secret: TLS against the image's trust store, no client certificate, the hostname check as set.
     values = values_of("secure")
-    values["redis"] |= {"tlsSecretName": "", "tlsCheckHostname": False}
+    values["redis"] |= {"tlsSecretName": "", "tlsClientCert": False, "tlsCheckHostname": False}
     plain = raw_config(render(helm, chart, values))["volatile_db"]
     assert plain["tls"] is True and plain["tls_check_hostname"] is False
     assert not {"tls_ca_file", "tls_cert_file", "tls_key_file"} & set(plain)
