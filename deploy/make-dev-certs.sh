@@ -6,7 +6,9 @@
 # Keys are left readable by everyone so the containers' users can read the bind-mounted files: never use
 # these outside a development machine. Needs openssl; an existing folder is left as it is.
 set -eu
-out="${1:-${HPS_DEV_SECRETS:-$(dirname "$0")/secrets}}"
+out="${1:-${HPS_DEV_SECRETS:-secrets}}"
+# A relative HPS_DEV_SECRETS is deploy/'s, as compose.secure.yaml reads it; a relative $1 the caller's.
+if [ -z "${1:-}" ]; then case "$out" in /*) ;; *) out="$(dirname "$0")/$out" ;; esac; fi
 if [ -e "$out/ca.crt" ]; then echo "$out already holds certificates"; exit 0; fi
 mkdir -p "$out"
 cd "$out"

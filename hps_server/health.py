@@ -28,6 +28,10 @@ class _Watch:
         self._lock = threading.Lock()
         self._open = True
 
+    @property
+    def open(self) -> bool:
+        return self._open
+
     def send(self, response: health_pb2.HealthCheckResponse | None) -> None:
         if response is None:
             self.end()
@@ -89,7 +93,8 @@ class HealthServicer(health.HealthServicer):
         super().Watch(request, context, watch.send)
         with self._watches_lock:
             if not self._draining:
-                self._watches.add(watch)
+                if watch.open:  # not ended by its client meanwhile (its end forgot it before it was added)
+                    self._watches.add(watch)
                 return
         watch.end()  # opened while the drain began: it was sent NOT_SERVING (or SERVICE_UNKNOWN)
 

@@ -495,7 +495,8 @@ def _create_and_ingest(
     model: ModelConfig, volatile: StorageLevel | None, persistent: StorageLevel | None, progress: bool
 ) -> None:
     """Creates each table in the levels and ingests its source files into the tables the authority did not
-    hold yet (a table emptied by deletes stays empty: its source is not ingested again)."""
+    hold yet: RocksDB knows the tables it holds (one emptied by deletes stays empty); another authority
+    (Redis, the hash map) is taken to lack a table that holds no row."""
     for table in model.tables:
         name = model.storage_name(table)
         authoritative = persistent or volatile
@@ -503,10 +504,11 @@ def _create_and_ingest(
             raise ValueError(f"model {model.name}: both volatile_db and persistent_db are disabled")
         if persistent is None and not authoritative.read_only:
             authoritative.create_table(name, table.dim)
-        # RocksDB lists the tables it holds on disk; other levels only those this process made, so there a
-        # table holding no row is taken as never ingested.
-        held = name in persistent.tables() if persistent is not None else authoritative.size(name) > 0
-        if table.source is not None and not held:  # the ingest creates the table once its files are valid
+        # RocksDB lists the tables it holds on disk; other levels only those this process made. Asked only for
+        # a table with files to ingest: a Redis that is down is then no reason not to start.
+        if table.source is not None and not (
+            name in persistent.tables() if persistent is not None else authoritative.size(name) > 0
+        ):  # the ingest creates the table once its files are valid
             log.info("ingesting %s from the folder %r", name, table.source.name)
             rows = transfer.import_table(authoritative, name, table.source, table.dim, progress=progress)
             log.info("ingested %d rows into %s (%s)", rows, name, authoritative.kind)

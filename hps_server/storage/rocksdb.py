@@ -22,6 +22,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -78,11 +79,12 @@ def _writable(folder: Path) -> bool:
 
 def _view(folder: Path, view: Path) -> Path:
     """A folder of links to the database files in `folder`, for opening it read-only where `folder` takes no
-    file: rocksdict writes its config file at every open, and RocksDB its LOG (both made anew in the view)."""
+    file: rocksdict writes its config file at every open, and RocksDB its LOG (both made anew in the view).
+    It holds the files there now: a database that takes no file has no writer adding any."""
     view.mkdir()
     for entry in folder.iterdir():
         if entry.name not in ("rocksdict-config.json", "LOCK") and not entry.name.startswith("LOG"):
-            (view / entry.name).symlink_to(entry)
+            (view / entry.name).symlink_to(entry.absolute())
     return view
 
 
@@ -187,11 +189,21 @@ class RocksDBLevel(StorageLevel):
         self._secondary = Path(tempfile.mkdtemp(prefix="hps-rocksdb-secondary-")) if read_only else None
         # The folder RocksDB opens: the database's own, or a view of it where it cannot be written to.
         self._opened = self.path
-        if self._secondary is not None:
-            self._options.set_max_open_files(-1)
-            if not _writable(self.path):
-                self._opened = _view(self.path, self._secondary / "view")
-        self._open()
+        try:
+            if self._secondary is not None:
+                self._options.set_max_open_files(-1)
+                if not _writable(self.path):
+                    try:
+                        self._opened = _view(self.path, self._secondary / "view")
+                    except OSError as e:  # its strerror only: no path in messages
+                        raise StorageError(
+                            f"rocksdb: cannot read the folder at persistent_db.path: {e.strerror}"
+                        ) from None
+            self._open()
+        except BaseException:
+            if self._secondary is not None:
+                shutil.rmtree(self._secondary, ignore_errors=True)
+            raise
         # Which folder this is: writes stop once it is removed or replaced (they would be lost at restart).
         self._folder = _identity(self.path)
         mode = "read-only" if read_only else "read-write"
@@ -247,10 +259,8 @@ class RocksDBLevel(StorageLevel):
 
     def _hidden(self, error: BaseException) -> str:
         """RocksDB's message without the server's folder path in it (clients and logs never see paths)."""
-        text = str(error)
-        for path in sorted({str(self._opened), str(self.path.resolve()), str(self.path)}, key=len, reverse=True):
-            text = text.replace(path, FOLDER_IN_MESSAGES)
-        return text
+        paths = sorted({str(self._opened), str(self.path.resolve()), str(self.path)}, key=len, reverse=True)
+        return re.sub("|".join(map(re.escape, paths)), FOLDER_IN_MESSAGES, str(error))  # one pass: no path twice
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

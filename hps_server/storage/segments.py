@@ -26,10 +26,12 @@ close() refuses while NumPy views exist. Here a mapping lives exactly as long as
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import itertools
 import json
+import logging
 import mmap
 import os
 import secrets
@@ -41,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from hps_server.storage.base import StorageError
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x3170616D68737068  # "hpshmap1"
@@ -59,12 +63,53 @@ _names = itertools.count()
 # This process's own part of its names: a supervisor killed outright leaves its segments behind, and in a
 # container its successor has the same pid (1), so the pid alone would name them again.
 _INCARNATION = secrets.token_hex(3)
+_ALIVE = ".alive"
+_alive_lock: int | None = None  # the flock this process holds on its names' `.alive` file while it runs
+_naming = threading.Lock()
+
+
+def _own_prefix() -> str:
+    return f"hps{os.getpid()}_{_INCARNATION}"
 
 
 def unique_name() -> str:
     """A level name no other supervisor (its pid, and a random part) nor other level of this process (a
-    counter) uses."""
-    return f"hps{os.getpid()}_{_INCARNATION}{next(_names)}"
+    counter) uses. The first one also removes what processes killed outright left (remove_dead)."""
+    global _alive_lock
+    with _naming:
+        if _alive_lock is None:
+            remove_dead()
+            fd = os.open(SHM_DIR / f"{_own_prefix()}{_ALIVE}", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel lets go of it when this process ends, however
+            _alive_lock = fd
+            atexit.register(_unlink, SHM_DIR / f"{_own_prefix()}{_ALIVE}")
+        return f"{_own_prefix()}{next(_names)}"
+
+
+def remove_dead() -> list[str]:
+    """Unlinks the segments of every process that named some and ended without unlinking them (SIGKILL,
+    an OOM kill): those whose `.alive` file nobody holds locked, wherever that process ran (/dev/shm may be
+    shared by other pid namespaces: the lock, not the pid, says it is gone). Returns their prefixes."""
+    removed = []
+    for alive in SHM_DIR.glob(f"hps*_*{_ALIVE}"):
+        try:
+            fd = os.open(alive, os.O_RDWR)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process runs
+            prefix = alive.name[: -len(_ALIVE)]
+            for segment in SHM_DIR.glob(f"{prefix}*"):
+                _unlink(segment)
+            removed.append(prefix)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed the shared memory of %d processes that ended without removing it", len(removed))
+    return removed
 
 
 @dataclass
@@ -228,10 +273,16 @@ def _map(path: Path, size: int, create: bool) -> mmap.mmap:
 
 
 def _check_room(folder: Path, size: int) -> None:
-    """StorageError unless `folder` (tmpfs: its pages are taken as they are written) has `size` bytes free; a
-    full /dev/shm is then an error here, not a SIGBUS at the first write past it."""
+    """StorageError unless `folder` (tmpfs: its pages are taken as they are written) has room for `size` bytes
+    and for the pages this process's segments may still take (their size less what they hold); a full
+    /dev/shm is then an error here, not a SIGBUS at a write past it."""
     stat = os.statvfs(folder)
-    if stat.f_bavail * stat.f_frsize < size:
+    unwritten = 0
+    for segment in folder.glob(f"{_own_prefix()}*"):
+        with contextlib.suppress(FileNotFoundError):
+            held = segment.stat()
+            unwritten += max(0, held.st_size - held.st_blocks * 512)
+    if stat.f_bavail * stat.f_frsize < size + unwritten:
         raise StorageError(
             f"hash_map: /dev/shm has {stat.f_bavail * stat.f_frsize >> 20} MiB free, the shared hash map needs "
             f"{size >> 20} MiB more: give it room (a memory-backed emptyDir's sizeLimit) or lower "

@@ -471,3 +471,22 @@ def test_values_that_would_be_ignored_are_refused(helm: ModuleType, chart: Path)
     redis = {**values_of("external-redis")["redis"], "tls": True, "tlsClientCert": True, "tlsSecretName": ""}
     with pytest.raises(helm.HelmRenderError, match=r"redis.tlsClientCert: the client certificate comes from"):
         render(helm, chart, {**values_of("external-redis"), "redis": redis})
+
+
+def test_an_update_stream_port_is_opened_without_the_redis_level_too(helm: ModuleType, chart: Path) -> None:
+    values = {"networkPolicy": {"enabled": True, "egress": {"enabled": True}}, "updates": {"address": "u1:7000"}}
+    policy = one(render(helm, chart, values), "NetworkPolicy")
+    assert 7000 in {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+
+
+def test_a_dev_shm_of_ones_own_needs_the_charts_turned_off(helm: ModuleType, chart: Path) -> None:
+    own = {
+        "server": {"processes": 2},
+        "extraVolumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "extraVolumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    with pytest.raises(helm.HelmRenderError, match=r"extraVolumeMounts: /dev/shm is the chart's own"):
+        render(helm, chart, {**values_of("gpu"), **own})
+    pod = workload(render(helm, chart, {**values_of("gpu"), **own, "sharedMemory": {"enabled": False}}))
+    mounts = [m["mountPath"] for m in pod["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]]
+    assert mounts.count("/dev/shm") == 1

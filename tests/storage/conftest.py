@@ -80,7 +80,8 @@ def bounded_level(request: pytest.FixtureRequest) -> Iterator[Callable[[Volatile
 def no_leaked_shared_memory() -> Iterator[None]:
     """Fails a test that leaves shared-memory segments of this process's levels behind, and removes them."""
     yield
-    leaked = sorted(Path("/dev/shm").glob(f"hps{os.getpid()}_*"))
+    # This process's `.alive` file stays while it runs (segments.remove_dead reads it).
+    leaked = sorted(path for path in Path("/dev/shm").glob(f"hps{os.getpid()}_*") if not path.name.endswith(".alive"))
     for path in leaked:
         path.unlink()
     assert not leaked, f"shared memory left behind: {[path.name for path in leaked]}"

@@ -226,3 +226,31 @@ def test_a_dev_shm_without_room_for_the_shared_hash_map_is_a_clear_error(monkeyp
     monkeypatch.setattr(segments.os, "statvfs", lambda folder: full)
     with pytest.raises(StorageError, match=r"/dev/shm has 0 MiB free, the shared hash map needs"):
         HashMapLevel.create_shared(VolatileDbConfig())
+
+
+_KILLED_OWNER = """
+import time
+from hps_server.config import VolatileDbConfig
+from hps_server.storage.hashmap import HashMapLevel
+level = HashMapLevel.create_shared(VolatileDbConfig())
+level.create_table("m.t", 4)
+print(level.shared_name, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_shared_memory_of_a_process_killed_outright_is_removed_by_the_next_one() -> None:
+    owner = subprocess.Popen([sys.executable, "-c", _KILLED_OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip()  # it made its hash map
+        (alive,) = Path("/dev/shm").glob(f"hps{owner.pid}_*.alive")
+        prefix = alive.name.removesuffix(".alive")  # the process's part of its names: hps<pid>_<random>
+        assert len(list(Path("/dev/shm").glob(f"{prefix}*"))) >= 3  # header, lock, alive at least
+        assert prefix not in segments.remove_dead()  # alive: its lock is held
+        owner.kill()
+        owner.wait(30)
+        assert prefix in segments.remove_dead()  # as the next supervisor does when it first names something
+        assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+    finally:
+        if owner.poll() is None:
+            owner.kill()
