@@ -23,11 +23,11 @@ HPS_KEY_FILE = "key"
 HPS_VECTOR_FILE = "emb_vector"
 NPY_KEY_FILE = "keys.npy"
 NPY_VECTOR_FILE = "vectors.npy"
-_FILES = frozenset((HPS_KEY_FILE, HPS_VECTOR_FILE, NPY_KEY_FILE, NPY_VECTOR_FILE))
 FILES: dict[TableFormat, tuple[str, str]] = {
     "hps": (HPS_KEY_FILE, HPS_VECTOR_FILE),
     "npy": (NPY_KEY_FILE, NPY_VECTOR_FILE),
 }
+_FILES = frozenset(name for pair in FILES.values() for name in pair)  # every table file's name
 
 # A fixed-size .npy header, so write_table can stream rows first and state the final shape after.
 _NPY_HEADER_BYTES = 128

@@ -8,6 +8,7 @@ decides when cached copies may be stale (a gap in what it read) so the sessions 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import re
 import threading
@@ -142,7 +143,7 @@ class UpdateFeed:
         self._pending_rows = 0
         self._batches: queue.Queue[object] = queue.Queue(maxsize=4)
         self._closed = threading.Event()
-        self._final_deadline: float | None = None  # set by close(): the sender's last attempts end then
+        self._final_deadline = math.inf  # set by close(), before it sets _closed: the sender's last attempts end then
         self.connected = threading.Event()  # set while the stream answers; cleared on a failure
         self.applied_rows = 0
         self.gaps = 0
@@ -232,9 +233,10 @@ class UpdateFeed:
                     writer.close()
                 writer = None
                 if self._closed.is_set():
-                    if self._final_deadline is None or time.monotonic() >= self._final_deadline:
+                    remaining = self._final_deadline - time.monotonic()
+                    if remaining <= 0:
                         break
-                    time.sleep(min(backoff, max(0.0, self._final_deadline - time.monotonic())))
+                    time.sleep(min(backoff, remaining))
                 else:
                     self._closed.wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)

@@ -784,14 +784,18 @@ class RedisClusterLevel(StorageLevel):
     def insert_many(
         self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray
     ) -> None:
-        keys, index, dim = self._table_batch(tables, keys, table_index)
-        vectors = as_vectors(vectors, len(keys), dim)
-        self._insert([self._writable(table) for table in tables], keys, index, vectors)
+        self._insert_batch(tables, keys, table_index, vectors, keep_held=False)
 
     def copy_many(self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray) -> None:
+        self._insert_batch(tables, keys, table_index, vectors, keep_held=True)
+
+    def _insert_batch(
+        self, tables: Sequence[str], keys: np.ndarray, table_index: np.ndarray, vectors: np.ndarray, keep_held: bool
+    ) -> None:
+        """insert_many and copy_many: the batch checked, then written (_insert)."""
         keys, index, dim = self._table_batch(tables, keys, table_index)
         vectors = as_vectors(vectors, len(keys), dim)
-        self._insert([self._writable(table) for table in tables], keys, index, vectors, keep_held=True)
+        self._insert([self._writable(table) for table in tables], keys, index, vectors, keep_held)
 
     def _insert(
         self,
