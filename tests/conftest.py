@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ import yaml
 
 from hps_bench.certificates import Authority, Pair
 from hps_bench.redis_cluster_launcher import RedisClusterProcesses, RedisNotInstalledError
+from hps_bench.servers import free_port
 from hps_client.triton import TritonEnvironment, TritonSetupError
 from hps_client.triton import setup as triton_setup
 from hps_server import config as config_module
@@ -48,6 +50,18 @@ class ServedModel:
         out = np.full((len(keys), spec.dim), spec.default_value, dtype=np.float32)
         out[hit] = vectors[rows[hit]]
         return out
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (two workers' /metrics ports: worker i serves the port + i)."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 TABLE_SPECS = {"user": (5_000, 16, 0.0), "item": (3_000, 8, -1.5)}  # rows, dim, default value

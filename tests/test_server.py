@@ -29,6 +29,7 @@ from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import (
     TABLE_SPECS,
     ServedModel,
+    free_port_pair,
     sample_config,
     sample_raw_config,
     serve_command,
@@ -137,7 +138,7 @@ def test_a_second_server_on_a_served_address_is_refused(served: ServedModel, tmp
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_busy_metrics_address_is_refused_before_the_tables_are_ingested(tmp_path: Path, processes: int) -> None:
-    base = free_port()
+    base = free_port_pair()  # the port after it free too, for the second worker's
     busy = base + processes - 1  # the last worker's port (worker i serves /metrics on the port + i)
     with socket.socket() as held:
         held.bind(("127.0.0.1", busy))

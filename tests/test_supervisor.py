@@ -30,21 +30,9 @@ from hps_client import Client, wire
 from hps_server.cache.placement import gpus_available
 from hps_server.supervisor import claim_address
 from hps_wire._proto import hps_pb2, hps_pb2_grpc
-from tests.conftest import serve_command, write_sample_config
+from tests.conftest import free_port_pair, serve_command, write_sample_config
 
 Truth = dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def _free_port_pair() -> int:
-    """A port p with p + 1 free too: the two workers' /metrics ports."""
-    while True:
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 @dataclass
@@ -110,7 +98,7 @@ class Group:
 
 def _start_group(directory: Path, **l1: object) -> Group:
     """A group of 2 workers; `l1`: the model's L1 keys (default: a cache of half the rows)."""
-    port, metrics_port = free_port(), _free_port_pair()
+    port, metrics_port = free_port(), free_port_pair()
     config, truth = write_sample_config(
         directory, f"127.0.0.1:{port}", metrics_address=f"127.0.0.1:{metrics_port}", shutdown_grace_seconds=5
     )
@@ -362,7 +350,7 @@ def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
 
 
 def test_a_worker_stopped_while_it_starts_is_found_out_instead_of_stalling_the_start(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), _free_port_pair()
+    port, metrics_port = free_port(), free_port_pair()
     config, _ = write_sample_config(
         tmp_path, f"127.0.0.1:{port}", metrics_address=f"127.0.0.1:{metrics_port}", shutdown_grace_seconds=5
     )
