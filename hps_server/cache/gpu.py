@@ -49,6 +49,8 @@ _HIT_COUNTERS = 64  # HIT_COUNTERS in cache.cu
 _FP_LINE = 32  # FP_LINE in cache.cu: fingerprints per set, whatever its ways
 _GROUP_SPAN = 8  # GROUP_SPAN in cache.cu: batch positions per warp when new keys are inserted
 _GROUP_MEMBERS = 8  # GROUP_MEMBERS in cache.cu: keys a set's group of new keys holds in its own slots
+# Keys x dim up to which a cache lookup is one kernel (query_impl in cache.cu), beyond which two passes are faster.
+_ONE_PASS_ELEMENTS = 1 << 25
 # Kernel name suffixes per element type (rows held, rows replied), keyed by dtype (its .name costs microseconds).
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 # Bytes of staging a structure keeps between host calls, host and device each (see _Staging).
@@ -556,24 +558,20 @@ class GpuEmbeddingCache(_OnDevice):
             self._fps.fill(0)
 
     def _query(self, n: int, keys: Address, tables: Address, vectors: Address, hit: Address, dtype: np.dtype) -> None:
-        found = cp.empty(n, cp.int64)
+        """One kernel up to _ONE_PASS_ELEMENTS (keys x dim); above, the slots found, then their rows copied."""
+        rows_as = f"{self._suffix}_{_SUFFIX[dtype]}"
+        found = cp.empty(n, cp.int64) if n * self.dim > _ONE_PASS_ELEMENTS else None
         with self._held(False):
             self.clock += 1
-            self._launch(
-                "find",
-                _blocks(n),
-                (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._stride,
-                 np.int64(self.clock), found, hit, self._counts),
-            )  # fmt: skip
-            self._copy_rows(n, found, vectors, dtype)
-
-    def _copy_rows(self, n: int, found: cp.ndarray, vectors: Address, dtype: np.dtype) -> None:
-        """A lookup's second pass: vectors[i] = our rows[found[i]] as `dtype`, zeros where found[i] is -1."""
-        self._launch(
-            f"copy_rows_{self._suffix}_{_SUFFIX[dtype]}",
-            _blocks(n),
-            (self._rows, found, np.int64(n), self._dim, vectors),
-        )
+            search = (keys, tables, np.int64(n), *self._table_args, self._fps, self._slots, self._stride,
+                      np.int64(self.clock))  # fmt: skip
+            if found is None:
+                self._launch(
+                    f"query_{rows_as}", _blocks(n), (*search, self._rows, self._dim, vectors, hit, self._counts)
+                )
+            else:
+                self._launch("find", _blocks(n), (*search, found, hit, self._counts))
+                self._launch(f"copy_rows_{rows_as}", _blocks(n), (self._rows, found, np.int64(n), self._dim, vectors))
 
     def _deduped(self, n: int, keys: Address, tables: Address) -> _Deduped:
         """A write's scratch, its batch de-duplicated: work on the batch alone, so it runs before _held."""

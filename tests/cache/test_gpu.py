@@ -149,18 +149,25 @@ def test_keys_sharing_a_set_and_a_fingerprint_are_told_apart() -> None:
     assert_same_state(gpu, ref)
 
 
-def test_a_lookup_of_many_blocks_ending_in_a_partial_warp_matches_the_reference() -> None:
-    """Both passes of a lookup (the slots found a thread per key, the rows copied a warp per 32 keys) over
-    hundreds of blocks, the last warp part full, hits and misses mixed."""
-    n = 1000 * 256 + 77
+@pytest.mark.parametrize("dim", [4, 128], ids=["one-pass", "two-passes"])
+def test_a_lookup_of_many_blocks_ending_in_a_partial_warp_matches_the_reference(dim: int) -> None:
+    """A lookup over hundreds of blocks, the last warp part full, hits and misses mixed: in one kernel, and
+    in the two passes of a batch past the one-pass size (the slots found a thread per key, then the rows
+    copied a warp per 32 keys)."""
+    from hps_server.cache.gpu import _ONE_PASS_ELEMENTS
+
+    n = max(1000 * 256, _ONE_PASS_ELEMENTS // 128) + 77
     rng = np.random.default_rng(15)
-    gpu, ref = GpuEmbeddingCache(32_768, 4), ReferenceEmbeddingCache(32_768, 4)
+    gpu, ref = GpuEmbeddingCache(32_768, dim), ReferenceEmbeddingCache(32_768, dim)
+    assert (n * dim > _ONE_PASS_ELEMENTS) == (dim == 128)
     stored = rng.integers(0, 80_000, size=40_000).astype(np.int64)
     probe = rng.integers(0, 80_000, size=n).astype(np.int64)
     for cache in (gpu, ref):
-        cache.replace(stored, rows_for(stored, 4))
+        cache.replace(stored, rows_for(stored, dim))
+    launches = gpu.launches
     for got, want in zip(gpu.query_misses(probe), ref.query_misses(probe), strict=True):
         np.testing.assert_array_equal(got, want)
+    assert gpu.launches - launches == (2 if dim == 128 else 1)
     assert_same_state(gpu, ref)
 
 
@@ -492,12 +499,12 @@ def test_a_call_costs_the_same_launches_copies_and_syncs_for_1_and_26_tables(sta
             spent.append(tuple(b - a for a, b in zip(before, after, strict=True)))
         costs.append(spent)
     assert costs[0] == costs[1]
-    # a lookup: one copy each way, one sync, and one launch (static) or two (the slots found, their rows copied)
-    assert costs[0][1] == costs[0][2] == (1 if static else 2, 1, 1, 1)
+    # a lookup: one copy each way, one sync, one launch
+    assert costs[0][1] == costs[0][2] == (1, 1, 1, 1)
 
 
 def test_a_request_of_26_tables_costs_the_gpu_what_one_of_1_table_does(tmp_path: Path) -> None:
-    """Through the session: one lookup batch over every table is one query (two launches) and one copy back,
+    """Through the session: one lookup batch over every table is one query (one launch) and one copy back,
     whether it names 1 table or 26 (misses add the same fill launches either way)."""
     from hps_server.cache import TableL1
     from hps_server.config import ModelConfig, TableConfig
@@ -527,7 +534,7 @@ def test_a_request_of_26_tables_costs_the_gpu_what_one_of_1_table_does(tmp_path:
         session.close()
         spent.append(costs)
     assert spent[0] == spent[1]
-    assert spent[0][1] == (2, 1, 1)  # all hits: one query's two launches, one copy back, one sync for the batch
+    assert spent[0][1] == (1, 1, 1)  # all hits: one query's launch, one copy back, one sync for the batch
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -12,9 +12,9 @@
 // 16-bit fingerprints (0: empty; 64 bytes whatever the set's ways, so one thread reads it in four
 // 16-byte loads), per slot a Slot {int64 key, int64 stamp (the logical clock of its last use; 0: empty)}
 // and a row of `dim` elements of T (float, or float16 bits). Slot index = set * stride + way. A lookup
-// finds its slots first (a thread per key: the fingerprint line, then the matching slot's key), then
-// copies their rows (a warp per 32 rows). The stamp shares the key's 16 bytes, so stamping a hit writes
-// a sector the check just read.
+// finds its slots (a thread per key: the fingerprint line, then the matching slot's key) and copies their
+// rows (a warp per 32 rows), in one kernel or, for a large batch, two. The stamp shares the key's 16 bytes,
+// so stamping a hit writes a sector the check just read.
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -259,19 +259,15 @@ __device__ __forceinline__ void count_lookups(int t, bool counted, bool found, u
 
 // ---------------------------------------------------------------- cache kernels
 
-// Lookup, pass 1, thread per key: found[i] = the slot holding key i (-1: a miss), hit flags, hit slots
-// stamped `clock`, lookups counted per table. The thread compares its key's fingerprint with the set's
-// whole line, then reads the key of each matching way (one, but where another key of the set has the same
-// fingerprint: about 1 lookup in 2,000). Pass 2 (copy_rows) copies the rows found. Apart, each pass keeps
-// its multiprocessors full: a kernel doing both held its search state and its copy's loads in registers,
-// which left room for a quarter of the warps.
-extern "C" __global__ void find(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
-                                const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
-                                int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots, int stride,
-                                i64 clock, i64* __restrict__ found, bool* __restrict__ hit, u64* __restrict__ counts) {
-    const int lane = threadIdx.x & 31;
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i - lane >= n) return;  // whole warps only: count_lookups needs every lane
+// The slot holding key i of the batch (-1: a miss, or i >= n), thread per key: the thread compares its key's
+// fingerprint with the set's whole line, then reads the key of each matching way (one, but where another key
+// of the set has the same fingerprint: about 1 lookup in 2,000). A hit's slot is stamped `clock`; hit[i] is
+// written and the lookups counted. All 32 lanes of the warp must call it (count_lookups).
+__device__ __forceinline__ i64 find_key(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 i, i64 n,
+                                        const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
+                                        int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots,
+                                        int stride, i64 clock, bool* __restrict__ hit, u64* __restrict__ counts,
+                                        int lane) {
     const bool valid = i < n;
     const i64 key = valid ? qkeys[i] : 0;
     const int t = valid ? qtables[i] : 0;
@@ -279,11 +275,45 @@ extern "C" __global__ void find(const i64* __restrict__ qkeys, const int* __rest
     const bool known = locate(key, t, valid, first_set, num_sets, num_tables, s, f);
     const i64 slot = find_slot(key, s, f, fps, slots, stride);
     if (valid) {
-        found[i] = slot;
         hit[i] = slot >= 0;
         if (slot >= 0) slots[slot].stamp = clock;
     }
     count_lookups(t, known, slot >= 0, counts, lane);
+    return slot;
+}
+
+// A lookup in one pass, warp per 32 keys: each thread finds its key's slot, then the warp copies the rows
+// found (zeros for misses). Below about 2**25 elements (keys x dim) this beats the two passes below: one
+// launch, and the copy starts as soon as the warp's own keys are found (H200, 1,024 to 256K keys at dim 128:
+// 22-109 us against 31-112 us); above it, the two passes win (1M keys, dim 128: 375 us against 384 us).
+template <typename T, typename O>
+__device__ void query_impl(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                           const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
+                           int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots, int stride,
+                           i64 clock, const T* __restrict__ rows, int dim, O* __restrict__ out,
+                           bool* __restrict__ hit, u64* __restrict__ counts) {
+    const int lane = threadIdx.x & 31;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 base = i - lane;
+    if (base >= n) return;
+    const i64 slot =
+        find_key(qkeys, qtables, i, n, first_set, num_sets, num_tables, fps, slots, stride, clock, hit, counts, lane);
+    gather_rows(rows, slot, (int)min((i64)32, n - base), dim, out + base * dim, lane);
+}
+
+// A large lookup's pass 1, thread per key: found[i] = the slot of key i (-1: a miss). Pass 2 (copy_rows)
+// copies the rows found. Apart, each pass keeps its multiprocessors full: the one-pass kernel holds its
+// search state and its copy's loads in registers, which leaves room for fewer warps.
+extern "C" __global__ void find(const i64* __restrict__ qkeys, const int* __restrict__ qtables, i64 n,
+                                const unsigned* __restrict__ first_set, const unsigned* __restrict__ num_sets,
+                                int num_tables, const fp16* __restrict__ fps, Slot* __restrict__ slots, int stride,
+                                i64 clock, i64* __restrict__ found, bool* __restrict__ hit, u64* __restrict__ counts) {
+    const int lane = threadIdx.x & 31;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i - lane >= n) return;  // whole warps only: count_lookups needs every lane
+    const i64 slot =
+        find_key(qkeys, qtables, i, n, first_set, num_sets, num_tables, fps, slots, stride, clock, hit, counts, lane);
+    if (i < n) found[i] = slot;
 }
 
 // Batch positions a group keeps in its own slots (GROUP_MEMBERS in gpu.py); further keys of the set go on
@@ -669,11 +699,19 @@ __device__ void copy_rows_impl(const T* __restrict__ rows, const i64* __restrict
         static_write_impl<T>(qkeys, qtables, in, n, last, pos, num_tables, entries, mask, rows, dim, revive);     \
     }
 
-// Rows of storage type T (SUFFIX) copied out as O (OUT): a cache lookup's second pass, a static lookup.
+// Rows of storage type T (SUFFIX) copied out as O (OUT): a cache lookup (one pass, or the second of two), a
+// static lookup.
 #define QUERY_KERNELS(T, SUFFIX, O, OUT)                                                                          \
     extern "C" __global__ void copy_rows_##SUFFIX##_##OUT(const T* rows, const i64* index, i64 n, int dim,        \
                                                           O* out) {                                               \
         copy_rows_impl<T, O>(rows, index, n, dim, out);                                                           \
+    }                                                                                                             \
+    extern "C" __global__ void query_##SUFFIX##_##OUT(                                                            \
+        const i64* qkeys, const int* qtables, i64 n, const unsigned* first_set, const unsigned* num_sets,         \
+        int num_tables, const fp16* fps, Slot* slots, int stride, i64 clock, const T* rows, int dim, O* out,      \
+        bool* hit, u64* counts) {                                                                                 \
+        query_impl<T, O>(qkeys, qtables, n, first_set, num_sets, num_tables, fps, slots, stride, clock, rows,     \
+                         dim, out, hit, counts);                                                                  \
     }                                                                                                             \
     extern "C" __global__ void static_query_##SUFFIX##_##OUT(                                                     \
         const i64* qkeys, const int* qtables, i64 n, int num_tables, const Entry* entries, unsigned mask,         \
