@@ -121,6 +121,26 @@ def test_a_background_l1_fill_takes_the_rows_of_every_level_it_found_them_in(lev
     np.testing.assert_array_equal(vectors, _rows(missed))
 
 
+def test_a_float16_lookup_answered_by_l1_and_both_levels_is_rounded_as_numpy_rounds(levels) -> None:  # type: ignore[no-untyped-def]
+    """Rows from the levels below L1 are cast into the float16 reply L1 wrote: each exactly as float32's
+    astype(float16) rounds it, at its own position, the missing key its table's default."""
+    volatile, persistent = levels
+    hot, warm, cold = np.arange(1, 9), np.arange(101, 105), np.arange(201, 207)  # L1, hash map, RocksDB only
+    every = np.concatenate([hot, warm, cold]).astype(np.int64)
+    rows = (_rows(every) / np.float32(3)).astype(np.float32)  # thirds: float16 must round them
+    persistent.insert("m.t", every, rows)
+    volatile.insert("m.t", warm, rows[8:12])
+    session, cache = _l1_session(levels)
+    cache.replace(hot, rows[:8])
+    asked = np.concatenate([[999], every[::-1]]).astype(np.int64)
+    (result,) = session.lookup_many([KeyQuery.of(session.table("t"), asked, np.dtype(np.float16))])
+    assert isinstance(result, TableLookup) and result.vectors.dtype == np.float16
+    np.testing.assert_array_equal(result.vectors[1:], rows[::-1].astype(np.float16))
+    np.testing.assert_array_equal(result.vectors[0], np.full(DIM, 0.25, np.float16))
+    assert session.counts()["t"].by_level == {"l1_cache": 8, "hash_map": 4, "rocksdb": 6, "default": 1}
+    session.close()
+
+
 def test_l1_below_the_threshold_is_filled_before_the_reply(levels) -> None:
     _, persistent = levels
     stored = np.arange(1, 9, dtype=np.int64)
