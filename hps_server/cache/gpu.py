@@ -249,8 +249,9 @@ class _OnDevice:
         return array.get(stream=self._stream)
 
     def _table_stats(self, rows_per_table: cp.ndarray, capacities: Sequence[int]) -> list[CacheStats]:
+        """The stats of each table, given its rows held (uint64, on our stream)."""
         with self._device, self._lock, self._held(False), self._stream:
-            counts = self._get(cp.concatenate([self._counts.sum(axis=2).ravel(), rows_per_table.astype(cp.uint64)]))
+            counts = self._get(cp.concatenate([self._counts.sum(axis=2).ravel(), rows_per_table]))
         hits, queried = counts[: 2 * self.num_tables].reshape(self.num_tables, 2).T
         rows = counts[2 * self.num_tables :]
         return [
@@ -536,8 +537,6 @@ class GpuEmbeddingCache(_OnDevice):
             self._first_set = cp.asarray(self.layout.first_set.astype(np.uint32))
             self._num_sets = cp.asarray(self.layout.num_sets.astype(np.uint32))
             self._table_ways = cp.asarray(self.layout.ways.astype(np.int32))
-            # Table t's sets end where this cumulative count of sets reaches first_set[t] + num_sets[t].
-            self._set_ends = cp.asarray(self.layout.first_set + self.layout.num_sets - 1)
         # Kernel arguments every call passes, built once (each costs a fraction of a microsecond per launch).
         self._table_args = (self._first_set, self._num_sets, np.int32(self.num_tables))
         self._stride = np.int32(self.layout.stride)
@@ -640,10 +639,15 @@ class GpuEmbeddingCache(_OnDevice):
 
     def table_stats(self) -> list[CacheStats]:
         """Hits, misses, rows held and capacity of each table, in table order (equal to the reference's)."""
+        sets = self.layout.total_sets
         with self._device, self._stream:
-            held = cp.cumsum(cp.count_nonzero(self._fps.reshape(-1, _FP_LINE), axis=1))[self._set_ends]
-            rows = cp.diff(cp.concatenate([cp.zeros(1, held.dtype), held]))
-        return self._table_stats(rows, self.capacities)
+            held = cp.zeros(self.num_tables, cp.uint64)
+            self._launch(
+                "cache_rows_held",
+                _blocks(sets),
+                (self._fps, np.int64(sets), self._first_set, np.int32(self.num_tables), held),
+            )
+        return self._table_stats(held, self.capacities)
 
 
 @dataclass(frozen=True)
@@ -731,8 +735,6 @@ class GpuStaticTable(_OnDevice):
             self._row_keys, self._rows, self._entries = self._state(
                 [((layout.rows,), cp.int64), ((layout.rows, layout.dim), self.dtype), ((layout.slots, 4), cp.int32)]
             )
-            # Live rows of table t: the cumulative count at bounds[t + 1] minus that at bounds[t].
-            self._row_bounds = cp.asarray(self._bounds)
         self._index_args = (np.int32(count), self._entries, self._mask)
         self._dim = np.int32(layout.dim)
         _module(device)
@@ -790,9 +792,11 @@ class GpuStaticTable(_OnDevice):
     def table_stats(self) -> list[CacheStats]:
         """Hits, misses, live rows and rows held of each table, in table order (equal to the reference's)."""
         with self._device, self._stream:
-            live = cp.concatenate([cp.zeros(1, cp.int64), cp.cumsum(self._live(), dtype=cp.int64)])
-            rows = live[self._row_bounds[1:]] - live[self._row_bounds[:-1]]
-        return self._table_stats(rows, self.capacities)
+            live = cp.zeros(self.num_tables, cp.uint64)
+            self._launch(
+                "static_rows_live", _blocks(self.layout.slots), (self._entries, np.int64(self.layout.slots), live)
+            )
+        return self._table_stats(live, self.capacities)
 
 
 def gather(table: cp.ndarray, index: cp.ndarray) -> cp.ndarray:

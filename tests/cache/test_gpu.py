@@ -457,6 +457,24 @@ def test_device_table_indices_out_of_range_are_misses_never_written_or_counted()
         gpu.query(np.array([1, 2]), np.array([0, 2]))
 
 
+def test_table_counts_leave_no_temporaries_of_the_whole_structure_in_the_memory_pool() -> None:
+    """Counting rows held per table is done in place: CuPy's pool, which keeps what it once allocated, grows
+    by no more than the counts themselves (a worker group's every worker counts, for its metrics)."""
+    rng = np.random.default_rng(16)
+    keys = np.unique(rng.integers(0, 2**62, size=500_000, dtype=np.int64))
+    cache = GpuEmbeddingCache([1 << 19, 1 << 19], 8)
+    cache.replace(keys, rows_for(keys, 8), keys % 2)
+    static = GpuStaticTable(keys, rows_for(keys, 8), tables=keys % 3, num_tables=3)
+    static.invalidate(keys[:1000], keys[:1000] % 3)
+    pool = cp.get_default_memory_pool()
+    before = pool.total_bytes()
+    cache_counts, static_counts = cache.table_stats(), static.table_stats()
+    assert pool.total_bytes() - before < 64 << 10
+    assert sum(s.rows for s in cache_counts) == cache.dump(0)[0].size + cache.dump(1)[0].size > 400_000
+    assert [s.rows for s in static_counts] == [static.dump(t)[0].size for t in range(3)]
+    assert sum(s.rows for s in static_counts) == keys.size - 1000
+
+
 def test_static_multi_table_matches_the_reference() -> None:
     rng = np.random.default_rng(13)
     keys = rng.integers(-5000, 5000, size=30_000).astype(np.int64)  # each key value in several tables

@@ -658,6 +658,64 @@ extern "C" __global__ void static_invalidate(const i64* __restrict__ qkeys, cons
     if (p >= 0) entries[p].table = e.table | DEAD;
 }
 
+// ---------------------------------------------------------------- rows held, per table
+
+// Adds each lane's `count` to held[t] of its table t (t < 0: nothing): one atomic for a warp whose lanes
+// with a table share it (the usual case: neighbouring sets or slots), else one per lane. All 32 lanes must
+// call it.
+__device__ __forceinline__ void add_held(int t, unsigned count, u64* __restrict__ held) {
+    const unsigned owners = __ballot_sync(FULL, t >= 0);
+    if (!owners) return;
+    const int first = __shfl_sync(FULL, t, __ffs(owners) - 1);
+    if (__all_sync(FULL, t < 0 || t == first)) {
+#pragma unroll
+        for (int o = 16; o; o >>= 1) count += __shfl_xor_sync(FULL, count, o);
+        if ((threadIdx.x & 31) == 0 && count) atomicAdd(held + first, (u64)count);
+    } else if (t >= 0 && count) {
+        atomicAdd(held + t, (u64)count);
+    }
+}
+
+// Thread per set: held[t] += the slots of table t's sets that hold a key (a nonzero fingerprint). Counted
+// in place, so a stats call leaves no whole-cache temporaries in the memory pool.
+extern "C" __global__ void cache_rows_held(const fp16* __restrict__ fps, i64 total_sets,
+                                           const unsigned* __restrict__ first_set, int num_tables,
+                                           u64* __restrict__ held) {
+    const i64 s = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (s - (threadIdx.x & 31) >= total_sets) return;  // whole warps only: add_held needs every lane
+    int t = -1;
+    unsigned count = 0;  // the lanes past the last set count nothing
+    if (s < total_sets) {
+        int lo = 0, hi = num_tables - 1;  // the last table whose first set is at or before s
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (__ldg(first_set + mid) <= (unsigned)s) lo = mid; else hi = mid - 1;
+        }
+        t = lo;
+        const uint4* line = reinterpret_cast<const uint4*>(fps + s * FP_LINE);
+#pragma unroll
+        for (int q = 0; q < FP_LINE / 8; ++q) {
+            const uint4 v = line[q];
+            count += 8 - __popc(halves_equal(v.x, 0) | halves_equal(v.y, 0) << 2 | halves_equal(v.z, 0) << 4 |
+                                halves_equal(v.w, 0) << 6);
+        }
+    }
+    add_held(t, count, held);
+}
+
+// Thread per slot: held[t] += the live rows (held, not invalidated) of table t.
+extern "C" __global__ void static_rows_live(const Entry* __restrict__ entries, i64 slots, u64* __restrict__ held) {
+    const i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p - (threadIdx.x & 31) >= slots) return;
+    int t = -1;
+    if (p < slots) {
+        const longlong2 v = reinterpret_cast<const longlong2*>(entries)[p];
+        const unsigned table = (unsigned)v.y;
+        if ((int)(v.y >> 32) >= 0 && !(table & DEAD)) t = (int)table;
+    }
+    add_held(t, t >= 0, held);
+}
+
 // ---------------------------------------------------------------- row copies by index
 
 // Lookup pass 2, and the raw gather the benchmarks hold lookups against: warp per 32 rows, out[i] =
