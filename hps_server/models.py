@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hps_server import storage, transfer, warmup
-from hps_server.cache import TableL1
+from hps_server.cache import CacheStats, TableL1
 from hps_server.cache.placement import build_caches
 from hps_server.config import Config, ModelConfig, shown
 from hps_server.handover import Handover
@@ -407,21 +407,22 @@ class HostedModels:
 
     def cache_occupancy(self) -> list[CacheOccupancy]:
         """Every L1 cache of every model (each shard of a sharded one), with the device it lives on: its GPU, or
-        `host` (`host:<shard>` for the reference shards of a sharded model without GPUs)."""
-        return [
-            CacheOccupancy(
-                name,
-                table.name,
-                str(getattr(cache, "device", "host" if len(caches) == 1 else f"host:{shard}")),
-                cache.table_stats()[table.l1.index],
-                row_bytes=4 * table.dim,
-            )
-            for name, session in self.sessions.items()
-            for table in session.tables.values()
-            if table.l1 is not None
-            for caches in (table.l1.device_caches(),)
-            for shard, cache in enumerate(caches)
-        ]
+        `host` (`host:<shard>` for the reference shards of a sharded model without GPUs). Each cache is counted
+        once, however many of a model's tables it holds (a count holds the cache's lock and reads all of it)."""
+        counts: dict[int, list[CacheStats]] = {}  # by cache object
+        occupancy = []
+        for name, session in self.sessions.items():
+            for table in session.tables.values():
+                if table.l1 is None:
+                    continue
+                caches = table.l1.device_caches()
+                for shard, cache in enumerate(caches):
+                    if id(cache) not in counts:
+                        counts[id(cache)] = cache.table_stats()
+                    device = str(getattr(cache, "device", "host" if len(caches) == 1 else f"host:{shard}"))
+                    stats = counts[id(cache)][table.l1.index]
+                    occupancy.append(CacheOccupancy(name, table.name, device, stats, row_bytes=4 * table.dim))
+        return occupancy
 
     def level_occupancy(self) -> list[LevelOccupancy]:
         """Rows and bytes each level below L1 holds of each served table, asked of the levels now (at scrape

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hps_client import AlreadyExistsError, Client, HpsError, NotFoundError, ResourceExhaustedError
 from hps_server import config as config_module
-from hps_server import healthcheck
+from hps_server import healthcheck, tables
 from hps_server.cache import CacheStats
 from hps_server.metrics import UNKNOWN_MODEL, CacheOccupancy, PassShape, ServerMetrics, serve_metrics
 from hps_server.server import HpsServer
@@ -458,3 +458,38 @@ def test_health_serving_only_when_started_and_not_serving_while_draining(tmp_pat
         assert healthcheck.main([target, "--timeout", "1"]) == 1
     finally:
         server.stop(grace=0)
+
+
+def test_the_occupancy_of_tables_sharing_one_l1_is_each_tables_own(tmp_path: Path) -> None:
+    """Two tables of one dim share the model's L1: each one's series counts its own rows and hits, and
+    together they are the whole cache's."""
+    rng = np.random.default_rng(3)
+    for name, rows in (("a", 300), ("b", 120)):
+        keys = rng.choice(10**6, size=rows, replace=False).astype(np.int64)
+        tables.write_table(tmp_path / name, [(keys, rng.standard_normal((rows, 8), dtype=np.float32))], 8)
+    raw = {
+        "server": {"address": "127.0.0.1:0", "shutdown_grace_seconds": 2},
+        "volatile_db": {"type": "hash_map"},
+        "persistent_db": {"type": "rocksdb", "path": "rocksdb"},
+        "models": [
+            {
+                "name": "m",
+                "gpucache": True,
+                "gpucacheper": 1.0,
+                "tables": [{"name": n, "dim": 8, "source": n} for n in ("a", "b")],
+            }
+        ],
+    }
+    server = HpsServer(config_module.parse(raw, tmp_path))
+    server.start()
+    try:
+        assert server.wait_ready(30)
+        session = server.models.sessions["m"]
+        l1a, l1b = session.tables["a"].l1, session.tables["b"].l1
+        assert l1a is not None and l1b is not None and l1a.caches == l1b.caches  # one cache, two tables
+        occupancy = {o.table: o.stats for o in server.models.cache_occupancy()}
+        assert occupancy == {"a": l1a.stats(), "b": l1b.stats()}
+        assert occupancy["a"].rows > occupancy["b"].rows > 0
+        assert occupancy["a"].rows + occupancy["b"].rows == l1a.caches[0].stats().rows
+    finally:
+        server.stop()
