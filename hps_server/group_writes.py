@@ -207,17 +207,23 @@ class _Peer:
         self._lock = threading.Lock()
 
     def refresh(self, message: tuple[Any, ...]) -> None:
+        """Sends the refresh and waits until the worker has applied it. A connection that fails is made once
+        more: the worker it reached may have exited since, and the worker started in its place, listening on
+        the same path, may hold the rows already (it warms its L1 as it starts)."""
         with self._lock:
-            try:
-                if self._connection is None:
-                    self._connection = Client(self._address, "AF_UNIX", authkey=self._authkey)
-                self._connection.send(message)
-                status, value = self._connection.recv()
-            except (FileNotFoundError, ConnectionRefusedError):
-                return  # not running, or not started yet: it holds no copies of any row
-            except (EOFError, OSError):
-                self.close()  # it exited meanwhile, its L1 with it
-                return
+            for last_try in (False, True):
+                try:
+                    if self._connection is None:
+                        self._connection = Client(self._address, "AF_UNIX", authkey=self._authkey)
+                    self._connection.send(message)
+                    status, value = self._connection.recv()
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    return  # not running, or not started yet: it holds no copies of any row
+                except (EOFError, OSError):
+                    self.close()
+                    if last_try:
+                        return  # it exited meanwhile, its L1 with it
         if status == "error":
             raise value
 

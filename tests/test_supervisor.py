@@ -45,10 +45,11 @@ class Group:
     metrics_port: int
     truth: Truth
 
-    def wait_for_log(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+    def wait_for_log(self, pattern: str, timeout: float = 120.0, since: int = 0) -> re.Match[str]:
+        """The first match of `pattern` in the supervisor's log, past its first `since` characters."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(pattern, self.log.read_text())
+            found = re.search(pattern, self.log.read_text()[since:])
             if found:
                 return found
             assert self.process.poll() is None, f"supervisor exited with {self.process.returncode}"
@@ -280,15 +281,36 @@ def test_workers_read_one_shared_static_table_and_see_upserts_in_it(tmp_path: Pa
 
 
 def test_a_killed_worker_is_restarted(group: Group) -> None:
-    killed = group.worker_pids()[0]
+    killed, logged = group.worker_pids()[0], len(group.log.read_text())
     os.kill(killed, signal.SIGKILL)
     group.wait_for_log(rf"worker 0 \(pid {killed}\) exited with code -9 \(SIGKILL\); restarting it")
     # No call was in flight on it: new connections go to the worker left, and every lookup is answered.
     group.check_lookups(calls=8)
-    restarted = int(group.wait_for_log(r"worker 0 \(pid (\d+)\) serving again").group(1))
+    restarted = int(group.wait_for_log(r"worker 0 \(pid (\d+)\) serving again", since=logged).group(1))
     assert restarted != killed
     group.check_lookups()
     assert group.lookups_answered(0) > 0, "the restarted worker answered no lookup"
+
+
+def test_the_first_upsert_after_a_worker_restarts_reaches_the_restarted_workers_l1(group: Group) -> None:
+    """The writer's connection to a worker that was killed is stale: the refresh it carried must reach the
+    worker started in its place, whose L1 took the old rows meanwhile, not be dropped with the connection."""
+    keys, vectors = group.truth["user"]
+    picked, original = keys[400:440], vectors[400:440]
+    _lookup_on_every_worker(group, "user", picked)
+    assert _upsert(group, picked, original) == len(picked)  # the writer now holds a connection to each worker
+    killed, logged = group.worker_pids()[1], len(group.log.read_text())
+    os.kill(killed, signal.SIGKILL)
+    group.wait_for_log(r"worker 1 \(pid \d+\) serving again", since=logged)
+    for reply in _lookup_on_every_worker(group, "user", picked):  # both L1s hold the rows again
+        np.testing.assert_array_equal(_vectors(reply, len(picked)), original)
+    new = (original + 500).astype(np.float32)
+    assert _upsert(group, picked, new) == len(picked)
+    try:
+        for reply in _lookup_on_every_worker(group, "user", picked):
+            np.testing.assert_array_equal(_vectors(reply, len(picked)), new)
+    finally:
+        _upsert(group, picked, original)
 
 
 def _writer_socket(supervisor: int) -> str:
@@ -336,7 +358,7 @@ def test_a_supervisor_stopped_for_a_while_kills_no_worker(group: Group) -> None:
 
 
 def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
-    stopped = group.worker_pids()[1]
+    stopped, logged = group.worker_pids()[1], len(group.log.read_text())
     os.kill(stopped, signal.SIGSTOP)  # alive but answering nothing, as a wedged worker
     try:
         group.wait_for_log(rf"worker 1 \(pid {stopped}\) answered no heartbeat for 10 s; killing it")
@@ -344,7 +366,7 @@ def test_a_stopped_worker_is_killed_and_restarted(group: Group) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stopped, signal.SIGCONT)
-    restarted = int(group.wait_for_log(r"worker 1 \(pid (\d+)\) serving again").group(1))
+    restarted = int(group.wait_for_log(r"worker 1 \(pid (\d+)\) serving again", since=logged).group(1))
     assert restarted != stopped
     group.check_lookups()
 
