@@ -40,6 +40,9 @@ SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for na
 WRITES_HEALTH_NAME = "hps.v1.Writes"
 # Threads answering health checks, reflection and ModelService (LookupService has server.workers of its own).
 CONTROL_THREADS = 2
+# Calls gRPC may hold that no server thread has taken yet; each is small until read (HTTP/2 flow control
+# bounds what a connection sends ahead), and the admission pool answers them at once when they are taken.
+PENDING_CALLS = 100_000
 # How often the write path's state is checked (and a failed level asked to retry its writes).
 WRITES_CHECK_SECONDS = 1.0
 
@@ -107,6 +110,11 @@ class HpsServer:
                 # start without error and take part of its connections. One process binds alone; the
                 # workers of one supervisor share on purpose.
                 ("grpc.so_reuseport", int(shared_port)),
+                # Calls gRPC holds before a server thread has taken them: past its default (1,000, hard
+                # limit 3,000) it cancels them unseen, so a burst got CANCELLED instead of the admission
+                # pool's RESOURCE_EXHAUSTED, which clients know to back off from.
+                ("grpc.server.max_pending_requests", PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
                 *connection_age_options(config.server),
             ],
         )

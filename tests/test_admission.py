@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hps_client import Client, DeadlineExceededError, ResourceExhaustedError
 from hps_server.server import HpsServer
+from hps_wire._proto import hps_pb2, hps_pb2_grpc
 from tests.conftest import TABLE_SPECS, sample_config, write_sample_tables
 
 DIM = TABLE_SPECS["user"][1]
@@ -115,5 +117,28 @@ def test_calls_that_time_out_while_queued_leave_the_queue(small_server: HpsServe
         with pytest.raises(ResourceExhaustedError):
             client.lookup("ctr", "user", [4], timeout=10)
         held.release.set()
+        for call in calls:
+            assert call.result(30).shape == (1, DIM)
+
+
+def test_a_burst_past_grpcs_own_pending_limit_is_refused_busy_not_cancelled(small_server: HpsServer) -> None:
+    """3,000 calls at once while every RPC thread is taken and the queue is full: each is answered
+    RESOURCE_EXHAUSTED by the admission pool (gRPC's default limit of calls it holds unseen, 1,000, had it
+    cancel those past it before the pool saw them)."""
+    server, target = small_server, f"127.0.0.1:{small_server.port}"
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=b"\0" * 8)])
+    with Client(target) as client, ThreadPoolExecutor(8) as pool:
+        held, calls = _saturate(server, client, pool, timeout=None)
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.insecure_channel(target, options=options) for _ in range(8)]
+        try:
+            stubs = [hps_pb2_grpc.LookupServiceStub(channel) for channel in channels]
+            burst = [stubs[i % 8].Lookup.future(request, timeout=60) for i in range(3000)]
+            codes = Counter(call.exception().code() for call in burst)  # type: ignore[union-attr]
+        finally:
+            held.release.set()
+            for channel in channels:
+                channel.close()
+        assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED: 3000}
         for call in calls:
             assert call.result(30).shape == (1, DIM)
