@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from hps_client import Client, UnavailableError
 from hps_server import config as config_module
 from hps_server.server import WRITES_HEALTH_NAME, HpsServer
+from hps_server.storage.base import LevelUnavailableError
+from hps_server.storage.rocksdb import RECOVER_SECONDS, RocksDBLevel
 from tests.conftest import sample_config, write_sample_config, write_sample_tables
 
 
@@ -187,3 +190,55 @@ def start(self):
 server.HpsServer.start = start
 sys.exit(server.serve(config.load(sys.argv[1])))
 """
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `folder`: a real file system that runs out of room."""
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def _fill_disk(disk: Path) -> Path:
+    """Writes a file until the disk has no room left; the file."""
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as out:
+        while True:
+            out.write(bytes(1 << 16))
+            out.flush()
+    return filler
+
+
+def test_reads_go_on_while_a_full_disk_refuses_the_reopen_after_failed_writes(tmp_path: Path) -> None:
+    """A full disk still takes an empty file, so the level reopens after a failed write; the reopen's own
+    files do not fit. Reads go on from the rows acknowledged before (the database opened read-only), writes
+    stay refused with the first failure's reason, and both work again once there is room."""
+    with small_disk(tmp_path / "disk") as disk:
+        level = RocksDBLevel(disk / "db")
+        try:
+            keys = np.arange(2000, dtype=np.int64)
+            rows = np.random.default_rng(5).standard_normal((keys.size, 16), dtype=np.float32)
+            level.create_table("m.t", 16)
+            level.insert("m.t", keys, rows)
+            filler = _fill_disk(disk)
+            for attempt in range(3):  # the write that fails, then the reopens it leads to
+                with pytest.raises(LevelUnavailableError, match="rocksdb: write"):
+                    level.insert("m.t", keys, rows + attempt + 1)
+                got, found = level.fetch("m.t", keys)
+                assert found.all()
+                np.testing.assert_array_equal(got, rows)
+                time.sleep(RECOVER_SECONDS)
+            assert level.write_failure is not None and "No space" in level.write_failure
+            filler.unlink()
+            level.insert("m.t", keys, rows + 10)
+            assert level.write_failure is None
+            np.testing.assert_array_equal(level.fetch("m.t", keys)[0], rows + 10)
+        finally:
+            level.close()
+        reopened = RocksDBLevel(disk / "db")
+        np.testing.assert_array_equal(reopened.fetch("m.t", keys)[0], rows + 10)
+        reopened.close()

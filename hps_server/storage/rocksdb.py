@@ -209,16 +209,16 @@ class RocksDBLevel(StorageLevel):
         mode = "read-only" if read_only else "read-write"
         log.info("rocksdb: opened %s (%s), tables %s", self.path.name, mode, self.tables())
 
-    def _open(self) -> None:
-        """Opens the database and reads every table's dim, row count and column family."""
+    def _open(self, writable: bool = True) -> None:
+        """Opens the database and reads every table's dim, row count and column family; with `writable`
+        False (a reopen that failed for want of room), read-only: the files as they are, nothing written."""
         exists = (self._opened / "CURRENT").exists()
         names = rocksdict.Rdict.list_cf(str(self._opened), self._options) if exists else [_META_CF]
         families = {name: rocksdict.Options(raw_mode=True) for name in names if name != _META_CF}
-        access = (
-            rocksdict.AccessType.secondary(str(self._secondary))
-            if self._secondary is not None
-            else rocksdict.AccessType.read_write()
-        )
+        if self._secondary is not None:
+            access = rocksdict.AccessType.secondary(str(self._secondary))
+        else:
+            access = rocksdict.AccessType.read_write() if writable else rocksdict.AccessType.read_only()
         try:
             self._db = rocksdict.Rdict(str(self._opened), self._options, column_families=families, access_type=access)
         except Exception as exc:
@@ -251,10 +251,10 @@ class RocksDBLevel(StorageLevel):
             self._rows[name] = int.from_bytes(rows, "little", signed=True)
             self._physical[name] = physical
             self._families[name] = self._db.get_column_family(physical)
-            if self._db.get(_loading_key(name)) is not None:
+            if writable and self._db.get(_loading_key(name)) is not None:
                 self._discard_unfinished_load(name)
         in_use = set(self._physical.values())
-        for name in (name for name in families if _VERSION_MARK in name and name not in in_use):
+        for name in (name for name in families if writable and _VERSION_MARK in name and name not in in_use):
             self._discard_unfinished_replacement(name)
 
     def _hidden(self, error: BaseException) -> str:
@@ -320,7 +320,13 @@ class RocksDBLevel(StorageLevel):
         self._reopened = now
         self._shut(flush=False)
         gc.collect()  # frames of the failed write may still refer to the old database
-        self._open()
+        try:
+            self._open()
+        except LevelUnavailableError:
+            # Opening replays the log into a new file, which a full disk refuses although it took the
+            # probe's empty one: reads go on from a read-only open until a later reopen succeeds.
+            self._open(writable=False)
+            raise LevelUnavailableError(f"rocksdb: writes failing: {self._failure}") from None
         try:  # a write that reaches the disk: the log and the folder take files again
             self._db.put(_PROBE_KEY, b"", self._write_options)
             self._db.flush()
@@ -387,8 +393,8 @@ class RocksDBLevel(StorageLevel):
         """Rows counted exactly (as size()); bytes: RocksDB's estimate of the column family's live data in
         SST files plus its memtables."""
         rows = self.size(table)
+        family = self._family(table)
         try:
-            family = self._families[table]  # gone while a failed database is reopened
             stored = sum(family.property_int_value(name) or 0 for name in _SIZE_PROPERTIES)
         except Exception as e:
             raise LevelUnavailableError(f"rocksdb: cannot read its size properties: {self._hidden(e)}") from None
@@ -396,11 +402,19 @@ class RocksDBLevel(StorageLevel):
 
     # -- reads ----------------------------------------------------------------------------------
 
+    def _family(self, table: str) -> Any:
+        """The table's column family (a table this level holds), or LevelUnavailableError where the database
+        is closed: a reopen after write failures could open it neither read-write nor read-only."""
+        family = self._families.get(table)
+        if family is None:
+            raise LevelUnavailableError("rocksdb: closed after failed writes (reopening it failed); tried again later")
+        return family
+
     def _values(self, table: str, keys: np.ndarray) -> list[bytes]:
         """Stored values of `keys` (b'' where absent), one multi_get per max_batch_size keys."""
         values: list[bytes] = []
+        family = self._family(table)
         try:
-            family = self._families[table]  # gone while a failed database is reopened
             for start in range(0, len(keys), self.max_batch_size):
                 values += family.get(_key_bytes(keys[start : start + self.max_batch_size]), b"")
         except Exception as e:
@@ -432,7 +446,7 @@ class RocksDBLevel(StorageLevel):
         dim = self.dim(table)
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows: must be at least 1, got {chunk_rows}")
-        iterator = self._families[table].iter()
+        iterator = self._family(table).iter()
         iterator.seek_to_first()
         while iterator.valid():
             keys: list[bytes] = []
