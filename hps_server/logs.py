@@ -1,13 +1,15 @@
 """Log output of the `hps` command and its worker processes: readable text lines, or one JSON object per line.
 
-It only formats what the code logs (time, level, logger, message, traceback), and in a worker process of
-`hps serve --processes N` the worker's index (a text line's "worker I", a JSON line's "worker").
+It only formats what the code logs (time, level, logger, message, traceback; Python's warnings, as records
+of their own), and in a worker process of `hps serve --processes N` the worker's index (a text line's
+"worker I", a JSON line's "worker").
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -51,3 +53,12 @@ def configure(level: int | str, log_format: LogFormat, worker: int | None = None
             logging.Formatter(TEXT_FORMAT if worker is None else WORKER_TEXT_FORMAT.format(worker=worker))
         )
     logging.basicConfig(level=level, handlers=[handler])
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object, **__: object
+) -> None:
+    """A Python warning (NumPy's, say: a float16 reply's overflow to inf) as a log record in the chosen format,
+    with no file path in it."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)

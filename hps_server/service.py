@@ -429,7 +429,10 @@ class Lookups:
             return _Query(table, keys, _NO_SPLITS, None, None, query.max_norm)
         combiner = _COMBINERS.get(query.combiner)
         if combiner is None:
-            raise _invalid(f"{field}.combiner: row_splits needs a combiner (SUM, MEAN or SQRTN), got {query.combiner}")
+            given = (
+                "none" if query.combiner == hps_pb2.COMBINER_UNSPECIFIED else f"unknown Combiner value {query.combiner}"
+            )
+            raise _invalid(f"{field}.combiner: row_splits needs a combiner (SUM, MEAN or SQRTN), got {given}")
         row_splits = _packed(query.row_splits, "<i8", f"{field}.row_splits")
         samples = len(row_splits) - 1
         if samples > session.model.max_batch_size:

@@ -17,6 +17,7 @@ import redis
 import yaml
 
 from hps_bench.servers import free_port, wait_serving
+from hps_client import Client
 from hps_server import config as config_module
 from hps_server import demo, logs, tables
 from hps_server.cli import BENCHMARKS, build_parser, main
@@ -165,7 +166,8 @@ def test_serve_address_must_be_host_and_port(tmp_path: Path, capsys) -> None:
 
 def test_serve_address_overrides_the_config_and_json_logs_are_json_lines(tmp_path: Path) -> None:
     """`--address` wins over server.address; with `--log-format json` every stderr line is one JSON object, and
-    the config's password is in none of them."""
+    the config's password is in none of them; nor is a file path in the warning NumPy gives as a float16
+    reply overflows to inf."""
     password = "pa55-not-for-logs"
     config, _ = write_sample_config(tmp_path, "127.0.0.1:1")  # a port the server could not bind
     document = yaml.safe_load(config.read_text())
@@ -176,6 +178,9 @@ def test_serve_address_overrides_the_config_and_json_logs_are_json_lines(tmp_pat
     process = subprocess.Popen([*command, "--address", f"127.0.0.1:{port}"], stderr=subprocess.PIPE)
     try:
         wait_serving(f"127.0.0.1:{port}", process)
+        with Client(f"127.0.0.1:{port}") as client:
+            client.upsert("ctr", "user", [77], np.full((1, 16), 1e6, np.float32))
+            assert np.isinf(client.lookup("ctr", "user", [77], dtype="float16")).all()
     finally:
         process.send_signal(signal.SIGTERM)
         err = process.communicate(timeout=60)[1].decode()
@@ -183,7 +188,8 @@ def test_serve_address_overrides_the_config_and_json_logs_are_json_lines(tmp_pat
     records = [json.loads(line) for line in err.splitlines()]
     assert records and all(set(r) == {"time", "level", "logger", "message"} for r in records)
     assert any(r["level"] == "INFO" and f"serving ctr on port {port}" in r["message"] for r in records), err
-    assert password not in err
+    assert any(r["message"] == "RuntimeWarning: overflow encountered in cast" for r in records), err
+    assert password not in err and ".py" not in err
 
 
 def test_a_workers_log_lines_carry_its_index() -> None:

@@ -113,7 +113,12 @@ BAD_LOOKUPS = {
     "row_splits without combiner": (
         _query(keys=b"\0" * 8, row_splits=np.array([0, 1]).tobytes()),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "needs a combiner",
+        "needs a combiner (SUM, MEAN or SQRTN), got none",
+    ),
+    "unknown combiner": (
+        _query(keys=b"\0" * 8, row_splits=np.array([0, 1]).tobytes(), combiner=77),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "queries[0].combiner: row_splits needs a combiner (SUM, MEAN or SQRTN), got unknown Combiner value 77",
     ),
     "row_splits not ending at the key count": (
         _query(keys=b"\0" * 16, row_splits=np.array([0, 1]).tobytes(), combiner=hps_pb2.COMBINER_SUM),
