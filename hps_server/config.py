@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 # The widest table: rows of 256 KB (float32). HPS's tables are far narrower; the bound keeps a config (or a
 # LoadModel) from asking the levels for memory no host has.
 MAX_DIM = 65_536
+# The most tables of one model. Each is a RocksDB column family, whose creation holds Python's lock for a time
+# that grows with the families the database holds (tens of ms past a few hundred): a LoadModel of thousands
+# stalled every lookup for minutes. HPS's models have tens.
+MAX_TABLES = 1024
 # The most keys one request may ask of one table (max_batch_size x max_keys_per_sample): its L1 holds them.
 MAX_KEYS_PER_QUERY = 2**31
 
@@ -773,6 +777,8 @@ def _model_options(
         seen.add(table.name)
     if not tables:
         raise ConfigError(f"{s.path}.{field['tables']}: a model needs at least one table")
+    if len(tables) > MAX_TABLES:
+        raise ConfigError(f"{s.path}.{field['tables']}: at most {MAX_TABLES} tables a model, got {len(tables)}")
     max_batch_size = s.get("max_batch_size", d.max_batch_size, _int(1))
     for i, table in enumerate(tables):
         if max_batch_size * table.max_keys_per_sample > MAX_KEYS_PER_QUERY:

@@ -156,6 +156,10 @@ def _model(**fields: object) -> dict:
     [
         ({}, "models: required"),
         ({"models": [{"name": "m", "tables": []}]}, "models[0].tables: a model needs at least one table"),
+        (
+            {"models": [_model(tables=[{"name": f"t{i}", "dim": 4} for i in range(1025)])]},
+            "models[0].tables: at most 1024 tables a model, got 1025",
+        ),
         ({"models": [_model(tables=[{"name": "t", "dim": 0}])]}, "models[0].tables[0].dim: must be >= 1, got 0"),
         ({"models": [_model(tables=[{"name": "t", "dim": "8"}])]}, "models[0].tables[0].dim: must be an integer"),
         ({"models": [_model(tables=[{"dim": 4}])]}, "models[0].tables[0].name: required"),
