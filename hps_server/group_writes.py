@@ -67,6 +67,11 @@ class GroupAddress:
     def worker(self, index: int) -> str:
         return str(self.folder / f"worker-{index}")
 
+    def temporary(self, index: int) -> Path:
+        """Worker `index`'s temporary folder (RocksDB's secondary log): made anew as each of its processes
+        starts, so a killed one's is removed with the next."""
+        return self.folder / f"tmp-{index}"
+
 
 def _answer(connection: Connection, handle: Callable[..., Any]) -> None:
     """Answers one peer's messages until it hangs up: ("ok", value) or ("error", the exception)."""

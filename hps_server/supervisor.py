@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import shutil
 import signal
 import socket
 import sys
@@ -287,6 +288,9 @@ class WorkerGroup:
             logging.getLogger().getEffectiveLevel(),
             self._log_format,
         )
+        temporary = self._writer.temporary(index)
+        shutil.rmtree(temporary, ignore_errors=True)  # the process this one replaces was killed
+        temporary.mkdir()
         ours, theirs = self._context.Pipe()
         process = self._context.Process(target=run_worker, args=(spec, theirs), name=f"hps-worker-{index}", daemon=True)
         process.start()
@@ -417,9 +421,9 @@ def run_worker(spec: WorkerSpec, supervisor: Connection) -> None:
     keep_large_blocks_in_heap()
     signals = StartSignals()  # a drain while this worker starts stops it cleanly
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP to the group is the supervisor's to refuse
-    # Its temporary folders (RocksDB's secondary log) inside the group's, which the supervisor removes at
-    # exit: a worker that is killed cannot remove its own.
-    tempfile.tempdir = str(spec.group.folder)
+    # Its temporary folders (RocksDB's secondary log) inside the group's, which the supervisor empties as it
+    # starts the next process of this index and removes at exit: a worker that is killed cannot remove its own.
+    tempfile.tempdir = str(spec.group.temporary(spec.index))
     writer = WriterLink(spec.group, spec.index)
     try:
         code = _serve_as_worker(spec, supervisor, writer, signals)

@@ -290,6 +290,9 @@ def test_a_killed_worker_is_restarted(group: Group) -> None:
     assert restarted != killed
     group.check_lookups()
     assert group.lookups_answered(0) > 0, "the restarted worker answered no lookup"
+    # The killed worker's temporary folders (its RocksDB secondary's) went with the next one's start.
+    folder = Path(_writer_socket(group.process.pid)).parent
+    assert [len(list((folder / f"tmp-{index}").iterdir())) for index in (0, 1)] == [1, 1]
 
 
 def test_the_first_upsert_after_a_worker_restarts_reaches_the_restarted_workers_l1(group: Group) -> None:
