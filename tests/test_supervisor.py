@@ -206,10 +206,10 @@ def _delete(group: Group, keys: np.ndarray) -> int:
         return int(hps_pb2_grpc.LookupServiceStub(channel).Delete(request, timeout=30).rows)
 
 
-def test_an_upsert_through_one_worker_is_seen_by_every_worker_at_once(group: Group) -> None:
-    keys, vectors = group.truth["user"]
-    picked, original = keys[100:140], vectors[100:140]
-    for reply in _lookup_on_every_worker(group, "user", picked):  # both workers now hold the rows in L1
+def _check_an_upsert_reaches_every_worker(group: Group, picked: np.ndarray, original: np.ndarray) -> None:
+    """Every worker answers `picked` with `original` (so its L1 holds them), then after an upsert of new rows
+    through one, with the new rows; `original` is written back after."""
+    for reply in _lookup_on_every_worker(group, "user", picked):
         np.testing.assert_array_equal(_vectors(reply, len(picked)), original)
     new = (original + 1000).astype(np.float32)
     assert _upsert(group, picked, new) == len(picked)
@@ -219,6 +219,11 @@ def test_an_upsert_through_one_worker_is_seen_by_every_worker_at_once(group: Gro
             np.testing.assert_array_equal(_vectors(reply, len(picked)), new)
     finally:
         _upsert(group, picked, original)
+
+
+def test_an_upsert_through_one_worker_is_seen_by_every_worker_at_once(group: Group) -> None:
+    keys, vectors = group.truth["user"]
+    _check_an_upsert_reaches_every_worker(group, keys[100:140], vectors[100:140])
 
 
 def test_a_delete_through_one_worker_is_seen_by_every_worker_at_once(group: Group) -> None:
@@ -305,15 +310,7 @@ def test_the_first_upsert_after_a_worker_restarts_reaches_the_restarted_workers_
     killed, logged = group.worker_pids()[1], len(group.log.read_text())
     os.kill(killed, signal.SIGKILL)
     group.wait_for_log(r"worker 1 \(pid \d+\) serving again", since=logged)
-    for reply in _lookup_on_every_worker(group, "user", picked):  # both L1s hold the rows again
-        np.testing.assert_array_equal(_vectors(reply, len(picked)), original)
-    new = (original + 500).astype(np.float32)
-    assert _upsert(group, picked, new) == len(picked)
-    try:
-        for reply in _lookup_on_every_worker(group, "user", picked):
-            np.testing.assert_array_equal(_vectors(reply, len(picked)), new)
-    finally:
-        _upsert(group, picked, original)
+    _check_an_upsert_reaches_every_worker(group, picked, original)
 
 
 def _writer_socket(supervisor: int) -> str:
