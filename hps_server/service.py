@@ -773,6 +773,15 @@ class ModelServicer(hps_pb2_grpc.ModelServiceServicer):
             raise  # UNAVAILABLE: a level the change needs is down, safe to retry
         except StorageError as e:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"storage: {e}") from None
+        except MemoryError:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "not enough memory for the model's caches on this server"
+            ) from None
+        except OSError as e:  # its file name is a server path: only what failed goes to the client
+            log.warning("a model change failed: %s", e.strerror or type(e).__name__)
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"the change failed: {e.strerror or type(e).__name__}"
+            ) from None
 
 
 def _version(text: str, field: str) -> str:

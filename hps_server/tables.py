@@ -34,19 +34,23 @@ _NPY_HEADER_BYTES = 128
 
 
 class TableFileError(ValueError):
-    """A table file is missing or malformed; the message names the file and what is wrong."""
+    """A table file is missing or malformed: `where` (the folder, or a file of it) and what is wrong."""
+
+    def __init__(self, where: Path, what: str) -> None:
+        super().__init__(f"{where}: {what}")
+        self.where = Path(where)
+        self.what = what
 
     def without_path(self) -> str:
         """The message with the folder's name (and the file's, for a file of it) in place of its path (for
         clients and logs of a server)."""
-        where, _, what = str(self).partition(": ")
-        path = Path(where)
-        shown = f"{path.parent.name}/{path.name}" if path.name in _FILES else path.name
-        return f"{shown}: {what}"
+        where = self.where
+        shown = f"{where.parent.name}/{where.name}" if where.name in _FILES else where.name
+        return f"{shown}: {self.what}"
 
     def of_table(self, table: str) -> TableFileError:
         """The same error, saying which table's files they are."""
-        return TableFileError(f"{self} (table {table})")
+        return TableFileError(self.where, f"{self.what} (table {table})")
 
 
 @dataclass(frozen=True)
@@ -83,16 +87,16 @@ class TableFiles:
 def detect_format(path: Path) -> TableFormat:
     """Which format the folder holds, or TableFileError naming the files that are missing."""
     if not path.is_dir():
-        raise TableFileError(f"{path}: {'not a folder' if path.exists() else 'table folder does not exist'}")
+        raise TableFileError(path, f"{'not a folder' if path.exists() else 'table folder does not exist'}")
     for table_format, names in FILES.items():
         present = [(path / name).is_file() for name in names]
         if all(present):
             return table_format
         if any(present):
             missing = next(name for name, there in zip(names, present, strict=True) if not there)
-            raise TableFileError(f"{path / missing}: missing ({table_format} format needs {' and '.join(names)})")
+            raise TableFileError(path / missing, f"missing ({table_format} format needs {' and '.join(names)})")
     hps, npy = (" and ".join(names) for names in FILES.values())
-    raise TableFileError(f"{path}: no table files; expected {hps} (HPS format) or {npy}")
+    raise TableFileError(path, f"no table files; expected {hps} (HPS format) or {npy}")
 
 
 def read_table(path: str | Path, dim: int | None = None) -> TableFiles:
@@ -104,12 +108,15 @@ def read_table(path: str | Path, dim: int | None = None) -> TableFiles:
     path = Path(path)
     if dim is not None and dim < 1:
         raise ValueError(f"dim: must be at least 1, got {dim}")
-    table_format = detect_format(path)
-    if table_format == "hps":
-        keys, vectors = _read_hps(path, dim)
-    else:
-        keys, vectors = _read_npy(path, dim)
-    _check_unique(path / FILES[table_format][0], keys)
+    try:
+        table_format = detect_format(path)
+        if table_format == "hps":
+            keys, vectors = _read_hps(path, dim)
+        else:
+            keys, vectors = _read_npy(path, dim)
+        _check_unique(path / FILES[table_format][0], keys)
+    except OSError as e:  # not readable by this user, a name too long, ...: the error, without its path
+        raise TableFileError(Path(e.filename or path), f"cannot be read: {e.strerror or type(e).__name__}") from None
     return TableFiles(path, table_format, keys, vectors)
 
 
@@ -123,23 +130,24 @@ def _read_hps(path: Path, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
     key_file, vector_file = path / HPS_KEY_FILE, path / HPS_VECTOR_FILE
     key_bytes, vector_bytes = key_file.stat().st_size, vector_file.stat().st_size
     if key_bytes % 8:
-        raise TableFileError(f"{key_file}: {key_bytes} bytes is not a multiple of 8 (little-endian int64 keys)")
+        raise TableFileError(key_file, f"{key_bytes} bytes is not a multiple of 8 (little-endian int64 keys)")
     rows = key_bytes // 8
     fitting = vector_bytes // (rows * 4) if rows and vector_bytes % (rows * 4) == 0 else None
     if dim is None:
         if rows == 0:
-            raise TableFileError(f"{key_file}: no rows, so the dim cannot be taken from the files; give it")
+            raise TableFileError(key_file, "no rows, so the dim cannot be taken from the files; give it")
         if not fitting:
             raise TableFileError(
-                f"{vector_file}: {vector_bytes} bytes is not {rows} rows (from {HPS_KEY_FILE}) x dim x 4 bytes "
-                "for any dim"
+                vector_file,
+                f"{vector_bytes} bytes is not {rows} rows (from {HPS_KEY_FILE}) x dim x 4 bytes for any dim",
             )
         dim = fitting
     elif vector_bytes != rows * dim * 4:
         fits = f"dim {fitting} would fit" if fitting else "no dim fits"
         raise TableFileError(
-            f"{vector_file}: {vector_bytes} bytes, expected {rows} rows (from {HPS_KEY_FILE}) x dim {dim} x 4 "
-            f"= {rows * dim * 4}; {fits}"
+            vector_file,
+            f"{vector_bytes} bytes, expected {rows} rows (from {HPS_KEY_FILE}) x dim {dim} x 4 "
+            f"= {rows * dim * 4}; {fits}",
         )
     return _map(key_file, "<i8", (rows,)), _map(vector_file, "<f4", (rows, dim))
 
@@ -148,22 +156,20 @@ def _load_npy(file: Path) -> np.ndarray:
     try:
         return np.load(file, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        raise TableFileError(f"{file}: not a readable .npy array ({exc})") from exc
+        raise TableFileError(file, f"not a readable .npy array ({exc})") from exc
 
 
 def _read_npy(path: Path, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
     key_file, vector_file = path / NPY_KEY_FILE, path / NPY_VECTOR_FILE
     keys, vectors = _load_npy(key_file), _load_npy(vector_file)
     if keys.dtype.kind != "i" or keys.dtype.itemsize != 8 or keys.ndim != 1:
-        raise TableFileError(f"{key_file}: expected a 1-D int64 array, got {keys.dtype} of shape {keys.shape}")
+        raise TableFileError(key_file, f"expected a 1-D int64 array, got {keys.dtype} of shape {keys.shape}")
     if vectors.dtype.kind != "f" or vectors.dtype.itemsize != 4 or vectors.ndim != 2:
-        raise TableFileError(
-            f"{vector_file}: expected a 2-D float32 array, got {vectors.dtype} of shape {vectors.shape}"
-        )
+        raise TableFileError(vector_file, f"expected a 2-D float32 array, got {vectors.dtype} of shape {vectors.shape}")
     if len(vectors) != len(keys):
-        raise TableFileError(f"{vector_file}: {len(vectors)} rows, but {NPY_KEY_FILE} has {len(keys)}")
+        raise TableFileError(vector_file, f"{len(vectors)} rows, but {NPY_KEY_FILE} has {len(keys)}")
     if dim is not None and vectors.shape[1] != dim:
-        raise TableFileError(f"{vector_file}: dim {vectors.shape[1]}, but the table's dim is {dim}")
+        raise TableFileError(vector_file, f"dim {vectors.shape[1]}, but the table's dim is {dim}")
     return keys, vectors
 
 
@@ -172,8 +178,9 @@ def _check_unique(key_file: Path, keys: np.ndarray) -> None:
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if len(repeated):
         raise TableFileError(
-            f"{key_file}: {len(repeated)} duplicate key rows ({len(np.unique(repeated))} distinct keys repeat), "
-            f"e.g. key {int(repeated[0])}"
+            key_file,
+            f"{len(repeated)} duplicate key rows ({len(np.unique(repeated))} distinct keys repeat), "
+            f"e.g. key {int(repeated[0])}",
         )
 
 

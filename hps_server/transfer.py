@@ -56,7 +56,7 @@ def import_table(
         raise e.of_table(table) from None
     if files.rows == 0 and table in level.tables() and (held := level.size(table)):
         # An empty folder is an accident far more often than a wish to drop every row.
-        raise TableFileError(f"{files.path}: holds no rows; importing it would empty {table} ({held} rows)")
+        raise TableFileError(files.path, f"holds no rows; importing it would empty {table} ({held} rows)")
     level.create_table(table, dim)
     chunk_rows = chunk_rows or max(1, IMPORT_CHUNK_BYTES // (dim * 4 + 8))
     chunks = _counted(files.chunks(chunk_rows), files.rows, f"import {table}", progress)

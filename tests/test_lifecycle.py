@@ -558,6 +558,19 @@ def test_load_model_with_unreadable_table_files_names_no_server_path(admin: Admi
     assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr"]
 
 
+def test_load_model_of_a_folder_the_os_refuses_to_read_names_no_server_path(admin: Admin) -> None:
+    """An error of the operating system itself (here a name longer than a file name may be, in the server's
+    folder) is refused like any unreadable table, naming only the folder, not the server's path."""
+    entry = {"name": "broken", "tables": [{"name": "t", "dim": 8, "source": str(admin.directory / ("x" * 300))}]}
+    details = _refused(
+        admin.models.LoadModel,
+        hps_pb2.LoadModelRequest(model_config=yaml.safe_dump(entry)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert details == f"table files could not be read: {'x' * 300}: cannot be read: File name too long (table broken.t)"
+    assert list(admin.models.ListModels(hps_pb2.ListModelsRequest()).models) == ["ctr"]
+
+
 def test_a_failed_load_model_leaves_nothing_behind_so_the_corrected_one_loads(admin: Admin) -> None:
     keys, vectors = admin.truth["item"]  # dim 8
     source = str(admin.directory / "item")
