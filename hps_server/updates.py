@@ -135,6 +135,9 @@ class UpdateFeed:
         # The stream's master as last read from: (host:port, run id), and the position read up to.
         self._node: tuple[str, str] | None = None
         self._position: bytes | None = None
+        # Whether the position is an entry of the stream the reader reads now, so that its absence means the
+        # stream was trimmed past it; not after a change of master, whose stream never held it.
+        self._anchored = True
         self._start_after = start_after
         self._reader: redis.Redis | None = None
         self._outbox = threading.Condition()
@@ -296,7 +299,7 @@ class UpdateFeed:
                 continue
             behind = bool(entries)
             if entries:
-                self._position = entries[-1][0]
+                self._position, self._anchored = entries[-1][0], True
                 self._batches.put(entries)
         self._batches.put(_STOP)
 
@@ -309,7 +312,7 @@ class UpdateFeed:
         pipe.xrange(self._stream, position, position)
         pipe.xread({self._stream: position}, count=self.config.read_count)
         held, reply = pipe.execute()
-        if not held and _id(position) != (0, 0):
+        if not held and self._anchored and _id(position) != (0, 0):
             self._gap(
                 "messages after this server's position were trimmed (it fell over updates.max_len behind)",
                 fell_behind=True,
@@ -340,11 +343,12 @@ class UpdateFeed:
             return
         if node != self._node:
             self._gap(f"the stream is served by another master, or a restarted one ({node[0]})")
+            self._anchored = False  # the new stream's entries after the position are read, unchecked
         elif _id(newest) < _id(self._position):
             self._gap("the stream lost messages this server had read")
         self._node = node
         if _id(newest) < _id(self._position):
-            self._position = newest
+            self._position, self._anchored = newest, True
 
     def _gap(self, reason: str, fell_behind: bool = False) -> None:
         log.warning("update stream: %s; dropping every cached copy of this server's tables", reason)

@@ -6,6 +6,7 @@ stream node and after a gap (messages trimmed away before a slow replica read th
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -222,6 +223,43 @@ def test_a_failover_of_the_stream_master_drops_copies_and_updates_flow_again(
             new = np.full((len(keys), 16), 3.0, np.float32)
             client_a.upsert("ctr", "user", keys, new)
             _until(lambda: _answers(client_b, keys, new), timeout=30)
+    finally:
+        for replica in (a, b):
+            replica.server.stop(grace=1)
+
+
+def test_a_restarted_stream_master_is_a_gap_but_no_trimmed_stream_and_write_backs_go_on(
+    tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses, stream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole cluster restarts empty and A publishes into the new stream before B reconnects: B drops its
+    copies for the change of master, but does not take the new stream's missing old entry for a trimmed
+    stream, so its RocksDB is not taken as having missed updates and it still copies its rows into Redis;
+    A's write reaches it."""
+    cluster = disposable_redis_cluster
+    a, b = (serve_replica(tmp_path / name, cluster, stream) for name in ("a", "b"))
+    try:
+        for replica in (a, b):
+            _connected(replica)
+        keys = a.truth["user"][0][:MAX_KEYS]
+        feed_b = b.server.models.updates
+        assert feed_b is not None
+        with Client(a.target) as client_a, Client(b.target) as client_b:
+            client_a.upsert("ctr", "user", keys[:1], np.full((1, 16), 1.0, np.float32))
+            _until(lambda: _answers(client_b, keys[:1], np.full((1, 16), 1.0, np.float32)))
+            # B reads up to A's message; while the cluster is down, it cannot reconnect until A published again.
+            connect, reconnect = feed_b._connect_master, threading.Event()
+            feed_b._connect_master = lambda timeout: reconnect.wait() and connect(timeout)  # type: ignore[method-assign]
+            cluster.stop_all()
+            cluster.start_all()
+            new = np.full((len(keys), 16), 5.0, np.float32)
+            client_a.upsert("ctr", "user", keys, new)
+            seed = redis.RedisCluster("127.0.0.1", cluster.ports[0])
+            _until(lambda: seed.xlen(stream) > 0, timeout=30)
+            reconnect.set()
+            _until(lambda: _answers(client_b, keys, new), timeout=30)
+        assert feed_b.gaps >= 1
+        assert not any("trimmed" in record.getMessage() for record in caplog.records)
+        assert not b.server.models.sessions["ctr"].levels[-1].missed_updates
     finally:
         for replica in (a, b):
             replica.server.stop(grace=1)
