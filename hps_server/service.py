@@ -536,15 +536,18 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
     def StreamLookup(
         self, request_iterator: Iterator[hps_pb2.LookupRequest], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        # A refused request ends the stream with its status; replies already sent stand. The caller is known
-        # once per stream; each request's model is checked against its grant.
-        caller = _guarded(context, "StreamLookup", lambda: self.lookups.caller(context))
+        # A refused request ends the stream with its status; replies already sent stand. The caller is
+        # identified before the stream opens and again for each request, against the grants of that moment, so
+        # a token revoked while its stream is open ends it; each request's model is checked against its grant.
+        _guarded(context, "StreamLookup", lambda: self.lookups.caller(context))
         try:
             with self.lookups.streams.opened(context) as stream:
                 for request in request_iterator:
                     StreamGuard.touch(stream)
                     yield _guarded(
-                        context, "StreamLookup", lambda request=request: self.lookups.answer(request, caller)
+                        context,
+                        "StreamLookup",
+                        lambda request=request: self.lookups.answer(request, self.lookups.caller(context)),
                     )
         except StreamsFullError as e:
             _abort(context, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))

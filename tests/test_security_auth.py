@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import itertools
 import os
+import queue
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +130,34 @@ def test_stream_lookup_checks_each_request_model(secured: SecuredModel) -> None:
         next(stream(iter(requests), timeout=10))
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
     channel.close()
+
+
+def test_a_token_revoked_while_its_stream_is_open_ends_the_stream(secured: SecuredModel) -> None:
+    tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
+    channel = client_security.channel(secured.target, tls)
+    stream = channel.stream_stream("/hps.v1.LookupService/StreamLookup", hps_pb2.LookupRequest.SerializeToString)
+    keys = secured.truth["user"][0][:3]
+    request = hps_pb2.LookupRequest(model="ctr", queries=[hps_pb2.TableQuery(table="user", keys=keys.tobytes())])
+    sent: queue.Queue[hps_pb2.LookupRequest | None] = queue.Queue()
+    replies = stream(iter(sent.get, None), metadata=client_security.call_metadata(READER), timeout=30)
+    try:
+        sent.put(request)
+        next(replies)
+        write_tokens_file(secured.tokens_file, [e for e in secured_entries() if e.get("token") != READER])
+        os.utime(secured.tokens_file, ns=(time.time_ns(), time.time_ns() + 10**9))
+        time.sleep(auth.RELOAD_CHECK_SECONDS + 0.05)
+        sent.put(request)
+        with pytest.raises(grpc.RpcError) as revoked:
+            next(replies)
+        assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        sent.put(None)
+        write_tokens_file(secured.tokens_file, secured_entries())
+        os.utime(secured.tokens_file, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+        time.sleep(auth.RELOAD_CHECK_SECONDS + 0.05)
+        channel.close()
+    with _client(secured, READER) as reader:  # the entry is back
+        np.testing.assert_array_equal(reader.lookup("ctr", "user", keys), secured.truth["user"][1][:3])
 
 
 def _requests_counted(secured: SecuredModel) -> dict[tuple[str, str, str], float]:
