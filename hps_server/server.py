@@ -38,8 +38,10 @@ SERVICE_NAMES = tuple(hps_pb2.DESCRIPTOR.services_by_name[name].full_name for na
 # Health name of the write path: NOT_SERVING while Upsert and Delete would be refused (RocksDB failing its
 # writes). Reads still work then, so the whole server ("") and the services stay SERVING for probes.
 WRITES_HEALTH_NAME = "hps.v1.Writes"
-# Threads answering health checks, reflection and ModelService (LookupService has server.workers of its own).
+# Threads answering health checks and reflection, and those of ModelService (LookupService has server.workers
+# of its own): apart, so that a slow LoadModel or reload (minutes for a large model) never holds a health check.
 CONTROL_THREADS = 2
+MODEL_SERVICE_THREADS = 2
 # Calls gRPC may hold that no server thread has taken yet; each is small until read (HTTP/2 flow control
 # bounds what a connection sends ahead), and the admission pool answers them at once when they are taken.
 PENDING_CALLS = 100_000
@@ -119,7 +121,8 @@ class HpsServer:
             ],
         )
         self.lookups = Lookups(self.models, config.server, authorizer)
-        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups, self.admission))
+        model_service = futures.ThreadPoolExecutor(MODEL_SERVICE_THREADS, thread_name_prefix="hps-models")
+        self._grpc.add_generic_rpc_handlers(service_handlers(self.lookups, self.admission, model_service))
         health.add_to_server(self.health, self._grpc)
         if config.server.reflection_served:
             enable_reflection(self._grpc, (*SERVICE_NAMES, health.SERVICE_NAME))

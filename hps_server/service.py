@@ -16,9 +16,10 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -604,10 +605,13 @@ class LookupServicer(hps_pb2_grpc.LookupServiceServicer):
         return _guarded(context, "Prefetch", work)
 
 
-def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.GenericRpcHandler, ...]:
+def service_handlers(
+    lookups: Lookups, pool: AdmissionPool, model_pool: futures.Executor
+) -> tuple[grpc.GenericRpcHandler, ...]:
     """Both services' handlers. Requests are parsed by malformed.tolerant (a malformed one is INVALID_ARGUMENT);
     Lookup and StreamLookup send the bytes response_codec already encoded. LookupService's calls run on
-    `pool` (bounded queueing), ModelService's on the server's own pool with the health checks."""
+    `pool` (bounded queueing), ModelService's on `model_pool`, neither on the server's own with the health
+    checks."""
     servicer, models = LookupServicer(lookups), ModelServicer(lookups)
 
     def method(
@@ -640,16 +644,31 @@ def service_handlers(lookups: Lookups, pool: AdmissionPool) -> tuple[grpc.Generi
             ),
         },
     )
+
+    def admin(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        @functools.wraps(behaviour)
+        def on_model_pool(request: Any, context: grpc.ServicerContext) -> Any:
+            return behaviour(request, context)
+
+        on_model_pool.experimental_thread_pool = model_pool  # type: ignore[attr-defined]  # read by grpc's server
+        return on_model_pool
+
     model_service = grpc.method_handlers_generic_handler(
         hps_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
         {
-            "ListModels": method(unary, models.ListModels, hps_pb2.ListModelsRequest, hps_pb2.ListModelsResponse),
-            "DescribeModel": method(
-                unary, models.DescribeModel, hps_pb2.DescribeModelRequest, hps_pb2.DescribeModelResponse
+            "ListModels": method(
+                unary, admin(models.ListModels), hps_pb2.ListModelsRequest, hps_pb2.ListModelsResponse
             ),
-            "LoadModel": method(unary, models.LoadModel, hps_pb2.LoadModelRequest, hps_pb2.LoadModelResponse),
-            "UnloadModel": method(unary, models.UnloadModel, hps_pb2.UnloadModelRequest, hps_pb2.UnloadModelResponse),
-            "ReloadModel": method(unary, models.ReloadModel, hps_pb2.ReloadModelRequest, hps_pb2.ReloadModelResponse),
+            "DescribeModel": method(
+                unary, admin(models.DescribeModel), hps_pb2.DescribeModelRequest, hps_pb2.DescribeModelResponse
+            ),
+            "LoadModel": method(unary, admin(models.LoadModel), hps_pb2.LoadModelRequest, hps_pb2.LoadModelResponse),
+            "UnloadModel": method(
+                unary, admin(models.UnloadModel), hps_pb2.UnloadModelRequest, hps_pb2.UnloadModelResponse
+            ),
+            "ReloadModel": method(
+                unary, admin(models.ReloadModel), hps_pb2.ReloadModelRequest, hps_pb2.ReloadModelResponse
+            ),
         },
     )
     return lookup_service, model_service

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import redis
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hps_bench.servers import free_port, wait_serving
 from hps_client import AlreadyExistsError, Client, InvalidArgumentError
@@ -617,3 +618,19 @@ def test_import_version_into_a_rocksdb_a_server_holds_is_one_clear_error(admin: 
     err = capsys.readouterr().err
     assert err.startswith("hps import: error: rocksdb: the database at persistent_db.path is held by another opener")
     assert str(admin.directory) not in err
+
+
+def test_model_changes_that_wait_hold_no_health_check(admin: Admin) -> None:
+    """LoadModels that wait (here for the model-change lock the test holds, as for a long ingest) take the
+    ModelService's own threads, never those answering health checks."""
+    entries = [{"name": f"waiting{i}", "tables": [{"name": "t", "dim": 8}]} for i in range(3)]
+    with admin.server.models._changes:
+        loads = [
+            admin.models.LoadModel.future(hps_pb2.LoadModelRequest(model_config=yaml.safe_dump(e)), timeout=60)
+            for e in entries
+        ]
+        time.sleep(0.5)  # every load has reached the lock, or waits for a ModelService thread
+        with grpc.insecure_channel(admin.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert sorted(load.result(60).model.model for load in loads) == ["waiting0", "waiting1", "waiting2"]
