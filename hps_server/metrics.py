@@ -372,6 +372,11 @@ class ServerMetrics:
             "Times this server found it may have missed update messages and dropped its cached rows.",
             registry=r,
         )
+        self.update_skipped = Counter(
+            "hps_update_skipped_messages",
+            "Update stream entries skipped here as not update messages, or naming a table not served here.",
+            registry=r,
+        )
         self._caches = _CacheCollector()
         r.register(self._caches)
         self._tallies = _TallyCollector()

@@ -171,7 +171,7 @@ class TableLookup:
 Outcome = TableLookup | StorageError
 """What a batch gives each query: its vectors, or the storage error that stopped it (the others stand)."""
 
-Announce = Callable[[str, str, Op, np.ndarray, np.ndarray | None, bool], None]
+Announce = Callable[[str, str, str, Op, np.ndarray, np.ndarray | None, bool], None]
 """Called with (model, table, op, keys, vectors or None, whether every shared level took it) once a write is
 acknowledged, under the table's lock."""
 
@@ -763,7 +763,7 @@ class LookupSession:
                 elif authoritative:
                     removed = held
             if announce and self.announce is not None:
-                self.announce(self.name, table.name, op, keys, vectors, shared_written)
+                self.announce(self.name, table.name, table.config.version, op, keys, vectors, shared_written)
         return removed
 
     def drop_copies(self, missed: bool = False) -> None:

@@ -181,12 +181,19 @@ class UpdateFeed:
     # ------------------------------------------------------------ publishing this server's writes
 
     def publish(
-        self, model: str, table: str, op: Op, keys: np.ndarray, vectors: np.ndarray | None, shared_written: bool
+        self,
+        model: str,
+        table: str,
+        version: str,
+        op: Op,
+        keys: np.ndarray,
+        vectors: np.ndarray | None,
+        shared_written: bool,
     ) -> None:
         """Queues one acknowledged write for the stream (called under the table's lock, so writes keep their
         order) and returns: the sender thread appends it, and while the stream is unreachable it waits in
         memory and is sent, in order, once the stream answers."""
-        fields = encode(UpdateMessage(model, table, op, keys, vectors, self.origin, shared_written))
+        fields = encode(UpdateMessage(model, table, op, keys, vectors, self.origin, shared_written, version))
         with self._outbox:
             self._pending.append(((model, table), len(keys), fields))
             self._pending_rows += len(keys)
@@ -385,14 +392,20 @@ class UpdateFeed:
         messages = []
         sessions = self._sessions()
         dims = {(name, t.name): t.dim for name, s in sessions.items() for t in s.tables.values()}
+        versions = {(name, t.name): t.config.version for name, s in sessions.items() for t in s.tables.values()}
         for entry_id, fields in entries:
             try:
                 message = decode(fields, dims)
             except BadUpdateMessageError as e:
                 self.bad_messages += 1
+                if self._metrics is not None:
+                    self._metrics.update_skipped.inc()
                 self._warnings.warn("update stream: entry %s skipped: %s", entry_id.decode(errors="replace"), e)
                 continue
-            if message.origin != self.origin:
+            # A write to another version of the table (replicas mid-way through a version change) is not
+            # this server's rows: a reply is consistent with exactly one version.
+            of_version = message.version is None or message.version == versions[(message.model, message.table)]
+            if message.origin != self.origin and of_version:
                 messages.append(message)
         run: list[UpdateMessage] = []
         for message in messages:

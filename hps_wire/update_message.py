@@ -13,6 +13,9 @@ Fields of an entry (every value bytes):
                  which every server applies to every level
   shared         b"1" when the origin wrote the rows into the shared levels (Redis) itself, so the
                  others write only their own levels; otherwise (Redis failed there) they write all
+  version        the table version the rows were written to (empty: unversioned rows); a server applies
+                 the message only where it serves that version. Absent (a trainer that names none): applied
+                 to the version each server serves.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class UpdateMessage:
     vectors: np.ndarray | None  # float32 [n, dim] for upserts, else None
     origin: str = ""
     shared_written: bool = False
+    version: str | None = None
 
 
 def encode(message: UpdateMessage) -> dict[bytes, bytes]:
@@ -53,6 +57,8 @@ def encode(message: UpdateMessage) -> dict[bytes, bytes]:
     }
     if message.vectors is not None:
         fields[b"vectors"] = np.ascontiguousarray(message.vectors, "<f4").tobytes()
+    if message.version is not None:
+        fields[b"version"] = message.version.encode()
     return fields
 
 
@@ -83,4 +89,14 @@ def decode(fields: dict[bytes, bytes], dims: dict[tuple[str, str], int]) -> Upda
         if not np.all(np.isfinite(vectors)):
             raise BadUpdateMessageError("vectors: contains NaN or infinity")
     origin = fields.get(b"origin", b"").decode(errors="replace")
-    return UpdateMessage(model, table, cast(Op, op), keys, vectors, origin, fields.get(b"shared") == b"1")
+    version = fields.get(b"version")
+    return UpdateMessage(
+        model,
+        table,
+        cast(Op, op),
+        keys,
+        vectors,
+        origin,
+        fields.get(b"shared") == b"1",
+        None if version is None else version.decode(errors="replace"),
+    )

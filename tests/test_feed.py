@@ -60,6 +60,14 @@ def test_published_rows_are_applied_in_l1_in_place(
                 feed.upsert("ctr", "item", keys[:1], np.full((1, 8), np.nan, np.float32))
             with pytest.raises(ValueError, match=r"vectors: expected \[2, dim\]"):
                 feed.upsert("ctr", "item", keys[:2], new[:1])
+            # A batch of the wrong dim for the server (the publisher knows no dims) is skipped, and counted;
+            # the batches after it are applied.
+            assert feed.upsert("ctr", "item", keys[:1], np.ones((1, 4), np.float32)) == 1
+            assert feed.upsert("ctr", "item", keys[5:6], np.full((1, 8), 2.0, np.float32)) == 1
+            _until(lambda: np.array_equal(client.lookup("ctr", "item", keys[5:6]), np.full((1, 8), 2.0, np.float32)))
+            np.testing.assert_array_equal(client.lookup("ctr", "item", keys[:1]), client.lookup("ctr", "item", [-1]))
+            skipped = served.server.metrics.registry.get_sample_value("hps_update_skipped_messages_total")
+            assert skipped == 1
     finally:
         served.server.stop(grace=1)
 

@@ -21,7 +21,9 @@ import yaml
 from hps_bench.redis_cluster_launcher import RedisClusterProcesses
 from hps_bench.servers import free_port
 from hps_client import Client
+from hps_client.feed import UpdatePublisher
 from hps_server import config as config_module
+from hps_server import storage, tables, transfer
 from hps_server import updates as updates_module
 from hps_server.server import HpsServer
 from hps_server.updates import single_connection
@@ -31,13 +33,29 @@ from tests.conftest import ServedModel, sample_raw_config, serve_command, write_
 MAX_KEYS = 256  # per request: max_batch_size 64 x max_keys_per_sample 4 in sample_raw_config
 
 
-def serve_replica(directory: Path, cluster: RedisClusterProcesses, stream: str, **updates: object) -> ServedModel:
-    """A server with an L1 holding every row, over the shared cluster and its own RocksDB."""
+def serve_replica(
+    directory: Path, cluster: RedisClusterProcesses, stream: str, user_version: str = "", **updates: object
+) -> ServedModel:
+    """A server with an L1 holding every row, over the shared cluster and its own RocksDB; `user_version`: the
+    user table's version it serves (imported first, the unversioned rows + 100)."""
     directory.mkdir(parents=True, exist_ok=True)
     truth = write_sample_tables(directory)
     raw = sample_raw_config(type="redis_cluster", address=cluster.seed, timeout_ms=300)
     raw["models"][0].update(gpucache=True, gpucacheper=1.0, hit_rate_threshold=1.0)
     raw["updates"] = {"stream": stream, "block_ms": 200, **updates}
+    if user_version:
+        keys, vectors = truth["user"]
+        truth["user"] = (keys, vectors + 100)
+        tables.write_table(directory / "user_new", [truth["user"]], vectors.shape[1])
+        level = storage.open_persistent(config_module.parse(raw, directory).persistent_db)
+        assert level is not None
+        try:
+            transfer.import_table(level, f"ctr.user@{user_version}", directory / "user_new", 16, progress=False)
+        finally:
+            level.close()
+        (user,) = [t for t in raw["models"][0]["tables"] if t["name"] == "user"]
+        user["version"] = user_version
+        del user["source"]
     config = config_module.parse(raw, directory)
     server = HpsServer(config)
     port = server.start()
@@ -260,6 +278,41 @@ def test_a_restarted_stream_master_is_a_gap_but_no_trimmed_stream_and_write_back
         assert feed_b.gaps >= 1
         assert not any("trimmed" in record.getMessage() for record in caplog.records)
         assert not b.server.models.sessions["ctr"].levels[-1].missed_updates
+    finally:
+        for replica in (a, b):
+            replica.server.stop(grace=1)
+
+
+def test_replicas_serving_other_versions_of_a_table_do_not_take_each_others_writes(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
+) -> None:
+    """A serves version v2 of user, B the unversioned rows (a rolling version change half done): a write on
+    either reaches the other's copies of its own version only; a trainer's batch naming no version reaches
+    both; item, unversioned on both, takes both replicas' writes."""
+    redis_cluster_processes.flush()
+    a = serve_replica(tmp_path / "a", redis_cluster_processes, stream, user_version="v2")
+    b = serve_replica(tmp_path / "b", redis_cluster_processes, stream)
+    try:
+        for replica in (a, b):
+            _connected(replica)
+        keys = a.truth["user"][0][:4]
+        with Client(a.target) as client_a, Client(b.target) as client_b:
+            assert _answers(client_a, keys, a.expected("user", keys))  # v2: the rows + 100
+            assert _answers(client_b, keys, b.expected("user", keys))
+            client_a.upsert("ctr", "user", keys[:2], np.full((2, 16), 42.0, np.float32))
+            client_b.upsert("ctr", "user", keys[2:], np.full((2, 16), 43.0, np.float32))
+            item = a.truth["item"][0][:2]
+            client_a.upsert("ctr", "item", item, np.full((2, 8), 7.0, np.float32))
+            seven = np.full((2, 8), 7.0, np.float32)
+            _until(lambda: np.array_equal(client_b.lookup("ctr", "item", item), seven))  # B read A's messages
+            time.sleep(0.3)  # and B's by A
+            assert _answers(client_b, keys[:2], b.expected("user", keys[:2]))
+            assert _answers(client_a, keys[2:], a.expected("user", keys[2:]))
+            publisher = UpdatePublisher(redis_cluster_processes.seed, stream=stream)
+            publisher.upsert("ctr", "user", keys, np.full((4, 16), 9.0, np.float32))
+            publisher.close()
+            for client in (client_a, client_b):
+                _until(lambda client=client: _answers(client, keys, np.full((4, 16), 9.0, np.float32)))
     finally:
         for replica in (a, b):
             replica.server.stop(grace=1)
