@@ -189,6 +189,8 @@ class HostedModels:
         )
         if self.updates is not None:  # the stream started before this model was loaded or reloaded
             session.announce = self.updates.publish
+            if model.name in self.updates.missed_models:
+                session.drop_copies(missed=True)  # its rows are not copied into the shared levels from now on
         log.info(
             "model %s ready: %d tables%s, levels %s",
             model.name,

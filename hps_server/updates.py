@@ -151,6 +151,9 @@ class UpdateFeed:
         self.applied_rows = 0
         self.gaps = 0
         self.bad_messages = 0
+        # Models that other servers (or a trainer) wrote while this server did not serve them: loaded later,
+        # their rows here may be older than what the others serve (models.py keeps them out of shared levels).
+        self.missed_models: set[str] = set()
         self._applied = threading.Condition()
         self._applied_position: bytes | None = None
         self._warnings = RateLimitedWarning(log, WARN_INTERVAL_SECONDS)
@@ -400,6 +403,9 @@ class UpdateFeed:
                 self.bad_messages += 1
                 if self._metrics is not None:
                     self._metrics.update_skipped.inc()
+                if e.unserved is not None and e.unserved[0] not in self.missed_models:
+                    # Written elsewhere while not served here: this server's rows of that model miss it.
+                    self.missed_models.add(e.unserved[0])
                 self._warnings.warn("update stream: entry %s skipped: %s", entry_id.decode(errors="replace"), e)
                 continue
             # A write to another version of the table (replicas mid-way through a version change) is not

@@ -61,7 +61,9 @@ def warm(
         for table in session.tables.values():
             if stop.is_set():
                 return
-            if volatile is not None and persistent is not None and not volatile.read_only:
+            # Not into a shared level from rows that may have missed updates the other servers applied.
+            missed = volatile is not None and volatile.shared and persistent is not None and persistent.missed_updates
+            if volatile is not None and persistent is not None and not volatile.read_only and not missed:
                 _warm_volatile(session, table, volatile, persistent, rate, stop, pace)
             if table.l1 is not None:
                 _warm_l1(session, table, table.l1, rate, stop, pace)

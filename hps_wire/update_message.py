@@ -30,7 +30,12 @@ OPS: tuple[Op, ...] = ("upsert", "delete", "drop")
 
 
 class BadUpdateMessageError(ValueError):
-    """An entry that is not an update message; the message says which field is wrong."""
+    """An entry that is not an update message; the message says which field is wrong. `unserved`: the
+    (model, table) of a well-formed message naming a table not served here."""
+
+    def __init__(self, message: str, unserved: tuple[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.unserved = unserved
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ def decode(fields: dict[bytes, bytes], dims: dict[tuple[str, str], int]) -> Upda
         raise BadUpdateMessageError(f"op: must be one of {', '.join(OPS)}, got {op[:16]!r}")
     dim = dims.get((model, table))
     if dim is None:
-        raise BadUpdateMessageError(f"model/table: {model[:64]!r}.{table[:64]!r} is not served here")
+        raise BadUpdateMessageError(f"model/table: {model[:64]!r}.{table[:64]!r} is not served here", (model, table))
     data = fields.get(b"keys", b"")
     if len(data) % 8:
         raise BadUpdateMessageError(f"keys: byte length {len(data)} is not a multiple of 8")

@@ -34,13 +34,19 @@ MAX_KEYS = 256  # per request: max_batch_size 64 x max_keys_per_sample 4 in samp
 
 
 def serve_replica(
-    directory: Path, cluster: RedisClusterProcesses, stream: str, user_version: str = "", **updates: object
+    directory: Path,
+    cluster: RedisClusterProcesses,
+    stream: str,
+    user_version: str = "",
+    admin: bool = False,
+    **updates: object,
 ) -> ServedModel:
     """A server with an L1 holding every row, over the shared cluster and its own RocksDB; `user_version`: the
-    user table's version it serves (imported first, the unversioned rows + 100)."""
+    user table's version it serves (imported first, the unversioned rows + 100); `admin`: server.admin."""
     directory.mkdir(parents=True, exist_ok=True)
     truth = write_sample_tables(directory)
     raw = sample_raw_config(type="redis_cluster", address=cluster.seed, timeout_ms=300)
+    raw["server"]["admin"] = admin
     raw["models"][0].update(gpucache=True, gpucacheper=1.0, hit_rate_threshold=1.0)
     raw["updates"] = {"stream": stream, "block_ms": 200, **updates}
     if user_version:
@@ -315,6 +321,38 @@ def test_replicas_serving_other_versions_of_a_table_do_not_take_each_others_writ
             publisher.close()
             for client in (client_a, client_b):
                 _until(lambda client=client: _answers(client, keys, np.full((4, 16), 9.0, np.float32)))
+    finally:
+        for replica in (a, b):
+            replica.server.stop(grace=1)
+
+
+def test_a_model_loaded_after_others_wrote_it_copies_none_of_its_older_rows_into_the_shared_redis(
+    tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
+) -> None:
+    """A unloads the model; B deletes rows of it meanwhile; A loads it again from its RocksDB, which never saw
+    the delete. A serves its own older rows (the documented limit), but copies none into the Redis B reads:
+    the deleted rows do not come back for B."""
+    redis_cluster_processes.flush()
+    a = serve_replica(tmp_path / "a", redis_cluster_processes, stream, admin=True)
+    b = serve_replica(tmp_path / "b", redis_cluster_processes, stream)
+    try:
+        for replica in (a, b):
+            _connected(replica)
+        feed_a = a.server.models.updates
+        assert feed_a is not None
+        deleted = a.truth["user"][0][:8]
+        raw_entry = yaml.safe_load(yaml.safe_dump(sample_raw_config()["models"][0]))
+        for table in raw_entry["tables"]:
+            del table["source"]
+        raw_entry.update(gpucache=True, gpucacheper=1.0, hit_rate_threshold=1.0)
+        with Client(a.target) as client_a, Client(b.target) as client_b:
+            client_a.unload_model("ctr")
+            assert client_b.delete("ctr", "user", deleted) == len(deleted)
+            _until(lambda: "ctr" in feed_a.missed_models)
+            client_a.load_model(raw_entry)
+            client_a.lookup("ctr", "user", deleted)  # A's own rows: its RocksDB never saw the delete
+            time.sleep(0.3)  # any write-back of A's has landed
+            assert not client_b.lookup_tables("ctr", {"user": deleted})["user"].found.any()
     finally:
         for replica in (a, b):
             replica.server.stop(grace=1)
