@@ -42,8 +42,7 @@ WRITES_HEALTH_NAME = "hps.v1.Writes"
 # of its own): apart, so that a slow LoadModel or reload (minutes for a large model) never holds a health check.
 CONTROL_THREADS = 2
 MODEL_SERVICE_THREADS = 2
-# Calls gRPC may hold that no server thread has taken yet; each is small until read (HTTP/2 flow control
-# bounds what a connection sends ahead), and the admission pool answers them at once when they are taken.
+# Calls gRPC may hold that no server thread has taken yet (HTTP/2 flow control bounds what each sends ahead).
 PENDING_CALLS = 100_000
 # How often the write path's state is checked (and a failed level asked to retry its writes).
 WRITES_CHECK_SECONDS = 1.0

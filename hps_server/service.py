@@ -645,7 +645,9 @@ def service_handlers(
         },
     )
 
-    def admin(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def models_call(
+        behaviour: Callable[[Any, grpc.ServicerContext], Any],
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
         @functools.wraps(behaviour)
         def on_model_pool(request: Any, context: grpc.ServicerContext) -> Any:
             return behaviour(request, context)
@@ -657,17 +659,19 @@ def service_handlers(
         hps_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
         {
             "ListModels": method(
-                unary, admin(models.ListModels), hps_pb2.ListModelsRequest, hps_pb2.ListModelsResponse
+                unary, models_call(models.ListModels), hps_pb2.ListModelsRequest, hps_pb2.ListModelsResponse
             ),
             "DescribeModel": method(
-                unary, admin(models.DescribeModel), hps_pb2.DescribeModelRequest, hps_pb2.DescribeModelResponse
+                unary, models_call(models.DescribeModel), hps_pb2.DescribeModelRequest, hps_pb2.DescribeModelResponse
             ),
-            "LoadModel": method(unary, admin(models.LoadModel), hps_pb2.LoadModelRequest, hps_pb2.LoadModelResponse),
+            "LoadModel": method(
+                unary, models_call(models.LoadModel), hps_pb2.LoadModelRequest, hps_pb2.LoadModelResponse
+            ),
             "UnloadModel": method(
-                unary, admin(models.UnloadModel), hps_pb2.UnloadModelRequest, hps_pb2.UnloadModelResponse
+                unary, models_call(models.UnloadModel), hps_pb2.UnloadModelRequest, hps_pb2.UnloadModelResponse
             ),
             "ReloadModel": method(
-                unary, admin(models.ReloadModel), hps_pb2.ReloadModelRequest, hps_pb2.ReloadModelResponse
+                unary, models_call(models.ReloadModel), hps_pb2.ReloadModelRequest, hps_pb2.ReloadModelResponse
             ),
         },
     )

@@ -87,7 +87,7 @@ class TableFiles:
 def detect_format(path: Path) -> TableFormat:
     """Which format the folder holds, or TableFileError naming the files that are missing."""
     if not path.is_dir():
-        raise TableFileError(path, f"{'not a folder' if path.exists() else 'table folder does not exist'}")
+        raise TableFileError(path, "not a folder" if path.exists() else "table folder does not exist")
     for table_format, names in FILES.items():
         present = [(path / name).is_file() for name in names]
         if all(present):

@@ -403,8 +403,7 @@ class UpdateFeed:
                 self.bad_messages += 1
                 if self._metrics is not None:
                     self._metrics.update_skipped.inc()
-                if e.unserved is not None and e.unserved[0] not in self.missed_models:
-                    # Written elsewhere while not served here: this server's rows of that model miss it.
+                if e.unserved is not None:  # written elsewhere while not served here: its rows here miss it
                     self.missed_models.add(e.unserved[0])
                 self._warnings.warn("update stream: entry %s skipped: %s", entry_id.decode(errors="replace"), e)
                 continue
