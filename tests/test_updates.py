@@ -5,12 +5,14 @@ stream node and after a gap (messages trimmed away before a slow replica read th
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -75,6 +77,28 @@ def _connected(served: ServedModel) -> None:
     assert feed.connected.wait(10), "the update stream never answered"
 
 
+@contextlib.contextmanager
+def serving_replicas(
+    directory: Path,
+    cluster: RedisClusterProcesses,
+    stream: str,
+    a: Mapping[str, Any] | None = None,
+    b: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[ServedModel, ServedModel]]:
+    """Replicas A and B (serve_replica with `a` and `b` as their options) in folders a and b of `directory`,
+    each connected to the stream; stopped at exit."""
+    served: list[ServedModel] = []
+    try:
+        for name, options in (("a", a), ("b", b)):
+            served.append(serve_replica(directory / name, cluster, stream, **(options or {})))
+        for replica in served:
+            _connected(replica)
+        yield served[0], served[1]
+    finally:
+        for replica in served:
+            replica.server.stop(grace=1)
+
+
 @pytest.fixture
 def stream() -> str:
     return f"hps_updates_{uuid.uuid4().hex[:8]}"
@@ -85,12 +109,8 @@ def replicas(
     tmp_path: Path, redis_cluster_processes: RedisClusterProcesses, stream: str
 ) -> Iterator[list[ServedModel]]:
     redis_cluster_processes.flush()  # rows other tests wrote under the same table names
-    served = [serve_replica(tmp_path / name, redis_cluster_processes, stream) for name in ("a", "b")]
-    for replica in served:
-        _connected(replica)
-    yield served
-    for replica in served:
-        replica.server.stop(grace=1)
+    with serving_replicas(tmp_path, redis_cluster_processes, stream) as served:
+        yield list(served)
 
 
 def _until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -138,10 +158,7 @@ def test_a_replica_paused_with_the_stream_node_catches_up_and_serves_no_stale_ro
     tmp_path: Path, disposable_redis_cluster: RedisClusterProcesses, stream: str
 ) -> None:
     cluster = disposable_redis_cluster
-    a, b = (serve_replica(tmp_path / name, cluster, stream) for name in ("a", "b"))
-    try:
-        for replica in (a, b):
-            _connected(replica)
+    with serving_replicas(tmp_path, cluster, stream) as (a, b):
         keys = a.truth["user"][0][:MAX_KEYS]
         new = np.full((len(keys), 16), 7.0, np.float32)
         owner = int(redis.RedisCluster("127.0.0.1", cluster.ports[0]).get_node_from_key(stream).port)
@@ -159,9 +176,6 @@ def test_a_replica_paused_with_the_stream_node_catches_up_and_serves_no_stale_ro
             print("T caught", time.monotonic() - t0)
             for _ in range(5):  # and it stays so
                 assert _answers(client_b, keys, new)
-    finally:
-        for replica in (a, b):
-            replica.server.stop(grace=1)
 
 
 @pytest.fixture
@@ -171,15 +185,10 @@ def short_stream(
     """Replicas A and B over a stream trimmed to 8 messages, B reading 2 at a time: held up, B falls behind
     the trimmed stream (a gap)."""
     redis_cluster_processes.flush()
-    served = [
-        serve_replica(tmp_path / "a", redis_cluster_processes, stream, max_len=8),
-        serve_replica(tmp_path / "b", redis_cluster_processes, stream, max_len=8, read_count=2),
-    ]
-    for replica in served:
-        _connected(replica)
-    yield served
-    for replica in served:
-        replica.server.stop(grace=1)
+    with serving_replicas(
+        tmp_path, redis_cluster_processes, stream, a={"max_len": 8}, b={"max_len": 8, "read_count": 2}
+    ) as served:
+        yield list(served)
 
 
 def test_a_replica_that_fell_behind_the_trimmed_stream_drops_its_copies(short_stream: list[ServedModel]) -> None:
@@ -233,10 +242,7 @@ def test_a_failover_of_the_stream_master_drops_copies_and_updates_flow_again(
         for name in (f"hps_updates_{i}" for i in range(1000))
         if seed.get_node_from_key(name).port == cluster.ports[0]
     )
-    a, b = (serve_replica(tmp_path / name, cluster, stream) for name in ("a", "b"))
-    try:
-        for replica in (a, b):
-            _connected(replica)
+    with serving_replicas(tmp_path, cluster, stream) as (a, b):
         keys = a.truth["user"][0][:MAX_KEYS]
         feed_b = b.server.models.updates
         assert feed_b is not None
@@ -247,9 +253,6 @@ def test_a_failover_of_the_stream_master_drops_copies_and_updates_flow_again(
             new = np.full((len(keys), 16), 3.0, np.float32)
             client_a.upsert("ctr", "user", keys, new)
             _until(lambda: _answers(client_b, keys, new), timeout=30)
-    finally:
-        for replica in (a, b):
-            replica.server.stop(grace=1)
 
 
 def test_a_restarted_stream_master_is_a_gap_but_no_trimmed_stream_and_write_backs_go_on(
@@ -260,10 +263,7 @@ def test_a_restarted_stream_master_is_a_gap_but_no_trimmed_stream_and_write_back
     stream, so its RocksDB is not taken as having missed updates and it still copies its rows into Redis;
     A's write reaches B's RocksDB."""
     cluster = disposable_redis_cluster
-    a, b = (serve_replica(tmp_path / name, cluster, stream) for name in ("a", "b"))
-    try:
-        for replica in (a, b):
-            _connected(replica)
+    with serving_replicas(tmp_path, cluster, stream) as (a, b):
         keys = a.truth["user"][0][:MAX_KEYS]
         feed_b = b.server.models.updates
         assert feed_b is not None
@@ -286,9 +286,6 @@ def test_a_restarted_stream_master_is_a_gap_but_no_trimmed_stream_and_write_back
         assert feed_b.gaps >= 1
         assert not any("trimmed" in record.getMessage() for record in caplog.records)
         assert not b.server.models.sessions["ctr"].levels[-1].missed_updates
-    finally:
-        for replica in (a, b):
-            replica.server.stop(grace=1)
 
 
 def test_replicas_serving_other_versions_of_a_table_do_not_take_each_others_writes(
@@ -298,11 +295,7 @@ def test_replicas_serving_other_versions_of_a_table_do_not_take_each_others_writ
     either reaches the other's copies of its own version only; a trainer's batch naming no version reaches
     both; item, unversioned on both, takes both replicas' writes."""
     redis_cluster_processes.flush()
-    a = serve_replica(tmp_path / "a", redis_cluster_processes, stream, user_version="v2")
-    b = serve_replica(tmp_path / "b", redis_cluster_processes, stream)
-    try:
-        for replica in (a, b):
-            _connected(replica)
+    with serving_replicas(tmp_path, redis_cluster_processes, stream, a={"user_version": "v2"}) as (a, b):
         keys = a.truth["user"][0][:4]
         with Client(a.target) as client_a, Client(b.target) as client_b:
             assert _answers(client_a, keys, a.expected("user", keys))  # v2: the rows + 100
@@ -321,9 +314,6 @@ def test_replicas_serving_other_versions_of_a_table_do_not_take_each_others_writ
             publisher.close()
             for client in (client_a, client_b):
                 _until(lambda client=client: _answers(client, keys, np.full((4, 16), 9.0, np.float32)))
-    finally:
-        for replica in (a, b):
-            replica.server.stop(grace=1)
 
 
 def test_a_model_loaded_after_others_wrote_it_copies_none_of_its_older_rows_into_the_shared_redis(
@@ -333,11 +323,7 @@ def test_a_model_loaded_after_others_wrote_it_copies_none_of_its_older_rows_into
     the delete. A serves its own older rows (the documented limit), but copies none into the Redis B reads:
     the deleted rows do not come back for B."""
     redis_cluster_processes.flush()
-    a = serve_replica(tmp_path / "a", redis_cluster_processes, stream, admin=True)
-    b = serve_replica(tmp_path / "b", redis_cluster_processes, stream)
-    try:
-        for replica in (a, b):
-            _connected(replica)
+    with serving_replicas(tmp_path, redis_cluster_processes, stream, a={"admin": True}) as (a, b):
         feed_a = a.server.models.updates
         assert feed_a is not None
         deleted = a.truth["user"][0][:8]
@@ -353,9 +339,6 @@ def test_a_model_loaded_after_others_wrote_it_copies_none_of_its_older_rows_into
             client_a.lookup("ctr", "user", deleted)  # A's own rows: its RocksDB never saw the delete
             time.sleep(0.3)  # any write-back of A's has landed
             assert not client_b.lookup_tables("ctr", {"user": deleted})["user"].found.any()
-    finally:
-        for replica in (a, b):
-            replica.server.stop(grace=1)
 
 
 def test_a_worker_group_applies_other_replicas_writes_and_publishes_its_own(
