@@ -42,8 +42,9 @@ WRITES_HEALTH_NAME = "hps.v1.Writes"
 # of its own): apart, so that a slow LoadModel or reload (minutes for a large model) never holds a health check.
 CONTROL_THREADS = 2
 MODEL_SERVICE_THREADS = 2
-# Calls gRPC may hold that no server thread has taken yet (HTTP/2 flow control bounds what each sends ahead).
-PENDING_CALLS = 100_000
+# Calls gRPC may hold that no server thread has taken yet: bursts far past the admission queue's, while what
+# they may hold in memory (HTTP/2 flow control: a window of each call's bytes) stays bounded.
+PENDING_CALLS = 10_000
 # How often the write path's state is checked (and a failed level asked to retry its writes).
 WRITES_CHECK_SECONDS = 1.0
 
