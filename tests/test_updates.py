@@ -327,15 +327,15 @@ def test_a_model_loaded_after_others_wrote_it_copies_none_of_its_older_rows_into
         feed_a = a.server.models.updates
         assert feed_a is not None
         deleted = a.truth["user"][0][:8]
-        raw_entry = yaml.safe_load(yaml.safe_dump(sample_raw_config()["models"][0]))
-        for table in raw_entry["tables"]:
+        entry = sample_raw_config()["models"][0]  # A's model as served, its rows already in A's RocksDB
+        entry.update(gpucache=True, gpucacheper=1.0, hit_rate_threshold=1.0)
+        for table in entry["tables"]:
             del table["source"]
-        raw_entry.update(gpucache=True, gpucacheper=1.0, hit_rate_threshold=1.0)
         with Client(a.target) as client_a, Client(b.target) as client_b:
             client_a.unload_model("ctr")
             assert client_b.delete("ctr", "user", deleted) == len(deleted)
             _until(lambda: "ctr" in feed_a.missed_models)
-            client_a.load_model(raw_entry)
+            client_a.load_model(entry)
             client_a.lookup("ctr", "user", deleted)  # A's own rows: its RocksDB never saw the delete
             time.sleep(0.3)  # any write-back of A's has landed
             assert not client_b.lookup_tables("ctr", {"user": deleted})["user"].found.any()
