@@ -44,6 +44,13 @@ PREFETCH_BACKLOG = 16
 SHAPES_KEPT = 256
 
 
+def takes_copies(target: StorageLevel, source: StorageLevel) -> bool:
+    """Whether rows read from `source` may be copied into `target` (a write-back, a warm-up): a writable level,
+    and not a shared one where the source missed update messages (its rows may be older than what other
+    servers wrote there, and every server would then read them)."""
+    return not target.read_only and not (target.shared and source.missed_updates)
+
+
 class ServedTable:
     """One table of a served model, resolved once when the model loads: its config, its name in the
     storage levels, its place in L1, and the epoch and lock that keep write-backs behind upserts."""
@@ -172,8 +179,8 @@ Outcome = TableLookup | StorageError
 """What a batch gives each query: its vectors, or the storage error that stopped it (the others stand)."""
 
 Announce = Callable[[str, str, str, Op, np.ndarray, np.ndarray | None, bool], None]
-"""Called with (model, table, op, keys, vectors or None, whether every shared level took it) once a write is
-acknowledged, under the table's lock."""
+"""Called with (model, table, the table's version, op, keys, vectors or None, whether every shared level took
+it) once a write is acknowledged, under the table's lock."""
 
 
 class _Shape:
@@ -636,11 +643,8 @@ class LookupSession:
                         self.metrics.record_level_failure(level.kind, "insert")
 
     def _copies_into(self, source: int, target: int) -> bool:
-        """Whether rows found in levels[source] are written back into levels[target]: a writable level, and
-        not a shared one where the source missed update messages (its rows may be older than what other
-        servers wrote there, and every server would then read them)."""
-        level = self.levels[target]
-        return not level.read_only and not (level.shared and self.levels[source].missed_updates)
+        """Whether rows found in levels[source] are written back into levels[target] (takes_copies)."""
+        return takes_copies(self.levels[target], self.levels[source])
 
     def write_back_from(self, found: WriteBack) -> None:
         """The writer's side of WriteRoute.write_back: a worker's rows, copied in unless they may be stale."""

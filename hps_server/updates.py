@@ -394,8 +394,8 @@ class UpdateFeed:
         with one session call (keys and vectors concatenated in order: the last write of a key wins)."""
         messages = []
         sessions = self._sessions()
-        dims = {(name, t.name): t.dim for name, s in sessions.items() for t in s.tables.values()}
-        versions = {(name, t.name): t.config.version for name, s in sessions.items() for t in s.tables.values()}
+        served = {(name, t.name): t for name, s in sessions.items() for t in s.tables.values()}
+        dims = {name: table.dim for name, table in served.items()}
         for entry_id, fields in entries:
             try:
                 message = decode(fields, dims)
@@ -409,7 +409,7 @@ class UpdateFeed:
                 continue
             # A write to another version of the table (replicas mid-way through a version change) is not
             # this server's rows: a reply is consistent with exactly one version.
-            of_version = message.version is None or message.version == versions[(message.model, message.table)]
+            of_version = message.version in (None, served[(message.model, message.table)].config.version)
             if message.origin != self.origin and of_version:
                 messages.append(message)
         run: list[UpdateMessage] = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hps_server.cache import TableL1
-from hps_server.session import LookupSession, ServedTable
+from hps_server.session import LookupSession, ServedTable, takes_copies
 from hps_server.storage.base import DEFAULT_CHUNK_ROWS, KeyChunk, LevelUnavailableError, StorageError, StorageLevel
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,7 @@ def warm(
         for table in session.tables.values():
             if stop.is_set():
                 return
-            # Not into a shared level from rows that may have missed updates the other servers applied.
-            missed = volatile is not None and volatile.shared and persistent is not None and persistent.missed_updates
-            if volatile is not None and persistent is not None and not volatile.read_only and not missed:
+            if volatile is not None and persistent is not None and takes_copies(volatile, persistent):
                 _warm_volatile(session, table, volatile, persistent, rate, stop, pace)
             if table.l1 is not None:
                 _warm_l1(session, table, table.l1, rate, stop, pace)
