@@ -11,6 +11,7 @@ import queue
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -50,6 +51,14 @@ from tests.conftest import (
 def _client(secured: SecuredModel, token: str | None, **options: object) -> Client:
     tls = TLS(secured.ca.cert_file, secured.client.cert_file, secured.client.key_file)
     return Client(secured.target, tls=tls, token=token, timeout=10, **options)  # type: ignore[arg-type]
+
+
+def _rewrite_tokens(path: Path, entries: list[dict[str, Any]], seconds_ahead: int = 1) -> None:
+    """Writes the tokens file anew, its mtime `seconds_ahead` in the future (so it changes even on a coarse
+    clock, and differs from an earlier rewrite's), and waits until a server would have re-read it."""
+    write_tokens_file(path, entries)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + seconds_ahead * 10**9))
+    time.sleep(auth.RELOAD_CHECK_SECONDS + 0.05)
 
 
 def _refusals(secured: SecuredModel) -> dict[str, float]:
@@ -143,18 +152,14 @@ def test_a_token_revoked_while_its_stream_is_open_ends_the_stream(secured: Secur
     try:
         sent.put(request)
         next(replies)
-        write_tokens_file(secured.tokens_file, [e for e in secured_entries() if e.get("token") != READER])
-        os.utime(secured.tokens_file, ns=(time.time_ns(), time.time_ns() + 10**9))
-        time.sleep(auth.RELOAD_CHECK_SECONDS + 0.05)
+        _rewrite_tokens(secured.tokens_file, [e for e in secured_entries() if e.get("token") != READER])
         sent.put(request)
         with pytest.raises(grpc.RpcError) as revoked:
             next(replies)
         assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         sent.put(None)
-        write_tokens_file(secured.tokens_file, secured_entries())
-        os.utime(secured.tokens_file, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
-        time.sleep(auth.RELOAD_CHECK_SECONDS + 0.05)
+        _rewrite_tokens(secured.tokens_file, secured_entries(), seconds_ahead=2)
         channel.close()
     with _client(secured, READER) as reader:  # the entry is back
         np.testing.assert_array_equal(reader.lookup("ctr", "user", keys), secured.truth["user"][1][:3])
@@ -254,9 +259,7 @@ def test_a_changed_tokens_file_is_picked_up_without_a_restart(tmp_path: Path) ->
     tokens = write_tokens_file(tmp_path / "tokens.yaml", [{"token": "first-token-0123", "read": "*"}])
     authorizer = auth.Authorizer(tokens)
     assert authorizer.enabled
-    write_tokens_file(tokens, [{"token": "second-token-0123", "read": ["ctr"]}])
-    os.utime(tokens, ns=(time.time_ns(), time.time_ns() + 10**9))  # mtime changes even on a coarse clock
-    time.sleep(auth.RELOAD_CHECK_SECONDS + 0.05)
+    _rewrite_tokens(tokens, [{"token": "second-token-0123", "read": ["ctr"]}])
     digests = [grant.digest for grant in authorizer._current()]
     assert digests == [hashlib.sha256(b"second-token-0123").digest()]
 
